@@ -1,0 +1,121 @@
+"""`EngramConfig`: the hyper-parameters that define an Engram memory (ENGRAM_SPEC.md §3-4)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class EngramConfig:
+  """Configuration of the hashed n-gram memory shared by every Engram layer of a model.
+
+  Attributes:
+    vocab_sizes: nominal rows per head, one entry per n-gram order 2..N. The real
+      table size of each head is a distinct prime just above it (see `NgramHasher`).
+    max_ngram_size: N, the largest n-gram order (orders 2..N; there is no 1-gram branch).
+    n_embed_per_ngram: width of one order's embedding; split evenly over its heads.
+    n_head_per_ngram: K, hash heads per order (each with its own prime modulus).
+    layer_ids: 0-based indices of the transformer blocks that hold an Engram layer.
+    pad_id: the token id used to fill positions before the start of a sequence or
+      document. `NgramHasher` treats it as a COMPRESSED id unless told otherwise
+      (`NgramHasher.from_compressor` maps a raw pad id through the compressor).
+    seed: seed of the per-layer multiplier generator.
+    kernel_size: taps of the short depthwise causal convolution (dilation = N).
+    allow_layer_zero: layer 0 leaves no lead time for prefetching rows, so it is
+      refused unless explicitly allowed (the reference test data uses it).
+  """
+
+  vocab_sizes: tuple[int, ...] = (646_400, 646_400)
+  max_ngram_size: int = 3
+  n_embed_per_ngram: int = 512
+  n_head_per_ngram: int = 8
+  layer_ids: tuple[int, ...] = (1, 15)
+  pad_id: int = 2
+  seed: int = 0
+  kernel_size: int = 4
+  allow_layer_zero: bool = False
+
+  def __post_init__(self):
+    # Accept lists from JSON / ml_collections, store tuples so the config stays hashable.
+    object.__setattr__(self, "vocab_sizes", tuple(int(v) for v in self.vocab_sizes))
+    object.__setattr__(self, "layer_ids", tuple(int(v) for v in self.layer_ids))
+    self.validate()
+
+  def validate(self) -> None:
+    """Raises ValueError naming the first inconsistent field."""
+    n = self.max_ngram_size
+    if not isinstance(n, int) or n < 2:
+      raise ValueError(f"EngramConfig.max_ngram_size must be an int >= 2 (orders 2..N), got {n!r}")
+    if len(self.vocab_sizes) != n - 1:
+      raise ValueError(
+          f"EngramConfig.vocab_sizes has {len(self.vocab_sizes)} entries but max_ngram_size={n} "
+          f"needs one per order 2..{n}, i.e. {n - 1}")
+    for order, size in enumerate(self.vocab_sizes, start=2):
+      if size < 2:
+        raise ValueError(f"EngramConfig.vocab_sizes[{order - 2}] (order {order}) must be >= 2, got {size}")
+    if self.n_head_per_ngram < 1:
+      raise ValueError(f"EngramConfig.n_head_per_ngram must be >= 1, got {self.n_head_per_ngram}")
+    if self.n_embed_per_ngram < 1 or self.n_embed_per_ngram % self.n_head_per_ngram:
+      raise ValueError(
+          f"EngramConfig.n_embed_per_ngram={self.n_embed_per_ngram} must be a positive multiple of "
+          f"n_head_per_ngram={self.n_head_per_ngram}")
+    if not self.layer_ids:
+      raise ValueError("EngramConfig.layer_ids is empty: name at least one block for Engram")
+    if len(set(self.layer_ids)) != len(self.layer_ids):
+      raise ValueError(f"EngramConfig.layer_ids must be unique, got {self.layer_ids}")
+    for lid in self.layer_ids:
+      if lid < 0:
+        raise ValueError(f"EngramConfig.layer_ids must be >= 0, got {lid}")
+      if lid == 0 and not self.allow_layer_zero:
+        raise ValueError(
+            "EngramConfig.layer_ids contains 0: Engram at the first block leaves no lead time to "
+            "prefetch rows (ENGRAM_SPEC.md §4.6); pass allow_layer_zero=True to use it anyway")
+    if self.kernel_size < 1:
+      raise ValueError(f"EngramConfig.kernel_size must be >= 1, got {self.kernel_size}")
+    if self.pad_id < 0:
+      raise ValueError(f"EngramConfig.pad_id must be a non-negative token id, got {self.pad_id}")
+
+  @property
+  def num_orders(self) -> int:
+    return self.max_ngram_size - 1
+
+  @property
+  def num_heads(self) -> int:
+    """Hash heads per layer: (N - 1) * K."""
+    return self.num_orders * self.n_head_per_ngram
+
+  @property
+  def head_dim(self) -> int:
+    """Width of one table row: n_embed_per_ngram / K."""
+    return self.n_embed_per_ngram // self.n_head_per_ngram
+
+  @property
+  def memory_dim(self) -> int:
+    """d_mem: width of the concatenated rows of one token, (N - 1) * n_embed_per_ngram."""
+    return self.num_orders * self.n_embed_per_ngram
+
+  @property
+  def conv_dilation(self) -> int:
+    return self.max_ngram_size
+
+  def replace(self, **changes: Any) -> "EngramConfig":
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d["vocab_sizes"] = list(self.vocab_sizes)
+    d["layer_ids"] = list(self.layer_ids)
+    return d
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "EngramConfig":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+      raise ValueError(f"EngramConfig.from_dict: unknown fields {sorted(unknown)}")
+    return cls(**d)
+
+
+def as_tuple(x: Sequence[int]) -> tuple[int, ...]:
+  return tuple(int(v) for v in x)

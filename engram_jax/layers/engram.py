@@ -1,0 +1,248 @@
+"""The Engram layer (Flax NNX): hashed n-gram memory fused into the residual stream.
+
+ENGRAM_SPEC.md §4. Shapes: hidden h [B, T, G, D] (G residual branches), row ids
+[B, T, H] with H = (N-1)*K heads, head width d_h = n_embed_per_ngram / K,
+memory width d_mem = H * d_h.
+
+  e      = concat_h table[offset_h + row_h]                          [B, T, d_mem]
+  v      = e W_V + b_V                                               [B, T, D]
+  k_g    = e W_K[g] + b_K[g]                                         [B, T, G, D]
+  s_g    = <RMSNorm_q[g](h_g), RMSNorm_k[g](k_g)> / sqrt(D)
+  alpha  = sigmoid(sign(s) sqrt(max(|s|, 1e-6)))   ("reference" gate; "paper": sigmoid(s))
+  u_g    = alpha_g v
+  Y      = u + SiLU(DepthwiseCausalConv(RMSNorm_c[g](u)))   kernel K_c, dilation N, no bias
+
+The caller adds Y to its residual stream(s). Logical axis names of the parameters:
+  table         ("engram_rows", "engram_dim")
+  value_kernel  ("engram_mem", "embed")         value_bias ("embed",)
+  key_kernel    ("hc", "engram_mem", "embed")   key_bias   ("hc", "embed")
+  *_norm.scale  ("hc", "norm")                  conv_kernel ("conv_taps", "hc", "embed")
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from engram_jax.config import EngramConfig
+from engram_jax.layers.norms import RMSNorm, rms_norm
+from engram_jax.layers.params import annotated
+
+GateKind = Literal["reference", "paper"]
+Impl = Literal["xla", "pallas", "auto"]
+_GATE_FLOOR = 1e-6
+
+
+class Engram(nnx.Module):
+  """Engram memory layer for one transformer block.
+
+  Args:
+    config: the model's `EngramConfig`.
+    layer_id: the block index this layer sits in (selects its hash constants).
+    hidden_size: D, the residual width.
+    hc_mult: G, residual branches (1 without hyper-connections).
+    table_sizes: the prime size of every head of this layer
+      (`NgramHasher.table_sizes[layer_id]`), H entries.
+    gate: "reference" (the demo's signed square root, default, for parity) or "paper".
+    impl: row gather implementation: "xla" (reference), "pallas" or "auto" (Pallas on
+      GPU/TPU, XLA on CPU); see `pallas_kernels`.
+    table_init_std: std of the normal init of the table (the reference: 1.0).
+    gate_norm_eps: eps of the gate's RMSNorms; None = machine epsilon of the compute
+      dtype (PyTorch's default, which the reference uses).
+    conv_norm_eps: eps of the conv input RMSNorm (1e-5).
+  """
+
+  def __init__(self, config: EngramConfig, layer_id: int, hidden_size: int, hc_mult: int = 1, *,
+               table_sizes: Sequence[int], dtype=jnp.float32, param_dtype=jnp.float32,
+               gate: GateKind = "reference", impl: Impl = "xla", table_init_std: float = 1.0,
+               gate_norm_eps: float | None = None, conv_norm_eps: float = 1e-5,
+               rngs: nnx.Rngs):
+    if layer_id not in config.layer_ids:
+      raise ValueError(f"layer_id {layer_id} is not in EngramConfig.layer_ids {config.layer_ids}")
+    if gate not in ("reference", "paper"):
+      raise ValueError(f"gate must be 'reference' or 'paper', got {gate!r}")
+    if impl not in ("xla", "pallas", "auto"):
+      raise ValueError(f"impl must be 'xla', 'pallas' or 'auto', got {impl!r}")
+    if hidden_size < 1 or hc_mult < 1:
+      raise ValueError(f"hidden_size and hc_mult must be positive, got {hidden_size}, {hc_mult}")
+    sizes = np.asarray([int(s) for s in table_sizes], dtype=np.int64)
+    if sizes.shape != (config.num_heads,) or (sizes < 1).any():
+      raise ValueError(
+          f"table_sizes must hold {config.num_heads} positive head sizes ((N-1)*K), got {sizes.tolist()}")
+    self.config = config
+    self.layer_id = int(layer_id)
+    self.hidden_size = hidden_size
+    self.hc_mult = hc_mult
+    self.gate = gate
+    self.impl = impl
+    self.dtype = dtype
+    self.gate_norm_eps = gate_norm_eps
+    self.table_sizes = tuple(int(s) for s in sizes)
+    self.offsets = tuple(int(o) for o in np.concatenate([[0], np.cumsum(sizes)[:-1]]))
+    self.num_rows = int(sizes.sum())
+
+    d_h, d_mem, g, d = config.head_dim, config.memory_dim, hc_mult, hidden_size
+    k_table, k_v, k_k = jax.random.split(rngs.params(), 3)
+    lecun = nnx.initializers.lecun_normal()
+    self.table = annotated(
+        table_init_std * jax.random.normal(k_table, (self.num_rows, d_h), param_dtype),
+        ("engram_rows", "engram_dim"))
+    self.value_kernel = annotated(lecun(k_v, (d_mem, d), param_dtype), ("engram_mem", "embed"))
+    self.value_bias = annotated(jnp.zeros((d,), param_dtype), ("embed",))
+    self.key_kernel = annotated(
+        jax.vmap(lambda k: lecun(k, (d_mem, d), param_dtype))(jax.random.split(k_k, g)),
+        ("hc", "engram_mem", "embed"))
+    self.key_bias = annotated(jnp.zeros((g, d), param_dtype), ("hc", "embed"))
+    norm_kw = dict(leading=(g,), axis_names=("hc", "norm"), dtype=dtype, param_dtype=param_dtype)
+    self.key_norm = RMSNorm(d, eps=0.0, **norm_kw)    # eps resolved at call time
+    self.query_norm = RMSNorm(d, eps=0.0, **norm_kw)
+    self.conv_norm = RMSNorm(d, eps=conv_norm_eps, **norm_kw)
+    # Zero init (the paper): Y = u at the start of training.
+    self.conv_kernel = annotated(jnp.zeros((config.kernel_size, g, d), param_dtype),
+                                 ("conv_taps", "hc", "embed"))
+
+  # -- shapes ----------------------------------------------------------------------------------
+  @property
+  def conv_state_len(self) -> int:
+    """Past conv inputs a decoder must keep: (kernel - 1) * dilation."""
+    return (self.config.kernel_size - 1) * self.config.conv_dilation
+
+  def init_conv_state(self, batch: int, dtype=None) -> jax.Array:
+    return jnp.zeros((batch, self.conv_state_len, self.hc_mult, self.hidden_size),
+                     dtype or self.dtype)
+
+  # -- lookup ------------------------------------------------------------------------------------
+  def check_row_ids(self, row_ids: jax.Array) -> None:
+    """Shape check always; range check when the ids are concrete (not traced)."""
+    h = self.config.num_heads
+    if row_ids.ndim < 1 or row_ids.shape[-1] != h:
+      raise ValueError(f"row_ids must end in the {h} heads of layer {self.layer_id}, got shape {row_ids.shape}")
+    if not jnp.issubdtype(row_ids.dtype, jnp.integer):
+      raise ValueError(f"row_ids must be integers, got dtype {row_ids.dtype}")
+    if isinstance(row_ids, jax.core.Tracer):
+      return
+    ids = np.asarray(row_ids)
+    bad = (ids < 0) | (ids >= np.asarray(self.table_sizes))
+    if bad.any():
+      pos = tuple(int(i) for i in np.argwhere(bad)[0])
+      raise ValueError(
+          f"row id {int(ids[pos])} at position {pos} is outside head {pos[-1]}'s table "
+          f"[0, {self.table_sizes[pos[-1]]}) of Engram layer {self.layer_id}")
+
+  def lookup(self, row_ids: jax.Array) -> jax.Array:
+    """Gathers the rows of every head: [..., H] per-head ids -> [..., H * d_h].
+
+    Under jit an out-of-range id cannot raise; it reads NaN rows (gather mode 'fill'),
+    which surface in the loss instead of silently reading a neighbour head's rows.
+    """
+    row_ids = jnp.asarray(row_ids)
+    self.check_row_ids(row_ids)
+    flat = row_ids.astype(jnp.int32) + jnp.asarray(self.offsets, jnp.int32)
+    table = self.table[...]
+    if self.impl == "xla":
+      rows = jnp.take(table, flat, axis=0, mode="fill", fill_value=jnp.nan)
+    else:
+      from pallas_kernels import gather_rows  # kernels sit below layers
+
+      lead = flat.shape[:-1]
+      rows = gather_rows(table, flat.reshape(-1, flat.shape[-1]), impl=self.impl)
+      rows = rows.reshape(lead + (flat.shape[-1], table.shape[-1]))
+    return rows.reshape(row_ids.shape[:-1] + (-1,)).astype(self.dtype)
+
+  # -- fusion ----------------------------------------------------------------------------------
+  def gates(self, hidden: jax.Array, rows: jax.Array) -> jax.Array:
+    """alpha [B, T, G] from hidden [B, T, G, D] and gathered rows [B, T, d_mem]."""
+    eps = self.gate_norm_eps if self.gate_norm_eps is not None else float(jnp.finfo(hidden.dtype).eps)
+    key = jnp.einsum("btm,gmd->btgd", rows, self.key_kernel[...].astype(self.dtype))
+    key = key + self.key_bias[...].astype(self.dtype)
+    key = rms_norm(key, self.key_norm.scale[...], eps)
+    query = rms_norm(hidden.astype(self.dtype), self.query_norm.scale[...], eps)
+    score = jnp.sum(key.astype(jnp.float32) * query.astype(jnp.float32), -1) / math.sqrt(self.hidden_size)
+    if self.gate == "reference":
+      score = jnp.sign(score) * jnp.sqrt(jnp.maximum(jnp.abs(score), _GATE_FLOOR))
+    return jax.nn.sigmoid(score).astype(self.dtype)
+
+  def short_conv(self, x: jax.Array, *, segment_ids: jax.Array | None = None,
+                 conv_state: jax.Array | None = None, lengths: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array]:
+    """SiLU(depthwise causal conv) of the normed input x [B, T, G, D].
+
+    `conv_state` [B, S, G, D] holds the previous S = (kernel-1)*N normed inputs (zeros
+    at a sequence start). With `segment_ids`, taps never reach into another document of
+    a packed row. Returns (y, new_state): the state after the first `lengths[b]` new
+    tokens of each sequence (all T when `lengths` is None).
+    """
+    b, t = x.shape[:2]
+    s_len, dil = self.conv_state_len, self.config.conv_dilation
+    if conv_state is None:
+      conv_state = jnp.zeros((b, s_len) + x.shape[2:], x.dtype)
+    full = jnp.concatenate([conv_state.astype(x.dtype), x], axis=1)   # [B, S+T, G, D]
+    w = self.conv_kernel[...].astype(jnp.float32)
+    kernel = self.config.kernel_size
+    y = jnp.zeros(x.shape, jnp.float32)
+    for k in range(kernel):
+      lag = (kernel - 1 - k) * dil          # tap k reads x[t - lag]
+      tap = jax.lax.dynamic_slice_in_dim(full, s_len - lag, t, axis=1).astype(jnp.float32)
+      if segment_ids is not None and lag > 0:
+        prev = jnp.pad(segment_ids, ((0, 0), (lag, 0)), constant_values=-1)[:, :t]
+        tap = tap * (prev == segment_ids)[..., None, None]
+      y = y + tap * w[k]
+    if lengths is None:
+      new_state = full[:, t:]
+    else:
+      new_state = jax.vmap(lambda f, n: jax.lax.dynamic_slice_in_dim(f, n, s_len, 0))(full, lengths)
+    return jax.nn.silu(y).astype(x.dtype), new_state
+
+  def fuse(self, hidden: jax.Array, rows: jax.Array, *, segment_ids: jax.Array | None = None,
+           conv_state: jax.Array | None = None, lengths: jax.Array | None = None
+           ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Gate, value and short conv from pre-gathered rows.
+
+    Args:
+      hidden: [B, T, G, D].  rows: [B, T, d_mem] (from `lookup`, or prefetched from host).
+    Returns:
+      (Y [B, T, G, D], gates [B, T, G], new conv state [B, S, G, D]).
+    """
+    rows = rows.astype(self.dtype)
+    if rows.shape[-1] != self.config.memory_dim:
+      raise ValueError(f"rows must have width d_mem={self.config.memory_dim}, got shape {rows.shape}")
+    alpha = self.gates(hidden, rows)
+    value = rows @ self.value_kernel[...].astype(self.dtype) + self.value_bias[...].astype(self.dtype)
+    u = alpha[..., None] * value[:, :, None, :]
+    conv_in = rms_norm(u, self.conv_norm.scale[...], self.conv_norm.eps)
+    conv_out, new_state = self.short_conv(conv_in, segment_ids=segment_ids,
+                                          conv_state=conv_state, lengths=lengths)
+    return u + conv_out, alpha, new_state
+
+  def __call__(self, hidden: jax.Array, row_ids: jax.Array | None = None, *,
+               rows: jax.Array | None = None, segment_ids: jax.Array | None = None,
+               return_gates: bool = False):
+    """Y for hidden [B, T, G, D] (or [B, T, D] when G = 1) and row ids [B, T, H].
+
+    Pass `rows` [B, T, d_mem] instead of `row_ids` to use rows gathered elsewhere (host
+    offload). Returns Y with hidden's shape (and the gates [B, T, G] if asked).
+    """
+    squeeze = hidden.ndim == 3
+    if squeeze:
+      if self.hc_mult != 1:
+        raise ValueError(f"hidden [B, T, D] is only accepted when hc_mult == 1 (got {self.hc_mult})")
+      hidden = hidden[:, :, None, :]
+    if hidden.ndim != 4 or hidden.shape[2:] != (self.hc_mult, self.hidden_size):
+      raise ValueError(
+          f"hidden must be [B, T, {self.hc_mult}, {self.hidden_size}], got shape {hidden.shape}")
+    if (row_ids is None) == (rows is None):
+      raise ValueError("pass exactly one of row_ids (to gather) or rows (pre-gathered)")
+    if rows is None:
+      row_ids = jnp.asarray(row_ids)
+      if row_ids.shape[:2] != hidden.shape[:2]:
+        raise ValueError(f"row_ids shape {row_ids.shape} does not match hidden [B, T] = {hidden.shape[:2]}")
+      rows = self.lookup(row_ids)
+    y, alpha, _ = self.fuse(hidden, rows, segment_ids=segment_ids)
+    if squeeze:
+      y = y[:, :, 0, :]
+    return (y, alpha) if return_gates else y
