@@ -1,0 +1,42 @@
+"""Shared fixtures: the golden data of the reference implementation."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# 8 virtual CPU devices for the sharding tests, unless the caller chose otherwise.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+TESTDATA = Path(__file__).resolve().parents[2] / "shared" / "testdata"
+
+
+def _require(path: Path) -> Path:
+  if not path.exists():
+    pytest.fail(f"golden test data missing: {path} (expected ../shared/testdata beside the repo)")
+  return path
+
+
+@pytest.fixture(scope="session")
+def testdata_dir() -> Path:
+  return _require(TESTDATA)
+
+
+def load_golden(stem: str):
+  """(npz arrays, json metadata) of a golden file pair in ../shared/testdata."""
+  arrays = np.load(_require(TESTDATA / f"{stem}.npz"))
+  meta = json.loads(_require(TESTDATA / f"{stem}.json").read_text())
+  return arrays, meta
+
+
+def engram_config_from_meta(meta: dict):
+  from engram_jax import EngramConfig
+
+  return EngramConfig(
+      vocab_sizes=meta["engram_vocab_size"], max_ngram_size=meta["max_ngram_size"],
+      n_embed_per_ngram=meta["n_embed_per_ngram"], n_head_per_ngram=meta["n_head_per_ngram"],
+      layer_ids=meta["layer_ids"], pad_id=meta["pad_id"], seed=meta["seed"],
+      kernel_size=meta.get("kernel_size", 4), allow_layer_zero=True)
