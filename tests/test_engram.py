@@ -77,11 +77,12 @@ def test_gradients_finite_and_match_finite_differences():
   module, row_ids, hidden = _tiny()
   graphdef, params = nnx.split(module, nnx.Param)
 
+  @jax.jit
   def loss(p, h):
     m = nnx.merge(graphdef, p)
     return jnp.sum(jnp.sin(m(h, row_ids)))
 
-  grads = jax.grad(loss)(params, hidden)
+  grads = jax.jit(jax.grad(loss))(params, hidden)
   leaves = jax.tree.leaves(grads)
   assert leaves and all(bool(jnp.isfinite(g).all()) for g in leaves)
   # directional finite difference along a random direction of all params

@@ -1,0 +1,125 @@
+"""`DataConfig`: what the input pipeline reads, how it tokenizes, packs and batches."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+DEFAULT_SOURCES = ("stdlib",)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Configuration of the grain input pipeline (`engram_jax.data.pipeline`).
+
+  Attributes:
+    sources: training corpus as source specs (see `engram_jax.data.sources.parse_source`):
+      "stdlib", "text:GLOB", "jsonl:GLOB:FIELD", "arrayrecord:GLOB[:FIELD]".
+    eval_sources: validation corpus specs. None: split every training source by a stable
+      hash of each document's key, `validation_fraction` of the documents to validation.
+    seq_len: T, tokens per row (rows are packed with T + 1 tokens: inputs and targets).
+    batch_size: B, rows per batch (per host).
+    seed: shuffles documents (differently every epoch).
+    num_workers: grain worker processes (`mp_prefetch`); 0 = everything in-process.
+    prefetch_buffer_size: batches buffered ahead, per worker (or by a background thread
+      when num_workers=0; 0 disables it).
+    read_threads: grain threads reading + tokenizing documents per process (0: inline;
+      extra threads contend for the GIL and measured slower; scale with num_workers).
+    tokenizer_path: a `tokenizer.json` to load; None = train a byte-level BPE.
+    bpe_vocab_size: vocabulary size of the trained BPE (special tokens included).
+    tokenizer_dir: where a trained tokenizer is cached (`tokenizer.json`) and reused.
+      None = train in memory every time.
+    tokenizer_train_bytes: cap on the text (UTF-8 bytes) the BPE is trained on.
+    max_documents / max_bytes: cap the training split (a stable pseudo-random subset),
+      for tiny runs. None = no cap.
+    validation_fraction: share of documents held out when `eval_sources` is None.
+    stdlib_include_tests: the "stdlib" source includes the test packages (~20 of ~32 MB).
+    num_eval_batches: validation batches kept (the first ones of the fixed validation
+      order); None = the whole validation split.
+    eval_batch_size: rows per validation batch; None = batch_size.
+  """
+
+  sources: tuple[str, ...] = DEFAULT_SOURCES
+  eval_sources: tuple[str, ...] | None = None
+  seq_len: int = 128
+  batch_size: int = 16
+  seed: int = 0
+  num_workers: int = 0
+  prefetch_buffer_size: int = 2
+  read_threads: int = 0
+  tokenizer_path: str | None = None
+  bpe_vocab_size: int = 4096
+  tokenizer_dir: str | None = None
+  tokenizer_train_bytes: int = 8_000_000
+  max_documents: int | None = None
+  max_bytes: int | None = None
+  validation_fraction: float = 0.05
+  stdlib_include_tests: bool = True
+  num_eval_batches: int | None = 16
+  eval_batch_size: int | None = None
+
+  def __post_init__(self):
+    # Accept lists / a single string from flags, JSON or ml_collections.
+    for name in ("sources", "eval_sources"):
+      value = getattr(self, name)
+      if isinstance(value, str):
+        value = (value,)
+      if value is not None:
+        object.__setattr__(self, name, tuple(str(v) for v in value))
+    self.validate()
+
+  def validate(self) -> None:
+    """Raises ValueError naming the first bad field (files are checked when read)."""
+    if not self.sources:
+      raise ValueError("DataConfig.sources is empty: name at least one source, e.g. ('stdlib',)")
+    if self.eval_sources is not None and not self.eval_sources:
+      raise ValueError("DataConfig.eval_sources is empty: use None to split the training sources")
+    positive = ("seq_len", "batch_size", "bpe_vocab_size", "tokenizer_train_bytes")
+    for name in positive:
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"DataConfig.{name} must be a positive int, got {value!r}")
+    for name in ("num_workers", "prefetch_buffer_size", "read_threads"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"DataConfig.{name} must be an int >= 0, got {value!r}")
+    for name in ("max_documents", "max_bytes", "num_eval_batches", "eval_batch_size"):
+      value = getattr(self, name)
+      if value is not None and (not isinstance(value, int) or value < 1):
+        raise ValueError(f"DataConfig.{name} must be None or a positive int, got {value!r}")
+    if not 0 <= self.seed < 2**32:
+      raise ValueError(f"DataConfig.seed must lie in [0, 2**32), got {self.seed}")
+    if self.bpe_vocab_size < 259 and self.tokenizer_path is None:
+      raise ValueError(
+          f"DataConfig.bpe_vocab_size={self.bpe_vocab_size} is too small for a byte-level BPE: "
+          "it needs 256 byte tokens + 3 special tokens, i.e. >= 259")
+    if not 0.0 <= self.validation_fraction < 1.0:
+      raise ValueError(
+          f"DataConfig.validation_fraction must lie in [0, 1), got {self.validation_fraction}")
+    from engram_jax.data.sources import (
+      parse_source,  # late: sources imports nothing heavy
+    )
+
+    for spec in self.sources + (self.eval_sources or ()):
+      parse_source(spec)
+
+  @property
+  def eval_rows(self) -> int:
+    return self.eval_batch_size or self.batch_size
+
+  def replace(self, **changes: Any) -> DataConfig:
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d["sources"] = list(self.sources)
+    d["eval_sources"] = None if self.eval_sources is None else list(self.eval_sources)
+    return d
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> DataConfig:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+      raise ValueError(f"DataConfig.from_dict: unknown fields {sorted(unknown)}")
+    return cls(**d)

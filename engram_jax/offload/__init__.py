@@ -1,0 +1,71 @@
+"""Host-resident Engram tables: placement, host gathers, prefetching, sparse Adam, hot-row cache.
+
+Layering: kernel level (JAX + NumPy, no flax, no model). The model consumes the rows these
+produce through `Engram(..., rows=...)`.
+"""
+
+from engram_jax.offload.hit_rate import (
+    analytic_zipf_hit_rate,
+    hit_rate_from_counts,
+    measure_hit_rate,
+)
+from engram_jax.offload.host_table import HostTable
+from engram_jax.offload.hot_cache import (
+    HotRowCache,
+    count_row_frequencies,
+    load_frequencies,
+    save_frequencies,
+    top_rows,
+)
+from engram_jax.offload.indexing import (
+    RowSharding,
+    check_int32_rows,
+    flat_rows_np,
+    head_offsets,
+    join_hi_lo,
+    split_hi_lo,
+)
+from engram_jax.offload.placement import (
+    PLACEMENTS,
+    TablePlacement,
+    host_memory_kind,
+    parse_placements,
+    to_device,
+    to_host,
+)
+from engram_jax.offload.prefetch import (
+    RowPrefetcher,
+    engram_row_ids,
+    patch_updated_rows,
+)
+from engram_jax.offload.sparse_adam import SparseRowAdam, SparseRowState, sparse_grad
+
+__all__ = [
+    "PLACEMENTS",
+    "HostTable",
+    "HotRowCache",
+    "RowPrefetcher",
+    "RowSharding",
+    "SparseRowAdam",
+    "SparseRowState",
+    "TablePlacement",
+    "analytic_zipf_hit_rate",
+    "check_int32_rows",
+    "count_row_frequencies",
+    "engram_row_ids",
+    "flat_rows_np",
+    "head_offsets",
+    "hit_rate_from_counts",
+    "host_memory_kind",
+    "join_hi_lo",
+    "load_frequencies",
+    "measure_hit_rate",
+    "parse_placements",
+    "patch_updated_rows",
+    "save_frequencies",
+    "sparse_grad",
+    "split_hi_lo",
+    "to_device",
+    "to_host",
+    "top_rows",
+]

@@ -1,0 +1,150 @@
+"""Orbax checkpoints that carry the meaning of the Engram rows.
+
+A checkpoint step holds four items:
+  state   model parameters, MoE router biases, optimizer state and step (sharded arrays)
+  data    the grain iterator position (one JSON file per process)
+  meta    model / train / data configs, the hash constants, the tokenizer fingerprint
+  vocab   the tokenizer JSON and the compression table
+Loading into a model whose hash constants, tokenizer or shapes differ fails and says what
+differs; nothing is overwritten.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class CheckpointMismatchError(ValueError):
+  """The checkpoint does not belong to the model / tokenizer / hash constants at hand."""
+
+
+def _diff_dicts(saved: dict, current: dict, prefix: str) -> list[str]:
+  out = []
+  for key in sorted(set(saved) | set(current), key=str):
+    a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += _diff_dicts(a, b, f"{prefix}{key}.")
+    elif a != b:
+      out.append(f"{prefix}{key}: checkpoint has {a!r}, current run has {b!r}")
+  return out
+
+
+def compare_meta(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+  """Differences that make a checkpoint unusable: hash constants, tokenizer, model shape."""
+  problems = []
+  if saved.get("tokenizer_fingerprint") != current.get("tokenizer_fingerprint"):
+    problems.append(f"tokenizer differs: checkpoint {saved.get('tokenizer_fingerprint')!r}, "
+                    f"current {current.get('tokenizer_fingerprint')!r}")
+  problems += _diff_dicts(saved.get("hash_constants") or {}, current.get("hash_constants") or {},
+                          "hash constants: ")
+  problems += _diff_dicts(saved.get("model") or {}, current.get("model") or {}, "model config: ")
+  return problems
+
+
+def _path_name(path: tuple) -> str:
+  # saved metadata and live pytrees spell keys differently (dict key '0' vs index 0, 'value')
+  parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+  return "/".join(p for p in parts if p != "value")
+
+
+def _shape_tree(tree: Any) -> dict[str, tuple]:
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {_path_name(p): tuple(getattr(x, "shape", ())) for p, x in flat}
+
+
+class Checkpointer:
+  """Saves and restores training runs under `directory` (keep-last-k or best-by-val-loss)."""
+
+  def __init__(self, directory: str | os.PathLike, *, keep: int = 2, best_by: str | None = None):
+    self.directory = Path(directory).absolute()
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True,
+        best_fn=(lambda m: m[best_by]) if best_by else None, best_mode="min",
+        keep_checkpoints_without_metrics=False if best_by else True,
+        enable_async_checkpointing=False)
+    import grain.checkpoint as grain_checkpoint
+
+    # Registered handlers make item metadata (saved shapes) readable before a restore.
+    handlers = dict(state=ocp.StandardCheckpointHandler(), meta=ocp.JsonCheckpointHandler(),
+                    vocab=ocp.JsonCheckpointHandler(), data=grain_checkpoint.CheckpointHandler())
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state: Any, *, meta: dict[str, Any], vocab: dict[str, Any],
+           data_iterator: Any = None, metrics: dict[str, float] | None = None) -> None:
+    from engram_jax.data.pipeline import checkpoint_args  # data sits beside training
+
+    items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
+                 vocab=ocp.args.JsonSave(vocab))
+    if data_iterator is not None:
+      items["data"] = checkpoint_args(data_iterator)
+    self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+    self.manager.wait_until_finished()
+
+  def read_meta(self, step: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    step = self._step(step)
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore(), vocab=ocp.args.JsonRestore()))
+    return restored["meta"], restored["vocab"]
+
+  def restore(self, abstract_state: Any, *, current_meta: dict[str, Any], step: int | None = None,
+              data_iterator: Any = None) -> tuple[Any, dict[str, Any]]:
+    """Checks compatibility, then restores the state (and the data iterator, in place)."""
+    from engram_jax.data.pipeline import checkpoint_args
+
+    step = self._step(step)
+    meta, _ = self.read_meta(step)
+    problems = compare_meta(meta, current_meta)
+    saved_shapes = self._saved_shapes(step)
+    if saved_shapes is not None:
+      wanted = _shape_tree(abstract_state)
+      for path in sorted(set(saved_shapes) | set(wanted)):
+        if saved_shapes.get(path) != wanted.get(path):
+          problems.append(f"parameter {path}: checkpoint shape {saved_shapes.get(path)}, "
+                          f"model shape {wanted.get(path)}")
+          if len(problems) > 20:
+            break
+    if problems:
+      raise CheckpointMismatchError(
+          f"checkpoint {self.directory}/{step} does not match this run:\n  " + "\n  ".join(problems))
+    items = dict(state=ocp.args.StandardRestore(abstract_state))
+    if data_iterator is not None:
+      items["data"] = checkpoint_args(data_iterator, restore=True)
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    return restored["state"], meta
+
+  def _saved_shapes(self, step: int) -> dict[str, tuple] | None:
+    try:
+      tree = self.manager.item_metadata(step)["state"]
+    except Exception:  # older orbax layouts: fall back to orbax's own shape check
+      return None
+    if tree is None:
+      return None
+    return _shape_tree(tree)
+
+  def _step(self, step: int | None) -> int:
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint under {self.directory}")
+    return step
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+def vocab_item(tokenizer: Any, compressor: Any) -> dict[str, Any]:
+  """The tokenizer JSON and the compression table, stored with every checkpoint."""
+  return {"tokenizer_json": tokenizer.to_str(),
+          "compression_table": np.asarray(compressor.lookup_table).tolist(),
+          "num_compressed": int(compressor.num_compressed)}

@@ -1,0 +1,106 @@
+r"""`make train`: train Engram+MoE and its iso-parameter MoE twin, then compare them.
+
+  python -m experiments.compare --workdir=runs/default \
+      [--config=experiments/configs/tiny.py] [--variants=engram,moe] [--config.train.total_steps=600]
+
+Each variant trains in workdir/<variant> (resuming if interrupted), both are evaluated
+on the same validation tokens, and the comparison is printed as a table and written to
+workdir/comparison.{json,md} with the loss curves in workdir/loss_curves.png.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from experiments.runner import build_trainer
+
+_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/tiny.py",
+                                          "Run config file; the variant part is ignored.")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Where runs, table and plot go.")
+_VARIANTS = flags.DEFINE_list("variants", ["engram", "moe"], "Variants to train and compare.")
+
+
+def train_variant(config, variant: str, workdir: Path) -> dict:
+  config = config.copy_and_resolve_references()
+  config.variant = variant
+  trainer = build_trainer(config, str(workdir / variant))
+  result = trainer.run()
+  meta = trainer.meta()
+  return {
+      "variant": variant,
+      "total_params": meta["params"]["total"],
+      "active_params": meta["params"]["active"],
+      "flops_per_token": meta["flops_per_token"],
+      "tokens_per_second": result.tokens_per_second,
+      "steps": result.step,
+      "tokens_seen": result.step * trainer.data_config.batch_size * trainer.data_config.seq_len,
+      **(result.eval or {}),
+  }
+
+
+def format_table(rows: list[dict]) -> str:
+  header = ("| variant | params total | params active | FLOPs/token | tokens/s | val loss | "
+            "val ppl | bits/byte |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+  lines = [header]
+  for r in rows:
+    lines.append(
+        f"| {r['variant']} | {r['total_params']:,} | {r['active_params']:,} | "
+        f"{r['flops_per_token']:,} | {r['tokens_per_second']:,.0f} | {r.get('val_loss', float('nan')):.4f} | "
+        f"{r.get('val_perplexity', float('nan')):.2f} | {r.get('val_bits_per_byte', float('nan')):.4f} |")
+  return "\n".join(lines)
+
+
+def plot_curves(workdir: Path, variants: list[str]) -> Path:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  from engram_jax.train.metrics import read_metrics
+
+  fig, ax = plt.subplots(figsize=(7, 4.2))
+  for variant in variants:
+    train = read_metrics(workdir / variant, "train")
+    val = read_metrics(workdir / variant, "val")
+    line, = ax.plot([r["step"] for r in train], [r["loss"] for r in train], alpha=0.6, label=f"{variant} train")
+    ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", color=line.get_color(),
+            label=f"{variant} validation")
+  ax.set_xlabel("step")
+  ax.set_ylabel("cross-entropy (nats/token)")
+  ax.set_title("Engram+MoE vs MoE (iso-parameter)")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  path = workdir / "loss_curves.png"
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def main(argv):
+  del argv
+  logging.basicConfig(level=logging.WARNING)
+  workdir = Path(_WORKDIR.value)
+  workdir.mkdir(parents=True, exist_ok=True)
+  rows = []
+  for variant in _VARIANTS.value:
+    print(f"== training {variant} in {workdir / variant}", flush=True)
+    rows.append(train_variant(_CONFIG.value, variant, workdir))
+  table = format_table(rows)
+  plot = plot_curves(workdir, _VARIANTS.value)
+  device = f"{jax.devices()[0].platform} x{jax.device_count()} ({jax.devices()[0].device_kind})"
+  (workdir / "comparison.json").write_text(json.dumps({"device": device, "rows": rows}, indent=1))
+  (workdir / "comparison.md").write_text(f"Hardware: {device}\n\n{table}\n")
+  print(f"\nHardware: {device}\n{table}\n\nloss curves: {plot}\ncheckpoints: {workdir}/<variant>/checkpoints")
+  if len(rows) >= 2 and "val_loss" in rows[0] and "val_loss" in rows[1]:
+    delta = rows[0]["val_loss"] - rows[1]["val_loss"]
+    print(f"{rows[0]['variant']} - {rows[1]['variant']} validation loss: {delta:+.4f} nats/token")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,22 @@
+"""Small configs for one GPU (about 100M total parameters; minutes to an hour on an H200).
+
+Same variants as `tiny.py`. The backbone follows the paper's shape at small scale: one
+leading dense block, DeepSeek-V3 MoE (2 shared + top-6 routed), 4 hyper-connection
+branches, Engram at blocks 1 and 5 with orders 2-3.
+"""
+
+from experiments.configs import common
+
+
+def get_config(variant: str = "engram"):
+  c = common.base_config(variant)
+  c.model.update(vocab_size=16384, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4,
+                 head_dim=64, ffn_hidden=2048, num_dense_layers=1, hc_mult=4, dtype="bfloat16")
+  c.moe.update(num_experts=48, num_shared_experts=2, top_k=6, expert_hidden=256)
+  c.engram.update(max_ngram_size=3, n_embed_per_ngram=256, n_head_per_ngram=8, layer_ids=(1, 5))
+  c.allocation.rho = 0.8
+  c.data.update(seq_len=1024, batch_size=32, bpe_vocab_size=16384, num_workers=4,
+                tokenizer_dir="runs/tokenizers/small", tokenizer_train_bytes=30_000_000)
+  c.train.update(total_steps=5000, warmup_steps=200, learning_rate=1e-3, eval_every=500,
+                 checkpoint_every=500, log_every=50, optimizer="adamw")
+  return c

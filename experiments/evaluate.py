@@ -1,0 +1,31 @@
+r"""Evaluate a saved run on its validation split.
+
+  python -m experiments.evaluate --checkpoint=runs/default/engram [--step=300]
+"""
+
+from __future__ import annotations
+
+import json
+
+from absl import app, flags
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Run directory or its checkpoints/ folder.",
+                                  required=True)
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+_EVAL_BATCHES = flags.DEFINE_integer("num_eval_batches", None, "Override the number of validation batches.")
+
+
+def main(argv):
+  del argv
+  from engram_jax.train.restore import evaluate_run, load_run
+
+  run = load_run(_CHECKPOINT.value, step=_STEP.value)
+  data = run.data_config
+  if _EVAL_BATCHES.value is not None:
+    data = data.replace(num_eval_batches=_EVAL_BATCHES.value)
+  metrics = evaluate_run(run, data)
+  print(json.dumps({"checkpoint": _CHECKPOINT.value, "step": run.step, **metrics}, indent=1))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,282 @@
+"""TPU Pallas kernels: row gather and fused gather-gate (paged-attention pattern).
+
+Row ids are scalar-prefetched into SMEM (the wrapper cuts long inputs into
+chunks of `ids_per_call` tokens so the ids fit SMEM). The table stays in HBM
+(memory_space=ANY); each grid step owns `block_rows` tokens and issues one
+async DMA per (token, head) row into a VMEM buffer. The buffer is
+double-buffered: step i starts the DMAs of block i+1 before waiting on block i,
+so the grid is sequential ("arbitrary").
+
+Shapes:
+  table [R, d] (HBM), row_ids [N, H] int32 -> SMEM as [N*H]
+  gather_rows_tpu -> [N, H*d]
+  gather_gate_tpu -> u [N, G, D] (out_dtype), gates [N, G] f32
+
+VMEM buffer layout is [2, H, block_rows, d]: each head's rows form one
+(block_rows, d) tile, so every DMA lands on a sublane of a lane-dense tile and
+the projection is a sum over heads of (block_rows, d) @ (d, block_d) matmuls.
+block_rows must be a multiple of 8 and block_d a multiple of 128 (or equal to
+D) to satisfy the (8, 128) tiling rules.
+
+Out-of-range ids: the wrapper in ops.py rejects concrete ones. Under jit they
+are not checked: on TPU the DMA reads outside the table (a runtime bounds error
+or garbage); in interpret mode the interpreter raises.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels import reference
+
+
+def _row_copy(table_hbm, buf, sem, slot, row, h, t):
+  return pltpu.make_async_copy(table_hbm.at[pl.ds(row, 1)],
+                               buf.at[slot, h, pl.ds(t, 1)], sem.at[slot])
+
+
+def _start_block(ids_ref, table_hbm, buf, sem, block, slot, *, block_rows, heads):
+  base = block * block_rows * heads
+
+  def body(t, carry):
+    for h in range(heads):
+      _row_copy(table_hbm, buf, sem, slot, ids_ref[base + t * heads + h], h, t).start()
+    return carry
+
+  lax.fori_loop(0, block_rows, body, 0)
+
+
+def _wait_block(table_hbm, buf, sem, slot, *, block_rows, heads):
+  # A wait only needs the semaphore and the transfer size: any row will do.
+  def body(t, carry):
+    for h in range(heads):
+      _row_copy(table_hbm, buf, sem, slot, 0, h, t).wait()
+    return carry
+
+  lax.fori_loop(0, block_rows, body, 0)
+
+
+def _prefetch_and_wait(ids_ref, table_hbm, buf, sem, i, nblocks, **kw):
+  """Double buffering: start block i+1, then wait for block i. -> slot of i."""
+  slot = i % 2
+
+  @pl.when(i == 0)
+  def _():
+    _start_block(ids_ref, table_hbm, buf, sem, 0, 0, **kw)
+
+  @pl.when(i + 1 < nblocks)
+  def _():
+    _start_block(ids_ref, table_hbm, buf, sem, i + 1, 1 - slot, **kw)
+
+  _wait_block(table_hbm, buf, sem, slot, **kw)
+  return slot
+
+
+def _gather_kernel(ids_ref, table_hbm, out_ref, buf, sem, *, block_rows, heads):
+  i = pl.program_id(0)
+  slot = _prefetch_and_wait(ids_ref, table_hbm, buf, sem, i, pl.num_programs(0),
+                            block_rows=block_rows, heads=heads)
+  d = buf.shape[-1]
+  for h in range(heads):
+    out_ref[:, h * d:(h + 1) * d] = buf[slot, h].astype(out_ref.dtype)
+
+
+def _check_blocks(block_rows, ids_per_call):
+  if block_rows <= 0 or block_rows % 8:
+    raise ValueError(f"block_rows must be a positive multiple of 8 (TPU sublane tiling), "
+                     f"got {block_rows}")
+  if ids_per_call < block_rows:
+    raise ValueError(f"ids_per_call={ids_per_call} must be >= block_rows={block_rows}")
+
+
+def _pad_ids(row_ids, block_rows):
+  n = row_ids.shape[0]
+  n_pad = pl.cdiv(n, block_rows) * block_rows
+  # Padding tokens read row 0 (always valid); their outputs are sliced off.
+  return jnp.pad(row_ids, ((0, n_pad - n), (0, 0))), n_pad
+
+
+def _chunks(n_pad, block_rows, ids_per_call):
+  step = max(block_rows, (ids_per_call // block_rows) * block_rows)
+  return [(s, min(step, n_pad - s)) for s in range(0, n_pad, step)]
+
+
+@functools.partial(jax.jit, static_argnames=("block_rows", "ids_per_call", "interpret"))
+def gather_rows_tpu(table, row_ids, *, block_rows: int | None = None,
+                    ids_per_call: int = 2048, interpret=None):
+  """table [R, d], row_ids [N, H] int32 -> [N, H*d] (table.dtype).
+
+  block_rows: tokens per grid step, a multiple of 8 (None: 8).
+  ids_per_call: tokens whose ids go to SMEM in one pallas_call.
+  """
+  block_rows = block_rows or 8
+  _check_blocks(block_rows, ids_per_call)
+  n, heads = row_ids.shape
+  d = table.shape[1]
+  ids, n_pad = _pad_ids(row_ids.astype(jnp.int32), block_rows)
+  outs = []
+  for start, size in _chunks(n_pad, block_rows, ids_per_call):
+    kernel = functools.partial(_gather_kernel, block_rows=block_rows, heads=heads)
+    out = pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1,
+            grid=(size // block_rows,),
+            in_specs=[pl.BlockSpec(memory_space=pl.ANY)],
+            out_specs=pl.BlockSpec((block_rows, heads * d), lambda i, ids: (i, 0)),
+            scratch_shapes=[pltpu.VMEM((2, heads, block_rows, d), table.dtype),
+                            pltpu.SemaphoreType.DMA((2,))],
+        ),
+        out_shape=jax.ShapeDtypeStruct((size, heads * d), table.dtype),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary",)),
+        interpret=interpret,
+    )(ids[start:start + size].reshape(-1), table)
+    outs.append(out)
+  out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
+  return out[:n]
+
+
+def _gather_gate_kernel(ids_ref, table_hbm, wv_ref, bv_ref, wk_ref, bk_ref, q_ref,
+                        scale_ref, u_ref, gates_ref, buf, sem, ssq, qk, alpha,
+                        *, block_rows, heads, dim, gate, norm_eps):
+  """Grid (token block i, phase p, D tile j).
+
+  Phase 0 walks the D tiles of the key projections, accumulating per (token,
+  branch) sum(k^2) and sum(q * scale * k); RMSNorm and the dot product only
+  need these two sums. Phase 1 walks the D tiles of the value projection and
+  writes u = alpha * v. The gathered rows stay in VMEM across all (p, j).
+  """
+  i, p, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  f32 = jnp.float32
+  num_branches = ssq.shape[1]
+
+  @pl.when((p == 0) & (j == 0))
+  def _():
+    _prefetch_and_wait(ids_ref, table_hbm, buf, sem, i, pl.num_programs(0),
+                       block_rows=block_rows, heads=heads)
+    ssq[...] = jnp.zeros_like(ssq)
+    qk[...] = jnp.zeros_like(qk)
+
+  slot = i % 2
+
+  def project(w_of_head):
+    acc = None
+    for h in range(heads):
+      part = jnp.dot(buf[slot, h], w_of_head(h), preferred_element_type=f32)
+      acc = part if acc is None else acc + part
+    return acc
+
+  @pl.when(p == 0)
+  def _():
+    for g in range(num_branches):
+      k = project(lambda h: wk_ref[g, h]) + bk_ref[g:g + 1, :].astype(f32)
+      qs = q_ref[:, g, :].astype(f32) * scale_ref[g:g + 1, :].astype(f32)
+      ssq[:, g:g + 1] += jnp.sum(k * k, axis=1, keepdims=True)
+      qk[:, g:g + 1] += jnp.sum(qs * k, axis=1, keepdims=True)
+
+  @pl.when((p == 1) & (j == 0))
+  def _():
+    s = qk[...] * lax.rsqrt(ssq[...] / dim + norm_eps) / jnp.sqrt(f32(dim))
+    if gate == "reference":
+      s = reference.signed_sqrt(s)
+    a = jax.nn.sigmoid(s)
+    alpha[...] = a
+    gates_ref[...] = a
+
+  @pl.when(p == 1)
+  def _():
+    v = project(lambda h: wv_ref[h]) + bv_ref[...].astype(f32)
+    for g in range(num_branches):
+      u_ref[:, g, :] = (alpha[:, g:g + 1] * v).astype(u_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "gate", "norm_eps", "out_dtype", "block_rows", "block_d", "ids_per_call",
+    "interpret"))
+def gather_gate_tpu(table, row_ids, w_value, b_value, w_key, b_key, query_normed,
+                    key_norm_scale, *, gate: str = "reference",
+                    norm_eps: float = 1e-6, out_dtype=None,
+                    block_rows: int | None = None, block_d: int | None = None,
+                    ids_per_call: int = 2048, interpret=None):
+  """Fused gather + projections + gate. -> (u [N, G, D], gates [N, G] f32).
+
+  block_rows: tokens per grid step, a multiple of 8 (None: 8).
+  block_d: D tile of the projections, a multiple of 128 dividing D (None: the
+    largest of 512, 256, 128 dividing D, else D). The key-weight tile
+    [G, H*d, block_d] is the biggest VMEM block: at the paper's shapes (G=4,
+    H*d=1280, bf16) 512 gives 5 MiB, double-buffered 10 MiB.
+  """
+  block_rows = block_rows or 8
+  _check_blocks(block_rows, ids_per_call)
+  n, heads = row_ids.shape
+  d = table.shape[1]
+  num_branches, _, dim = w_key.shape
+  if block_d is None:
+    block_d = next((b for b in (512, 256, 128) if dim % b == 0), dim)
+  if dim % block_d or (block_d != dim and block_d % 128):
+    raise ValueError(f"block_d={block_d} must divide D={dim} and be a multiple of 128")
+  nd = dim // block_d
+  if out_dtype is None:
+    out_dtype = jnp.result_type(table.dtype, w_value.dtype)
+  ids, n_pad = _pad_ids(row_ids.astype(jnp.int32), block_rows)
+  q = jnp.pad(query_normed, ((0, n_pad - n), (0, 0), (0, 0)))
+  wv = w_value.reshape(heads, d, dim)
+  wk = w_key.reshape(num_branches, heads, d, dim)
+  bv = b_value.reshape(1, dim)
+
+  # Phase 0 uses key tiles j, phase 1 value tiles j; the other operand keeps
+  # its last block index so it is not fetched again.
+  def key_tile(p, j):
+    return j * (1 - p) + (nd - 1) * p
+
+  kernel = functools.partial(_gather_gate_kernel, block_rows=block_rows,
+                             heads=heads, dim=dim, gate=gate, norm_eps=norm_eps)
+  us, gs = [], []
+  for start, size in _chunks(n_pad, block_rows, ids_per_call):
+    u, g = pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1,
+            grid=(size // block_rows, 2, nd),
+            in_specs=[
+                pl.BlockSpec(memory_space=pl.ANY),
+                pl.BlockSpec((heads, d, block_d), lambda i, p, j, ids: (0, 0, j * p)),
+                pl.BlockSpec((1, block_d), lambda i, p, j, ids: (0, j * p)),
+                pl.BlockSpec((num_branches, heads, d, block_d),
+                             lambda i, p, j, ids: (0, 0, 0, key_tile(p, j))),
+                pl.BlockSpec((num_branches, block_d),
+                             lambda i, p, j, ids: (0, key_tile(p, j))),
+                pl.BlockSpec((block_rows, num_branches, block_d),
+                             lambda i, p, j, ids: (i, 0, key_tile(p, j))),
+                pl.BlockSpec((num_branches, block_d),
+                             lambda i, p, j, ids: (0, key_tile(p, j))),
+            ],
+            out_specs=[
+                pl.BlockSpec((block_rows, num_branches, block_d),
+                             lambda i, p, j, ids: (i, 0, j * p)),
+                pl.BlockSpec((block_rows, num_branches), lambda i, p, j, ids: (i, 0)),
+            ],
+            scratch_shapes=[pltpu.VMEM((2, heads, block_rows, d), table.dtype),
+                            pltpu.SemaphoreType.DMA((2,)),
+                            pltpu.VMEM((block_rows, num_branches), jnp.float32),
+                            pltpu.VMEM((block_rows, num_branches), jnp.float32),
+                            pltpu.VMEM((block_rows, num_branches), jnp.float32)],
+        ),
+        out_shape=[jax.ShapeDtypeStruct((size, num_branches, dim), out_dtype),
+                   jax.ShapeDtypeStruct((size, num_branches), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("arbitrary", "arbitrary", "arbitrary")),
+        interpret=interpret,
+    )(ids[start:start + size].reshape(-1), table, wv, bv, wk, b_key, q[start:start + size],
+      key_norm_scale)
+    us.append(u)
+    gs.append(g)
+  u = us[0] if len(us) == 1 else jnp.concatenate(us, axis=0)
+  g = gs[0] if len(gs) == 1 else jnp.concatenate(gs, axis=0)
+  return u[:n], g[:n]
