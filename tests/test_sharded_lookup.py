@@ -90,8 +90,13 @@ def test_capacity_factor_is_exact_with_and_without_overflow():
   balanced = balanced.reshape(shape).astype(np.int32)
   skewed = np.full(shape, 39, np.int32)          # every id on the last shard: overflow
   skewed[0, 0, 0] = 0
-  for ids in (balanced, skewed):
-    rows, grad = fn(table, ids, weight)
+  # The paper's layout (routed backward): 8 shards of 5 rows, 8 ids per device.
+  paper = _value_and_grad(mesh, method="all_to_all", capacity_factor=1.0,
+                          axis=("data", "tensor"), batch_axes=("data", "tensor"))
+  k = np.arange(np.prod(shape))
+  balanced_paper = (k % 8 * 5 + k // 8 % 5).reshape(shape).astype(np.int32)
+  for f, ids in ((fn, balanced), (fn, skewed), (paper, balanced_paper), (paper, skewed)):
+    rows, grad = f(table, ids, weight)
     want_rows, want_grad = _reference(table, ids, weight)
     np.testing.assert_array_equal(np.asarray(rows), want_rows)
     np.testing.assert_allclose(np.asarray(grad), want_grad, rtol=1e-6, atol=1e-5)

@@ -44,8 +44,9 @@ method="xla": `jnp.take` on the row-sharded table under sharding constraints, pa
   by XLA (the approach of MaxText and most JAX code). In the default layout XLA makes it a
   masked local gather on every shard plus an all-reduce of the [M, d] rows over the table
   axes, and its backward a masked local scatter-add plus the data-parallel all-reduce.
-  When the ids are split over a table axis (the paper's layout) XLA (jax 0.11.2) instead
-  all-gathers the WHOLE table onto every device, which defeats sharding it: use
+  When the ids are split over a table axis (the paper's layout) XLA (jax 0.11.2, read from
+  the compiled HLO) first all-gathers the table over those axes: with ids split over every
+  table axis, the WHOLE table lands on every device, which defeats sharding it. Use
   all_to_all there. `local_gather` does not apply.
 
 Rows: R is padded up to R_pad, a multiple of S (`padded_num_rows`); padding rows are never

@@ -12,6 +12,15 @@ memory width d_mem = H * d_h.
   u_g    = alpha_g v
   Y      = u + SiLU(DepthwiseCausalConv(RMSNorm_c[g](u)))   kernel K_c, dilation N, no bias
 
+Ablation / control options (defaults = the module above):
+  gate="none"         alpha = 1 (no key projections or gate norms are created).
+  short_conv=False    Y = u (no conv norm or conv kernel).
+  multi_branch=False  single-branch integration: one key projection and gate computed from
+                      the mean of the G branch streams, one value/conv path, and the same Y
+                      added to every stream (every per-branch parameter has G = 1).
+  fold_rows=r         every head's table holds r rows and the hashed row ids are reduced
+                      mod r on device (r = 1: one slot per head, same compute, no memory).
+
 The caller adds Y to its residual stream(s). Logical axis names of the parameters:
   table         ("engram_rows", "engram_dim")
   value_kernel  ("engram_mem", "embed")         value_bias ("embed",)
@@ -33,7 +42,7 @@ from engram_jax.config import EngramConfig
 from engram_jax.layers.norms import RMSNorm, rms_norm
 from engram_jax.layers.params import annotated
 
-GateKind = Literal["reference", "paper"]
+GateKind = Literal["reference", "paper", "none"]
 Impl = Literal["xla", "pallas", "auto"]
 _GATE_FLOOR = 1e-6
 
@@ -48,24 +57,33 @@ class Engram(nnx.Module):
     hc_mult: G, residual branches (1 without hyper-connections).
     table_sizes: the prime size of every head of this layer
       (`NgramHasher.table_sizes[layer_id]`), H entries.
-    gate: "reference" (the demo's signed square root, default, for parity) or "paper".
+    gate: "reference" (the demo's signed square root, default, for parity), "paper" or
+      "none" (alpha = 1: the no-gate ablation).
     impl: row gather implementation: "xla" (reference), "pallas" or "auto" (Pallas on
       GPU/TPU, XLA on CPU); see `pallas_kernels`.
     table_init_std: std of the normal init of the table (the reference: 1.0).
     gate_norm_eps: eps of the gate's RMSNorms; None = machine epsilon of the compute
       dtype (PyTorch's default, which the reference uses).
     conv_norm_eps: eps of the conv input RMSNorm (1e-5).
+    short_conv: False drops the short conv (Y = u), the short-conv ablation.
+    multi_branch: False is the single-branch ablation (see the module docstring).
+    fold_rows: None, or the rows every head's table holds; row ids (still hashed with
+      `table_sizes`) are folded mod fold_rows on device. 1 = the one-slot-per-head control.
   """
 
   def __init__(self, config: EngramConfig, layer_id: int, hidden_size: int, hc_mult: int = 1, *,
                table_sizes: Sequence[int], dtype=jnp.float32, param_dtype=jnp.float32,
                gate: GateKind = "reference", impl: Impl = "xla", table_init_std: float = 1.0,
                gate_norm_eps: float | None = None, conv_norm_eps: float = 1e-5,
+               short_conv: bool = True, multi_branch: bool = True, fold_rows: int | None = None,
                rngs: nnx.Rngs):
     if layer_id not in config.layer_ids:
       raise ValueError(f"layer_id {layer_id} is not in EngramConfig.layer_ids {config.layer_ids}")
-    if gate not in ("reference", "paper"):
-      raise ValueError(f"gate must be 'reference' or 'paper', got {gate!r}")
+    if gate not in ("reference", "paper", "none"):
+      raise ValueError(f"gate must be 'reference', 'paper' or 'none', got {gate!r}")
+    if fold_rows is not None and (isinstance(fold_rows, bool) or not isinstance(fold_rows, int)
+                                  or fold_rows < 1):
+      raise ValueError(f"fold_rows must be None or a positive int, got {fold_rows!r}")
     if impl not in ("xla", "pallas", "auto"):
       raise ValueError(f"impl must be 'xla', 'pallas' or 'auto', got {impl!r}")
     if hidden_size < 1 or hc_mult < 1:
@@ -82,11 +100,20 @@ class Engram(nnx.Module):
     self.impl = impl
     self.dtype = dtype
     self.gate_norm_eps = gate_norm_eps
+    self.short_conv_enabled = bool(short_conv)
+    self.multi_branch = bool(multi_branch)
+    self.fold_rows = fold_rows
+    # table_sizes: the hashed range of each head's ids (the input contract); stored_sizes:
+    # the rows each head really holds (equal unless fold_rows is set).
     self.table_sizes = tuple(int(s) for s in sizes)
-    self.offsets = tuple(int(o) for o in np.concatenate([[0], np.cumsum(sizes)[:-1]]))
-    self.num_rows = int(sizes.sum())
+    stored = sizes if fold_rows is None else np.full_like(sizes, fold_rows)
+    self.stored_sizes = tuple(int(s) for s in stored)
+    self.offsets = tuple(int(o) for o in np.concatenate([[0], np.cumsum(stored)[:-1]]))
+    self.num_rows = int(stored.sum())
 
-    d_h, d_mem, g, d = config.head_dim, config.memory_dim, hc_mult, hidden_size
+    # g: branches with their own gate / conv parameters (1 in the single-branch ablation)
+    d_h, d_mem, d = config.head_dim, config.memory_dim, hidden_size
+    g = self.num_branches
     k_table, k_v, k_k = jax.random.split(rngs.params(), 3)
     lecun = nnx.initializers.lecun_normal()
     self.table = annotated(
@@ -94,26 +121,33 @@ class Engram(nnx.Module):
         ("engram_rows", "engram_dim"))
     self.value_kernel = annotated(lecun(k_v, (d_mem, d), param_dtype), ("engram_mem", "embed"))
     self.value_bias = annotated(jnp.zeros((d,), param_dtype), ("embed",))
-    self.key_kernel = annotated(
-        jax.vmap(lambda k: lecun(k, (d_mem, d), param_dtype))(jax.random.split(k_k, g)),
-        ("hc", "engram_mem", "embed"))
-    self.key_bias = annotated(jnp.zeros((g, d), param_dtype), ("hc", "embed"))
     norm_kw = dict(leading=(g,), axis_names=("hc", "norm"), dtype=dtype, param_dtype=param_dtype)
-    self.key_norm = RMSNorm(d, eps=0.0, **norm_kw)    # eps resolved at call time
-    self.query_norm = RMSNorm(d, eps=0.0, **norm_kw)
-    self.conv_norm = RMSNorm(d, eps=conv_norm_eps, **norm_kw)
-    # Zero init (the paper): Y = u at the start of training.
-    self.conv_kernel = annotated(jnp.zeros((config.kernel_size, g, d), param_dtype),
-                                 ("conv_taps", "hc", "embed"))
+    if gate != "none":
+      self.key_kernel = annotated(
+          jax.vmap(lambda k: lecun(k, (d_mem, d), param_dtype))(jax.random.split(k_k, g)),
+          ("hc", "engram_mem", "embed"))
+      self.key_bias = annotated(jnp.zeros((g, d), param_dtype), ("hc", "embed"))
+      self.key_norm = RMSNorm(d, eps=0.0, **norm_kw)    # eps resolved at call time
+      self.query_norm = RMSNorm(d, eps=0.0, **norm_kw)
+    if self.short_conv_enabled:
+      self.conv_norm = RMSNorm(d, eps=conv_norm_eps, **norm_kw)
+      # Zero init (the paper): Y = u at the start of training.
+      self.conv_kernel = annotated(jnp.zeros((config.kernel_size, g, d), param_dtype),
+                                   ("conv_taps", "hc", "embed"))
 
   # -- shapes ----------------------------------------------------------------------------------
+  @property
+  def num_branches(self) -> int:
+    """Branches with their own gate and conv (G, or 1 in the single-branch ablation)."""
+    return self.hc_mult if self.multi_branch else 1
+
   @property
   def conv_state_len(self) -> int:
     """Past conv inputs a decoder must keep: (kernel - 1) * dilation."""
     return (self.config.kernel_size - 1) * self.config.conv_dilation
 
   def init_conv_state(self, batch: int, dtype=None) -> jax.Array:
-    return jnp.zeros((batch, self.conv_state_len, self.hc_mult, self.hidden_size),
+    return jnp.zeros((batch, self.conv_state_len, self.num_branches, self.hidden_size),
                      dtype or self.dtype)
 
   # -- lookup ------------------------------------------------------------------------------------
@@ -142,7 +176,10 @@ class Engram(nnx.Module):
     """
     row_ids = jnp.asarray(row_ids)
     self.check_row_ids(row_ids)
-    flat = row_ids.astype(jnp.int32) + jnp.asarray(self.offsets, jnp.int32)
+    row_ids = row_ids.astype(jnp.int32)
+    if self.fold_rows is not None:
+      row_ids = row_ids % self.fold_rows
+    flat = row_ids + jnp.asarray(self.offsets, jnp.int32)
     table = self.table[...]
     if self.impl == "xla":
       rows = jnp.take(table, flat, axis=0, mode="fill", fill_value=jnp.nan)
@@ -156,7 +193,10 @@ class Engram(nnx.Module):
 
   # -- fusion ----------------------------------------------------------------------------------
   def gates(self, hidden: jax.Array, rows: jax.Array) -> jax.Array:
-    """alpha [B, T, G] from hidden [B, T, G, D] and gathered rows [B, T, d_mem]."""
+    """alpha [B, T, G] from hidden [B, T, G, D] and gathered rows [B, T, d_mem]
+    (G = `num_branches`; all ones with gate="none")."""
+    if self.gate == "none":
+      return jnp.ones(hidden.shape[:3], self.dtype)
     eps = self.gate_norm_eps if self.gate_norm_eps is not None else float(jnp.finfo(hidden.dtype).eps)
     key = jnp.einsum("btm,gmd->btgd", rows, self.key_kernel[...].astype(self.dtype))
     key = key + self.key_bias[...].astype(self.dtype)
@@ -206,18 +246,31 @@ class Engram(nnx.Module):
     Args:
       hidden: [B, T, G, D].  rows: [B, T, d_mem] (from `lookup`, or prefetched from host).
     Returns:
-      (Y [B, T, G, D], gates [B, T, G], new conv state [B, S, G, D]).
+      (Y [B, T, G, D], gates [B, T, G], new conv state [B, S, G', D]); G' = 1 in the
+      single-branch ablation (whose gate is then repeated over the G streams), and the
+      conv state is returned as given (or zeros) without the short conv.
     """
     rows = rows.astype(self.dtype)
     if rows.shape[-1] != self.config.memory_dim:
       raise ValueError(f"rows must have width d_mem={self.config.memory_dim}, got shape {rows.shape}")
+    streams = hidden.shape[2]
+    if not self.multi_branch:   # one gate from the mean stream; Y shared by every stream
+      hidden = jnp.mean(hidden.astype(jnp.float32), axis=2, keepdims=True).astype(hidden.dtype)
     alpha = self.gates(hidden, rows)
     value = rows @ self.value_kernel[...].astype(self.dtype) + self.value_bias[...].astype(self.dtype)
     u = alpha[..., None] * value[:, :, None, :]
-    conv_in = rms_norm(u, self.conv_norm.scale[...], self.conv_norm.eps)
-    conv_out, new_state = self.short_conv(conv_in, segment_ids=segment_ids,
-                                          conv_state=conv_state, lengths=lengths)
-    return u + conv_out, alpha, new_state
+    if self.short_conv_enabled:
+      conv_in = rms_norm(u, self.conv_norm.scale[...], self.conv_norm.eps)
+      conv_out, new_state = self.short_conv(conv_in, segment_ids=segment_ids,
+                                            conv_state=conv_state, lengths=lengths)
+      y = u + conv_out
+    else:
+      y = u
+      new_state = conv_state if conv_state is not None else self.init_conv_state(u.shape[0], u.dtype)
+    if not self.multi_branch:
+      y = jnp.broadcast_to(y, y.shape[:2] + (streams,) + y.shape[3:])
+      alpha = jnp.broadcast_to(alpha, alpha.shape[:2] + (streams,))
+    return y, alpha, new_state
 
   def __call__(self, hidden: jax.Array, row_ids: jax.Array | None = None, *,
                rows: jax.Array | None = None, segment_ids: jax.Array | None = None,
@@ -246,3 +299,46 @@ class Engram(nnx.Module):
     if squeeze:
       y = y[:, :, 0, :]
     return (y, alpha) if return_gates else y
+
+
+class NgramInputAverage(nnx.Module):
+  """OverEncoding-style baseline: the same hashed n-gram rows as an Engram layer, averaged
+  over heads, projected to D and added to the input embedding (no gate, no conv).
+
+    e_t = mean_h table[offset_h + row_h(t)]     [B, T, d_h]
+    x_0 <- x_0 + e_t W + b                      W [d_h, D]
+
+  The table has the same rows (one block per head, `table_sizes`) and logical axes as
+  Engram's, so it joins the same optimizer group and holds the same memory parameters.
+  """
+
+  def __init__(self, config: EngramConfig, layer_id: int, hidden_size: int, *,
+               table_sizes: Sequence[int], dtype=jnp.float32, param_dtype=jnp.float32,
+               table_init_std: float = 1.0, rngs: nnx.Rngs):
+    sizes = np.asarray([int(s) for s in table_sizes], dtype=np.int64)
+    if sizes.shape != (config.num_heads,) or (sizes < 1).any():
+      raise ValueError(
+          f"table_sizes must hold {config.num_heads} positive head sizes ((N-1)*K), got {sizes.tolist()}")
+    if layer_id not in config.layer_ids:
+      raise ValueError(f"layer_id {layer_id} is not in EngramConfig.layer_ids {config.layer_ids}")
+    self.config, self.layer_id, self.dtype = config, int(layer_id), dtype
+    self.table_sizes = tuple(int(s) for s in sizes)
+    self.offsets = tuple(int(o) for o in np.concatenate([[0], np.cumsum(sizes)[:-1]]))
+    d_h = config.head_dim
+    k_table, k_proj = jax.random.split(rngs.params())
+    self.table = annotated(
+        table_init_std * jax.random.normal(k_table, (int(sizes.sum()), d_h), param_dtype),
+        ("engram_rows", "engram_dim"))
+    self.proj_kernel = annotated(nnx.initializers.lecun_normal()(k_proj, (d_h, hidden_size), param_dtype),
+                                 ("engram_dim", "embed"))
+    self.proj_bias = annotated(jnp.zeros((hidden_size,), param_dtype), ("embed",))
+
+  def __call__(self, row_ids: jax.Array) -> jax.Array:
+    """row_ids [B, T, H] (per-head rows, offsets added inside) -> [B, T, D]."""
+    row_ids = jnp.asarray(row_ids)
+    if row_ids.ndim != 3 or row_ids.shape[-1] != self.config.num_heads:
+      raise ValueError(f"row_ids must be [B, T, {self.config.num_heads}], got shape {row_ids.shape}")
+    flat = row_ids.astype(jnp.int32) + jnp.asarray(self.offsets, jnp.int32)
+    rows = jnp.take(self.table[...], flat, axis=0, mode="fill", fill_value=jnp.nan)
+    mean = jnp.mean(rows.astype(jnp.float32), axis=-2).astype(self.dtype)       # [B, T, d_h]
+    return mean @ self.proj_kernel[...].astype(self.dtype) + self.proj_bias[...].astype(self.dtype)

@@ -18,7 +18,8 @@ from engram_jax.config import EngramConfig
 from engram_jax.layers.moe import MoEConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-ENGRAM_GATES = ("reference", "paper")
+ENGRAM_GATES = ("reference", "paper", "none")
+ENGRAM_MODES = ("engram", "input_average")
 ENGRAM_IMPLS = ("xla", "pallas", "auto")
 
 
@@ -40,8 +41,19 @@ class ModelConfig:
       engram: EngramConfig, or None for no Engram layers.
       engram_compressed_vocab: size of the compressed vocabulary the `NgramHasher` uses
         (None: `vocab_size`). Table sizes (primes) depend only on `engram`.
-      engram_gate: "reference" (signed square root, the demo's) or "paper".
+      engram_gate: "reference" (signed square root, the demo's), "paper", or "none"
+        (alpha = 1; the no-gate ablation).
       engram_impl: Engram lookup implementation passed to the layer.
+      engram_short_conv: False drops the Engram short conv (Y = u; ablation).
+      engram_multi_branch: False is the single-branch ablation: one gate from the mean of
+        the hc_mult streams and one Y added to every stream (`Engram(multi_branch=False)`).
+      engram_fold_rows: None, or the rows every Engram head's table holds; hashed row ids
+        are folded mod this on device. 1 = the "one slot per head" control (same data,
+        hashing and compute, no memory).
+      engram_mode: "engram" (Engram layers at engram.layer_ids), or "input_average": the
+        OverEncoding-style baseline, no Engram blocks; for each layer id the same hashed
+        rows are averaged over heads, projected to D and added to the input embedding
+        (`NgramInputAverage`). Ignored when engram is None.
       tie_embeddings: the output head reuses the input embedding.
       norm_eps: RMSNorm epsilon.
       dtype, param_dtype: names in DTYPES, for activations and parameters.
@@ -63,6 +75,10 @@ class ModelConfig:
     engram_compressed_vocab: int | None = None
     engram_gate: str = "reference"
     engram_impl: str = "xla"
+    engram_short_conv: bool = True
+    engram_multi_branch: bool = True
+    engram_fold_rows: int | None = None
+    engram_mode: str = "engram"
     tie_embeddings: bool = False
     norm_eps: float = 1e-6
     dtype: str = "float32"
@@ -110,6 +126,15 @@ class ModelConfig:
         if self.engram_impl not in ENGRAM_IMPLS:
             raise ValueError(
                 f"ModelConfig.engram_impl must be one of {ENGRAM_IMPLS}, got {self.engram_impl!r}")
+        if self.engram_mode not in ENGRAM_MODES:
+            raise ValueError(
+                f"ModelConfig.engram_mode must be one of {ENGRAM_MODES}, got {self.engram_mode!r}")
+        for name in ("engram_short_conv", "engram_multi_branch"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        fold = self.engram_fold_rows
+        if fold is not None and (isinstance(fold, bool) or not isinstance(fold, int) or fold < 1):
+            raise ValueError(f"ModelConfig.engram_fold_rows must be None or a positive int, got {fold!r}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(

@@ -5,6 +5,9 @@ Shapes (B batch, T tokens, G = hc_mult streams, D hidden, V vocab, H Engram head
   streams x    [B, T, G, D]   embedding copied to G streams, mean-collapsed at the end
   logits       [B, T, V] float32
 
+With engram_mode="input_average" (the OverEncoding-style baseline) no block holds an
+Engram layer; x_0 += NgramInputAverage_l(rows_l) for every l in engram.layer_ids instead.
+
 Block l (pre-norm):
   x <- x + Engram_l(x, rows_l)                   (only at engram.layer_ids; branch g -> stream g)
   x <- HC_attn(x, h -> Attention(RMSNorm(h)))
@@ -24,7 +27,7 @@ from flax import nnx
 
 from engram_jax.hashing import layer_table_sizes
 from engram_jax.layers.attention import Attention, KVCache
-from engram_jax.layers.engram import Engram
+from engram_jax.layers.engram import Engram, NgramInputAverage
 from engram_jax.layers.ffn import SwiGLU
 from engram_jax.layers.hyper_connections import (
     HyperConnection,
@@ -71,10 +74,12 @@ class Block(nnx.Module):
         kw = {"dtype": dtype, "param_dtype": pdtype}
         self.layer = layer
         self.is_moe = cfg.is_moe_layer(layer)
-        if layer in cfg.engram_layer_ids:
+        if layer in cfg.engram_layer_ids and cfg.engram_mode == "engram":
             self.engram = nnx.data(Engram(
                 cfg.engram, layer, d, g, table_sizes=layer_table_sizes(cfg.engram)[layer],
-                gate=cfg.engram_gate, impl=cfg.engram_impl, rngs=rngs, **kw))
+                gate=cfg.engram_gate, impl=cfg.engram_impl, short_conv=cfg.engram_short_conv,
+                multi_branch=cfg.engram_multi_branch, fold_rows=cfg.engram_fold_rows,
+                rngs=rngs, **kw))
         else:
             self.engram = nnx.data(None)
         hc_kw = dict(sinkhorn_iters=cfg.sinkhorn_iters, rngs=rngs, **kw)
@@ -136,6 +141,12 @@ class Transformer(nnx.Module):
             self.embed = annotated(
                 jax.random.normal(rngs.params(), (v, d), pdtype), ("vocab", "embed"))
             self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
+            self.input_ngrams = nnx.data(None)
+            if cfg.engram is not None and cfg.engram_mode == "input_average":
+                sizes = layer_table_sizes(cfg.engram)
+                self.input_ngrams = nnx.List([NgramInputAverage(
+                    cfg.engram, lid, d, table_sizes=sizes[lid], dtype=cfg.jnp_dtype,
+                    param_dtype=pdtype, rngs=rngs) for lid in cfg.engram.layer_ids])
             self.final_norm = RMSNorm(d, eps=cfg.norm_eps, dtype=cfg.jnp_dtype,
                                       param_dtype=pdtype, rngs=rngs)
             self.head = nnx.data(None if cfg.tie_embeddings else annotated(
@@ -215,6 +226,13 @@ class Transformer(nnx.Module):
                 raise ValueError(f"{name} shape {arr.shape} must be [B, T] = {(b, t)}")
         if cache is not None and len(cache.kv) != cfg.num_layers:
             raise ValueError(f"cache has {len(cache.kv)} layers, model has {cfg.num_layers}")
+        if self.input_ngrams is not None:
+            missing = [m.layer_id for m in self.input_ngrams
+                       if engram_rows is None or m.layer_id not in engram_rows]
+            if missing:
+                raise ValueError(f"engram_mode='input_average' needs engram_rows for layers {missing}")
+            input_rows = {m.layer_id: engram_rows[m.layer_id] for m in self.input_ngrams}
+            engram_rows = None
         rows = self._engram_rows(engram_rows, engram_inputs)
         for lid, r in rows.items():
             if r.shape != (b, t, cfg.engram.memory_dim):
@@ -226,6 +244,9 @@ class Transformer(nnx.Module):
                 positions = positions + cache.lengths[:, None].astype(jnp.int32)
 
         x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.jnp_dtype)
+        if self.input_ngrams is not None:
+            for module in self.input_ngrams:
+                x = x + module(input_rows[module.layer_id]).astype(x.dtype)
         x = constrain(x, ("batch", "sequence", "activation_embed"))
         x = expand_streams(x, cfg.hc_mult)
 

@@ -3,6 +3,9 @@
 A checkpoint step holds four items:
   state   model parameters, MoE router biases, optimizer state and step (sharded arrays)
   data    the grain iterator position (one JSON file per process)
+Multi-process: every process calls `save` / `restore` (orbax coordinates them: the state is
+written shard by shard, JSON items by the primary process; each process writes its own data
+item), so `directory` must be a filesystem all processes share.
   meta    model / train / data configs, the hash constants, the tokenizer fingerprint
   vocab   the tokenizer JSON and the compression table
 Loading into a model whose hash constants, tokenizer or shapes differ fails and says what
@@ -66,13 +69,13 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True,
         best_fn=(lambda m: m[best_by]) if best_by else None, best_mode="min",
-        keep_checkpoints_without_metrics=False if best_by else True,
+        keep_checkpoints_without_metrics=not best_by,
         enable_async_checkpointing=False)
     import grain.checkpoint as grain_checkpoint
 
     # Registered handlers make item metadata (saved shapes) readable before a restore.
-    handlers = dict(state=ocp.StandardCheckpointHandler(), meta=ocp.JsonCheckpointHandler(),
-                    vocab=ocp.JsonCheckpointHandler(), data=grain_checkpoint.CheckpointHandler())
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
+                "vocab": ocp.JsonCheckpointHandler(), "data": grain_checkpoint.CheckpointHandler()}
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def latest_step(self) -> int | None:
@@ -85,8 +88,8 @@ class Checkpointer:
            data_iterator: Any = None, metrics: dict[str, float] | None = None) -> None:
     from engram_jax.data.pipeline import checkpoint_args  # data sits beside training
 
-    items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
-                 vocab=ocp.args.JsonSave(vocab))
+    items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta),
+             "vocab": ocp.args.JsonSave(vocab)}
     if data_iterator is not None:
       items["data"] = checkpoint_args(data_iterator)
     self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
@@ -118,16 +121,28 @@ class Checkpointer:
     if problems:
       raise CheckpointMismatchError(
           f"checkpoint {self.directory}/{step} does not match this run:\n  " + "\n  ".join(problems))
-    items = dict(state=ocp.args.StandardRestore(abstract_state))
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
+      self._check_data_state(step)
       items["data"] = checkpoint_args(data_iterator, restore=True)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     return restored["state"], meta
 
+  def _check_data_state(self, step: int) -> None:
+    # grain keeps one iterator file per process: a run resumes with the same process count.
+    data_dir = self.directory / str(step) / "data"
+    mine = data_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if data_dir.is_dir() and not mine.exists():
+      saved = sorted(p.name for p in data_dir.glob("process_*.json"))
+      raise CheckpointMismatchError(
+          f"checkpoint {self.directory}/{step} holds data iterator states {saved}, none for process "
+          f"{jax.process_index()} of {jax.process_count()}: resume with the process count it was "
+          "saved with")
+
   def _saved_shapes(self, step: int) -> dict[str, tuple] | None:
     try:
       tree = self.manager.item_metadata(step)["state"]
-    except Exception:  # older orbax layouts: fall back to orbax's own shape check
+    except Exception:  # noqa: BLE001  older orbax layouts: fall back to orbax's own shape check
       return None
     if tree is None:
       return None

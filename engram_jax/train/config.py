@@ -21,6 +21,8 @@ class TrainConfig:
     weight_decay: backbone decoupled weight decay (not on norms, biases, Engram tables).
     engram_lr_multiplier: Engram tables use Adam at this multiple of the backbone lr,
       with weight decay 0.
+    freeze_engram_tables: the Engram tables get no updates (optax.set_to_zero) and keep
+      their random init: the "frozen random table" control.
     b1, b2, eps: Adam moments (both groups).
     grad_clip_norm: global-norm clipping (<= 0 disables).
     moe_bias_update_rate: the aux-loss-free router bias step (None: MoEConfig's).
@@ -40,6 +42,7 @@ class TrainConfig:
   optimizer: str = "adamw"
   weight_decay: float = 0.1
   engram_lr_multiplier: float = 5.0
+  freeze_engram_tables: bool = False
   b1: float = 0.9
   b2: float = 0.95
   eps: float = 1e-8

@@ -2,7 +2,8 @@
 
 Groups (labels):
   "engram_table"  Engram memory tables (logical axis "engram_rows"): Adam at
-                  `engram_lr_multiplier` x the backbone lr, no weight decay.
+                  `engram_lr_multiplier` x the backbone lr, no weight decay
+                  (`freeze_engram_tables`: no updates at all, optax.set_to_zero).
   "no_decay"      norms (logical axis "norm"), biases and other vectors: backbone
                   optimizer without weight decay.
   "decay"         every other matrix: AdamW (or Muon) with weight decay.
@@ -65,10 +66,19 @@ def make_optimizer(cfg: TrainConfig, params: nnx.State) -> tuple[optax.GradientT
   else:
     backbone = lambda wd: optax.adamw(lr, cfg.b1, cfg.b2, cfg.eps, weight_decay=wd)  # noqa: E731
   groups = {
-      ENGRAM_TABLE: optax.adam(engram_lr, cfg.b1, cfg.b2, cfg.eps),
+      ENGRAM_TABLE: (optax.set_to_zero() if cfg.freeze_engram_tables
+                     else optax.adam(engram_lr, cfg.b1, cfg.b2, cfg.eps)),
       NO_DECAY: backbone(0.0),
       DECAY: backbone(cfg.weight_decay),
   }
-  chain = [optax.clip_by_global_norm(cfg.grad_clip_norm)] if cfg.grad_clip_norm > 0 else []
-  tx = optax.chain(*chain, optax.multi_transform(groups, parameter_labels(params)))
+  labels = parameter_labels(params)
+  chain = []
+  if cfg.freeze_engram_tables:
+    # zero the table gradients before clipping, so they do not shrink the backbone's steps
+    keep = optax.identity()
+    chain.append(optax.multi_transform(
+        {ENGRAM_TABLE: optax.set_to_zero(), NO_DECAY: keep, DECAY: keep}, labels))
+  if cfg.grad_clip_norm > 0:
+    chain.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
+  tx = optax.chain(*chain, optax.multi_transform(groups, labels))
   return tx, lr

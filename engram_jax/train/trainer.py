@@ -5,6 +5,11 @@
 
 SIGTERM / SIGINT save a checkpoint and return with status "preempted"; a non-finite loss
 raises `TrainingDivergedError` naming the step and leaves the last good checkpoint alone.
+
+Multi-process (after `jax.distributed.initialize`): every process runs this same loop on the
+global mesh and feeds its rows of the global batch (`engram_jax.train.multihost`); process 0
+trains / writes the cached tokenizer first and alone writes metrics and meta.json; checkpoints
+are saved collectively by orbax; a signal on any process stops all of them at the same step.
 """
 
 from __future__ import annotations
@@ -24,11 +29,19 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from engram_jax import sharding as sharding_lib
-from engram_jax.data import (DataConfig, EngramRowHasher, batch_spec, load_or_train_tokenizer,
-                             make_eval_batches, make_train_iterator, special_ids)
+from engram_jax.data import (
+  DataConfig,
+  EngramRowHasher,
+  batch_spec,
+  load_or_train_tokenizer,
+  make_eval_batches,
+  make_train_iterator,
+  special_ids,
+)
 from engram_jax.hashing import TokenizerCompressor, tokenizer_fingerprint
 from engram_jax.models.accounting import count_params, flops_per_token
 from engram_jax.models.config import ModelConfig
+from engram_jax.train import multihost
 from engram_jax.train.checkpoint import Checkpointer, vocab_item
 from engram_jax.train.config import TrainConfig
 from engram_jax.train.loss import summarize_eval
@@ -72,11 +85,14 @@ def resolve_model_config(config: ModelConfig, tokenizer: Any, compressor: Tokeni
   return config
 
 
-def put_batch(batch: dict[str, Any], shardings: Any) -> Any:
-  """Host batch -> global device arrays (each process holds its slice of the batch)."""
-  if jax.process_count() == 1:
-    return jax.device_put(batch, shardings)
-  return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s, x), batch, shardings)
+class _NoMetrics:
+  """The metrics sink of non-primary processes (process 0 writes metrics.jsonl)."""
+
+  def write(self, *args, **kwargs) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
 
 
 class Trainer:
@@ -84,12 +100,15 @@ class Trainer:
 
   def __init__(self, model_config: ModelConfig, train_config: TrainConfig, data_config: DataConfig,
                workdir: str | Path, *, seed: int = 0, mesh: jax.sharding.Mesh | None = None,
-               tokenizer: Tokenizer | None = None, compress_tokens: bool = True):
+               tokenizer: Tokenizer | None = None, compress_tokens: bool = True,
+               data_shards: int | None = None):
+    """`data_shards`: document streams the global batch is drawn from (default: one per data
+    group of processes); fix it to reproduce a multi-process run's batches on fewer processes
+    (see `engram_jax.train.multihost`)."""
     self.workdir = Path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
     self.train_config, self.data_config, self.seed = train_config, data_config, seed
-    self.tokenizer = tokenizer or load_or_train_tokenizer(
-        data_config, cache_dir=data_config.tokenizer_dir or self.workdir)
+    self.tokenizer = tokenizer or self._load_tokenizer()
     vocab = self.tokenizer.get_vocab_size(with_added_tokens=True)
     # compress_tokens=False is the "no tokenizer compression" ablation: identity table.
     self.compressor = (TokenizerCompressor.from_tokenizer(self.tokenizer) if compress_tokens
@@ -98,9 +117,30 @@ class Trainer:
     self.row_hasher = EngramRowHasher.build(self.model_config.engram, self.tokenizer,
                                             special_ids(self.tokenizer).pad, self.compressor)
     self.mesh = mesh or sharding_lib.make_mesh(data=jax.device_count())
+    self.layout = multihost.data_layout(self.mesh, data_config.batch_size, data_shards)
     self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=train_config.keep_checkpoints,
                                      best_by=train_config.keep_best_by)
     self._stop_signal: int | None = None
+
+  def _load_tokenizer(self) -> Tokenizer:
+    cache_dir = self.data_config.tokenizer_dir or self.workdir
+    # Process 0 trains (or loads) the cached tokenizer first, so that processes sharing a
+    # filesystem do not race writing it; then all must hold the same one.
+    if jax.process_index() == 0:
+      tokenizer = load_or_train_tokenizer(self.data_config, cache_dir=cache_dir)
+    multihost.barrier("engram_jax.tokenizer")
+    if jax.process_index() != 0:
+      tokenizer = load_or_train_tokenizer(self.data_config, cache_dir=cache_dir)
+    multihost.assert_same_on_all_processes(tokenizer_fingerprint(tokenizer), "the tokenizer")
+    return tokenizer
+
+  def _train_iterator(self):
+    """This process's training batches: its document shards, concatenated along rows."""
+    lay = self.layout
+    config = self.data_config.replace(batch_size=lay.rows_per_shard)
+    iterators = [make_train_iterator(config, self.tokenizer, row_hasher=self.row_hasher,
+                                     shard=(i, lay.num_shards)) for i in lay.shards]
+    return iterators[0] if len(iterators) == 1 else multihost.ConcatBatchIterator(iterators)
 
   # -- metadata ----------------------------------------------------------------------------
   def meta(self) -> dict[str, Any]:
@@ -133,7 +173,8 @@ class Trainer:
     cfg = self.train_config
     graphdef, state, state_sh, (tx, lr) = create_train_state(
         self.model_config, lambda p: make_optimizer(cfg, p), self.seed, self.mesh)
-    data_iter = make_train_iterator(self.data_config, self.tokenizer, row_hasher=self.row_hasher)
+    # each data group of processes reads its own document shards; batch_size is per process
+    data_iter = self._train_iterator()
     meta = self.meta()
     start = 0
     if self.checkpointer.latest_step() is not None:
@@ -142,9 +183,11 @@ class Trainer:
       state, _ = self.checkpointer.restore(abstract, current_meta=meta, data_iterator=data_iter)
       start = int(state.step)
       log.info("resumed from step %d", start)
-    (self.workdir / "meta.json").write_text(json.dumps(meta, indent=1))
+    if jax.process_index() == 0:
+      (self.workdir / "meta.json").write_text(json.dumps(meta, indent=1))
 
-    spec = batch_spec(self.data_config, self.model_config.engram)
+    global_batch = self.layout.global_batch
+    spec = batch_spec(self.data_config.replace(batch_size=global_batch), self.model_config.engram)
     example = jax.tree.map(lambda s: np.zeros(s[0], s[1]), spec, is_leaf=lambda x: isinstance(x, tuple))
     b_shard = batch_shardings(example, self.mesh)
     rate = cfg.moe_bias_update_rate
@@ -154,13 +197,16 @@ class Trainer:
                          in_shardings=(state_sh, b_shard), out_shardings=(state_sh, None),
                          donate_argnums=(0,))
     eval_step = jax.jit(make_eval_step(graphdef))
-    eval_batches = make_eval_batches(self.data_config, self.tokenizer, row_hasher=self.row_hasher) \
+    # Every process builds the same validation batches (rows default to the global batch).
+    eval_data = self.data_config.replace(
+        eval_batch_size=self.data_config.eval_batch_size or global_batch)
+    eval_batches = make_eval_batches(eval_data, self.tokenizer, row_hasher=self.row_hasher) \
         if cfg.eval_every else []
 
-    writer = MetricsWriter(self.workdir)
+    writer = MetricsWriter(self.workdir) if jax.process_index() == 0 else _NoMetrics()
     previous_handlers = self._install_signal_handlers()
     end = cfg.total_steps if stop_after is None else min(cfg.total_steps, start + stop_after)
-    tokens_per_step = self.data_config.batch_size * self.data_config.seq_len * max(jax.process_count(), 1)
+    tokens_per_step = global_batch * self.data_config.seq_len
     bar = None
     if cfg.progress_bar and jax.process_index() == 0:
       from tqdm.auto import tqdm
@@ -174,7 +220,7 @@ class Trainer:
       with jax.set_mesh(self.mesh):
         while step < end:
           t0 = time.perf_counter()  # wall time per step, input pipeline included
-          batch = put_batch(next(data_iter), b_shard)
+          batch = multihost.put_process_batch(next(data_iter), b_shard, global_batch)
           state, metrics = train_step(state, batch)
           loss = float(metrics["loss"])  # syncs; also what the NaN check needs
           dt = time.perf_counter() - t0
@@ -197,9 +243,10 @@ class Trainer:
           if eval_batches and (step % cfg.eval_every == 0 or at_end):
             last_eval = self.evaluate(eval_step, state, eval_batches, self.mesh)
             writer.write(step, last_eval, split="val")
-          if self._stop_signal is not None:
+          if multihost.any_process(self._stop_signal is not None):
             status = "preempted"
-            log.warning("signal %s: checkpointing at step %d and exiting", self._stop_signal, step)
+            log.warning("signal %s: checkpointing at step %d and exiting",
+                        self._stop_signal or "on another process", step)
             self._save(step, state, meta, data_iter, last_eval)
             break
           if at_end or step == end or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
@@ -225,10 +272,13 @@ class Trainer:
 
   @staticmethod
   def evaluate(eval_step, state, eval_batches, mesh) -> dict[str, float]:
-    """Validation loss, perplexity and bits per byte over the fixed validation batches."""
+    """Validation loss, perplexity and bits per byte over the fixed validation batches.
+
+    Every process holds the same full validation batches; each device evaluates its rows.
+    """
     totals: dict[str, float] = {}
     for batch in eval_batches:
-      sums = eval_step(state, put_batch(batch, batch_shardings(batch, mesh)))
+      sums = eval_step(state, multihost.put_replicated_batch(batch, batch_shardings(batch, mesh)))
       for k, v in sums.items():
         totals[k] = totals.get(k, 0.0) + float(v)
     return summarize_eval(totals)

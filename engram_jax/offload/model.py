@@ -1,0 +1,225 @@
+"""Model-level host placement: take Engram tables out of a `Transformer`, feed it host rows.
+
+    model, offloaded = split_tables(model, "host")            # or {1: TablePlacement(...)}
+    logits, aux = forward_with_host_tables(model, batch, offloaded)
+    with offloaded.prefetcher(batches) as it:                 # rows of t+1 gathered during t
+      for batch, rows in it:
+        logits, aux = forward_with_host_tables(model, batch, offloaded, rows)
+
+What `split_tables` does to the model (in place): for every layer placed "host" or
+"cached", the `table` Param's value is copied to host memory (a NumPy `HostTable`) and
+replaced in the model by a size-0 placeholder [0, d_h] of the same dtype and logical axes.
+The model's graph (modules, Variables, metadata) is unchanged, so `nnx.split` / `merge`,
+sharding rules and checkpoints of the other parameters work as before, and the device
+copy of the table is released as soon as no other reference to it exists (the model held
+the only one unless the caller kept one, e.g. an `nnx.state` taken earlier). The layer
+never reads the placeholder: the forward passes the gathered rows as `engram_inputs`,
+which take precedence over its own gather. (Calling the layer with row ids instead would
+read NaN through the empty table: `Engram.lookup` gathers with mode 'fill'.)
+
+"cached" keeps a `HotRowCache` (top rows by frequency on the device, misses from the
+host table) in front of the same `HostTable`; the rows it returns equal the table's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from engram_jax.models.transformer import Transformer
+from engram_jax.offload.host_table import HostTable
+from engram_jax.offload.hot_cache import HotRowCache, load_frequencies
+from engram_jax.offload.indexing import flat_rows_np
+from engram_jax.offload.placement import TablePlacement, parse_placements
+from engram_jax.offload.prefetch import RowPrefetcher, engram_row_ids
+
+RowSource = HostTable | HotRowCache
+
+
+@dataclasses.dataclass
+class OffloadedEngram:
+  """The host-resident tables of a model's host-placed Engram layers.
+
+  Attributes:
+    placements: {layer: TablePlacement} for every Engram layer (device ones included).
+    tables: {layer: HostTable}, the master copy [R, d_h] of each host / cached layer.
+    sources: {layer: HostTable | HotRowCache}: what a forward gathers from (the cache for
+      "cached", else the table).
+    offsets: {layer: np.int64 [H]} first flat row of every head.
+  """
+
+  placements: dict[int, TablePlacement]
+  tables: dict[int, HostTable]
+  sources: dict[int, RowSource]
+  offsets: dict[int, np.ndarray]
+
+  @property
+  def host_layers(self) -> tuple[int, ...]:
+    return tuple(sorted(self.tables))
+
+  def num_rows(self, layer: int) -> int:
+    return self.tables[layer].num_rows
+
+  def flat_ids(self, engram_rows: Mapping[int, Any]) -> dict[int, np.ndarray]:
+    """Per-head rows {layer: [..., H]} -> flat host-table ids {layer: np.int64 [..., H]}."""
+    self._check_layers(engram_rows)
+    return {l: flat_rows_np(np.asarray(engram_rows[l]), self.offsets[l]) for l in self.host_layers}
+
+  def gather(self, engram_rows: Mapping[int, Any]) -> dict[int, jax.Array]:
+    """Synchronous gather: per-head rows {layer: [B, T, H]} -> device rows [B, T, H*d_h]."""
+    out = {}
+    for layer, ids in self.flat_ids(engram_rows).items():
+      rows = _gather(self.sources[layer], ids)
+      out[layer] = rows.reshape(rows.shape[:-2] + (-1,))
+    return out
+
+  def prefetcher(self, batches: Iterable, *, depth: int = 1,
+                 row_ids: Callable[[Any], Mapping[int, Any]] = engram_row_ids,
+                 sources: Mapping[int, Any] | None = None) -> RowPrefetcher:
+    """A `RowPrefetcher` over `batches` yielding (batch, {layer: rows [B, T, H*d_h]}).
+
+    `sources` overrides the gather callables (e.g. instrumented ones in a benchmark).
+    """
+    return RowPrefetcher(batches, dict(sources or self.sources), offsets=self.offsets,
+                         row_ids=row_ids, depth=depth, merge_heads=True)
+
+  def restore_into(self, model: Transformer) -> Transformer:
+    """Puts the current host tables back into `model` as device arrays (in place)."""
+    for layer in self.host_layers:
+      var = _engram(model, layer).table
+      var.set_value(jnp.asarray(self.tables[layer].numpy()))
+    return model
+
+  def _check_layers(self, engram_rows: Mapping[int, Any]) -> None:
+    missing = [l for l in self.host_layers if l not in engram_rows]
+    if missing:
+      raise ValueError(f"row ids for host-placed Engram layers {missing} are missing; "
+                       f"got layers {sorted(engram_rows)}")
+
+
+def _gather(source: RowSource, flat_ids: np.ndarray) -> jax.Array:
+  return source.lookup(flat_ids) if isinstance(source, HotRowCache) else source.gather(flat_ids)
+
+
+def _engram(model: Transformer, layer: int):
+  if not 0 <= layer < len(model.blocks) or model.blocks[layer].engram is None:
+    raise ValueError(f"block {layer} has no Engram layer; Engram layers are "
+                     f"{model.config.engram_layer_ids}")
+  return model.blocks[layer].engram
+
+
+def split_tables(model: Transformer, placements: str | Mapping[int, TablePlacement], *,
+                 frequencies: Mapping[int, np.ndarray] | None = None,
+                 device: jax.Device | None = None) -> tuple[Transformer, OffloadedEngram]:
+  """Moves the tables of host / cached Engram layers out of `model` (in place).
+
+  Args:
+    model: a `Transformer` with Engram layers.
+    placements: a spec for `parse_placements` ("host", "cached@0.1", "1:host,15:cached@0.05")
+      or {layer: TablePlacement}; layers not named stay on the device.
+    frequencies: {layer: np.int64 [R]} row counts for "cached" layers (else each
+      placement's `frequency_file`; one of the two is required).
+    device: receives the gathered rows (default: the first device).
+  Returns:
+    (model, OffloadedEngram): the same model object, its host-placed tables replaced by
+    size-0 placeholders (see the module docstring), and the host tables.
+  """
+  layer_ids = model.config.engram_layer_ids
+  if not layer_ids:
+    raise ValueError("split_tables needs a model with Engram layers (config.engram is None)")
+  if isinstance(placements, str):
+    placements = parse_placements(placements, layer_ids)
+  placements = {int(l): p for l, p in placements.items()}
+  unknown = sorted(set(placements) - set(layer_ids))
+  if unknown:
+    raise ValueError(f"placements name layers {unknown} that are not Engram layers {layer_ids}")
+  placements = {l: placements.get(l, TablePlacement()) for l in layer_ids}
+  frequencies = dict(frequencies or {})
+
+  tables, sources, offsets = {}, {}, {}
+  for layer, placement in placements.items():
+    if not placement.on_host:
+      continue
+    engram = _engram(model, layer)
+    var = engram.table
+    value = var.get_value()
+    if value.shape[0] == 0:
+      raise ValueError(f"Engram layer {layer}'s table was already split off (shape {value.shape})")
+    table = HostTable(np.asarray(jax.device_get(value)), method=placement.host_gather,
+                      device=device)
+    tables[layer] = table
+    offsets[layer] = np.asarray(engram.offsets, np.int64)
+    if placement.kind == "cached":
+      if layer in frequencies:
+        counts = np.asarray(frequencies[layer], np.int64)
+      elif placement.frequency_file:
+        counts = load_frequencies(placement.frequency_file, table.num_rows)
+      else:
+        raise ValueError(f"Engram layer {layer} is placed 'cached' but has no row frequencies: "
+                         "pass frequencies={layer: counts} or set the placement's frequency_file")
+      sources[layer] = HotRowCache.from_frequencies(table, counts,
+                                                    fraction=placement.cache_fraction)
+    else:
+      sources[layer] = table
+    # Same dtype and metadata (logical axes), no rows: the device buffer can be freed.
+    var.set_value(jnp.zeros((0,) + tuple(value.shape[1:]), value.dtype))
+    del value
+  return model, OffloadedEngram(placements, tables, sources, offsets)
+
+
+def _device_row_ids(engram_rows, host_layers) -> dict[int, Any] | None:
+  ids = {l: v for l, v in (engram_rows or {}).items() if l not in host_layers}
+  return ids or None
+
+
+def apply_offloaded(graphdef: nnx.GraphDef, state: nnx.State, tokens, engram_rows, rows, *,
+                    positions=None, segment_ids=None, cache=None):
+  """Pure forward: `Transformer` from (graphdef, state), host rows as `engram_inputs`.
+
+  Args:
+    engram_rows: {layer: [B, T, H]} ids of the DEVICE-placed layers only (or None).
+    rows: {layer: [B, T, H*d_h]} gathered rows of the host-placed layers.
+  Returns:
+    (logits [B, T, V], aux) as `Transformer.__call__`.
+  """
+  model = nnx.merge(graphdef, state)
+  return model(tokens, engram_rows, positions=positions, segment_ids=segment_ids,
+               engram_inputs=rows, cache=cache)
+
+
+_apply_jit = jax.jit(apply_offloaded, static_argnums=(0,))
+
+
+def forward_with_host_tables(model: Transformer, batch: Mapping[str, Any],
+                             tables: OffloadedEngram,
+                             prefetched_rows: Mapping[int, jax.Array] | None = None, *,
+                             cache=None):
+  """Jitted forward of a split model on one batch.
+
+  Args:
+    model: the model returned by `split_tables`.
+    batch: {"tokens" [B, T], "engram_rows" {layer: [B, T, H]}, optional "positions",
+      "segment_ids"}.
+    tables: the `OffloadedEngram` of `split_tables`.
+    prefetched_rows: {layer: [B, T, H*d_h]} from `tables.prefetcher` (or `tables.gather`);
+      None gathers them now.
+    cache: a `DecodeCache` (decoding) or None.
+  Returns:
+    (logits, aux), equal to the device-table model's.
+  """
+  if prefetched_rows is None:
+    prefetched_rows = tables.gather(batch["engram_rows"])
+  missing = [l for l in tables.host_layers if l not in prefetched_rows]
+  if missing:
+    raise ValueError(f"prefetched_rows lacks host-placed Engram layers {missing}")
+  graphdef, state = nnx.split(model)
+  return _apply_jit(graphdef, state, batch["tokens"],
+                    _device_row_ids(batch.get("engram_rows"), tables.host_layers),
+                    dict(prefetched_rows), positions=batch.get("positions"),
+                    segment_ids=batch.get("segment_ids"), cache=cache)

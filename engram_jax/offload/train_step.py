@@ -1,0 +1,250 @@
+"""Training with host-placed Engram tables: a jitted step with row-sparse table gradients.
+
+Per step:
+  1. (host, overlapped) the rows of the batch are gathered from the host tables
+     (`OffloadedEngram.prefetcher`); they enter the model as `engram_inputs`.
+  2. (device, jit) loss and grads w.r.t. the dense params AND the gathered rows; each host
+     layer's row grads [B, T, H, d_h] are reduced by `sparse_grad` to (unique flat rows,
+     summed grads, count); the global-norm clip covers dense + sparse grads together (the
+     same norm as the dense table gradient's); the dense optimizer
+     (`make_optimizer` without the host tables and without its own clip) updates the rest.
+  3. (host) `SparseRowAdam` applies the sparse grads to each host table and its m, v,
+     count (NumPy, in place) at lr = engram_lr_multiplier * schedule(step), with the
+     TrainConfig's b1, b2, eps and no weight decay; cached rows are refreshed.
+
+Equivalence: when every row of a host table is touched at every step this equals
+device-placement training with dense Adam on the table (tested). Rows not touched at a
+step differ: sparse Adam leaves them and their m, v exactly unchanged, dense Adam decays
+m, v and keeps moving a row by lr * m_hat / (sqrt(v_hat) + eps) while its m != 0 (see
+sparse_adam.py). Never-touched rows are unchanged under both.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from engram_jax.models.transformer import Transformer, updated_router_biases
+from engram_jax.offload.hot_cache import HotRowCache
+from engram_jax.offload.indexing import check_int32_rows
+from engram_jax.offload.model import OffloadedEngram, split_tables
+from engram_jax.offload.placement import TablePlacement
+from engram_jax.offload.prefetch import patch_updated_rows
+from engram_jax.offload.sparse_adam import SparseRowAdam, SparseRowState, sparse_grad
+from engram_jax.train.config import TrainConfig
+from engram_jax.train.loss import masked_lm_loss
+from engram_jax.train.optimizer import make_optimizer
+from engram_jax.train.state import TrainState
+
+Batch = dict[str, Any]
+SparseGrads = dict[int, tuple[jax.Array, jax.Array, jax.Array]]
+
+
+def host_table_filter(host_layers: Iterable[int]) -> Callable[[tuple, Any], bool]:
+  """nnx filter selecting blocks[l].engram.table for the layers in `host_layers`."""
+  layers = frozenset(int(l) for l in host_layers)
+
+  def is_host_table(path, _):
+    return (len(path) == 4 and path[0] == "blocks" and path[1] in layers
+            and path[2] == "engram" and path[3] == "table")
+  return is_host_table
+
+
+def split_params(model: Transformer, host_layers: Iterable[int]
+                 ) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+  """(graphdef, trainable params without host tables, rest incl. the size-0 placeholders)."""
+  dense = nnx.All(nnx.Param, nnx.Not(host_table_filter(host_layers)))
+  return nnx.split(model, dense, ...)
+
+
+def make_host_table_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                               lr_schedule: Callable, offloaded: OffloadedEngram, *,
+                               grad_clip_norm: float, bias_update_rate: float = 0.0,
+                               sparse_size: int | None = None):
+  """The device half of a step (jit it; donate the state).
+
+  Args:
+    tx: the dense optimizer for the params WITHOUT host tables and WITHOUT a global-norm
+      clip (`make_optimizer(cfg.replace(grad_clip_norm=0), params)`): the clip here also
+      counts the sparse table grads.
+    offloaded: gives each host layer's rows and head offsets.
+    grad_clip_norm: global-norm clip over dense + sparse grads (<= 0: none).
+    sparse_size: slots of each `sparse_grad` output (default B*T*H, never overflows).
+  Returns:
+    step(state, batch, rows {layer: [B, T, H*d_h]}) -> (state, metrics, sparse grads
+    {layer: (unique int32 [S], summed [S, d_h], count int32 [])}).
+  """
+  host_layers = offloaded.host_layers
+  num_rows = {l: offloaded.num_rows(l) for l in host_layers}
+  for l, r in num_rows.items():
+    check_int32_rows(r + 1, f"host table of Engram layer {l} (device ids are int32)")
+  offsets = {l: np.asarray(offloaded.offsets[l], np.int32) for l in host_layers}
+  clip = optax.clip_by_global_norm(grad_clip_norm) if grad_clip_norm > 0 else None
+
+  def step(state: TrainState, batch: Batch, rows: Mapping[int, jax.Array]):
+    ids = batch["engram_rows"]
+    device_ids = {l: v for l, v in ids.items() if l not in host_layers} or None
+
+    def loss_fn(params, rows):
+      model = nnx.merge(graphdef, params, state.rest)
+      logits, aux = model(batch["tokens"], device_ids, positions=batch.get("positions"),
+                          segment_ids=batch.get("segment_ids"), engram_inputs=rows)
+      lm_loss, sums = masked_lm_loss(logits, batch["targets"], batch["loss_mask"])
+      return lm_loss + aux["balance_loss"], (lm_loss, sums, aux)
+
+    (total, (lm_loss, sums, aux)), (grads, row_grads) = jax.value_and_grad(
+        loss_fn, argnums=(0, 1), has_aux=True)(state.params, dict(rows))
+    sparse = {}
+    for l in host_layers:
+      flat = ids[l].astype(jnp.int32) + offsets[l]
+      g = row_grads[l].reshape(flat.shape + (-1,))
+      sparse[l] = sparse_grad(flat, g, num_rows[l], sparse_size)
+    summed = {l: s[1] for l, s in sparse.items()}
+    grad_norm = optax.global_norm((grads, summed))
+    if clip is not None:
+      (grads, summed), _ = clip.update((grads, summed), optax.EmptyState())
+      sparse = {l: (s[0], summed[l], s[2]) for l, s in sparse.items()}
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    rest = state.rest
+    if aux["router"]:
+      rest = updated_router_biases(state.rest, aux["router"], bias_update_rate)
+    metrics = {"loss": lm_loss, "total_loss": total, "balance_loss": aux["balance_loss"],
+               "grad_norm": grad_norm, "lr": lr_schedule(state.step), "tokens": sums["tokens"]}
+    if aux["engram_gates"]:
+      metrics["engram_gate_mean"] = jnp.mean(
+          jnp.stack([g.mean() for g in aux["engram_gates"].values()]))
+    metrics["sparse_rows"] = {l: s[2] for l, s in sparse.items()}
+    new_state = TrainState(step=state.step + 1, params=params, rest=rest, opt_state=opt_state)
+    return new_state, metrics, sparse
+
+  return step
+
+
+class HostTableOptimizer:
+  """The host half of a step: `SparseRowAdam` on every host table (state in host RAM).
+
+  Attributes:
+    adam: the `SparseRowAdam` (b1, b2, eps of the TrainConfig, weight decay 0).
+    states: {layer: SparseRowState} NumPy m, v [R, d_h] and count [R].
+  """
+
+  def __init__(self, offloaded: OffloadedEngram, cfg: TrainConfig, lr_schedule: Callable):
+    self.offloaded = offloaded
+    self.multiplier = cfg.engram_lr_multiplier
+    self.lr_schedule = lr_schedule
+    self.adam = SparseRowAdam(lr=cfg.learning_rate * cfg.engram_lr_multiplier, b1=cfg.b1,
+                              b2=cfg.b2, eps=cfg.eps, weight_decay=0.0)
+    self.states: dict[int, SparseRowState] = {
+        l: self.adam.init(t.array) for l, t in offloaded.tables.items()}
+
+  def lr(self, step: int) -> float:
+    # float32 like the dense group's `engram_lr_multiplier * lr(count)` inside optax
+    return float(jnp.float32(self.multiplier) * self.lr_schedule(jnp.int32(step)))
+
+  def apply(self, step: int, sparse: SparseGrads) -> dict[int, np.ndarray]:
+    """Updates the tables with step `step`'s sparse grads; returns {layer: updated ids}."""
+    lr = self.lr(step)
+    updated = {}
+    for layer, (unique, summed, count) in jax.device_get(sparse).items():
+      count = int(count)
+      if count > unique.shape[0]:
+        raise ValueError(f"Engram layer {layer}: {count} distinct rows overflow sparse_size="
+                         f"{unique.shape[0]}; raise sparse_size")
+      table = self.offloaded.tables[layer]
+      self.states[layer] = table.apply_update(self.adam, self.states[layer], unique, summed,
+                                              count, lr=lr)
+      updated[layer] = np.asarray(unique[:count])
+      source = self.offloaded.sources[layer]
+      if isinstance(source, HotRowCache):
+        source.refresh(updated[layer])
+    return updated
+
+
+class HostTableTrainer:
+  """Training state, jitted step and host optimizer of a model with host-placed tables.
+
+      trainer = HostTableTrainer(model, "host", train_config, bias_update_rate=rate)
+      history = trainer.train(batches)          # prefetches the rows of step t+1
+      params = trainer.full_params()            # dense params + host tables, for export
+
+  Args:
+    model: a `Transformer` (split in place by `split_tables`; the trainer copies its
+      dense params, so `model` stays usable but is not updated by training).
+    placements, frequencies: see `split_tables`.
+    cfg: the run's TrainConfig (dense groups and the table lr / b1 / b2 / eps).
+    bias_update_rate: MoE router bias step, as for `make_train_step`.
+    sparse_size: see `make_host_table_train_step`.
+  """
+
+  def __init__(self, model: Transformer, placements: str | Mapping[int, TablePlacement],
+               cfg: TrainConfig, *, frequencies: Mapping[int, np.ndarray] | None = None,
+               bias_update_rate: float = 0.0, sparse_size: int | None = None):
+    self.model, self.offloaded = split_tables(model, placements, frequencies=frequencies)
+    if not self.offloaded.host_layers:
+      raise ValueError("HostTableTrainer needs at least one 'host' or 'cached' Engram layer")
+    self.graphdef, params, rest = split_params(self.model, self.offloaded.host_layers)
+    # The step donates its state: own copies, so the arrays `model` (or a clone of it)
+    # shares are not deleted under the caller. Drop `model` to free the originals.
+    params, rest = jax.tree.map(jnp.copy, (params, rest))
+    self.tx, self.lr_schedule = make_optimizer(cfg.replace(grad_clip_norm=0.0), params)
+    self.state = TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
+                            opt_state=self.tx.init(params))
+    self.host_optimizer = HostTableOptimizer(self.offloaded, cfg, self.lr_schedule)
+    self.train_step = jax.jit(
+        make_host_table_train_step(self.graphdef, self.tx, self.lr_schedule, self.offloaded,
+                                   grad_clip_norm=cfg.grad_clip_norm,
+                                   bias_update_rate=bias_update_rate, sparse_size=sparse_size),
+        donate_argnums=(0,))
+
+  def step(self, batch: Batch, rows: Mapping[int, jax.Array] | None = None
+           ) -> tuple[dict, dict[int, np.ndarray]]:
+    """One full step (device, then host update); returns (metrics, {layer: updated ids})."""
+    if rows is None:
+      rows = self.offloaded.gather(batch["engram_rows"])
+    step = int(self.state.step)
+    self.state, metrics, sparse = self.train_step(self.state, batch, rows)
+    return metrics, self.host_optimizer.apply(step, sparse)
+
+  def iterate(self, batches: Iterable[Batch], *, depth: int = 1) -> Iterator[dict]:
+    """Steps over `batches`, the host gather of the next batch overlapping this step.
+
+    Rows gathered ahead miss the updates of the steps still running at that time (at most
+    `depth`); those rows are re-read (`patch_updated_rows`), so the result equals
+    gathering after each update. Yields each step's metrics (device arrays).
+    """
+    recent = collections.deque(maxlen=depth)
+    with self.offloaded.prefetcher(batches, depth=depth) as it:
+      for batch, rows in it:
+        if recent:
+          flat = self.offloaded.flat_ids(batch["engram_rows"])
+          rows = dict(rows)
+          for l in self.offloaded.host_layers:
+            stale = np.concatenate([u[l] for u in recent])
+            rows[l] = patch_updated_rows(rows[l], flat[l], stale, self.offloaded.tables[l])
+        metrics, updated = self.step(batch, rows)
+        recent.append(updated)
+        yield metrics
+
+  def train(self, batches: Iterable[Batch], *, depth: int = 1) -> list[dict]:
+    """Runs `iterate` to the end; returns the metrics of every step (as host values)."""
+    return [jax.device_get(m) for m in self.iterate(batches, depth=depth)]
+
+  def full_params(self) -> nnx.State:
+    """All trainable params of the device-placement model (host tables included, as copies)."""
+    model = nnx.merge(self.graphdef, self.state.params, self.state.rest)
+    self.offloaded.restore_into(model)
+    # copies: the step donates the state's buffers
+    return jax.tree.map(lambda x: jnp.array(x, copy=True), nnx.state(model, nnx.Param))
+
+  def host_state(self) -> dict[int, dict[str, np.ndarray]]:
+    """{layer: {"table", "m", "v", "count"}} NumPy views for checkpointing the host half."""
+    return {l: {"table": self.offloaded.tables[l].numpy(), "m": s.m, "v": s.v, "count": s.count}
+            for l, s in self.host_optimizer.states.items()}

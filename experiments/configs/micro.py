@@ -1,0 +1,24 @@
+"""Micro configs: about a minute per model on 2 CPU cores (the CPU-sized experiments).
+
+Variants (``--config=experiments/configs/micro.py:VARIANT``) as in `tiny.py`. All micro runs
+share the tokenizer cached in runs/tokenizers/micro, so they see the same validation tokens.
+The model: hidden 48, 3 blocks (1 dense + 2 fine-grained MoE blocks: 2 shared + top-4 of 32
+routed experts of width 16, so rho can move in steps of ~3.6%), 2 hyper-connection branches,
+Engram at block 1 with orders 2-3 (2 heads of width 8 each, d_mem 32).
+"""
+
+from experiments.configs import common
+
+
+def get_config(variant: str = "engram"):
+  c = common.base_config(variant)
+  c.model.update(vocab_size=1024, hidden_size=48, num_layers=3, num_heads=4, num_kv_heads=2,
+                 head_dim=12, ffn_hidden=192, num_dense_layers=1, hc_mult=2, sinkhorn_iters=5)
+  c.moe.update(num_experts=32, num_shared_experts=2, top_k=4, expert_hidden=16)
+  c.engram.update(max_ngram_size=3, n_embed_per_ngram=16, n_head_per_ngram=2, layer_ids=(1,))
+  c.allocation.rho = 0.8
+  c.data.update(seq_len=64, batch_size=16, bpe_vocab_size=1024, tokenizer_train_bytes=2_000_000,
+                max_bytes=6_000_000, num_eval_batches=8, tokenizer_dir="runs/tokenizers/micro")
+  c.train.update(total_steps=150, warmup_steps=15, learning_rate=3e-3, eval_every=150,
+                 checkpoint_every=0, log_every=25, progress_bar=False)
+  return c

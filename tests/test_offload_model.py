@@ -1,0 +1,150 @@
+"""A Transformer whose Engram tables live on the host (host / cached placement) gives the
+same logits as the device-table model: direct gather, through the RowPrefetcher, and when
+decoding with a cache."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from engram_jax.models.config import ModelConfig
+from engram_jax.offload import TablePlacement, count_row_frequencies
+from engram_jax.offload.hot_cache import HotRowCache
+from engram_jax.offload.model import forward_with_host_tables, split_tables
+from engram_jax.train.state import build_model
+
+_BASE = ModelConfig.tiny("engram_moe")
+CONFIG = _BASE.replace(engram=dataclasses.replace(_BASE.engram, layer_ids=(1, 2)))
+B, T = 2, 12
+
+
+@functools.cache
+def _built():
+  return build_model(CONFIG, 0)
+
+
+def fresh_model():
+  """A new model object with the seed-0 parameters (building is slow on CPU: compiles)."""
+  return nnx.clone(_built())
+
+
+def _sizes(model, layer):
+  return model.blocks[layer].engram.table_sizes
+
+
+def _batches(model, n, seed=0):
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(n):
+    ids = {l: np.stack([rng.integers(0, s, (B, T)) for s in _sizes(model, l)], -1).astype(np.int32)
+           for l in CONFIG.engram_layer_ids}
+    out.append({"tokens": rng.integers(0, CONFIG.vocab_size, (B, T)).astype(np.int32),
+                "engram_rows": ids})
+  return out
+
+
+@nnx.jit
+def _device_forward(model, tokens, ids):
+  return model(tokens, ids)[0]
+
+
+def _frequencies(model, batches, layers):
+  out = {}
+  for l in layers:
+    offsets = np.asarray(model.blocks[l].engram.offsets)
+    out[l] = count_row_frequencies((b["engram_rows"][l] + offsets for b in batches),
+                                   model.blocks[l].engram.num_rows)
+  return out
+
+
+PLACEMENTS = {
+    "host_all": "host",
+    "cached_one_device_other": "1:cached@0.25",
+    "compute_on_and_cached": {1: TablePlacement("host", host_gather="compute_on"),
+                              2: TablePlacement("cached", cache_fraction=0.1)},
+}
+
+
+@pytest.fixture(scope="module")
+def reference():
+  model = fresh_model()
+  batches = _batches(model, 3)
+  logits = [np.asarray(_device_forward(model, b["tokens"], b["engram_rows"])) for b in batches]
+  return batches, logits
+
+
+@pytest.mark.parametrize("name", sorted(PLACEMENTS))
+def test_host_placed_logits_equal_device_table_model(name, reference):
+  batches, want = reference
+  model = fresh_model()
+  tables = {l: np.asarray(model.blocks[l].engram.table[...]) for l in CONFIG.engram_layer_ids}
+  freqs = _frequencies(model, _batches(model, 2, seed=7), CONFIG.engram_layer_ids)
+  model, off = split_tables(model, PLACEMENTS[name], frequencies=freqs)
+
+  for l in CONFIG.engram_layer_ids:
+    on_host = l in off.host_layers
+    shape = model.blocks[l].engram.table.shape
+    assert shape == ((0, tables[l].shape[1]) if on_host else tables[l].shape)
+    if on_host:  # the master copy is the original table
+      np.testing.assert_array_equal(off.tables[l].numpy(), tables[l])
+  assert any(isinstance(s, HotRowCache) for s in off.sources.values()) == ("cached" in name)
+
+  got = np.asarray(forward_with_host_tables(model, batches[0], off)[0])
+  np.testing.assert_array_equal(got, want[0])
+  with off.prefetcher(iter(batches)) as it:
+    seen = 0
+    for i, (batch, rows) in enumerate(it):
+      assert sorted(rows) == list(off.host_layers)
+      got = np.asarray(forward_with_host_tables(model, batch, off, rows)[0])
+      np.testing.assert_array_equal(got, want[i])
+      seen += 1
+  assert seen == len(batches)
+  for s in off.sources.values():
+    if isinstance(s, HotRowCache):
+      assert 0 < s.hits < s.lookups  # both paths of the cache were exercised
+
+
+def test_decode_with_host_tables_equals_device_decode():
+  model = fresh_model()
+  host_model, off = split_tables(fresh_model(), "host")
+  batch = _batches(model, 1, seed=3)[0]
+
+  @nnx.jit
+  def device_step(model, tokens, ids, cache):
+    logits, aux = model(tokens, ids, cache=cache)
+    return logits, aux["cache"]
+
+  cache_dev, cache_host = model.init_cache(B, 4), host_model.init_cache(B, 4)
+  for t in range(3):  # one token per sequence per step
+    step_batch = {"tokens": batch["tokens"][:, t:t + 1],
+                  "engram_rows": {l: v[:, t:t + 1] for l, v in batch["engram_rows"].items()}}
+    want, cache_dev = device_step(model, step_batch["tokens"], step_batch["engram_rows"], cache_dev)
+    got, aux = forward_with_host_tables(host_model, step_batch, off, cache=cache_host)
+    cache_host = aux["cache"]
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_restore_into_puts_the_host_tables_back():
+  model, off = split_tables(fresh_model(), "2:host")
+  off.tables[2].array[3] += 1.0  # as an optimizer step would
+  off.restore_into(model)
+  np.testing.assert_array_equal(np.asarray(model.blocks[2].engram.table[...]),
+                                off.tables[2].numpy())
+
+
+def test_bad_placements_are_rejected():
+  with pytest.raises(ValueError, match="no row frequencies"):
+    split_tables(fresh_model(), "cached@0.5")
+  with pytest.raises(ValueError, match="not Engram layers"):
+    split_tables(fresh_model(), {0: TablePlacement("host")})
+  model, off = split_tables(fresh_model(), "host")
+  with pytest.raises(ValueError, match="already split off"):
+    split_tables(model, "host")
+  batch = _batches(model, 1)[0]
+  with pytest.raises(ValueError, match=r"missing"):
+    forward_with_host_tables(model, {"tokens": batch["tokens"],
+                                     "engram_rows": {1: batch["engram_rows"][1]}}, off)
