@@ -100,13 +100,15 @@ def plot(rows: list[dict], path: Path) -> Path:
   return sweep_lib.save_figure(fig, path)
 
 
-def run(config, workdir: str, ablations, seeds, *, steps=None) -> dict:
+def run(config, workdir: str, ablations, seeds, *, steps=None, train=True) -> dict:
   config = sweep_lib.with_overrides(config, steps=steps)
-  rows = sweep_lib.run_all(variants(config, ablations, seeds), workdir)
+  planned = variants(config, ablations, seeds)
+  rows = sweep_lib.run_all(planned, workdir, train=train)
+  missing = sweep_lib.missing_runs(planned, workdir)
   table = summarize(rows)
   out = Path(workdir) / NAME
   png = plot(rows, out / f"{NAME}.png")
-  sweep_lib.write_results(out, NAME, rows, meta={"plot": str(png)}, table=table)
+  sweep_lib.write_results(out, NAME, rows, meta={"missing_runs": missing, "plot": str(png)}, table=table)
   print(table)
   return {"rows": rows, "table": table, "plot": png}
 
@@ -121,7 +123,7 @@ def define_flags() -> dict:
   _ABLATIONS = flags.DEFINE_list("ablations", list(ABLATIONS), "Ablations to run (full always runs).")
   _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds (each ablation and the full model).")
   _STEPS = flags.DEFINE_integer("steps", None, "Override train.total_steps.")
-  return dict(config=_CONFIG, workdir=_WORKDIR, ablations=_ABLATIONS, seeds=_SEEDS, steps=_STEPS)
+  return {"config": _CONFIG, "workdir": _WORKDIR, "ablations": _ABLATIONS, "seeds": _SEEDS, "steps": _STEPS}
 
 
 def main(argv):

@@ -24,7 +24,6 @@ from ml_collections import config_flags
 from experiments import sweep_lib
 from experiments.configs import common
 
-
 NAME = "allocation_sweep"
 
 
@@ -98,13 +97,15 @@ def plot(rows: list[dict], summary: list[dict], path: Path) -> Path:
 
 
 def run(config, workdir: str, rhos, scales, seeds, *, all_seeds=False, steps=None,
-        secondary_rhos=None) -> dict:
+        secondary_rhos=None, train=True) -> dict:
   config = sweep_lib.with_overrides(config, steps=steps)
-  rows = sweep_lib.run_all(variants(config, rhos, scales, seeds, all_seeds, secondary_rhos), workdir)
+  planned = variants(config, rhos, scales, seeds, all_seeds, secondary_rhos)
+  rows = sweep_lib.run_all(planned, workdir, train=train)
+  missing = sweep_lib.missing_runs(planned, workdir)
   summary, table = summarize(rows)
   out = Path(workdir) / NAME
   png = plot(rows, summary, out / f"{NAME}.png")
-  sweep_lib.write_results(out, NAME, rows, meta={"summary": summary, "plot": str(png)}, table=table)
+  sweep_lib.write_results(out, NAME, rows, meta={"missing_runs": missing, "summary": summary, "plot": str(png)}, table=table)
   print(table)
   return {"rows": rows, "summary": summary, "table": table, "plot": png}
 
@@ -124,7 +125,7 @@ def define_flags() -> dict:
   _STEPS = flags.DEFINE_integer("steps", None, "Override train.total_steps.")
   _SECONDARY = flags.DEFINE_list("secondary_rhos", None,
                                  "rhos of the extra seeds and larger budgets (default: --rhos).")
-  return dict(config=_CONFIG, workdir=_WORKDIR, rhos=_RHOS, scales=_SCALES, seeds=_SEEDS, all_seeds=_ALL_SEEDS, steps=_STEPS, secondary_rhos=_SECONDARY)
+  return {"config": _CONFIG, "workdir": _WORKDIR, "rhos": _RHOS, "scales": _SCALES, "seeds": _SEEDS, "all_seeds": _ALL_SEEDS, "steps": _STEPS, "secondary_rhos": _SECONDARY}
 
 
 def main(argv):

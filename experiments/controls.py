@@ -28,7 +28,6 @@ from experiments import sweep_lib
 from experiments.ablations import variant as ablation_variant
 from experiments.configs import common
 
-
 NAME = "controls"
 CONTROLS = ("full", "one_slot_per_head", "frozen_random_table", "moe")
 
@@ -80,13 +79,15 @@ def plot(rows: list[dict], path: Path) -> Path:
   return sweep_lib.save_figure(fig, path)
 
 
-def run(config, workdir: str, seeds, *, steps=None) -> dict:
+def run(config, workdir: str, seeds, *, steps=None, train=True) -> dict:
   config = sweep_lib.with_overrides(config, steps=steps)
-  rows = sweep_lib.run_all([variant(config, w, s) for s in seeds for w in CONTROLS], workdir)
+  planned = [variant(config, w, s) for s in seeds for w in CONTROLS]
+  rows = sweep_lib.run_all(planned, workdir, train=train)
+  missing = sweep_lib.missing_runs(planned, workdir)
   table = summarize(rows)
   out = Path(workdir) / NAME
   png = plot(rows, out / f"{NAME}.png")
-  sweep_lib.write_results(out, NAME, rows, meta={"plot": str(png)}, table=table)
+  sweep_lib.write_results(out, NAME, rows, meta={"missing_runs": missing, "plot": str(png)}, table=table)
   print(table)
   return {"rows": rows, "table": table, "plot": png}
 
@@ -100,7 +101,7 @@ def define_flags() -> dict:
   _WORKDIR = flags.DEFINE_string("workdir", "runs/experiments", "Experiment root (shared run cache).")
   _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds.")
   _STEPS = flags.DEFINE_integer("steps", None, "Override train.total_steps.")
-  return dict(config=_CONFIG, workdir=_WORKDIR, seeds=_SEEDS, steps=_STEPS)
+  return {"config": _CONFIG, "workdir": _WORKDIR, "seeds": _SEEDS, "steps": _STEPS}
 
 
 def main(argv):

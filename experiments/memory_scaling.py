@@ -25,7 +25,6 @@ from ml_collections import config_flags
 from experiments import sweep_lib
 from experiments.configs import common
 
-
 NAME = "memory_scaling"
 MODES = ("engram", "input_average")
 
@@ -98,13 +97,15 @@ def plot(rows: list[dict], path: Path) -> Path:
   return sweep_lib.save_figure(fig, path)
 
 
-def run(config, workdir: str, slots, baseline_slots, seed=0, *, steps=None) -> dict:
+def run(config, workdir: str, slots, baseline_slots, seed=0, *, steps=None, train=True) -> dict:
   config = sweep_lib.with_overrides(config, steps=steps)
-  rows = sweep_lib.run_all(variants(config, slots, baseline_slots, seed), workdir)
+  planned = variants(config, slots, baseline_slots, seed)
+  rows = sweep_lib.run_all(planned, workdir, train=train)
+  missing = sweep_lib.missing_runs(planned, workdir)
   fits, table = summarize(rows)
   out = Path(workdir) / NAME
   png = plot(rows, out / f"{NAME}.png")
-  sweep_lib.write_results(out, NAME, rows, meta={"fits": fits, "plot": str(png)}, table=table)
+  sweep_lib.write_results(out, NAME, rows, meta={"missing_runs": missing, "fits": fits, "plot": str(png)}, table=table)
   print(table)
   return {"rows": rows, "fits": fits, "table": table, "plot": png}
 
@@ -123,7 +124,7 @@ def define_flags() -> dict:
   _SEED = flags.DEFINE_integer("seed", 0, "Seed of every run.")
   _SEEDS = flags.DEFINE_list("seeds", None, "Alias of --seed taking a list (first entry used).")
   _STEPS = flags.DEFINE_integer("steps", None, "Override train.total_steps.")
-  return dict(config=_CONFIG, workdir=_WORKDIR, slots=_SLOTS, baseline_slots=_BASELINE_SLOTS, seed=_SEED, seeds=_SEEDS, steps=_STEPS)
+  return {"config": _CONFIG, "workdir": _WORKDIR, "slots": _SLOTS, "baseline_slots": _BASELINE_SLOTS, "seed": _SEED, "seeds": _SEEDS, "steps": _STEPS}
 
 
 def main(argv):

@@ -43,11 +43,11 @@ def plan(config, *, experiments=EXPERIMENTS, seeds=(0, 1), rhos=RHOS, secondary_
     raise ValueError(f"unknown experiments {unknown}; choose from {EXPERIMENTS}")
   seeds = list(seeds)
   args = {
-      "allocation_sweep": dict(rhos=list(rhos), scales=list(budget_scales), seeds=seeds,
-                               secondary_rhos=None if secondary_rhos is None else list(secondary_rhos)),
-      "memory_scaling": dict(slots=list(slots), baseline_slots=list(baseline_slots), seed=seeds[0]),
-      "ablations": dict(ablations=list(ablations.ABLATIONS), seeds=seeds[:1]),
-      "controls": dict(seeds=seeds[:1]),
+      "allocation_sweep": {"rhos": list(rhos), "scales": list(budget_scales), "seeds": seeds,
+                               "secondary_rhos": None if secondary_rhos is None else list(secondary_rhos)},
+      "memory_scaling": {"slots": list(slots), "baseline_slots": list(baseline_slots), "seed": seeds[0]},
+      "ablations": {"ablations": list(ablations.ABLATIONS), "seeds": seeds[:1]},
+      "controls": {"seeds": seeds[:1]},
   }
   return {k: v for k, v in args.items() if k in experiments}
 
@@ -78,8 +78,10 @@ def ordered_variants(config, args: dict[str, dict]) -> list[sweep_lib.Variant]:
   return out
 
 
-def report(config, workdir: str, args: dict[str, dict], docs_dir: str | None = None) -> dict:
-  """Each experiment's tables and plots (training whatever is still missing)."""
+def report(config, workdir: str, args: dict[str, dict], docs_dir: str | None = None, *,
+           train: bool = True) -> dict:
+  """Each experiment's tables and plots (training whatever is still missing, unless
+  train=False: then from the finished runs alone, the others listed as missing)."""
   out = {}
   for name in EXPERIMENTS:
     if name not in args:
@@ -88,13 +90,14 @@ def report(config, workdir: str, args: dict[str, dict], docs_dir: str | None = N
     a = args[name]
     if name == "allocation_sweep":
       out[name] = allocation_sweep.run(config, workdir, a["rhos"], a["scales"], a["seeds"],
-                                       secondary_rhos=a["secondary_rhos"])
+                                       secondary_rhos=a["secondary_rhos"], train=train)
     elif name == "memory_scaling":
-      out[name] = memory_scaling.run(config, workdir, a["slots"], a["baseline_slots"], a["seed"])
+      out[name] = memory_scaling.run(config, workdir, a["slots"], a["baseline_slots"], a["seed"],
+                                     train=train)
     elif name == "ablations":
-      out[name] = ablations.run(config, workdir, a["ablations"], a["seeds"])
+      out[name] = ablations.run(config, workdir, a["ablations"], a["seeds"], train=train)
     else:
-      out[name] = controls.run(config, workdir, a["seeds"])
+      out[name] = controls.run(config, workdir, a["seeds"], train=train)
     if docs_dir:
       src, dst = Path(workdir) / name, Path(docs_dir) / name
       dst.mkdir(parents=True, exist_ok=True)
@@ -114,25 +117,27 @@ def run(config, workdir: str, *, steps=None, docs_dir=None, **plan_kwargs) -> di
 def define_flags() -> dict:
   """The command-line flags (defined only when run as a script)."""
   f = flags
-  return dict(
-      config=config_flags.DEFINE_config_file("config", "experiments/configs/micro.py",
+  return {
+      "config": config_flags.DEFINE_config_file("config", "experiments/configs/micro.py",
                                              "Run config file; the variant part is ignored."),
-      workdir=f.DEFINE_string("workdir", "runs/experiments", "Experiment root (shared run cache)."),
-      steps=f.DEFINE_integer("steps", None, "Override train.total_steps of every run."),
-      seeds=f.DEFINE_list("seeds", ["0", "1"], "Seeds of the allocation sweep's smaller budget; "
+      "workdir": f.DEFINE_string("workdir", "runs/experiments", "Experiment root (shared run cache)."),
+      "steps": f.DEFINE_integer("steps", None, "Override train.total_steps of every run."),
+      "seeds": f.DEFINE_list("seeds", ["0", "1"], "Seeds of the allocation sweep's smaller budget; "
                           "the other experiments use the first one."),
-      only=f.DEFINE_list("only", list(EXPERIMENTS), "Experiments to run."),
-      rhos=f.DEFINE_list("rhos", [str(r) for r in RHOS], "Allocation sweep rhos."),
-      secondary_rhos=f.DEFINE_list("secondary_rhos", None,
+      "only": f.DEFINE_list("only", list(EXPERIMENTS), "Experiments to run."),
+      "rhos": f.DEFINE_list("rhos", [str(r) for r in RHOS], "Allocation sweep rhos."),
+      "secondary_rhos": f.DEFINE_list("secondary_rhos", None,
                                    "rhos of the extra seeds / larger budget (default: --rhos)."),
-      budget_scales=f.DEFINE_list("budget_scales", ["1.0", "1.5"], "Hidden-size multipliers."),
-      slots=f.DEFINE_list("slots", ["256", "512", "1024", "2048", "4096"], "Memory scaling slots."),
-      baseline_slots=f.DEFINE_list("baseline_slots", ["256", "1024", "4096"],
+      "budget_scales": f.DEFINE_list("budget_scales", ["1.0", "1.5"], "Hidden-size multipliers."),
+      "slots": f.DEFINE_list("slots", ["256", "512", "1024", "2048", "4096"], "Memory scaling slots."),
+      "baseline_slots": f.DEFINE_list("baseline_slots", ["256", "1024", "4096"],
                                    "OverEncoding-style baseline slots."),
-      workers=f.DEFINE_integer("workers", 1, "Training processes sharing the run list."),
-      train_only=f.DEFINE_bool("train_only", False, "Only train (a worker); no tables or plots."),
-      docs_dir=f.DEFINE_string("docs_dir", None, "Copy results.json / *.png / table.md here."),
-  )
+      "workers": f.DEFINE_integer("workers", 1, "Training processes sharing the run list."),
+      "train_only": f.DEFINE_bool("train_only", False, "Only train (a worker); no tables or plots."),
+      "report_only": f.DEFINE_bool("report_only", False,
+                                   "Only write tables and plots from the finished runs."),
+      "docs_dir": f.DEFINE_string("docs_dir", None, "Copy results.json / *.png / table.md here."),
+  }
 
 
 def main(argv):
@@ -141,13 +146,16 @@ def main(argv):
   sweep_lib.quiet_logs()
   F = {k: v.value for k, v in _F.items()}
   sweep_lib.enable_compilation_cache(F["workdir"])
-  kwargs = dict(experiments=list(F["only"]), seeds=sweep_lib.parse_ints(F["seeds"]),
-                rhos=sweep_lib.parse_floats(F["rhos"]),
-                secondary_rhos=sweep_lib.parse_floats(F["secondary_rhos"]) if F["secondary_rhos"] else None,
-                budget_scales=sweep_lib.parse_floats(F["budget_scales"]),
-                slots=sweep_lib.parse_ints(F["slots"]), baseline_slots=sweep_lib.parse_ints(F["baseline_slots"]))
+  kwargs = {"experiments": list(F["only"]), "seeds": sweep_lib.parse_ints(F["seeds"]),
+                "rhos": sweep_lib.parse_floats(F["rhos"]),
+                "secondary_rhos": sweep_lib.parse_floats(F["secondary_rhos"]) if F["secondary_rhos"] else None,
+                "budget_scales": sweep_lib.parse_floats(F["budget_scales"]),
+                "slots": sweep_lib.parse_ints(F["slots"]), "baseline_slots": sweep_lib.parse_ints(F["baseline_slots"])}
   config = sweep_lib.with_overrides(F["config"], steps=F["steps"])
   args = plan(config, **kwargs)
+  if F["report_only"]:
+    report(config, F["workdir"], args, F["docs_dir"], train=False)
+    return
   workers = []
   if F["workers"] > 1 and not F["train_only"]:
     argv = [a for a in sys.argv[1:] if not a.startswith("--workers")]

@@ -18,8 +18,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import jax
 import ml_collections
@@ -68,17 +69,17 @@ def scale_backbone(config: ml_collections.ConfigDict, factor: float) -> ml_colle
     return c
   m = c.model
   unit = 2 * m.num_heads
-  hidden = max(unit, int(round(m.hidden_size * factor / unit)) * unit)
+  hidden = max(unit, round(m.hidden_size * factor / unit) * unit)
   ratio = hidden / m.hidden_size
-  m.head_dim = max(2, int(round(m.head_dim * ratio / 2)) * 2)
-  m.ffn_hidden = max(1, int(round(m.ffn_hidden * ratio)))
-  c.moe.expert_hidden = max(1, int(round(c.moe.expert_hidden * ratio)))
+  m.head_dim = max(2, round(m.head_dim * ratio / 2) * 2)
+  m.ffn_hidden = max(1, round(m.ffn_hidden * ratio))
+  c.moe.expert_hidden = max(1, round(c.moe.expert_hidden * ratio))
   m.hidden_size = hidden
   return c
 
 
 def engram_at_slots(config: ml_collections.ConfigDict, slots_per_head: int, **model_overrides
-                    ) -> "ModelConfig":  # noqa: F821
+                    ) -> ModelConfig:  # noqa: F821
   """The MoE backbone of `config` unchanged (its own expert count) plus Engram with
   `slots_per_head` nominal rows per head (no allocation: the backbone is fixed)."""
   from engram_jax.models.config import ModelConfig
@@ -250,16 +251,25 @@ def _unlock(run_dir: Path) -> None:
   (run_dir / LOCK_FILE).unlink(missing_ok=True)
 
 
-def run_all(variants: Sequence[Variant], workdir: str | Path, *, poll_seconds: float = 10.0
-            ) -> list[dict[str, Any]]:
+def missing_runs(variants: Sequence[Variant], workdir: str | Path) -> list[str]:
+  """Names of the variants without a finished result under workdir."""
+  return [v.name for v in variants if not (v.run_dir(Path(workdir)) / RESULT_FILE).is_file()]
+
+
+def run_all(variants: Sequence[Variant], workdir: str | Path, *, poll_seconds: float = 10.0,
+            train: bool = True) -> list[dict[str, Any]]:
   """Runs (or reuses) every variant and returns their rows in order.
 
   Several processes may work on the same list at once (e.g. `run_all --workers`): each
   run directory is claimed with a lock file, a process skips runs another live process
-  holds and, at the end, waits for their results.
+  holds and, at the end, waits for their results. train=False only collects the finished
+  runs (the others are left out of the rows; see `missing_runs`).
   """
   quiet_logs()
   workdir = Path(workdir)
+  if not train:
+    return [run_variant(v, workdir) for v in variants
+            if (v.run_dir(workdir) / RESULT_FILE).is_file()]
   rows: dict[int, dict] = {}
   pending = list(enumerate(variants))
   while pending:

@@ -226,7 +226,7 @@ plt.show()
 # and products that need all 64 bits.
 
 # %%
-import jax  # noqa: E402  (only this section needs JAX)
+import jax
 
 paper = EngramConfig()   # the paper's demo sizes
 big_hasher = NgramHasher(paper, 100_000, pad_id=2)

@@ -44,7 +44,7 @@ import numpy as np
 from flax import nnx
 
 from engram_jax import EngramConfig
-from engram_jax.data import DataConfig, load_or_train_tokenizer, make_eval_batches
+from engram_jax.data import DataConfig, make_eval_batches
 from engram_jax.layers.moe import MoEConfig
 from engram_jax.models import ModelConfig
 from engram_jax.train import TrainConfig, Trainer
@@ -98,7 +98,7 @@ if (DEFAULT_RUN / "checkpoints").is_dir():
   try:
     run = load_run(DEFAULT_RUN)
     print(f"loaded {DEFAULT_RUN} at step {run.step}")
-  except Exception as e:  # an unfinished or incompatible run: fall back to a fresh one
+  except Exception as e:  # noqa: BLE001 -- an unfinished or incompatible run: train afresh
     print(f"could not load {DEFAULT_RUN} ({type(e).__name__}: {e}); training a micro model")
 if run is None:
   run = train_micro_model(Path(tempfile.mkdtemp(prefix="engram_nb02_")))

@@ -27,11 +27,11 @@
 # (`TokenizerCompressor` + `NgramHasher`), passed to the model next to the tokens.
 
 # %%
+import collections
 import time
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -136,15 +136,23 @@ print(f"{sum(x.size for x in jax.tree.leaves(params)):,} parameters, of which th
 # and `update_router_bias` moves it after each step.
 
 # %%
-def label(path, _):
-  return "engram_table" if path[-1] == "table" else "backbone"
+def param_labels(params):
+  """'engram_table' for the Engram tables, 'backbone' for every other parameter."""
+  def label(path, _):
+    # The last attribute name; a state of nnx.Variables adds a trailing `.value` entry.
+    names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    return "engram_table" if names[-1] == "table" else "backbone"
+  return jax.tree_util.tree_map_with_path(label, params)
 
 
 lr = 3e-3
 tx = optax.multi_transform(
     {"engram_table": optax.adam(5 * lr), "backbone": optax.adamw(lr, weight_decay=0.1)},
-    lambda p: jax.tree_util.tree_map_with_path(label, p))
+    param_labels)
 optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+groups = collections.Counter(jax.tree.leaves(param_labels(nnx.state(model, nnx.Param))))
+print("parameter groups:", dict(groups))
+assert groups["engram_table"] == 1
 
 
 @nnx.jit

@@ -22,7 +22,14 @@ from engram_jax.models.config import ModelConfig
 from engram_jax.models.transformer import Transformer
 from engram_jax.train import TrainConfig
 from engram_jax.train.optimizer import ENGRAM_TABLE, make_optimizer, parameter_labels
-from experiments import ablations, allocation_sweep, controls, memory_scaling, run_all, sweep_lib
+from experiments import (
+  ablations,
+  allocation_sweep,
+  controls,
+  memory_scaling,
+  run_all,
+  sweep_lib,
+)
 from experiments.configs import micro
 
 B, T = 2, 12
@@ -70,7 +77,7 @@ def test_single_branch_shares_one_output_across_streams():
   assert m.key_kernel.shape[0] == 1 and m.conv_kernel.shape[1] == 1
   m.conv_kernel[...] = jnp.full(m.conv_kernel.shape, 0.3)
   hidden, rows = _inputs(m)
-  y, alpha = m(hidden, rows, return_gates=True)
+  y = m(hidden, rows)
   np.testing.assert_array_equal(np.asarray(y[:, :, 0]), np.asarray(y[:, :, 1]))
   # the gate depends on the mean stream only
   swapped = hidden[:, :, ::-1]
@@ -99,7 +106,7 @@ def test_input_average_mode_adds_ngrams_to_the_input_only():
   assert model.input_ngrams[0].table.shape == (sum(sizes), cfg.engram.head_dim)
   rng = np.random.default_rng(0)
   tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, T)), jnp.int32)
-  rows = lambda s: {1: jnp.asarray(np.stack(  # noqa: E731
+  rows = lambda s: {1: jnp.asarray(np.stack(
       [np.random.default_rng(s).integers(0, p, (B, T)) for p in sizes], -1), jnp.int32)}
   a, _ = model(tokens, rows(1))
   b, _ = model(tokens, rows(2))

@@ -3,6 +3,8 @@
 hashing of the decode window equals host hashing, and generate() is greedy-consistent,
 deterministic and stops at eos."""
 
+from typing import NamedTuple
+
 import jax
 import numpy as np
 import pytest
@@ -22,7 +24,17 @@ from engram_jax.offload import HostTable
 
 T = 12                        # tokens per sequence
 PROMPT_LENGTHS = (3, 7, 1)    # prefilled together (right-padded to 7)
+KNOWN_IDS = 100
 _SETUPS = {}
+
+
+class Setup(NamedTuple):
+  config: ModelConfig
+  model: Transformer
+  compressor: TokenizerCompressor
+  hasher: NgramHasher
+  tokens: np.ndarray      # int32 [3, T] in [0, KNOWN_IDS)
+  full: np.ndarray        # full-forward logits [3, T, V]
 
 
 @nnx.jit
@@ -32,18 +44,19 @@ def _forward(model, tokens, rows):
 
 def setup(hc_mult):
   """A tiny Engram+MoE model with a non-zero conv kernel (so the conv state matters), a
-  compressor that merges ids (128 -> 97) and its hasher. One per hc_mult per module."""
+  compressor that merges ids (the tokenizer knows 100 of the model's 128 ids; they
+  compress to 97) and its hasher. One per hc_mult per module."""
   if hc_mult not in _SETUPS:
     config = ModelConfig.tiny("engram_moe", hc_mult=hc_mult, num_layers=2)
     model = Transformer(config, rngs=nnx.Rngs(hc_mult))
     engram = model.blocks[1].engram
     engram.conv_kernel[...] = 0.5 * jax.random.normal(jax.random.key(7), engram.conv_kernel.shape)
-    compressor = TokenizerCompressor(np.arange(config.vocab_size) % 97)
+    compressor = TokenizerCompressor(np.arange(KNOWN_IDS) % 97)
     hasher = NgramHasher(config.engram, compressor.num_compressed)
-    tokens = np.random.default_rng(hc_mult).integers(0, config.vocab_size, (3, T)).astype(np.int32)
+    tokens = np.random.default_rng(hc_mult).integers(0, KNOWN_IDS, (3, T)).astype(np.int32)
     rows = {l: r.astype(np.int32) for l, r in hasher.hash(compressor(tokens)).items()}
     full = np.asarray(_forward(model, tokens, rows))
-    _SETUPS[hc_mult] = (config, model, compressor, hasher, tokens, full)
+    _SETUPS[hc_mult] = Setup(config, model, compressor, hasher, tokens, full)
   return _SETUPS[hc_mult]
 
 
@@ -76,28 +89,29 @@ def decoder_for(hc_mult, placement):
   """One Decoder per setup (its jitted functions compile once); host ones read explicit
   HostTables so tests can swap them."""
   if (hc_mult, placement) not in _DECODERS:
-    config, model, compressor, hasher, _, _ = setup(hc_mult)
+    s = setup(hc_mult)
     tables = None
     if placement == "host":
-      tables = {1: HostTable(np.asarray(model.blocks[1].engram.table[...]))}
-    _DECODERS[hc_mult, placement] = Decoder(model, hasher, compressor,
+      tables = {1: HostTable(np.asarray(s.model.blocks[1].engram.table[...]))}
+    _DECODERS[hc_mult, placement] = Decoder(s.model, s.hasher, s.compressor,
                                             table_placement=placement, host_tables=tables)
   return _DECODERS[hc_mult, placement]
 
 
 def generator_for(placement):
   if placement not in _GENERATORS:
-    config, model, compressor, hasher, _, _ = setup(2)
-    _GENERATORS[placement] = Generator(model, hasher, compressor, table_placement=placement)
+    s = setup(2)
+    _GENERATORS[placement] = Generator(s.model, s.hasher, s.compressor,
+                                       table_placement=placement)
   return _GENERATORS[placement]
 
 
 @pytest.mark.parametrize("placement", ["device", "host"])
 @pytest.mark.parametrize("hc_mult", [1, 2])
 def test_decode_logits_match_full_forward(hc_mult, placement):
-  full = setup(hc_mult)[-1]
-  got = teacher_forced_logits(decoder_for(hc_mult, placement), setup(hc_mult)[4])
-  np.testing.assert_allclose(got, full, atol=1e-4, rtol=1e-4)
+  s = setup(hc_mult)
+  got = teacher_forced_logits(decoder_for(hc_mult, placement), s.tokens)
+  np.testing.assert_allclose(got, s.full, atol=1e-4, rtol=1e-4)
 
 
 def test_host_tables_are_used_and_model_copy_holds_no_table():
@@ -119,7 +133,7 @@ def test_host_tables_are_used_and_model_copy_holds_no_table():
 
 
 def test_decode_window_hashing_on_device_equals_host():
-  config, model, compressor, hasher, tokens, full = setup(1)
+  config, _, compressor, hasher, tokens, _ = setup(1)
   n = config.engram.max_ngram_size
   compressed = compressor(tokens)
   expected = hasher.hash(compressed)                    # [B, T, H] per layer
@@ -149,7 +163,7 @@ def test_decode_window_hashing_on_device_equals_host():
 
 @pytest.mark.parametrize("placement", ["device", "host"])
 def test_greedy_generate_follows_full_forward_and_stops_at_eos(placement):
-  config, model, compressor, hasher, tokens, _ = setup(2)
+  _, model, compressor, hasher, tokens, _ = setup(2)
   prompts = [tokens[i, :n].tolist() for i, n in enumerate(PROMPT_LENGTHS)]
   gen = generator_for(placement)
   greedy = SamplingConfig(greedy=True)
@@ -158,13 +172,14 @@ def test_greedy_generate_follows_full_forward_and_stops_at_eos(placement):
   assert [len(t) for t in result.tokens] == [new] * 3
   assert result.decode_steps == new - 1 and result.prompt_tokens == sum(PROMPT_LENGTHS)
   assert gen(prompts, max_new_tokens=new, sampling=greedy).tokens == result.tokens
-  # Every generated token is the argmax of the full forward over prompt + continuation
-  # (right-padded to T: padding never reaches earlier positions).
+  # Every generated token is the argmax, over the ids the tokenizer knows, of the full
+  # forward over prompt + continuation (right-padded to T: padding never reaches earlier
+  # positions).
   seqs = np.zeros((3, T), np.int32)
   for i, (prompt, cont) in enumerate(zip(prompts, result.tokens)):
     seqs[i, :len(prompt) + new] = prompt + cont
   rows = {l: r.astype(np.int32) for l, r in hasher.hash(compressor(seqs)).items()}
-  logits = np.asarray(_forward(model, seqs, rows))
+  logits = np.asarray(_forward(model, seqs, rows))[..., :KNOWN_IDS]
   for i, (prompt, cont) in enumerate(zip(prompts, result.tokens)):
     np.testing.assert_array_equal(logits[i, len(prompt) - 1:len(prompt) + new - 1].argmax(-1), cont)
   # Stop at eos: sequence 0's third token as eos cuts it there; the others stop at their
@@ -177,28 +192,30 @@ def test_greedy_generate_follows_full_forward_and_stops_at_eos(placement):
   assert stopped.tokens[0] == result.tokens[0][:result.tokens[0].index(eos) + 1]
 
 
-def test_sampled_generate_same_on_device_and_host_and_deterministic():
-  config, model, compressor, hasher, tokens, _ = setup(2)
-  prompts = [tokens[0, :5].tolist(), tokens[1, :2].tolist()]
-  sampling = SamplingConfig(temperature=1.5, top_k=20, top_p=0.95)
-  kw = dict(max_new_tokens=5, sampling=sampling, seed=3)
+def test_sampled_generate_same_on_device_and_host_deterministic_in_vocab():
+  prompts = [[i, 2 * i + 1] for i in range(8)]
+  # Near-uniform draws: ids the tokenizer does not know (>= 100) would show up if allowed.
+  kw = {"max_new_tokens": 8, "sampling": SamplingConfig(temperature=100.0), "seed": 3}
   device = generator_for("device")(prompts, **kw)
   host = generator_for("host")(prompts, **kw)
   assert device.tokens == host.tokens
   assert generator_for("device")(prompts, **kw).tokens == device.tokens
-  other_seed = generator_for("device")(prompts, **{**kw, "seed": 4})
-  assert other_seed.tokens != device.tokens        # the seed matters (logits are flat here)
+  assert generator_for("device")(prompts, **{**kw, "seed": 4}).tokens != device.tokens
+  ids = np.concatenate(device.tokens)
+  assert ids.size == 64 and ids.max() < KNOWN_IDS and len(set(ids.tolist())) > 30
   assert device.tokens_per_second > 0 and device.prefill_tokens_per_second > 0
 
 
 def test_generate_rejects_bad_input():
-  config, model, compressor, hasher, tokens, _ = setup(1)
+  config, model, compressor, hasher, _, _ = setup(1)
   with pytest.raises(ValueError, match="prompt 1 is empty"):
     generate(model, hasher, compressor, [[1], []], max_new_tokens=2)
-  with pytest.raises(ValueError, match="outside the vocabulary"):
-    generate(model, hasher, compressor, [[1, 128]], max_new_tokens=2)
+  with pytest.raises(ValueError, match=r"token id 100 outside the vocabulary \[0, 100\)"):
+    generate(model, hasher, compressor, [[1, KNOWN_IDS]], max_new_tokens=2)
   with pytest.raises(ValueError, match="max_new_tokens"):
     generate(model, hasher, compressor, [[1]], max_new_tokens=0)
+  with pytest.raises(TypeError, match="SamplingConfig"):
+    generate(model, hasher, compressor, [[1]], max_new_tokens=1, sampling={"top_k": 5})
   with pytest.raises(ValueError, match="eos_id"):
     generate(model, hasher, compressor, [[1]], max_new_tokens=2, eos_id=-1)
   with pytest.raises(ValueError, match="NgramHasher and TokenizerCompressor"):
@@ -209,25 +226,15 @@ def test_generate_rejects_bad_input():
     Decoder(model, NgramHasher(config.engram.replace(seed=1), 97), compressor)
 
 
-def test_ids_unknown_to_the_tokenizer_are_never_sampled():
-  config, model, _, hasher, tokens, _ = setup(1)
-  small = TokenizerCompressor(np.arange(100) % 97)    # the tokenizer knows 100 of 128 ids
-  gen = Generator(model, hasher, small)
-  result = gen([tokens[i % 3, :2].tolist() for i in range(8)], max_new_tokens=8,
-               sampling=SamplingConfig(temperature=100.0))   # ~uniform over what is allowed
-  ids = np.concatenate(result.tokens)
-  assert ids.size == 64 and ids.max() < 100 and len(set(ids.tolist())) > 30
-
-
 def test_generate_without_engram():
   config = ModelConfig.tiny("moe", num_layers=2)
   model = Transformer(config, rngs=nnx.Rngs(0))
   prompts = [[5, 6, 7], [9]]
   result = generate(model, None, None, prompts, max_new_tokens=3,
                     sampling=SamplingConfig(greedy=True))
-  for prompt, cont in zip(prompts, result.tokens):
-    seq = np.asarray([prompt + cont], np.int32)
-    logits = np.asarray(model(seq)[0][0])
-    np.testing.assert_array_equal(logits[len(prompt) - 1:-1].argmax(-1), cont)
+  seqs = np.asarray([prompts[0] + result.tokens[0], prompts[1] + result.tokens[1] + [0, 0]])
+  logits = np.asarray(model(seqs)[0])       # right padding never reaches earlier positions
+  for i, (prompt, cont) in enumerate(zip(prompts, result.tokens)):
+    np.testing.assert_array_equal(logits[i, len(prompt) - 1:len(prompt) + 2].argmax(-1), cont)
   with pytest.raises(ValueError, match="needs a model with Engram"):
     Decoder(model, table_placement="host")

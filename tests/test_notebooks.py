@@ -76,6 +76,15 @@ def _interpreter_check_cell():
       f"f'kernel runs {{sys.executable}}, not the test interpreter {sys.executable}'")
 
 
+def _cpu_seconds_cell():
+  import nbformat
+
+  return nbformat.v4.new_code_cell(
+      "import resource\n"
+      "_r = resource.getrusage(resource.RUSAGE_SELF)\n"
+      "print(f'kernel cpu seconds: {_r.ru_utime + _r.ru_stime:.1f}')")
+
+
 def test_notebooks_exist_as_jupytext_sources_only():
   assert [p.stem for p in NOTEBOOKS] == [
       "01_hashing_and_compression", "02_engram_in_a_model", "03_offload_and_prefetch",
@@ -98,13 +107,15 @@ def test_notebooks_exist_as_jupytext_sources_only():
 def test_notebook_runs(path: Path, kernel_available):
   nb = jupytext.read(path)
   nb.cells.insert(0, _interpreter_check_cell())
+  nb.cells.append(_cpu_seconds_cell())
   client = nbclient.NotebookClient(
       nb, kernel_name="python3", timeout=CELL_TIMEOUT_S, allow_errors=False,
       resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
   start = time.perf_counter()
   client.execute(env=kernel_env())
   seconds = time.perf_counter() - start
-  print(f"{path.name}: {seconds:.1f}s")
+  cpu = "".join(o.get("text", "") for o in nb.cells[-1].get("outputs", [])).strip()
+  print(f"{path.name}: {seconds:.1f}s wall, {cpu}")  # wall time depends on the machine's load
 
   code = [cell for cell in nb.cells if cell.cell_type == "code"]
   assert all(cell.get("execution_count") for cell in code), "a code cell did not run"

@@ -5,8 +5,6 @@ decoding with a cache."""
 import dataclasses
 import functools
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx

@@ -98,7 +98,7 @@ def _router_biases(rest):
   return {l: b["ffn"] for l, b in rest.to_pure_dict()["blocks"].items() if "ffn" in b}
 
 
-TOL = dict(rtol=2e-5, atol=2e-6)
+TOL = {"rtol": 2e-5, "atol": 2e-6}
 
 
 def test_host_placement_equals_dense_adam_when_every_row_is_touched(runs):
@@ -126,7 +126,7 @@ def _ranges(layer, lo, hi):
 
 
 def test_untouched_rows_and_their_adam_state_stay_unchanged(runs):
-  want, _, trainer, snaps, _ = runs
+  want, _, _, snaps, _ = runs
   final = snaps[-1]
   for l in LAYERS:
     read = _ranges(l, 0.0, 0.5)           # touched at every step
@@ -148,3 +148,12 @@ def test_untouched_rows_and_their_adam_state_stay_unchanged(runs):
   for l in LAYERS:
     del got["blocks"][l]["engram"]["table"], ref["blocks"][l]["engram"]["table"]
   _assert_trees_close(got, ref, **TOL)
+
+
+def test_reuse_step_of_checks_the_configuration(runs):
+  trainer = runs[2]
+  with pytest.raises(ValueError, match="reuse_step_of"):
+    HostTableTrainer(fresh_model(), "host", TRAIN.replace(learning_rate=1e-3),
+                     bias_update_rate=RATE, reuse_step_of=trainer)
+  with pytest.raises(ValueError, match="at least one 'host' or 'cached'"):
+    HostTableTrainer(fresh_model(), "device", TRAIN)

@@ -50,7 +50,7 @@ def test_top_k_stays_in_the_k_largest_even_with_ties():
   tied = np.array([0.0, 5.0, 3.0, 3.0, 3.0, 3.0, 4.0, -1.0])
   ids = draws(tied, SamplingConfig(temperature=10.0, top_k=3))
   seen = set(ids.tolist())
-  assert len(seen) == 3 and {1, 6} < seen and seen <= {1, 2, 3, 4, 5, 6}
+  assert len(seen) == 3 and {1, 6} < seen <= {1, 2, 3, 4, 5, 6}
 
 
 @pytest.mark.parametrize("top_p,kept", [(0.3, [3]), (0.7, [3, 0]), (0.85, [3, 0, 1]),

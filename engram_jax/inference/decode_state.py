@@ -30,7 +30,7 @@ class EngramDecodeState:
 
   @classmethod
   def after_prompt(cls, compressed: jax.Array, lengths: jax.Array, order: int,
-                   pad_id: int) -> "EngramDecodeState":
+                   pad_id: int) -> EngramDecodeState:
     """The window after each sequence's own prompt.
 
     Args:
@@ -46,7 +46,7 @@ class EngramDecodeState:
     window = xp.where(idx >= 0, vals, pad_id).astype(xp.int32)
     return cls(window=window)
 
-  def push(self, compressed_token: jax.Array) -> tuple[jax.Array, "EngramDecodeState"]:
+  def push(self, compressed_token: jax.Array) -> tuple[jax.Array, EngramDecodeState]:
     """Appends one compressed id per sequence [B].
 
     Returns (the [B, N] n-gram row to hash, whose last position is the new token; the

@@ -151,13 +151,14 @@ class Generator:
 
   # ----------------------------------------------------------------------------- public
   def __call__(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-               sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
+               sampling: SamplingConfig | None = None, seed: int = 0,
                eos_id: int | None = None) -> GenerationResult:
     dec = self.decoder
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    sampling = SamplingConfig() if sampling is None else sampling
     if not isinstance(sampling, SamplingConfig):
-      raise ValueError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
+      raise TypeError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
     if eos_id is not None and not 0 <= eos_id < dec.vocab_limit:
       raise ValueError(f"eos_id {eos_id} is outside the vocabulary [0, {dec.vocab_limit})")
     tokens, lengths = dec.pad_prompts(prompts)
@@ -167,7 +168,7 @@ class Generator:
     max_len = bucket + max_new_tokens
     steps = max_new_tokens - 1
     key = jax.random.key(seed)
-    statics = dict(sampling=sampling, vocab_limit=dec.vocab_limit)
+    statics = {"sampling": sampling, "vocab_limit": dec.vocab_limit}
     host = dec.table_placement == "host"
 
     # Prefill and the first token.
@@ -238,7 +239,7 @@ class Generator:
 
 def generate(model: Transformer, hasher: NgramHasher | None, compressor: TokenizerCompressor | None,
              prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-             sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
+             sampling: SamplingConfig | None = None, seed: int = 0,
              eos_id: int | None = None, table_placement: str = "device",
              host_tables: Mapping[int, HostTable] | None = None) -> GenerationResult:
   """Continues a batch of prompts (raw token ids, any lengths >= 1).
@@ -248,7 +249,8 @@ def generate(model: Transformer, hasher: NgramHasher | None, compressor: Tokeniz
       `TokenizerCompressor` (None for models without Engram).
     prompts: B lists of token ids.
     max_new_tokens: tokens to generate per prompt at most.
-    sampling: greedy / temperature / top-k / top-p (`SamplingConfig`).
+    sampling: greedy / temperature / top-k / top-p (`SamplingConfig`; default: plain
+      sampling at temperature 1).
     seed: sampling seed (step i uses fold_in(key(seed), i)).
     eos_id: a sequence stops after producing it (it is kept as its last token).
     table_placement: "device" (hash on device, one while_loop) or "host" (tables in host
@@ -264,4 +266,4 @@ def generate(model: Transformer, hasher: NgramHasher | None, compressor: Tokeniz
              eos_id=eos_id)
 
 
-__all__ = ["GenerationResult", "Generator", "PROMPT_BUCKET", "generate"]
+__all__ = ["PROMPT_BUCKET", "GenerationResult", "Generator", "generate"]

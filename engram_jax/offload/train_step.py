@@ -22,8 +22,8 @@ sparse_adam.py). Never-touched rows are unchanged under both.
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -182,11 +182,15 @@ class HostTableTrainer:
     cfg: the run's TrainConfig (dense groups and the table lr / b1 / b2 / eps).
     bias_update_rate: MoE router bias step, as for `make_train_step`.
     sparse_size: see `make_host_table_train_step`.
+    reuse_step_of: another trainer of the same model config, host layers, TrainConfig,
+      rate and sparse_size (placements may differ: "host" vs "cached" run the same
+      device step): reuse its optimizer and compiled step instead of compiling again.
   """
 
   def __init__(self, model: Transformer, placements: str | Mapping[int, TablePlacement],
                cfg: TrainConfig, *, frequencies: Mapping[int, np.ndarray] | None = None,
-               bias_update_rate: float = 0.0, sparse_size: int | None = None):
+               bias_update_rate: float = 0.0, sparse_size: int | None = None,
+               reuse_step_of: HostTableTrainer | None = None):
     self.model, self.offloaded = split_tables(model, placements, frequencies=frequencies)
     if not self.offloaded.host_layers:
       raise ValueError("HostTableTrainer needs at least one 'host' or 'cached' Engram layer")
@@ -194,15 +198,25 @@ class HostTableTrainer:
     # The step donates its state: own copies, so the arrays `model` (or a clone of it)
     # shares are not deleted under the caller. Drop `model` to free the originals.
     params, rest = jax.tree.map(jnp.copy, (params, rest))
-    self.tx, self.lr_schedule = make_optimizer(cfg.replace(grad_clip_norm=0.0), params)
+    self._step_key = (model.config, self.offloaded.host_layers, cfg, bias_update_rate,
+                      sparse_size)
+    if reuse_step_of is not None:
+      if reuse_step_of._step_key != self._step_key:
+        raise ValueError("reuse_step_of: the other trainer differs in model config, host layers, "
+                         "TrainConfig, bias_update_rate or sparse_size")
+      self.tx, self.lr_schedule = reuse_step_of.tx, reuse_step_of.lr_schedule
+      self.train_step = reuse_step_of.train_step
+    else:
+      self.tx, self.lr_schedule = make_optimizer(cfg.replace(grad_clip_norm=0.0), params)
+      self.train_step = jax.jit(
+          make_host_table_train_step(self.graphdef, self.tx, self.lr_schedule, self.offloaded,
+                                     grad_clip_norm=cfg.grad_clip_norm,
+                                     bias_update_rate=bias_update_rate,
+                                     sparse_size=sparse_size),
+          donate_argnums=(0,))
     self.state = TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
                             opt_state=self.tx.init(params))
     self.host_optimizer = HostTableOptimizer(self.offloaded, cfg, self.lr_schedule)
-    self.train_step = jax.jit(
-        make_host_table_train_step(self.graphdef, self.tx, self.lr_schedule, self.offloaded,
-                                   grad_clip_norm=cfg.grad_clip_norm,
-                                   bias_update_rate=bias_update_rate, sparse_size=sparse_size),
-        donate_argnums=(0,))
 
   def step(self, batch: Batch, rows: Mapping[int, jax.Array] | None = None
            ) -> tuple[dict, dict[int, np.ndarray]]:

@@ -11,7 +11,8 @@ Per placement it prints
           known ahead: teacher-forced tokens), tokens/s, ratio to device;
   bytes   host->device per step (gathered rows, + the cache's index arrays) and
           device->host (sparse table grads);
-  overlap 1 - (time the step loop waited for rows) / (time spent gathering rows).
+  overlap 1 - (time the step loop waited for rows) / (time spent gathering rows), with
+          both times per step printed.
 Row ids are Zipf-distributed over each head's rows (exponent --zipf), as n-grams are.
 
   JAX_PLATFORMS=cpu python -m experiments.bench.offload --preset=cpu_tiny    # < 1 min
@@ -55,6 +56,7 @@ _DEPTH = flags.DEFINE_integer("prefetch_depth", 1, "RowPrefetcher depth.")
 _TRAIN_STEPS = flags.DEFINE_integer("train_steps", 0, "Timed training steps (0: preset).")
 _DECODE_STEPS = flags.DEFINE_integer("decode_steps", 0, "Timed decode steps (0: preset).")
 _SKIP = flags.DEFINE_list("skip", [], "Parts to skip: train, decode.")
+_DTYPE = flags.DEFINE_string("dtype", "", "Activation dtype override (default: the preset's).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,11 +153,18 @@ class Meter:
 
 @dataclasses.dataclass
 class Result:
-  rate: float            # steps/s
-  h2d: float = 0.0       # bytes per step
+  rate: float                  # steps/s
+  h2d: float = 0.0             # bytes per step
   d2h: float = 0.0
-  overlap: float = float("nan")
+  gather_ms: float = float("nan")  # per step, in the prefetch thread
+  wait_ms: float = float("nan")    # per step, the step loop waiting for rows
   hit_rate: float = float("nan")
+
+  @property
+  def overlap(self) -> float:
+    """Share of the gather time hidden behind compute (0 when waits exceed the gathers:
+    thread scheduling / GIL latency on a busy host)."""
+    return max(0.0, 1.0 - self.wait_ms / self.gather_ms) if self.gather_ms > 0 else float("nan")
 
 
 def _rate(step_seconds) -> float:
@@ -187,9 +196,11 @@ def train_device(model, batches, warmup: int, rate: float) -> Result:
   return Result(_rate(times[warmup:]))
 
 
-def train_host(model, spec, batches, warmup: int, rate: float, freqs, depth: int) -> Result:
+def train_host(model, spec, batches, warmup: int, rate: float, freqs, depth: int,
+               reuse: list) -> Result:
   trainer = HostTableTrainer(nnx.clone(model), spec, TRAIN, frequencies=freqs,
-                             bias_update_rate=rate)
+                             bias_update_rate=rate, reuse_step_of=reuse[0] if reuse else None)
+  reuse[:] = [trainer]  # host and cached run the same compiled device step
   off = trainer.offloaded
   meter = Meter()
   sources = meter.instrument(off)
@@ -218,8 +229,8 @@ def train_host(model, spec, batches, warmup: int, rate: float, freqs, depth: int
                  ((l, batch["engram_rows"][l].size) for l in off.host_layers))
   n = len(batches) - warmup
   gathered = meter.gather_s - g0
-  return Result(_rate(times[warmup:]), (meter.h2d - h2d0) / n, d2h / n,
-                1.0 - wait / gathered if gathered > 0 else float("nan"), _hit_rate(off))
+  return Result(_rate(times[warmup:]), (meter.h2d - h2d0) / n, d2h / n, 1e3 * gathered / n,
+                1e3 * wait / n, _hit_rate(off))
 
 
 # ---------------------------------------------------------------------------------- decode
@@ -262,7 +273,7 @@ def decode(model, spec, steps, warmup: int, freqs, depth: int) -> Result:
   n = len(steps) - warmup
   gathered = meter.gather_s - g0
   return Result(_rate(times[warmup:]), (meter.h2d - h2d0) / n, 0.0,
-                1.0 - wait / gathered if gathered > 0 else float("nan"),
+                1e3 * gathered / n if off is not None else float("nan"), 1e3 * wait / n,
                 float("nan") if off is None else _hit_rate(off))
 
 
@@ -273,19 +284,20 @@ def _mib(n: float) -> str:
 
 def _report(title: str, unit: str, per_step: int, results: dict[str, Result]) -> None:
   print(f"\n== {title}")
-  print(f"  {'placement':16s} {unit:>12s} {'vs device':>9s} {'H2D/step':>13s} {'D2H/step':>13s}"
-        f" {'overlap':>8s} {'hit rate':>8s}")
+  print(f"  {'placement':16s} {unit:>12s} {'vs device':>9s} {'ms/step':>8s} {'H2D/step':>13s} "
+        f"{'D2H/step':>13s} {'gather ms':>9s} {'wait ms':>8s} {'overlap':>7s} {'hit rate':>8s}")
   base = results.get("device")
   for name, r in results.items():
     ratio = r.rate / base.rate if base else float("nan")
-    print(f"  {name:16s} {r.rate * per_step:12.1f} {ratio:9.3f} {_mib(r.h2d):>13s} "
-          f"{_mib(r.d2h):>13s} {r.overlap:8.2f} {r.hit_rate:8.1%}")
+    print(f"  {name:16s} {r.rate * per_step:12.1f} {ratio:9.3f} {1e3 / r.rate:8.2f} "
+          f"{_mib(r.h2d):>13s} {_mib(r.d2h):>13s} {r.gather_ms:9.3f} {r.wait_ms:8.3f} "
+          f"{r.overlap:7.2f} {r.hit_rate:8.1%}")
 
 
 def main(argv):
   del argv
   preset = _presets()[_PRESET.value]
-  cfg = preset.model
+  cfg = preset.model.replace(dtype=_DTYPE.value) if _DTYPE.value else preset.model
   cpu = jax.default_backend() == "cpu"
   print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}); preset {_PRESET.value}")
   if cpu:
@@ -312,11 +324,11 @@ def main(argv):
   if "train" not in _SKIP.value:
     n = (_TRAIN_STEPS.value or preset.train_steps) + warm
     batches = _batches(cfg, zipf, n, b, t, seed=1)
-    results = {}
+    results, reuse = {}, []
     for p in _PLACEMENTS.value:
       results[p if p != "cached" else f"cached@{_CACHE_FRACTION.value}"] = (
           train_device(model, batches, warm, rate) if p == "device" else
-          train_host(model, spec[p], batches, warm, rate, freqs, depth))
+          train_host(model, spec[p], batches, warm, rate, freqs, depth, reuse))
     _report(f"training: B={b} T={t}, {n - warm} timed steps", "tokens/s", b * t, results)
 
   if "decode" not in _SKIP.value:

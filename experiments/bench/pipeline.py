@@ -39,6 +39,7 @@ _NGRAM = flags.DEFINE_integer("max_ngram_size", 3, "Engram N.")
 _HEADS = flags.DEFINE_integer("n_head_per_ngram", 4, "Engram K.")
 _LAYERS = flags.DEFINE_list("engram_layers", ["1", "2"], "Engram layer ids.")
 _TABLE = flags.DEFINE_integer("engram_vocab", 20_000, "Nominal rows per head.")
+_TRAIN_STEPS = flags.DEFINE_integer("train_steps", 10, "Timed train steps of the tiny model (0: skip).")
 
 
 def engram_config() -> EngramConfig:
@@ -88,6 +89,39 @@ def hashing_rates(config: DataConfig, tokenizer, engram: EngramConfig, *, batche
   return per_batch, per_row
 
 
+def train_step_rate(config: DataConfig, tokenizer, *, steps: int) -> float:
+  """Steps/s of the tiny config's Engram+MoE train step (its own Engram layout, which hashes
+  less than the pipeline cases above: the comparison is conservative)."""
+  import jax
+
+  from engram_jax import sharding as sharding_lib
+  from engram_jax.data import EngramRowHasher, special_ids
+  from engram_jax.train.optimizer import make_optimizer
+  from engram_jax.train.state import create_train_state
+  from engram_jax.train.steps import compile_steps
+  from experiments.configs import common, tiny
+
+  run = tiny.get_config("engram")
+  run.model.vocab_size = tokenizer.get_vocab_size()
+  model_config = common.model_config(run)
+  hasher = EngramRowHasher.build(model_config.engram, tokenizer, special_ids(tokenizer).pad)
+  batch = next(iter(make_train_iterator(config, tokenizer, row_hasher=hasher)))
+  train_config = common.train_config(run)
+  mesh = sharding_lib.make_mesh(data=1, devices=jax.devices()[:1])
+  graphdef, state, shardings, (tx, lr) = create_train_state(
+      model_config, lambda p: make_optimizer(train_config, p), 0, mesh)
+  step, _, batch_sh = compile_steps(graphdef, tx, lr, shardings, batch, mesh, bias_update_rate=1e-3)
+  with jax.set_mesh(mesh):
+    device_batch = jax.device_put(batch, batch_sh)
+    state, metrics = step(state, device_batch)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(steps):
+      state, metrics = step(state, device_batch)
+    jax.block_until_ready(metrics)
+  return steps / (time.perf_counter() - start)
+
+
 def main(argv):
   del argv
   config = DataConfig(seq_len=_SEQ_LEN.value, batch_size=_BATCH.value, max_bytes=_MAX_BYTES.value,
@@ -114,6 +148,13 @@ def main(argv):
       print(f"workers={workers} pipeline, {name:<24} {bps:9.1f} batches/s {tps:12.0f} tokens/s",
             flush=True)
   print(f"hashing per batch is {per_batch / per_row:.1f}x faster than per row")
+  if _TRAIN_STEPS.value:
+    steps_per_s = train_step_rate(config, tokenizer, steps=_TRAIN_STEPS.value)
+    print(f"train step (tiny Engram+MoE config)          {steps_per_s:9.1f} batches/s "
+          f"{steps_per_s * tokens_per_batch:12.0f} tokens/s")
+    best = max(rates[(w, True)] for w in (int(w) for w in _WORKERS.value))
+    print(f"the pipeline with hashing produces batches {best / steps_per_s:.0f}x faster than "
+          "the train step consumes them")
   for workers in (int(w) for w in _WORKERS.value):
     print(f"workers={workers}: the pipeline with hashing runs at "
           f"{rates[(workers, True)] / rates[(workers, False)]:.2f}x the rate without")
