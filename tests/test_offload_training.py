@@ -157,3 +157,18 @@ def test_reuse_step_of_checks_the_configuration(runs):
                      bias_update_rate=RATE, reuse_step_of=trainer)
   with pytest.raises(ValueError, match="at least one 'host' or 'cached'"):
     HostTableTrainer(fresh_model(), "device", TRAIN)
+
+
+def test_host_state_round_trip(runs):
+  trainer, snaps = runs[2], runs[3]
+  saved = trainer.host_state()
+  trainer.load_host_state(snaps[2]["host"])  # back to step 3
+  for l in LAYERS:
+    for key, value in snaps[2]["host"][l].items():
+      np.testing.assert_array_equal(trainer.host_state()[l][key], value)
+  cache = trainer.offloaded.sources[2]
+  np.testing.assert_array_equal(np.asarray(cache.rows),
+                                snaps[2]["host"][2]["table"][cache.hot_rows])
+  trainer.load_host_state(saved)
+  with pytest.raises(ValueError, match="host state for layers"):
+    trainer.load_host_state({1: saved[1]})

@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 MICRO = [
     "--config.model.vocab_size=512", "--config.model.hidden_size=32", "--config.model.num_layers=2",
     "--config.model.num_heads=2", "--config.model.num_kv_heads=1", "--config.model.ffn_hidden=64",
-    "--config.model.hc_mult=1", "--config.moe.num_experts=4", "--config.moe.expert_hidden=16",
+    "--config.model.hc_mult=1", "--config.moe.num_experts=8", "--config.moe.expert_hidden=32",
+    "--config.engram.n_embed_per_ngram=16", "--config.allocation.active_rtol=0.2",
     "--config.data.seq_len=32", "--config.data.batch_size=4", "--config.data.bpe_vocab_size=512",
     "--config.data.max_bytes=300000", "--config.data.tokenizer_train_bytes=150000",
     "--config.train.eval_every=0", "--config.train.checkpoint_every=1000", "--config.train.log_every=1",

@@ -194,6 +194,12 @@ class HostTableTrainer:
     self.model, self.offloaded = split_tables(model, placements, frequencies=frequencies)
     if not self.offloaded.host_layers:
       raise ValueError("HostTableTrainer needs at least one 'host' or 'cached' Engram layer")
+    for l in self.offloaded.host_layers:
+      if self.offloaded.tables[l].method != "numpy":
+        # a jax.Array table is replaced (donated) by every update while the prefetch
+        # thread may read it; the NumPy master is updated in place (see prefetch.py)
+        raise ValueError(f"training needs host_gather='numpy' tables; Engram layer {l} uses "
+                         f"{self.offloaded.tables[l].method!r}")
     self.graphdef, params, rest = split_params(self.model, self.offloaded.host_layers)
     # The step donates its state: own copies, so the arrays `model` (or a clone of it)
     # shares are not deleted under the caller. Drop `model` to free the originals.
@@ -262,3 +268,19 @@ class HostTableTrainer:
     """{layer: {"table", "m", "v", "count"}} NumPy views for checkpointing the host half."""
     return {l: {"table": self.offloaded.tables[l].numpy(), "m": s.m, "v": s.v, "count": s.count}
             for l, s in self.host_optimizer.states.items()}
+
+  def load_host_state(self, saved: Mapping[int, Mapping[str, np.ndarray]]) -> None:
+    """Restores what `host_state` returned (e.g. from a checkpoint); refreshes caches."""
+    if sorted(saved) != list(self.offloaded.host_layers):
+      raise ValueError(f"host state for layers {sorted(saved)}, trainer has host layers "
+                       f"{list(self.offloaded.host_layers)}")
+    for l, item in saved.items():
+      table = self.offloaded.tables[l]
+      if tuple(item["table"].shape) != table.shape:
+        raise ValueError(f"Engram layer {l}: saved table {item['table'].shape} != {table.shape}")
+      table.array = np.array(item["table"], dtype=table.dtype)  # NumPy master, owned
+      self.host_optimizer.states[l] = SparseRowState(
+          *(np.array(item[k]) for k in ("m", "v", "count")))
+      source = self.offloaded.sources[l]
+      if isinstance(source, HotRowCache):
+        source.refresh()

@@ -15,6 +15,9 @@ def get_config(variant: str = "engram"):
   c.moe.update(num_experts=48, num_shared_experts=2, top_k=6, expert_hidden=256)
   c.engram.update(max_ngram_size=3, n_embed_per_ngram=256, n_head_per_ngram=8, layer_ids=(1, 5))
   c.allocation.rho = 0.8
+  # Engram's value/key projections (d_mem x D x (1 + G) per layer) add ~6% active parameters
+  # at this width; the MoE twin is matched on total parameters and within 8% on active ones.
+  c.allocation.active_rtol = 0.08
   c.data.update(seq_len=1024, batch_size=32, bpe_vocab_size=16384, num_workers=4,
                 tokenizer_dir="runs/tokenizers/small", tokenizer_train_bytes=30_000_000)
   c.train.update(total_steps=5000, warmup_steps=200, learning_rate=1e-3, eval_every=500,
