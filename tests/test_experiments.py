@@ -182,13 +182,16 @@ def _smoke_config(tmp_path):
 def test_memory_scaling_runs_end_to_end_and_resumes(tmp_path):
   c = _smoke_config(tmp_path)
   work = tmp_path / "exp"
-  out = memory_scaling.run(c, str(work), [4, 64], [4], 0, steps=2)
+  out = memory_scaling.run(c, str(work), [4], [4], 0, steps=2)
   rows = out["rows"]
-  assert [r["mode"] for r in rows] == ["none", "engram", "engram", "input_average"]
+  assert [r["mode"] for r in rows] == ["none", "engram", "input_average"]
   assert all(np.isfinite(r["val_loss"]) and r["steps"] == 2 for r in rows)
-  assert rows[2]["params_engram_table"] > rows[1]["params_engram_table"] > 0
+  # equal slots: the baseline holds exactly Engram's table rows, without Engram's blocks
+  assert rows[1]["params_engram_table"] == rows[2]["params_engram_table"] > 0
+  assert rows[0]["params_engram_table"] == 0
   saved = json.loads((work / "memory_scaling" / "results.json").read_text())
-  assert len(saved["rows"]) == 4 and (work / "memory_scaling" / "memory_scaling.png").is_file()
-  again = memory_scaling.run(c, str(work), [4, 64], [4], 0, steps=2)
+  assert len(saved["rows"]) == 3 and (work / "memory_scaling" / "memory_scaling.png").is_file()
+  assert saved["meta"]["missing_runs"] == []
+  again = memory_scaling.run(c, str(work), [4], [4], 0, steps=2)
   assert all(r["reused"] for r in again["rows"])
   assert [r["val_loss"] for r in again["rows"]] == [r["val_loss"] for r in rows]

@@ -121,7 +121,8 @@ def make_host_table_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransfo
     if aux["engram_gates"]:
       metrics["engram_gate_mean"] = jnp.mean(
           jnp.stack([g.mean() for g in aux["engram_gates"].values()]))
-    metrics["sparse_rows"] = {l: s[2] for l, s in sparse.items()}
+    for l, s in sparse.items():  # flat scalars, as the trainer's MetricsWriter logs them
+      metrics[f"engram_rows_touched_{l}"] = s[2]
     new_state = TrainState(step=state.step + 1, params=params, rest=rest, opt_state=opt_state)
     return new_state, metrics, sparse
 

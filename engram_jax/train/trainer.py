@@ -171,11 +171,13 @@ class Trainer:
   def run(self, *, stop_after: int | None = None) -> RunResult:
     """Trains to `train_config.total_steps` (or `stop_after` more steps), resuming if possible."""
     cfg = self.train_config
+    meta = self.meta()
+    if self.checkpointer.latest_step() is not None:
+      self.checkpointer.check_meta(meta)  # fail fast, before any compilation
     graphdef, state, state_sh, (tx, lr) = create_train_state(
         self.model_config, lambda p: make_optimizer(cfg, p), self.seed, self.mesh)
     # each data group of processes reads its own document shards; batch_size is per process
     data_iter = self._train_iterator()
-    meta = self.meta()
     start = 0
     if self.checkpointer.latest_step() is not None:
       abstract = abstract_like(state)
