@@ -79,20 +79,25 @@ def summarize(rows: list[dict]) -> tuple[list[dict], str]:
 
 
 def plot(rows: list[dict], summary: list[dict], path: Path) -> Path:
+  """One line per (budget, seed): seeds differ in data order, so only same-seed points
+  compare cleanly (a mean over unequal seed sets would zigzag)."""
+  del summary
   fig, ax = sweep_lib.new_figure()
-  for hidden in sorted({s["hidden_size"] for s in summary}):
-    ss = [s for s in summary if s["hidden_size"] == hidden]
-    line, = ax.plot([s["rho_target"] for s in ss], [s["val_loss_mean"] for s in ss], "o-",
-                    label=f"hidden {hidden} ({ss[0]['params_total']:,} params)")
-    pts = [r for r in rows if r["hidden_size"] == hidden]
-    if len({r["seed"] for r in pts}) > 1:
-      ax.scatter([r["rho_target"] for r in pts], [r["val_loss"] for r in pts], s=12,
-                 color=line.get_color(), alpha=0.5)
+  markers = "osd^v"
+  for hidden in sorted({r["hidden_size"] for r in rows}):
+    color = None
+    for j, seed in enumerate(sorted({r["seed"] for r in rows if r["hidden_size"] == hidden})):
+      pts = sorted(((r["rho_target"], r["val_loss"], r["params_total"]) for r in rows
+                    if r["hidden_size"] == hidden and r["seed"] == seed), reverse=True)
+      line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], f"{markers[j % len(markers)]}-",
+                      color=color, alpha=1.0 if j == 0 else 0.6,
+                      label=f"hidden {hidden} ({pts[0][2]:,} params), seed {seed}")
+      color = line.get_color()
   ax.set_xlabel("rho (routed-expert share of the sparse parameters)")
   ax.set_ylabel("validation loss (nats/token)")
   ax.set_title("Sparsity allocation at fixed total and active parameters")
   ax.invert_xaxis()
-  ax.legend()
+  ax.legend(fontsize=8)
   return sweep_lib.save_figure(fig, path)
 
 

@@ -68,12 +68,14 @@ def summarize(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], path: Path) -> Path:
   fig, ax = sweep_lib.new_figure(6.4, 3.4)
+  if not rows:
+    return sweep_lib.save_figure(fig, path)
   labels = [f"{r['control']} (s{r['seed']})" for r in rows]
   ax.barh(labels, [r["val_loss"] for r in rows], color="tab:blue")
   lo = min(r["val_loss"] for r in rows)
   hi = max(r["val_loss"] for r in rows)
   ax.set_xlim(lo - 0.5 * (hi - lo + 1e-3), hi + 0.5 * (hi - lo + 1e-3))
-  ax.set_xlabel("validation loss (nats/token)")
+  ax.set_xlabel("validation loss (nats/token; x axis zoomed to the spread)")
   ax.set_title("Controls: is the memory used?")
   ax.invert_yaxis()
   return sweep_lib.save_figure(fig, path)

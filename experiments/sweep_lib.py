@@ -30,6 +30,10 @@ from experiments.configs import common
 log = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
+# Config fields added after runs were keyed: at these defaults they leave the key (and so
+# the finished runs) unchanged. Add a new field here when it is added to a config.
+KEY_NEUTRAL_DEFAULTS = {"train": {"table_placement": "device"},
+                        "model": {"engram_row_multiple": 1}}
 LOCK_FILE = "running.lock"
 
 
@@ -107,6 +111,10 @@ class Variant:
     spec = {"model": self.model.to_dict(), "train": common.train_config(self.config).to_dict(),
             "data": common.data_config(self.config).to_dict(), "seed": int(self.config.seed),
             "compress": common.compress_tokens(self.config)}
+    for block, fields in KEY_NEUTRAL_DEFAULTS.items():
+      for name, default in fields.items():
+        if spec[block].get(name, default) == default:
+          spec[block].pop(name, None)
     blob = json.dumps(spec, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:10]
 

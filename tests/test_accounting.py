@@ -127,3 +127,18 @@ def test_counts_scale_like_the_paper_setup():
     config = BASE.replace(num_layers=30, hidden_size=2560, engram=engram)
     table = count_params(config).engram_table_total
     assert 5.7e9 <= table <= 5.8e9
+
+
+@pytest.mark.parametrize("hc_mult", [1, 2])
+@pytest.mark.parametrize("options", [
+    {"engram_gate": "none"}, {"engram_short_conv": False}, {"engram_multi_branch": False},
+    {"engram_fold_rows": 1}, {"engram_mode": "input_average"}, {"engram_row_multiple": 64},
+    {"engram_gate": "none", "engram_short_conv": False, "engram_multi_branch": False},
+])
+def test_ablation_options_are_counted_exactly(hc_mult, options):
+    from engram_jax.train.state import build_model
+
+    cfg = ModelConfig.tiny("engram_moe", hc_mult=hc_mult, **options)
+    abstract = nnx.eval_shape(lambda: build_model(cfg, 0))
+    real = sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    assert count_params(cfg).total == real

@@ -147,3 +147,21 @@ def test_create_sharded_builds_in_place_with_the_same_values():
     pairs = ((model.embed, plain.embed), (model.blocks[0].ffn.w_up, plain.blocks[0].ffn.w_up))
     for got, want in pairs:
         np.testing.assert_allclose(np.asarray(got[...]), np.asarray(want[...]), rtol=1e-6)
+
+
+@needs_8
+def test_engram_row_multiple_makes_any_table_row_shardable():
+    from engram_jax import EngramConfig
+
+    # head primes 101 + 103 + 211 + 223 = 638 rows: not divisible by the 4 tensor shards
+    engram = EngramConfig(vocab_sizes=(100, 200), n_embed_per_ngram=16, n_head_per_ngram=2,
+                          layer_ids=(1,), pad_id=0)
+    mesh = S.make_mesh(data=2, tensor=4)
+    tables = {}
+    for multiple in (1, 8):
+        cfg = ModelConfig.tiny("engram_moe", engram=engram, engram_row_multiple=multiple)
+        model = S.create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
+        tables[multiple] = model.blocks[1].engram.table
+    assert tables[1].shape[0] == 638 and S.num_shards(tables[1]) == 1     # silently replicated
+    assert tables[8].shape[0] == 640 and S.spec_of(tables[8]) == P("tensor")
+    assert S.num_shards(tables[8]) == 4

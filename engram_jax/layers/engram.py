@@ -67,6 +67,8 @@ class Engram(nnx.Module):
     conv_norm_eps: eps of the conv input RMSNorm (1e-5).
     short_conv: False drops the short conv (Y = u), the short-conv ablation.
     multi_branch: False is the single-branch ablation (see the module docstring).
+    row_multiple: the table's row count is rounded up to a multiple of this (padding rows
+      are never addressed) so that a row-sharded table divides evenly over the devices.
     fold_rows: None, or the rows every head's table holds; row ids (still hashed with
       `table_sizes`) are folded mod fold_rows on device. 1 = the one-slot-per-head control.
   """
@@ -76,6 +78,7 @@ class Engram(nnx.Module):
                gate: GateKind = "reference", impl: Impl = "xla", table_init_std: float = 1.0,
                gate_norm_eps: float | None = None, conv_norm_eps: float = 1e-5,
                short_conv: bool = True, multi_branch: bool = True, fold_rows: int | None = None,
+               row_multiple: int = 1,
                rngs: nnx.Rngs):
     if layer_id not in config.layer_ids:
       raise ValueError(f"layer_id {layer_id} is not in EngramConfig.layer_ids {config.layer_ids}")
@@ -109,7 +112,11 @@ class Engram(nnx.Module):
     stored = sizes if fold_rows is None else np.full_like(sizes, fold_rows)
     self.stored_sizes = tuple(int(s) for s in stored)
     self.offsets = tuple(int(o) for o in np.concatenate([[0], np.cumsum(stored)[:-1]]))
-    self.num_rows = int(stored.sum())
+    if isinstance(row_multiple, bool) or not isinstance(row_multiple, int) or row_multiple < 1:
+      raise ValueError(f"row_multiple must be a positive int, got {row_multiple!r}")
+    # Padding rows (never addressed) make the row count divisible by the model-parallel
+    # axis, so the table really is split by rows instead of silently replicated.
+    self.num_rows = -(-int(stored.sum()) // row_multiple) * row_multiple
 
     # g: branches with their own gate / conv parameters (1 in the single-branch ablation)
     d_h, d_mem, d = config.head_dim, config.memory_dim, hidden_size
@@ -259,6 +266,12 @@ class Engram(nnx.Module):
     alpha = self.gates(hidden, rows)
     value = rows @ self.value_kernel[...].astype(self.dtype) + self.value_bias[...].astype(self.dtype)
     u = alpha[..., None] * value[:, :, None, :]
+    return self._finish(u, alpha, streams, segment_ids=segment_ids, conv_state=conv_state,
+                        lengths=lengths)
+
+  def _finish(self, u: jax.Array, alpha: jax.Array, streams: int, *, segment_ids, conv_state,
+              lengths) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Short conv on the gated value u [B, T, G', D]; Y and gates broadcast to `streams`."""
     if self.short_conv_enabled:
       conv_in = rms_norm(u, self.conv_norm.scale[...], self.conv_norm.eps)
       conv_out, new_state = self.short_conv(conv_in, segment_ids=segment_ids,
@@ -271,6 +284,31 @@ class Engram(nnx.Module):
       y = jnp.broadcast_to(y, y.shape[:2] + (streams,) + y.shape[3:])
       alpha = jnp.broadcast_to(alpha, alpha.shape[:2] + (streams,))
     return y, alpha, new_state
+
+  def _fused_gather_gate(self, hidden: jax.Array, row_ids: jax.Array, *, segment_ids
+                         ) -> tuple[jax.Array, jax.Array]:
+    """impl="pallas"/"auto": rows go from the table straight into the fused gather-gate op
+    (`pallas_kernels.gather_gate`), never written out as a [B, T, d_mem] array."""
+    from pallas_kernels import gather_gate  # kernels sit below layers
+
+    b, t, streams, d = hidden.shape
+    self.check_row_ids(row_ids)
+    ids = row_ids.astype(jnp.int32)
+    if self.fold_rows is not None:
+      ids = ids % self.fold_rows
+    flat = (ids + jnp.asarray(self.offsets, jnp.int32)).reshape(b * t, -1)
+    if not self.multi_branch:
+      hidden = jnp.mean(hidden.astype(jnp.float32), axis=2, keepdims=True).astype(hidden.dtype)
+    g = hidden.shape[2]
+    eps = self.gate_norm_eps if self.gate_norm_eps is not None else float(jnp.finfo(hidden.dtype).eps)
+    query = rms_norm(hidden.astype(self.dtype), self.query_norm.scale[...], eps)
+    u, alpha = gather_gate(
+        self.table[...], flat, self.value_kernel[...], self.value_bias[...], self.key_kernel[...],
+        self.key_bias[...], query.reshape(b * t, g, d), self.key_norm.scale[...], gate=self.gate,
+        norm_eps=eps, impl=self.impl, out_dtype=self.dtype)
+    y, alpha, _ = self._finish(u.reshape(b, t, g, d), alpha.reshape(b, t, g).astype(self.dtype),
+                               streams, segment_ids=segment_ids, conv_state=None, lengths=None)
+    return y, alpha
 
   def __call__(self, hidden: jax.Array, row_ids: jax.Array | None = None, *,
                rows: jax.Array | None = None, segment_ids: jax.Array | None = None,
@@ -294,8 +332,12 @@ class Engram(nnx.Module):
       row_ids = jnp.asarray(row_ids)
       if row_ids.shape[:2] != hidden.shape[:2]:
         raise ValueError(f"row_ids shape {row_ids.shape} does not match hidden [B, T] = {hidden.shape[:2]}")
-      rows = self.lookup(row_ids)
-    y, alpha, _ = self.fuse(hidden, rows, segment_ids=segment_ids)
+    if rows is None and self.impl != "xla" and self.gate != "none":
+      y, alpha = self._fused_gather_gate(hidden, row_ids, segment_ids=segment_ids)
+    else:
+      if rows is None:
+        rows = self.lookup(row_ids)
+      y, alpha, _ = self.fuse(hidden, rows, segment_ids=segment_ids)
     if squeeze:
       y = y[:, :, 0, :]
     return (y, alpha) if return_gates else y

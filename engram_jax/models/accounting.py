@@ -13,7 +13,7 @@ Parameters (every `nnx.Param`; the MoE router bias is not a Param and not counte
                        2 hyper-connections (G > 1 only) 2*(G*D*M + M + 3), M = 2G + G^2
   dense FFN            3*D*F
   MoE                  router D*E, routed 3*E*D*Fe, shared 3*D*S*Fe
-  Engram layer         table R*d_h, value d_mem*D + D, keys G*(d_mem*D + D),
+  Engram layer         table R*d_h (R padded to engram_row_multiple), value d_mem*D + D, keys G*(d_mem*D + D),
                        three per-branch norms 3*G*D, conv taps*G*D
 
 Active parameters per token: everything a token's forward touches, except the embedding
@@ -112,11 +112,25 @@ def count_params(config: ModelConfig) -> ParamCounts:
     if c.engram is not None:
         e = c.engram
         sizes = layer_table_sizes(e)
+        # ablation / baseline options: single-branch (G = 1 inside Engram), no gate (no
+        # key projections or gate norms), no short conv, folded tables, input averaging.
+        ge = g if c.engram_multi_branch else 1
+        keys = 0 if c.engram_gate == "none" else ge
+        conv = e.kernel_size * ge * d if c.engram_short_conv else 0
         for lid in c.engram_layer_ids:
-            table_total += int(sum(int(s) for s in sizes[lid])) * e.head_dim
+            rows = (e.num_heads * c.engram_fold_rows if c.engram_fold_rows is not None
+                    else int(sum(int(s) for s in sizes[lid])))
+            if c.engram_mode == "engram":
+                rows = -(-rows // c.engram_row_multiple) * c.engram_row_multiple  # padding rows
+            table_total += rows * e.head_dim
             table_active += e.memory_dim
-            engram_matmul += (1 + g) * e.memory_dim * d + e.kernel_size * g * d
-            engram_fixed += (1 + g) * (e.memory_dim * d + d) + 3 * g * d + e.kernel_size * g * d
+            if c.engram_mode == "input_average":
+                engram_matmul += e.head_dim * d
+                engram_fixed += e.head_dim * d + d
+                continue
+            engram_matmul += (1 + keys) * e.memory_dim * d + conv
+            engram_fixed += ((1 + keys) * (e.memory_dim * d + d) + 2 * keys * d
+                             + (ge * d + conv if c.engram_short_conv else 0))
         b["engram_table"] = table_total
         b["engram_other"] = engram_fixed
 

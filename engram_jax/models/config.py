@@ -50,6 +50,9 @@ class ModelConfig:
       engram_fold_rows: None, or the rows every Engram head's table holds; hashed row ids
         are folded mod this on device. 1 = the "one slot per head" control (same data,
         hashing and compute, no memory).
+      engram_row_multiple: Engram table rows are padded up to a multiple of this so the
+        table divides evenly over the model-parallel (`tensor`) axis; set it to a multiple
+        of the tensor-parallel size when sharding (a non-dividing table is replicated).
       engram_mode: "engram" (Engram layers at engram.layer_ids), or "input_average": the
         OverEncoding-style baseline, no Engram blocks; for each layer id the same hashed
         rows are averaged over heads, projected to D and added to the input embedding
@@ -78,6 +81,7 @@ class ModelConfig:
     engram_short_conv: bool = True
     engram_multi_branch: bool = True
     engram_fold_rows: int | None = None
+    engram_row_multiple: int = 1
     engram_mode: str = "engram"
     tie_embeddings: bool = False
     norm_eps: float = 1e-6
@@ -132,6 +136,10 @@ class ModelConfig:
         for name in ("engram_short_conv", "engram_multi_branch"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if (isinstance(self.engram_row_multiple, bool) or not isinstance(self.engram_row_multiple, int)
+                or self.engram_row_multiple < 1):
+            raise ValueError(f"ModelConfig.engram_row_multiple must be a positive int, "
+                             f"got {self.engram_row_multiple!r}")
         fold = self.engram_fold_rows
         if fold is not None and (isinstance(fold, bool) or not isinstance(fold, int) or fold < 1):
             raise ValueError(f"ModelConfig.engram_fold_rows must be None or a positive int, got {fold!r}")

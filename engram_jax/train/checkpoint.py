@@ -1,15 +1,20 @@
 """Orbax checkpoints that carry the meaning of the Engram rows.
 
-A checkpoint step holds four items:
+A checkpoint step holds four items (five with host-placed Engram tables):
   state   model parameters, MoE router biases, optimizer state and step (sharded arrays)
   data    the grain iterator position (one JSON file per process)
+  meta    model / train / data configs, the hash constants, the tokenizer fingerprint,
+          the Engram layers whose tables live in host memory ("host_table_layers")
+  vocab   the tokenizer JSON and the compression table
+  host_tables  (TrainConfig.table_placement != "device" only) per host-placed layer
+          {"table", "m", "v", "count"} NumPy arrays: the table and its row-sparse Adam
+          state. `state` then holds the rest of the model (without the tables' size-0
+          placeholders, which orbax cannot save) and the dense optimizer's state.
 Multi-process: every process calls `save` / `restore` (orbax coordinates them: the state is
 written shard by shard, JSON items by the primary process; each process writes its own data
 item), so `directory` must be a filesystem all processes share.
-  meta    model / train / data configs, the hash constants, the tokenizer fingerprint
-  vocab   the tokenizer JSON and the compression table
-Loading into a model whose hash constants, tokenizer or shapes differ fails and says what
-differs; nothing is overwritten.
+Loading into a model whose hash constants, tokenizer, table placement or shapes differ
+fails and says what differs; nothing is overwritten.
 """
 
 from __future__ import annotations
@@ -47,6 +52,16 @@ def compare_meta(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
   problems += _diff_dicts(saved.get("hash_constants") or {}, current.get("hash_constants") or {},
                           "hash constants: ")
   problems += _diff_dicts(saved.get("model") or {}, current.get("model") or {}, "model config: ")
+  # Host and device tables keep different optimizer states (row-sparse vs dense Adam), so a
+  # run resumes with the same layers in host memory; "host" <-> "cached" keeps the same state.
+  saved_host = list(saved.get("host_table_layers") or [])
+  current_host = list(current.get("host_table_layers") or [])
+  if saved_host != current_host:
+    spec = lambda m: (m.get("train") or {}).get("table_placement", "device")  # noqa: E731
+    problems.append(
+        f"Engram table placement differs: the checkpoint keeps the tables of layers {saved_host} "
+        f"in host memory (train.table_placement={spec(saved)!r}), the current run those of "
+        f"layers {current_host} ({spec(current)!r}); resume with the checkpoint's placement")
   return problems
 
 
@@ -75,7 +90,8 @@ class Checkpointer:
 
     # Registered handlers make item metadata (saved shapes) readable before a restore.
     handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
-                "vocab": ocp.JsonCheckpointHandler(), "data": grain_checkpoint.CheckpointHandler()}
+                "vocab": ocp.JsonCheckpointHandler(), "data": grain_checkpoint.CheckpointHandler(),
+                "host_tables": ocp.StandardCheckpointHandler()}
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def latest_step(self) -> int | None:
@@ -85,13 +101,17 @@ class Checkpointer:
     return list(self.manager.all_steps())
 
   def save(self, step: int, state: Any, *, meta: dict[str, Any], vocab: dict[str, Any],
-           data_iterator: Any = None, metrics: dict[str, float] | None = None) -> None:
+           data_iterator: Any = None, metrics: dict[str, float] | None = None,
+           host_tables: dict[int, dict[str, np.ndarray]] | None = None) -> None:
+    """`host_tables`: {layer: {"table", "m", "v", "count"}} NumPy arrays (host placement)."""
     from engram_jax.data.pipeline import checkpoint_args  # data sits beside training
 
     items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta),
              "vocab": ocp.args.JsonSave(vocab)}
     if data_iterator is not None:
       items["data"] = checkpoint_args(data_iterator)
+    if host_tables:
+      items["host_tables"] = ocp.args.StandardSave(_host_tree(host_tables))
     self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
     self.manager.wait_until_finished()
 
@@ -140,6 +160,30 @@ class Checkpointer:
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     return restored["state"], meta
 
+  def restore_host_tables(self, like: dict[int, dict[str, np.ndarray]], step: int | None = None
+                          ) -> dict[int, dict[str, np.ndarray]]:
+    """The host-placed tables and their sparse Adam state, as NumPy arrays shaped like `like`.
+
+    `like`: {layer: {"table", "m", "v", "count"}} arrays of the current run (e.g.
+    `HostTableTrainer.host_state()`); shapes and dtypes must match the saved ones.
+    """
+    step = self._step(step)
+    target = _host_tree(like)
+    saved = self._saved_shapes(step, "host_tables")
+    if saved is None and not (self.directory / str(step) / "host_tables").is_dir():
+      raise CheckpointMismatchError(f"checkpoint {self.directory}/{step} holds no host_tables item: "
+                                    "it was not saved with host-placed Engram tables")
+    if saved is not None:
+      wanted = _shape_tree(target)
+      problems = [f"host table {p}: checkpoint shape {saved.get(p)}, run shape {wanted.get(p)}"
+                  for p in sorted(set(saved) | set(wanted)) if saved.get(p) != wanted.get(p)]
+      if problems:
+        raise CheckpointMismatchError(
+            f"checkpoint {self.directory}/{step} does not match this run:\n  " + "\n  ".join(problems))
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        host_tables=ocp.args.StandardRestore(target)))["host_tables"]
+    return {int(l): {k: np.asarray(v) for k, v in d.items()} for l, d in restored.items()}
+
   def _check_data_state(self, step: int) -> None:
     # grain keeps one iterator file per process: a run resumes with the same process count.
     data_dir = self.directory / str(step) / "data"
@@ -151,9 +195,9 @@ class Checkpointer:
           f"{jax.process_index()} of {jax.process_count()}: resume with the process count it was "
           "saved with")
 
-  def _saved_shapes(self, step: int) -> dict[str, tuple] | None:
+  def _saved_shapes(self, step: int, item: str = "state") -> dict[str, tuple] | None:
     try:
-      tree = self.manager.item_metadata(step)["state"]
+      tree = self.manager.item_metadata(step)[item]
     except Exception:  # noqa: BLE001  older orbax layouts: fall back to orbax's own shape check
       return None
     if tree is None:
@@ -168,6 +212,11 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def _host_tree(host_tables: dict[int, dict[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:
+  # string keys: orbax stores dict keys as path names
+  return {str(l): {k: np.asarray(v) for k, v in d.items()} for l, d in host_tables.items()}
 
 
 def vocab_item(tokenizer: Any, compressor: Any) -> dict[str, Any]:

@@ -30,6 +30,11 @@ class TrainConfig:
     keep_checkpoints: how many checkpoints to keep.
     keep_best_by: None keeps the last `keep_checkpoints`; "val_loss" keeps the best ones.
     progress_bar: tqdm bar with tokens/s, loss and ETA.
+    table_placement: where the Engram tables live while training
+      (`engram_jax.offload.parse_placements`): "device" (default), "host" (host RAM,
+      row-sparse Adam on the host), "cached@0.05" (host + 5% hottest rows on the device),
+      or per layer, "1:host,15:cached@0.05" (unnamed layers stay on the device).
+      Anything but "device" needs a single-device mesh and a single process.
   """
 
   total_steps: int = 200
@@ -54,6 +59,7 @@ class TrainConfig:
   keep_checkpoints: int = 2
   keep_best_by: str | None = None
   progress_bar: bool = True
+  table_placement: str = "device"
 
   def __post_init__(self):
     object.__setattr__(self, "step_decay_boundaries", tuple(float(b) for b in self.step_decay_boundaries))
@@ -81,6 +87,7 @@ class TrainConfig:
     for name in ("log_every", "eval_every", "checkpoint_every"):
       if getattr(self, name) < 0:
         raise ValueError(f"TrainConfig.{name} must be >= 0")
+    _check_table_placement(self.table_placement)
 
   def replace(self, **changes: Any) -> "TrainConfig":
     return dataclasses.replace(self, **changes)
@@ -97,3 +104,23 @@ class TrainConfig:
     if unknown:
       raise ValueError(f"TrainConfig.from_dict: unknown fields {sorted(unknown)}")
     return cls(**d)
+
+
+def _check_table_placement(spec: str) -> None:
+  """Syntax and kinds of a placement spec; the layer ids are checked against the model later."""
+  from engram_jax.offload import parse_placements  # kernel-level package, no cycle
+
+  if not isinstance(spec, str):
+    raise ValueError(f"TrainConfig.table_placement must be a string, got {spec!r}")
+  named = []
+  if ":" in spec:  # per-layer spec: parse it against the layers it names
+    for item in spec.split(","):
+      layer = item.partition(":")[0].strip()
+      try:
+        named.append(int(layer))
+      except ValueError:
+        raise ValueError(f"TrainConfig.table_placement={spec!r}: bad layer id {layer!r}") from None
+  try:
+    parse_placements(spec, named or (0,))
+  except ValueError as e:
+    raise ValueError(f"TrainConfig.table_placement: {e}") from None

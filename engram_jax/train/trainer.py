@@ -6,6 +6,13 @@
 SIGTERM / SIGINT save a checkpoint and return with status "preempted"; a non-finite loss
 raises `TrainingDivergedError` naming the step and leaves the last good checkpoint alone.
 
+Engram tables in host memory (`TrainConfig.table_placement`, e.g. "host", "cached@0.05",
+"1:host"): `engram_jax.offload.HostTableTrainer` runs the steps (rows of step t+1 gathered
+on the host during step t, row-sparse Adam on the host tables); checkpoints add the host
+tables and their Adam state (item "host_tables"); evaluation feeds the gathered rows.
+Single device, single process only. "cached" layers keep the rows most frequent in the
+first `FREQUENCY_BATCHES` training batches on the device.
+
 Multi-process (after `jax.distributed.initialize`): every process runs this same loop on the
 global mesh and feeds its rows of the global batch (`engram_jax.train.multihost`); process 0
 trains / writes the cached tokenizer first and alone writes metrics and meta.json; checkpoints
@@ -14,6 +21,9 @@ are saved collectively by orbax; a signal on any process stops all of them at th
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import copy
 import dataclasses
 import json
 import logging
@@ -25,7 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from tokenizers import Tokenizer
 
 from engram_jax import sharding as sharding_lib
@@ -41,16 +53,21 @@ from engram_jax.data import (
 from engram_jax.hashing import TokenizerCompressor, tokenizer_fingerprint
 from engram_jax.models.accounting import count_params, flops_per_token
 from engram_jax.models.config import ModelConfig
+from engram_jax.offload import count_row_frequencies, flat_rows_np, parse_placements
 from engram_jax.train import multihost
 from engram_jax.train.checkpoint import Checkpointer, vocab_item
 from engram_jax.train.config import TrainConfig
-from engram_jax.train.loss import summarize_eval
+from engram_jax.train.loss import masked_lm_loss, summarize_eval
 from engram_jax.train.metrics import MetricsWriter
 from engram_jax.train.optimizer import make_optimizer
-from engram_jax.train.state import abstract_like, create_train_state
+from engram_jax.train.state import abstract_like, build_model, create_train_state
 from engram_jax.train.steps import batch_shardings, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
+
+# Training batches whose row ids are counted to pick the device-resident hot rows of
+# "cached" tables (read from a separate iterator: training still starts at batch 0).
+FREQUENCY_BATCHES = 20
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -116,7 +133,12 @@ class Trainer:
     self.model_config = resolve_model_config(model_config, self.tokenizer, self.compressor)
     self.row_hasher = EngramRowHasher.build(self.model_config.engram, self.tokenizer,
                                             special_ids(self.tokenizer).pad, self.compressor)
+    self.placements, self.host_layers = _table_placements(self.model_config, train_config)
+    if self.host_layers and mesh is None:
+      mesh = sharding_lib.make_mesh(data=1, devices=jax.devices()[:1])
     self.mesh = mesh or sharding_lib.make_mesh(data=jax.device_count())
+    if self.host_layers:
+      _check_host_placement_setup(self.mesh, train_config)
     self.layout = multihost.data_layout(self.mesh, data_config.batch_size, data_shards)
     self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=train_config.keep_checkpoints,
                                      best_by=train_config.keep_best_by)
@@ -156,6 +178,7 @@ class Trainer:
         "compressed": self.compressor.fingerprint is not None,
         "params": {"total": counts.total, "active": counts.active, "sparse": counts.sparse},
         "flops_per_token": flops_per_token(self.model_config, self.data_config.seq_len),
+        "host_table_layers": list(self.host_layers),
     }
 
   # -- signals -----------------------------------------------------------------------------
@@ -174,31 +197,20 @@ class Trainer:
     meta = self.meta()
     if self.checkpointer.latest_step() is not None:
       self.checkpointer.check_meta(meta)  # fail fast, before any compilation
-    graphdef, state, state_sh, (tx, lr) = create_train_state(
-        self.model_config, lambda p: make_optimizer(cfg, p), self.seed, self.mesh)
     # each data group of processes reads its own document shards; batch_size is per process
     data_iter = self._train_iterator()
-    start = 0
-    if self.checkpointer.latest_step() is not None:
-      abstract = abstract_like(state)
-      del state
-      state, _ = self.checkpointer.restore(abstract, current_meta=meta, data_iterator=data_iter)
-      start = int(state.step)
+    rate = cfg.moe_bias_update_rate
+    if rate is None and self.model_config.moe is not None:
+      rate = self.model_config.moe.bias_update_rate
+    placement = _HostPlacement if self.host_layers else _DevicePlacement
+    engine = placement(self, meta, data_iter, rate or 0.0)  # builds or restores the state
+    start = engine.step
+    if start:
       log.info("resumed from step %d", start)
     if jax.process_index() == 0:
       (self.workdir / "meta.json").write_text(json.dumps(meta, indent=1))
 
     global_batch = self.layout.global_batch
-    spec = batch_spec(self.data_config.replace(batch_size=global_batch), self.model_config.engram)
-    example = jax.tree.map(lambda s: np.zeros(s[0], s[1]), spec, is_leaf=lambda x: isinstance(x, tuple))
-    b_shard = batch_shardings(example, self.mesh)
-    rate = cfg.moe_bias_update_rate
-    if rate is None and self.model_config.moe is not None:
-      rate = self.model_config.moe.bias_update_rate
-    train_step = jax.jit(make_train_step(graphdef, tx, lr, bias_update_rate=rate or 0.0),
-                         in_shardings=(state_sh, b_shard), out_shardings=(state_sh, None),
-                         donate_argnums=(0,))
-    eval_step = jax.jit(make_eval_step(graphdef))
     # Every process builds the same validation batches (rows default to the global batch).
     eval_data = self.data_config.replace(
         eval_batch_size=self.data_config.eval_batch_size or global_batch)
@@ -218,12 +230,12 @@ class Trainer:
     last_eval, status = None, "completed"
     timed_tokens, timed_seconds = 0, 0.0
     step = start
+    steps = engine.steps(data_iter)
     try:
-      with jax.set_mesh(self.mesh):
+      with engine.context():
         while step < end:
           t0 = time.perf_counter()  # wall time per step, input pipeline included
-          batch = multihost.put_process_batch(next(data_iter), b_shard, global_batch)
-          state, metrics = train_step(state, batch)
+          metrics = next(steps)
           loss = float(metrics["loss"])  # syncs; also what the NaN check needs
           dt = time.perf_counter() - t0
           step += 1
@@ -243,17 +255,18 @@ class Trainer:
             writer.write(step, {**{k: float(v) for k, v in metrics.items()}, "tokens_per_second": tps})
           at_end = step == cfg.total_steps
           if eval_batches and (step % cfg.eval_every == 0 or at_end):
-            last_eval = self.evaluate(eval_step, state, eval_batches, self.mesh)
+            last_eval = engine.evaluate(eval_batches)
             writer.write(step, last_eval, split="val")
           if multihost.any_process(self._stop_signal is not None):
             status = "preempted"
             log.warning("signal %s: checkpointing at step %d and exiting",
                         self._stop_signal or "on another process", step)
-            self._save(step, state, meta, data_iter, last_eval)
+            self._save(engine, step, meta, last_eval)
             break
           if at_end or step == end or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-            self._save(step, state, meta, data_iter, last_eval)
+            self._save(engine, step, meta, last_eval)
     finally:
+      steps.close()  # host placement: stops the row prefetcher, which reads data_iter
       for sig, handler in previous_handlers.items():
         signal.signal(sig, handler)
       if bar is not None:
@@ -261,16 +274,40 @@ class Trainer:
       writer.close()
       if hasattr(data_iter, "close"):
         data_iter.close()
-    self.state = state
+    self.state = engine.state
+    self.host_trainer = getattr(engine, "host", None)
     tps = timed_tokens / timed_seconds if timed_seconds else float("nan")
     return RunResult(status, step, losses, last_eval, tps, self.workdir)
 
-  def _save(self, step, state, meta, data_iter, last_eval):
+  def _save(self, engine, step, meta, last_eval):
     metrics = None
     if self.train_config.keep_best_by:
       metrics = {"val_loss": float("inf") if last_eval is None else last_eval["val_loss"]}
-    self.checkpointer.save(step, state, meta=meta, vocab=vocab_item(self.tokenizer, self.compressor),
-                           data_iterator=data_iter, metrics=metrics)
+    engine.save(self.checkpointer, step, meta=meta,
+                vocab=vocab_item(self.tokenizer, self.compressor), metrics=metrics)
+
+  def row_frequencies(self, model: Any, layers: tuple[int, ...]) -> dict[int, np.ndarray]:
+    """Row counts {layer: np.int64 [R]} over the first `FREQUENCY_BATCHES` training batches.
+
+    Read from a separate iterator over the same stream, so the training iterator loses no
+    batch; the counts (and so the hot rows of "cached" tables) are the same on resume.
+    """
+    counts = {l: np.zeros(model.blocks[l].engram.num_rows, np.int64) for l in layers}
+    offsets = {l: np.asarray(model.blocks[l].engram.offsets, np.int64) for l in layers}
+    it = self._train_iterator()
+    try:
+      for _ in range(FREQUENCY_BATCHES):
+        try:
+          batch = next(it)
+        except StopIteration:
+          break
+        for l in layers:
+          flat = flat_rows_np(np.asarray(batch["engram_rows"][l]), offsets[l])
+          counts[l] += count_row_frequencies([flat], counts[l].shape[0])
+    finally:
+      if hasattr(it, "close"):
+        it.close()
+    return counts
 
   @staticmethod
   def evaluate(eval_step, state, eval_batches, mesh) -> dict[str, float]:
@@ -284,3 +321,208 @@ class Trainer:
       for k, v in sums.items():
         totals[k] = totals.get(k, 0.0) + float(v)
     return summarize_eval(totals)
+
+
+def _table_placements(model_config: ModelConfig, cfg: TrainConfig) -> tuple[dict, tuple[int, ...]]:
+  """({layer: TablePlacement}, the layers placed "host" / "cached") of a run."""
+  if model_config.engram is None:
+    if cfg.table_placement.strip() not in ("", "device"):
+      raise ValueError(f"TrainConfig.table_placement={cfg.table_placement!r} needs a model with "
+                       "Engram layers; this model has none")
+    return {}, ()
+  placements = parse_placements(cfg.table_placement, model_config.engram_layer_ids)
+  return placements, tuple(sorted(l for l, p in placements.items() if p.on_host))
+
+
+def _check_host_placement_setup(mesh: jax.sharding.Mesh, cfg: TrainConfig) -> None:
+  if mesh.size != 1 or jax.process_count() != 1:
+    raise NotImplementedError(
+        f"TrainConfig.table_placement={cfg.table_placement!r}: training with host-placed Engram "
+        f"tables runs on a single device in a single process for now; got a mesh of {mesh.size} "
+        f"devices ({dict(mesh.shape)}) and {jax.process_count()} processes. Make one device "
+        "visible (e.g. CUDA_VISIBLE_DEVICES=0 for experiments.train), pass Trainer a one-device "
+        "mesh, or use table_placement='device'")
+  if mesh.devices.flat[0] != jax.devices()[0]:
+    raise ValueError(f"host table placement trains on jax.devices()[0]={jax.devices()[0]}; the "
+                     f"mesh holds {mesh.devices.flat[0]}")
+  if cfg.freeze_engram_tables:
+    raise ValueError(f"TrainConfig.freeze_engram_tables=True is not supported with "
+                     f"table_placement={cfg.table_placement!r} (the host optimizer always "
+                     "updates the tables); use table_placement='device'")
+
+
+class _DevicePlacement:
+  """Every Engram table on the device: the whole state sharded on the mesh, one jitted step."""
+
+  def __init__(self, trainer: Trainer, meta: dict[str, Any], data_iter: Any, rate: float):
+    cfg, mesh = trainer.train_config, trainer.mesh
+    graphdef, state, state_sh, (tx, lr) = create_train_state(
+        trainer.model_config, lambda p: make_optimizer(cfg, p), trainer.seed, mesh)
+    if trainer.checkpointer.latest_step() is not None:
+      abstract = abstract_like(state)
+      del state
+      state, _ = trainer.checkpointer.restore(abstract, current_meta=meta, data_iterator=data_iter)
+    self.state, self.mesh, self.data_iter = state, mesh, data_iter
+    self.global_batch = trainer.layout.global_batch
+    spec = batch_spec(trainer.data_config.replace(batch_size=self.global_batch),
+                      trainer.model_config.engram)
+    example = jax.tree.map(lambda s: np.zeros(s[0], s[1]), spec, is_leaf=lambda x: isinstance(x, tuple))
+    self.b_shard = batch_shardings(example, mesh)
+    self.train_step = jax.jit(make_train_step(graphdef, tx, lr, bias_update_rate=rate),
+                              in_shardings=(state_sh, self.b_shard), out_shardings=(state_sh, None),
+                              donate_argnums=(0,))
+    self.eval_step = jax.jit(make_eval_step(graphdef))
+
+  @property
+  def step(self) -> int:
+    return int(self.state.step)
+
+  def context(self):
+    return jax.set_mesh(self.mesh)
+
+  def steps(self, data_iter):
+    """Yields each step's metrics; one batch is read per step."""
+    while True:
+      try:
+        batch = next(data_iter)
+      except StopIteration:
+        return
+      batch = multihost.put_process_batch(batch, self.b_shard, self.global_batch)
+      self.state, metrics = self.train_step(self.state, batch)
+      yield metrics
+
+  def evaluate(self, eval_batches) -> dict[str, float]:
+    return Trainer.evaluate(self.eval_step, self.state, eval_batches, self.mesh)
+
+  def save(self, checkpointer: Checkpointer, step: int, **kwargs) -> None:
+    checkpointer.save(step, self.state, data_iterator=self.data_iter, **kwargs)
+
+
+class _ConsumedPosition:
+  """The training iterator as the row prefetcher reads it, checkpointed where the loop is.
+
+  The prefetcher pulls batches ahead of the step that runs; this records the iterator's
+  state after each pull, and `get_state` (what grain's orbax handler saves) returns the
+  state after the last batch the loop has consumed (`consumed()` once per step).
+  """
+
+  def __init__(self, iterator: Any):
+    self.iterator = iterator
+    self._pending: collections.deque = collections.deque()
+    self._state = self._read_state()
+
+  def _read_state(self) -> bytes:
+    state = self.iterator.get_state()
+    # grain's handler json-dumps DatasetIterator states, saves other iterators' bytes
+    return state if isinstance(state, bytes) else json.dumps(copy.deepcopy(state), indent=4).encode()
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = next(self.iterator)
+    self._pending.append(self._read_state())  # the prefetch thread
+    return batch
+
+  def consumed(self) -> None:
+    self._state = self._pending.popleft()
+
+  def get_state(self) -> bytes:
+    return self._state
+
+
+def _make_host_eval_step(graphdef: nnx.GraphDef, host_layers: tuple[int, ...]):
+  """Summed loss, tokens, bytes of one batch, host layers' rows given: (state, batch, rows)."""
+  from engram_jax.offload import apply_offloaded
+
+  def step(state, batch, rows):
+    device_ids = {l: v for l, v in batch["engram_rows"].items() if l not in host_layers} or None
+    logits, _ = apply_offloaded(graphdef, nnx.merge_state(state.params, state.rest),
+                                batch["tokens"], device_ids, rows,
+                                positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
+    _, sums = masked_lm_loss(logits, batch["targets"], batch["loss_mask"])
+    if "target_bytes" in batch:
+      sums["bytes"] = jnp.sum(batch["target_bytes"] * batch["loss_mask"]).astype(jnp.float32)
+    return sums
+
+  return step
+
+
+def _build_model_jitted(config: ModelConfig, seed: int):
+  """`build_model(config, seed)` initialized in one jitted call (the same values as
+  `create_train_state`'s; an eager build compiles every initializer separately)."""
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(config, seed)))
+  state = jax.jit(lambda: nnx.state(build_model(config, seed)))()
+  return nnx.merge(graphdef, state)
+
+
+class _HostPlacement:
+  """Host / cached Engram tables: `HostTableTrainer` steps, tables checkpointed beside the state.
+
+  The checkpoint's `state` item is the trainer's TrainState (dense params, rest, dense
+  optimizer state) without the tables' size-0 placeholders; `host_tables` holds each
+  host table with its row-sparse Adam m, v and per-row count.
+  """
+
+  def __init__(self, trainer: Trainer, meta: dict[str, Any], data_iter: Any, rate: float):
+    from engram_jax.offload import HostTableTrainer, host_table_filter
+
+    model = _build_model_jitted(trainer.model_config, trainer.seed)
+    cached = tuple(l for l, p in trainer.placements.items()
+                   if p.kind == "cached" and not p.frequency_file)
+    frequencies = trainer.row_frequencies(model, cached) if cached else None
+    self.host = HostTableTrainer(model, trainer.placements, trainer.train_config,
+                                 frequencies=frequencies, bias_update_rate=rate)
+    del model
+    # Committed to the device like the step's outputs: otherwise step 2 compiles again.
+    self.host.state = jax.device_put(self.host.state, jax.devices()[0])
+    self.layers = self.host.offloaded.host_layers
+    self._is_placeholder = host_table_filter(self.layers)
+    ckpt = trainer.checkpointer
+    step = ckpt.latest_step()
+    if step is not None:
+      saved = self._savable_state()
+      restored, _ = ckpt.restore(abstract_like(saved), current_meta=meta, step=step,
+                                 data_iterator=data_iter)
+      placeholders, _ = nnx.split_state(self.host.state.rest, self._is_placeholder, ...)
+      self.host.state = restored.replace(rest=nnx.merge_state(restored.rest, placeholders))
+      self.host.load_host_state(ckpt.restore_host_tables(self.host.host_state(), step=step))
+    self.position = _ConsumedPosition(data_iter)
+    self.eval_step = jax.jit(_make_host_eval_step(self.host.graphdef, self.layers))
+
+  @property
+  def state(self):
+    return self.host.state
+
+  @property
+  def step(self) -> int:
+    return int(self.host.state.step)
+
+  def context(self):
+    # No mesh: HostTableTrainer's state lives on jax.devices()[0] without one; under
+    # jax.set_mesh the step's outputs would carry the mesh and recompile the next step.
+    return contextlib.nullcontext()
+
+  def _savable_state(self):
+    # orbax cannot write the size-0 table placeholders; they carry nothing
+    _, rest = nnx.split_state(self.host.state.rest, self._is_placeholder, ...)
+    return self.host.state.replace(rest=rest)
+
+  def steps(self, data_iter):
+    """Yields each step's metrics (the table update applied); rows prefetched one step ahead."""
+    del data_iter  # read through self.position
+    for metrics in self.host.iterate(self.position):
+      self.position.consumed()
+      yield metrics
+
+  def evaluate(self, eval_batches) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for batch in eval_batches:
+      rows = self.host.offloaded.gather(batch["engram_rows"])
+      for k, v in self.eval_step(self.host.state, batch, rows).items():
+        totals[k] = totals.get(k, 0.0) + float(v)
+    return summarize_eval(totals)
+
+  def save(self, checkpointer: Checkpointer, step: int, **kwargs) -> None:
+    checkpointer.save(step, self._savable_state(), data_iterator=self.position,
+                      host_tables=self.host.host_state(), **kwargs)

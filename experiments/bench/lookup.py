@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.bench.timing import time_fn
+
 import pallas_kernels as pk
 from pallas_kernels import reference
 
@@ -90,17 +92,6 @@ PRESETS = {
         fused=(FusedCase(10_000_000, 80, "bfloat16", 16384, 16, 2560, 4),),
         iters=20),
 }
-
-
-def time_fn(fn, *args, iters: int) -> float:
-  """Median seconds per call of a jitted fn (after one warm-up call)."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
 
 
 def copy_bandwidth(nbytes: int, iters: int) -> float:

@@ -24,6 +24,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from experiments.bench.timing import time_fn
 from absl import app, flags
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -60,17 +62,6 @@ PRESETS = {
                             Case(36_198_400, 80, "bfloat16", 16384, 16),
                             Case(36_198_400, 80, "bfloat16", 65536, 16))),
 }
-
-
-def time_fn(fn, *args, iters: int) -> float:
-  """Median seconds per call (after one warm-up call that also compiles)."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
 
 
 def traffic_model(case: Case, shards: int, splits: int, factor: float | None) -> dict:

@@ -14,6 +14,7 @@ def get_config(variant: str = "engram"):
                  head_dim=64, ffn_hidden=2048, num_dense_layers=1, hc_mult=4, dtype="bfloat16")
   c.moe.update(num_experts=48, num_shared_experts=2, top_k=6, expert_hidden=256)
   c.engram.update(max_ngram_size=3, n_embed_per_ngram=256, n_head_per_ngram=8, layer_ids=(1, 5))
+  c.model.engram_row_multiple = 1024   # Engram tables split evenly over up to 1024 tensor shards
   c.allocation.rho = 0.8
   # Engram's value/key projections (d_mem x D x (1 + G) per layer) add ~6% active parameters
   # at this width; the MoE twin is matched on total parameters and within 8% on active ones.

@@ -1,0 +1,19 @@
+"""Timing helpers shared by the benchmark scripts."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+
+
+def time_fn(fn, *args, iters: int) -> float:
+  """Median seconds per call of `fn(*args)` after one warm-up call (which also compiles)."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))

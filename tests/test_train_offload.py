@@ -1,0 +1,165 @@
+"""Trainer with host-placed Engram tables (TrainConfig.table_placement): training, evaluation,
+exact resume from checkpoints holding the host tables and their sparse Adam state."""
+
+import math
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from jax.experimental.compilation_cache import compilation_cache
+
+from engram_jax import sharding as sharding_lib
+from engram_jax.data import DataConfig
+from engram_jax.models.config import ModelConfig
+from engram_jax.offload import HotRowCache, top_rows
+from engram_jax.train import CheckpointMismatchError, TrainConfig, Trainer
+from engram_jax.train.metrics import read_metrics
+from tests.test_train import VOCAB, tiny_model
+
+LAYER = 1  # tiny_model's only Engram layer
+# warmup_steps=1: the lr of step 1 is 0, so step 1 moves no parameter (and no table row)
+HOST = TrainConfig(total_steps=4, warmup_steps=1, eval_every=4, checkpoint_every=2,
+                   log_every=1, progress_bar=False, table_placement="host")
+ONE_DEVICE = dict(eval_every=0, checkpoint_every=0)
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+  """Runs of the same model reuse the compiled init / step / eval (they are the same
+  programs); only compilation time is saved."""
+  saved = {k: getattr(jax.config, k) for k in
+           ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  compilation_cache.reset_cache()
+  yield
+  for k, v in saved.items():
+    jax.config.update(k, v)
+  compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def data_config(tmp_path_factory):
+  return DataConfig(seq_len=32, batch_size=4, bpe_vocab_size=VOCAB, max_bytes=400_000,
+                    tokenizer_train_bytes=200_000, num_eval_batches=1,
+                    tokenizer_dir=str(tmp_path_factory.mktemp("tok")))
+
+
+@pytest.fixture(scope="module")
+def straight(data_config, compile_cache, tmp_path_factory):
+  trainer = Trainer(tiny_model(), HOST, data_config, tmp_path_factory.mktemp("runs") / "straight")
+  return trainer, trainer.run()
+
+
+@pytest.fixture(scope="module")
+def device_first_step(data_config, compile_cache, tmp_path_factory):
+  """The device-placement run of the same model, one step, on one device."""
+  mesh = sharding_lib.make_mesh(data=1, devices=jax.devices()[:1])
+  trainer = Trainer(tiny_model(), HOST.replace(table_placement="device", **ONE_DEVICE),
+                    data_config, tmp_path_factory.mktemp("runs") / "device", mesh=mesh)
+  return trainer, trainer.run(stop_after=1)
+
+
+def _host_state(trainer):
+  return {l: {k: np.copy(v) for k, v in d.items()}
+          for l, d in trainer.host_trainer.host_state().items()}
+
+
+def _resume_from_step_2(straight_trainer, tmp_path, placement):
+  """A copy of the straight run's workdir without its step-4 checkpoint, resumed."""
+  workdir = tmp_path / "resumed"
+  shutil.copytree(straight_trainer.workdir, workdir)
+  shutil.rmtree(workdir / "checkpoints" / "4")
+  (workdir / "metrics.jsonl").unlink()
+  trainer = Trainer(tiny_model(), HOST.replace(table_placement=placement),
+                    straight_trainer.data_config, workdir)
+  assert trainer.checkpointer.latest_step() == 2
+  return trainer, trainer.run()
+
+
+def test_host_placement_trains_and_evaluates(straight, device_first_step):
+  trainer, result = straight
+  assert result.status == "completed" and sorted(result.losses) == [1, 2, 3, 4]
+  assert all(math.isfinite(v) for v in result.losses.values())
+  assert set(result.eval) >= {"val_loss", "val_perplexity", "val_bits_per_byte"}
+  assert all(math.isfinite(v) for v in result.eval.values())
+  assert read_metrics(trainer.workdir, "val")[-1]["val_loss"] == result.eval["val_loss"]
+  assert trainer.checkpointer.all_steps() == [2, 4]
+  assert trainer.checkpointer.read_meta()[0]["host_table_layers"] == [LAYER]
+  # the table lives on the host; the model keeps a size-0 placeholder
+  table = trainer.host_trainer.offloaded.tables[LAYER].numpy()
+  assert table.shape[0] > 0 and trainer.state.rest["blocks"][LAYER]["engram"]["table"].get_value().shape[0] == 0
+  # sparse Adam: every row counts the steps that touched it (logged per step) ...
+  count = trainer.host_trainer.host_state()[LAYER]["count"]
+  touched = [r[f"engram_rows_touched_{LAYER}"] for r in read_metrics(trainer.workdir, "train")]
+  assert len(touched) == 4 and count.sum() == sum(touched) and count.max() <= 4
+  # ... rows never touched keep their initial values (the device run's table after its
+  # lr-0 first step), touched rows moved
+  device_trainer, _ = device_first_step
+  initial = np.asarray(device_trainer.state.params["blocks"][LAYER]["engram"]["table"].get_value())
+  np.testing.assert_array_equal(table[count == 0], initial[count == 0])
+  assert (count == 0).any() and not np.allclose(table[count > 1], initial[count > 1])
+
+
+def test_first_step_loss_equals_device_placement(straight, device_first_step):
+  _, host = straight
+  _, device = device_first_step
+  assert host.losses[1] == device.losses[1]  # same init, same batch, to the last bit
+
+
+def test_resume_restores_host_tables_and_sparse_adam_exactly(straight, tmp_path):
+  trainer, result = straight
+  resumed, second = _resume_from_step_2(trainer, tmp_path, "host")
+  assert sorted(second.losses) == [3, 4]
+  for step in (3, 4):
+    assert second.losses[step] == result.losses[step], step  # to the last bit
+  assert second.eval == result.eval
+  want, got = _host_state(trainer), _host_state(resumed)
+  for key in ("table", "m", "v", "count"):
+    np.testing.assert_array_equal(got[LAYER][key], want[LAYER][key], err_msg=key)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.state.params),
+               jax.device_get(trainer.state.params))
+
+
+def test_cached_placement_trains_like_host(straight, data_config, tmp_path):
+  """The hot rows come from the first FREQUENCY_BATCHES batches of a separate iterator:
+  training still sees batch 1 first, and the rows (so the losses) equal the host run's."""
+  _, result = straight
+  trainer = Trainer(tiny_model(), HOST.replace(table_placement=f"{LAYER}:cached@0.05", **ONE_DEVICE),
+                    data_config, tmp_path / "cached")
+  cached = trainer.run(stop_after=2)
+  assert cached.losses == {1: result.losses[1], 2: result.losses[2]}
+  cache = trainer.host_trainer.offloaded.sources[LAYER]
+  assert isinstance(cache, HotRowCache)
+  counts = trainer.row_frequencies(trainer.host_trainer.model, (LAYER,))[LAYER]
+  assert counts.sum() > 0
+  np.testing.assert_array_equal(np.sort(cache.hot_rows), np.sort(top_rows(counts, cache.capacity)))
+
+
+def test_host_checkpoint_resumes_as_cached_but_not_on_device(straight, tmp_path):
+  trainer, result = straight
+  _, second = _resume_from_step_2(trainer, tmp_path, "cached@0.1")  # same host state
+  assert second.losses == {3: result.losses[3], 4: result.losses[4]}
+  with pytest.raises(CheckpointMismatchError, match=r"table placement differs.*layers \[1\].*'host'"):
+    Trainer(tiny_model(), HOST.replace(table_placement="device"), trainer.data_config,
+            trainer.workdir).run()
+  assert trainer.checkpointer.all_steps() == [2, 4]  # nothing overwritten
+
+
+def test_bad_placements_are_refused(data_config, tmp_path):
+  with pytest.raises(ValueError, match="table_placement.*'hots'"):
+    TrainConfig(table_placement="hots")
+  with pytest.raises(ValueError, match="cache_fraction"):
+    TrainConfig(table_placement="1:cached@1.5")
+  with pytest.raises(ValueError, match="names layer 0, not an Engram layer"):
+    Trainer(tiny_model(), HOST.replace(table_placement="0:host"), data_config, tmp_path / "a")
+  dense = ModelConfig.tiny("moe", vocab_size=VOCAB)
+  with pytest.raises(ValueError, match="needs a model with Engram layers"):
+    Trainer(dense, HOST, data_config, tmp_path / "b")
+  with pytest.raises(ValueError, match="freeze_engram_tables"):
+    Trainer(tiny_model(), HOST.replace(freeze_engram_tables=True), data_config, tmp_path / "c")
+  if jax.device_count() > 1:
+    mesh = sharding_lib.make_mesh(data=2)
+    with pytest.raises(NotImplementedError, match="single device.*mesh of 2 devices"):
+      Trainer(tiny_model(), HOST, data_config, tmp_path / "d", mesh=mesh)
