@@ -21,7 +21,7 @@ LAYER = 1  # tiny_model's only Engram layer
 # warmup_steps=1: the lr of step 1 is 0, so step 1 moves no parameter (and no table row)
 HOST = TrainConfig(total_steps=4, warmup_steps=1, eval_every=4, checkpoint_every=2,
                    log_every=1, progress_bar=False, table_placement="host")
-ONE_DEVICE = dict(eval_every=0, checkpoint_every=0)
+NO_EVAL_OR_CHECKPOINTS = {"eval_every": 0, "checkpoint_every": 0}
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def straight(data_config, compile_cache, tmp_path_factory):
 def device_first_step(data_config, compile_cache, tmp_path_factory):
   """The device-placement run of the same model, one step, on one device."""
   mesh = sharding_lib.make_mesh(data=1, devices=jax.devices()[:1])
-  trainer = Trainer(tiny_model(), HOST.replace(table_placement="device", **ONE_DEVICE),
+  trainer = Trainer(tiny_model(), HOST.replace(table_placement="device", **NO_EVAL_OR_CHECKPOINTS),
                     data_config, tmp_path_factory.mktemp("runs") / "device", mesh=mesh)
   return trainer, trainer.run(stop_after=1)
 
@@ -126,8 +126,8 @@ def test_cached_placement_trains_like_host(straight, data_config, tmp_path):
   """The hot rows come from the first FREQUENCY_BATCHES batches of a separate iterator:
   training still sees batch 1 first, and the rows (so the losses) equal the host run's."""
   _, result = straight
-  trainer = Trainer(tiny_model(), HOST.replace(table_placement=f"{LAYER}:cached@0.05", **ONE_DEVICE),
-                    data_config, tmp_path / "cached")
+  config = HOST.replace(table_placement=f"{LAYER}:cached@0.05", **NO_EVAL_OR_CHECKPOINTS)
+  trainer = Trainer(tiny_model(), config, data_config, tmp_path / "cached")
   cached = trainer.run(stop_after=2)
   assert cached.losses == {1: result.losses[1], 2: result.losses[2]}
   cache = trainer.host_trainer.offloaded.sources[LAYER]

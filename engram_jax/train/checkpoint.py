@@ -57,7 +57,7 @@ def compare_meta(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
   saved_host = list(saved.get("host_table_layers") or [])
   current_host = list(current.get("host_table_layers") or [])
   if saved_host != current_host:
-    spec = lambda m: (m.get("train") or {}).get("table_placement", "device")  # noqa: E731
+    spec = lambda m: (m.get("train") or {}).get("table_placement", "device")
     problems.append(
         f"Engram table placement differs: the checkpoint keeps the tables of layers {saved_host} "
         f"in host memory (train.table_placement={spec(saved)!r}), the current run those of "

@@ -89,7 +89,7 @@ class TrainConfig:
         raise ValueError(f"TrainConfig.{name} must be >= 0")
     _check_table_placement(self.table_placement)
 
-  def replace(self, **changes: Any) -> "TrainConfig":
+  def replace(self, **changes: Any) -> TrainConfig:
     return dataclasses.replace(self, **changes)
 
   def to_dict(self) -> dict[str, Any]:
@@ -98,7 +98,7 @@ class TrainConfig:
     return d
 
   @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+  def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - known
     if unknown:
@@ -111,7 +111,7 @@ def _check_table_placement(spec: str) -> None:
   from engram_jax.offload import parse_placements  # kernel-level package, no cycle
 
   if not isinstance(spec, str):
-    raise ValueError(f"TrainConfig.table_placement must be a string, got {spec!r}")
+    raise TypeError(f"TrainConfig.table_placement must be a string, got {spec!r}")
   named = []
   if ":" in spec:  # per-layer spec: parse it against the layers it names
     for item in spec.split(","):

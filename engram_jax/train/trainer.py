@@ -121,7 +121,9 @@ class Trainer:
                data_shards: int | None = None):
     """`data_shards`: document streams the global batch is drawn from (default: one per data
     group of processes); fix it to reproduce a multi-process run's batches on fewer processes
-    (see `engram_jax.train.multihost`)."""
+    (see `engram_jax.train.multihost`). `mesh` defaults to all devices, or to
+    jax.devices()[0] alone when `train_config.table_placement` puts tables on the host
+    (after `run`, `self.host_trainer` is then the `HostTableTrainer`, else None)."""
     self.workdir = Path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
     self.train_config, self.data_config, self.seed = train_config, data_config, seed
