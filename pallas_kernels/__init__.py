@@ -9,8 +9,7 @@ Public API:
 """
 
 from pallas_kernels import reference
-from pallas_kernels.ops import IMPLS, check_row_ids, gather_gate, gather_rows
-from pallas_kernels.ops import gather_rows_sparse_grad, resolve_impl
+from pallas_kernels.ops import IMPLS, check_row_ids, gather_gate, gather_rows, gather_rows_sparse_grad, resolve_impl
 from pallas_kernels.sparse_grad import SparseRowGrad, sparse_row_grad
 
 __all__ = [

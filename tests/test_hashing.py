@@ -3,7 +3,8 @@
 import jax
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engram_jax import EngramConfig, NgramHasher
 from engram_jax.hashing import is_prime, next_prime

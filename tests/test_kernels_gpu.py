@@ -12,8 +12,7 @@ import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 import pallas_kernels as pk
-from pallas_kernels import gather_gpu
-from pallas_kernels import reference
+from pallas_kernels import gather_gpu, reference
 from tests.test_kernels_common import loss_and_grads, make_inputs, reference_gather_gate, tol
 
 INTERPRET = plgpu.InterpretGPUParams()

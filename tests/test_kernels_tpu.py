@@ -12,8 +12,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 import pallas_kernels as pk
-from pallas_kernels import gather_tpu
-from pallas_kernels import reference
+from pallas_kernels import gather_tpu, reference
 from tests.test_kernels_common import loss_and_grads, make_inputs, reference_gather_gate, tol
 
 INTERPRET = pltpu.InterpretParams()

@@ -5,15 +5,20 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
-from flax import nnx
 
 from engram_jax import EngramConfig
 from engram_jax.data import DataConfig
 from engram_jax.models.config import ModelConfig
-from engram_jax.train import (CheckpointMismatchError, TrainConfig, Trainer, TrainingDivergedError,
-                              learning_rate_schedule, make_optimizer, parameter_labels)
+from engram_jax.train import (
+  CheckpointMismatchError,
+  TrainConfig,
+  Trainer,
+  TrainingDivergedError,
+  learning_rate_schedule,
+  make_optimizer,
+  parameter_labels,
+)
 from engram_jax.train import trainer as trainer_lib
 from engram_jax.train.state import build_model, split_model
 

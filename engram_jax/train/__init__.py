@@ -1,6 +1,6 @@
 """Training: optimizer groups, jitted steps, orbax checkpoints and the loop."""
 
-from engram_jax.train.checkpoint import CheckpointMismatchError, Checkpointer, compare_meta
+from engram_jax.train.checkpoint import Checkpointer, CheckpointMismatchError, compare_meta
 from engram_jax.train.config import TrainConfig
 from engram_jax.train.optimizer import learning_rate_schedule, make_optimizer, parameter_labels
 from engram_jax.train.trainer import RunResult, Trainer, TrainingDivergedError

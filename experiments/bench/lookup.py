@@ -18,15 +18,13 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from absl import app
-from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from experiments.bench.timing import time_fn
+from absl import app, flags
 
 import pallas_kernels as pk
+from experiments.bench.timing import time_fn
 from pallas_kernels import reference
 
 _PRESET = flags.DEFINE_enum("preset", "cpu_tiny", ["cpu_tiny", "small", "h200"],

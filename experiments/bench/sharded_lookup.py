@@ -24,14 +24,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from experiments.bench.timing import time_fn
 from absl import app, flags
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from engram_jax.distributed import sharded_lookup as sl
 from engram_jax.sharding import make_mesh
+from experiments.bench.timing import time_fn
 
 _PRESET = flags.DEFINE_enum("preset", "cpu", ["cpu", "gpu"], "Shape set to run.")
 _LAYOUT = flags.DEFINE_enum(
