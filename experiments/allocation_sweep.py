@@ -105,14 +105,11 @@ def run(config, workdir: str, rhos, scales, seeds, *, all_seeds=False, steps=Non
         secondary_rhos=None, train=True) -> dict:
   config = sweep_lib.with_overrides(config, steps=steps)
   planned = variants(config, rhos, scales, seeds, all_seeds, secondary_rhos)
-  rows = sweep_lib.run_all(planned, workdir, train=train)
-  missing = sweep_lib.missing_runs(planned, workdir)
-  summary, table = summarize(rows)
-  out = Path(workdir) / NAME
-  png = plot(rows, summary, out / f"{NAME}.png")
-  sweep_lib.write_results(out, NAME, rows, meta={"missing_runs": missing, "summary": summary, "plot": str(png)}, table=table)
-  print(table)
-  return {"rows": rows, "summary": summary, "table": table, "plot": png}
+  def report(rows):
+    summary, table = summarize(rows)
+    return {"summary": summary}, table
+  return sweep_lib.run_and_report(NAME, planned, workdir, train=train, report=report,
+                                  plot=lambda rows, extra, path: plot(rows, extra["summary"], path))
 
 
 

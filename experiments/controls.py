@@ -84,14 +84,9 @@ def plot(rows: list[dict], path: Path) -> Path:
 def run(config, workdir: str, seeds, *, steps=None, train=True) -> dict:
   config = sweep_lib.with_overrides(config, steps=steps)
   planned = [variant(config, w, s) for s in seeds for w in CONTROLS]
-  rows = sweep_lib.run_all(planned, workdir, train=train)
-  missing = sweep_lib.missing_runs(planned, workdir)
-  table = summarize(rows)
-  out = Path(workdir) / NAME
-  png = plot(rows, out / f"{NAME}.png")
-  sweep_lib.write_results(out, NAME, rows, meta={"missing_runs": missing, "plot": str(png)}, table=table)
-  print(table)
-  return {"rows": rows, "table": table, "plot": png}
+  return sweep_lib.run_and_report(NAME, planned, workdir, train=train,
+                                  report=lambda rows: ({}, summarize(rows)),
+                                  plot=lambda rows, extra, path: plot(rows, path))
 
 
 

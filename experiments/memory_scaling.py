@@ -100,14 +100,11 @@ def plot(rows: list[dict], path: Path) -> Path:
 def run(config, workdir: str, slots, baseline_slots, seed=0, *, steps=None, train=True) -> dict:
   config = sweep_lib.with_overrides(config, steps=steps)
   planned = variants(config, slots, baseline_slots, seed)
-  rows = sweep_lib.run_all(planned, workdir, train=train)
-  missing = sweep_lib.missing_runs(planned, workdir)
-  fits, table = summarize(rows)
-  out = Path(workdir) / NAME
-  png = plot(rows, out / f"{NAME}.png")
-  sweep_lib.write_results(out, NAME, rows, meta={"missing_runs": missing, "fits": fits, "plot": str(png)}, table=table)
-  print(table)
-  return {"rows": rows, "fits": fits, "table": table, "plot": png}
+  def report(rows):
+    fits, table = summarize(rows)
+    return {"fits": fits}, table
+  return sweep_lib.run_and_report(NAME, planned, workdir, train=train, report=report,
+                                  plot=lambda rows, extra, path: plot(rows, path))
 
 
 

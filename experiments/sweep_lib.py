@@ -313,6 +313,20 @@ def run_all(variants: Sequence[Variant], workdir: str | Path, *, poll_seconds: f
 
 
 # ------------------------------------------------------------------------------- output
+def run_and_report(name: str, planned, workdir: str, *, train: bool, report, plot) -> dict:
+  """Trains (or reuses) the planned runs, then writes results.json, table.md and the plot
+  under workdir/name. report(rows) -> (extra: dict, table: str) and
+  plot(rows, extra, path) -> path are the experiment's own."""
+  rows = run_all(planned, workdir, train=train)
+  missing = missing_runs(planned, workdir)
+  extra, table = report(rows)
+  out = Path(workdir) / name
+  png = plot(rows, extra, out / f"{name}.png")
+  write_results(out, name, rows, meta={"missing_runs": missing, **extra, "plot": str(png)}, table=table)
+  print(table)
+  return {"rows": rows, **extra, "table": table, "plot": png}
+
+
 def write_results(out_dir: str | Path, name: str, rows: list[dict], *, meta: dict | None = None,
                   table: str | None = None) -> Path:
   """out_dir/results.json (rows + meta + hardware) and out_dir/table.md."""
