@@ -101,7 +101,8 @@ def make_mesh(
     )
 
 
-def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
+def axis_tuple(axes: MeshAxes) -> tuple[str, ...]:
+    """One ``PartitionSpec`` entry (None, an axis name or a tuple of them) as a tuple."""
     if axes is None:
         return ()
     if isinstance(axes, str):
@@ -133,7 +134,7 @@ def logical_to_spec(
             )
         chosen: list[str] = []
         extent = 1
-        for axis in _as_tuple(rules[name]):
+        for axis in axis_tuple(rules[name]):
             if axis not in mesh.shape:
                 raise ValueError(
                     f"rule {name!r} -> {axis!r}: no such mesh axis in {mesh.axis_names}")

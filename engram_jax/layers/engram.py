@@ -44,6 +44,8 @@ from engram_jax.layers.params import annotated
 
 GateKind = Literal["reference", "paper", "none"]
 Impl = Literal["xla", "pallas", "auto"]
+ShardedLookup = Literal["all_to_all", "xla"]
+SHARDED_LOOKUPS: tuple[str, ...] = ("all_to_all", "xla")
 _GATE_FLOOR = 1e-6
 
 
@@ -71,6 +73,13 @@ class Engram(nnx.Module):
       are never addressed) so that a row-sharded table divides evenly over the devices.
     fold_rows: None, or the rows every head's table holds; row ids (still hashed with
       `table_sizes`) are folded mod fold_rows on device. 1 = the one-slot-per-head control.
+    sharded_lookup: how the rows are fetched when the table is split by rows over devices
+      (inside `jax.set_mesh` with a mesh whose `engram_jax.sharding` rules split
+      "engram_rows", i.e. a "tensor" axis > 1 that divides the rows; see `row_multiple`):
+      "all_to_all" (default) routes each id to the shard owning its row and the row back
+      (`engram_jax.distributed.sharded_gather`, one shard_map, custom VJP); "xla" leaves a
+      plain gather to XLA's partitioner (MaxText's approach: masked local gathers plus an
+      all-reduce of the rows). Without such a mesh both are the local gather.
   """
 
   def __init__(self, config: EngramConfig, layer_id: int, hidden_size: int, hc_mult: int = 1, *,
@@ -78,7 +87,7 @@ class Engram(nnx.Module):
                gate: GateKind = "reference", impl: Impl = "xla", table_init_std: float = 1.0,
                gate_norm_eps: float | None = None, conv_norm_eps: float = 1e-5,
                short_conv: bool = True, multi_branch: bool = True, fold_rows: int | None = None,
-               row_multiple: int = 1,
+               row_multiple: int = 1, sharded_lookup: ShardedLookup = "all_to_all",
                rngs: nnx.Rngs):
     if layer_id not in config.layer_ids:
       raise ValueError(f"layer_id {layer_id} is not in EngramConfig.layer_ids {config.layer_ids}")
@@ -89,6 +98,8 @@ class Engram(nnx.Module):
       raise ValueError(f"fold_rows must be None or a positive int, got {fold_rows!r}")
     if impl not in ("xla", "pallas", "auto"):
       raise ValueError(f"impl must be 'xla', 'pallas' or 'auto', got {impl!r}")
+    if sharded_lookup not in SHARDED_LOOKUPS:
+      raise ValueError(f"sharded_lookup must be one of {SHARDED_LOOKUPS}, got {sharded_lookup!r}")
     if hidden_size < 1 or hc_mult < 1:
       raise ValueError(f"hidden_size and hc_mult must be positive, got {hidden_size}, {hc_mult}")
     sizes = np.asarray([int(s) for s in table_sizes], dtype=np.int64)
@@ -101,6 +112,7 @@ class Engram(nnx.Module):
     self.hc_mult = hc_mult
     self.gate = gate
     self.impl = impl
+    self.sharded_lookup = sharded_lookup
     self.dtype = dtype
     self.gate_norm_eps = gate_norm_eps
     self.short_conv_enabled = bool(short_conv)
@@ -175,6 +187,29 @@ class Engram(nnx.Module):
           f"row id {int(ids[pos])} at position {pos} is outside head {pos[-1]}'s table "
           f"[0, {self.table_sizes[pos[-1]]}) of Engram layer {self.layer_id}")
 
+  def row_sharding(self, ids_shape: Sequence[int]) -> dict | None:
+    """Where the all_to_all lookup runs: None for a local gather (no active mesh, the
+    table not split by rows, or sharded_lookup="xla"), else the `sharded_gather` layout
+    (mesh, table axes, batch axes) for row ids of shape `ids_shape` [B, ..., H].
+
+    The layout comes from `engram_jax.sharding.LOGICAL_AXIS_RULES` ("engram_rows" for the
+    table, "batch" for the ids), the rules that placed the parameters.
+    """
+    from engram_jax import sharding  # the one place logical names meet mesh axes
+
+    if self.sharded_lookup == "xla":
+      return None
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or not set(sharding.MESH_AXES) <= set(mesh.axis_names):
+      return None
+    table_spec = sharding.logical_to_spec(("engram_rows", "engram_dim"), mesh,
+                                          (self.num_rows, self.config.head_dim))
+    table_axes = sharding.axis_tuple(table_spec[0])
+    if not table_axes:
+      return None
+    batch_spec = sharding.logical_to_spec(("batch",), mesh, (ids_shape[0],))
+    return dict(mesh=mesh, axis=table_axes, batch_axes=sharding.axis_tuple(batch_spec[0]))
+
   def lookup(self, row_ids: jax.Array) -> jax.Array:
     """Gathers the rows of every head: [..., H] per-head ids -> [..., H * d_h].
 
@@ -188,7 +223,13 @@ class Engram(nnx.Module):
       row_ids = row_ids % self.fold_rows
     flat = row_ids + jnp.asarray(self.offsets, jnp.int32)
     table = self.table[...]
-    if self.impl == "xla":
+    layout = self.row_sharding(flat.shape) if flat.ndim > 1 else None
+    if layout is not None:
+      from engram_jax.distributed import pallas_local_gather, sharded_gather
+
+      local = None if self.impl == "xla" else pallas_local_gather(self.impl)
+      rows = sharded_gather(table, flat, local_gather=local, **layout)
+    elif self.impl == "xla":
       rows = jnp.take(table, flat, axis=0, mode="fill", fill_value=jnp.nan)
     else:
       from pallas_kernels import gather_rows  # kernels sit below layers
@@ -332,7 +373,8 @@ class Engram(nnx.Module):
       row_ids = jnp.asarray(row_ids)
       if row_ids.shape[:2] != hidden.shape[:2]:
         raise ValueError(f"row_ids shape {row_ids.shape} does not match hidden [B, T] = {hidden.shape[:2]}")
-    if rows is None and self.impl != "xla" and self.gate != "none":
+    fused = self.impl != "xla" and self.gate != "none"
+    if rows is None and fused and self.row_sharding(row_ids.shape) is None:
       y, alpha = self._fused_gather_gate(hidden, row_ids, segment_ids=segment_ids)
     else:
       if rows is None:

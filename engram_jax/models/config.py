@@ -21,6 +21,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 ENGRAM_GATES = ("reference", "paper", "none")
 ENGRAM_MODES = ("engram", "input_average")
 ENGRAM_IMPLS = ("xla", "pallas", "auto")
+ENGRAM_SHARDED_LOOKUPS = ("all_to_all", "xla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,10 @@ class ModelConfig:
       engram_row_multiple: Engram table rows are padded up to a multiple of this so the
         table divides evenly over the model-parallel (`tensor`) axis; set it to a multiple
         of the tensor-parallel size when sharding (a non-dividing table is replicated).
+      engram_sharded_lookup: how a row-sharded Engram table is read under a mesh:
+        "all_to_all" (default: ids routed to the shard owning their row,
+        `engram_jax.distributed.sharded_gather`) or "xla" (XLA partitions a plain gather;
+        MaxText's approach). See `Engram(sharded_lookup=...)` and docs/DISTRIBUTED.md.
       engram_mode: "engram" (Engram layers at engram.layer_ids), or "input_average": the
         OverEncoding-style baseline, no Engram blocks; for each layer id the same hashed
         rows are averaged over heads, projected to D and added to the input embedding
@@ -82,6 +87,7 @@ class ModelConfig:
     engram_multi_branch: bool = True
     engram_fold_rows: int | None = None
     engram_row_multiple: int = 1
+    engram_sharded_lookup: str = "all_to_all"
     engram_mode: str = "engram"
     tie_embeddings: bool = False
     norm_eps: float = 1e-6
@@ -130,6 +136,10 @@ class ModelConfig:
         if self.engram_impl not in ENGRAM_IMPLS:
             raise ValueError(
                 f"ModelConfig.engram_impl must be one of {ENGRAM_IMPLS}, got {self.engram_impl!r}")
+        if self.engram_sharded_lookup not in ENGRAM_SHARDED_LOOKUPS:
+            raise ValueError(
+                f"ModelConfig.engram_sharded_lookup must be one of {ENGRAM_SHARDED_LOOKUPS}, got "
+                f"{self.engram_sharded_lookup!r}")
         if self.engram_mode not in ENGRAM_MODES:
             raise ValueError(
                 f"ModelConfig.engram_mode must be one of {ENGRAM_MODES}, got {self.engram_mode!r}")

@@ -79,7 +79,8 @@ class Block(nnx.Module):
                 cfg.engram, layer, d, g, table_sizes=layer_table_sizes(cfg.engram)[layer],
                 gate=cfg.engram_gate, impl=cfg.engram_impl, short_conv=cfg.engram_short_conv,
                 multi_branch=cfg.engram_multi_branch, fold_rows=cfg.engram_fold_rows,
-                row_multiple=cfg.engram_row_multiple, rngs=rngs, **kw))
+                row_multiple=cfg.engram_row_multiple,
+                sharded_lookup=cfg.engram_sharded_lookup, rngs=rngs, **kw))
         else:
             self.engram = nnx.data(None)
         hc_kw = dict(sinkhorn_iters=cfg.sinkhorn_iters, rngs=rngs, **kw)

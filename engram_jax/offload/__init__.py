@@ -46,6 +46,7 @@ from engram_jax.offload.sparse_adam import SparseRowAdam, SparseRowState, sparse
 _LAZY = {
     "OffloadedEngram": "engram_jax.offload.model",
     "apply_offloaded": "engram_jax.offload.model",
+    "build_offloaded": "engram_jax.offload.host_init",
     "forward_with_host_tables": "engram_jax.offload.model",
     "split_tables": "engram_jax.offload.model",
     "HostTableOptimizer": "engram_jax.offload.train_step",
@@ -78,6 +79,7 @@ __all__ = [
     "TablePlacement",
     "analytic_zipf_hit_rate",
     "apply_offloaded",
+    "build_offloaded",
     "check_int32_rows",
     "count_row_frequencies",
     "engram_row_ids",

@@ -56,7 +56,7 @@ class HostTable:
   """
 
   def __init__(self, table, *, method: str = "numpy", device: jax.Device | None = None,
-               check_ids: bool = True):
+               check_ids: bool = True, copy: bool = True):
     if method not in placement_lib.HOST_GATHER_METHODS:
       raise ValueError(f"HostTable method must be one of {placement_lib.HOST_GATHER_METHODS}, "
                        f"got {method!r}")
@@ -71,7 +71,9 @@ class HostTable:
       log.info("HostTable on a CPU device: host and device memory are the same RAM; the host "
                "path runs but moves rows with a memcpy only")
     if method == "numpy":
-      self.array = np.array(table, copy=True)  # own, writable master copy
+      # an own, writable master; copy=False takes over a writable NumPy array as it is
+      owned = not copy and isinstance(table, np.ndarray) and table.flags.writeable
+      self.array = table if owned else np.array(table, copy=True)
       self.memory_kind = "numpy"
     else:
       check_int32_rows(table.shape[0], "HostTable(method='compute_on')")

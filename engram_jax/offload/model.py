@@ -114,10 +114,43 @@ def _engram(model: Transformer, layer: int):
   return model.blocks[layer].engram
 
 
+def resolve_placements(model: Transformer, placements: str | Mapping[int, TablePlacement]
+                       ) -> dict[int, TablePlacement]:
+  """{layer: TablePlacement} for every Engram layer of `model` (unnamed layers: device)."""
+  layer_ids = model.config.engram_layer_ids
+  if not layer_ids:
+    raise ValueError("host placement needs a model with Engram layers (config.engram is None)")
+  if isinstance(placements, str):
+    placements = parse_placements(placements, layer_ids)
+  placements = {int(l): p for l, p in placements.items()}
+  unknown = sorted(set(placements) - set(layer_ids))
+  if unknown:
+    raise ValueError(f"placements name layers {unknown} that are not Engram layers {layer_ids}")
+  return {l: placements.get(l, TablePlacement()) for l in layer_ids}
+
+
+def row_source(table: HostTable, layer: int, placement: TablePlacement,
+               frequencies: Mapping[int, np.ndarray]) -> RowSource:
+  """What a forward gathers layer `layer`'s rows from: a `HotRowCache` for "cached"."""
+  if placement.kind != "cached":
+    return table
+  if layer in frequencies:
+    counts = np.asarray(frequencies[layer], np.int64)
+  elif placement.frequency_file:
+    counts = load_frequencies(placement.frequency_file, table.num_rows)
+  else:
+    raise ValueError(f"Engram layer {layer} is placed 'cached' but has no row frequencies: "
+                     "pass frequencies={layer: counts} or set the placement's frequency_file")
+  return HotRowCache.from_frequencies(table, counts, fraction=placement.cache_fraction)
+
+
 def split_tables(model: Transformer, placements: str | Mapping[int, TablePlacement], *,
                  frequencies: Mapping[int, np.ndarray] | None = None,
                  device: jax.Device | None = None) -> tuple[Transformer, OffloadedEngram]:
   """Moves the tables of host / cached Engram layers out of `model` (in place).
+
+  The tables are on the device until then; to never put them there, build the model
+  with `engram_jax.offload.host_init.build_offloaded` instead.
 
   Args:
     model: a `Transformer` with Engram layers.
@@ -130,16 +163,7 @@ def split_tables(model: Transformer, placements: str | Mapping[int, TablePlaceme
     (model, OffloadedEngram): the same model object, its host-placed tables replaced by
     size-0 placeholders (see the module docstring), and the host tables.
   """
-  layer_ids = model.config.engram_layer_ids
-  if not layer_ids:
-    raise ValueError("split_tables needs a model with Engram layers (config.engram is None)")
-  if isinstance(placements, str):
-    placements = parse_placements(placements, layer_ids)
-  placements = {int(l): p for l, p in placements.items()}
-  unknown = sorted(set(placements) - set(layer_ids))
-  if unknown:
-    raise ValueError(f"placements name layers {unknown} that are not Engram layers {layer_ids}")
-  placements = {l: placements.get(l, TablePlacement()) for l in layer_ids}
+  placements = resolve_placements(model, placements)
   frequencies = dict(frequencies or {})
 
   tables, sources, offsets = {}, {}, {}
@@ -155,18 +179,7 @@ def split_tables(model: Transformer, placements: str | Mapping[int, TablePlaceme
                       device=device)
     tables[layer] = table
     offsets[layer] = np.asarray(engram.offsets, np.int64)
-    if placement.kind == "cached":
-      if layer in frequencies:
-        counts = np.asarray(frequencies[layer], np.int64)
-      elif placement.frequency_file:
-        counts = load_frequencies(placement.frequency_file, table.num_rows)
-      else:
-        raise ValueError(f"Engram layer {layer} is placed 'cached' but has no row frequencies: "
-                         "pass frequencies={layer: counts} or set the placement's frequency_file")
-      sources[layer] = HotRowCache.from_frequencies(table, counts,
-                                                    fraction=placement.cache_fraction)
-    else:
-      sources[layer] = table
+    sources[layer] = row_source(table, layer, placement, frequencies)
     # Same dtype and metadata (logical axes), no rows: the device buffer can be freed.
     var.set_value(jnp.zeros((0,) + tuple(value.shape[1:]), value.dtype))
     del value

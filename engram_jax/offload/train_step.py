@@ -64,6 +64,13 @@ def split_params(model: Transformer, host_layers: Iterable[int]
   return nnx.split(model, dense, ...)
 
 
+def dense_optimizer(cfg: TrainConfig, params: nnx.State
+                    ) -> tuple[optax.GradientTransformation, Callable]:
+  """(optimizer, lr schedule) of the params without host tables: `make_optimizer` without
+  its global-norm clip, which the step applies over dense + sparse grads together."""
+  return make_optimizer(cfg.replace(grad_clip_norm=0.0), params)
+
+
 def make_host_table_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                                lr_schedule: Callable, offloaded: OffloadedEngram, *,
                                grad_clip_norm: float, bias_update_rate: float = 0.0,
@@ -179,7 +186,9 @@ class HostTableTrainer:
   Args:
     model: a `Transformer` (split in place by `split_tables`; the trainer copies its
       dense params, so `model` stays usable but is not updated by training).
-    placements, frequencies: see `split_tables`.
+    placements, frequencies: see `split_tables`. Or, for a model already split (e.g. by
+      `build_offloaded`, which never puts the tables on the device), its
+      `OffloadedEngram` (frequencies are then unused).
     cfg: the run's TrainConfig (dense groups and the table lr / b1 / b2 / eps).
     bias_update_rate: MoE router bias step, as for `make_train_step`.
     sparse_size: see `make_host_table_train_step`.
@@ -188,11 +197,16 @@ class HostTableTrainer:
       device step): reuse its optimizer and compiled step instead of compiling again.
   """
 
-  def __init__(self, model: Transformer, placements: str | Mapping[int, TablePlacement],
+  def __init__(self, model: Transformer,
+               placements: str | Mapping[int, TablePlacement] | OffloadedEngram,
                cfg: TrainConfig, *, frequencies: Mapping[int, np.ndarray] | None = None,
                bias_update_rate: float = 0.0, sparse_size: int | None = None,
                reuse_step_of: HostTableTrainer | None = None):
-    self.model, self.offloaded = split_tables(model, placements, frequencies=frequencies)
+    if isinstance(placements, OffloadedEngram):
+      self.model, self.offloaded = model, placements
+      _check_split(model, placements)
+    else:
+      self.model, self.offloaded = split_tables(model, placements, frequencies=frequencies)
     if not self.offloaded.host_layers:
       raise ValueError("HostTableTrainer needs at least one 'host' or 'cached' Engram layer")
     for l in self.offloaded.host_layers:
@@ -214,15 +228,18 @@ class HostTableTrainer:
       self.tx, self.lr_schedule = reuse_step_of.tx, reuse_step_of.lr_schedule
       self.train_step = reuse_step_of.train_step
     else:
-      self.tx, self.lr_schedule = make_optimizer(cfg.replace(grad_clip_norm=0.0), params)
+      self.tx, self.lr_schedule = dense_optimizer(cfg, params)
       self.train_step = jax.jit(
           make_host_table_train_step(self.graphdef, self.tx, self.lr_schedule, self.offloaded,
                                      grad_clip_norm=cfg.grad_clip_norm,
                                      bias_update_rate=bias_update_rate,
                                      sparse_size=sparse_size),
           donate_argnums=(0,))
-    self.state = TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
-                            opt_state=self.tx.init(params))
+    # Committed to the rows' device like the step's outputs (otherwise step 2 compiles again).
+    device = next(iter(self.offloaded.tables.values())).device
+    self.state = jax.device_put(
+        TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
+                   opt_state=self.tx.init(params)), device)
     self.host_optimizer = HostTableOptimizer(self.offloaded, cfg, self.lr_schedule)
 
   def step(self, batch: Batch, rows: Mapping[int, jax.Array] | None = None
@@ -285,3 +302,12 @@ class HostTableTrainer:
       source = self.offloaded.sources[l]
       if isinstance(source, HotRowCache):
         source.refresh()
+
+
+def _check_split(model: Transformer, offloaded: OffloadedEngram) -> None:
+  for l in offloaded.host_layers:
+    shape = tuple(model.blocks[l].engram.table.get_value().shape)
+    if shape[0] != 0:
+      raise ValueError(f"Engram layer {l} is host-placed in the OffloadedEngram but the model "
+                       f"still holds its table {shape}: pass a model split by split_tables or "
+                       "build_offloaded")

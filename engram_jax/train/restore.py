@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tokenizers import Tokenizer
@@ -19,7 +20,7 @@ from engram_jax.models.transformer import Transformer
 from engram_jax.train.checkpoint import Checkpointer, CheckpointMismatchError
 from engram_jax.train.config import TrainConfig
 from engram_jax.train.optimizer import make_optimizer
-from engram_jax.train.state import abstract_like, create_train_state
+from engram_jax.train.state import TrainState, abstract_like, build_model, create_train_state
 from engram_jax.train.steps import make_eval_step
 
 
@@ -35,6 +36,8 @@ class LoadedRun:
   hasher: NgramHasher | None
   meta: dict[str, Any]
   step: int
+  # Engram layers trained with their tables in host memory; `model` holds them all.
+  host_table_layers: tuple[int, ...] = ()
 
   @property
   def row_hasher(self) -> EngramRowHasher:
@@ -61,14 +64,59 @@ def load_run(path: str | Path, *, step: int | None = None, mesh=None) -> LoadedR
     hasher = NgramHasher.from_constants(meta["hash_constants"])  # re-derives and checks them
   train_config = TrainConfig.from_dict(meta["train"])
   mesh = mesh or sharding_lib.make_mesh(data=1, devices=jax.devices()[:1])
-  graphdef, state, shardings, _ = create_train_state(
-      model_config, lambda p: make_optimizer(train_config, p), meta.get("seed", 0), mesh)
-  state, _ = ckpt.restore(abstract_like(state), current_meta=meta, step=step)
-  model = nnx.merge(graphdef, state.params, state.rest)
-  loaded_step = int(state.step)
-  ckpt.close()
+  host_layers = tuple(int(l) for l in meta.get("host_table_layers") or ())
+  try:
+    if host_layers:
+      model, loaded_step = _load_host_placed(ckpt, meta, model_config, train_config, step,
+                                             mesh.devices.flat[0], host_layers)
+    else:
+      graphdef, state, shardings, _ = create_train_state(
+          model_config, lambda p: make_optimizer(train_config, p), meta.get("seed", 0), mesh)
+      state, _ = ckpt.restore(abstract_like(state), current_meta=meta, step=step)
+      model = nnx.merge(graphdef, state.params, state.rest)
+      loaded_step = int(state.step)
+  finally:
+    ckpt.close()
   return LoadedRun(model, model_config, DataConfig.from_dict(meta["data"]), tokenizer, compressor,
-                   hasher, meta, loaded_step)
+                   hasher, meta, loaded_step, host_layers)
+
+
+def _load_host_placed(ckpt: Checkpointer, meta: dict[str, Any], model_config: ModelConfig,
+                      train_config: TrainConfig, step: int | None, device: jax.Device,
+                      host_layers: tuple[int, ...]) -> tuple[Transformer, int]:
+  """A run trained with host-placed tables (`_HostPlacement`): its `state` item is the
+  TrainState without the host tables, which are in the `host_tables` item; both go back
+  into one model, the tables as device arrays. Nothing is initialised on the way."""
+  from engram_jax.offload import host_table_filter, split_params
+  from engram_jax.offload.train_step import dense_optimizer
+
+  abstract = nnx.eval_shape(lambda: build_model(model_config, meta.get("seed", 0)))
+  graphdef, params, rest = split_params(abstract, host_layers)
+  tables, rest = nnx.split_state(rest, host_table_filter(host_layers), ...)
+  tx, _ = dense_optimizer(train_config, params)
+  target = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, rest=rest,
+                      opt_state=jax.eval_shape(tx.init, params))
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                        target)
+  state, _ = ckpt.restore(target, current_meta=meta, step=step)
+  saved = ckpt.restore_host_tables(_like_host_state(tables, host_layers), step=step)
+  model = nnx.merge(graphdef, state.params, state.rest, tables)  # tables still abstract
+  for layer in host_layers:  # as `OffloadedEngram.restore_into`
+    model.blocks[layer].engram.table.set_value(jax.device_put(saved[layer]["table"], sharding))
+  return model, int(state.step)
+
+
+def _like_host_state(tables: nnx.State, host_layers) -> dict[int, dict[str, np.ndarray]]:
+  """Shape / dtype stand-ins for `Checkpointer.restore_host_tables` (no memory behind them)."""
+  like = {}
+  for layer in host_layers:
+    t = tables["blocks"][layer]["engram"]["table"].get_value()
+    adam_dtype = np.float32 if np.dtype(t.dtype).itemsize < 4 else np.dtype(t.dtype)
+    stand_in = lambda shape, dtype: np.broadcast_to(np.zeros((), dtype), shape)  # noqa: E731
+    like[layer] = {"table": stand_in(t.shape, t.dtype), "m": stand_in(t.shape, adam_dtype),
+                   "v": stand_in(t.shape, adam_dtype), "count": stand_in(t.shape[:1], np.int32)}
+  return like
 
 
 def evaluate_run(run: LoadedRun, data_config: DataConfig | None = None) -> dict[str, float]:

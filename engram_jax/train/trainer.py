@@ -450,14 +450,6 @@ def _make_host_eval_step(graphdef: nnx.GraphDef, host_layers: tuple[int, ...]):
   return step
 
 
-def _build_model_jitted(config: ModelConfig, seed: int):
-  """`build_model(config, seed)` initialized in one jitted call (the same values as
-  `create_train_state`'s; an eager build compiles every initializer separately)."""
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(config, seed)))
-  state = jax.jit(lambda: nnx.state(build_model(config, seed)))()
-  return nnx.merge(graphdef, state)
-
-
 class _HostPlacement:
   """Host / cached Engram tables: `HostTableTrainer` steps, tables checkpointed beside the state.
 
@@ -468,16 +460,17 @@ class _HostPlacement:
 
   def __init__(self, trainer: Trainer, meta: dict[str, Any], data_iter: Any, rate: float):
     from engram_jax.offload import HostTableTrainer, host_table_filter
+    from engram_jax.offload.host_init import build_offloaded
 
-    model = _build_model_jitted(trainer.model_config, trainer.seed)
+    # The host tables are initialised in host memory, never on the device.
+    build = lambda: build_model(trainer.model_config, trainer.seed)  # noqa: E731
     cached = tuple(l for l, p in trainer.placements.items()
                    if p.kind == "cached" and not p.frequency_file)
-    frequencies = trainer.row_frequencies(model, cached) if cached else None
-    self.host = HostTableTrainer(model, trainer.placements, trainer.train_config,
-                                 frequencies=frequencies, bias_update_rate=rate)
+    frequencies = trainer.row_frequencies(nnx.eval_shape(build), cached) if cached else None
+    model, offloaded = build_offloaded(build, trainer.placements, frequencies=frequencies,
+                                       device=jax.devices()[0])
+    self.host = HostTableTrainer(model, offloaded, trainer.train_config, bias_update_rate=rate)
     del model
-    # Committed to the device like the step's outputs: otherwise step 2 compiles again.
-    self.host.state = jax.device_put(self.host.state, jax.devices()[0])
     self.layers = self.host.offloaded.host_layers
     self._is_placeholder = host_table_filter(self.layers)
     ckpt = trainer.checkpointer

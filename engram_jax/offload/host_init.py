@@ -1,0 +1,122 @@
+"""Building a model whose host-placed Engram tables are never held by the device.
+
+    model, offloaded = build_offloaded(lambda: build_model(config, seed), "host")
+
+`split_tables` moves the tables out of a model that already holds them on the device; a
+table larger than device memory must never get there. `build_offloaded` traces the
+model's constructor (`build`, no arguments, deterministic) and runs it twice, jitted:
+
+  device half  on `device`: every variable except the host tables, which become the
+               size-0 placeholders of `split_tables`. XLA drops the unused table
+               initialisers (dead code), so the device never allocates them.
+  host half    compiled for the CPU backend (host RAM), one program per host layer whose
+               only output is that layer's table; copied into the layer's NumPy
+               `HostTable` and freed before the next layer.
+
+Both halves run the constructor's own initialisers with its own RNG keys, so the values
+equal `build()`'s: bit for bit when the device is a CPU (tested); on an accelerator the
+random bits are the same and the float transform of the normal init may round
+differently in the last bit. Without a CPU backend (JAX_PLATFORMS without "cpu") the
+host half runs on `device` with its output in host memory (the table then passes
+through device memory once; logged).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from engram_jax.models.transformer import Transformer
+from engram_jax.offload.host_table import HostTable
+from engram_jax.offload.model import OffloadedEngram, resolve_placements, row_source
+from engram_jax.offload.placement import TablePlacement, host_memory_kind, sharding_for
+
+log = logging.getLogger(__name__)
+
+
+def _is_table_of(layers: frozenset[int]) -> Callable[[tuple, object], bool]:
+  def is_table(path, _):
+    return (len(path) == 4 and path[0] == "blocks" and path[1] in layers
+            and path[2] == "engram" and path[3] == "table")
+  return is_table
+
+
+def host_compute_device(device: jax.Device) -> jax.Device | None:
+  """Where host tables are initialised: `device` itself if it is a CPU, else the first CPU
+  device (host RAM); None when JAX has no CPU backend."""
+  if device.platform == "cpu":
+    return device
+  try:
+    return jax.devices("cpu")[0]
+  except RuntimeError:
+    return None
+
+
+def device_state_init(build: Callable[[], Transformer], host_layers) -> Callable[[], nnx.State]:
+  """() -> the model's state with size-0 [0, d_h] placeholders for the host layers' tables
+  (jit it: the tables' initialisers are then dead code)."""
+  is_table = _is_table_of(frozenset(int(l) for l in host_layers))
+
+  def init() -> nnx.State:
+    tables, rest = nnx.split_state(nnx.state(build()), is_table, ...)
+    placeholders = jax.tree.map(lambda x: jnp.zeros((0,) + x.shape[1:], x.dtype), tables)
+    return nnx.merge_state(rest, placeholders)
+  return init
+
+
+def host_table_init(build: Callable[[], Transformer], layer: int) -> Callable[[], jax.Array]:
+  """() -> Engram layer `layer`'s table [R, d_h] (jit it: the rest is dead code)."""
+  return lambda: build().blocks[layer].engram.table[...]
+
+
+def build_offloaded(build: Callable[[], Transformer],
+                    placements: str | Mapping[int, TablePlacement], *,
+                    frequencies: Mapping[int, np.ndarray] | None = None,
+                    device: jax.Device | None = None,
+                    host_device: jax.Device | None = None
+                    ) -> tuple[Transformer, OffloadedEngram]:
+  """Builds `build()` with its host / cached tables created in host memory only.
+
+  Args:
+    build: () -> Transformer, e.g. `lambda: build_model(config, seed)`.
+    placements, frequencies: as for `split_tables`.
+    device: holds the model's other variables and receives gathered rows (default: the
+      first device).
+    host_device: runs the host tables' initialisers (default: `host_compute_device`).
+  Returns:
+    (model, OffloadedEngram) as `split_tables(build(), placements)` would give, without
+    the tables ever being on `device`. The model's arrays are committed to `device`.
+  """
+  device = device or jax.devices()[0]
+  abstract = nnx.eval_shape(build)
+  placements = resolve_placements(abstract, placements)
+  host_layers = tuple(l for l, p in placements.items() if p.on_host)
+  graphdef = nnx.graphdef(abstract)
+  state = jax.jit(device_state_init(build, host_layers),
+                  out_shardings=jax.sharding.SingleDeviceSharding(device))()
+  model = nnx.merge(graphdef, state)
+
+  host_device = host_device or host_compute_device(device)
+  if host_device is None:
+    log.warning("no CPU backend: host tables are initialised on %s and copied to its host "
+                "memory (each passes through device memory once)", device)
+    out = sharding_for(host_memory_kind(device), device)
+  else:
+    out = jax.sharding.SingleDeviceSharding(host_device)
+  frequencies = dict(frequencies or {})
+  tables, sources, offsets = {}, {}, {}
+  for layer in host_layers:
+    placement = placements[layer]
+    value = jax.jit(host_table_init(build, layer), out_shardings=out)()
+    array = np.array(value)  # owned, writable NumPy master (SparseRowAdam updates in place)
+    value.delete()
+    del value
+    tables[layer] = HostTable(array, method=placement.host_gather, device=device, copy=False)
+    offsets[layer] = np.asarray(abstract.blocks[layer].engram.offsets, np.int64)
+    sources[layer] = row_source(tables[layer], layer, placement, frequencies)
+  return model, OffloadedEngram(placements, tables, sources, offsets)
