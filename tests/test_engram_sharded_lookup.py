@@ -103,3 +103,33 @@ def test_row_sharding_layout_follows_the_rules():
 def test_bad_sharded_lookup_is_named():
   with pytest.raises(ValueError, match="engram_sharded_lookup"):
     _config("ragged")
+
+
+@needs_8
+def test_layer_with_pallas_gather_on_every_shard():
+  """impl="pallas" under a row-splitting mesh: the routed lookup gathers on each shard with
+  the Pallas kernel (interpret mode on CPU); output and table gradient equal one device."""
+  from engram_jax.hashing import NgramHasher
+  from engram_jax.layers.engram import Engram
+
+  hasher = NgramHasher(ENGRAM, 300)
+  d, sizes = 16, hasher.table_sizes[1]
+  ids = jax.random.randint(jax.random.key(3), (4, 6, ENGRAM.num_heads), 0, min(sizes))
+  hidden = jax.random.normal(jax.random.key(4), (4, 6, 1, d))
+
+  def build(impl):
+    return Engram(ENGRAM, 1, d, 1, table_sizes=sizes, impl=impl, row_multiple=8,
+                  rngs=nnx.Rngs(0))
+
+  def loss_and_grad(module, h, i):
+    return nnx.value_and_grad(lambda m: jnp.sum(jnp.square(m(h, i))))(module)
+
+  want, want_grad = nnx.jit(loss_and_grad)(build("xla"), hidden, ids)
+  mesh = S.make_mesh(data=2, tensor=4)
+  module = S.shard_module(build("pallas"), mesh)
+  assert S.num_shards(module.table) == 4
+  with jax.set_mesh(mesh):
+    got, grad = nnx.jit(loss_and_grad)(module, hidden, ids)
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(grad.table[...]), np.asarray(want_grad.table[...]),
+                             rtol=1e-5, atol=1e-6)

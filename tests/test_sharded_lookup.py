@@ -171,16 +171,27 @@ def test_engram_lookup_and_pallas_hook_match_concatenated_heads():
   rng = np.random.default_rng(3)
   table = rng.standard_normal((int(sizes.sum()), DIM), dtype=np.float32)
   row_ids = (rng.integers(0, 1 << 20, (4, 6, 3)) % sizes).astype(np.int32)
-  want = table[row_ids + offsets].reshape(4, 6, 3 * DIM)
-  hook = sl.pallas_local_gather(impl="xla")
+  row_ids[0, 0] = row_ids[0, 1]                        # duplicates accumulate
+  weight = rng.standard_normal((4, 6, 3 * DIM), dtype=np.float32)
+  want, want_grad = _reference(table, row_ids + offsets, weight.reshape(4, 6, 3, DIM))
+  variants = (("all_to_all", None), ("all_to_all", sl.pallas_local_gather(impl="xla")),
+              # the Pallas gather kernel on every shard (TPU kernel, interpret mode on CPU)
+              ("all_to_all", sl.pallas_local_gather(impl="pallas")), ("xla", None))
 
   @jax.jit
-  def lookups(t, r):
-    return [sl.engram_sharded_lookup(t, r, offsets, mesh=mesh, method=m, local_gather=g)
-            for m, g in (("all_to_all", None), ("all_to_all", hook), ("xla", None))]
+  def lookups(t, r, w):
+    def one(method, gather):
+      def loss(t):
+        rows = sl.engram_sharded_lookup(t, r, offsets, mesh=mesh, method=method,
+                                        local_gather=gather)
+        return jnp.sum(rows * w), rows
+      return jax.grad(loss, has_aux=True)(t)
+    return [one(m, g) for m, g in variants]
 
-  for rows in lookups(table, row_ids):
-    np.testing.assert_array_equal(np.asarray(rows), want)
+  for (grad, rows), (method, gather) in zip(lookups(table, row_ids, weight), variants):
+    np.testing.assert_array_equal(np.asarray(rows), want.reshape(4, 6, 3 * DIM),
+                                  err_msg=f"{method} {gather}")
+    np.testing.assert_allclose(np.asarray(grad), want_grad, rtol=1e-6, atol=1e-6)
 
 
 def test_bad_inputs_are_named():

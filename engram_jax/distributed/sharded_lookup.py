@@ -97,7 +97,10 @@ def pallas_local_gather(impl: str = "auto", block_rows: int = 8) -> LocalGather:
   settings, so the op cache and jit do not retrace. Only the forward runs through it (the
   backward is the lookup's own scatter-add). With a custom local_gather the shard_map runs
   with check_vma=False (kernels do not declare varying-axes types).
-  Not checked on CPU: Pallas interpret mode hangs inside a multi-device shard_map.
+  Tested on CPU with the TPU kernel in interpret mode inside the 8-device shard_map
+  (tests/test_sharded_lookup.py, tests/test_engram_sharded_lookup.py). The Mosaic GPU
+  kernel's interpreter fails there (a barrier left allocated across devices), so the GPU
+  kernel is checked on one device only.
   """
   from pallas_kernels import gather_rows
 
