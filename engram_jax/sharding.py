@@ -56,8 +56,10 @@ LOGICAL_AXIS_RULES: dict[str, MeshAxes] = {
     "hc_streams": None,
     "hc_embed": None,
     "hc_mix": None,
-    # Engram: tables sharded by rows over the model-parallel axis
+    # Engram: tables sharded by rows over the model-parallel axis, or (the paper's layout,
+    # `ModelConfig.engram_table_sharding="all"`) over every device of the mesh
     "engram_rows": "tensor",
+    "engram_rows_all": ("data", "fsdp", "tensor", "expert"),
     "engram_dim": None,
     "engram_mem": None,
     "hc": None,

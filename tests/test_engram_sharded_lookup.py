@@ -20,15 +20,15 @@ ENGRAM = EngramConfig(vocab_sizes=(100, 200), n_embed_per_ngram=16, n_head_per_n
 B, T = 4, 8
 
 
-def _config(method: str) -> ModelConfig:
-  # 638 hashed rows padded to 640: divisible by the 2 and 4 tensor shards below.
+def _config(method: str, table_sharding: str = "tensor") -> ModelConfig:
+  # 638 hashed rows padded to 640: divisible by the 2, 4 and 8 row shards below.
   return ModelConfig.tiny("engram_moe", engram=ENGRAM, engram_row_multiple=8,
-                          engram_sharded_lookup=method)
+                          engram_sharded_lookup=method, engram_table_sharding=table_sharding)
 
 
-def _abstract_model(method: str) -> Transformer:
+def _abstract_model(method: str, table_sharding: str = "tensor") -> Transformer:
   with nnx.use_eager_sharding(False):
-    return nnx.eval_shape(lambda: Transformer(_config(method), rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: Transformer(_config(method, table_sharding), rngs=nnx.Rngs(0)))
 
 
 def _loss(model, tokens, rows):
@@ -53,18 +53,25 @@ def single_device():
 
 
 @needs_8
-@pytest.mark.parametrize("method,mesh_shape", [
-    ("all_to_all", dict(data=2, tensor=4)),
-    ("all_to_all", dict(data=2, fsdp=2, tensor=2)),
-    ("xla", dict(data=2, tensor=4)),
+@pytest.mark.parametrize("method,mesh_shape,table_sharding,row_shards", [
+    ("all_to_all", dict(data=2, tensor=4), "tensor", 4),
+    ("all_to_all", dict(data=2, fsdp=2, tensor=2), "tensor", 2),
+    ("xla", dict(data=2, tensor=4), "tensor", 4),
+    # the paper's layout: rows over all 8 devices, each data shard routes its own ids
+    ("all_to_all", dict(data=2, tensor=4), "all", 8),
 ])
-def test_sharded_model_matches_single_device(single_device, method, mesh_shape):
+def test_sharded_model_matches_single_device(single_device, method, mesh_shape,
+                                             table_sharding, row_shards):
   state, tokens, rows, want_loss, want_grads = single_device
-  graphdef = nnx.graphdef(_abstract_model(method))
+  graphdef = nnx.graphdef(_abstract_model(method, table_sharding))
   mesh = S.make_mesh(**mesh_shape)
-  sharded = S.shard_state(state, mesh)
+  if table_sharding == "tensor":
+    sharded = S.shard_state(state, mesh)
+  else:    # other logical names: build in place (same values as the single-device model)
+    sharded = nnx.state(S.create_sharded(
+        lambda: Transformer(_config(method, table_sharding), rngs=nnx.Rngs(0)), mesh))
   table = sharded["blocks"][1]["engram"]["table"].get_value()
-  assert S.num_shards(table) == mesh_shape["tensor"]          # rows really are split
+  assert S.num_shards(table) == row_shards                    # rows really are split
 
   def loss_and_grad(s, t, r):
     return jax.value_and_grad(lambda s: _loss(nnx.merge(graphdef, s), t, r))(s)
@@ -133,3 +140,12 @@ def test_layer_with_pallas_gather_on_every_shard():
   np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
   np.testing.assert_allclose(np.asarray(grad.table[...]), np.asarray(want_grad.table[...]),
                              rtol=1e-5, atol=1e-6)
+
+
+def test_all_devices_table_keeps_its_optimizer_group():
+  from engram_jax.train.optimizer import ENGRAM_TABLE, parameter_label
+
+  for table_sharding, name in (("tensor", "engram_rows"), ("all", "engram_rows_all")):
+    table = _abstract_model("all_to_all", table_sharding).blocks[1].engram.table
+    assert table.get_metadata()["out_sharding"][0] == name
+    assert parameter_label((), table) == ENGRAM_TABLE

@@ -22,7 +22,8 @@ Ablation / control options (defaults = the module above):
                       mod r on device (r = 1: one slot per head, same compute, no memory).
 
 The caller adds Y to its residual stream(s). Logical axis names of the parameters:
-  table         ("engram_rows", "engram_dim")
+  table         ("engram_rows", "engram_dim"), or ("engram_rows_all", ...) with
+                table_sharding="all"
   value_kernel  ("engram_mem", "embed")         value_bias ("embed",)
   key_kernel    ("hc", "engram_mem", "embed")   key_bias   ("hc", "embed")
   *_norm.scale  ("hc", "norm")                  conv_kernel ("conv_taps", "hc", "embed")
@@ -46,6 +47,9 @@ GateKind = Literal["reference", "paper", "none"]
 Impl = Literal["xla", "pallas", "auto"]
 ShardedLookup = Literal["all_to_all", "xla"]
 SHARDED_LOOKUPS: tuple[str, ...] = ("all_to_all", "xla")
+TableSharding = Literal["tensor", "all"]
+# Logical name of the table's row dimension for each layout (rules in engram_jax.sharding).
+TABLE_ROW_AXES: dict[str, str] = {"tensor": "engram_rows", "all": "engram_rows_all"}
 _GATE_FLOOR = 1e-6
 
 
@@ -80,6 +84,10 @@ class Engram(nnx.Module):
       (`engram_jax.distributed.sharded_gather`, one shard_map, custom VJP); "xla" leaves a
       plain gather to XLA's partitioner (MaxText's approach: masked local gathers plus an
       all-reduce of the rows). Without such a mesh both are the local gather.
+    table_sharding: "tensor" (default): the table's rows are split over the model-parallel
+      axis (logical name "engram_rows"); "all": over every device of the mesh, data axes
+      included, as in the paper ("engram_rows_all"; each device then brings its own tokens
+      to the all_to_all). Make `row_multiple` a multiple of the devices it spreads over.
   """
 
   def __init__(self, config: EngramConfig, layer_id: int, hidden_size: int, hc_mult: int = 1, *,
@@ -88,7 +96,7 @@ class Engram(nnx.Module):
                gate_norm_eps: float | None = None, conv_norm_eps: float = 1e-5,
                short_conv: bool = True, multi_branch: bool = True, fold_rows: int | None = None,
                row_multiple: int = 1, sharded_lookup: ShardedLookup = "all_to_all",
-               rngs: nnx.Rngs):
+               table_sharding: TableSharding = "tensor", rngs: nnx.Rngs):
     if layer_id not in config.layer_ids:
       raise ValueError(f"layer_id {layer_id} is not in EngramConfig.layer_ids {config.layer_ids}")
     if gate not in ("reference", "paper", "none"):
@@ -100,6 +108,8 @@ class Engram(nnx.Module):
       raise ValueError(f"impl must be 'xla', 'pallas' or 'auto', got {impl!r}")
     if sharded_lookup not in SHARDED_LOOKUPS:
       raise ValueError(f"sharded_lookup must be one of {SHARDED_LOOKUPS}, got {sharded_lookup!r}")
+    if table_sharding not in TABLE_ROW_AXES:
+      raise ValueError(f"table_sharding must be one of {tuple(TABLE_ROW_AXES)}, got {table_sharding!r}")
     if hidden_size < 1 or hc_mult < 1:
       raise ValueError(f"hidden_size and hc_mult must be positive, got {hidden_size}, {hc_mult}")
     sizes = np.asarray([int(s) for s in table_sizes], dtype=np.int64)
@@ -113,6 +123,7 @@ class Engram(nnx.Module):
     self.gate = gate
     self.impl = impl
     self.sharded_lookup = sharded_lookup
+    self.table_row_axis = TABLE_ROW_AXES[table_sharding]
     self.dtype = dtype
     self.gate_norm_eps = gate_norm_eps
     self.short_conv_enabled = bool(short_conv)
@@ -137,7 +148,7 @@ class Engram(nnx.Module):
     lecun = nnx.initializers.lecun_normal()
     self.table = annotated(
         table_init_std * jax.random.normal(k_table, (self.num_rows, d_h), param_dtype),
-        ("engram_rows", "engram_dim"))
+        (self.table_row_axis, "engram_dim"))
     self.value_kernel = annotated(lecun(k_v, (d_mem, d), param_dtype), ("engram_mem", "embed"))
     self.value_bias = annotated(jnp.zeros((d,), param_dtype), ("embed",))
     norm_kw = dict(leading=(g,), axis_names=("hc", "norm"), dtype=dtype, param_dtype=param_dtype)
@@ -192,8 +203,8 @@ class Engram(nnx.Module):
     table not split by rows, or sharded_lookup="xla"), else the `sharded_gather` layout
     (mesh, table axes, batch axes) for row ids of shape `ids_shape` [B, ..., H].
 
-    The layout comes from `engram_jax.sharding.LOGICAL_AXIS_RULES` ("engram_rows" for the
-    table, "batch" for the ids), the rules that placed the parameters.
+    The layout comes from `engram_jax.sharding.LOGICAL_AXIS_RULES` (the table's row axis
+    name, "batch" for the ids), the rules that placed the parameters.
     """
     from engram_jax import sharding  # the one place logical names meet mesh axes
 
@@ -202,7 +213,7 @@ class Engram(nnx.Module):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty or not set(sharding.MESH_AXES) <= set(mesh.axis_names):
       return None
-    table_spec = sharding.logical_to_spec(("engram_rows", "engram_dim"), mesh,
+    table_spec = sharding.logical_to_spec((self.table_row_axis, "engram_dim"), mesh,
                                           (self.num_rows, self.config.head_dim))
     table_axes = sharding.axis_tuple(table_spec[0])
     if not table_axes:

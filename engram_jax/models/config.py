@@ -22,6 +22,7 @@ ENGRAM_GATES = ("reference", "paper", "none")
 ENGRAM_MODES = ("engram", "input_average")
 ENGRAM_IMPLS = ("xla", "pallas", "auto")
 ENGRAM_SHARDED_LOOKUPS = ("all_to_all", "xla")
+ENGRAM_TABLE_SHARDINGS = ("tensor", "all")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,9 @@ class ModelConfig:
         "all_to_all" (default: ids routed to the shard owning their row,
         `engram_jax.distributed.sharded_gather`) or "xla" (XLA partitions a plain gather;
         MaxText's approach). See `Engram(sharded_lookup=...)` and docs/DISTRIBUTED.md.
+      engram_table_sharding: "tensor" (Engram table rows split over the `tensor` axis) or
+        "all" (over every device of the mesh, the paper's layout; pair it with the all_to_all
+        lookup, and an `engram_row_multiple` divisible by the device count).
       engram_mode: "engram" (Engram layers at engram.layer_ids), or "input_average": the
         OverEncoding-style baseline, no Engram blocks; for each layer id the same hashed
         rows are averaged over heads, projected to D and added to the input embedding
@@ -88,6 +92,7 @@ class ModelConfig:
     engram_fold_rows: int | None = None
     engram_row_multiple: int = 1
     engram_sharded_lookup: str = "all_to_all"
+    engram_table_sharding: str = "tensor"
     engram_mode: str = "engram"
     tie_embeddings: bool = False
     norm_eps: float = 1e-6
@@ -140,6 +145,10 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.engram_sharded_lookup must be one of {ENGRAM_SHARDED_LOOKUPS}, got "
                 f"{self.engram_sharded_lookup!r}")
+        if self.engram_table_sharding not in ENGRAM_TABLE_SHARDINGS:
+            raise ValueError(
+                f"ModelConfig.engram_table_sharding must be one of {ENGRAM_TABLE_SHARDINGS}, got "
+                f"{self.engram_table_sharding!r}")
         if self.engram_mode not in ENGRAM_MODES:
             raise ValueError(
                 f"ModelConfig.engram_mode must be one of {ENGRAM_MODES}, got {self.engram_mode!r}")

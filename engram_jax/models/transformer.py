@@ -80,7 +80,8 @@ class Block(nnx.Module):
                 gate=cfg.engram_gate, impl=cfg.engram_impl, short_conv=cfg.engram_short_conv,
                 multi_branch=cfg.engram_multi_branch, fold_rows=cfg.engram_fold_rows,
                 row_multiple=cfg.engram_row_multiple,
-                sharded_lookup=cfg.engram_sharded_lookup, rngs=rngs, **kw))
+                sharded_lookup=cfg.engram_sharded_lookup,
+                table_sharding=cfg.engram_table_sharding, rngs=rngs, **kw))
         else:
             self.engram = nnx.data(None)
         hc_kw = dict(sinkhorn_iters=cfg.sinkhorn_iters, rngs=rngs, **kw)

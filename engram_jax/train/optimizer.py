@@ -41,7 +41,7 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
 def parameter_label(path: tuple[Any, ...], variable: nnx.Variable) -> str:
   """The optimizer group of one parameter, from its logical axis names and shape."""
   names = tuple(variable.get_metadata().get("out_sharding") or ())
-  if "engram_rows" in names:
+  if "engram_rows" in names or "engram_rows_all" in names:
     return ENGRAM_TABLE
   last = str(getattr(path[-1], "key", path[-1])) if path else ""
   if "norm" in names or variable.get_value().ndim <= 1 or last.endswith("bias"):

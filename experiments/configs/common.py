@@ -46,7 +46,8 @@ def base_config(variant: str) -> ml_collections.ConfigDict:
                  head_dim=16, ffn_hidden=256, num_dense_layers=1, hc_mult=1, sinkhorn_iters=20,
                  rope_theta=10000.0, tie_embeddings=False, norm_eps=1e-6, dtype="float32",
                  param_dtype="float32", engram_gate="reference", engram_impl="xla",
-                 engram_row_multiple=1, engram_sharded_lookup="all_to_all")
+                 engram_row_multiple=1, engram_sharded_lookup="all_to_all",
+                 engram_table_sharding="tensor")
   c.moe = _defaults(MoEConfig, num_experts=16, num_shared_experts=1, top_k=2, expert_hidden=64)
   c.engram = _defaults(EngramConfig, vocab_sizes=[1000, 1000], layer_ids=[1], pad_id=0,
                        n_embed_per_ngram=32, n_head_per_ngram=2)
