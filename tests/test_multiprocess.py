@@ -3,7 +3,9 @@ the tiny Engram model to the same losses as one process with the same global bat
 
 Reference: 1 process, 2 CPU devices, batch 4 drawn from 2 document shards (--data_shards=2).
 Multi-process: 2 processes x 1 CPU device, batch 2 each; process i reads document shard i.
-Both run the same partitioned program on a 2-device mesh, so the numbers must agree.
+Both run the same partitioned program on a 2-device mesh, so the numbers must agree. The
+Engram table is split by rows over the two devices (`engram_table_sharding="all"`), so in the
+two-process run each process holds half of it and the lookups cross processes.
 """
 
 import json
@@ -28,6 +30,9 @@ MICRO = [
     "--config.model.num_heads=2", "--config.model.num_kv_heads=1", "--config.model.ffn_hidden=64",
     "--config.model.hc_mult=1", "--config.moe.num_experts=8", "--config.moe.expert_hidden=32",
     "--config.engram.n_embed_per_ngram=16", "--config.allocation.active_rtol=0.2",
+    # Engram tables split by rows over both devices, i.e. across the two processes: every
+    # lookup routes ids and rows between them (all_to_all over gloo).
+    "--config.model.engram_table_sharding=all", "--config.model.engram_row_multiple=2",
     "--config.data.seq_len=32", "--config.data.bpe_vocab_size=512",
     "--config.data.max_bytes=300000", "--config.data.tokenizer_train_bytes=150000",
     "--config.data.num_eval_batches=1", f"--config.train.total_steps={STEPS}",
