@@ -1,16 +1,18 @@
 """A Transformer whose Engram tables live on the host (host / cached placement) gives the
 same logits as the device-table model: direct gather, through the RowPrefetcher, and when
-decoding with a cache."""
+decoding with a cache. `build_offloaded` creates host tables without the device holding them."""
 
 import dataclasses
 import functools
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
 
+from engram_jax import EngramConfig
 from engram_jax.models.config import ModelConfig
-from engram_jax.offload import TablePlacement, count_row_frequencies
+from engram_jax.offload import TablePlacement, count_row_frequencies, host_init
 from engram_jax.offload.hot_cache import HotRowCache
 from engram_jax.offload.model import forward_with_host_tables, split_tables
 from engram_jax.train.state import build_model
@@ -146,3 +148,55 @@ def test_bad_placements_are_rejected():
   with pytest.raises(ValueError, match=r"missing"):
     forward_with_host_tables(model, {"tokens": batch["tokens"],
                                      "engram_rows": {1: batch["engram_rows"][1]}}, off)
+
+
+def _live_bytes(device) -> tuple[int, int]:
+  """(total bytes, largest array's bytes) of the live arrays on `device`."""
+  sizes = [x.nbytes for x in jax.live_arrays() if device in x.devices()] or [0]
+  return sum(sizes), max(sizes)
+
+
+def test_build_offloaded_never_puts_the_table_on_the_device(monkeypatch):
+  """A 64 MiB host table beside a ~0.1 MiB model. On CPU "host" and "device" are the same
+  RAM, so the host initialisers run on a second CPU device standing in for the CPU backend
+  of an accelerator machine; the device holds no table-sized array at any point."""
+  if jax.device_count() < 2:
+    pytest.skip("needs a second device to stand in for host memory")
+  device, host = jax.devices()[:2]
+  engram = EngramConfig(vocab_sizes=(262_144, 262_144), n_embed_per_ngram=32, n_head_per_ngram=1,
+                        layer_ids=(1,), pad_id=0)
+  config = ModelConfig.tiny("engram_dense", num_layers=2, engram=engram)
+  build = lambda: build_model(config, 0)  # noqa: E731
+  rows = nnx.eval_shape(build).blocks[1].engram.num_rows
+  table_bytes = rows * 32 * 4
+  assert table_bytes >= 64 * 2**20
+
+  # the moment the table exists (computed on `host`, not yet freed): what is on the device?
+  at_peak, device_programs = [], []
+  real_host_table, real_compile = host_init.HostTable, host_init.compile_device_init
+
+  def host_table_spy(array, **kwargs):
+    at_peak.append(_live_bytes(device))
+    return real_host_table(array, **kwargs)
+
+  def compile_spy(*args):
+    device_programs.append(real_compile(*args))
+    return device_programs[-1]
+
+  monkeypatch.setattr(host_init, "HostTable", host_table_spy)
+  monkeypatch.setattr(host_init, "compile_device_init", compile_spy)
+  before, _ = _live_bytes(device)
+  model, off = host_init.build_offloaded(build, "host", device=device, host_device=host)
+  after, largest = _live_bytes(device)
+
+  assert len(at_peak) == 1 and at_peak[0][0] - before < table_bytes / 64
+  assert after - before < table_bytes / 64 and largest < table_bytes / 64
+  # the device program never allocated it either: XLA dropped the table initialiser
+  memory = device_programs[0].memory_analysis()
+  assert memory.output_size_in_bytes + memory.temp_size_in_bytes < table_bytes / 64
+  # what the device holds: the model with a size-0 placeholder; the table is NumPy
+  assert model.blocks[1].engram.table.get_value().shape == (0, 32)
+  table = off.tables[1].numpy()
+  assert isinstance(table, np.ndarray) and table.shape == (rows, 32) and table.flags.writeable
+  assert abs(float(table.std()) - 1.0) < 0.01 and abs(float(table.mean())) < 0.01  # N(0, 1)
+  assert not any(x.shape == table.shape for x in jax.live_arrays())  # the host copy is gone too

@@ -1,20 +1,25 @@
 """Trainer with host-placed Engram tables (TrainConfig.table_placement): training, evaluation,
-exact resume from checkpoints holding the host tables and their sparse Adam state."""
+exact resume from checkpoints holding the host tables and their sparse Adam state, and
+`load_run` of such a checkpoint for evaluation and generation."""
 
+import json
 import math
 import shutil
 
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from jax.experimental.compilation_cache import compilation_cache
 
 from engram_jax import sharding as sharding_lib
 from engram_jax.data import DataConfig
+from engram_jax.inference import Generator, SamplingConfig
 from engram_jax.models.config import ModelConfig
 from engram_jax.offload import HotRowCache, top_rows
 from engram_jax.train import CheckpointMismatchError, TrainConfig, Trainer
 from engram_jax.train.metrics import read_metrics
+from engram_jax.train.restore import evaluate_run, load_run
 from tests.test_train import VOCAB, tiny_model
 
 LAYER = 1  # tiny_model's only Engram layer
@@ -87,6 +92,8 @@ def test_host_placement_trains_and_evaluates(straight, device_first_step):
   assert read_metrics(trainer.workdir, "val")[-1]["val_loss"] == result.eval["val_loss"]
   assert trainer.checkpointer.all_steps() == [2, 4]
   assert trainer.checkpointer.read_meta()[0]["host_table_layers"] == [LAYER]
+  # the initial state is committed to the device like the step's outputs: one compilation
+  assert trainer.host_trainer.train_step._cache_size() == 1
   # the table lives on the host; the model keeps a size-0 placeholder
   table = trainer.host_trainer.offloaded.tables[LAYER].numpy()
   assert table.shape[0] > 0 and trainer.state.rest["blocks"][LAYER]["engram"]["table"].get_value().shape[0] == 0
@@ -120,6 +127,44 @@ def test_resume_restores_host_tables_and_sparse_adam_exactly(straight, tmp_path)
     np.testing.assert_array_equal(got[LAYER][key], want[LAYER][key], err_msg=key)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.state.params),
                jax.device_get(trainer.state.params))
+
+
+def test_load_run_puts_the_host_tables_back_and_evaluates_like_the_trainer(straight):
+  trainer, result = straight
+  run = load_run(trainer.workdir)
+  assert run.step == 4 and run.host_table_layers == (LAYER,)
+  # one model holding everything: the trained host table and the trained dense params
+  table = run.model.blocks[LAYER].engram.table.get_value()
+  np.testing.assert_array_equal(np.asarray(table), trainer.host_trainer.offloaded.tables[LAYER].numpy())
+  params = jax.device_get(nnx.state(run.model, nnx.Param))
+  dense = jax.device_get(trainer.state.params)
+  flat = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+  for path, value in jax.tree_util.tree_flatten_with_path(dense)[0]:
+    np.testing.assert_array_equal(flat[path], value, err_msg=str(path))
+  assert len(flat) == len(jax.tree.leaves(dense)) + 1  # + the table
+  assert abs(evaluate_run(run)["val_loss"] - result.eval["val_loss"]) < 1e-5
+  prompt = run.tokenizer.encode("def main(", add_special_tokens=False).ids
+  generated = Generator(run.model, run.hasher, run.compressor)(
+      [prompt], max_new_tokens=3, sampling=SamplingConfig(greedy=True))
+  assert len(generated.tokens[0]) == 3
+
+
+def test_load_run_refuses_tampered_hash_constants(straight, tmp_path):
+  trainer, _ = straight
+  workdir = tmp_path / "tampered"
+  shutil.copytree(trainer.workdir / "checkpoints", workdir / "checkpoints")
+  meta_file = workdir / "checkpoints" / "4" / "meta" / "metadata"
+  meta = json.loads(meta_file.read_text())
+  meta["hash_constants"]["multipliers"][str(LAYER)][0] += 2
+  meta_file.write_text(json.dumps(meta))
+  with pytest.raises(ValueError, match="hash constants.*multipliers differ for layers"):
+    load_run(workdir)
+  meta = json.loads(meta_file.read_text())
+  meta["hash_constants"]["multipliers"][str(LAYER)][0] -= 2
+  meta["model"]["engram"]["seed"] += 1  # constants intact, but not the model's hashing
+  meta_file.write_text(json.dumps(meta))
+  with pytest.raises(CheckpointMismatchError, match="hash constants are for"):
+    load_run(workdir)
 
 
 def test_cached_placement_trains_like_host(straight, data_config, tmp_path):

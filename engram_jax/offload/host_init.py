@@ -69,6 +69,14 @@ def device_state_init(build: Callable[[], Transformer], host_layers) -> Callable
   return init
 
 
+def compile_device_init(build: Callable[[], Transformer], host_layers, device: jax.Device
+                        ) -> jax.stages.Compiled:
+  """`device_state_init` compiled for `device` (its `memory_analysis()` shows what the
+  device allocates: no host table)."""
+  return jax.jit(device_state_init(build, host_layers),
+                 out_shardings=jax.sharding.SingleDeviceSharding(device)).lower().compile()
+
+
 def host_table_init(build: Callable[[], Transformer], layer: int) -> Callable[[], jax.Array]:
   """() -> Engram layer `layer`'s table [R, d_h] (jit it: the rest is dead code)."""
   return lambda: build().blocks[layer].engram.table[...]
@@ -97,8 +105,7 @@ def build_offloaded(build: Callable[[], Transformer],
   placements = resolve_placements(abstract, placements)
   host_layers = tuple(l for l, p in placements.items() if p.on_host)
   graphdef = nnx.graphdef(abstract)
-  state = jax.jit(device_state_init(build, host_layers),
-                  out_shardings=jax.sharding.SingleDeviceSharding(device))()
+  state = compile_device_init(build, host_layers, device)()
   model = nnx.merge(graphdef, state)
 
   host_device = host_device or host_compute_device(device)

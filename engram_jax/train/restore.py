@@ -50,7 +50,12 @@ def _checkpoint_dir(path: str | Path) -> Path:
 
 
 def load_run(path: str | Path, *, step: int | None = None, mesh=None) -> LoadedRun:
-  """Loads a run directory (or its checkpoints/ folder); checks the stored constants."""
+  """Loads a run directory (or its checkpoints/ folder); checks the stored constants.
+
+  A run trained with host-placed tables (`TrainConfig.table_placement`) comes back as one
+  model holding its tables on the device (`host_table_layers` names them), like a device
+  run, on the first device of `mesh`.
+  """
   ckpt = Checkpointer(_checkpoint_dir(path))
   meta, vocab = ckpt.read_meta(step)
   tokenizer = Tokenizer.from_str(vocab["tokenizer_json"])
@@ -62,6 +67,9 @@ def load_run(path: str | Path, *, step: int | None = None, mesh=None) -> LoadedR
   hasher = None
   if meta.get("hash_constants"):
     hasher = NgramHasher.from_constants(meta["hash_constants"])  # re-derives and checks them
+    if hasher.config != model_config.engram:
+      raise CheckpointMismatchError(f"stored hash constants are for {hasher.config}, the stored "
+                                    f"model's Engram config is {model_config.engram}")
   train_config = TrainConfig.from_dict(meta["train"])
   mesh = mesh or sharding_lib.make_mesh(data=1, devices=jax.devices()[:1])
   host_layers = tuple(int(l) for l in meta.get("host_table_layers") or ())
@@ -100,23 +108,43 @@ def _load_host_placed(ckpt: Checkpointer, meta: dict[str, Any], model_config: Mo
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                         target)
   state, _ = ckpt.restore(target, current_meta=meta, step=step)
-  saved = ckpt.restore_host_tables(_like_host_state(tables, host_layers), step=step)
+  wanted = {l: tables["blocks"][l]["engram"]["table"].get_value() for l in host_layers}
+  saved = _restore_tables(ckpt, step, {
+      l: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=sharding) for l, t in wanted.items()})
   model = nnx.merge(graphdef, state.params, state.rest, tables)  # tables still abstract
   for layer in host_layers:  # as `OffloadedEngram.restore_into`
-    model.blocks[layer].engram.table.set_value(jax.device_put(saved[layer]["table"], sharding))
+    model.blocks[layer].engram.table.set_value(saved[layer])
   return model, int(state.step)
 
 
-def _like_host_state(tables: nnx.State, host_layers) -> dict[int, dict[str, np.ndarray]]:
-  """Shape / dtype stand-ins for `Checkpointer.restore_host_tables` (no memory behind them)."""
-  like = {}
-  for layer in host_layers:
-    t = tables["blocks"][layer]["engram"]["table"].get_value()
-    adam_dtype = np.float32 if np.dtype(t.dtype).itemsize < 4 else np.dtype(t.dtype)
-    stand_in = lambda shape, dtype: np.broadcast_to(np.zeros((), dtype), shape)  # noqa: E731
-    like[layer] = {"table": stand_in(t.shape, t.dtype), "m": stand_in(t.shape, adam_dtype),
-                   "v": stand_in(t.shape, adam_dtype), "count": stand_in(t.shape[:1], np.int32)}
-  return like
+def _restore_tables(ckpt: Checkpointer, step: int | None, targets: dict[int, jax.ShapeDtypeStruct]
+                    ) -> dict[int, jax.Array]:
+  """The tables of the `host_tables` item read straight into `targets`' shardings; their
+  row-sparse Adam m, v and counts (twice the table) are not read."""
+  import orbax.checkpoint as ocp
+
+  step = ckpt.latest_step() if step is None else step
+  path = ckpt.directory / str(step) / "host_tables"
+  if not path.is_dir():
+    raise CheckpointMismatchError(f"checkpoint {ckpt.directory}/{step} holds no host_tables item, "
+                                  "but its meta names host_table_layers")
+  saved = ckpt.manager.item_metadata(step)["host_tables"]
+  problems = []
+  for layer, target in targets.items():
+    item = (saved or {}).get(str(layer), {}).get("table")
+    if item is None or tuple(item.shape) != target.shape or item.dtype != target.dtype:
+      got = None if item is None else (tuple(item.shape), str(item.dtype))
+      problems.append(f"host table of Engram layer {layer}: checkpoint has {got}, the model "
+                      f"needs {(target.shape, str(target.dtype))}")
+  if problems:
+    raise CheckpointMismatchError(f"checkpoint {ckpt.directory}/{step} does not match its "
+                                  "model config:\n  " + "\n  ".join(problems))
+  item = {str(l): {"table": t} for l, t in targets.items()}
+  with ocp.PyTreeCheckpointer() as reader:
+    restored = reader.restore(path, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True))
+  return {int(l): v["table"] for l, v in restored.items()}
 
 
 def evaluate_run(run: LoadedRun, data_config: DataConfig | None = None) -> dict[str, float]:

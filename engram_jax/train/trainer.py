@@ -453,6 +453,9 @@ def _make_host_eval_step(graphdef: nnx.GraphDef, host_layers: tuple[int, ...]):
 class _HostPlacement:
   """Host / cached Engram tables: `HostTableTrainer` steps, tables checkpointed beside the state.
 
+  The tables are initialised in host memory (`build_offloaded`); the device holds only the
+  rest of the model and the tables' size-0 placeholders.
+
   The checkpoint's `state` item is the trainer's TrainState (dense params, rest, dense
   optimizer state) without the tables' size-0 placeholders; `host_tables` holds each
   host table with its row-sparse Adam m, v and per-row count.
