@@ -33,6 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import gather_gate_gpu as fused
 from pallas_kernels import reference
 
 TMA_GRANULE_BYTES = 16
@@ -155,13 +156,30 @@ def gather_rows_gpu(table, row_ids, *, block_rows: int | None = None, stages: in
 
 def gather_gate_gpu(table, row_ids, w_value, b_value, w_key, b_key, query_normed,
                     key_norm_scale, *, gate="reference", norm_eps=1e-6, out_dtype=None,
-                    block_rows: int | None = None, interpret=None):
-  """GPU gather_gate: the Mosaic GPU gather, then the XLA projection and gate.
+                    block_rows: int | None = None, block_d: int | None = None,
+                    interpret=None):
+  """GPU gather_gate: the fused Hopper kernel where it fits, else gather + XLA gate.
 
-  NOT fused yet: the gathered rows [N, H*d] make one round trip through HBM.
-  A fused Hopper kernel (rows TMA'd into SMEM as the wgmma LHS, gate as the
-  epilogue) is future work; see README.md.
+  Fused (gather_gate_gpu.py) when `gather_gate_gpu.fused_plan` accepts the
+  shapes: table and weights of one dtype (bf16, f16 or f32), d*itemsize a
+  multiple of 32 bytes, D a multiple of 64, and 64 tokens of rows plus the
+  tiles within shared memory (C = H*d up to about 1500 in bf16, 650 in f32).
+  The fused kernel's token block is fixed (64, the wgmma M): block_rows only
+  applies to the fallback gather; a block_d the fused kernel cannot use where
+  the default would fuse is a ValueError. Otherwise: the Mosaic GPU gather, then
+  the XLA projection and gate (the rows [N, H*d] make one round trip through
+  HBM).
   """
+  plan = fused.fused_plan(table, row_ids, w_value, w_key, query_normed,
+                          out_dtype=out_dtype, block_d=block_d)
+  if isinstance(plan, str) and block_d is not None and not isinstance(
+      fused.fused_plan(table, row_ids, w_value, w_key, query_normed, out_dtype=out_dtype), str):
+    raise ValueError(f"block_d={block_d} does not suit the fused GPU kernel: {plan}")
+  if not isinstance(plan, str):
+    return fused.gather_gate_fused_gpu(
+        table, row_ids, w_value, b_value, w_key, b_key, query_normed, key_norm_scale,
+        gate=gate, norm_eps=norm_eps, out_dtype=out_dtype, block_d=block_d,
+        interpret=interpret)
   rows = gather_rows_gpu(table, row_ids, block_rows=block_rows, interpret=interpret)
   return reference.gate_from_rows(rows, w_value, b_value, w_key, b_key, query_normed,
                                   key_norm_scale, gate=gate, norm_eps=norm_eps,

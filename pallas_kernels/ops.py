@@ -148,7 +148,8 @@ def _gather_gate_op(impl, backend, gate, norm_eps, out_dtype, block_rows, block_
     from pallas_kernels import gather_gpu
     fused_fn = functools.partial(gather_gpu.gather_gate_gpu, gate=gate,
                                  norm_eps=norm_eps, out_dtype=out_dtype,
-                                 block_rows=block_rows, interpret=interpret)
+                                 block_rows=block_rows, block_d=block_d,
+                                 interpret=interpret)
   else:
     from pallas_kernels import gather_tpu
     fused_fn = functools.partial(gather_tpu.gather_gate_tpu, gate=gate,

@@ -34,6 +34,8 @@ _BACKEND = flags.DEFINE_enum("backend", None, ["gpu", "tpu"],
                              "Kernel to run (default: from the device; tpu on CPU).")
 _BLOCK_ROWS = flags.DEFINE_integer("block_rows", 0,
                                    "Tokens per kernel block (0: the kernel's default).")
+_BLOCK_D = flags.DEFINE_integer("block_d", 0,
+                                "D tile of the fused kernel (0: the kernel's default).")
 _SKIP_FUSED = flags.DEFINE_bool("skip_fused", False, "Only benchmark the gather.")
 
 
@@ -131,7 +133,8 @@ def bench_gather(case: GatherCase, copy_bw: float, iters: int, block_rows: int, 
   del table
 
 
-def bench_fused(case: FusedCase, copy_bw: float, iters: int, block_rows: int, backend):
+def bench_fused(case: FusedCase, copy_bw: float, iters: int, block_rows: int, backend,
+                block_d=None):
   dtype = jnp.dtype(case.dtype)
   k = jax.random.split(jax.random.key(1), 8)
   c = case.heads * case.d
@@ -150,14 +153,21 @@ def bench_fused(case: FusedCase, copy_bw: float, iters: int, block_rows: int, ba
             + n * g * dim * isz + n * g * 4)
   print(f"gather_gate R={case.rows:,} d={case.d} {case.dtype} N={n} H={case.heads} "
         f"D={dim} G={g}")
+  if (backend or jax.default_backend()) == "gpu":
+    from pallas_kernels import gather_gate_gpu
+    plan = gather_gate_gpu.fused_plan(args[0], args[1], args[2], args[4], args[6],
+                                      block_d=block_d)
+    path = "unfused (gather kernel + XLA gate): " if isinstance(plan, str) else "fused "
+    print(f"  GPU pallas path: {path}{plan}")
 
   def fwd(impl):
     return jax.jit(lambda *a: pk.gather_gate(*a, impl=impl, block_rows=block_rows,
-                                             backend=backend))
+                                             block_d=block_d, backend=backend))
 
   def fwd_bwd(impl):
     def loss(*a):
-      u, gates = pk.gather_gate(*a, impl=impl, block_rows=block_rows, backend=backend)
+      u, gates = pk.gather_gate(*a, impl=impl, block_rows=block_rows, block_d=block_d,
+                                backend=backend)
       return jnp.sum(u.astype(jnp.float32)) + jnp.sum(gates)
     float_idx = (0, 2, 3, 4, 5, 6, 7)
     grad = jax.grad(lambda *fa: loss(fa[0], args[1], *fa[1:]), argnums=tuple(range(7)))
@@ -196,7 +206,7 @@ def main(argv):
     bench_gather(case, copy_bw, iters, block_rows, _BACKEND.value)
   if not _SKIP_FUSED.value:
     for case in preset.fused:
-      bench_fused(case, copy_bw, iters, block_rows, _BACKEND.value)
+      bench_fused(case, copy_bw, iters, block_rows, _BACKEND.value, _BLOCK_D.value or None)
   print(f"total {time.perf_counter() - start:.1f} s")
 
 
