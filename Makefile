@@ -20,4 +20,4 @@ lint: venv
 	$(PY) -m ruff check engram_jax pallas_kernels experiments tests
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs .jax_cache

@@ -10,6 +10,12 @@ import pytest
 # 8 virtual CPU devices for the sharding tests, unless the caller chose otherwise.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# JAX's persistent compilation cache: many tests (and the training subprocesses they start,
+# which inherit the environment) compile the same tiny programs again in fresh Trainers; a
+# hit skips XLA's compile. Keyed by the program, jax version and flags, so never stale.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      str(Path(__file__).resolve().parents[1] / ".jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 TESTDATA = Path(__file__).resolve().parents[2] / "shared" / "testdata"
 

@@ -160,8 +160,9 @@ def test_engram_row_multiple_makes_any_table_row_shardable():
     tables = {}
     for multiple in (1, 8):
         cfg = ModelConfig.tiny("engram_moe", engram=engram, engram_row_multiple=multiple)
-        model = S.create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
-        tables[multiple] = model.blocks[1].engram.table
+        # The target layout, without allocating (create_sharded places exactly these).
+        _, state = S.abstract_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
+        tables[multiple] = state["blocks"][1]["engram"]["table"].get_value()
     assert tables[1].shape[0] == 638 and S.num_shards(tables[1]) == 1     # silently replicated
     assert tables[8].shape[0] == 640 and S.spec_of(tables[8]) == P("tensor")
     assert S.num_shards(tables[8]) == 4
