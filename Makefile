@@ -8,7 +8,8 @@ venv:
 	@bash scripts/bootstrap_venv.sh
 
 test: venv
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu $(PY) -m pytest -n 2 tests
+	XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0" \
+	    JAX_PLATFORMS=cpu $(PY) -m pytest -n 2 tests
 
 train: venv
 	$(PY) -m experiments.compare --workdir=runs/default

@@ -18,6 +18,8 @@ from pathlib import Path
 import portpicker
 import pytest
 
+from tests.conftest import xla_flags
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 3
 TIMEOUT_S = 300  # per phase; a normal run takes well under a minute per phase on 2 cores
@@ -43,7 +45,7 @@ MICRO = [
 
 def _env(devices: int) -> dict:
   return {**os.environ, "JAX_PLATFORMS": "cpu",
-          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+          "XLA_FLAGS": xla_flags(devices)}
 
 
 def _run_all(runs: list[tuple[list[str], dict, Path]]) -> list[dict]:

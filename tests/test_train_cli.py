@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import xla_flags
+
 REPO = Path(__file__).resolve().parents[1]
 
 MICRO = [
@@ -38,7 +40,7 @@ def _steps_logged(workdir):
 
 
 def test_sigterm_checkpoints_and_rerun_resumes(tmp_path):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(1)}
   workdir, tokdir = tmp_path / "run", tmp_path / "tok"
   proc = subprocess.Popen(_train_cmd(workdir, tokdir, 100_000), cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

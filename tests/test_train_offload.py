@@ -10,7 +10,6 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from jax.experimental.compilation_cache import compilation_cache
 
 from engram_jax import sharding as sharding_lib
 from engram_jax.data import DataConfig
@@ -30,21 +29,6 @@ NO_EVAL_OR_CHECKPOINTS = {"eval_every": 0, "checkpoint_every": 0}
 
 
 @pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-  """Runs of the same model reuse the compiled init / step / eval (they are the same
-  programs); only compilation time is saved."""
-  saved = {k: getattr(jax.config, k) for k in
-           ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  compilation_cache.reset_cache()
-  yield
-  for k, v in saved.items():
-    jax.config.update(k, v)
-  compilation_cache.reset_cache()
-
-
-@pytest.fixture(scope="module")
 def data_config(tmp_path_factory):
   return DataConfig(seq_len=32, batch_size=4, bpe_vocab_size=VOCAB, max_bytes=400_000,
                     tokenizer_train_bytes=200_000, num_eval_batches=1,
@@ -52,13 +36,13 @@ def data_config(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def straight(data_config, compile_cache, tmp_path_factory):
+def straight(data_config, tmp_path_factory):
   trainer = Trainer(tiny_model(), HOST, data_config, tmp_path_factory.mktemp("runs") / "straight")
   return trainer, trainer.run()
 
 
 @pytest.fixture(scope="module")
-def device_first_step(data_config, compile_cache, tmp_path_factory):
+def device_first_step(data_config, tmp_path_factory):
   """The device-placement run of the same model, one step, on one device."""
   mesh = sharding_lib.make_mesh(data=1, devices=jax.devices()[:1])
   trainer = Trainer(tiny_model(), HOST.replace(table_placement="device", **NO_EVAL_OR_CHECKPOINTS),
