@@ -19,6 +19,7 @@ from engram_jax.offload import HotRowCache, top_rows
 from engram_jax.train import CheckpointMismatchError, TrainConfig, Trainer
 from engram_jax.train.metrics import read_metrics
 from engram_jax.train.restore import evaluate_run, load_run
+from engram_jax.train.trainer import _check_host_placement_setup
 from tests.test_train import VOCAB, tiny_model
 
 LAYER = 1  # tiny_model's only Engram layer
@@ -189,6 +190,39 @@ def test_bad_placements_are_refused(data_config, tmp_path):
   with pytest.raises(ValueError, match="freeze_engram_tables"):
     Trainer(tiny_model(), HOST.replace(freeze_engram_tables=True), data_config, tmp_path / "c")
   if jax.device_count() > 1:
-    mesh = sharding_lib.make_mesh(data=2)
-    with pytest.raises(NotImplementedError, match="single device.*mesh of 2 devices"):
+    mesh = sharding_lib.make_mesh(data=1, tensor=2)
+    with pytest.raises(NotImplementedError, match=r"data-parallel meshes.*\{'tensor': 2\}"):
       Trainer(tiny_model(), HOST, data_config, tmp_path / "d", mesh=mesh)
+
+
+def test_multi_process_host_placement_is_refused(monkeypatch):
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(NotImplementedError, match="single process; got 2 processes.*own shard"):
+    _check_host_placement_setup(sharding_lib.make_mesh(data=1, devices=jax.devices()[:1]), HOST)
+
+
+@pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 devices")
+def test_data_parallel_host_placement_equals_one_device(straight, data_config, tmp_path):
+  """data=2: batch and rows split over 2 devices, sparse grads reduced over the global
+  batch: the same losses, eval and host tables as the one-device run (same global batch)."""
+  one, want = straight
+  mesh = sharding_lib.make_mesh(data=2)
+  trainer = Trainer(tiny_model(), HOST.replace(checkpoint_every=0), data_config,
+                    tmp_path / "dp", mesh=mesh)
+  got = trainer.run()
+  host = trainer.host_trainer
+  assert host.mesh is mesh and host.train_step._cache_size() == 1
+  assert trainer.state.step.sharding.device_set == set(mesh.devices.flat)
+  heads = len(host.offloaded.offsets[LAYER])
+  rows = host.gather({LAYER: np.zeros((4, data_config.seq_len, heads), np.int64)})[LAYER]
+  assert sharding_lib.num_shards(rows) == 2  # each device gets its half of the batch's rows
+  assert sorted(got.losses) == [1, 2, 3, 4]
+  np.testing.assert_allclose([got.losses[s] for s in range(1, 5)],
+                             [want.losses[s] for s in range(1, 5)], rtol=1e-5)
+  assert got.eval["val_loss"] == pytest.approx(want.eval["val_loss"], rel=1e-5)
+  got_tables, want_tables = _host_state(trainer), _host_state(one)
+  np.testing.assert_array_equal(got_tables[LAYER]["count"], want_tables[LAYER]["count"])
+  np.testing.assert_allclose(got_tables[LAYER]["table"], want_tables[LAYER]["table"],
+                             rtol=1e-5, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               jax.device_get(trainer.state.params), jax.device_get(one.state.params))

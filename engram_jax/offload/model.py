@@ -24,6 +24,7 @@ host table) in front of the same `HostTable`; the rows it returns equal the tabl
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -40,6 +41,9 @@ from engram_jax.offload.placement import TablePlacement, parse_placements
 from engram_jax.offload.prefetch import RowPrefetcher, engram_row_ids
 
 RowSource = HostTable | HotRowCache
+# rows' shape [..., H, d_h] -> where the gathered rows go (e.g. split over the batch on a
+# data-parallel mesh); None: the table's device
+RowPlacement = Callable[[tuple[int, ...]], jax.sharding.Sharding]
 
 
 @dataclasses.dataclass
@@ -71,21 +75,28 @@ class OffloadedEngram:
     self._check_layers(engram_rows)
     return {l: flat_rows_np(np.asarray(engram_rows[l]), self.offsets[l]) for l in self.host_layers}
 
-  def gather(self, engram_rows: Mapping[int, Any]) -> dict[int, jax.Array]:
-    """Synchronous gather: per-head rows {layer: [B, T, H]} -> device rows [B, T, H*d_h]."""
+  def gather(self, engram_rows: Mapping[int, Any], *, sharding: RowPlacement | None = None
+             ) -> dict[int, jax.Array]:
+    """Synchronous gather: per-head rows {layer: [B, T, H]} -> device rows [B, T, H*d_h]
+    (placed by `sharding` when given, else on the table's device)."""
     out = {}
     for layer, ids in self.flat_ids(engram_rows).items():
-      rows = _gather(self.sources[layer], ids)
+      rows = _gather(self.sources[layer], ids, sharding)
       out[layer] = rows.reshape(rows.shape[:-2] + (-1,))
     return out
 
   def prefetcher(self, batches: Iterable, *, depth: int = 1,
                  row_ids: Callable[[Any], Mapping[int, Any]] = engram_row_ids,
-                 sources: Mapping[int, Any] | None = None) -> RowPrefetcher:
+                 sources: Mapping[int, Any] | None = None,
+                 sharding: RowPlacement | None = None) -> RowPrefetcher:
     """A `RowPrefetcher` over `batches` yielding (batch, {layer: rows [B, T, H*d_h]}).
 
-    `sources` overrides the gather callables (e.g. instrumented ones in a benchmark).
+    `sources` overrides the gather callables (e.g. instrumented ones in a benchmark);
+    `sharding` places the rows (as for `gather`).
     """
+    if sources is None and sharding is not None:
+      sources = {l: functools.partial(_gather, s, sharding=sharding)
+                 for l, s in self.sources.items()}
     return RowPrefetcher(batches, dict(sources or self.sources), offsets=self.offsets,
                          row_ids=row_ids, depth=depth, merge_heads=True)
 
@@ -103,8 +114,16 @@ class OffloadedEngram:
                        f"got layers {sorted(engram_rows)}")
 
 
-def _gather(source: RowSource, flat_ids: np.ndarray) -> jax.Array:
-  return source.lookup(flat_ids) if isinstance(source, HotRowCache) else source.gather(flat_ids)
+def _gather(source: RowSource, flat_ids: np.ndarray, sharding: RowPlacement | None = None
+            ) -> jax.Array:
+  if sharding is None:
+    return source.lookup(flat_ids) if isinstance(source, HotRowCache) else source.gather(flat_ids)
+  table = source.table if isinstance(source, HotRowCache) else source
+  target = sharding(tuple(np.shape(flat_ids)) + (table.dim,))
+  if isinstance(source, HostTable) and source.method == "numpy":
+    return jax.device_put(source.host_rows(flat_ids), target)  # each device takes its part
+  # the cache's combine (or the compute_on gather) runs on the table's device; then moved
+  return jax.device_put(_gather(source, flat_ids), target)
 
 
 def _engram(model: Transformer, layer: int):

@@ -73,9 +73,21 @@ def patch_updated_rows(rows: jax.Array, flat_ids, updated_rows, table: HostTable
   index[stale] = inverse.reshape(-1)
   padded = np.full(_bucket(fresh_ids.size, 64), fresh_ids[0], np.int64)  # few shapes to compile
   padded[:fresh_ids.size] = fresh_ids
-  fresh = table.gather(padded)
+  # the fresh rows go to every device holding part of `rows` (a batch split over a mesh)
+  fresh = table.host_rows(padded) if table.method == "numpy" else table.gather(padded)
+  fresh = jax.device_put(fresh, _replicated(rows.sharding))
   put = lambda x: jax.device_put(x, rows.sharding)
   return _patch(rows, put(stale), fresh, put(index))
+
+
+def _replicated(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(),
+                                      memory_kind=sharding.memory_kind)
+  if len(sharding.device_set) == 1:
+    return sharding
+  raise ValueError(f"patch_updated_rows: rows with sharding {sharding} (a NamedSharding or one "
+                   "device expected)")
 
 
 @jax.jit

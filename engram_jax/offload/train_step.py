@@ -12,6 +12,14 @@ Per step:
      count (NumPy, in place) at lr = engram_lr_multiplier * schedule(step), with the
      TrainConfig's b1, b2, eps and no weight decay; cached rows are refreshed.
 
+Data parallelism (`HostTableTrainer(..., mesh=)`, one process, a mesh with only the data /
+fsdp axes > 1): the dense state is placed on the mesh by the logical rules, each batch and
+its gathered rows [B, T, H*d_h] are split over the batch axes (the host copies each device
+its part), `sparse_grad` reduces the row grads over the whole batch inside the step and
+returns them replicated, so the host fetches them once. Losses equal the one-device run's
+up to float summation order (tested). Several processes would each need their own shard of
+the host tables: not supported.
+
 Equivalence: when every row of a host table is touched at every step this equals
 device-placement training with dense Adam on the table (tested). Rows not touched at a
 step differ: sparse Adam leaves them and their m, v exactly unchanged, dense Adam decays
@@ -22,6 +30,7 @@ sparse_adam.py). Never-touched rows are unchanged under both.
 from __future__ import annotations
 
 import collections
+import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -30,7 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from engram_jax import sharding as sharding_lib
 from engram_jax.models.transformer import Transformer, updated_router_biases
 from engram_jax.offload.hot_cache import HotRowCache
 from engram_jax.offload.indexing import check_int32_rows
@@ -41,7 +52,8 @@ from engram_jax.offload.sparse_adam import SparseRowAdam, SparseRowState, sparse
 from engram_jax.train.config import TrainConfig
 from engram_jax.train.loss import masked_lm_loss
 from engram_jax.train.optimizer import make_optimizer
-from engram_jax.train.state import TrainState
+from engram_jax.train.state import TrainState, tree_shardings
+from engram_jax.train.steps import batch_shardings
 
 Batch = dict[str, Any]
 SparseGrads = dict[int, tuple[jax.Array, jax.Array, jax.Array]]
@@ -192,8 +204,10 @@ class HostTableTrainer:
     cfg: the run's TrainConfig (dense groups and the table lr / b1 / b2 / eps).
     bias_update_rate: MoE router bias step, as for `make_train_step`.
     sparse_size: see `make_host_table_train_step`.
+    mesh: a single-process data-parallel mesh (axes other than data / fsdp of size 1) to
+      train on (see the module docstring); None: the tables' device alone.
     reuse_step_of: another trainer of the same model config, host layers, TrainConfig,
-      rate and sparse_size (placements may differ: "host" vs "cached" run the same
+      rate, sparse_size and mesh (placements may differ: "host" vs "cached" run the same
       device step): reuse its optimizer and compiled step instead of compiling again.
   """
 
@@ -201,7 +215,9 @@ class HostTableTrainer:
                placements: str | Mapping[int, TablePlacement] | OffloadedEngram,
                cfg: TrainConfig, *, frequencies: Mapping[int, np.ndarray] | None = None,
                bias_update_rate: float = 0.0, sparse_size: int | None = None,
-               reuse_step_of: HostTableTrainer | None = None):
+               mesh: Mesh | None = None, reuse_step_of: HostTableTrainer | None = None):
+    check_data_parallel_mesh(mesh)
+    self.mesh = mesh
     if isinstance(placements, OffloadedEngram):
       self.model, self.offloaded = model, placements
       _check_split(model, placements)
@@ -220,35 +236,70 @@ class HostTableTrainer:
     # shares are not deleted under the caller. Drop `model` to free the originals.
     params, rest = jax.tree.map(jnp.copy, (params, rest))
     self._step_key = (model.config, self.offloaded.host_layers, cfg, bias_update_rate,
-                      sparse_size)
+                      sparse_size, mesh)
     if reuse_step_of is not None:
       if reuse_step_of._step_key != self._step_key:
         raise ValueError("reuse_step_of: the other trainer differs in model config, host layers, "
-                         "TrainConfig, bias_update_rate or sparse_size")
+                         "TrainConfig, bias_update_rate, sparse_size or mesh")
       self.tx, self.lr_schedule = reuse_step_of.tx, reuse_step_of.lr_schedule
-      self.train_step = reuse_step_of.train_step
     else:
       self.tx, self.lr_schedule = dense_optimizer(cfg, params)
-      self.train_step = jax.jit(
-          make_host_table_train_step(self.graphdef, self.tx, self.lr_schedule, self.offloaded,
-                                     grad_clip_norm=cfg.grad_clip_norm,
-                                     bias_update_rate=bias_update_rate,
-                                     sparse_size=sparse_size),
-          donate_argnums=(0,))
-    # Committed to the rows' device like the step's outputs (otherwise step 2 compiles again).
-    device = next(iter(self.offloaded.tables.values())).device
-    self.state = jax.device_put(
-        TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
-                   opt_state=self.tx.init(params)), device)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
+                       opt_state=self.tx.init(params))
+    if mesh is None:
+      # Committed to the rows' device like the step's outputs (else step 2 compiles again).
+      self.state = jax.device_put(state, next(iter(self.offloaded.tables.values())).device)
+      out_shardings = None
+    else:
+      state_sh = tree_shardings(state, mesh)
+      self.state = jax.device_put(state, state_sh)
+      # metrics and sparse grads replicated: the host reads one copy
+      replicated = NamedSharding(mesh, PartitionSpec())
+      out_shardings = (state_sh, replicated, replicated)
+    del state
+    if reuse_step_of is not None:
+      self.train_step = reuse_step_of.train_step
+    else:
+      step_fn = make_host_table_train_step(
+          self.graphdef, self.tx, self.lr_schedule, self.offloaded,
+          grad_clip_norm=cfg.grad_clip_norm, bias_update_rate=bias_update_rate,
+          sparse_size=sparse_size)
+      jit_kwargs = {} if out_shardings is None else {"out_shardings": out_shardings}
+      self.train_step = jax.jit(step_fn, donate_argnums=(0,), **jit_kwargs)
     self.host_optimizer = HostTableOptimizer(self.offloaded, cfg, self.lr_schedule)
+
+  def context(self):
+    """`jax.set_mesh(mesh)` (activation sharding constraints) or nothing without a mesh."""
+    return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
+
+  def row_sharding(self, shape: tuple[int, ...]) -> jax.sharding.Sharding | None:
+    """Where rows [B, ...] go: split over the mesh's batch axes (None without a mesh)."""
+    if self.mesh is None:
+      return None
+    names = ("batch",) + (None,) * (len(shape) - 1)
+    return NamedSharding(self.mesh, sharding_lib.logical_to_spec(names, self.mesh, shape))
+
+  def put_batch(self, batch: Batch) -> Batch:
+    """A host batch as the step takes it: split over the mesh's batch axes (with a mesh)."""
+    if self.mesh is None:
+      return batch
+    return jax.device_put(batch, batch_shardings(batch, self.mesh))
+
+  def gather(self, engram_rows: Mapping[int, Any]) -> dict[int, jax.Array]:
+    """The host layers' rows {layer: [B, T, H*d_h]}, placed as the step takes them."""
+    return self.offloaded.gather(engram_rows, sharding=self._row_placement())
+
+  def _row_placement(self):
+    return None if self.mesh is None else self.row_sharding
 
   def step(self, batch: Batch, rows: Mapping[int, jax.Array] | None = None
            ) -> tuple[dict, dict[int, np.ndarray]]:
     """One full step (device, then host update); returns (metrics, {layer: updated ids})."""
     if rows is None:
-      rows = self.offloaded.gather(batch["engram_rows"])
+      rows = self.gather(batch["engram_rows"])
     step = int(self.state.step)
-    self.state, metrics, sparse = self.train_step(self.state, batch, rows)
+    with self.context():
+      self.state, metrics, sparse = self.train_step(self.state, self.put_batch(batch), rows)
     return metrics, self.host_optimizer.apply(step, sparse)
 
   def iterate(self, batches: Iterable[Batch], *, depth: int = 1) -> Iterator[dict]:
@@ -259,7 +310,7 @@ class HostTableTrainer:
     gathering after each update. Yields each step's metrics (device arrays).
     """
     recent = collections.deque(maxlen=depth)
-    with self.offloaded.prefetcher(batches, depth=depth) as it:
+    with self.offloaded.prefetcher(batches, depth=depth, sharding=self._row_placement()) as it:
       for batch, rows in it:
         if recent:
           flat = self.offloaded.flat_ids(batch["engram_rows"])
@@ -302,6 +353,23 @@ class HostTableTrainer:
       source = self.offloaded.sources[l]
       if isinstance(source, HotRowCache):
         source.refresh()
+
+
+def check_data_parallel_mesh(mesh: Mesh | None) -> None:
+  """Host-placed tables train on one process; on a mesh, data parallelism only."""
+  if mesh is None:
+    return
+  if jax.process_count() != 1:
+    raise NotImplementedError(
+        f"training with host-placed Engram tables runs in a single process; got "
+        f"{jax.process_count()} processes (each would need its own shard of the host tables). "
+        "Run one process over its local devices, or use table placement 'device'")
+  model_axes = {a: n for a, n in mesh.shape.items() if a not in ("data", "fsdp") and n > 1}
+  if model_axes:
+    raise NotImplementedError(
+        f"training with host-placed Engram tables supports data-parallel meshes (data, fsdp) "
+        f"only; the mesh {dict(mesh.shape)} has model-parallel axes {model_axes}. Use a mesh "
+        "with tensor=expert=1, or table placement 'device'")
 
 
 def _check_split(model: Transformer, offloaded: OffloadedEngram) -> None:

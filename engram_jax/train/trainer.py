@@ -10,8 +10,9 @@ Engram tables in host memory (`TrainConfig.table_placement`, e.g. "host", "cache
 "1:host"): `engram_jax.offload.HostTableTrainer` runs the steps (rows of step t+1 gathered
 on the host during step t, row-sparse Adam on the host tables); checkpoints add the host
 tables and their Adam state (item "host_tables"); evaluation feeds the gathered rows.
-Single device, single process only. "cached" layers keep the rows most frequent in the
-first `FREQUENCY_BATCHES` training batches on the device.
+Single process only: by default on jax.devices()[0], or data-parallel over a given mesh
+whose tensor / expert axes are 1 (batch and rows split over its devices). "cached" layers
+keep the rows most frequent in the first `FREQUENCY_BATCHES` training batches on the device.
 
 Multi-process (after `jax.distributed.initialize`): every process runs this same loop on the
 global mesh and feeds its rows of the global batch (`engram_jax.train.multihost`); process 0
@@ -122,8 +123,9 @@ class Trainer:
     """`data_shards`: document streams the global batch is drawn from (default: one per data
     group of processes); fix it to reproduce a multi-process run's batches on fewer processes
     (see `engram_jax.train.multihost`). `mesh` defaults to all devices, or to
-    jax.devices()[0] alone when `train_config.table_placement` puts tables on the host
-    (after `run`, `self.host_trainer` is then the `HostTableTrainer`, else None)."""
+    jax.devices()[0] alone when `train_config.table_placement` puts tables on the host (a
+    data-parallel mesh may be given then; after `run`, `self.host_trainer` is the
+    `HostTableTrainer`, else None)."""
     self.workdir = Path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
     self.train_config, self.data_config, self.seed = train_config, data_config, seed
@@ -337,16 +339,12 @@ def _table_placements(model_config: ModelConfig, cfg: TrainConfig) -> tuple[dict
 
 
 def _check_host_placement_setup(mesh: jax.sharding.Mesh, cfg: TrainConfig) -> None:
-  if mesh.size != 1 or jax.process_count() != 1:
-    raise NotImplementedError(
-        f"TrainConfig.table_placement={cfg.table_placement!r}: training with host-placed Engram "
-        f"tables runs on a single device in a single process for now; got a mesh of {mesh.size} "
-        f"devices ({dict(mesh.shape)}) and {jax.process_count()} processes. Make one device "
-        "visible (e.g. CUDA_VISIBLE_DEVICES=0 for experiments.train), pass Trainer a one-device "
-        "mesh, or use table_placement='device'")
-  if mesh.devices.flat[0] != jax.devices()[0]:
-    raise ValueError(f"host table placement trains on jax.devices()[0]={jax.devices()[0]}; the "
-                     f"mesh holds {mesh.devices.flat[0]}")
+  from engram_jax.offload.train_step import check_data_parallel_mesh
+
+  try:
+    check_data_parallel_mesh(mesh)
+  except NotImplementedError as e:
+    raise NotImplementedError(f"TrainConfig.table_placement={cfg.table_placement!r}: {e}") from None
   if cfg.freeze_engram_tables:
     raise ValueError(f"TrainConfig.freeze_engram_tables=True is not supported with "
                      f"table_placement={cfg.table_placement!r} (the host optimizer always "
@@ -470,9 +468,12 @@ class _HostPlacement:
     cached = tuple(l for l, p in trainer.placements.items()
                    if p.kind == "cached" and not p.frequency_file)
     frequencies = trainer.row_frequencies(nnx.eval_shape(build), cached) if cached else None
+    # one device: the state and rows stay on it; a data-parallel mesh splits them over it
+    mesh = trainer.mesh if trainer.mesh.size > 1 else None
     model, offloaded = build_offloaded(build, trainer.placements, frequencies=frequencies,
-                                       device=jax.devices()[0])
-    self.host = HostTableTrainer(model, offloaded, trainer.train_config, bias_update_rate=rate)
+                                       device=trainer.mesh.devices.flat[0])
+    self.host = HostTableTrainer(model, offloaded, trainer.train_config, bias_update_rate=rate,
+                                 mesh=mesh)
     del model
     self.layers = self.host.offloaded.host_layers
     self._is_placeholder = host_table_filter(self.layers)
@@ -497,8 +498,10 @@ class _HostPlacement:
     return int(self.host.state.step)
 
   def context(self):
-    # No mesh: HostTableTrainer's state lives on jax.devices()[0] without one; under
-    # jax.set_mesh the step's outputs would carry the mesh and recompile the next step.
+    # No mesh around the loop: with one device the state lives on it (under jax.set_mesh
+    # the step's outputs would carry the mesh and recompile the next step); with a mesh the
+    # host trainer enters it around its steps only, as the hot-row caches of "cached"
+    # layers stay on one device.
     return contextlib.nullcontext()
 
   def _savable_state(self):
@@ -516,8 +519,10 @@ class _HostPlacement:
   def evaluate(self, eval_batches) -> dict[str, float]:
     totals: dict[str, float] = {}
     for batch in eval_batches:
-      rows = self.host.offloaded.gather(batch["engram_rows"])
-      for k, v in self.eval_step(self.host.state, batch, rows).items():
+      rows = self.host.gather(batch["engram_rows"])
+      with self.host.context():
+        sums = self.eval_step(self.host.state, self.host.put_batch(batch), rows)
+      for k, v in sums.items():
         totals[k] = totals.get(k, 0.0) + float(v)
     return summarize_eval(totals)
 
