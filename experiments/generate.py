@@ -2,11 +2,14 @@ r"""Continue prompts with a trained run and report prefill and decode speed.
 
   python -m experiments.generate --checkpoint=runs/tiny/engram --prompt="def main(" \
       [--prompt="another prompt" ...] [--max_new_tokens=64 --temperature=0.8 --top_k=50 \
-      --top_p=0.95 --greedy --seed=0 --table_placement=host --step=300 --repeat=2]
+      --top_p=0.95 --greedy --seed=0 --table_placement=host --tables=host --step=300 \
+      --repeat=2]
 
 Prompts are encoded as in training (no special tokens; documents end with <eos>), batched
 (right-padded) and generated together; each stops at <eos> or after max_new_tokens.
-Times exclude compilation (printed separately).
+Times exclude compilation (printed separately). --tables=host loads a run trained with
+host-placed tables without putting those tables on the device (generation then uses
+--table_placement=host, the default with --tables=host).
 """
 
 from __future__ import annotations
@@ -27,6 +30,10 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _PLACEMENT = flags.DEFINE_enum("table_placement", "device", ["device", "host"],
                                "Engram tables on the accelerator (hash on device) or in host "
                                "memory (hash and gather on the host per token).")
+_TABLES = flags.DEFINE_enum("tables", "device", ["device", "host"],
+                            "Where the host-placed Engram tables of a run trained with "
+                            "table_placement=host/cached go on loading; host needs "
+                            "--table_placement=host.")
 _STOP_AT_EOS = flags.DEFINE_bool("stop_at_eos", True, "Stop a sequence at the <eos> token.")
 _REPEAT = flags.DEFINE_integer("repeat", 2, "Generate this many times and report the last run "
                                "(the first run pays one-time costs besides compilation).")
@@ -38,14 +45,20 @@ def main(argv):
   from engram_jax.inference import Generator, SamplingConfig
   from engram_jax.train.restore import load_run
 
-  run = load_run(_CHECKPOINT.value, step=_STEP.value)
+  placement = _PLACEMENT.value
+  if _TABLES.value == "host":
+    if flags.FLAGS["table_placement"].present and placement != "host":
+      raise app.UsageError("--tables=host keeps tables off the device: it needs "
+                           f"--table_placement=host, got {placement}")
+    placement = "host"
+  run = load_run(_CHECKPOINT.value, step=_STEP.value, tables=_TABLES.value)
   eos = special_ids(run.tokenizer).eos
   prompts = [run.tokenizer.encode(p, add_special_tokens=False).ids for p in _PROMPT.value]
   sampling = SamplingConfig(temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
                             top_p=_TOP_P.value, greedy=_GREEDY.value)
   has_engram = run.hasher is not None
   generator = Generator(run.model, run.hasher, run.compressor if has_engram else None,
-                        table_placement=_PLACEMENT.value)
+                        table_placement=placement, host_tables=run.host_tables)
   if _REPEAT.value < 1:
     raise app.UsageError(f"--repeat must be >= 1, got {_REPEAT.value}")
   compile_seconds = 0.0
@@ -55,7 +68,7 @@ def main(argv):
     compile_seconds += result.compile_seconds
 
   print(f"run {_CHECKPOINT.value} step {run.step} ({run.model_config.family}), "
-        f"tables on {_PLACEMENT.value}, {sampling}")
+        f"tables on {placement}, {sampling}")
   for text, prompt, cont in zip(_PROMPT.value, prompts, result.tokens):
     stop = " <eos>" if cont and cont[-1] == eos and _STOP_AT_EOS.value else ""
     body = cont[:-1] if stop else cont

@@ -15,7 +15,7 @@ from engram_jax import sharding as sharding_lib
 from engram_jax.data import DataConfig
 from engram_jax.inference import Generator, SamplingConfig
 from engram_jax.models.config import ModelConfig
-from engram_jax.offload import HotRowCache, top_rows
+from engram_jax.offload import HostTable, HotRowCache, top_rows
 from engram_jax.train import CheckpointMismatchError, TrainConfig, Trainer
 from engram_jax.train.metrics import read_metrics
 from engram_jax.train.restore import evaluate_run, load_run
@@ -132,6 +132,44 @@ def test_load_run_puts_the_host_tables_back_and_evaluates_like_the_trainer(strai
   generated = Generator(run.model, run.hasher, run.compressor)(
       [prompt], max_new_tokens=3, sampling=SamplingConfig(greedy=True))
   assert len(generated.tokens[0]) == 3
+
+
+def test_load_run_keeps_the_host_tables_on_the_host(straight):
+  """tables="host": the tables come back as HostTables equal to the device-loaded ones, the
+  model keeps size-0 placeholders; evaluation and greedy generation equal the device path."""
+  trainer, result = straight
+  run = load_run(trainer.workdir, tables="host")
+  on_device = load_run(trainer.workdir)
+  assert run.step == 4 and run.host_table_layers == (LAYER,) and on_device.host_tables is None
+  assert set(run.host_tables) == {LAYER} and isinstance(run.host_tables[LAYER], HostTable)
+  assert isinstance(run.host_tables[LAYER].array, np.ndarray)
+  np.testing.assert_array_equal(run.host_tables[LAYER].numpy(),
+                                np.asarray(on_device.model.blocks[LAYER].engram.table.get_value()))
+  assert run.model.blocks[LAYER].engram.table.get_value().shape == (0, run.host_tables[LAYER].dim)
+  assert abs(evaluate_run(run)["val_loss"] - result.eval["val_loss"]) < 1e-5
+  prompt = run.tokenizer.encode("def main(", add_special_tokens=False).ids
+  greedy = {"max_new_tokens": 4, "sampling": SamplingConfig(greedy=True)}
+  host = Generator(run.model, run.hasher, run.compressor, table_placement="host",
+                   host_tables=run.host_tables)([prompt], **greedy)
+  device = Generator(on_device.model, on_device.hasher, on_device.compressor)([prompt], **greedy)
+  assert len(host.tokens[0]) == 4 and host.tokens == device.tokens
+  with pytest.raises(ValueError, match=r"layers \[1\] are size-0 placeholders"):
+    Generator(run.model, run.hasher, run.compressor)  # device placement needs the tables
+  with pytest.raises(ValueError, match="tables must be one of"):
+    load_run(trainer.workdir, tables="disk")
+
+
+def test_load_run_refuses_host_tables_for_a_device_run(straight, tmp_path):
+  """A meta naming no host_table_layers (a device run's): tables="host" is refused."""
+  trainer, _ = straight
+  workdir = tmp_path / "device_meta"
+  shutil.copytree(trainer.workdir / "checkpoints", workdir / "checkpoints")
+  meta_file = workdir / "checkpoints" / "4" / "meta" / "metadata"
+  meta = json.loads(meta_file.read_text())
+  meta["host_table_layers"] = []
+  meta_file.write_text(json.dumps(meta))
+  with pytest.raises(ValueError, match="every Engram table on the device.*tables='device'"):
+    load_run(workdir, tables="host")
 
 
 def test_load_run_refuses_tampered_hash_constants(straight, tmp_path):

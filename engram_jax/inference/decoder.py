@@ -57,8 +57,10 @@ class Decoder:
     hasher: the model's `NgramHasher` (required iff the model has Engram layers).
     compressor: the `TokenizerCompressor` the hasher was built for.
     table_placement: "device" or "host" (see the module docstring).
-    host_tables: {layer_id: HostTable} for "host" (default: copies of the model's
-      tables, NumPy gather).
+    host_tables: {layer_id: HostTable} for "host"; Engram layers not named get a copy of
+      the model's table (NumPy gather); all of them by default. A layer named here may
+      have a size-0 placeholder table in `model` (`split_tables`, `build_offloaded`,
+      `load_run(tables="host")`); "device" refuses such a model.
   """
 
   def __init__(self, model: Transformer, hasher: NgramHasher | None = None,
@@ -98,8 +100,10 @@ class Decoder:
         params = jax.tree_util.tree_map_with_path(
             lambda p, v: v.replace(jnp.zeros((1,) + v.shape[1:], v.dtype)) if _is_table(p) else v,
             params, is_leaf=lambda x: isinstance(x, nnx.Variable))
-      elif host_tables:
-        raise ValueError("host_tables are only used with table_placement='host'")
+      else:
+        if host_tables:
+          raise ValueError("host_tables are only used with table_placement='host'")
+        self._check_device_tables(model)
     self.params = params
     self._prefill_jit = jax.jit(self.prefill_fn, static_argnames=("max_len",))
     self._step_jit = jax.jit(self.step_fn, donate_argnames=("cache",))
@@ -118,14 +122,29 @@ class Decoder:
           f"compressor has {compressor.num_compressed} compressed ids, the hasher was built "
           f"for {hasher.compressed_vocab_size}")
 
+  @staticmethod
+  def _check_device_tables(model) -> None:
+    split = [b.layer for b in model.blocks
+             if b.engram is not None and b.engram.table.get_value().shape[0] == 0]
+    if split:
+      raise ValueError(f"the model's Engram tables of layers {split} are size-0 placeholders "
+                       "(the tables are in host memory): use table_placement='host' with "
+                       "host_tables={layer: HostTable}")
+
   def _host_tables(self, model, host_tables) -> dict[int, HostTable]:
-    if host_tables is None:
-      return {b.layer: HostTable(np.asarray(b.engram.table[...]))
-              for b in model.blocks if b.engram is not None}
-    tables = dict(host_tables)
-    if set(tables) != set(self.layer_ids):
-      raise ValueError(f"host_tables has layers {sorted(tables)}, the model's Engram layers "
-                       f"are {list(self.layer_ids)}")
+    tables = dict(host_tables or {})
+    unknown = sorted(set(tables) - set(self.layer_ids))
+    if unknown:
+      raise ValueError(f"host_tables has layers {unknown} that are not the model's Engram "
+                       f"layers {list(self.layer_ids)}")
+    for b in model.blocks:
+      if b.engram is None or b.layer in tables:
+        continue
+      value = b.engram.table.get_value()
+      if value.shape[0] == 0:
+        raise ValueError(f"Engram layer {b.layer}'s table in the model is a size-0 "
+                         "placeholder: pass its HostTable in host_tables")
+      tables[b.layer] = HostTable(np.asarray(value))
     for lid, table in tables.items():
       want = (self.hasher.total_rows(lid), self.config.engram.head_dim)
       if tuple(table.shape) != want:

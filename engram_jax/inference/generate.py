@@ -255,7 +255,9 @@ def generate(model: Transformer, hasher: NgramHasher | None, compressor: Tokeniz
     eos_id: a sequence stops after producing it (it is kept as its last token).
     table_placement: "device" (hash on device, one while_loop) or "host" (tables in host
       memory, rows gathered per token; see `engram_jax.inference.decoder`).
-    host_tables: {layer: HostTable} for "host" (default: the model's tables copied).
+    host_tables: {layer: HostTable} for "host" (layers not named: the model's tables
+      copied; a named layer may hold a size-0 placeholder in `model`, e.g. a
+      `load_run(path, tables="host")` run's `run.host_tables`).
   Returns:
     `GenerationResult` (continuations, prefill / decode / compile times, tokens/s).
   For repeated calls build a `Generator` once: it keeps its compiled functions.

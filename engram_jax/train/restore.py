@@ -36,8 +36,11 @@ class LoadedRun:
   hasher: NgramHasher | None
   meta: dict[str, Any]
   step: int
-  # Engram layers trained with their tables in host memory; `model` holds them all.
+  # Engram layers trained with their tables in host memory. With load_run(tables="device")
+  # `model` holds their tables; with tables="host" the model keeps size-0 placeholders
+  # for them and `host_tables` holds the tables.
   host_table_layers: tuple[int, ...] = ()
+  host_tables: dict[int, Any] | None = None  # {layer: engram_jax.offload.HostTable}
 
   @property
   def row_hasher(self) -> EngramRowHasher:
@@ -49,13 +52,27 @@ def _checkpoint_dir(path: str | Path) -> Path:
   return path / "checkpoints" if (path / "checkpoints").is_dir() else path
 
 
-def load_run(path: str | Path, *, step: int | None = None, mesh=None) -> LoadedRun:
+TABLE_LOCATIONS = ("device", "host")
+
+
+def load_run(path: str | Path, *, step: int | None = None, mesh=None,
+             tables: str = "device") -> LoadedRun:
   """Loads a run directory (or its checkpoints/ folder); checks the stored constants.
 
-  A run trained with host-placed tables (`TrainConfig.table_placement`) comes back as one
-  model holding its tables on the device (`host_table_layers` names them), like a device
-  run, on the first device of `mesh`.
+  A run trained with host-placed tables (`TrainConfig.table_placement`; `host_table_layers`
+  names them) comes back, on the first device of `mesh`:
+    tables="device": as one model holding all its tables on the device, like a device run.
+    tables="host": with those layers' tables read from the checkpoint straight into host
+      memory (`run.host_tables`, {layer: HostTable}, NumPy gather), never as device arrays;
+      the model keeps size-0 placeholders for them, as the trainer's does. For tables
+      larger than device memory. `evaluate_run` and `Generator(..., table_placement="host",
+      host_tables=run.host_tables)` take such a run.
+  tables="host" is refused (ValueError) for a run trained with every table on the device:
+  its checkpoint holds the tables inside the device state. Load it with tables="device"
+  and move them with `engram_jax.offload.split_tables(run.model, "host")`.
   """
+  if tables not in TABLE_LOCATIONS:
+    raise ValueError(f"load_run: tables must be one of {TABLE_LOCATIONS}, got {tables!r}")
   ckpt = Checkpointer(_checkpoint_dir(path))
   meta, vocab = ckpt.read_meta(step)
   tokenizer = Tokenizer.from_str(vocab["tokenizer_json"])
@@ -73,10 +90,19 @@ def load_run(path: str | Path, *, step: int | None = None, mesh=None) -> LoadedR
   train_config = TrainConfig.from_dict(meta["train"])
   mesh = mesh or sharding_lib.make_mesh(data=1, devices=jax.devices()[:1])
   host_layers = tuple(int(l) for l in meta.get("host_table_layers") or ())
+  if tables == "host" and not host_layers:
+    ckpt.close()
+    raise ValueError(
+        f"load_run(tables='host'): the run at {path} was trained with every Engram table on "
+        "the device (its checkpoint names no host_table_layers); load it with "
+        "tables='device' and move the tables with engram_jax.offload.split_tables(run.model, "
+        "'host')")
+  host_tables = None
   try:
     if host_layers:
-      model, loaded_step = _load_host_placed(ckpt, meta, model_config, train_config, step,
-                                             mesh.devices.flat[0], host_layers)
+      model, loaded_step, host_tables = _load_host_placed(
+          ckpt, meta, model_config, train_config, step, mesh.devices.flat[0], host_layers,
+          keep_on_host=tables == "host")
     else:
       graphdef, state, shardings, _ = create_train_state(
           model_config, lambda p: make_optimizer(train_config, p), meta.get("seed", 0), mesh)
@@ -86,16 +112,21 @@ def load_run(path: str | Path, *, step: int | None = None, mesh=None) -> LoadedR
   finally:
     ckpt.close()
   return LoadedRun(model, model_config, DataConfig.from_dict(meta["data"]), tokenizer, compressor,
-                   hasher, meta, loaded_step, host_layers)
+                   hasher, meta, loaded_step, host_layers, host_tables)
 
 
 def _load_host_placed(ckpt: Checkpointer, meta: dict[str, Any], model_config: ModelConfig,
                       train_config: TrainConfig, step: int | None, device: jax.Device,
-                      host_layers: tuple[int, ...]) -> tuple[Transformer, int]:
+                      host_layers: tuple[int, ...], *, keep_on_host: bool = False):
   """A run trained with host-placed tables (`_HostPlacement`): its `state` item is the
-  TrainState without the host tables, which are in the `host_tables` item; both go back
-  into one model, the tables as device arrays. Nothing is initialised on the way."""
-  from engram_jax.offload import host_table_filter, split_params
+  TrainState without the host tables, which are in the `host_tables` item. Nothing is
+  initialised on the way.
+
+  Returns (model, step, host tables): keep_on_host=False puts the tables into the model
+  as device arrays (host tables None); keep_on_host=True reads them into NumPy
+  `HostTable`s and leaves size-0 [0, d_h] placeholders in the model.
+  """
+  from engram_jax.offload import HostTable, host_table_filter, split_params
   from engram_jax.offload.train_step import dense_optimizer
 
   abstract = nnx.eval_shape(lambda: build_model(model_config, meta.get("seed", 0)))
@@ -110,17 +141,27 @@ def _load_host_placed(ckpt: Checkpointer, meta: dict[str, Any], model_config: Mo
   state, _ = ckpt.restore(target, current_meta=meta, step=step)
   wanted = {l: tables["blocks"][l]["engram"]["table"].get_value() for l in host_layers}
   saved = _restore_tables(ckpt, step, {
-      l: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=sharding) for l, t in wanted.items()})
+      l: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=sharding) for l, t in wanted.items()},
+      as_numpy=keep_on_host)
   model = nnx.merge(graphdef, state.params, state.rest, tables)  # tables still abstract
-  for layer in host_layers:  # as `OffloadedEngram.restore_into`
-    model.blocks[layer].engram.table.set_value(saved[layer])
-  return model, int(state.step)
+  if not keep_on_host:
+    for layer in host_layers:  # as `OffloadedEngram.restore_into`
+      model.blocks[layer].engram.table.set_value(saved[layer])
+    return model, int(state.step), None
+  host_tables = {}
+  for layer in host_layers:  # as `split_tables` / `build_offloaded` leave the model
+    host_tables[layer] = HostTable(saved[layer], method="numpy", device=device, copy=False)
+    t = wanted[layer]
+    model.blocks[layer].engram.table.set_value(
+        jax.device_put(np.zeros((0,) + tuple(t.shape[1:]), t.dtype), sharding))
+  return model, int(state.step), host_tables
 
 
-def _restore_tables(ckpt: Checkpointer, step: int | None, targets: dict[int, jax.ShapeDtypeStruct]
-                    ) -> dict[int, jax.Array]:
-  """The tables of the `host_tables` item read straight into `targets`' shardings; their
-  row-sparse Adam m, v and counts (twice the table) are not read."""
+def _restore_tables(ckpt: Checkpointer, step: int | None, targets: dict[int, jax.ShapeDtypeStruct],
+                    *, as_numpy: bool = False) -> dict[int, jax.Array | np.ndarray]:
+  """The tables of the `host_tables` item read straight into `targets`' shardings (or,
+  as_numpy, into host NumPy arrays: no device buffer of a table's size); their row-sparse
+  Adam m, v and counts (twice the table) are not read."""
   import orbax.checkpoint as ocp
 
   step = ckpt.latest_step() if step is None else step
@@ -140,19 +181,29 @@ def _restore_tables(ckpt: Checkpointer, step: int | None, targets: dict[int, jax
     raise CheckpointMismatchError(f"checkpoint {ckpt.directory}/{step} does not match its "
                                   "model config:\n  " + "\n  ".join(problems))
   item = {str(l): {"table": t} for l, t in targets.items()}
+  if as_numpy:
+    restore_args = {str(l): {"table": ocp.RestoreArgs(restore_type=np.ndarray, dtype=t.dtype)}
+                    for l, t in targets.items()}
+  else:
+    restore_args = ocp.checkpoint_utils.construct_restore_args(item)
   with ocp.PyTreeCheckpointer() as reader:
     restored = reader.restore(path, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-        partial_restore=True))
+        item=item, restore_args=restore_args, partial_restore=True))
   return {int(l): v["table"] for l, v in restored.items()}
 
 
 def evaluate_run(run: LoadedRun, data_config: DataConfig | None = None) -> dict[str, float]:
-  """Validation loss / perplexity / bits per byte of a loaded run on its validation split."""
+  """Validation loss / perplexity / bits per byte of a loaded run on its validation split.
+
+  With `run.host_tables` (load_run(tables="host")) the host layers' rows are gathered from
+  them each batch and fed to the model as `engram_inputs`, as the trainer evaluates.
+  """
   from engram_jax.train.loss import summarize_eval
 
   data_config = data_config or run.data_config
   batches = make_eval_batches(data_config, run.tokenizer, row_hasher=run.row_hasher)
+  if run.host_tables:
+    return _evaluate_host_tables(run, batches)
   graphdef, params, rest = nnx.split(run.model, nnx.Param, ...)
   step = jax.jit(make_eval_step(graphdef))
   from engram_jax.train.state import TrainState
@@ -164,4 +215,34 @@ def evaluate_run(run: LoadedRun, data_config: DataConfig | None = None) -> dict[
   return summarize_eval(totals)
 
 
-__all__ = ["LoadedRun", "evaluate_run", "load_run", "special_ids"]
+def _evaluate_host_tables(run: LoadedRun, batches) -> dict[str, float]:
+  from engram_jax.offload import HostTable, TablePlacement, apply_offloaded
+  from engram_jax.offload.model import OffloadedEngram
+  from engram_jax.train.loss import masked_lm_loss, summarize_eval
+
+  tables: dict[int, HostTable] = dict(run.host_tables)
+  placements = {l: TablePlacement("host" if l in tables else "device")
+                for l in run.model_config.engram_layer_ids}
+  offsets = {l: np.asarray(run.model.blocks[l].engram.offsets, np.int64) for l in tables}
+  offloaded = OffloadedEngram(placements, tables, dict(tables), offsets)
+  graphdef, state = nnx.split(run.model)
+
+  @jax.jit
+  def step(state, batch, rows):
+    device_ids = {l: v for l, v in batch["engram_rows"].items() if l not in tables} or None
+    logits, _ = apply_offloaded(graphdef, state, batch["tokens"], device_ids, rows,
+                                positions=batch.get("positions"),
+                                segment_ids=batch.get("segment_ids"))
+    _, sums = masked_lm_loss(logits, batch["targets"], batch["loss_mask"])
+    if "target_bytes" in batch:
+      sums["bytes"] = jnp.sum(batch["target_bytes"] * batch["loss_mask"]).astype(jnp.float32)
+    return sums
+
+  totals: dict[str, float] = {}
+  for batch in batches:
+    for k, v in step(state, batch, offloaded.gather(batch["engram_rows"])).items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  return summarize_eval(totals)
+
+
+__all__ = ["TABLE_LOCATIONS", "LoadedRun", "evaluate_run", "load_run", "special_ids"]
