@@ -32,8 +32,11 @@ log = logging.getLogger(__name__)
 RESULT_FILE = "result.json"
 # Config fields added after runs were keyed: at these defaults they leave the key (and so
 # the finished runs) unchanged. Add a new field here when it is added to a config.
+# Options added after runs were recorded: at their defaults they leave a run's key unchanged
+# (the cached runs stay valid; none of them changes what is computed).
 KEY_NEUTRAL_DEFAULTS = {"train": {"table_placement": "device"},
-                        "model": {"engram_row_multiple": 1}}
+                        "model": {"engram_row_multiple": 1, "engram_sharded_lookup": "all_to_all",
+                                  "engram_table_sharding": "tensor"}}
 LOCK_FILE = "running.lock"
 
 

@@ -7,6 +7,7 @@ and resumes from its saved results.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -195,3 +196,19 @@ def test_memory_scaling_runs_end_to_end_and_resumes(tmp_path):
   again = memory_scaling.run(c, str(work), [4], [4], 0, steps=2)
   assert all(r["reused"] for r in again["rows"])
   assert [r["val_loss"] for r in again["rows"]] == [r["val_loss"] for r in rows]
+
+
+def test_run_keys_ignore_later_options_at_their_defaults():
+  # Recorded runs stay valid when an option is added later: at its default it leaves the key
+  # unchanged; any other value makes a new run.
+  c = micro.get_config()
+  variant = ablations.variants(c, [], [0])[0]
+  base = variant.key()
+  for block, fields in sweep_lib.KEY_NEUTRAL_DEFAULTS.items():
+    if block != "model":
+      continue
+    for name, default in fields.items():
+      same = dataclasses.replace(variant, model=variant.model.replace(**{name: default}))
+      assert same.key() == base, name
+  other = dataclasses.replace(variant, model=variant.model.replace(engram_sharded_lookup="xla"))
+  assert other.key() != base
