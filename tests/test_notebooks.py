@@ -88,7 +88,7 @@ def _cpu_seconds_cell():
 def test_notebooks_exist_as_jupytext_sources_only():
   assert [p.stem for p in NOTEBOOKS] == [
       "01_hashing_and_compression", "02_engram_in_a_model", "03_offload_and_prefetch",
-      "04_reuse_in_your_model"]
+      "04_reuse_in_your_model", "05_distributed_tables"]
   assert not list(NOTEBOOK_DIR.glob("*.ipynb")), (
       "commit notebooks as jupytext percent .py files only (outputs stay out of git)")
   for path in NOTEBOOKS:
