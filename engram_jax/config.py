@@ -110,11 +110,15 @@ class EngramConfig:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "EngramConfig":
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - known
-    if unknown:
-      raise ValueError(f"EngramConfig.from_dict: unknown fields {sorted(unknown)}")
+    check_known_fields(cls, d)
     return cls(**d)
+
+
+def check_known_fields(cls: type, d: dict[str, Any]) -> None:
+  """`from_dict` of the config dataclasses: refuses keys that are not fields of `cls`."""
+  unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+  if unknown:
+    raise ValueError(f"{cls.__name__}.from_dict: unknown fields {sorted(unknown)}")
 
 
 def as_tuple(x: Sequence[int]) -> tuple[int, ...]:

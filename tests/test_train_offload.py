@@ -159,33 +159,38 @@ def test_load_run_keeps_the_host_tables_on_the_host(straight):
     load_run(trainer.workdir, tables="disk")
 
 
-def test_load_run_refuses_host_tables_for_a_device_run(straight, tmp_path):
-  """A meta naming no host_table_layers (a device run's): tables="host" is refused."""
-  trainer, _ = straight
-  workdir = tmp_path / "device_meta"
+def _copy_with_edited_meta(trainer, workdir, edit):
+  """A copy of the run's checkpoints whose step-4 meta went through `edit(meta)`."""
   shutil.copytree(trainer.workdir / "checkpoints", workdir / "checkpoints")
   meta_file = workdir / "checkpoints" / "4" / "meta" / "metadata"
   meta = json.loads(meta_file.read_text())
-  meta["host_table_layers"] = []
+  edit(meta)
   meta_file.write_text(json.dumps(meta))
+  return workdir
+
+
+def test_load_run_refuses_host_tables_for_a_device_run(straight, tmp_path):
+  """A meta naming no host_table_layers (a device run's): tables="host" is refused."""
+  trainer, _ = straight
+  workdir = _copy_with_edited_meta(trainer, tmp_path / "device_meta",
+                                   lambda meta: meta.update(host_table_layers=[]))
   with pytest.raises(ValueError, match="every Engram table on the device.*tables='device'"):
     load_run(workdir, tables="host")
 
 
 def test_load_run_refuses_tampered_hash_constants(straight, tmp_path):
   trainer, _ = straight
-  workdir = tmp_path / "tampered"
-  shutil.copytree(trainer.workdir / "checkpoints", workdir / "checkpoints")
-  meta_file = workdir / "checkpoints" / "4" / "meta" / "metadata"
-  meta = json.loads(meta_file.read_text())
-  meta["hash_constants"]["multipliers"][str(LAYER)][0] += 2
-  meta_file.write_text(json.dumps(meta))
+
+  def tamper_multiplier(meta):
+    meta["hash_constants"]["multipliers"][str(LAYER)][0] += 2
+
+  def change_model_seed(meta):  # constants intact, but not the model's hashing
+    meta["model"]["engram"]["seed"] += 1
+
+  workdir = _copy_with_edited_meta(trainer, tmp_path / "tampered", tamper_multiplier)
   with pytest.raises(ValueError, match="hash constants.*multipliers differ for layers"):
     load_run(workdir)
-  meta = json.loads(meta_file.read_text())
-  meta["hash_constants"]["multipliers"][str(LAYER)][0] -= 2
-  meta["model"]["engram"]["seed"] += 1  # constants intact, but not the model's hashing
-  meta_file.write_text(json.dumps(meta))
+  workdir = _copy_with_edited_meta(trainer, tmp_path / "reseeded", change_model_seed)
   with pytest.raises(CheckpointMismatchError, match="hash constants are for"):
     load_run(workdir)
 

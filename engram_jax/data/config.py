@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from engram_jax.config import check_known_fields
+
 DEFAULT_SOURCES = ("stdlib",)
 
 
@@ -118,8 +120,5 @@ class DataConfig:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> DataConfig:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - known
-    if unknown:
-      raise ValueError(f"DataConfig.from_dict: unknown fields {sorted(unknown)}")
+    check_known_fields(cls, d)
     return cls(**d)

@@ -14,7 +14,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from engram_jax.config import EngramConfig
+from engram_jax.config import EngramConfig, check_known_fields
 from engram_jax.layers.moe import MoEConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -310,10 +310,7 @@ class ModelConfig:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - known
-    if unknown:
-      raise ValueError(f"ModelConfig.from_dict: unknown fields {sorted(unknown)}")
+    check_known_fields(cls, d)
     d = dict(d)
     if d.get("moe") is not None:
       d["moe"] = MoEConfig(**d["moe"])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from engram_jax.config import check_known_fields
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -99,10 +101,7 @@ class TrainConfig:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - known
-    if unknown:
-      raise ValueError(f"TrainConfig.from_dict: unknown fields {sorted(unknown)}")
+    check_known_fields(cls, d)
     return cls(**d)
 
 

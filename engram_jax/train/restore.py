@@ -21,7 +21,7 @@ from engram_jax.train.checkpoint import Checkpointer, CheckpointMismatchError
 from engram_jax.train.config import TrainConfig
 from engram_jax.train.optimizer import make_optimizer
 from engram_jax.train.state import TrainState, abstract_like, build_model, create_train_state
-from engram_jax.train.steps import make_eval_step
+from engram_jax.train.steps import make_eval_step, make_host_eval_step
 
 
 @dataclasses.dataclass
@@ -206,7 +206,6 @@ def evaluate_run(run: LoadedRun, data_config: DataConfig | None = None) -> dict[
     return _evaluate_host_tables(run, batches)
   graphdef, params, rest = nnx.split(run.model, nnx.Param, ...)
   step = jax.jit(make_eval_step(graphdef))
-  from engram_jax.train.state import TrainState
   state = TrainState(step=np.int32(run.step), params=params, rest=rest, opt_state=None)
   totals: dict[str, float] = {}
   for batch in batches:
@@ -216,28 +215,18 @@ def evaluate_run(run: LoadedRun, data_config: DataConfig | None = None) -> dict[
 
 
 def _evaluate_host_tables(run: LoadedRun, batches) -> dict[str, float]:
-  from engram_jax.offload import HostTable, TablePlacement, apply_offloaded
+  from engram_jax.offload import TablePlacement
   from engram_jax.offload.model import OffloadedEngram
-  from engram_jax.train.loss import masked_lm_loss, summarize_eval
+  from engram_jax.train.loss import summarize_eval
 
-  tables: dict[int, HostTable] = dict(run.host_tables)
+  tables = dict(run.host_tables)
   placements = {l: TablePlacement("host" if l in tables else "device")
                 for l in run.model_config.engram_layer_ids}
   offsets = {l: np.asarray(run.model.blocks[l].engram.offsets, np.int64) for l in tables}
   offloaded = OffloadedEngram(placements, tables, dict(tables), offsets)
-  graphdef, state = nnx.split(run.model)
-
-  @jax.jit
-  def step(state, batch, rows):
-    device_ids = {l: v for l, v in batch["engram_rows"].items() if l not in tables} or None
-    logits, _ = apply_offloaded(graphdef, state, batch["tokens"], device_ids, rows,
-                                positions=batch.get("positions"),
-                                segment_ids=batch.get("segment_ids"))
-    _, sums = masked_lm_loss(logits, batch["targets"], batch["loss_mask"])
-    if "target_bytes" in batch:
-      sums["bytes"] = jnp.sum(batch["target_bytes"] * batch["loss_mask"]).astype(jnp.float32)
-    return sums
-
+  graphdef, params, rest = nnx.split(run.model, nnx.Param, ...)
+  state = TrainState(step=np.int32(run.step), params=params, rest=rest, opt_state=None)
+  step = jax.jit(make_host_eval_step(graphdef, tuple(sorted(tables))))
   totals: dict[str, float] = {}
   for batch in batches:
     for k, v in step(state, batch, offloaded.gather(batch["engram_rows"])).items():

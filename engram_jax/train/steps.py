@@ -67,6 +67,14 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lr
   return step
 
 
+def _eval_sums(logits: jax.Array, batch: Batch) -> dict:
+  """Summed loss, tokens, correct predictions (and target bytes) of one batch's logits."""
+  _, sums = masked_lm_loss(logits, batch["targets"], batch["loss_mask"])
+  if "target_bytes" in batch:
+    sums["bytes"] = jnp.sum(batch["target_bytes"] * batch["loss_mask"]).astype(jnp.float32)
+  return sums
+
+
 def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[TrainState, Batch], dict]:
   """Summed loss, tokens, bytes and correct predictions of one batch."""
 
@@ -74,10 +82,24 @@ def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[TrainState, Batch], dict
     model = nnx.merge(graphdef, state.params, state.rest)
     args, kwargs = model_inputs(batch)
     logits, _ = model(*args, **kwargs)
-    _, sums = masked_lm_loss(logits, batch["targets"], batch["loss_mask"])
-    if "target_bytes" in batch:
-      sums["bytes"] = jnp.sum(batch["target_bytes"] * batch["loss_mask"]).astype(jnp.float32)
-    return sums
+    return _eval_sums(logits, batch)
+
+  return step
+
+
+def make_host_eval_step(graphdef: nnx.GraphDef, host_layers: tuple[int, ...]
+                        ) -> Callable[[TrainState, Batch, dict], dict]:
+  """As `make_eval_step` for a model whose `host_layers` tables live in host memory:
+  (state, batch, rows {layer: [B, T, d_mem]} gathered from the host tables) -> sums."""
+  from engram_jax.offload import apply_offloaded  # offload sits below training
+
+  def step(state: TrainState, batch: Batch, rows: dict):
+    device_ids = {l: v for l, v in batch["engram_rows"].items() if l not in host_layers} or None
+    logits, _ = apply_offloaded(graphdef, nnx.merge_state(state.params, state.rest),
+                                batch["tokens"], device_ids, rows,
+                                positions=batch.get("positions"),
+                                segment_ids=batch.get("segment_ids"))
+    return _eval_sums(logits, batch)
 
   return step
 

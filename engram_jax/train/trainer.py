@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tokenizers import Tokenizer
@@ -58,11 +57,11 @@ from engram_jax.offload import count_row_frequencies, flat_rows_np, parse_placem
 from engram_jax.train import multihost
 from engram_jax.train.checkpoint import Checkpointer, vocab_item
 from engram_jax.train.config import TrainConfig
-from engram_jax.train.loss import masked_lm_loss, summarize_eval
+from engram_jax.train.loss import summarize_eval
 from engram_jax.train.metrics import MetricsWriter
 from engram_jax.train.optimizer import make_optimizer
 from engram_jax.train.state import abstract_like, build_model, create_train_state
-from engram_jax.train.steps import batch_shardings, make_eval_step, make_train_step
+from engram_jax.train.steps import batch_shardings, make_eval_step, make_host_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
 
@@ -431,23 +430,6 @@ class _ConsumedPosition:
     return self._state
 
 
-def _make_host_eval_step(graphdef: nnx.GraphDef, host_layers: tuple[int, ...]):
-  """Summed loss, tokens, bytes of one batch, host layers' rows given: (state, batch, rows)."""
-  from engram_jax.offload import apply_offloaded
-
-  def step(state, batch, rows):
-    device_ids = {l: v for l, v in batch["engram_rows"].items() if l not in host_layers} or None
-    logits, _ = apply_offloaded(graphdef, nnx.merge_state(state.params, state.rest),
-                                batch["tokens"], device_ids, rows,
-                                positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
-    _, sums = masked_lm_loss(logits, batch["targets"], batch["loss_mask"])
-    if "target_bytes" in batch:
-      sums["bytes"] = jnp.sum(batch["target_bytes"] * batch["loss_mask"]).astype(jnp.float32)
-    return sums
-
-  return step
-
-
 class _HostPlacement:
   """Host / cached Engram tables: `HostTableTrainer` steps, tables checkpointed beside the state.
 
@@ -487,7 +469,7 @@ class _HostPlacement:
       self.host.state = restored.replace(rest=nnx.merge_state(restored.rest, placeholders))
       self.host.load_host_state(ckpt.restore_host_tables(self.host.host_state(), step=step))
     self.position = _ConsumedPosition(data_iter)
-    self.eval_step = jax.jit(_make_host_eval_step(self.host.graphdef, self.layers))
+    self.eval_step = jax.jit(make_host_eval_step(self.host.graphdef, self.layers))
 
   @property
   def state(self):
