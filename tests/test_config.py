@@ -32,3 +32,15 @@ def test_derived_sizes_and_dict_roundtrip():
   with pytest.raises(ValueError, match="unknown fields"):
     EngramConfig.from_dict({**cfg.to_dict(), "bogus": 1})
   assert hash(cfg) == hash(EngramConfig.from_dict(cfg.to_dict()))
+
+
+def test_every_config_from_dict_names_unknown_fields():
+  from engram_jax.data import DataConfig
+  from engram_jax.models import ModelConfig
+  from engram_jax.train import TrainConfig
+
+  for cls, cfg in ((ModelConfig, ModelConfig.tiny("engram_moe")), (TrainConfig, TrainConfig()),
+                   (DataConfig, DataConfig())):
+    assert cls.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match=rf"{cls.__name__}.from_dict: unknown fields \['bogus'\]"):
+      cls.from_dict({**cfg.to_dict(), "bogus": 1})

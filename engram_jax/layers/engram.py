@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from engram_jax import sharding
 from engram_jax.config import EngramConfig
 from engram_jax.layers.norms import RMSNorm, rms_norm
 from engram_jax.layers.params import annotated
@@ -206,8 +207,6 @@ class Engram(nnx.Module):
     The layout comes from `engram_jax.sharding.LOGICAL_AXIS_RULES` (the table's row axis
     name, "batch" for the ids), the rules that placed the parameters.
     """
-    from engram_jax import sharding  # the one place logical names meet mesh axes
-
     if self.sharded_lookup == "xla":
       return None
     mesh = jax.sharding.get_abstract_mesh()
