@@ -37,6 +37,7 @@ from ml_collections import config_dict
 from ml_collections.config_flags import config_flags, tuple_parser
 
 from engram_jax import EngramConfig
+from engram_jax.config import check_bool, check_choice, check_float, check_int
 from engram_jax.data import DataConfig
 from engram_jax.layers.moe import MoEConfig
 from engram_jax.models.accounting import allocate, count_params
@@ -173,8 +174,31 @@ def engram_config(c) -> EngramConfig:
   return EngramConfig(**d)
 
 
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+
+def validate(c) -> None:
+  """The run config's own fields (variant, seed, allocation, mesh, engram.compress_tokens):
+  ValueError naming the field, the value and the allowed range. The dataclass blocks are
+  validated by their dataclasses."""
+  check_choice("config", "variant", c.variant, VARIANTS)
+  check_int("config", "seed", c.seed, low=0)
+  check_float("config.allocation", "rho", c.allocation.rho, low=0.0, high=1.0)
+  check_float("config.allocation", "active_rtol", c.allocation.active_rtol, low=0.0)
+  check_bool("config.engram", "compress_tokens", c.engram.get("compress_tokens", True))
+  mesh = dict(c.mesh)
+  if set(mesh) != set(MESH_AXES):
+    raise ValueError(f"config.mesh must have exactly the axes {MESH_AXES}, got {sorted(mesh)}")
+  for axis in MESH_AXES[1:]:
+    check_int("config.mesh", axis, mesh[axis], low=1)
+  data = mesh["data"]
+  if data != -1 and (isinstance(data, bool) or not isinstance(data, int) or data < 1):
+    raise ValueError(f"config.mesh.data must be -1 (every device the other axes leave) or an int >= 1, got {data!r}")
+
+
 def model_config(c) -> ModelConfig:
   """The `ModelConfig` of a run config; the Engram variant is allocated against its MoE twin."""
+  validate(c)
   backbone = _plain(c.model)
   moe_twin = ModelConfig.moe_model(moe_config(c), **backbone)
   if c.variant == "moe":
@@ -203,9 +227,10 @@ def compress_tokens(c) -> bool:
 
 
 def mesh_axes(c, device_count: int) -> dict[str, int]:
+  validate(c)
   axes = dict(c.mesh)
   fixed = axes["fsdp"] * axes["tensor"] * axes["expert"]
-  if axes["data"] == -1:
+  if axes["data"] == -1:   # -1: every device the other axes leave
     if device_count % fixed:
       raise ValueError(f"mesh fsdp*tensor*expert={fixed} does not divide {device_count} devices")
     axes["data"] = device_count // fixed
