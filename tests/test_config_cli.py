@@ -119,3 +119,27 @@ def test_train_on_own_text_files_from_the_command_line(tmp_path):
   assert summary["status"] == "completed" and summary["step"] == 2
   meta = json.loads((tmp_path / "run" / "meta.json").read_text())
   assert str(tmp_path / "data" / "train") in json.dumps(meta)     # it trained on our files
+
+
+@pytest.mark.parametrize("module, args, last_line", [
+    ("experiments.compare", ["--variants=engram,foo"],
+     r"ValueError: --variants: unknown variant 'foo'; choose from \('dense', 'moe', 'engram'\)"),
+    ("experiments.compare", ["--variants=moe", "--config.data.seq_len=0"],
+     "ValueError: DataConfig.seq_len must be a positive int, got 0"),
+    ("experiments.train", ["--config.mesh.tensor=0"], "ValueError: config.mesh.tensor must be an int >= 1, got 0"),
+    ("experiments.train", ["--config.data.sources=text:/nonexistent/*.txt"],
+     "ValueError: source 'text:/nonexistent/\\*.txt': no files match '/nonexistent/\\*.txt'"),
+    ("experiments.evaluate", ["--checkpoint={tmp}/none"], "FileNotFoundError: no checkpoint under .*none"),
+])
+def test_entry_points_end_bad_input_with_a_clear_last_line(tmp_path, module, args, last_line):
+  import re
+
+  cmd = [sys.executable, "-m", module]
+  if module != "experiments.evaluate":
+    cmd += [f"--config={CONFIG}", f"--workdir={tmp_path / 'w'}"]
+  cmd += [a.format(tmp=tmp_path) for a in args]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(1)}
+  out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0
+  last = out.stderr.strip().splitlines()[-1]
+  assert re.fullmatch(last_line, last), out.stderr[-2000:]
