@@ -107,6 +107,8 @@ def test_ngram_input_average_bounds_checked_per_head():
   ids, _ = _boundary_ids()
   out = np.asarray(jax.jit(avg)(ids))
   np.testing.assert_array_equal(np.isnan(out).all(-1), [[False, True, True]])
+  with pytest.raises(ValueError, match=r"row id 37 at position \(0, 1, 0\) is outside head 0's table"):
+    avg(ids)
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual) devices")

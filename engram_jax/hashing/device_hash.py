@@ -143,7 +143,8 @@ def hash_all_layers(hasher: Any, compressed_ids: Any, segment_ids: Any = None) -
     raise ValueError(f"compressed ids must have shape [batch, seq], got {ids.shape}")
   if not jnp.issubdtype(ids.dtype, jnp.integer):
     raise ValueError(f"compressed ids must be integers, got dtype {ids.dtype}")
-  check_vocab(ids, hasher.compressed_vocab_size)
+  if isinstance(ids, jax.core.Tracer):   # concrete ids were checked by hasher.check_ids
+    check_vocab(ids, hasher.compressed_vocab_size)
   seg = None if segment_ids is None else jnp.asarray(segment_ids)
   return {
       lid: hash_layer_device(ids, hasher.multipliers[lid], hasher.table_sizes[lid],

@@ -247,7 +247,8 @@ class Engram(nnx.Module):
     row_ids = row_ids.astype(jnp.int32)
     sizes = jnp.asarray(self.table_sizes, jnp.int32)
     valid = (row_ids >= 0) & (row_ids < sizes)
-    _debug_check_ids(valid, row_ids, sizes, f"Engram layer {self.layer_id}")
+    if isinstance(row_ids, jax.core.Tracer):   # concrete ids were checked by check_row_ids
+      _debug_check_ids(valid, row_ids, sizes, f"Engram layer {self.layer_id}")
     ids = jnp.where(valid, row_ids, 0)
     if self.fold_rows is not None:
       ids = ids % self.fold_rows
@@ -471,7 +472,12 @@ class NgramInputAverage(nnx.Module):
     ids = row_ids.astype(jnp.int32)
     sizes = jnp.asarray(self.table_sizes, jnp.int32)
     valid = (ids >= 0) & (ids < sizes)   # per head, before the offset (as Engram.head_bounds)
-    _debug_check_ids(valid, ids, sizes, f"the n-gram input average of layer {self.layer_id}")
+    if isinstance(ids, jax.core.Tracer):
+      _debug_check_ids(valid, ids, sizes, f"the n-gram input average of layer {self.layer_id}")
+    elif not bool(jnp.all(valid)):
+      pos = tuple(int(i) for i in np.argwhere(~np.asarray(valid))[0])
+      raise ValueError(f"row id {int(ids[pos])} at position {pos} is outside head {pos[-1]}'s table "
+                       f"[0, {self.table_sizes[pos[-1]]}) of the n-gram input average of layer {self.layer_id}")
     flat = jnp.where(valid, ids + jnp.asarray(self.offsets, jnp.int32), self.table.shape[0])
     rows = jnp.take(self.table[...], flat, axis=0, mode="fill", fill_value=jnp.nan)
     mean = jnp.mean(rows.astype(jnp.float32), axis=-2).astype(self.dtype)       # [B, T, d_h]
