@@ -371,3 +371,21 @@ def test_data_config_names_field_value_and_range(changes, message):
 
   with pytest.raises(ValueError, match=message):
     DataConfig(**changes)
+
+
+def test_undecodable_arrayrecord_record_names_file_and_record(tmp_path):
+  from array_record.python import array_record_module
+
+  from engram_jax.data.sources import open_source
+
+  path = tmp_path / "a.array_record"
+  writer = array_record_module.ArrayRecordWriter(str(path), "group_size:1")
+  for r in (b"fine", b"bad \xff byte"):
+    writer.write(r)
+  writer.close()
+  docs = open_source(f"arrayrecord:{path}")
+  assert docs.read(0) == "fine"
+  with pytest.raises(ValueError, match=r"a\.array_record record 1: not valid utf-8 at byte offset 4"):
+    docs.read(1)
+  assert len(open_source(f"arrayrecord:{path}", decode_errors="skip")) == 0
+  assert open_source(f"arrayrecord:{path}", decode_errors="replace").read(1) == "bad \ufffd byte"
