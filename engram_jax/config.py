@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any, Sequence
 
 
@@ -38,15 +40,17 @@ class EngramConfig:
 
   def __post_init__(self):
     # Accept lists from JSON / ml_collections, store tuples so the config stays hashable.
-    object.__setattr__(self, "vocab_sizes", tuple(int(v) for v in self.vocab_sizes))
-    object.__setattr__(self, "layer_ids", tuple(int(v) for v in self.layer_ids))
+    object.__setattr__(self, "vocab_sizes", int_tuple("EngramConfig", "vocab_sizes", self.vocab_sizes))
+    object.__setattr__(self, "layer_ids", int_tuple("EngramConfig", "layer_ids", self.layer_ids))
     self.validate()
 
   def validate(self) -> None:
-    """Raises ValueError naming the first inconsistent field."""
+    """Raises ValueError naming the first inconsistent field, its value and the allowed range."""
+    for name, low in (("max_ngram_size", 2), ("n_embed_per_ngram", 1), ("n_head_per_ngram", 1),
+                      ("pad_id", 0), ("seed", 0), ("kernel_size", 1)):
+      check_int("EngramConfig", name, getattr(self, name), low=low)
+    check_bool("EngramConfig", "allow_layer_zero", self.allow_layer_zero)
     n = self.max_ngram_size
-    if not isinstance(n, int) or n < 2:
-      raise ValueError(f"EngramConfig.max_ngram_size must be an int >= 2 (orders 2..N), got {n!r}")
     if len(self.vocab_sizes) != n - 1:
       raise ValueError(
           f"EngramConfig.vocab_sizes has {len(self.vocab_sizes)} entries but max_ngram_size={n} "
@@ -112,6 +116,62 @@ class EngramConfig:
   def from_dict(cls, d: dict[str, Any]) -> "EngramConfig":
     check_known_fields(cls, d)
     return cls(**d)
+
+
+def _range_text(low, high, low_open: bool = False, high_open: bool = False) -> str:
+  if low is not None and high is not None:
+    return f" in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+  if low is not None:
+    return f" {'>' if low_open else '>='} {low}"
+  if high is not None:
+    return f" {'<' if high_open else '<='} {high}"
+  return ""
+
+
+def check_int(owner: str, name: str, value: Any, *, low: int | None = None, high: int | None = None,
+              optional: bool = False) -> None:
+  """ValueError "<owner>.<name> must be [None or ]an int in [low, high], got <value>" unless it is."""
+  if value is None and optional:
+    return
+  ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+  if not ok or (low is not None and value < low) or (high is not None and value > high):
+    raise ValueError(f"{owner}.{name} must be {'None or ' if optional else ''}an int"
+                     f"{_range_text(low, high)}, got {value!r}")
+
+
+def check_float(owner: str, name: str, value: Any, *, low: float | None = None, high: float | None = None,
+                low_open: bool = False, high_open: bool = False, optional: bool = False) -> None:
+  """ValueError naming the field, the value and the range unless `value` is a finite number in it."""
+  if value is None and optional:
+    return
+  ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+  if ok:
+    ok = ((low is None or (value > low if low_open else value >= low))
+          and (high is None or (value < high if high_open else value <= high)))
+  if not ok:
+    raise ValueError(f"{owner}.{name} must be {'None or ' if optional else ''}a finite number"
+                     f"{_range_text(low, high, low_open, high_open)}, got {value!r}")
+
+
+def check_bool(owner: str, name: str, value: Any) -> None:
+  if not isinstance(value, bool):
+    raise ValueError(f"{owner}.{name} must be True or False, got {value!r}")
+
+
+def check_choice(owner: str, name: str, value: Any, choices: Sequence[Any]) -> None:
+  if value not in tuple(choices):
+    raise ValueError(f"{owner}.{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def int_tuple(owner: str, name: str, values: Any) -> tuple[int, ...]:
+  """A list / tuple of ints as a tuple; ValueError naming the field for anything else (a
+  float such as 2.7 is refused, not truncated)."""
+  if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+    raise ValueError(f"{owner}.{name} must be a sequence of ints, got {values!r}")
+  for i, v in enumerate(values):
+    if not isinstance(v, numbers.Integral) or isinstance(v, bool):
+      raise ValueError(f"{owner}.{name}[{i}] must be an int, got {v!r} (in {name}={values!r})")
+  return tuple(int(v) for v in values)
 
 
 def check_known_fields(cls: type, d: dict[str, Any]) -> None:

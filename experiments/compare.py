@@ -18,12 +18,25 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from experiments.configs import common
 from experiments.runner import build_trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/tiny.py",
                                           "Run config file; the variant part is ignored.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Where runs, table and plot go.")
 _VARIANTS = flags.DEFINE_list("variants", ["engram", "moe"], "Variants to train and compare.")
+
+
+def check_variants(variants: list[str]) -> list[str]:
+  """--variants: known and distinct (ValueError naming the bad entry and the choices)."""
+  if not variants:
+    raise ValueError(f"--variants is empty: name at least one of {common.VARIANTS}")
+  for v in variants:
+    if v not in common.VARIANTS:
+      raise ValueError(f"--variants: unknown variant {v!r}; choose from {common.VARIANTS}")
+  if len(set(variants)) != len(variants):
+    raise ValueError(f"--variants names a variant twice: {variants}")
+  return list(variants)
 
 
 def train_variant(config, variant: str, workdir: Path) -> dict:
@@ -85,14 +98,19 @@ def plot_curves(workdir: Path, variants: list[str]) -> Path:
 def main(argv):
   del argv
   logging.basicConfig(level=logging.WARNING)
+  variants = check_variants(_VARIANTS.value)
+  for variant in variants:     # every variant's config is checked before any training starts
+    config = _CONFIG.value.copy_and_resolve_references()
+    config.variant = variant
+    common.model_config(config), common.data_config(config), common.train_config(config)
   workdir = Path(_WORKDIR.value)
   workdir.mkdir(parents=True, exist_ok=True)
   rows = []
-  for variant in _VARIANTS.value:
+  for variant in variants:
     print(f"== training {variant} in {workdir / variant}", flush=True)
     rows.append(train_variant(_CONFIG.value, variant, workdir))
   table = format_table(rows)
-  plot = plot_curves(workdir, _VARIANTS.value)
+  plot = plot_curves(workdir, variants)
   device = f"{jax.devices()[0].platform} x{jax.device_count()} ({jax.devices()[0].device_kind})"
   (workdir / "comparison.json").write_text(json.dumps({"device": device, "rows": rows}, indent=1))
   (workdir / "comparison.md").write_text(f"Hardware: {device}\n\n{table}\n")

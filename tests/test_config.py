@@ -10,7 +10,7 @@ from engram_jax import EngramConfig
     (dict(max_ngram_size=1, vocab_sizes=()), "max_ngram_size must be an int >= 2"),
     (dict(vocab_sizes=(100, 1)), r"vocab_sizes\[1\] \(order 3\) must be >= 2"),
     (dict(n_embed_per_ngram=30, n_head_per_ngram=8), "multiple of n_head_per_ngram"),
-    (dict(n_head_per_ngram=0), "n_head_per_ngram must be >= 1"),
+    (dict(n_head_per_ngram=0), r"n_head_per_ngram must be an int >= 1, got 0"),
     (dict(layer_ids=(2, 2)), "must be unique"),
     (dict(layer_ids=(0, 3)), "allow_layer_zero"),
     (dict(layer_ids=()), "empty"),

@@ -39,6 +39,9 @@ class DataConfig:
     num_eval_batches: validation batches kept (the first ones of the fixed validation
       order); None = the whole validation split.
     eval_batch_size: rows per validation batch; None = batch_size.
+    decode_errors: a text / jsonl / arrayrecord file that is not valid UTF-8: "error"
+      (default: ValueError naming the file and byte offset), "skip" (left out, counted in the
+      log) or "replace" (undecodable bytes become U+FFFD). Binary files are always left out.
   """
 
   sources: tuple[str, ...] = DEFAULT_SOURCES
@@ -59,6 +62,7 @@ class DataConfig:
   stdlib_include_tests: bool = True
   num_eval_batches: int | None = 16
   eval_batch_size: int | None = None
+  decode_errors: str = "error"
 
   def __post_init__(self):
     # Accept lists / a single string from flags, JSON or ml_collections.
@@ -87,17 +91,28 @@ class DataConfig:
         raise ValueError(f"DataConfig.{name} must be an int >= 0, got {value!r}")
     for name in ("max_documents", "max_bytes", "num_eval_batches", "eval_batch_size"):
       value = getattr(self, name)
-      if value is not None and (not isinstance(value, int) or value < 1):
+      if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
         raise ValueError(f"DataConfig.{name} must be None or a positive int, got {value!r}")
-    if not 0 <= self.seed < 2**32:
-      raise ValueError(f"DataConfig.seed must lie in [0, 2**32), got {self.seed}")
+    if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
+      raise ValueError(f"DataConfig.seed must be an int in [0, 2**32), got {self.seed!r}")
+    for name in ("tokenizer_path", "tokenizer_dir"):
+      value = getattr(self, name)
+      if value is not None and (not isinstance(value, str) or not value):
+        raise ValueError(f"DataConfig.{name} must be None or a non-empty path string, got {value!r}")
+    if not isinstance(self.stdlib_include_tests, bool):
+      raise ValueError(f"DataConfig.stdlib_include_tests must be True or False, got {self.stdlib_include_tests!r}")
+    from engram_jax.data.sources import DECODE_ERRORS
+
+    if self.decode_errors not in DECODE_ERRORS:
+      raise ValueError(f"DataConfig.decode_errors must be one of {DECODE_ERRORS}, got {self.decode_errors!r}")
     if self.bpe_vocab_size < 259 and self.tokenizer_path is None:
       raise ValueError(
           f"DataConfig.bpe_vocab_size={self.bpe_vocab_size} is too small for a byte-level BPE: "
           "it needs 256 byte tokens + 3 special tokens, i.e. >= 259")
-    if not 0.0 <= self.validation_fraction < 1.0:
+    if isinstance(self.validation_fraction, bool) or not isinstance(self.validation_fraction, (int, float)) \
+        or not 0.0 <= self.validation_fraction < 1.0:
       raise ValueError(
-          f"DataConfig.validation_fraction must lie in [0, 1), got {self.validation_fraction}")
+          f"DataConfig.validation_fraction must be a number in [0, 1), got {self.validation_fraction!r}")
     from engram_jax.data.sources import (
       parse_source,  # late: sources imports nothing heavy
     )

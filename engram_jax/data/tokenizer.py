@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from engram_jax.hashing.compression import load_tokenizer_file
+
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 SPECIAL_TOKENS = (PAD, BOS, EOS)
 TOKENIZER_FILE = "tokenizer.json"
@@ -112,16 +114,12 @@ def load_or_train_tokenizer(config, cache_dir: str | os.PathLike | None = None):
   `config.tokenizer_dir`; None = no cache) and reusing a cached one.
 
   Raises:
-    FileNotFoundError for a missing `tokenizer_path`; ValueError when a cached tokenizer was
-    trained for a different vocabulary size.
+    FileNotFoundError for a missing `tokenizer_path`; ValueError naming the file for one that
+    is not a tokenizer.json (truncated, not JSON, JSON of something else), and when a cached
+    tokenizer was trained for a different vocabulary size.
   """
-  from tokenizers import Tokenizer
-
   if config.tokenizer_path is not None:
-    path = Path(config.tokenizer_path).expanduser()
-    if not path.is_file():
-      raise FileNotFoundError(f"DataConfig.tokenizer_path {path} does not exist")
-    return Tokenizer.from_file(str(path))
+    return load_tokenizer_file(config.tokenizer_path, "DataConfig.tokenizer_path")
 
   cache_dir = cache_dir if cache_dir is not None else config.tokenizer_dir
   meta = {"vocab_size": config.bpe_vocab_size, "sources": list(config.sources),
@@ -136,7 +134,7 @@ def load_or_train_tokenizer(config, cache_dir: str | os.PathLike | None = None):
             f"cached tokenizer {cached} was trained with vocab_size={stored['vocab_size']}, "
             f"but DataConfig.bpe_vocab_size={config.bpe_vocab_size}; use another tokenizer_dir "
             "or delete the cached file")
-      return Tokenizer.from_file(str(cached))
+      return load_tokenizer_file(cached, "cached tokenizer (delete it to retrain)")
 
   from engram_jax.data.pipeline import (
     train_corpus,  # late: pipeline imports this module

@@ -33,6 +33,42 @@ def _reference_normalizer():
   ])
 
 
+def load_tokenizer_file(path: str | os.PathLike, what: str = "tokenizer file") -> Any:
+  """A `tokenizers.Tokenizer` from a `tokenizer.json`, with errors naming the file and the problem.
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: the file is empty, not UTF-8, not JSON (e.g. truncated: the message gives
+      the line, column and file size), JSON that is not a tokenizer (no "model"), or a
+      tokenizer the `tokenizers` library rejects (its reason appended).
+  """
+  from tokenizers import Tokenizer  # local import: only needed to build the table
+
+  path = Path(path).expanduser()
+  if not path.is_file():
+    raise FileNotFoundError(f"{what} {path} does not exist")
+  raw = path.read_bytes()
+  try:
+    text = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{what} {path} is not a tokenizer.json: not UTF-8 text (byte offset {e.start})") from None
+  if not text.strip():
+    raise ValueError(f"{what} {path} is empty; expected a tokenizers tokenizer.json")
+  try:
+    data = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{what} {path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}; the file has "
+                     f"{len(raw)} bytes: truncated or corrupt?)") from None
+  if not isinstance(data, dict) or "model" not in data:
+    found = sorted(data)[:8] if isinstance(data, dict) else f"a JSON {type(data).__name__}"
+    raise ValueError(f"{what} {path} is JSON but not a tokenizers tokenizer.json: no 'model' entry "
+                     f"(found {found})")
+  try:
+    return Tokenizer.from_str(text)
+  except Exception as e:  # the tokenizers library raises a bare Exception
+    raise ValueError(f"{what} {path} is not a valid tokenizer.json: {e}") from None
+
+
 def tokenizer_fingerprint(tokenizer: Any) -> str:
   """sha256 of the tokenizer's canonical JSON: identifies the vocabulary a table came from."""
   text = tokenizer.to_str()
@@ -95,13 +131,8 @@ class TokenizerCompressor:
 
   @classmethod
   def from_file(cls, path: str | os.PathLike) -> "TokenizerCompressor":
-    """From a `tokenizer.json` file."""
-    from tokenizers import Tokenizer
-
-    path = Path(path)
-    if not path.is_file():
-      raise FileNotFoundError(f"tokenizer file not found: {path}")
-    return cls.from_tokenizer(Tokenizer.from_file(str(path)))
+    """From a `tokenizer.json` file (errors name the file and the problem: `load_tokenizer_file`)."""
+    return cls.from_tokenizer(load_tokenizer_file(path))
 
   @classmethod
   def identity(cls, vocab_size: int) -> "TokenizerCompressor":

@@ -21,6 +21,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
+
+# Row id given to every head whose n-gram reads an out-of-vocabulary id under jit: outside
+# every table, so `Engram.lookup` reads NaN for it instead of an ordinary row.
+INVALID_ROW = -1
 
 _MASK16 = np.uint32(0xFFFF)
 
@@ -73,27 +78,58 @@ def _shift(ids: jax.Array, shift: int, pad_id: int, segment_ids: jax.Array | Non
   return out
 
 
+def _out_of_vocab(ids: jax.Array, vocab_size: int) -> jax.Array:
+  """bool mask of ids outside [0, vocab_size) (no bound the dtype cannot exceed is compared)."""
+  bad = ids < 0 if jnp.issubdtype(ids.dtype, jnp.signedinteger) else jnp.zeros(ids.shape, bool)
+  if vocab_size <= int(jnp.iinfo(ids.dtype).max):
+    bad = bad | (ids >= vocab_size)
+  return bad
+
+
 def hash_layer_device(ids: jax.Array, multipliers: np.ndarray, table_sizes: np.ndarray,
                       n_head_per_ngram: int, pad_id: int,
-                      segment_ids: jax.Array | None = None) -> jax.Array:
-  """Per-head rows [B, T, (N-1)*K] int32 of one layer; the constants are static Python data."""
-  ids = jnp.asarray(ids).astype(jnp.uint32)
+                      segment_ids: jax.Array | None = None, vocab_size: int | None = None) -> jax.Array:
+  """Per-head rows [B, T, (N-1)*K] int32 of one layer; the constants are static Python data.
+
+  With `vocab_size`, every head whose n-gram window holds an id outside [0, vocab_size)
+  gets `INVALID_ROW` (-1) instead of an ordinary row.
+  """
+  ids = jnp.asarray(ids)
+  oov = None if vocab_size is None else _out_of_vocab(ids, vocab_size)
+  ids = ids.astype(jnp.uint32)
   mults = [int(m) for m in multipliers]
   terms = [_mul_u64_by_u32(_shift(ids, j, pad_id, segment_ids), m) for j, m in enumerate(mults)]
   cols = []
   mix_hi, mix_lo = terms[0]
+  bad = oov
   for n in range(2, len(mults) + 1):
     mix_hi, mix_lo = mix_hi ^ terms[n - 1][0], mix_lo ^ terms[n - 1][1]
+    if oov is not None:   # the window of order n reads x[t-n+1 .. t] (across documents: the pad)
+      bad = bad | _shift(oov, n - 1, False, segment_ids)
     for h in range(n_head_per_ngram):
-      cols.append(_mod_u64(mix_hi, mix_lo, int(table_sizes[(n - 2) * n_head_per_ngram + h])))
-  return jnp.stack(cols, axis=-1).astype(jnp.int32)
+      col = _mod_u64(mix_hi, mix_lo, int(table_sizes[(n - 2) * n_head_per_ngram + h])).astype(jnp.int32)
+      cols.append(col if bad is None else jnp.where(bad, jnp.int32(INVALID_ROW), col))
+  return jnp.stack(cols, axis=-1)
+
+
+def check_vocab(ids: jax.Array, vocab_size: int) -> None:
+  """checkify.debug_check that compressed ids [B, T] lie in [0, vocab_size): raises with the
+  first bad id and its position under `checkify.checkify(..., errors=checkify.user_checks)`,
+  a no-op otherwise."""
+  valid = ~_out_of_vocab(ids, vocab_size)
+  first = jnp.argmin(valid.reshape(-1))
+  b, t = jnp.unravel_index(first, valid.shape)
+  checkify.debug_check(jnp.all(valid), f"compressed id {{}} at position ({{}}, {{}}) is outside the compressed "
+                       f"vocabulary [0, {vocab_size})", ids.reshape(-1)[first], b, t)
 
 
 def hash_all_layers(hasher: Any, compressed_ids: Any, segment_ids: Any = None) -> dict[int, jax.Array]:
   """Device hashing for every layer of an `NgramHasher`. Jit-able in `compressed_ids`.
 
-  Concrete inputs are range-checked (ValueError); under `jit` ids cannot be checked and an
-  out-of-range id yields a well-defined but meaningless row (still inside [0, p)).
+  Concrete inputs are range-checked (ValueError). Under `jit` an id outside the compressed
+  vocabulary [0, V') cannot raise: every head whose n-gram window holds it gets row id -1
+  (`INVALID_ROW`, outside every table), which `Engram.lookup` turns into NaN rows; under
+  `checkify.checkify(..., errors=checkify.user_checks)` it raises with the position.
   """
   for sizes in hasher.table_sizes.values():
     if int(sizes.max()) >= 2**31:
@@ -105,9 +141,14 @@ def hash_all_layers(hasher: Any, compressed_ids: Any, segment_ids: Any = None) -
   ids = jnp.asarray(compressed_ids)
   if ids.ndim != 2:
     raise ValueError(f"compressed ids must have shape [batch, seq], got {ids.shape}")
+  if not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise ValueError(f"compressed ids must be integers, got dtype {ids.dtype}")
+  if isinstance(ids, jax.core.Tracer):   # concrete ids were checked by hasher.check_ids
+    check_vocab(ids, hasher.compressed_vocab_size)
   seg = None if segment_ids is None else jnp.asarray(segment_ids)
   return {
       lid: hash_layer_device(ids, hasher.multipliers[lid], hasher.table_sizes[lid],
-                             hasher.config.n_head_per_ngram, hasher.pad_id, seg)
+                             hasher.config.n_head_per_ngram, hasher.pad_id, seg,
+                             vocab_size=hasher.compressed_vocab_size)
       for lid in hasher.layer_ids
   }

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import checkify
 
 from engram_jax import sharding
 from engram_jax.config import EngramConfig
@@ -52,6 +53,19 @@ TableSharding = Literal["tensor", "all"]
 # Logical name of the table's row dimension for each layout (rules in engram_jax.sharding).
 TABLE_ROW_AXES: dict[str, str] = {"tensor": "engram_rows", "all": "engram_rows_all"}
 _GATE_FLOOR = 1e-6
+
+
+def _debug_check_ids(valid: jax.Array, ids: jax.Array, sizes: jax.Array, where: str) -> None:
+  """checkify.debug_check that every per-head id is valid ([..., H] masks and ids).
+
+  A no-op unless the caller runs under `checkify.checkify` (with `checkify.user_checks`);
+  then the first invalid id (row-major) is reported with its value, position and head.
+  """
+  first = jnp.argmin(valid.reshape(-1))
+  pos = jnp.unravel_index(first, valid.shape)
+  position = ", ".join(["{}"] * len(pos))
+  checkify.debug_check(jnp.all(valid), f"row id {{}} at position ({position}) is outside head {{}}'s "
+                       f"table [0, {{}}) of {where}", ids.reshape(-1)[first], *pos, pos[-1], sizes[pos[-1]])
 
 
 class Engram(nnx.Module):
@@ -220,18 +234,38 @@ class Engram(nnx.Module):
     batch_spec = sharding.logical_to_spec(("batch",), mesh, (ids_shape[0],))
     return dict(mesh=mesh, axis=table_axes, batch_axes=sharding.axis_tuple(batch_spec[0]))
 
+  def head_bounds(self, row_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-head bounds of hashed ids [..., H] -> (safe flat rows int32 [..., H], valid bool [..., H]).
+
+    Head h's id must lie in [0, table_sizes[h]); it is checked BEFORE the head offset is
+    added, so an id past its head's table can never read the next head's rows. Invalid ids
+    are replaced by the head's row 0 (always in range, so no kernel reads out of bounds) and
+    the caller turns their rows into NaN. Under `jax.experimental.checkify` (errors including
+    `checkify.user_checks`) an invalid id raises with its value and position; without
+    checkify the check is free (a `checkify.debug_check`).
+    """
+    row_ids = row_ids.astype(jnp.int32)
+    sizes = jnp.asarray(self.table_sizes, jnp.int32)
+    valid = (row_ids >= 0) & (row_ids < sizes)
+    if isinstance(row_ids, jax.core.Tracer):   # concrete ids were checked by check_row_ids
+      _debug_check_ids(valid, row_ids, sizes, f"Engram layer {self.layer_id}")
+    ids = jnp.where(valid, row_ids, 0)
+    if self.fold_rows is not None:
+      ids = ids % self.fold_rows
+    return ids + jnp.asarray(self.offsets, jnp.int32), valid
+
   def lookup(self, row_ids: jax.Array) -> jax.Array:
     """Gathers the rows of every head: [..., H] per-head ids -> [..., H * d_h].
 
-    Under jit an out-of-range id cannot raise; it reads NaN rows (gather mode 'fill'),
-    which surface in the loss instead of silently reading a neighbour head's rows.
+    Concrete ids out of a head's range raise a ValueError (`check_row_ids`). Under jit an
+    id outside [0, table_sizes[h]) cannot raise: its head's d_h values are NaN (every impl:
+    xla, pallas, the sharded lookups), so it surfaces in the loss and never reads another
+    head's rows. Wrap the caller in `checkify.checkify(..., errors=checkify.user_checks)`
+    to raise with the position instead (`head_bounds`).
     """
     row_ids = jnp.asarray(row_ids)
     self.check_row_ids(row_ids)
-    row_ids = row_ids.astype(jnp.int32)
-    if self.fold_rows is not None:
-      row_ids = row_ids % self.fold_rows
-    flat = row_ids + jnp.asarray(self.offsets, jnp.int32)
+    flat, valid = self.head_bounds(row_ids)
     table = self.table[...]
     layout = self.row_sharding(flat.shape) if flat.ndim > 1 else None
     if layout is not None:
@@ -247,6 +281,7 @@ class Engram(nnx.Module):
       lead = flat.shape[:-1]
       rows = gather_rows(table, flat.reshape(-1, flat.shape[-1]), impl=self.impl)
       rows = rows.reshape(lead + (flat.shape[-1], table.shape[-1]))
+    rows = jnp.where(valid[..., None], rows, jnp.asarray(jnp.nan, rows.dtype))
     return rows.reshape(row_ids.shape[:-1] + (-1,)).astype(self.dtype)
 
   # -- fusion ----------------------------------------------------------------------------------
@@ -344,10 +379,8 @@ class Engram(nnx.Module):
 
     b, t, streams, d = hidden.shape
     self.check_row_ids(row_ids)
-    ids = row_ids.astype(jnp.int32)
-    if self.fold_rows is not None:
-      ids = ids % self.fold_rows
-    flat = (ids + jnp.asarray(self.offsets, jnp.int32)).reshape(b * t, -1)
+    flat, valid = self.head_bounds(row_ids)
+    flat = flat.reshape(b * t, -1)
     if not self.multi_branch:
       hidden = jnp.mean(hidden.astype(jnp.float32), axis=2, keepdims=True).astype(hidden.dtype)
     g = hidden.shape[2]
@@ -357,6 +390,10 @@ class Engram(nnx.Module):
         self.table[...], flat, self.value_kernel[...], self.value_bias[...], self.key_kernel[...],
         self.key_bias[...], query.reshape(b * t, g, d), self.key_norm.scale[...], gate=self.gate,
         norm_eps=eps, impl=self.impl, out_dtype=self.dtype)
+    # The rows never leave the kernel: a token with an invalid id gets NaN u and gates.
+    ok = jnp.all(valid, axis=-1).reshape(b * t, 1)
+    u = jnp.where(ok[..., None], u, jnp.asarray(jnp.nan, u.dtype))
+    alpha = jnp.where(ok, alpha, jnp.asarray(jnp.nan, alpha.dtype))
     y, alpha, _ = self._finish(u.reshape(b, t, g, d), alpha.reshape(b, t, g).astype(self.dtype),
                                streams, segment_ids=segment_ids, conv_state=None, lengths=None)
     return y, alpha
@@ -432,7 +469,16 @@ class NgramInputAverage(nnx.Module):
     row_ids = jnp.asarray(row_ids)
     if row_ids.ndim != 3 or row_ids.shape[-1] != self.config.num_heads:
       raise ValueError(f"row_ids must be [B, T, {self.config.num_heads}], got shape {row_ids.shape}")
-    flat = row_ids.astype(jnp.int32) + jnp.asarray(self.offsets, jnp.int32)
+    ids = row_ids.astype(jnp.int32)
+    sizes = jnp.asarray(self.table_sizes, jnp.int32)
+    valid = (ids >= 0) & (ids < sizes)   # per head, before the offset (as Engram.head_bounds)
+    if isinstance(ids, jax.core.Tracer):
+      _debug_check_ids(valid, ids, sizes, f"the n-gram input average of layer {self.layer_id}")
+    elif not bool(jnp.all(valid)):
+      pos = tuple(int(i) for i in np.argwhere(~np.asarray(valid))[0])
+      raise ValueError(f"row id {int(ids[pos])} at position {pos} is outside head {pos[-1]}'s table "
+                       f"[0, {self.table_sizes[pos[-1]]}) of the n-gram input average of layer {self.layer_id}")
+    flat = jnp.where(valid, ids + jnp.asarray(self.offsets, jnp.int32), self.table.shape[0])
     rows = jnp.take(self.table[...], flat, axis=0, mode="fill", fill_value=jnp.nan)
     mean = jnp.mean(rows.astype(jnp.float32), axis=-2).astype(self.dtype)       # [B, T, d_h]
     return mean @ self.proj_kernel[...].astype(self.dtype) + self.proj_bias[...].astype(self.dtype)

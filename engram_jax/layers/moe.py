@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from engram_jax.config import check_float
 from engram_jax.layers.ffn import SwiGLU
 from engram_jax.layers.params import annotated
 
@@ -58,8 +59,13 @@ class MoEConfig:
   def __post_init__(self):
     for name in ("num_experts", "top_k", "expert_hidden"):
       value = getattr(self, name)
-      if not isinstance(value, int) or value <= 0:
+      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"MoEConfig.{name} must be a positive int, got {value!r}")
+    if isinstance(self.num_shared_experts, bool):
+      raise ValueError(f"MoEConfig.num_shared_experts must be an int >= 0, got {self.num_shared_experts!r}")
+    for name, low_open in (("routed_scaling", True), ("capacity_factor", True), ("bias_update_rate", False),
+                           ("balance_loss_weight", False)):
+      check_float("MoEConfig", name, getattr(self, name), low=0.0, low_open=low_open)
     if not isinstance(self.num_shared_experts, int) or self.num_shared_experts < 0:
       raise ValueError(
         f"MoEConfig.num_shared_experts must be an int >= 0, got {self.num_shared_experts!r}"

@@ -14,7 +14,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from engram_jax.config import EngramConfig, check_known_fields
+from engram_jax.config import EngramConfig, check_bool, check_float, check_int, check_known_fields
 from engram_jax.layers.moe import MoEConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -189,8 +189,11 @@ class ModelConfig:
         raise ValueError(
           f"ModelConfig.{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}"
         )
-    if not self.norm_eps > 0:
-      raise ValueError(f"ModelConfig.norm_eps must be > 0, got {self.norm_eps}")
+    check_float("ModelConfig", "norm_eps", self.norm_eps, low=0.0, low_open=True)
+    check_float("ModelConfig", "rope_theta", self.rope_theta, low=0.0, low_open=True)
+    check_bool("ModelConfig", "tie_embeddings", self.tie_embeddings)
+    check_int("ModelConfig", "engram_compressed_vocab", self.engram_compressed_vocab, low=1, optional=True)
+    check_int("ModelConfig", "num_dense_layers", self.num_dense_layers, low=0, high=self.num_layers)
 
   # ----------------------------------------------------------------------------- structure
   @property
