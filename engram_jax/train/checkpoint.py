@@ -197,7 +197,7 @@ class Checkpointer:
     except Exception as e:  # noqa: BLE001  orbax / TensorStore / JSON errors of a damaged step
       path = self.directory / str(step)
       raise CorruptCheckpointError(
-          f"checkpoint {path} is unreadable ({what}): {type(e).__name__}: {str(e)[:500]}", step, path) from e
+          f"checkpoint {path} is unreadable ({what}): {_error_text(e)}", step, path) from e
 
   def steps_newest_first(self) -> list[int]:
     return sorted(self.all_steps(), reverse=True)
@@ -308,6 +308,16 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def _error_text(e: BaseException) -> str:
+  """A short description of a read failure: TensorStore appends a whole spec dump."""
+  text = str(e).split(" See full TensorStore details")[0].strip()
+  out = f"{type(e).__name__}: {text[:300]}"
+  cause = e.__cause__ or e.__context__
+  if cause is not None and str(cause):
+    out += f" ({type(cause).__name__}: {str(cause).split(' See full TensorStore details')[0][:300]})"
+  return out
 
 
 def _host_tree(host_tables: dict[int, dict[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:

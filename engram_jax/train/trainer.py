@@ -269,12 +269,17 @@ class Trainer:
     timed_tokens, timed_seconds = 0, 0.0
     step = start
     steps = engine.steps(data_iter)
-    rollbacks = 0
+    rollbacks, rolled_back_to = 0, None
 
     def recover(problem: str) -> None:
       """Divergence: stop, or roll back to the last verified checkpoint (on_divergence)."""
-      nonlocal engine, data_iter, steps, step, writer, rollbacks, losses
+      nonlocal engine, data_iter, steps, step, writer, rollbacks, losses, rolled_back_to
       good = self.checkpointer.latest_step()
+      if good is not None and good == rolled_back_to:
+        # diverged again before a newer checkpoint: its weights evaluate finite but do not
+        # train (e.g. a NaN gradient); go one checkpoint further back where there is one
+        older = [s for s in self.checkpointer.all_steps() if s < good]
+        good = max(older) if older else good
       where = (f"The last good checkpoint (step {good}) under {self.checkpointer.directory} is intact "
                "(its weights were checked finite when saved)" if good is not None else
                "No checkpoint was saved yet")
@@ -283,6 +288,7 @@ class Trainer:
         raise TrainingDivergedError(f"{problem}; stopping{tried}. {where}")
       rollbacks += 1
       diverged_at = step
+      context.close()  # the state is built outside the mesh context
       steps.close()
       if hasattr(data_iter, "close"):
         data_iter.close()
@@ -290,8 +296,10 @@ class Trainer:
       log.warning("%s; rollback %d of %d: resuming from %s at learning rate x%g", problem, rollbacks,
                   cfg.max_rollbacks, f"step {good}" if good is not None else "the initial state", scale)
       data_iter = self._train_iterator()
-      engine = self._build_engine(placement, meta, data_iter, rate or 0.0, good, lr_scale=scale)
-      step = engine.step
+      engine = self._build_engine(placement, meta, data_iter, rate or 0.0, good, lr_scale=scale,
+                                  later_to="diverged_checkpoints")
+      context.enter_context(engine.context())
+      rolled_back_to = step = engine.step
       if cfg.rollback_skip_batches:
         log.warning("skipping the %d batches of steps %d..%d", diverged_at - step, step + 1, diverged_at)
         engine.skip(diverged_at - step)
@@ -300,6 +308,7 @@ class Trainer:
                                                          "lr_scale": self.lr_scale, "problem": problem}]
       losses = {k: v for k, v in losses.items() if k <= step}
       if jax.process_index() == 0:
+        (self.workdir / "meta.json").write_text(json.dumps(meta, indent=1))
         writer.close()
         drop_metrics_after(self.workdir, step)
         writer = MetricsWriter(self.workdir)
@@ -309,7 +318,8 @@ class Trainer:
       steps = engine.steps(data_iter)
 
     try:
-      with engine.context():
+      with contextlib.ExitStack() as context:
+        context.enter_context(engine.context())
         while step < end:
           t0 = time.perf_counter()  # wall time per step, input pipeline included
           metrics = next(steps)
@@ -395,7 +405,7 @@ class Trainer:
     self.checkpointer.manager.reload()
 
   def _build_engine(self, placement, meta, data_iter, rate: float, resume_step: int | None, *,
-                    lr_scale: float | None = None):
+                    lr_scale: float | None = None, later_to: str = "superseded_checkpoints"):
     """The placement's engine, restored from the newest intact checkpoint (or `resume_step`).
 
     The optimizer's learning rate is scaled by `lr_scale`, by default the checkpoint's (that
@@ -414,7 +424,7 @@ class Trainer:
                          f"(it holds steps {sorted(candidates)})")
       for s in candidates:
         if s > resume_step:
-          self._set_aside(s, "superseded_checkpoints", f"resuming from step {resume_step}")
+          self._set_aside(s, later_to, f"resuming from step {resume_step}")
       candidates = [resume_step]
     if not candidates:
       self.lr_scale = 1.0 if lr_scale is None else lr_scale
