@@ -284,6 +284,9 @@ class Trainer:
                "(its weights were checked finite when saved)" if good is not None else
                "No checkpoint was saved yet")
       if cfg.on_divergence != "rollback" or rollbacks >= cfg.max_rollbacks:
+        for later in self.checkpointer.all_steps() if good is not None else ():
+          if later > good:  # so that a plain rerun resumes from the checkpoint named here
+            self._set_aside(later, "diverged_checkpoints", f"training from it diverged again at step {step}")
         tried = f" after {rollbacks} rollbacks" if rollbacks else ""
         raise TrainingDivergedError(f"{problem}; stopping{tried}. {where}")
       rollbacks += 1
