@@ -2,6 +2,8 @@ r"""Evaluate a saved run on its validation split.
 
   python -m experiments.evaluate --checkpoint=runs/default/engram [--step=300] [--tables=host]
 
+Without --step the newest intact checkpoint is evaluated: an unreadable newer one is
+reported (with its path) and skipped; "step" in the output says which was used.
 --tables=host keeps the tables of a run trained with host-placed tables in host memory
 (for tables larger than device memory); the loss equals --tables=device's.
 """
@@ -14,7 +16,7 @@ from absl import app, flags
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Run directory or its checkpoints/ folder.",
                                   required=True)
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest intact one).")
 _TABLES = flags.DEFINE_enum("tables", "device", ["device", "host"],
                             "Where the host-placed Engram tables of a run trained with "
                             "table_placement=host/cached go on loading.")

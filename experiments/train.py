@@ -3,7 +3,10 @@ r"""Train one model from a config file.
   python -m experiments.train --config=experiments/configs/tiny.py:engram \
       --workdir=runs/tiny_engram --config.train.total_steps=500
 
-Resumes from `workdir/checkpoints` when present. Writes metrics.jsonl, TensorBoard
+Resumes from the newest intact checkpoint in `workdir/checkpoints` when present (an
+unreadable newer one is reported and moved to workdir/corrupt_checkpoints), or from
+--resume_step=N (the checkpoints after N are moved to workdir/superseded_checkpoints). A
+second trainer on the same workdir is refused (workdir/run.lock). Writes metrics.jsonl, TensorBoard
 events, meta.json and orbax checkpoints under the workdir.
 
 Multi-process (one process per host, or per GPU): run the same command on every process
@@ -28,6 +31,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/tiny.py
                                           "Run config file (path[:variant]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics).", required=True)
 _STOP_AFTER = flags.DEFINE_integer("stop_after", None, "Stop after this many steps (then resume later).")
+_RESUME_STEP = flags.DEFINE_integer(
+    "resume_step", None, "Resume from this checkpoint step (default: the newest intact one); the "
+    "checkpoints after it are moved to workdir/superseded_checkpoints.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process).")
@@ -59,7 +65,7 @@ def main(argv):
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   trainer = build_trainer(_CONFIG.value, _WORKDIR.value, data_shards=_DATA_SHARDS.value)
-  result = trainer.run(stop_after=_STOP_AFTER.value)
+  result = trainer.run(stop_after=_STOP_AFTER.value, resume_step=_RESUME_STEP.value)
   summary = {"status": result.status, "step": result.step, "eval": result.eval,
              "tokens_per_second": result.tokens_per_second, "process": jax.process_index()}
   print(json.dumps(summary))

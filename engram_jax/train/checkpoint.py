@@ -15,21 +15,73 @@ written shard by shard, JSON items by the primary process; each process writes i
 item), so `directory` must be a filesystem all processes share.
 Loading into a model whose hash constants, tokenizer, table placement or shapes differ
 fails and says what differs; nothing is overwritten.
+
+A checkpoint that cannot be read (a truncated array file, a missing item) raises
+`CorruptCheckpointError` naming its path; `newest_readable` / the trainer / `load_run` fall
+back to the newest intact one. Retention always keeps the newest checkpoint (`keep` >= 1).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import shutil
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as ocp_managers
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointMismatchError(ValueError):
   """The checkpoint does not belong to the model / tokenizer / hash constants at hand."""
+
+
+class CorruptCheckpointError(ValueError):
+  """A checkpoint step cannot be read: truncated or missing files. `.step`, `.path` name it."""
+
+  def __init__(self, message: str, step: int, path: Path):
+    super().__init__(message)
+    self.step, self.path = step, path
+
+
+# The data fields that define the training stream: a resume with other values would read
+# other batches (or fail deep inside the iterator restore with a shape error).
+DATA_RESUME_FIELDS = ("sources", "seq_len", "batch_size", "seed", "max_documents", "max_bytes",
+                      "validation_fraction")
+
+
+def compare_data(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+  """Differences of the data configuration that make a checkpoint's data position meaningless."""
+  a, b = saved.get("data") or {}, current.get("data") or {}
+  norm = lambda v: list(v) if isinstance(v, tuple | list) else v  # noqa: E731  JSON has lists
+  return [f"data config: {k}: checkpoint has {a.get(k, '<absent>')!r}, current run has {b.get(k, '<absent>')!r}"
+          for k in DATA_RESUME_FIELDS if k in a and norm(a.get(k)) != norm(b.get(k))]
+
+
+def nonfinite_leaves(tree: Any, limit: int = 5) -> list[str]:
+  """Paths of the floating-point leaves of `tree` (jax or NumPy arrays) holding NaN or inf.
+
+  The jax leaves are checked in one jitted call (a few reductions, no copy to the host).
+  """
+  named = [(_path_name(p) or "<root>", x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+           if np.issubdtype(getattr(x, "dtype", np.int32), np.inexact) and getattr(x, "size", 1)]
+  on_device = [(n, x) for n, x in named if isinstance(x, jax.Array)]
+  flags = dict(zip([n for n, _ in on_device], _finite_flags([x for _, x in on_device]), strict=True))
+  bad = [n for n, x in named if not bool(flags[n] if n in flags else np.isfinite(x).all())]
+  return bad[:limit]
+
+
+@jax.jit
+def _finite_flags(leaves: list[jax.Array]) -> list[jax.Array]:
+  return [jax.numpy.isfinite(x).all() for x in leaves]
 
 
 def _diff_dicts(saved: dict, current: dict, prefix: str) -> list[str]:
@@ -80,11 +132,18 @@ class Checkpointer:
   """Saves and restores training runs under `directory` (keep-last-k or best-by-val-loss)."""
 
   def __init__(self, directory: str | os.PathLike, *, keep: int = 2, best_by: str | None = None):
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+      # orbax's max_to_keep=0 deletes every checkpoint, the one just written included
+      raise ValueError(f"Checkpointer: keep must be an integer >= 1, got {keep!r}")
     self.directory = Path(directory).absolute()
+    # The newest checkpoint (what a resume starts from) is always kept; best_by keeps the
+    # `keep` best by that metric besides it.
+    policies = [ocp_managers.LatestN(n=1 if best_by else keep)]
+    if best_by:
+      policies.append(ocp_managers.BestN(get_metric_fn=lambda m: m[best_by], reverse=True, n=keep,
+                                         keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True,
-        best_fn=(lambda m: m[best_by]) if best_by else None, best_mode="min",
-        keep_checkpoints_without_metrics=not best_by,
+        create=True, preservation_policy=ocp_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=False)
     import grain.checkpoint as grain_checkpoint
 
@@ -117,9 +176,44 @@ class Checkpointer:
 
   def read_meta(self, step: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     step = self._step(step)
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore(), vocab=ocp.args.JsonRestore()))
-    return restored["meta"], restored["vocab"]
+    with self.reading(step, "meta / vocab"):
+      for item in ("meta", "vocab"):
+        if not (self.directory / str(step) / item).is_dir():
+          raise FileNotFoundError(f"item {item!r} is missing")
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore(), vocab=ocp.args.JsonRestore()))
+      meta, vocab = restored["meta"], restored["vocab"]
+      if not isinstance(meta, dict) or not isinstance(vocab, dict):
+        raise ValueError("meta / vocab is not a JSON object")
+    return meta, vocab
+
+  @contextlib.contextmanager
+  def reading(self, step: int, what: str) -> Iterator[None]:
+    """Turns a failure to read checkpoint `step` (not a mismatch) into CorruptCheckpointError."""
+    try:
+      yield
+    except (CheckpointMismatchError, CorruptCheckpointError):
+      raise
+    except Exception as e:  # noqa: BLE001  orbax / TensorStore / JSON errors of a damaged step
+      path = self.directory / str(step)
+      raise CorruptCheckpointError(
+          f"checkpoint {path} is unreadable ({what}): {_error_text(e)}", step, path) from e
+
+  def steps_newest_first(self) -> list[int]:
+    return sorted(self.all_steps(), reverse=True)
+
+  def move_aside(self, step: int, to: str | os.PathLike, reason: str) -> Path:
+    """Moves checkpoint `step` out of the managed directory into `to` (never deletes it)."""
+    src = self.directory / str(step)
+    dest_dir = Path(to)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest = dest_dir / str(step)
+    if dest.exists():
+      dest = dest_dir / f"{step}-{int(time.time())}"
+    shutil.move(str(src), str(dest))
+    self.manager.reload()
+    log.warning("checkpoint %s moved to %s (%s)", src, dest, reason)
+    return dest
 
   def check_meta(self, current_meta: dict[str, Any], step: int | None = None) -> None:
     """Raises CheckpointMismatchError if the saved configs / hash constants / tokenizer differ.
@@ -157,7 +251,8 @@ class Checkpointer:
     if data_iterator is not None:
       self._check_data_state(step)
       items["data"] = checkpoint_args(data_iterator, restore=True)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    with self.reading(step, "state" + (" / data" if data_iterator is not None else "")):
+      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     return restored["state"], meta
 
   def restore_host_tables(self, like: dict[int, dict[str, np.ndarray]], step: int | None = None
@@ -180,8 +275,9 @@ class Checkpointer:
       if problems:
         raise CheckpointMismatchError(
             f"checkpoint {self.directory}/{step} does not match this run:\n  " + "\n  ".join(problems))
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        host_tables=ocp.args.StandardRestore(target)))["host_tables"]
+    with self.reading(step, "host_tables"):
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          host_tables=ocp.args.StandardRestore(target)))["host_tables"]
     return {int(l): {k: np.asarray(v) for k, v in d.items()} for l, d in restored.items()}
 
   def _check_data_state(self, step: int) -> None:
@@ -212,6 +308,16 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def _error_text(e: BaseException) -> str:
+  """A short description of a read failure: TensorStore appends a whole spec dump."""
+  text = str(e).split(" See full TensorStore details")[0].strip()
+  out = f"{type(e).__name__}: {text[:300]}"
+  cause = e.__cause__ or e.__context__
+  if cause is not None and str(cause):
+    out += f" ({type(cause).__name__}: {str(cause).split(' See full TensorStore details')[0][:300]})"
+  return out
 
 
 def _host_tree(host_tables: dict[int, dict[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
+
+import numpy as np
 
 from engram_jax.config import check_known_fields
 
@@ -29,8 +32,14 @@ class TrainConfig:
     grad_clip_norm: global-norm clipping (<= 0 disables).
     moe_bias_update_rate: the aux-loss-free router bias step (None: MoEConfig's).
     log_every / eval_every / checkpoint_every: in steps (0 disables eval / checkpoints).
-    keep_checkpoints: how many checkpoints to keep.
-    keep_best_by: None keeps the last `keep_checkpoints`; "val_loss" keeps the best ones.
+    keep_checkpoints: how many checkpoints to keep (>= 1: the newest is never deleted).
+    keep_best_by: None keeps the last `keep_checkpoints`; "val_loss" keeps the best ones
+      and the newest (the one a resume starts from).
+    on_divergence: what a non-finite loss, gradient norm or checkpoint candidate does:
+      "stop" raises `TrainingDivergedError` naming the last verified checkpoint;
+      "rollback" resumes from it with the learning rate times `rollback_lr_factor`
+      (and, with `rollback_skip_batches`, past the batches since it), at most
+      `max_rollbacks` times per `Trainer.run`.
     progress_bar: tqdm bar with tokens/s, loss and ETA.
     table_placement: where the Engram tables live while training
       (`engram_jax.offload.parse_placements`): "device" (default), "host" (host RAM,
@@ -62,33 +71,52 @@ class TrainConfig:
   keep_best_by: str | None = None
   progress_bar: bool = True
   table_placement: str = "device"
+  on_divergence: str = "stop"
+  rollback_lr_factor: float = 0.5
+  max_rollbacks: int = 3
+  rollback_skip_batches: bool = False
 
   def __post_init__(self):
     object.__setattr__(self, "step_decay_boundaries", tuple(float(b) for b in self.step_decay_boundaries))
     self.validate()
 
   def validate(self) -> None:
-    if self.total_steps < 1:
-      raise ValueError(f"TrainConfig.total_steps must be >= 1, got {self.total_steps}")
-    if self.learning_rate <= 0:
-      raise ValueError(f"TrainConfig.learning_rate must be > 0, got {self.learning_rate}")
-    if not 0 <= self.warmup_steps <= self.total_steps:
-      raise ValueError(f"TrainConfig.warmup_steps={self.warmup_steps} must lie in [0, total_steps={self.total_steps}]")
+    _check_int(self, "total_steps", 1)
+    _check_float(self, "learning_rate", 0.0, low_open=True)
+    _check_int(self, "warmup_steps", 0, self.total_steps)
     if self.schedule not in ("cosine", "step", "constant"):
       raise ValueError(f"TrainConfig.schedule must be 'cosine', 'step' or 'constant', got {self.schedule!r}")
+    _check_float(self, "min_lr_ratio", 0.0, 1.0)
+    if any(isinstance(b, bool) or not 0 < b < 1 for b in self.step_decay_boundaries):
+      raise ValueError(f"TrainConfig.step_decay_boundaries must be fractions in (0, 1), got {self.step_decay_boundaries}")
+    if list(self.step_decay_boundaries) != sorted(self.step_decay_boundaries):
+      raise ValueError(f"TrainConfig.step_decay_boundaries must be increasing, got {self.step_decay_boundaries}")
+    _check_float(self, "step_decay_factor", 0.0, low_open=True)
     if self.optimizer not in ("adamw", "muon"):
       raise ValueError(f"TrainConfig.optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
-    if any(not 0 < b < 1 for b in self.step_decay_boundaries):
-      raise ValueError(f"TrainConfig.step_decay_boundaries must be fractions in (0, 1), got {self.step_decay_boundaries}")
-    if self.engram_lr_multiplier <= 0:
-      raise ValueError(f"TrainConfig.engram_lr_multiplier must be > 0, got {self.engram_lr_multiplier}")
+    _check_float(self, "weight_decay", 0.0)
+    _check_float(self, "engram_lr_multiplier", 0.0, low_open=True)
+    _check_float(self, "b1", 0.0, 1.0, high_open=True)
+    _check_float(self, "b2", 0.0, 1.0, high_open=True)
+    _check_float(self, "eps", 0.0, low_open=True)
+    _check_float(self, "grad_clip_norm", None)  # <= 0 disables clipping; must be finite
+    if self.moe_bias_update_rate is not None:
+      _check_float(self, "moe_bias_update_rate", 0.0)
+    for name in ("log_every", "eval_every", "checkpoint_every"):
+      _check_int(self, name, 0)
+    # 0 used to reach orbax as max_to_keep=0, which deletes every checkpoint, the final one included
+    _check_int(self, "keep_checkpoints", 1)
     if self.keep_best_by not in (None, "val_loss"):
       raise ValueError(f"TrainConfig.keep_best_by must be None or 'val_loss', got {self.keep_best_by!r}")
     if self.keep_best_by and not self.eval_every:
       raise ValueError("TrainConfig.keep_best_by='val_loss' needs eval_every > 0")
-    for name in ("log_every", "eval_every", "checkpoint_every"):
-      if getattr(self, name) < 0:
-        raise ValueError(f"TrainConfig.{name} must be >= 0")
+    for name in ("freeze_engram_tables", "progress_bar", "rollback_skip_batches"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"TrainConfig.{name} must be True or False, got {getattr(self, name)!r}")
+    if self.on_divergence not in ("stop", "rollback"):
+      raise ValueError(f"TrainConfig.on_divergence must be 'stop' or 'rollback', got {self.on_divergence!r}")
+    _check_float(self, "rollback_lr_factor", 0.0, 1.0, low_open=True)
+    _check_int(self, "max_rollbacks", 0)
     _check_table_placement(self.table_placement)
 
   def replace(self, **changes: Any) -> TrainConfig:
@@ -103,6 +131,30 @@ class TrainConfig:
   def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
     check_known_fields(cls, d)
     return cls(**d)
+
+
+def _check_int(cfg: TrainConfig, name: str, low: int, high: int | None = None) -> None:
+  value = getattr(cfg, name)
+  allowed = f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}"
+  if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low \
+      or (high is not None and value > high):
+    raise ValueError(f"TrainConfig.{name} must be {allowed}, got {value!r}")
+
+
+def _check_float(cfg: TrainConfig, name: str, low: float | None, high: float | None = None, *,
+                 low_open: bool = False, high_open: bool = False) -> None:
+  """A finite real number in the range [low, high] (open ends where said; None: unbounded)."""
+  value = getattr(cfg, name)
+  lo = "(-inf" if low is None else f"{'(' if low_open else '['}{low:g}"
+  hi = "inf)" if high is None else f"{high:g}{')' if high_open else ']'}"
+  ok = not isinstance(value, bool) and isinstance(value, int | float | np.integer | np.floating) \
+      and math.isfinite(value)
+  if ok and low is not None:
+    ok = value > low if low_open else value >= low
+  if ok and high is not None:
+    ok = value < high if high_open else value <= high
+  if not ok:
+    raise ValueError(f"TrainConfig.{name} must be a finite number in {lo}, {hi}, got {value!r}")
 
 
 def _check_table_placement(spec: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from engram_jax.data import DataConfig, EngramRowHasher, make_eval_batches, spec
 from engram_jax.hashing import NgramHasher, TokenizerCompressor, tokenizer_fingerprint
 from engram_jax.models.config import ModelConfig
 from engram_jax.models.transformer import Transformer
-from engram_jax.train.checkpoint import Checkpointer, CheckpointMismatchError
+from engram_jax.train.checkpoint import Checkpointer, CheckpointMismatchError, CorruptCheckpointError
 from engram_jax.train.config import TrainConfig
 from engram_jax.train.optimizer import make_optimizer
 from engram_jax.train.state import TrainState, abstract_like, build_model, create_train_state
@@ -54,6 +55,8 @@ def _checkpoint_dir(path: str | Path) -> Path:
 
 TABLE_LOCATIONS = ("device", "host")
 
+log = logging.getLogger(__name__)
+
 
 def load_run(path: str | Path, *, step: int | None = None, mesh=None,
              tables: str = "device") -> LoadedRun:
@@ -70,10 +73,38 @@ def load_run(path: str | Path, *, step: int | None = None, mesh=None,
   tables="host" is refused (ValueError) for a run trained with every table on the device:
   its checkpoint holds the tables inside the device state. Load it with tables="device"
   and move them with `engram_jax.offload.split_tables(run.model, "host")`.
+
+  step=None loads the newest intact checkpoint: an unreadable one (truncated array file,
+  missing item) is reported with its path (a logged warning) and the next older one is
+  tried. A chosen `step` that is unreadable raises `CorruptCheckpointError`.
   """
   if tables not in TABLE_LOCATIONS:
     raise ValueError(f"load_run: tables must be one of {TABLE_LOCATIONS}, got {tables!r}")
   ckpt = Checkpointer(_checkpoint_dir(path))
+  try:
+    if step is not None:
+      if step not in ckpt.all_steps():
+        raise FileNotFoundError(f"load_run: no checkpoint of step {step} under {ckpt.directory} "
+                                f"(it holds steps {sorted(ckpt.all_steps())})")
+      return _load_step(ckpt, path, step, mesh, tables)
+    candidates = sorted(ckpt.all_steps(), reverse=True)
+    if not candidates:
+      raise FileNotFoundError(f"load_run: no checkpoint under {ckpt.directory}")
+    for i, candidate in enumerate(candidates):
+      try:
+        return _load_step(ckpt, path, candidate, mesh, tables)
+      except CorruptCheckpointError as e:
+        if i + 1 == len(candidates):
+          raise CorruptCheckpointError(f"load_run: no intact checkpoint under {ckpt.directory}; the "
+                                       f"oldest: {e}", e.step, e.path) from e
+        log.warning("%s; falling back to the checkpoint of step %d", e, candidates[i + 1])
+    raise AssertionError("unreachable")
+  finally:
+    ckpt.close()
+
+
+def _load_step(ckpt: Checkpointer, path: str | Path, step: int, mesh, tables: str) -> LoadedRun:
+  """load_run of one checkpoint step."""
   meta, vocab = ckpt.read_meta(step)
   tokenizer = Tokenizer.from_str(vocab["tokenizer_json"])
   if tokenizer_fingerprint(tokenizer) != meta["tokenizer_fingerprint"]:
@@ -91,26 +122,22 @@ def load_run(path: str | Path, *, step: int | None = None, mesh=None,
   mesh = mesh or sharding_lib.make_mesh(data=1, devices=jax.devices()[:1])
   host_layers = tuple(int(l) for l in meta.get("host_table_layers") or ())
   if tables == "host" and not host_layers:
-    ckpt.close()
     raise ValueError(
         f"load_run(tables='host'): the run at {path} was trained with every Engram table on "
         "the device (its checkpoint names no host_table_layers); load it with "
         "tables='device' and move the tables with engram_jax.offload.split_tables(run.model, "
         "'host')")
   host_tables = None
-  try:
-    if host_layers:
-      model, loaded_step, host_tables = _load_host_placed(
-          ckpt, meta, model_config, train_config, step, mesh.devices.flat[0], host_layers,
-          keep_on_host=tables == "host")
-    else:
-      graphdef, state, shardings, _ = create_train_state(
-          model_config, lambda p: make_optimizer(train_config, p), meta.get("seed", 0), mesh)
-      state, _ = ckpt.restore(abstract_like(state), current_meta=meta, step=step)
-      model = nnx.merge(graphdef, state.params, state.rest)
-      loaded_step = int(state.step)
-  finally:
-    ckpt.close()
+  if host_layers:
+    model, loaded_step, host_tables = _load_host_placed(
+        ckpt, meta, model_config, train_config, step, mesh.devices.flat[0], host_layers,
+        keep_on_host=tables == "host")
+  else:
+    graphdef, state, shardings, _ = create_train_state(
+        model_config, lambda p: make_optimizer(train_config, p), meta.get("seed", 0), mesh)
+    state, _ = ckpt.restore(abstract_like(state), current_meta=meta, step=step)
+    model = nnx.merge(graphdef, state.params, state.rest)
+    loaded_step = int(state.step)
   return LoadedRun(model, model_config, DataConfig.from_dict(meta["data"]), tokenizer, compressor,
                    hasher, meta, loaded_step, host_layers, host_tables)
 
@@ -167,9 +194,10 @@ def _restore_tables(ckpt: Checkpointer, step: int | None, targets: dict[int, jax
   step = ckpt.latest_step() if step is None else step
   path = ckpt.directory / str(step) / "host_tables"
   if not path.is_dir():
-    raise CheckpointMismatchError(f"checkpoint {ckpt.directory}/{step} holds no host_tables item, "
-                                  "but its meta names host_table_layers")
-  saved = ckpt.manager.item_metadata(step)["host_tables"]
+    raise CorruptCheckpointError(f"checkpoint {ckpt.directory}/{step} is incomplete: it holds no "
+                                 "host_tables item, but its meta names host_table_layers", step, path.parent)
+  with ckpt.reading(step, "host_tables metadata"):
+    saved = ckpt.manager.item_metadata(step)["host_tables"]
   problems = []
   for layer, target in targets.items():
     item = (saved or {}).get(str(layer), {}).get("table")
@@ -186,7 +214,7 @@ def _restore_tables(ckpt: Checkpointer, step: int | None, targets: dict[int, jax
                     for l, t in targets.items()}
   else:
     restore_args = ocp.checkpoint_utils.construct_restore_args(item)
-  with ocp.PyTreeCheckpointer() as reader:
+  with ckpt.reading(step, "host_tables"), ocp.PyTreeCheckpointer() as reader:
     restored = reader.restore(path, args=ocp.args.PyTreeRestore(
         item=item, restore_args=restore_args, partial_restore=True))
   return {int(l): v["table"] for l, v in restored.items()}

@@ -4,7 +4,12 @@
     result = trainer.run()          # resumes from workdir/checkpoints when present
 
 SIGTERM / SIGINT save a checkpoint and return with status "preempted"; a non-finite loss
-raises `TrainingDivergedError` naming the step and leaves the last good checkpoint alone.
+or gradient norm, or a checkpoint candidate that fails its check (non-finite weights or
+optimizer state, or a non-finite loss of its weights on the step's batch: nothing unverified
+is ever saved), raises `TrainingDivergedError` naming the step and the last good checkpoint,
+or with `TrainConfig.on_divergence="rollback"` resumes from that checkpoint at a lower
+learning rate. A run holds `workdir/run.lock` (`run_lock.RunLock`); a corrupt newest
+checkpoint is reported and set aside, and the run resumes from the newest intact one.
 
 Engram tables in host memory (`TrainConfig.table_placement`, e.g. "host", "cached@0.05",
 "1:host"): `engram_jax.offload.HostTableTrainer` runs the steps (rows of step t+1 gathered
@@ -55,11 +60,20 @@ from engram_jax.models.accounting import count_params, flops_per_token
 from engram_jax.models.config import ModelConfig
 from engram_jax.offload import count_row_frequencies, flat_rows_np, parse_placements
 from engram_jax.train import multihost
-from engram_jax.train.checkpoint import Checkpointer, vocab_item
+from engram_jax.train.checkpoint import (
+  Checkpointer,
+  CheckpointMismatchError,
+  CorruptCheckpointError,
+  compare_data,
+  compare_meta,
+  nonfinite_leaves,
+  vocab_item,
+)
 from engram_jax.train.config import TrainConfig
 from engram_jax.train.loss import summarize_eval
 from engram_jax.train.metrics import MetricsWriter
 from engram_jax.train.optimizer import make_optimizer
+from engram_jax.train.run_lock import RunLock, WorkdirLockedError, drop_metrics_after
 from engram_jax.train.state import abstract_like, build_model, create_train_state
 from engram_jax.train.steps import batch_shardings, make_eval_step, make_host_eval_step, make_train_step
 
@@ -146,6 +160,13 @@ class Trainer:
     self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=train_config.keep_checkpoints,
                                      best_by=train_config.keep_best_by)
     self._stop_signal: int | None = None
+    # learning-rate multiplier left by divergence rollbacks (saved in the checkpoints' meta)
+    self.lr_scale = 1.0
+
+  def optimizer_config(self) -> TrainConfig:
+    """The train config the optimizer is built from: learning rate times `lr_scale`."""
+    cfg = self.train_config
+    return cfg if self.lr_scale == 1.0 else cfg.replace(learning_rate=cfg.learning_rate * self.lr_scale)
 
   def _load_tokenizer(self) -> Tokenizer:
     cache_dir = self.data_config.tokenizer_dir or self.workdir
@@ -194,24 +215,38 @@ class Trainer:
     return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
 
   # -- the loop ------------------------------------------------------------------------------
-  def run(self, *, stop_after: int | None = None) -> RunResult:
-    """Trains to `train_config.total_steps` (or `stop_after` more steps), resuming if possible."""
+  def run(self, *, stop_after: int | None = None, resume_step: int | None = None) -> RunResult:
+    """Trains to `train_config.total_steps` (or `stop_after` more steps), resuming if possible.
+
+    Resumes from the newest intact checkpoint, or from `resume_step` (the checkpoints after
+    it are moved to workdir/superseded_checkpoints). Holds workdir/run.lock meanwhile.
+    """
+    lock = self._lock_workdir()
+    try:
+      return self._run(stop_after, resume_step)
+    finally:
+      if lock is not None:
+        lock.release()
+
+  def _run(self, stop_after: int | None, resume_step: int | None) -> RunResult:
     cfg = self.train_config
     meta = self.meta()
-    if self.checkpointer.latest_step() is not None:
-      self.checkpointer.check_meta(meta)  # fail fast, before any compilation
     # each data group of processes reads its own document shards; batch_size is per process
     data_iter = self._train_iterator()
     rate = cfg.moe_bias_update_rate
     if rate is None and self.model_config.moe is not None:
       rate = self.model_config.moe.bias_update_rate
     placement = _HostPlacement if self.host_layers else _DevicePlacement
-    engine = placement(self, meta, data_iter, rate or 0.0)  # builds or restores the state
+    engine = self._build_engine(placement, meta, data_iter, rate or 0.0, resume_step)
     start = engine.step
     if start:
       log.info("resumed from step %d", start)
+    meta["lr_scale"] = self.lr_scale
     if jax.process_index() == 0:
       (self.workdir / "meta.json").write_text(json.dumps(meta, indent=1))
+      dropped = drop_metrics_after(self.workdir, start)  # rows of steps about to be replayed
+      if dropped:
+        log.warning("dropped %d rows of metrics.jsonl past step %d (replayed now)", dropped, start)
 
     global_batch = self.layout.global_batch
     # Every process builds the same validation batches (rows default to the global batch).
@@ -234,18 +269,70 @@ class Trainer:
     timed_tokens, timed_seconds = 0, 0.0
     step = start
     steps = engine.steps(data_iter)
+    rollbacks, rolled_back_to = 0, None
+
+    def recover(problem: str) -> None:
+      """Divergence: stop, or roll back to the last verified checkpoint (on_divergence)."""
+      nonlocal engine, data_iter, steps, step, writer, rollbacks, losses, rolled_back_to
+      good = self.checkpointer.latest_step()
+      if good is not None and good == rolled_back_to:
+        # diverged again before a newer checkpoint: its weights evaluate finite but do not
+        # train (e.g. a NaN gradient); go one checkpoint further back where there is one
+        older = [s for s in self.checkpointer.all_steps() if s < good]
+        good = max(older) if older else good
+      where = (f"The last good checkpoint (step {good}) under {self.checkpointer.directory} is intact "
+               "(its weights were checked finite when saved)" if good is not None else
+               "No checkpoint was saved yet")
+      if cfg.on_divergence != "rollback" or rollbacks >= cfg.max_rollbacks:
+        for later in self.checkpointer.all_steps() if good is not None else ():
+          if later > good:  # so that a plain rerun resumes from the checkpoint named here
+            self._set_aside(later, "diverged_checkpoints", f"training from it diverged again at step {step}")
+        tried = f" after {rollbacks} rollbacks" if rollbacks else ""
+        raise TrainingDivergedError(f"{problem}; stopping{tried}. {where}")
+      rollbacks += 1
+      diverged_at = step
+      context.close()  # the state is built outside the mesh context
+      steps.close()
+      if hasattr(data_iter, "close"):
+        data_iter.close()
+      scale = self.lr_scale * cfg.rollback_lr_factor
+      log.warning("%s; rollback %d of %d: resuming from %s at learning rate x%g", problem, rollbacks,
+                  cfg.max_rollbacks, f"step {good}" if good is not None else "the initial state", scale)
+      data_iter = self._train_iterator()
+      engine = self._build_engine(placement, meta, data_iter, rate or 0.0, good, lr_scale=scale,
+                                  later_to="diverged_checkpoints")
+      context.enter_context(engine.context())
+      rolled_back_to = step = engine.step
+      if cfg.rollback_skip_batches:
+        log.warning("skipping the %d batches of steps %d..%d", diverged_at - step, step + 1, diverged_at)
+        engine.skip(diverged_at - step)
+      meta["lr_scale"] = self.lr_scale
+      meta["rollbacks"] = [*meta.get("rollbacks", []), {"diverged_at": diverged_at, "resumed_from": step,
+                                                         "lr_scale": self.lr_scale, "problem": problem}]
+      losses = {k: v for k, v in losses.items() if k <= step}
+      if jax.process_index() == 0:
+        (self.workdir / "meta.json").write_text(json.dumps(meta, indent=1))
+        writer.close()
+        drop_metrics_after(self.workdir, step)
+        writer = MetricsWriter(self.workdir)
+      if bar is not None:
+        bar.n = step
+        bar.refresh()
+      steps = engine.steps(data_iter)
+
     try:
-      with engine.context():
+      with contextlib.ExitStack() as context:
+        context.enter_context(engine.context())
         while step < end:
           t0 = time.perf_counter()  # wall time per step, input pipeline included
           metrics = next(steps)
           loss = float(metrics["loss"])  # syncs; also what the NaN check needs
           dt = time.perf_counter() - t0
           step += 1
-          if not math.isfinite(loss):
-            raise TrainingDivergedError(
-                f"training loss became {loss} at step {step}; stopping. The last good checkpoint "
-                f"(step {self.checkpointer.latest_step()}) under {self.checkpointer.directory} is intact")
+          problem = _divergence(loss, metrics, step)
+          if problem:
+            recover(problem)
+            continue
           losses[step] = loss
           if step > start + 1:  # the first step includes compilation
             timed_tokens += tokens_per_step
@@ -264,10 +351,16 @@ class Trainer:
             status = "preempted"
             log.warning("signal %s: checkpointing at step %d and exiting",
                         self._stop_signal or "on another process", step)
-            self._save(engine, step, meta, last_eval)
+            problem = self._save(engine, step, meta, last_eval)
+            if problem:  # no rollback while stopping: the last good checkpoint stays the newest
+              cfg = cfg.replace(on_divergence="stop")
+              recover(problem)
             break
           if at_end or step == end or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-            self._save(engine, step, meta, last_eval)
+            problem = self._save(engine, step, meta, last_eval)
+            if problem:
+              recover(problem)
+              continue
     finally:
       steps.close()  # host placement: stops the row prefetcher, which reads data_iter
       for sig, handler in previous_handlers.items():
@@ -282,12 +375,93 @@ class Trainer:
     tps = timed_tokens / timed_seconds if timed_seconds else float("nan")
     return RunResult(status, step, losses, last_eval, tps, self.workdir)
 
-  def _save(self, engine, step, meta, last_eval):
+  def _save(self, engine, step, meta, last_eval) -> str | None:
+    """Saves a checkpoint of `step` if its state passes `engine.verify`; else returns why not."""
+    problem = engine.verify()
+    if problem:
+      return f"the state after step {step} is not fit to checkpoint: {problem}"
     metrics = None
     if self.train_config.keep_best_by:
       metrics = {"val_loss": float("inf") if last_eval is None else last_eval["val_loss"]}
     engine.save(self.checkpointer, step, meta=meta,
                 vocab=vocab_item(self.tokenizer, self.compressor), metrics=metrics)
+    return None
+
+  # -- run safety: lock, resume point, fallback past corrupt checkpoints ---------------------
+  def _lock_workdir(self) -> RunLock | None:
+    """Process 0 takes workdir/run.lock; every process raises if it could not."""
+    lock = RunLock(self.workdir) if jax.process_index() == 0 else None
+    error = None
+    if lock is not None:
+      try:
+        lock.acquire()
+      except WorkdirLockedError as e:
+        error = e
+    if multihost.any_process(error is not None):
+      raise error or WorkdirLockedError(f"process 0 could not lock the run directory {self.workdir}")
+    return lock
+
+  def _set_aside(self, step: int, folder: str, reason: str) -> None:
+    if jax.process_index() == 0:
+      self.checkpointer.move_aside(step, self.workdir / folder, reason)
+    multihost.barrier(f"engram_jax.set_aside.{step}")
+    self.checkpointer.manager.reload()
+
+  def _build_engine(self, placement, meta, data_iter, rate: float, resume_step: int | None, *,
+                    lr_scale: float | None = None, later_to: str = "superseded_checkpoints"):
+    """The placement's engine, restored from the newest intact checkpoint (or `resume_step`).
+
+    The optimizer's learning rate is scaled by `lr_scale`, by default the checkpoint's (that
+    divergence rollbacks left), else 1.
+
+    A checkpoint that cannot be read is reported with its path; the next older one is
+    tried, and once one restores, the unreadable ones are moved to workdir/corrupt_checkpoints
+    (kept, not deleted). With none intact, or an unreadable `resume_step`, nothing is moved
+    and CorruptCheckpointError is raised. Configs / data that differ raise CheckpointMismatchError.
+    """
+    ckpt = self.checkpointer
+    candidates = ckpt.steps_newest_first()
+    if resume_step is not None:
+      if resume_step not in candidates:
+        raise ValueError(f"resume_step={resume_step}: no checkpoint of that step under {ckpt.directory} "
+                         f"(it holds steps {sorted(candidates)})")
+      for s in candidates:
+        if s > resume_step:
+          self._set_aside(s, later_to, f"resuming from step {resume_step}")
+      candidates = [resume_step]
+    if not candidates:
+      self.lr_scale = 1.0 if lr_scale is None else lr_scale
+      return placement(self, meta, data_iter, rate, None)
+    unreadable: list[CorruptCheckpointError] = []
+    for i, step in enumerate(candidates):
+      try:
+        saved, _ = ckpt.read_meta(step)
+        problems = compare_meta(saved, meta) + compare_data(saved, meta)
+        if problems:  # fail fast, before any compilation
+          raise CheckpointMismatchError(
+              f"checkpoint {ckpt.directory}/{step} does not match this run:\n  " + "\n  ".join(problems))
+        self.lr_scale = float(saved.get("lr_scale", 1.0)) if lr_scale is None else lr_scale
+        engine = placement(self, meta, data_iter, rate, step)
+      except CorruptCheckpointError as e:
+        log.error("%s", e)
+        unreadable.append(e)
+        if i + 1 < len(candidates):
+          log.warning("falling back to the checkpoint of step %d", candidates[i + 1])
+        continue
+      if self.lr_scale != 1.0:
+        log.warning("the checkpoint of step %d was saved after divergence rollbacks: learning rate x%g",
+                    step, self.lr_scale)
+      for e in unreadable:
+        self._set_aside(e.step, "corrupt_checkpoints", "unreadable")
+      if unreadable:
+        log.warning("resumed from step %d, the newest intact checkpoint", step)
+      return engine
+    if resume_step is not None:
+      raise unreadable[0]
+    raise CorruptCheckpointError(
+        f"no intact checkpoint under {ckpt.directory}: " + "; ".join(str(e) for e in unreadable)
+        + ". Nothing was moved or deleted; remove the damaged steps to start afresh",
+        unreadable[0].step, unreadable[0].path)
 
   def row_frequencies(self, model: Any, layers: tuple[int, ...]) -> dict[int, np.ndarray]:
     """Row counts {layer: np.int64 [R]} over the first `FREQUENCY_BATCHES` training batches.
@@ -326,6 +500,17 @@ class Trainer:
     return summarize_eval(totals)
 
 
+def _divergence(loss: float, metrics: dict[str, Any], step: int) -> str | None:
+  """Why step `step` diverged (a non-finite loss or gradient norm), or None."""
+  if not math.isfinite(loss):
+    return f"training loss became {loss} at step {step}"
+  if "grad_norm" in metrics:
+    norm = float(metrics["grad_norm"])
+    if not math.isfinite(norm):  # the update of this step already poisoned the weights
+      return f"gradient norm became {norm} at step {step} (loss {loss})"
+  return None
+
+
 def _table_placements(model_config: ModelConfig, cfg: TrainConfig) -> tuple[dict, tuple[int, ...]]:
   """({layer: TablePlacement}, the layers placed "host" / "cached") of a run."""
   if model_config.engram is None:
@@ -353,14 +538,16 @@ def _check_host_placement_setup(mesh: jax.sharding.Mesh, cfg: TrainConfig) -> No
 class _DevicePlacement:
   """Every Engram table on the device: the whole state sharded on the mesh, one jitted step."""
 
-  def __init__(self, trainer: Trainer, meta: dict[str, Any], data_iter: Any, rate: float):
-    cfg, mesh = trainer.train_config, trainer.mesh
+  def __init__(self, trainer: Trainer, meta: dict[str, Any], data_iter: Any, rate: float,
+               step: int | None):
+    cfg, mesh = trainer.optimizer_config(), trainer.mesh
     graphdef, state, state_sh, (tx, lr) = create_train_state(
         trainer.model_config, lambda p: make_optimizer(cfg, p), trainer.seed, mesh)
-    if trainer.checkpointer.latest_step() is not None:
+    if step is not None:
       abstract = abstract_like(state)
       del state
-      state, _ = trainer.checkpointer.restore(abstract, current_meta=meta, data_iterator=data_iter)
+      state, _ = trainer.checkpointer.restore(abstract, current_meta=meta, step=step,
+                                              data_iterator=data_iter)
     self.state, self.mesh, self.data_iter = state, mesh, data_iter
     self.global_batch = trainer.layout.global_batch
     spec = batch_spec(trainer.data_config.replace(batch_size=self.global_batch),
@@ -388,7 +575,20 @@ class _DevicePlacement:
         return
       batch = multihost.put_process_batch(batch, self.b_shard, self.global_batch)
       self.state, metrics = self.train_step(self.state, batch)
+      self.last_batch = batch  # what `verify` evaluates the new weights on
       yield metrics
+
+  def skip(self, n: int) -> None:
+    for _ in range(n):
+      next(self.data_iter)
+
+  def verify(self) -> str | None:
+    """Why the current state must not be checkpointed (non-finite values or loss), or None."""
+    bad = nonfinite_leaves(self.state)
+    if bad:
+      return f"non-finite values in {bad}"
+    loss = summarize_eval(self.eval_step(self.state, self.last_batch))["val_loss"]
+    return None if math.isfinite(loss) else f"its weights give loss {loss} on the step's batch"
 
   def evaluate(self, eval_batches) -> dict[str, float]:
     return Trainer.evaluate(self.eval_step, self.state, eval_batches, self.mesh)
@@ -409,6 +609,7 @@ class _ConsumedPosition:
     self.iterator = iterator
     self._pending: collections.deque = collections.deque()
     self._state = self._read_state()
+    self.last_batch = None  # the batch of the last consumed step
 
   def _read_state(self) -> bytes:
     state = self.iterator.get_state()
@@ -420,11 +621,11 @@ class _ConsumedPosition:
 
   def __next__(self):
     batch = next(self.iterator)
-    self._pending.append(self._read_state())  # the prefetch thread
+    self._pending.append((self._read_state(), batch))  # the prefetch thread
     return batch
 
   def consumed(self) -> None:
-    self._state = self._pending.popleft()
+    self._state, self.last_batch = self._pending.popleft()
 
   def get_state(self) -> bytes:
     return self._state
@@ -441,7 +642,8 @@ class _HostPlacement:
   host table with its row-sparse Adam m, v and per-row count.
   """
 
-  def __init__(self, trainer: Trainer, meta: dict[str, Any], data_iter: Any, rate: float):
+  def __init__(self, trainer: Trainer, meta: dict[str, Any], data_iter: Any, rate: float,
+               step: int | None):
     from engram_jax.offload import HostTableTrainer, host_table_filter
     from engram_jax.offload.host_init import build_offloaded
 
@@ -454,13 +656,12 @@ class _HostPlacement:
     mesh = trainer.mesh if trainer.mesh.size > 1 else None
     model, offloaded = build_offloaded(build, trainer.placements, frequencies=frequencies,
                                        device=trainer.mesh.devices.flat[0])
-    self.host = HostTableTrainer(model, offloaded, trainer.train_config, bias_update_rate=rate,
+    self.host = HostTableTrainer(model, offloaded, trainer.optimizer_config(), bias_update_rate=rate,
                                  mesh=mesh)
     del model
     self.layers = self.host.offloaded.host_layers
     self._is_placeholder = host_table_filter(self.layers)
     ckpt = trainer.checkpointer
-    step = ckpt.latest_step()
     if step is not None:
       saved = self._savable_state()
       restored, _ = ckpt.restore(abstract_like(saved), current_meta=meta, step=step,
@@ -497,6 +698,21 @@ class _HostPlacement:
     for metrics in self.host.iterate(self.position):
       self.position.consumed()
       yield metrics
+
+  def skip(self, n: int) -> None:
+    for _ in range(n):
+      next(self.position)
+      self.position.consumed()
+
+  def verify(self) -> str | None:
+    """Why the current state must not be checkpointed (non-finite values or loss), or None."""
+    bad = nonfinite_leaves(self._savable_state())
+    bad += [f"host table of layer {l}: {k}" for l, d in self.host.host_state().items() for k, v in d.items()
+            if np.issubdtype(v.dtype, np.inexact) and not np.isfinite(v).all()]
+    if bad:
+      return f"non-finite values in {bad[:5]}"
+    loss = self.evaluate([self.position.last_batch])["val_loss"]
+    return None if math.isfinite(loss) else f"its weights give loss {loss} on the step's batch"
 
   def evaluate(self, eval_batches) -> dict[str, float]:
     totals: dict[str, float] = {}
