@@ -17,6 +17,7 @@ Prompt tokens are Zipf-distributed over the vocabulary (as text is), which makes
 rows Zipfian too, so the cache sees realistic skew.
 
   JAX_PLATFORMS=cpu python -m experiments.bench.serve --preset=cpu     # a few minutes
+  JAX_PLATFORMS=cpu python -m experiments.bench.serve --preset=tiny    # ModelConfig.tiny shapes
   python -m experiments.bench.serve --preset=h200                      # >= 10B table params in host memory
 
 Goals: on GPU host-table decode within 1% of device-table decode (better than the paper's
@@ -45,20 +46,38 @@ from engram_jax.models.config import ModelConfig
 from engram_jax.models.transformer import Transformer
 from engram_jax.offload import HostTable, HotRowCache, count_row_frequencies, top_rows
 
-_PRESET = flags.DEFINE_enum("preset", "cpu", ["cpu", "h200"], "Model sizes and shapes.")
-_BACKBONES = flags.DEFINE_list("backbones", ["dense", "moe"], "Backbones to serve.")
-_PLACEMENTS = flags.DEFINE_list("placements", ["device", "host", "cached"], "Table placements.")
-_NUM_SEQ = flags.DEFINE_integer("num_sequences", 0, "N sequences (0: the preset's).")
-_PROMPT_MIN = flags.DEFINE_integer("prompt_min", 0, "Shortest prompt (0: the preset's).")
-_PROMPT_MAX = flags.DEFINE_integer("prompt_max", 0, "Longest prompt (0: the preset's).")
-_NEW = flags.DEFINE_integer("new_tokens", 0, "M tokens decoded per sequence (0: the preset's).")
-_REPEATS = flags.DEFINE_integer("repeats", 0, "Timed repeats per placement (0: the preset's).")
-_CACHE_FRACTION = flags.DEFINE_float("cache_fraction", 0.05, "Rows on the device for 'cached'.")
-_MISS_FRACTION = flags.DEFINE_float("miss_fraction", 0.5,
-                                    "'cached': host rows per step <= this fraction of B*H.")
-_ZIPF = flags.DEFINE_float("zipf", 1.1, "Zipf exponent of the prompt tokens.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the model and the prompts.")
-_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the configs and sizes, build nothing.")
+
+def define_flags() -> dict:
+  """The script's absl flags (defined by main only, so tests can import this module)."""
+  f = {}
+  f["preset"] = flags.DEFINE_enum("preset", "cpu", list(PRESETS), "Model sizes and shapes.")
+  f["backbones"] = flags.DEFINE_list("backbones", ["dense", "moe"], "Backbones to serve.")
+  f["placements"] = flags.DEFINE_list("placements", ["device", "host", "cached"],
+                                      "Table placements (device is the baseline).")
+  f["num_sequences"] = flags.DEFINE_integer("num_sequences", 0, "N sequences (0: the preset's).")
+  f["prompt_min"] = flags.DEFINE_integer("prompt_min", 0, "Shortest prompt (0: the preset's).")
+  f["prompt_max"] = flags.DEFINE_integer("prompt_max", 0, "Longest prompt (0: the preset's).")
+  f["new_tokens"] = flags.DEFINE_integer("new_tokens", 0, "M tokens per sequence (0: the preset's).")
+  f["repeats"] = flags.DEFINE_integer("repeats", 0, "Timed repeats per placement (0: the preset's).")
+  f["cache_fraction"] = flags.DEFINE_float("cache_fraction", 0.05, "Rows on the device for 'cached'.")
+  f["miss_fraction"] = flags.DEFINE_float("miss_fraction", 0.5,
+                                          "'cached': host rows per step <= this fraction of B*H.")
+  f["zipf"] = flags.DEFINE_float("zipf", 1.1, "Zipf exponent of the prompt tokens.")
+  f["seed"] = flags.DEFINE_integer("seed", 0, "Seed of the model and the prompts.")
+  f["dry_run"] = flags.DEFINE_bool("dry_run", False, "Print the configs and sizes, build nothing.")
+  return f
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """What to serve beyond the preset's shapes."""
+
+  placements: tuple[str, ...] = ("device", "host", "cached")
+  cache_fraction: float = 0.05
+  miss_fraction: float = 0.5
+  zipf: float = 1.1
+  seed: int = 0
+
 
 GOAL = {"gpu": 0.99, "cpu": 0.9}   # host / device decode tokens/s
 
@@ -77,6 +96,15 @@ class Preset:
 
 
 PRESETS = {
+    # ModelConfig.tiny's shapes (hidden 32, 3 blocks, vocab 128, Engram at block 1).
+    "tiny": Preset(
+        num_sequences=8, prompt_min=4, prompt_max=30, new_tokens=64, repeats=30,
+        backbone=dict(vocab_size=128, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2,
+                      head_dim=8, ffn_hidden=64, num_dense_layers=1),
+        moe=MoEConfig(num_experts=8, num_shared_experts=1, top_k=2, expert_hidden=16),
+        engram=EngramConfig(vocab_sizes=(61, 53), max_ngram_size=3, n_embed_per_ngram=16,
+                            n_head_per_ngram=2, layer_ids=(1,), pad_id=0, seed=0),
+        dtype="float32"),
     # ~5.1M table parameters, 4 blocks of width 128: a few minutes on 2 loaded CPU cores.
     "cpu": Preset(
         num_sequences=16, prompt_min=16, prompt_max=64, new_tokens=48, repeats=16,
@@ -100,24 +128,32 @@ PRESETS = {
 }
 
 
-def _preset() -> Preset:
-  p = PRESETS[_PRESET.value]
-  over = {"num_sequences": _NUM_SEQ.value, "prompt_min": _PROMPT_MIN.value,
-          "prompt_max": _PROMPT_MAX.value, "new_tokens": _NEW.value, "repeats": _REPEATS.value}
+def resolve(f: dict) -> tuple[Preset, Options]:
+  """The preset with the flag overrides, and the options; app.UsageError on bad values."""
+  p = PRESETS[f["preset"].value]
+  over = {k: f[k].value for k in ("num_sequences", "prompt_min", "prompt_max", "new_tokens",
+                                  "repeats")}
   for name, value in over.items():
     if value < 0:
       raise app.UsageError(f"--{name} must be >= 0 (0 = the preset's), got {value}")
   p = dataclasses.replace(p, **{k: v for k, v in over.items() if v})
   if not 1 <= p.prompt_min <= p.prompt_max:
     raise app.UsageError(f"need 1 <= prompt_min <= prompt_max, got {p.prompt_min}, {p.prompt_max}")
-  bad = sorted(set(_PLACEMENTS.value) - {"device", "host", "cached"})
-  if bad or "device" not in _PLACEMENTS.value:
+  placements = tuple(f["placements"].value)
+  bad = sorted(set(placements) - {"device", "host", "cached"})
+  if bad or "device" not in placements:
     raise app.UsageError(f"--placements must include device (the baseline) and only "
-                         f"device/host/cached, got {_PLACEMENTS.value}")
-  bad = sorted(set(_BACKBONES.value) - {"dense", "moe"})
+                         f"device/host/cached, got {list(placements)}")
+  bad = sorted(set(f["backbones"].value) - {"dense", "moe"})
   if bad:
     raise app.UsageError(f"--backbones takes dense and/or moe, got {bad}")
-  return p
+  if not 0 < f["cache_fraction"].value < 1:
+    raise app.UsageError(f"--cache_fraction must lie in (0, 1), got {f['cache_fraction'].value}")
+  if not 0 < f["miss_fraction"].value <= 1:
+    raise app.UsageError(f"--miss_fraction must lie in (0, 1], got {f['miss_fraction'].value}")
+  return p, Options(placements=placements, cache_fraction=f["cache_fraction"].value,
+                    miss_fraction=f["miss_fraction"].value, zipf=f["zipf"].value,
+                    seed=f["seed"].value)
 
 
 def model_config(p: Preset, backbone: str) -> ModelConfig:
@@ -161,30 +197,30 @@ def gather_alone_seconds(gen: Generator, prompts, iters: int = 10) -> float:
   return float(np.min(times))
 
 
-def serve_one(p: Preset, backbone: str, platform: str) -> dict[str, float]:
+def serve_one(p: Preset, backbone: str, platform: str, opt: Options = Options()) -> dict:
   config = model_config(p, backbone)
-  rng = np.random.default_rng(_SEED.value)
+  rng = np.random.default_rng(opt.seed)
   vocab = config.vocab_size
   compressor = TokenizerCompressor(np.arange(vocab) % max(2, vocab - vocab // 8))
   hasher = NgramHasher(config.engram, compressor.num_compressed)
   start = time.perf_counter()
-  model = Transformer(config, rngs=nnx.Rngs(_SEED.value))
+  model = Transformer(config, rngs=nnx.Rngs(opt.seed))
   table_params = sum(b.engram.table.get_value().size for b in model.blocks if b.engram is not None)
   lengths = rng.integers(p.prompt_min, p.prompt_max + 1, p.num_sequences)
-  prompts = [zipf_tokens(rng, vocab, int(n), _ZIPF.value).tolist() for n in lengths]
+  prompts = [zipf_tokens(rng, vocab, int(n), opt.zipf).tolist() for n in lengths]
 
   generators: dict[str, Generator] = {"device": Generator(model, hasher, compressor)}
   hosts = {}
-  if {"host", "cached"} & set(_PLACEMENTS.value):
+  if {"host", "cached"} & set(opt.placements):
     # Straight from the device arrays into pinned host memory (no NumPy copy).
     hosts = {b.layer: HostTable(b.engram.table.get_value(), method="compute_on")
              for b in model.blocks if b.engram is not None}
-  if "host" in _PLACEMENTS.value:
+  if "host" in opt.placements:
     generators["host"] = Generator(model, hasher, compressor, table_placement="host",
                                    host_tables=hosts, host_decode="in_loop")
   hit_note = ""
   compile_s = {}
-  if "cached" in _PLACEMENTS.value:
+  if "cached" in opt.placements:
     # Row frequencies of the traffic: the prompts and what the device model generates from
     # them (a production cache learns from the requests it serves).
     first = generators["device"](prompts, max_new_tokens=p.new_tokens,
@@ -195,11 +231,11 @@ def serve_one(p: Preset, backbone: str, platform: str) -> dict[str, float]:
       stream = (hasher.hash(compressor(np.asarray(q + c)[None]))[lid] + hasher.offsets[lid]
                 for q, c in zip(prompts, seen))
       counts = count_row_frequencies(stream, table.num_rows)
-      capacity = max(1, round(_CACHE_FRACTION.value * table.num_rows))
+      capacity = max(1, round(opt.cache_fraction * table.num_rows))
       caches[lid] = HotRowCache(table, top_rows(counts, capacity))
     generators["cached"] = Generator(model, hasher, compressor, table_placement="cached",
-                                     hot_caches=caches, miss_fraction=_MISS_FRACTION.value)
-    hit_note = (f" (cache: the {_CACHE_FRACTION.value:.0%} most frequent rows of the served "
+                                     hot_caches=caches, miss_fraction=opt.miss_fraction)
+    hit_note = (f" (cache: the {opt.cache_fraction:.0%} most frequent rows of the served "
                 f"traffic on the device)")
   build_s = time.perf_counter() - start
   print(f"\n=== backbone {backbone}: {config.num_layers} blocks, hidden {config.hidden_size}, "
@@ -267,19 +303,19 @@ def serve_one(p: Preset, backbone: str, platform: str) -> dict[str, float]:
   return summary
 
 
-def main(argv):
+def main(argv, f: dict):
   del argv
-  p = _preset()
+  p, opt = resolve(f)
   platform = jax.devices()[0].platform
-  print(f"serve benchmark, preset {_PRESET.value}, device {jax.devices()[0].device_kind} "
+  print(f"serve benchmark, preset {f['preset'].value}, device {jax.devices()[0].device_kind} "
         f"({platform}), jax {jax.__version__}")
   print(f"GPU goal: host-table decode within 1% of device-table decode (host/device >= "
         f"{GOAL['gpu']}; the paper: -1.9% / -2.8% on H800). CPU goal: >= {GOAL['cpu']}.")
   if platform == "cpu":
     print("note: on CPU host and device memory are the same RAM; these figures measure "
           "software overhead only.")
-  if _DRY_RUN.value:
-    for backbone in _BACKBONES.value:
+  if f["dry_run"].value:
+    for backbone in f["backbones"].value:
       c = model_config(p, backbone)
       hasher = NgramHasher(c.engram, c.vocab_size)
       rows = sum(hasher.total_rows(l) for l in c.engram_layer_ids)
@@ -287,9 +323,10 @@ def main(argv):
             f"{rows * c.engram.head_dim:,} ({c.param_dtype}), N={p.num_sequences}, prompts "
             f"U({p.prompt_min}, {p.prompt_max}), {p.new_tokens} new tokens, {p.repeats} repeats")
     return
-  for backbone in _BACKBONES.value:
-    serve_one(p, backbone, platform)
+  for backbone in f["backbones"].value:
+    serve_one(p, backbone, platform, opt)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _FLAGS = define_flags()
+  app.run(lambda argv: main(argv, _FLAGS))
