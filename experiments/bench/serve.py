@@ -282,14 +282,19 @@ def serve_one(p: Preset, backbone: str, platform: str, opt: Options = Options())
     summary[name] = (rm, rse, best)
   print("(decode tok/s: mean +- SE over repeats; paired ratio: device time / placement time per "
         "repeat, mean +- SE; median of those; best: ratio of the fastest runs; prefill: fastest)")
-  dev_pre = float(np.min([r.prefill_seconds for r in results["device"]]))
+  dev_pre = np.asarray([r.prefill_seconds for r in results["device"]])
   for name in [n for n in results if n != "device"]:
     alone = gather_alone_seconds(generators[name], prompts)
-    extra = float(np.min([r.prefill_seconds for r in results[name]])) - dev_pre
-    verdict = ("overlapped (extra < half the gather)" if extra < 0.5 * alone
-               else "not overlapped (the gather adds its own time)")
-    print(f"prefill {name}: {extra * 1e3:+.2f} ms over device prefill (fastest runs); the host "
-          f"gather of these prompts alone takes {alone * 1e3:.2f} ms -> {verdict}")
+    extra, extra_se = mean_se(np.asarray([r.prefill_seconds for r in results[name]]) - dev_pre)
+    if extra + 2 * extra_se < 0.5 * alone:
+      verdict = "overlapped (extra + 2 SE < half the gather)"
+    elif extra - 2 * extra_se > 0.5 * alone:
+      verdict = "not overlapped (the gather adds its own time)"
+    else:
+      verdict = "undecided (within 2 SE of half the gather)"
+    print(f"prefill {name}: {extra * 1e3:+.2f} +- {extra_se * 1e3:.2f} ms over device prefill "
+          f"(paired); the host gather of these prompts alone takes {alone * 1e3:.2f} ms -> "
+          f"{verdict}")
   for name in [n for n in summary if n != "device"]:
     rm, rse, best = summary[name]
     if rm - 2 * rse >= goal:
