@@ -3,13 +3,17 @@ r"""Continue prompts with a trained run and report prefill and decode speed.
   python -m experiments.generate --checkpoint=runs/tiny/engram --prompt="def main(" \
       [--prompt="another prompt" ...] [--max_new_tokens=64 --temperature=0.8 --top_k=50 \
       --top_p=0.95 --greedy --seed=0 --table_placement=host --tables=host --step=300 \
-      --repeat=2]
+      --host_decode=auto --repeat=2]
 
 Prompts are encoded as in training (no special tokens; documents end with <eos>), batched
 (right-padded) and generated together; each stops at <eos> or after max_new_tokens.
 Times exclude compilation (printed separately). --tables=host loads a run trained with
 host-placed tables without putting those tables on the device (generation then uses
---table_placement=host, the default with --tables=host).
+--table_placement=host, the default with --tables=host). With host tables the rows are read
+from host memory inside the compiled decode loop (--host_decode=auto/in_loop) or, as a
+fallback, per token with NumPy (--host_decode=python); the decode path that ran is printed.
+Bad flag values (max_new_tokens < 1, temperature < 0, top_k < 0, top_p outside (0, 1], an
+empty prompt or one that encodes to no tokens) stop the script with an error naming the flag.
 """
 
 from __future__ import annotations
@@ -28,8 +32,11 @@ _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus mass (1 = off).")
 _GREEDY = flags.DEFINE_bool("greedy", False, "Argmax decoding.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _PLACEMENT = flags.DEFINE_enum("table_placement", "device", ["device", "host"],
-                               "Engram tables on the accelerator (hash on device) or in host "
-                               "memory (hash and gather on the host per token).")
+                               "Engram tables on the accelerator or in host memory (rows read "
+                               "from host memory inside the compiled decode loop).")
+_HOST_DECODE = flags.DEFINE_enum("host_decode", "auto", ["auto", "in_loop", "python"],
+                                 "Host tables: in-loop reads (auto picks them when the device "
+                                 "has host memory) or the per-token NumPy fallback.")
 _TABLES = flags.DEFINE_enum("tables", "device", ["device", "host"],
                             "Where the host-placed Engram tables of a run trained with "
                             "table_placement=host/cached go on loading; host needs "
@@ -39,8 +46,30 @@ _REPEAT = flags.DEFINE_integer("repeat", 2, "Generate this many times and report
                                "(the first run pays one-time costs besides compilation).")
 
 
+def check_generation_flags(*, max_new_tokens, temperature, top_k, top_p, greedy, repeat,
+                           prompts) -> None:
+  """Raises app.UsageError naming the flag of the first bad value."""
+  if max_new_tokens < 1:
+    raise app.UsageError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
+  if not 0 <= temperature < float("inf"):
+    raise app.UsageError(f"--temperature must be a finite number >= 0, got {temperature}")
+  if top_k < 0:
+    raise app.UsageError(f"--top_k must be >= 0 (0 = all tokens), got {top_k}")
+  if not 0 < top_p <= 1:
+    raise app.UsageError(f"--top_p must lie in (0, 1], got {top_p}")
+  if repeat < 1:
+    raise app.UsageError(f"--repeat must be >= 1, got {repeat}")
+  for i, text in enumerate(prompts):
+    if not text:
+      raise app.UsageError(f"--prompt number {i} is empty")
+  del greedy
+
+
 def main(argv):
   del argv
+  check_generation_flags(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
+                         top_k=_TOP_K.value, top_p=_TOP_P.value, greedy=_GREEDY.value,
+                         repeat=_REPEAT.value, prompts=_PROMPT.value)
   from engram_jax.data import special_ids
   from engram_jax.inference import Generator, SamplingConfig
   from engram_jax.train.restore import load_run
@@ -51,16 +80,20 @@ def main(argv):
       raise app.UsageError("--tables=host keeps tables off the device: it needs "
                            f"--table_placement=host, got {placement}")
     placement = "host"
+  if _HOST_DECODE.value != "auto" and placement != "host":
+    raise app.UsageError(f"--host_decode={_HOST_DECODE.value} needs --table_placement=host")
   run = load_run(_CHECKPOINT.value, step=_STEP.value, tables=_TABLES.value)
   eos = special_ids(run.tokenizer).eos
   prompts = [run.tokenizer.encode(p, add_special_tokens=False).ids for p in _PROMPT.value]
+  for text, ids in zip(_PROMPT.value, prompts):
+    if not ids:
+      raise app.UsageError(f"--prompt={text!r} encodes to no tokens")
   sampling = SamplingConfig(temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
                             top_p=_TOP_P.value, greedy=_GREEDY.value)
   has_engram = run.hasher is not None
+  extra = {"host_decode": _HOST_DECODE.value} if placement == "host" else {}
   generator = Generator(run.model, run.hasher, run.compressor if has_engram else None,
-                        table_placement=placement, host_tables=run.host_tables)
-  if _REPEAT.value < 1:
-    raise app.UsageError(f"--repeat must be >= 1, got {_REPEAT.value}")
+                        table_placement=placement, host_tables=run.host_tables, **extra)
   compile_seconds = 0.0
   for _ in range(_REPEAT.value):
     result = generator(prompts, max_new_tokens=_MAX_NEW.value, sampling=sampling,
@@ -68,7 +101,7 @@ def main(argv):
     compile_seconds += result.compile_seconds
 
   print(f"run {_CHECKPOINT.value} step {run.step} ({run.model_config.family}), "
-        f"tables on {placement}, {sampling}")
+        f"tables on {placement} (decode path {result.decode_path}), {sampling}")
   for text, prompt, cont in zip(_PROMPT.value, prompts, result.tokens):
     stop = " <eos>" if cont and cont[-1] == eos and _STOP_AT_EOS.value else ""
     body = cont[:-1] if stop else cont
@@ -78,7 +111,8 @@ def main(argv):
   print(f"prefill: {result.prompt_tokens} tokens in {result.prefill_seconds * 1e3:.1f} ms "
         f"= {result.prefill_tokens_per_second:,.0f} tokens/s")
   print(f"decode:  {result.generated_tokens - len(prompts)} tokens in {result.decode_steps} "
-        f"steps, {result.decode_seconds * 1e3:.1f} ms = {result.tokens_per_second:,.0f} tokens/s")
+        f"steps, {result.decode_seconds * 1e3:.1f} ms = {result.tokens_per_second:,.0f} tokens/s, "
+        f"{result.host_bytes_per_token:,.0f} bytes host -> device per token")
   print(f"compile: {compile_seconds:.1f} s (excluded above; timings from run {_REPEAT.value} "
         f"of {_REPEAT.value})")
 

@@ -60,8 +60,8 @@ class EngramDecodeState:
 @flax.struct.dataclass
 class DecodeState:
   """Everything a decode step carries: the model's `DecodeCache` and the Engram window
-  (None for models without Engram, and on the host in host-table mode, where the window
-  lives in NumPy next to the host tables)."""
+  (None for models without Engram; a NumPy window on the host in the per-token NumPy
+  fallback, `decode_path == "host_python_loop"`)."""
 
   cache: DecodeCache
   engram: EngramDecodeState | None

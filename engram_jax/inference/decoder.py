@@ -1,5 +1,6 @@
 """`Decoder`: jitted prefill and one-token decode of a `Transformer`, with Engram rows for
-each new position either hashed on device or gathered from host tables.
+each new position hashed on device and gathered from device tables, host-memory tables or
+a device cache of hot rows in front of host tables.
 
 Shapes (B sequences, P padded prompt length, V vocab, N max n-gram order, H Engram heads,
 d_h head width, S cache slots):
@@ -7,28 +8,36 @@ d_h head width, S cache slots):
   token     int [B]    the token fed at each sequence's next position
   logits    float32 [B, P, V] (prefill) / [B, V] (step)
 
-Table placements:
-  "device"  Everything stays on the accelerator. The raw -> compressed id table (int32
-            [V]) is a device array; a step compresses the new token, appends it to the
-            `EngramDecodeState` window and hashes the [B, N] row with
-            `NgramHasher.hash_jax` (exact 64-bit arithmetic in uint32 limbs). No host
-            round trip, so `generate` runs all decode steps in one `lax.while_loop`.
-  "host"    The tables stay in host memory (`engram_jax.offload.HostTable`); the device
-            copy of the model holds a [1, d_h] placeholder instead of each table. After a
-            token is sampled it is copied to the host, hashed there with NumPy
-            (`NgramHasher.hash`) and its H rows per Engram layer are gathered and copied to
-            the device before the step runs (`engram_inputs`).
-            Latency per token: one device -> host sync of B ids, a host hash (~us) and a
-            host gather + host -> device copy of B * H * d_h values per Engram layer, all
-            on the critical path (the next token is unknown until it is sampled, so rows
-            cannot be fetched ahead), plus a Python dispatch per step instead of one
-            while_loop. Small for batched decoding of large models, dominant for tiny ones.
-            Overlapping the gather with the blocks before the first Engram layer (the
-            paper's prefetch) would need the step split at that layer; not done here.
+Table placements (`table_placement`) and the decode path each one runs (`decode_path`):
+  "device"  -> "device_loop". Everything stays on the accelerator. The raw -> compressed id
+            table (int32 [V]) is a device array; a step compresses the new token, appends
+            it to the `EngramDecodeState` window and hashes the [B, N] row with
+            `NgramHasher.hash_jax` (exact 64-bit arithmetic in uint32 limbs).
+  "host"    -> "host_in_loop" (default). The tables are jax.Arrays in host memory
+            (`pinned_host`, see `engram_jax.offload.host_rows`), passed to the compiled
+            prefill / decode loop as operands; the device copy of the model holds a
+            [1, d_h] placeholder per table. A step hashes on device as above, moves the
+            B*H int32 row ids to host memory, gathers the rows under
+            compute_on("device_host") and copies B*H*d_h values to the device, all inside
+            the same `lax.while_loop` as the device path: no Python per token.
+            -> "host_python_loop" (fallback, `host_decode="python"`, or "auto" on a device
+            without a host memory kind / tables past 2^31 rows): the sampled ids go to the
+            host each step, are hashed with NumPy (`NgramHasher.hash`), their rows gathered
+            with NumPy (`HostTable.gather`) and copied to the device, one dispatch per token.
+  "cached"  -> "cached_in_loop". Each named layer's `HotRowCache` rows (int32 ids sorted,
+            rows [C, d_h]) are device operands; a step looks ids up in the cache on device
+            (searchsorted) and reads only the misses from the host table, compacted into a
+            static buffer of `miss_capacity` rows (a step with more misses reads all B*H
+            rows instead, `lax.cond`), so the rows equal a table gather.
+Prefill in the in-loop paths: the row ids of the whole prompt are hashed on device and the
+host gather is issued in the same program as the forward; it depends only on the tokens,
+not on blocks 0 .. first Engram layer - 1, so XLA may run it while they compute
+(experiments/bench/serve.py prints whether it did: prefill time against the gather alone).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 import jax
@@ -39,14 +48,24 @@ from flax import nnx
 from engram_jax.hashing import NgramHasher, TokenizerCompressor
 from engram_jax.inference.decode_state import DecodeState, EngramDecodeState
 from engram_jax.models.transformer import DecodeCache, Transformer
-from engram_jax.offload import HostTable
+from engram_jax.offload import HostTable, HotRowCache
+from engram_jax.offload import host_rows as host_rows_lib
+from engram_jax.offload.indexing import INT32_MAX
 
-TABLE_PLACEMENTS = ("device", "host")
+log = logging.getLogger(__name__)
+
+TABLE_PLACEMENTS = ("device", "host", "cached")
+HOST_DECODES = ("auto", "in_loop", "python")
+DECODE_PATHS = ("device_loop", "host_in_loop", "cached_in_loop", "host_python_loop")
 
 
 def _is_table(path) -> bool:
   keys = [getattr(k, "key", getattr(k, "idx", getattr(k, "name", None))) for k in path]
   return "engram" in keys and keys[-1] == "table"
+
+
+def _zero_stats() -> dict[str, jax.Array]:
+  return {"lookups": jnp.int32(0), "hits": jnp.int32(0), "host_rows": jnp.int32(0)}
 
 
 class Decoder:
@@ -56,33 +75,56 @@ class Decoder:
     model: the `Transformer` (read once: later changes to it are not seen).
     hasher: the model's `NgramHasher` (required iff the model has Engram layers).
     compressor: the `TokenizerCompressor` the hasher was built for.
-    table_placement: "device" or "host" (see the module docstring).
-    host_tables: {layer_id: HostTable} for "host"; Engram layers not named get a copy of
-      the model's table (NumPy gather); all of them by default. A layer named here may
-      have a size-0 placeholder table in `model` (`split_tables`, `build_offloaded`,
-      `load_run(tables="host")`); "device" refuses such a model.
+    table_placement: "device", "host" or "cached" (see the module docstring).
+    host_tables: {layer_id: HostTable} for "host" / "cached"; Engram layers not named get a
+      copy of the model's table; all of them by default. A layer named here may have a
+      size-0 placeholder table in `model` (`split_tables`, `build_offloaded`,
+      `load_run(tables="host")`); "device" refuses such a model. For the in-loop paths a
+      HostTable(method="compute_on") is read in place; a NumPy one is copied once into
+      host memory.
+    hot_caches: {layer_id: HotRowCache} for "cached" (at least one layer; the others read
+      their host table only). The cache's table is that layer's host table.
+    host_decode: "auto" (the in-loop path when the device has a host memory kind and
+      every table's row ids fit int32, else the NumPy path, logged), "in_loop" or
+      "python" (the NumPy per-token fallback; "host" only). `decode_path` says which runs.
+    miss_fraction: "cached": rows read from the host per step and layer are at most
+      ceil(miss_fraction * B * H) (a step with more misses reads all B * H).
   """
 
   def __init__(self, model: Transformer, hasher: NgramHasher | None = None,
                compressor: TokenizerCompressor | None = None, *,
                table_placement: str = "device",
-               host_tables: Mapping[int, HostTable] | None = None):
+               host_tables: Mapping[int, HostTable] | None = None,
+               hot_caches: Mapping[int, HotRowCache] | None = None,
+               host_decode: str = "auto", miss_fraction: float = 0.5):
     if not isinstance(model, Transformer):
       raise TypeError(f"Decoder needs a Transformer, got {type(model).__name__}")
     if table_placement not in TABLE_PLACEMENTS:
       raise ValueError(f"table_placement must be one of {TABLE_PLACEMENTS}, got {table_placement!r}")
+    if host_decode not in HOST_DECODES:
+      raise ValueError(f"host_decode must be one of {HOST_DECODES}, got {host_decode!r}")
+    if not isinstance(miss_fraction, (int, float)) or not 0.0 < miss_fraction <= 1.0:
+      raise ValueError(f"miss_fraction must lie in (0, 1], got {miss_fraction!r}")
     config = model.config
     self.config = config
     self.table_placement = table_placement
     self.hasher = hasher
     self.compressor = compressor
     self.layer_ids = config.engram_layer_ids
+    self.miss_fraction = float(miss_fraction)
     graphdef, params = nnx.split(model)
     self.graphdef = graphdef
     self.host_tables: dict[int, HostTable] = {}
+    self.hot_caches: dict[int, HotRowCache] = {}
+    # In-program operands of the in-loop paths: {layer: {"host": table in host memory,
+    # and for cached layers "hot_ids" int32 [C], "hot_rows" [C, d_h] on the device}}.
+    self.tables: dict[int, dict[str, jax.Array]] | None = None
+    self.decode_path = "device_loop"
     if config.engram is None:
-      if table_placement == "host":
-        raise ValueError("table_placement='host' needs a model with Engram layers")
+      if table_placement != "device":
+        raise ValueError(f"table_placement={table_placement!r} needs a model with Engram layers")
+      if host_tables or hot_caches:
+        raise ValueError("host_tables / hot_caches given for a model without Engram layers")
       self.lut = None
       self.lut_np = None
     else:
@@ -93,17 +135,26 @@ class Decoder:
       lut[:compressor.vocab_size] = compressor.lookup_table
       self.lut_np = lut
       self.lut = jnp.asarray(lut)
-      if table_placement == "host":
+      if table_placement == "device":
+        if host_tables or hot_caches:
+          raise ValueError("host_tables / hot_caches are only used with table_placement="
+                           "'host' or 'cached'")
+        self._check_device_tables(model)
+      else:
+        if config.engram_fold_rows is not None:
+          raise ValueError(f"table_placement={table_placement!r} does not support "
+                           f"engram_fold_rows={config.engram_fold_rows}: use 'device'")
+        host_tables = self._cached_tables(table_placement, host_tables, hot_caches)
         self.host_tables = self._host_tables(model, host_tables)
+        self.decode_path = self._choose_path(table_placement, host_decode)
+        if self.decode_path != "host_python_loop":
+          self.tables = self._program_tables()
         # The device copy of the model keeps a [1, d_h] stand-in for every table: the
         # forward reads rows from engram_inputs only.
         params = jax.tree_util.tree_map_with_path(
             lambda p, v: v.replace(jnp.zeros((1,) + v.shape[1:], v.dtype)) if _is_table(p) else v,
             params, is_leaf=lambda x: isinstance(x, nnx.Variable))
-      else:
-        if host_tables:
-          raise ValueError("host_tables are only used with table_placement='host'")
-        self._check_device_tables(model)
+    log.info("Decoder: table_placement=%s, decode path %s", table_placement, self.decode_path)
     self.params = params
     self._prefill_jit = jax.jit(self.prefill_fn, static_argnames=("max_len",))
     self._step_jit = jax.jit(self.step_fn, donate_argnames=("cache",))
@@ -131,6 +182,29 @@ class Decoder:
                        "(the tables are in host memory): use table_placement='host' with "
                        "host_tables={layer: HostTable}")
 
+  def _cached_tables(self, placement, host_tables, hot_caches) -> dict[int, HostTable]:
+    """host_tables plus the tables behind hot_caches (which must not contradict them)."""
+    tables = dict(host_tables or {})
+    if placement != "cached":
+      if hot_caches:
+        raise ValueError(f"hot_caches are only used with table_placement='cached', got "
+                         f"{placement!r}")
+      return tables
+    if not hot_caches:
+      raise ValueError("table_placement='cached' needs hot_caches={layer: HotRowCache}")
+    unknown = sorted(set(hot_caches) - set(self.layer_ids))
+    if unknown:
+      raise ValueError(f"hot_caches has layers {unknown} that are not the model's Engram "
+                       f"layers {list(self.layer_ids)}")
+    for lid, cache in hot_caches.items():
+      if not isinstance(cache, HotRowCache):
+        raise TypeError(f"hot_caches[{lid}] must be a HotRowCache, got {type(cache).__name__}")
+      if lid in tables and tables[lid] is not cache.table:
+        raise ValueError(f"host_tables[{lid}] is not the table behind hot_caches[{lid}]")
+      tables[lid] = cache.table
+    self.hot_caches = dict(hot_caches)
+    return tables
+
   def _host_tables(self, model, host_tables) -> dict[int, HostTable]:
     tables = dict(host_tables or {})
     unknown = sorted(set(tables) - set(self.layer_ids))
@@ -151,6 +225,42 @@ class Decoder:
         raise ValueError(f"host table of layer {lid} has shape {table.shape}, expected {want}")
     return tables
 
+  def _choose_path(self, placement: str, host_decode: str) -> str:
+    device = next(iter(self.host_tables.values())).device
+    ok, why = host_rows_lib.can_read_in_program(device)
+    big = sorted(l for l, t in self.host_tables.items() if t.num_rows - 1 > INT32_MAX)
+    reason = None if ok else why
+    if big:
+      reason = f"host tables of layers {big} have row ids past int32"
+    if placement == "cached":
+      if host_decode == "python":
+        raise ValueError("table_placement='cached' runs inside the compiled loop only; "
+                         "host_decode='python' is for table_placement='host'")
+      if reason:
+        raise ValueError(f"table_placement='cached' cannot read host rows in the program: {reason}")
+      return "cached_in_loop"
+    if host_decode == "python":
+      return "host_python_loop"
+    if reason:
+      if host_decode == "in_loop":
+        raise ValueError(f"host_decode='in_loop' is not possible: {reason}")
+      log.warning("host-table decode falls back to the per-token NumPy path: %s", reason)
+      return "host_python_loop"
+    return "host_in_loop"
+
+  def _program_tables(self) -> dict[int, dict[str, jax.Array]]:
+    out = {}
+    for lid, table in self.host_tables.items():
+      out[lid] = {"host": host_rows_lib.host_memory_table(table)}
+      if lid in self.hot_caches:
+        out[lid]["hot_ids"], out[lid]["hot_rows"] = host_rows_lib.hot_arrays(self.hot_caches[lid])
+    return out
+
+  @property
+  def in_loop(self) -> bool:
+    """True when decode (any placement) runs as one compiled loop."""
+    return self.decode_path != "host_python_loop"
+
   @property
   def vocab_limit(self) -> int:
     """Ids that may be fed or sampled: the model's vocabulary, cut to the tokenizer's."""
@@ -158,10 +268,23 @@ class Decoder:
       return self.config.vocab_size
     return min(self.config.vocab_size, self.compressor.vocab_size)
 
+  @property
+  def row_bytes(self) -> int:
+    """Bytes of one table row (d_h values): host -> device traffic per row read."""
+    if not self.host_tables:
+      return 0
+    t = next(iter(self.host_tables.values()))
+    return int(t.dim * np.dtype(t.dtype).itemsize)
+
   def pad_prompts(self, prompts) -> tuple[np.ndarray, np.ndarray]:
     """list of B token lists -> (tokens int32 [B, P] right-padded with 0, lengths int32 [B])."""
-    if not prompts:
-      raise ValueError("need at least one prompt")
+    if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__len__"):
+      raise ValueError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}")
+    if len(prompts) == 0:
+      raise ValueError("prompts is empty: need at least one prompt")
+    for i, p in enumerate(prompts):
+      if isinstance(p, (str, bytes)) or not hasattr(p, "__len__"):
+        raise ValueError(f"prompt {i} must be a flat list of int token ids, got {p!r:.80}")
     lengths = np.asarray([len(p) for p in prompts], np.int32)
     if (lengths == 0).any():
       raise ValueError(f"prompt {int(np.argmin(lengths))} is empty; every prompt needs a token")
@@ -179,7 +302,7 @@ class Decoder:
 
   # ---------------------------------------------------------------------- host-side rows
   def host_rows(self, compressed: np.ndarray) -> dict[int, jax.Array]:
-    """Compressed ids int [B, T] -> {layer: device rows [B, T, H, d_h]} from the host tables.
+    """NumPy path: compressed ids int [B, T] -> {layer: device rows [B, T, H, d_h]}.
 
     Positions before the row start read the pad id, so a [B, N] window gives the exact
     rows of its last position.
@@ -187,6 +310,28 @@ class Decoder:
     hashed = self.hasher.hash(compressed)
     return {lid: self.host_tables[lid].gather(rows + self.hasher.offsets[lid])
             for lid, rows in hashed.items()}
+
+  def program_rows(self, tables, row_ids: dict[int, jax.Array]
+                   ) -> tuple[dict[int, jax.Array], dict[str, jax.Array]]:
+    """Traceable: per-head row ids {layer: int32 [B, T, H]} -> ({layer: device rows
+    [B, T, H * d_h]} read from `tables` (`self.tables`), stats {"lookups", "hits",
+    "host_rows"} int32 summed over layers)."""
+    rows, stats = {}, _zero_stats()
+    for lid, ids in row_ids.items():
+      t = tables[lid]
+      # offsets < 2^31: every in-loop table's row ids were checked to fit int32
+      flat = ids.astype(jnp.int32) + jnp.asarray(self.hasher.offsets[lid], jnp.int32)
+      if "hot_ids" in t:
+        capacity = max(1, int(np.ceil(self.miss_fraction * flat.size)))
+        r, s = host_rows_lib.gather_cached_rows(t["hot_ids"], t["hot_rows"], t["host"], flat,
+                                                capacity)
+      else:
+        r = host_rows_lib.gather_host_rows(t["host"], flat)
+        n = jnp.int32(flat.size)
+        s = {"lookups": n, "hits": jnp.int32(0), "host_rows": n}
+      rows[lid] = r.reshape(ids.shape[:2] + (-1,))
+      stats = {k: stats[k] + s[k] for k in stats}
+    return rows, stats
 
   # ---------------------------------------------------------------- traced (jit-able)
   def _forward(self, params, tokens, cache, segment_ids=None, row_ids=None, rows=None):
@@ -197,10 +342,11 @@ class Decoder:
                         cache=cache)
     return logits, aux["cache"]
 
-  def prefill_fn(self, params, lut, tokens, lengths, rows, *, max_len):
+  def prefill_fn(self, params, lut, tokens, lengths, rows, *, max_len, tables=None):
     """Traceable prefill (use inside jit): params = `self.params`, lut = `self.lut`,
-    tokens int [B, P] right-padded, lengths int [B], rows None (device hashing) or
-    {layer: [B, P, H, d_h]}. Returns (logits [B, P, V], DecodeState)."""
+    tokens int [B, P] right-padded, lengths int [B], rows None (hashing on device) or
+    {layer: [B, P, H, d_h]} (NumPy path), tables None or `self.tables` (in-loop host
+    reads). Returns (logits [B, P, V], DecodeState)."""
     b, p = tokens.shape
     model_cache = nnx.merge(self.graphdef, params).init_cache(b, max_len)
     segment_ids = (jnp.arange(p)[None, :] < lengths[:, None]).astype(jnp.int32)
@@ -210,19 +356,31 @@ class Decoder:
       row_ids = self.hasher.hash_jax(compressed)
       window = EngramDecodeState.after_prompt(
           compressed, lengths, self.config.engram.max_ngram_size, self.hasher.pad_id)
+      if tables is not None:
+        # Depends on the tokens only: free to overlap the blocks before the first Engram layer.
+        rows, _ = self.program_rows(tables, row_ids)
+        row_ids = None
     logits, cache = self._forward(params, tokens, model_cache, segment_ids, row_ids, rows)
     return logits, DecodeState(cache=cache, engram=window)
 
-  def step_fn(self, params, lut, token, cache: DecodeCache, window, rows):
-    """Traceable decode step: token int [B]; window the device `EngramDecodeState`
-    (rows None) or None with rows {layer: [B, 1, H, d_h]}. Returns (logits [B, V],
-    DecodeState)."""
-    row_ids, new_window = None, None
+  def step_core(self, params, lut, token, cache: DecodeCache, window, rows, tables=None):
+    """`step_fn` plus the step's host-read stats (None without in-program host reads)."""
+    row_ids, new_window, stats = None, None, None
     if self.config.engram is not None and rows is None:
       ngram, new_window = window.push(jnp.take(lut, token, axis=0))
       row_ids = {lid: r[:, -1:] for lid, r in self.hasher.hash_jax(ngram).items()}
+      if tables is not None:
+        rows, stats = self.program_rows(tables, row_ids)
+        row_ids = None
     logits, cache = self._forward(params, token[:, None], cache, None, row_ids, rows)
-    return logits[:, 0], DecodeState(cache=cache, engram=new_window)
+    return logits[:, 0], DecodeState(cache=cache, engram=new_window), stats
+
+  def step_fn(self, params, lut, token, cache: DecodeCache, window, rows, tables=None):
+    """Traceable decode step: token int [B]; window the device `EngramDecodeState`
+    (rows None; with tables = `self.tables` the rows are read from host memory) or None
+    with rows {layer: [B, 1, H, d_h]} (NumPy path). Returns (logits [B, V], DecodeState)."""
+    logits, state, _ = self.step_core(params, lut, token, cache, window, rows, tables)
+    return logits, state
 
   # ----------------------------------------------------------------------------- public
   def prefill(self, tokens, lengths, max_len: int) -> tuple[jax.Array, DecodeState]:
@@ -239,18 +397,23 @@ class Decoder:
       raise ValueError(f"lengths {lengths.tolist()} must lie in [1, P={tokens.shape[1]}]")
     if max_len < tokens.shape[1]:
       raise ValueError(f"max_len={max_len} is shorter than the padded prompts ({tokens.shape[1]})")
+    bad = (tokens < 0) | (tokens >= self.vocab_limit)
+    if bad.any():
+      pos = tuple(int(i) for i in np.argwhere(bad)[0])
+      raise ValueError(f"token id {int(tokens[pos])} at {pos} is outside the vocabulary "
+                       f"[0, {self.vocab_limit})")
     rows, window = None, None
-    if self.table_placement == "host":
+    if self.decode_path == "host_python_loop":
       compressed = self.lut_np[tokens]
       rows = self.host_rows(compressed)
       window = EngramDecodeState.after_prompt(
           compressed, lengths, self.config.engram.max_ngram_size, self.hasher.pad_id)
     logits, state = self._prefill_jit(self.params, self.lut, tokens, lengths, rows,
-                                      max_len=max_len)
+                                      max_len=max_len, tables=self.tables)
     return logits, state if window is None else state.replace(engram=window)
 
   def host_step_rows(self, token, state: DecodeState) -> tuple[dict[int, jax.Array], DecodeState]:
-    """Host mode: rows of the next position for token [B] and the state with the token
+    """NumPy path: rows of the next position for token [B] and the state with the token
     pushed onto its (NumPy) window."""
     compressed = self.lut_np[np.asarray(token)]
     ngram, window = state.engram.push(compressed)
@@ -260,15 +423,24 @@ class Decoder:
   def step(self, token, state: DecodeState) -> tuple[jax.Array, DecodeState]:
     """Feeds one token [B] per sequence at its next position; returns (logits float32
     [B, V], the new state). `state.cache` is donated: do not reuse it."""
-    token = jnp.asarray(token, jnp.int32)
-    if token.shape != state.lengths.shape:
-      raise ValueError(f"token must have shape [B] = {state.lengths.shape}, got {token.shape}")
-    if self.table_placement == "host":
+    token_np = np.asarray(token)
+    if token_np.shape != state.lengths.shape:
+      raise ValueError(f"token must have shape [B] = {state.lengths.shape}, got {token_np.shape}")
+    bad = (token_np < 0) | (token_np >= self.vocab_limit)
+    if bad.any():
+      raise ValueError(f"token id {int(token_np[bad][0])} is outside the vocabulary "
+                       f"[0, {self.vocab_limit})")
+    full = np.asarray(state.lengths) >= state.cache.kv[0].max_len
+    if full.any():
+      raise ValueError(f"sequence {int(np.argmax(full))} fills its cache of "
+                       f"{state.cache.kv[0].max_len} slots: prefill with a larger max_len")
+    token = jnp.asarray(token_np, jnp.int32)
+    if self.decode_path == "host_python_loop":
       rows, state = self.host_step_rows(token, state)
       logits, new = self._step_jit(self.params, self.lut, token, state.cache, None, rows)
       return logits, new.replace(engram=state.engram)
-    window = state.engram
-    return self._step_jit(self.params, self.lut, token, state.cache, window, None)
+    return self._step_jit(self.params, self.lut, token, state.cache, state.engram, None,
+                          tables=self.tables)
 
 
-__all__ = ["TABLE_PLACEMENTS", "Decoder"]
+__all__ = ["DECODE_PATHS", "HOST_DECODES", "TABLE_PLACEMENTS", "Decoder"]

@@ -5,10 +5,11 @@ together, so each sequence's KV cache and Engram conv state end at its own promp
 every decode step then writes each sequence at its own next position. Finished sequences
 stay in the batch (static shapes) until all are done or `max_new_tokens` is reached.
 
-Device placement runs all decode steps in one jitted `lax.while_loop`; host placement
-needs the host between steps (see `engram_jax.inference.decoder`) and runs a Python loop
-over a jitted step. Both draw step i's token with `fold_in(key(seed), i)`, so they sample
-the same tokens from the same logits.
+Every placement ("device", "host", "cached") runs all decode steps in one jitted
+`lax.while_loop` (host rows are read inside it, see `engram_jax.inference.decoder`); only
+the NumPy fallback (`decode_path == "host_python_loop"`) runs a Python loop over a jitted
+step. All draw step i's token with `fold_in(key(seed), i)`, so they sample the same tokens
+from the same logits. `GenerationResult.decode_path` says which path ran.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from engram_jax.inference.decode_state import DecodeState, EngramDecodeState
 from engram_jax.inference.decoder import Decoder
 from engram_jax.inference.sampling import SamplingConfig, sample
 from engram_jax.models.transformer import Transformer
-from engram_jax.offload import HostTable
+from engram_jax.offload import HostTable, HotRowCache
 
 PROMPT_BUCKET = 16  # padded prompt lengths are multiples of this: fewer compilations
 
@@ -39,10 +40,16 @@ class GenerationResult:
     tokens: per prompt, the generated ids (ending with eos_id, included, if it was hit).
     prompt_tokens: prompt ids prefilled, summed over prompts.
     prefill_seconds: prefill wall time (first token sampled; host hashing and gathers
-      included in host mode; compilation excluded).
+      included; compilation excluded).
     decode_seconds: wall time of the decode steps (compilation excluded).
     compile_seconds: compilation time of this call (0 when cached).
     decode_steps: decode steps run (the longest continuation minus one).
+    decode_path: "device_loop", "host_in_loop", "cached_in_loop" or "host_python_loop".
+    batch: B, sequences decoded together.
+    host_rows_read: table rows copied host -> device by the decode steps (all layers).
+    cache_lookups, cache_hits: row lookups of the decode steps that went through a hot-row
+      cache, and how many the cache served.
+    row_bytes: bytes of one table row (0 without host tables).
   """
 
   tokens: list[list[int]]
@@ -51,6 +58,12 @@ class GenerationResult:
   decode_seconds: float
   compile_seconds: float
   decode_steps: int
+  decode_path: str = "device_loop"
+  batch: int = 0
+  host_rows_read: int = 0
+  cache_lookups: int = 0
+  cache_hits: int = 0
+  row_bytes: int = 0
 
   @property
   def generated_tokens(self) -> int:
@@ -67,6 +80,16 @@ class GenerationResult:
   def prefill_tokens_per_second(self) -> float:
     return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
 
+  @property
+  def host_bytes_per_token(self) -> float:
+    """Bytes host -> device per decoded token (per sequence and step, all layers)."""
+    slots = self.decode_steps * self.batch
+    return self.host_rows_read * self.row_bytes / slots if slots else 0.0
+
+  @property
+  def cache_hit_rate(self) -> float:
+    return self.cache_hits / self.cache_lookups if self.cache_lookups else float("nan")
+
 
 def _mask_vocab(logits: jax.Array, vocab_limit: int) -> jax.Array:
   """Never sample ids at or past vocab_limit (model vocabulary padding)."""
@@ -82,18 +105,32 @@ def _truncate(row: np.ndarray, eos_id: int | None) -> list[int]:
   return out
 
 
+def _is_int(x) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
 class Generator:
   """Reusable generation for one model (compiled functions are kept between calls).
 
-  Args: as `generate` (model, hasher, compressor, table_placement, host_tables).
+  Args: as `generate` (model, hasher, compressor, table_placement, host_tables,
+    hot_caches, host_decode, miss_fraction), plus
+    max_len: the longest sequence (prompt + new tokens) a call may produce, e.g. the
+      context the model was trained for; None = no limit (the cache is sized per call).
   """
 
   def __init__(self, model: Transformer, hasher: NgramHasher | None = None,
                compressor: TokenizerCompressor | None = None, *,
                table_placement: str = "device",
-               host_tables: Mapping[int, HostTable] | None = None):
+               host_tables: Mapping[int, HostTable] | None = None,
+               hot_caches: Mapping[int, HotRowCache] | None = None,
+               host_decode: str = "auto", miss_fraction: float = 0.5,
+               max_len: int | None = None):
+    if max_len is not None and (not _is_int(max_len) or max_len < 2):
+      raise ValueError(f"max_len must be None or an int >= 2, got {max_len!r}")
+    self.max_len = max_len
     self.decoder = Decoder(model, hasher, compressor, table_placement=table_placement,
-                           host_tables=host_tables)
+                           host_tables=host_tables, hot_caches=hot_caches,
+                           host_decode=host_decode, miss_fraction=miss_fraction)
     self._compiled: dict = {}
     self._prefill = jax.jit(self._prefill_fn,
                             static_argnames=("max_len", "sampling", "vocab_limit"))
@@ -102,10 +139,15 @@ class Generator:
     self._step = jax.jit(self._step_fn, donate_argnames=("cache",),
                          static_argnames=("sampling", "vocab_limit"))
 
+  @property
+  def decode_path(self) -> str:
+    return self.decoder.decode_path
+
   # ----------------------------------------------------------------------------- traced
-  def _prefill_fn(self, params, lut, tokens, lengths, rows, key, *, max_len, sampling,
+  def _prefill_fn(self, params, lut, tokens, lengths, rows, key, tables, *, max_len, sampling,
                   vocab_limit):
-    logits, state = self.decoder.prefill_fn(params, lut, tokens, lengths, rows, max_len=max_len)
+    logits, state = self.decoder.prefill_fn(params, lut, tokens, lengths, rows, max_len=max_len,
+                                            tables=tables)
     last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
     token = sample(_mask_vocab(last, vocab_limit), jax.random.fold_in(key, 0), sampling)
     return token, state
@@ -115,29 +157,34 @@ class Generator:
     nxt = sample(_mask_vocab(logits, vocab_limit), jax.random.fold_in(key, index), sampling)
     return nxt, state.cache
 
-  def _loop_fn(self, params, lut, token, state: DecodeState, key, *, steps, sampling,
+  def _loop_fn(self, params, lut, token, state: DecodeState, key, tables, *, steps, sampling,
                vocab_limit, eos_id):
-    """All decode steps on device: out int32 [B, steps + 1] (column 0 = token) and the
-    number of columns filled."""
+    """All decode steps in one program: out int32 [B, steps + 1] (column 0 = token), the
+    number of columns filled and the summed host-read stats."""
     out = jnp.zeros((token.shape[0], steps + 1), jnp.int32).at[:, 0].set(token)
     done = jnp.zeros(token.shape, bool) if eos_id is None else token == eos_id
+    zero = {"lookups": jnp.int32(0), "hits": jnp.int32(0), "host_rows": jnp.int32(0)}
 
     def cond(carry):
-      i, _, _, _, done = carry
+      i, _, _, _, done, _ = carry
       return (i <= steps) & ~jnp.all(done)
 
     def body(carry):
-      i, token, state, out, done = carry
-      logits, state = self.decoder.step_fn(params, lut, token, state.cache, state.engram, None)
+      i, token, state, out, done, totals = carry
+      logits, state, stats = self.decoder.step_core(params, lut, token, state.cache,
+                                                    state.engram, None, tables)
       nxt = sample(_mask_vocab(logits, vocab_limit), jax.random.fold_in(key, i), sampling)
       nxt = jnp.where(done, token, nxt)
       out = out.at[:, i].set(nxt)
       if eos_id is not None:
         done = done | (nxt == eos_id)
-      return i + 1, nxt, state, out, done
+      if stats is not None:
+        totals = {k: totals[k] + stats[k] for k in totals}
+      return i + 1, nxt, state, out, done, totals
 
-    i, _, _, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), token, state, out, done))
-    return out, i
+    i, _, _, out, _, totals = jax.lax.while_loop(
+        cond, body, (jnp.int32(1), token, state, out, done, zero))
+    return out, i, totals
 
   # ------------------------------------------------------------------------------- util
   def _compile(self, key, jitted, *args, **static):
@@ -149,19 +196,32 @@ class Generator:
     self._compiled[key] = exe
     return exe, time.perf_counter() - start
 
+  def _check_call(self, lengths, max_new_tokens, sampling, seed, eos_id) -> SamplingConfig:
+    dec = self.decoder
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    sampling = SamplingConfig() if sampling is None else sampling
+    if not isinstance(sampling, SamplingConfig):
+      raise TypeError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
+    if not _is_int(seed):
+      raise ValueError(f"seed must be an int, got {seed!r}")
+    if eos_id is not None and (not _is_int(eos_id) or not 0 <= eos_id < dec.vocab_limit):
+      raise ValueError(f"eos_id {eos_id!r} is outside the vocabulary [0, {dec.vocab_limit})")
+    if self.max_len is not None:
+      longest = int(np.argmax(lengths))
+      if int(lengths[longest]) + max_new_tokens > self.max_len:
+        raise ValueError(f"prompt {longest} has {int(lengths[longest])} tokens: with "
+                         f"max_new_tokens={max_new_tokens} it would reach "
+                         f"{int(lengths[longest]) + max_new_tokens} > max_len={self.max_len}")
+    return sampling
+
   # ----------------------------------------------------------------------------- public
   def __call__(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                sampling: SamplingConfig | None = None, seed: int = 0,
                eos_id: int | None = None) -> GenerationResult:
     dec = self.decoder
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    sampling = SamplingConfig() if sampling is None else sampling
-    if not isinstance(sampling, SamplingConfig):
-      raise TypeError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
-    if eos_id is not None and not 0 <= eos_id < dec.vocab_limit:
-      raise ValueError(f"eos_id {eos_id} is outside the vocabulary [0, {dec.vocab_limit})")
     tokens, lengths = dec.pad_prompts(prompts)
+    sampling = self._check_call(lengths, max_new_tokens, sampling, seed, eos_id)
     b, p = tokens.shape
     bucket = -(-p // PROMPT_BUCKET) * PROMPT_BUCKET
     tokens = np.pad(tokens, ((0, 0), (0, bucket - p)))
@@ -169,18 +229,18 @@ class Generator:
     steps = max_new_tokens - 1
     key = jax.random.key(seed)
     statics = {"sampling": sampling, "vocab_limit": dec.vocab_limit}
-    host = dec.table_placement == "host"
+    python = dec.decode_path == "host_python_loop"
 
     # Prefill and the first token.
     start = time.perf_counter()
     rows, window = None, None
-    if host:
+    if python:
       compressed = dec.lut_np[tokens]
       rows = dec.host_rows(compressed)
       window = EngramDecodeState.after_prompt(
           compressed, lengths, dec.config.engram.max_ngram_size, dec.hasher.pad_id)
     host_seconds = time.perf_counter() - start
-    args = (dec.params, dec.lut, tokens, lengths, rows, key)
+    args = (dec.params, dec.lut, tokens, lengths, rows, key, dec.tables)
     prefill, compile_s = self._compile(("prefill", b, bucket, max_len, sampling), self._prefill,
                                        *args, max_len=max_len, **statics)
     start = time.perf_counter()
@@ -189,28 +249,39 @@ class Generator:
     prefill_seconds = host_seconds + time.perf_counter() - start
 
     # Decode.
+    totals = {"lookups": 0, "hits": 0, "host_rows": 0}
     if steps == 0:
       out, used, decode_seconds = np.asarray(token)[:, None], 1, 0.0
-    elif not host:
-      args = (dec.params, dec.lut, token, state, key)
+    elif not python:
+      args = (dec.params, dec.lut, token, state, key, dec.tables)
       loop, c = self._compile(("loop", b, max_len, steps, sampling, eos_id), self._loop,
                               *args, steps=steps, eos_id=eos_id, **statics)
       compile_s += c
       start = time.perf_counter()
-      out, used = jax.block_until_ready(loop(*args))
+      out, used, stats = jax.block_until_ready(loop(*args))
       decode_seconds = time.perf_counter() - start
       out, used = np.asarray(out), int(used)
+      totals = {k: int(v) for k, v in stats.items()}
     else:
       out, used, decode_seconds, c = self._host_loop(token, state.replace(engram=window), key,
                                                      steps, eos_id, statics)
       compile_s += c
+      per_step = b * dec.config.engram.num_heads * len(dec.host_tables)
+      totals["host_rows"] = (used - 1) * per_step
+      totals["lookups"] = 0
     continuations = [_truncate(out[i, :used], eos_id) for i in range(b)]
+    cached = bool(dec.hot_caches)
     return GenerationResult(tokens=continuations, prompt_tokens=int(lengths.sum()),
                             prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
-                            compile_seconds=compile_s, decode_steps=used - 1)
+                            compile_seconds=compile_s, decode_steps=used - 1,
+                            decode_path=dec.decode_path, batch=b,
+                            host_rows_read=totals["host_rows"],
+                            cache_lookups=totals["lookups"] if cached else 0,
+                            cache_hits=totals["hits"] if cached else 0,
+                            row_bytes=dec.row_bytes)
 
   def _host_loop(self, token, state: DecodeState, key, steps, eos_id, statics):
-    """Host-table decode: Python loop; rows of each new token gathered on the host."""
+    """NumPy fallback: Python loop; rows of each new token hashed and gathered on the host."""
     dec = self.decoder
     token = np.asarray(token)
     out = [token]
@@ -241,7 +312,9 @@ def generate(model: Transformer, hasher: NgramHasher | None, compressor: Tokeniz
              prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              sampling: SamplingConfig | None = None, seed: int = 0,
              eos_id: int | None = None, table_placement: str = "device",
-             host_tables: Mapping[int, HostTable] | None = None) -> GenerationResult:
+             host_tables: Mapping[int, HostTable] | None = None,
+             hot_caches: Mapping[int, HotRowCache] | None = None,
+             host_decode: str = "auto") -> GenerationResult:
   """Continues a batch of prompts (raw token ids, any lengths >= 1).
 
   Args:
@@ -253,17 +326,21 @@ def generate(model: Transformer, hasher: NgramHasher | None, compressor: Tokeniz
       sampling at temperature 1).
     seed: sampling seed (step i uses fold_in(key(seed), i)).
     eos_id: a sequence stops after producing it (it is kept as its last token).
-    table_placement: "device" (hash on device, one while_loop) or "host" (tables in host
-      memory, rows gathered per token; see `engram_jax.inference.decoder`).
-    host_tables: {layer: HostTable} for "host" (layers not named: the model's tables
-      copied; a named layer may hold a size-0 placeholder in `model`, e.g. a
+    table_placement: "device" (tables on the accelerator), "host" (tables in host memory,
+      rows read inside the compiled loop) or "cached" (hot rows on the device, misses from
+      host memory); see `engram_jax.inference.decoder`.
+    host_tables: {layer: HostTable} for "host" / "cached" (layers not named: the model's
+      tables copied; a named layer may hold a size-0 placeholder in `model`, e.g. a
       `load_run(path, tables="host")` run's `run.host_tables`).
+    hot_caches: {layer: HotRowCache} for "cached".
+    host_decode: "auto", "in_loop" or "python" (the per-token NumPy fallback).
   Returns:
-    `GenerationResult` (continuations, prefill / decode / compile times, tokens/s).
+    `GenerationResult` (continuations, prefill / decode / compile times, tokens/s, the
+    decode path that ran, host -> device rows).
   For repeated calls build a `Generator` once: it keeps its compiled functions.
   """
   gen = Generator(model, hasher, compressor, table_placement=table_placement,
-                  host_tables=host_tables)
+                  host_tables=host_tables, hot_caches=hot_caches, host_decode=host_decode)
   return gen(prompts, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
              eos_id=eos_id)
 

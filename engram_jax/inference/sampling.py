@@ -33,12 +33,16 @@ class SamplingConfig:
   greedy: bool = False
 
   def __post_init__(self):
-    if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
-      raise ValueError(f"SamplingConfig.temperature must be a number >= 0, got {self.temperature!r}")
+    real = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
+    if not real(self.temperature) or not 0 <= self.temperature < float("inf"):
+      raise ValueError(f"SamplingConfig.temperature must be a finite number >= 0, got "
+                       f"{self.temperature!r}")
     if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
       raise ValueError(f"SamplingConfig.top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
-    if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+    if not real(self.top_p) or not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"SamplingConfig.top_p must lie in (0, 1], got {self.top_p!r}")
+    if not isinstance(self.greedy, bool):
+      raise ValueError(f"SamplingConfig.greedy must be a bool, got {self.greedy!r}")
 
   @property
   def is_greedy(self) -> bool:
