@@ -308,7 +308,7 @@ class Decoder:
     rows of its last position.
     """
     hashed = self.hasher.hash(compressed)
-    return {lid: self.host_tables[lid].gather(rows + self.hasher.offsets[lid])
+    return {lid: self.host_tables[lid].gather_heads(rows, self.hasher.offsets[lid], self.hasher.table_sizes[lid])
             for lid, rows in hashed.items()}
 
   def program_rows(self, tables, row_ids: dict[int, jax.Array]
@@ -319,8 +319,12 @@ class Decoder:
     rows, stats = {}, _zero_stats()
     for lid, ids in row_ids.items():
       t = tables[lid]
-      # offsets < 2^31: every in-loop table's row ids were checked to fit int32
-      flat = ids.astype(jnp.int32) + jnp.asarray(self.hasher.offsets[lid], jnp.int32)
+      # Per-head bounds before the offset (as `Engram.head_bounds`): an invalid id (-1 from
+      # `hash_jax` for an out-of-vocabulary window) reads row 0 and its head's rows become NaN,
+      # never a neighbouring head's row. offsets < 2^31: in-loop row ids were checked to fit int32.
+      ids = ids.astype(jnp.int32)
+      valid = (ids >= 0) & (ids < jnp.asarray(self.hasher.table_sizes[lid], jnp.int32))
+      flat = jnp.where(valid, ids, 0) + jnp.asarray(self.hasher.offsets[lid], jnp.int32)
       if "hot_ids" in t:
         capacity = max(1, int(np.ceil(self.miss_fraction * flat.size)))
         r, s = host_rows_lib.gather_cached_rows(t["hot_ids"], t["hot_rows"], t["host"], flat,
@@ -329,6 +333,7 @@ class Decoder:
         r = host_rows_lib.gather_host_rows(t["host"], flat)
         n = jnp.int32(flat.size)
         s = {"lookups": n, "hits": jnp.int32(0), "host_rows": n}
+      r = jnp.where(valid[..., None], r, jnp.nan).astype(r.dtype)
       rows[lid] = r.reshape(ids.shape[:2] + (-1,))
       stats = {k: stats[k] + s[k] for k in stats}
     return rows, stats
