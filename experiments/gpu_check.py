@@ -941,6 +941,140 @@ def update_readme(readme: Path, rec: dict) -> None:
   readme.write_text(pattern.sub(lambda m: readme_block(rec), text))
 
 
+# ----------------------------------------------------------------- deviceless sm_90 compile
+# A GpuTargetConfigProto for an H200 (XLA's h100_sxm spec with the H200's memory and
+# bandwidth): with it the CUDA PJRT plugin makes a compile-only topology, and jit(...).compile()
+# runs the whole GPU pipeline without a GPU: Mosaic GPU kernels -> PTX -> ptxas -> sm_90a.
+H200_TARGET_CONFIG = """
+gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: 4800000000000 l2_cache_size: 52428800 clock_rate_ghz: 1.98
+  device_memory_size: 150300000000 shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 } registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 8 }
+device_description_str: "NVIDIA H200"
+"""
+COMPILE_RECORD = "compile_sm90.json"
+_PTXAS_ENTRY = re.compile(r"Compiling entry function '([^']+)' for '([^']+)'")
+_PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_USED = re.compile(r"Used (\d+) registers(?:, used (\d+) barriers)?(?:, (\d+) bytes smem)?")
+
+
+def parse_ptxas(text: str) -> list[dict]:
+  """ptxas -v output (MOSAIC_GPU_DUMP_PTXAS=1) -> one dict per entry function."""
+  out: list[dict] = []
+  for line in text.splitlines():
+    if m := _PTXAS_ENTRY.search(line):
+      out.append({"function": m.group(1), "arch": m.group(2)})
+    elif out and (m := _PTXAS_SPILL.search(line)):
+      out[-1].update(stack_bytes=int(m.group(1)), spill_store_bytes=int(m.group(2)),
+                     spill_load_bytes=int(m.group(3)))
+    elif out and (m := _PTXAS_USED.search(line)):
+      out[-1].update(registers=int(m.group(1)), barriers=int(m.group(2) or 0),
+                     static_smem_bytes=int(m.group(3) or 0))
+  return out
+
+
+class _CaptureFds:
+  """Captures what C++ code writes to fds 1 and 2 (ptxas -v output) into a string."""
+
+  def __enter__(self):
+    import tempfile
+    sys.stdout.flush()
+    sys.stderr.flush()
+    self.tmp = tempfile.TemporaryFile(mode="w+b")
+    self.saved = [os.dup(1), os.dup(2)]
+    os.dup2(self.tmp.fileno(), 1)
+    os.dup2(self.tmp.fileno(), 2)
+    return self
+
+  def __exit__(self, *exc):
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(self.saved[0], 1)
+    os.dup2(self.saved[1], 2)
+    for fd in self.saved:
+      os.close(fd)
+    self.tmp.seek(0)
+    self.text = self.tmp.read().decode(errors="replace")
+    self.tmp.close()
+    return False
+
+
+def compile_sm90(out: Path) -> dict:
+  """Lowers and compiles both Mosaic GPU kernels (and the XLA around them) for an H200 without
+  a GPU, at every correctness shape; records ptxas's registers, spills and smem per kernel.
+  Needs the CUDA plugin (jax-cuda12-plugin + jax-cuda12-pjrt) and ptxas (nvidia-cuda-nvcc-cu12
+  or a CUDA toolkit): `make gpu-compile` installs them into .gpu_compile/."""
+  os.environ["MOSAIC_GPU_DUMP_PTXAS"] = "1"   # read by the plugin when it runs ptxas
+  import jax
+  from jax.experimental import topologies
+  from jax.sharding import SingleDeviceSharding
+
+  import pallas_kernels as pk
+  from pallas_kernels import gather_gate_gpu
+  topo = topologies.get_topology_desc(platform="cuda", topology="1x1x1",
+                                      target_config=H200_TARGET_CONFIG)
+  sharding = SingleDeviceSharding(topo.devices[0])
+  rec: dict[str, Any] = {"started": _now(), "jax": jax.__version__, "target": topo.devices[0].device_kind,
+                         "cases": []}
+
+  def structs(case: KernelCase) -> dict:
+    import jax.numpy as jnp
+    dt = jnp.dtype(case.dtype)
+    c, g, dim = case.heads * case.d, case.branches, case.dim
+    shapes = {"table": (case.rows, case.d), "row_ids": (case.n, case.heads)}
+    if dim:
+      shapes.update(w_value=(c, dim), b_value=(dim,), w_key=(g, c, dim), b_key=(g, dim),
+                    query_normed=(case.n, g, dim), key_norm_scale=(g, dim))
+    return {k: jax.ShapeDtypeStruct(v, jnp.int32 if k == "row_ids" else dt, sharding=sharding)
+            for k, v in shapes.items()}
+
+  for case in GPU_GATHER + GPU_FUSED:
+    x = structs(case)
+    if case.dim:
+      fn = lambda *a, case=case: pk.gather_gate(*a, gate=case.gate, impl="pallas", backend="gpu",
+                                                interpret=False)  # on CPU: no interpret mode
+      args = [x[k] for k in GATE_ARGS]
+      plan = gather_gate_gpu.fused_plan(x["table"], x["row_ids"], x["w_value"], x["w_key"],
+                                        x["query_normed"])
+      path = "fallback" if isinstance(plan, str) else "fused"
+    else:
+      fn = lambda t, i: pk.gather_rows(t, i, impl="pallas", backend="gpu", interpret=False)
+      args, path = [x["table"], x["row_ids"]], None
+    entry: dict[str, Any] = {"name": case.name, "gpu_path": path, "expected_path": case.expect or None}
+    start = time.perf_counter()
+    try:
+      with _CaptureFds() as cap:
+        lowered = jax.jit(fn).trace(*args).lower()
+        lowered.compile()
+      kernels = parse_ptxas(cap.text)
+      entry.update(status="ok", kernels=kernels)
+      if not kernels:
+        entry.update(status="failed", error="no ptxas output: the Mosaic kernel was not compiled")
+      elif any(k.get("spill_store_bytes") or k.get("spill_load_bytes") for k in kernels):
+        entry.update(status="spills")
+      elif case.expect and path != case.expect:
+        entry.update(status="failed", error=f"path {path}, expected {case.expect}")
+    except Exception as e:  # noqa: BLE001 - a ptxas/Mosaic error is the finding; record it
+      entry.update(status="failed", error=f"{type(e).__name__}: {e}"[:3000])
+    entry["seconds"] = round(time.perf_counter() - start, 2)
+    ks = ", ".join(f"{k['function']} {k.get('arch')}: {k.get('registers')} regs, "
+                   f"{k.get('spill_store_bytes')}/{k.get('spill_load_bytes')} B spills" for k in entry.get("kernels", []))
+    print(f"[{entry['status']}] {case.name} ({path or 'gather'}): {ks or entry.get('error', '')[:300]}",
+          flush=True)
+    rec["cases"].append(entry)
+    write_json(out / COMPILE_RECORD, rec)
+  rec["finished"] = _now()
+  write_json(out / COMPILE_RECORD, rec)
+  return rec
+
+
 # ------------------------------------------------------------------------------------ main
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -952,11 +1086,18 @@ def main(argv=None) -> int:
   p.add_argument("--update_readme_from", type=Path, default=None,
                  help="Do not run: rewrite README's GPU status block from this record directory.")
   p.add_argument("--readme", type=Path, default=Path("README.md"))
+  p.add_argument("--compile_sm90", action="store_true",
+                 help="Do not run: compile the Mosaic GPU kernels for an H200 without a GPU "
+                      "(needs the CUDA plugin and ptxas; see `make gpu-compile`).")
   p.add_argument("--_step", default=None, help=argparse.SUPPRESS)
   p.add_argument("--_deadline", type=float, default=None, help=argparse.SUPPRESS)
   a = p.parse_args(argv)
   if a._step:
     return run_step(a._step, a.out, a.smoke, a._deadline or time.time() + 600)
+  if a.compile_sm90:
+    rec = compile_sm90(a.out)
+    print(f"record: {a.out / COMPILE_RECORD}")
+    return 0 if all(c["status"] == "ok" for c in rec["cases"]) else 1
   if a.update_readme_from is not None:
     rec = load_record(a.update_readme_from)
     update_readme(a.readme, rec)

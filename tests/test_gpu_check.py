@@ -167,3 +167,35 @@ def test_goal_logic_on_gpu_records():
 def test_small_model_config_matches_experiments_configs_small():
   from experiments.configs import common, small
   assert gc.small_model_config() == common.model_config(small.get_config("engram"))
+
+
+def test_parse_ptxas():
+  text = ("ptxas info    : 0 bytes gmem\n"
+          "ptxas info    : Compiling entry function 'k' for 'sm_90a'\n"
+          "ptxas info    : Function properties for k\n"
+          "    8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n"
+          "ptxas info    : Used 109 registers, used 3 barriers, 1 bytes smem\n")
+  assert gc.parse_ptxas(text) == [{"function": "k", "arch": "sm_90a", "stack_bytes": 8,
+                                   "spill_store_bytes": 4, "spill_load_bytes": 12, "registers": 109,
+                                   "barriers": 3, "static_smem_bytes": 1}]
+
+
+def _has_cuda_compile_toolchain() -> bool:
+  import importlib.util
+  return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None and (
+      shutil.which("ptxas") is not None or importlib.util.find_spec("nvidia.cuda_nvcc") is not None)
+
+
+@pytest.mark.skipif(not _has_cuda_compile_toolchain(),
+                    reason="needs jax-cuda12-plugin/pjrt and ptxas: run `make gpu-compile`")
+def test_compile_sm90_without_gpu(tmp_path):
+  """Both Mosaic GPU kernels go through Mosaic, LLVM NVPTX and ptxas for sm_90a at every
+  correctness shape, with no GPU: ptxas errors and register spills fail here."""
+  r = _run(["--compile_sm90", f"--out={tmp_path}"], {**os.environ, "JAX_PLATFORMS": "cpu"})
+  rec = json.loads((tmp_path / gc.COMPILE_RECORD).read_text())
+  assert len(rec["cases"]) == len(gc.GPU_GATHER) + len(gc.GPU_FUSED)
+  bad = [(c["name"], c["status"], c.get("error", "")[:500]) for c in rec["cases"] if c["status"] != "ok"]
+  assert not bad and r.returncode == 0, bad or r.stdout[-3000:]
+  for c in rec["cases"]:
+    assert c["kernels"] and all(k["arch"] == "sm_90a" and k["registers"] > 0 for k in c["kernels"])
+  assert {c["gpu_path"] for c in rec["cases"] if c["gpu_path"]} == {"fused", "fallback"}
