@@ -28,7 +28,7 @@ gpu-check:
 	$(GPU_PY) -m experiments.gpu_check --out=$(GPU_CHECK_OUT)
 
 # No GPU needed: compiles both Mosaic GPU kernels for an H200 (sm_90a) through ptxas. Installs
-# requirements-gpu-compile.txt (~600 MB: CUDA plugin + ptxas) into $(GPU_COMPILE_DIR) once.
+# requirements-gpu-compile.txt (240 MB of wheels: CUDA plugin + ptxas) into $(GPU_COMPILE_DIR) once.
 GPU_COMPILE_DIR ?= .gpu_compile
 gpu-compile: venv
 	@test -f $(GPU_COMPILE_DIR)/.installed || ($(PY) -m pip install --no-deps --target $(GPU_COMPILE_DIR) \
