@@ -45,9 +45,9 @@ from typing import Any, Callable
 
 STEPS = ("env", "correctness", "lookup", "offload", "train")
 # Seconds per step on the GPU; the sum stays under 6 minutes with process start-ups.
-GPU_BUDGETS = {"env": 25, "correctness": 70, "lookup": 70, "offload": 90, "train": 65}
+GPU_BUDGETS = {"env": 25, "correctness": 80, "lookup": 65, "offload": 100, "train": 60}
 SMOKE_BUDGETS = {"env": 30, "correctness": 90, "lookup": 60, "offload": 120, "train": 60}
-GPU_TOTAL_S = 335
+GPU_TOTAL_S = 340
 SMOKE_TOTAL_S = 400
 RECORD = "gpu_check.json"
 MARKDOWN = "gpu_check.md"
@@ -200,7 +200,7 @@ class KernelCase:
 # The paper: 16 heads x 80 bf16 (C = 1280), D = 2560, G = 4. Odd ones: N not a multiple of
 # any block (1000, 333, 13), G = 1, f32 (tf32 wgmma), D not a multiple of 64 (fallback).
 GPU_GATHER = (
-    KernelCase("gather paper bf16 d80 H16 N16384", 1_000_000, 80, 16384, 16, "bfloat16"),
+    KernelCase("gather paper bf16 d80 H16 N16384", 262_147, 80, 16384, 16, "bfloat16"),
     KernelCase("gather odd N1000 bf16 d80 H16", 5003, 80, 1000, 16, "bfloat16"),
     KernelCase("gather f32 d128 (512 B rows) N333 H4", 4099, 128, 333, 4, "float32"),
     KernelCase("gather f32 d16 (64 B rows) N13 H3", 37, 16, 13, 3, "float32"),
@@ -453,6 +453,10 @@ def step_offload(log: StepLog, smoke: bool) -> None:
     preset = dataclasses.replace(preset, warmup=1)
     train_steps, decode_steps, placements = 2, 3, ("device", "host")
   else:
+    # The h200 preset (1B-parameter table, B=16 x T=512, 64 decode sequences) with 4 blocks
+    # instead of 12, so that its 4 compiles fit the budget. Less compute to hide the host
+    # gather behind than the 12-block model: the host/device ratio is a conservative one.
+    preset = dataclasses.replace(preset, model=preset.model.replace(num_layers=4))
     train_steps, decode_steps, placements = 10, 32, ("device", "host", "cached")
   cache_fraction, depth = 0.1, 1
   b, t = preset.train_batch
