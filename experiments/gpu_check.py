@@ -165,19 +165,20 @@ def step_env(log: StepLog, smoke: bool) -> None:
   except (OSError, subprocess.SubprocessError) as e:
     log.put("nvidia_smi", f"unavailable: {e}")
 
-  copy_bytes = (64 << 20) if smoke else (4 << 30)
+  small = smoke or jax.default_backend() != "gpu"   # no GPU: keep it quick, the rest is skipped
+  copy_bytes = (64 << 20) if small else (4 << 30)
 
   def copy():
-    bw = lookup.copy_bandwidth(copy_bytes, iters=3 if smoke else 20)
+    bw = lookup.copy_bandwidth(copy_bytes, iters=3 if small else 20)
     return {"copy_GBps": bw / 1e9, "buffer_bytes": copy_bytes}
   log.case("measures", "hbm_copy_bandwidth", copy)
 
   def matmul():
-    n = 256 if smoke else 8192
+    n = 256 if small else 8192
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
     f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
-    st = _stats(_time_calls(f, a, b, iters=3 if smoke else 20))
+    st = _stats(_time_calls(f, a, b, iters=3 if small else 20))
     return {"shape": [n, n, n], **st, "tflops": 2 * n**3 / (st["median_ms"] * 1e-3) / 1e12}
   log.case("measures", "bf16_matmul", matmul)
 

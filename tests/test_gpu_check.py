@@ -182,8 +182,10 @@ def test_parse_ptxas():
 
 def _has_cuda_compile_toolchain() -> bool:
   import importlib.util
-  return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None and (
-      shutil.which("ptxas") is not None or importlib.util.find_spec("nvidia.cuda_nvcc") is not None)
+  has_plugin = (importlib.util.find_spec("jax_plugins") is not None
+                and importlib.util.find_spec("jax_plugins.xla_cuda12") is not None)
+  return has_plugin and (
+      shutil.which("ptxas") is not None or importlib.util.find_spec("nvidia") is not None)
 
 
 @pytest.mark.skipif(not _has_cuda_compile_toolchain(),
@@ -199,3 +201,14 @@ def test_compile_sm90_without_gpu(tmp_path):
   for c in rec["cases"]:
     assert c["kernels"] and all(k["arch"] == "sm_90a" and k["registers"] > 0 for k in c["kernels"])
   assert {c["gpu_path"] for c in rec["cases"] if c["gpu_path"]} == {"fused", "fallback"}
+
+
+def test_full_mode_without_gpu_stops_after_env(tmp_path):
+  out = tmp_path / "out"
+  r = _run([f"--out={out}"], _blocked_env(tmp_path), timeout=300)
+  assert r.returncode == 1
+  rec = json.loads((out / gc.RECORD).read_text())
+  assert rec["mode"] == "gpu" and rec["steps"][0]["status"] == "ok"
+  assert all(s["status"] == "skipped" and "no GPU" in s["error"] for s in rec["steps"][1:])
+  goals = {g["goal"]: g["status"] for g in rec["goals"]}
+  assert set(goals.values()) == {"not measured"}, goals
