@@ -700,6 +700,11 @@ class Runner:
     for st in self.rec["steps"]:
       if st["status"] == "running":
         st["status"], st["error"] = "killed", f"gpu_check received signal {signum}"
+        try:  # keep what the step measured before it was killed
+          data = json.loads((self.out / "steps" / f"{st['name']}.json").read_text())
+          st["results"] = {k: v for k, v in data.items() if k not in ("status", "error", "traceback")}
+        except (OSError, json.JSONDecodeError):
+          pass
     self.rec["finished"] = _now()
     self.write()
     sys.exit(128 + signum)
