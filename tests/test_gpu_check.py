@@ -57,17 +57,12 @@ def test_shadow_block_really_blocks(tmp_path):
   assert r.returncode != 0 and "blocked" in r.stderr
 
 
-@pytest.fixture(scope="module")
-def smoke_record(tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("gpu_check")
-  out = tmp / "out"
-  r = _run(["--smoke", f"--out={out}"], _blocked_env(tmp))
+def test_smoke_run_record_summary_and_readme(tmp_path):
+  """One test (one smoke run, even under pytest-xdist): the record, the summary, the README."""
+  out = tmp_path / "out"
+  r = _run(["--smoke", f"--out={out}"], _blocked_env(tmp_path))
   assert r.returncode == 0, (r.stdout[-4000:], r.stderr[-4000:])
-  return out, r.stdout
-
-
-def test_smoke_run_leaves_full_record(smoke_record):
-  out, stdout = smoke_record
+  stdout = r.stdout
   rec = json.loads((out / gc.RECORD).read_text())
   assert rec["mode"] == "smoke" and rec["finished"]
   assert [s["name"] for s in rec["steps"]] == list(gc.STEPS)
@@ -93,10 +88,7 @@ def test_smoke_run_leaves_full_record(smoke_record):
   md = (out / gc.MARKDOWN).read_text()
   assert "| goal | target | status | figure |" in md and all(g.text in md for g in gc.GOALS)
   assert "## Goals" in stdout
-
-
-def test_update_readme_from_smoke_record(smoke_record, tmp_path):
-  out, _ = smoke_record
+  # README block from the smoke record
   readme = tmp_path / "README.md"
   shutil.copy(REPO / "README.md", readme)
   before = readme.read_text()
