@@ -1030,7 +1030,7 @@ class _CaptureFds:
     return False
 
 
-def compile_sm90(out: Path) -> dict:
+def compile_sm90(out: Path, train_models: bool = False) -> dict:
   """Lowers and compiles both Mosaic GPU kernels (and the XLA around them) for an H200 without
   a GPU, at every correctness shape; records ptxas's registers, spills and smem per kernel.
   Needs the CUDA plugin (jax-cuda12-plugin + jax-cuda12-pjrt) and ptxas (nvidia-cuda-nvcc-cu12
@@ -1094,9 +1094,64 @@ def compile_sm90(out: Path) -> dict:
           flush=True)
     rec["cases"].append(entry)
     write_json(out / COMPILE_RECORD, rec)
+  # Whole train steps: XLA's compile time and memory analysis for the H200 (what would not fit
+  # shows here). The tiny model always; the small config and the offload model on request.
+  from engram_jax.models.config import ModelConfig
+  models = [("tiny engram_moe 2 x 32", ModelConfig.tiny("engram_moe"), 2, 32)]
+  if train_models:
+    from experiments.bench import offload
+    p = offload._presets()["h200"]
+    models += [("small 16 x 1024", small_model_config(), *SMALL_BATCH),
+               ("small 32 x 1024 (configs/small.py)", small_model_config(), 32, 1024),
+               ("offload h200 preset, 4 blocks", p.model.replace(num_layers=4), *p.train_batch)]
+  for name, cfg, b, t in models:
+    entry = {"name": f"train step {name}"}
+    try:
+      entry.update(status="ok", **compile_train_step(cfg, b, t, sharding))
+    except Exception as e:  # noqa: BLE001 - recorded
+      entry.update(status="failed", error=f"{type(e).__name__}: {e}"[:3000])
+    print(f"[{entry['status']}] {entry['name']}: " + (
+        f"compile {entry['compile_s']:.0f} s, temp {entry['temp_bytes'] / 2**30:.1f} GiB, "
+        f"arguments {entry['argument_bytes'] / 2**30:.1f} GiB" if entry["status"] == "ok"
+        else entry["error"][:300]), flush=True)
+    rec.setdefault("train_steps", []).append(entry)
+    write_json(out / COMPILE_RECORD, rec)
   rec["finished"] = _now()
   write_json(out / COMPILE_RECORD, rec)
   return rec
+
+
+def compile_train_step(cfg, batch: int, seq: int, sharding) -> dict:
+  """Deviceless compile of the jitted train step (abstract model and optimizer state)."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from engram_jax.train.config import TrainConfig
+  from engram_jax.train.optimizer import make_optimizer
+  from engram_jax.train.state import TrainState, build_model, split_model
+  from engram_jax.train.steps import make_train_step
+  model = nnx.eval_shape(lambda: build_model(cfg, 0))
+  graphdef, params, rest = split_model(model)
+  tx, lr = make_optimizer(TrainConfig(total_steps=1000, learning_rate=1e-3, warmup_steps=0,
+                                      progress_bar=False), params)
+  sds = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+  state = jax.tree.map(sds, TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                                       rest=rest, opt_state=jax.eval_shape(tx.init, params)))
+  tok = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=sharding)
+  batch_sds = {"tokens": tok, "targets": tok,
+               "loss_mask": jax.ShapeDtypeStruct((batch, seq), jnp.float32, sharding=sharding),
+               "engram_rows": {l: jax.ShapeDtypeStruct((batch, seq, cfg.engram.num_heads), jnp.int32,
+                                                       sharding=sharding) for l in cfg.engram_layer_ids}}
+  rate = cfg.moe.bias_update_rate if cfg.moe else 0.0
+  step = jax.jit(make_train_step(graphdef, tx, lr, bias_update_rate=rate), donate_argnums=(0,))
+  t0 = time.perf_counter()
+  lowered = step.trace(state, batch_sds).lower()
+  t1 = time.perf_counter()
+  mem = lowered.compile().memory_analysis()
+  return {"batch": [batch, seq], "lower_s": t1 - t0, "compile_s": time.perf_counter() - t1,
+          "temp_bytes": mem.temp_size_in_bytes, "argument_bytes": mem.argument_size_in_bytes,
+          "output_bytes": mem.output_size_in_bytes}
 
 
 # ------------------------------------------------------------------------------------ main
@@ -1113,6 +1168,9 @@ def main(argv=None) -> int:
   p.add_argument("--compile_sm90", action="store_true",
                  help="Do not run: compile the Mosaic GPU kernels for an H200 without a GPU "
                       "(needs the CUDA plugin and ptxas; see `make gpu-compile`).")
+  p.add_argument("--compile_sm90_train", action="store_true",
+                 help="With --compile_sm90: also the small config's and the offload model's train "
+                      "steps (minutes each on a CPU).")
   p.add_argument("--_step", default=None, help=argparse.SUPPRESS)
   p.add_argument("--_deadline", type=float, default=None, help=argparse.SUPPRESS)
   a = p.parse_args(argv)
@@ -1120,9 +1178,9 @@ def main(argv=None) -> int:
   if a._step:
     return run_step(a._step, a.out, a.smoke, a._deadline or time.time() + 600)
   if a.compile_sm90:
-    rec = compile_sm90(a.out)
+    rec = compile_sm90(a.out, a.compile_sm90_train)
     print(f"record: {a.out / COMPILE_RECORD}")
-    return 0 if all(c["status"] == "ok" for c in rec["cases"]) else 1
+    return 0 if all(c["status"] == "ok" for c in rec["cases"] + rec["train_steps"]) else 1
   if a.update_readme_from is not None:
     rec = load_record(a.update_readme_from)
     update_readme(a.readme, rec)

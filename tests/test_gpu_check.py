@@ -193,6 +193,8 @@ def test_compile_sm90_without_gpu(tmp_path):
   for c in rec["cases"]:
     assert c["kernels"] and all(k["arch"] == "sm_90a" and k["registers"] > 0 for k in c["kernels"])
   assert {c["gpu_path"] for c in rec["cases"] if c["gpu_path"]} == {"fused", "fallback"}
+  (train,) = rec["train_steps"]   # the tiny model's whole train step, compiled for the H200
+  assert train["status"] == "ok" and train["temp_bytes"] > 0 and train["argument_bytes"] > 0
 
 
 def test_full_mode_without_gpu_stops_after_env(tmp_path):
