@@ -1,4 +1,4 @@
-"""experiments/gpu_check.py: the smoke run (CPU, interpret mode) end to end with grain and
+"""experiments/gpu_check/: the smoke run (CPU, interpret mode) end to end with grain and
 ml_collections made unimportable (the GPU image has neither), the record and summary it
 leaves, budget enforcement, the goal logic on synthetic GPU records, and the README block."""
 
