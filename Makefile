@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv test train experiments lint clean
+.PHONY: venv test train experiments lint clean gpu-check gpu-compile
 
 venv:
 	@bash scripts/bootstrap_venv.sh
@@ -19,6 +19,22 @@ experiments: venv
 
 lint: venv
 	$(PY) -m ruff check engram_jax pallas_kernels experiments tests
+
+# On a machine with one GPU (< 6 min on an H200). Uses .venv when there is one, else the
+# system python3 (the GPU image as is: no venv is created); override with GPU_PY=...
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+GPU_CHECK_OUT ?= runs/gpu_check
+gpu-check:
+	$(GPU_PY) -m experiments.gpu_check --out=$(GPU_CHECK_OUT)
+
+# No GPU needed: compiles both Mosaic GPU kernels for an H200 (sm_90a) through ptxas. Installs
+# requirements-gpu-compile.txt (240 MB of wheels: CUDA plugin + ptxas) into $(GPU_COMPILE_DIR) once.
+GPU_COMPILE_DIR ?= .gpu_compile
+gpu-compile: venv
+	@test -f $(GPU_COMPILE_DIR)/.installed || ($(PY) -m pip install --no-deps --target $(GPU_COMPILE_DIR) \
+	    -r requirements-gpu-compile.txt && touch $(GPU_COMPILE_DIR)/.installed)
+	JAX_PLATFORMS=cpu PYTHONPATH=$(GPU_COMPILE_DIR):. $(PY) -m pytest -p no:xdist -q \
+	    tests/test_gpu_check.py -k "compile_sm90 or parse_ptxas"
 
 clean:
 	rm -rf $(VENV) runs .jax_cache

@@ -14,7 +14,7 @@ def build_trainer(config, workdir: str, *, data_shards: int | None = None):
   processes; see `engram_jax.train.multihost`).
   """
   from engram_jax import sharding as sharding_lib
-  from engram_jax.train import Trainer
+  from engram_jax.train.trainer import Trainer
 
   axes = common.mesh_axes(config, jax.device_count())  # global: every process's devices
   mesh = sharding_lib.make_mesh(**axes)

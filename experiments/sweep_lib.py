@@ -160,8 +160,8 @@ def run_variant(variant: Variant, workdir: str | Path) -> dict[str, Any]:
   validation metrics, final train loss, parameter counts, FLOPs per token, wall time."""
   from engram_jax import sharding as sharding_lib
   from engram_jax.models.accounting import count_params, flops_per_token
-  from engram_jax.train import Trainer
   from engram_jax.train.metrics import read_metrics
+  from engram_jax.train.trainer import Trainer
 
   run_dir = variant.run_dir(Path(workdir))
   result_path = run_dir / RESULT_FILE

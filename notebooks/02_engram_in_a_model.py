@@ -47,7 +47,8 @@ from engram_jax import EngramConfig
 from engram_jax.data import DataConfig, make_eval_batches
 from engram_jax.layers.moe import MoEConfig
 from engram_jax.models import ModelConfig
-from engram_jax.train import TrainConfig, Trainer
+from engram_jax.train import TrainConfig
+from engram_jax.train.trainer import Trainer
 from engram_jax.train.loss import masked_lm_loss, summarize_eval
 from engram_jax.train.restore import LoadedRun, load_run
 from engram_jax.train.state import build_model

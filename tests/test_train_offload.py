@@ -16,10 +16,10 @@ from engram_jax.data import DataConfig
 from engram_jax.inference import Generator, SamplingConfig
 from engram_jax.models.config import ModelConfig
 from engram_jax.offload import HostTable, HotRowCache, top_rows
-from engram_jax.train import CheckpointMismatchError, TrainConfig, Trainer
+from engram_jax.train import CheckpointMismatchError, TrainConfig
 from engram_jax.train.metrics import read_metrics
 from engram_jax.train.restore import evaluate_run, load_run
-from engram_jax.train.trainer import _check_host_placement_setup
+from engram_jax.train.trainer import Trainer, _check_host_placement_setup
 from tests.test_train import VOCAB, tiny_model
 
 LAYER = 1  # tiny_model's only Engram layer

@@ -4,8 +4,11 @@ from engram_jax.train.checkpoint import Checkpointer, CheckpointMismatchError, C
 from engram_jax.train.config import TrainConfig
 from engram_jax.train.optimizer import learning_rate_schedule, make_optimizer, parameter_labels
 from engram_jax.train.run_lock import RunLock, WorkdirLockedError
-from engram_jax.train.trainer import RunResult, Trainer, TrainingDivergedError
 
-__all__ = ["CheckpointMismatchError", "Checkpointer", "CorruptCheckpointError", "RunLock", "RunResult",
-           "TrainConfig", "Trainer", "TrainingDivergedError", "WorkdirLockedError", "compare_meta", "learning_rate_schedule", "make_optimizer",
+# The loop (`engram_jax.train.trainer`: Trainer, RunResult, TrainingDivergedError) is not
+# re-exported here: it needs the grain input pipeline, and the steps, state, optimizer and
+# checkpoints must import where grain is not installed (the GPU image: experiments.gpu_check).
+
+__all__ = ["CheckpointMismatchError", "Checkpointer", "CorruptCheckpointError", "RunLock",
+           "TrainConfig", "WorkdirLockedError", "compare_meta", "learning_rate_schedule", "make_optimizer",
            "parameter_labels"]

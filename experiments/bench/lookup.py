@@ -111,7 +111,8 @@ def fmt_row(name, seconds, nbytes, copy_bw):
           f"{bw / 1e9:8.2f} GB/s  {bw / copy_bw:6.1%} of copy")
 
 
-def bench_gather(case: GatherCase, copy_bw: float, iters: int, block_rows: int, backend):
+def bench_gather(case: GatherCase, copy_bw: float, iters: int, block_rows: int, backend) -> dict:
+  """Prints and returns {xla_s, pallas_s, bytes, row_bytes} (median seconds per call)."""
   dtype = jnp.dtype(case.dtype)
   table = jnp.ones((case.rows, case.d), dtype)
   ids = make_ids(jax.random.key(0), case.tokens, case.heads, case.rows)
@@ -131,10 +132,12 @@ def bench_gather(case: GatherCase, copy_bw: float, iters: int, block_rows: int, 
   print(fmt_row("pallas", t_k, nbytes, copy_bw))
   print(f"  speedup pallas/xla: {t_xla / t_k:.3g}x")
   del table
+  return {"xla_s": t_xla, "pallas_s": t_k, "bytes": nbytes, "row_bytes": row_bytes}
 
 
 def bench_fused(case: FusedCase, copy_bw: float, iters: int, block_rows: int, backend,
-                block_d=None):
+                block_d=None) -> dict:
+  """Prints and returns {gpu_path, bytes, {xla,pallas}_{fwd,fwd+bwd}_s} (median seconds)."""
   dtype = jnp.dtype(case.dtype)
   k = jax.random.split(jax.random.key(1), 8)
   c = case.heads * case.d
@@ -153,12 +156,13 @@ def bench_fused(case: FusedCase, copy_bw: float, iters: int, block_rows: int, ba
             + n * g * dim * isz + n * g * 4)
   print(f"gather_gate R={case.rows:,} d={case.d} {case.dtype} N={n} H={case.heads} "
         f"D={dim} G={g}")
+  path = None
   if (backend or jax.default_backend()) == "gpu":
     from pallas_kernels import gather_gate_gpu
     plan = gather_gate_gpu.fused_plan(args[0], args[1], args[2], args[4], args[6],
                                       block_d=block_d)
-    path = "unfused (gather kernel + XLA gate): " if isinstance(plan, str) else "fused "
-    print(f"  GPU pallas path: {path}{plan}")
+    path = ("unfused (gather kernel + XLA gate): " if isinstance(plan, str) else "fused ") + str(plan)
+    print(f"  GPU pallas path: {path}")
 
   def fwd(impl):
     return jax.jit(lambda *a: pk.gather_gate(*a, impl=impl, block_rows=block_rows,
@@ -186,6 +190,8 @@ def bench_fused(case: FusedCase, copy_bw: float, iters: int, block_rows: int, ba
       print(fmt_row(f"{impl} {label}", results[label, impl], nbytes, copy_bw))
     print(f"  speedup pallas/xla {label}: "
           f"{results[label, 'xla'] / results[label, 'pallas']:.3g}x")
+  return {"gpu_path": path, "bytes": nbytes,
+          **{f"{impl}_{label}_s": t for (label, impl), t in results.items()}}
 
 
 def main(argv):

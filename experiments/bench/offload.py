@@ -294,6 +294,51 @@ def _report(title: str, unit: str, per_step: int, results: dict[str, Result]) ->
           f"{r.overlap:7.2f} {r.hit_rate:8.1%}")
 
 
+@dataclasses.dataclass
+class Setup:
+  """What every placement runs on: one model (one seed) and the same Zipf row ids."""
+  cfg: ModelConfig
+  model: object
+  zipf: dict               # layer -> ZipfRows
+  freqs: dict              # layer -> row frequencies (from batches the timed runs never see)
+  rate: float              # MoE router-bias update rate
+
+
+def setup(cfg: ModelConfig, preset: Preset, zipf_exponent: float) -> Setup:
+  start = time.perf_counter()
+  model = build_model(cfg, 0)
+  layers = cfg.engram_layer_ids
+  sizes = {l: model.blocks[l].engram.table_sizes for l in layers}
+  rows = sum(model.blocks[l].engram.num_rows for l in layers)
+  print(f"model built in {time.perf_counter() - start:.1f}s: Engram layers {layers}, "
+        f"{rows:,} table rows x d_h {cfg.engram.head_dim} = "
+        f"{rows * cfg.engram.head_dim / 1e6:,.1f}M table params")
+  zipf = {l: ZipfRows(s, zipf_exponent, seed=l) for l, s in sizes.items()}
+  offsets = {l: np.asarray(model.blocks[l].engram.offsets) for l in layers}
+  b, t = preset.train_batch
+  sample = _batches(cfg, zipf, 4, b, t, seed=99)  # frequencies come from other batches
+  freqs = {l: count_row_frequencies((x["engram_rows"][l] + offsets[l] for x in sample),
+                                    model.blocks[l].engram.num_rows) for l in layers}
+  return Setup(cfg, model, zipf, freqs, cfg.moe.bias_update_rate if cfg.moe else 0.0)
+
+
+def placement_spec(placement: str, cache_fraction: float) -> str | None:
+  """offload spec of a placement name: device -> None, host, cached -> cached@fraction."""
+  return {"device": None, "host": "host", "cached": f"cached@{cache_fraction}"}[placement]
+
+
+def train_batches(s: Setup, preset: Preset, steps: int) -> list[dict]:
+  """`steps` timed training batches plus the preset's warm-up ones."""
+  b, t = preset.train_batch
+  return _batches(s.cfg, s.zipf, steps + preset.warmup, b, t, seed=1)
+
+
+def decode_inputs(s: Setup, preset: Preset, steps: int) -> list[dict]:
+  """`steps` timed decode steps (one token per sequence) plus the warm-up ones."""
+  return [{"tokens": x["tokens"], "engram_rows": x["engram_rows"]}
+          for x in _batches(s.cfg, s.zipf, steps + preset.warmup, preset.decode_batch, 1, seed=2)]
+
+
 def main(argv):
   del argv
   preset = _presets()[_PRESET.value]
@@ -304,44 +349,28 @@ def main(argv):
     print("NOTE: on CPU host and device memory are the same RAM: these figures show that the "
           "paths work and their software overhead, NOT PCIe transfer behaviour.")
   start = time.perf_counter()
-  model = build_model(cfg, 0)
-  layers = cfg.engram_layer_ids
-  sizes = {l: model.blocks[l].engram.table_sizes for l in layers}
-  rows = sum(model.blocks[l].engram.num_rows for l in layers)
-  print(f"model built in {time.perf_counter() - start:.1f}s: Engram layers {layers}, "
-        f"{rows:,} table rows x d_h {cfg.engram.head_dim} = "
-        f"{rows * cfg.engram.head_dim / 1e6:,.1f}M table params")
-  zipf = {l: ZipfRows(s, _ZIPF.value, seed=l) for l, s in sizes.items()}
-  offsets = {l: np.asarray(model.blocks[l].engram.offsets) for l in layers}
-  (b, t), warm = preset.train_batch, preset.warmup
-  sample = _batches(cfg, zipf, 4, b, t, seed=99)  # frequencies come from other batches
-  freqs = {l: count_row_frequencies((x["engram_rows"][l] + offsets[l] for x in sample),
-                                    model.blocks[l].engram.num_rows) for l in layers}
-  spec = {"host": "host", "cached": f"cached@{_CACHE_FRACTION.value}"}
-  rate = cfg.moe.bias_update_rate if cfg.moe else 0.0
-  depth = _DEPTH.value
+  s = setup(cfg, preset, _ZIPF.value)
+  b, t = preset.train_batch
+  warm, depth = preset.warmup, _DEPTH.value
+  name = lambda p: p if p != "cached" else f"cached@{_CACHE_FRACTION.value}"
 
   if "train" not in _SKIP.value:
-    n = (_TRAIN_STEPS.value or preset.train_steps) + warm
-    batches = _batches(cfg, zipf, n, b, t, seed=1)
+    batches = train_batches(s, preset, _TRAIN_STEPS.value or preset.train_steps)
     results, reuse = {}, []
     for p in _PLACEMENTS.value:
-      results[p if p != "cached" else f"cached@{_CACHE_FRACTION.value}"] = (
-          train_device(model, batches, warm, rate) if p == "device" else
-          train_host(model, spec[p], batches, warm, rate, freqs, depth, reuse))
-    _report(f"training: B={b} T={t}, {n - warm} timed steps", "tokens/s", b * t, results)
+      spec = placement_spec(p, _CACHE_FRACTION.value)
+      results[name(p)] = (train_device(s.model, batches, warm, s.rate) if spec is None else
+                          train_host(s.model, spec, batches, warm, s.rate, s.freqs, depth, reuse))
+    _report(f"training: B={b} T={t}, {len(batches) - warm} timed steps", "tokens/s", b * t, results)
 
   if "decode" not in _SKIP.value:
-    db = preset.decode_batch
-    n = (_DECODE_STEPS.value or preset.decode_steps) + warm
-    steps = [{"tokens": x["tokens"], "engram_rows": x["engram_rows"]}
-             for x in _batches(cfg, zipf, n, db, 1, seed=2)]
+    steps = decode_inputs(s, preset, _DECODE_STEPS.value or preset.decode_steps)
     results = {}
     for p in _PLACEMENTS.value:
-      results[p if p != "cached" else f"cached@{_CACHE_FRACTION.value}"] = decode(
-          model, None if p == "device" else spec[p], steps, warm, freqs, depth)
-    _report(f"decode: {db} sequences x 1 token per step, {n - warm} timed steps", "tokens/s",
-            db, results)
+      results[name(p)] = decode(s.model, placement_spec(p, _CACHE_FRACTION.value), steps, warm,
+                                s.freqs, depth)
+    _report(f"decode: {preset.decode_batch} sequences x 1 token per step, {len(steps) - warm} "
+            "timed steps", "tokens/s", preset.decode_batch, results)
 
   print(f"\ntotal {time.perf_counter() - start:.1f}s")
   if cpu:
