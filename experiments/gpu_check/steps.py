@@ -360,15 +360,37 @@ def step_offload(log: StepLog, smoke: bool) -> None:
          offload.train_host(s.model, spec, batches, preset.warmup, s.rate, s.freqs, depth, reuse))
     return as_dict(r, b * t)
 
-  # The goals' pairs first (device and host: decode, the 1% goal, then training, 3%), the hot-row
-  # cache last. HOOK: experiments/bench/serve.py (host-table decode serving, another branch) is
-  # not on this branch; when it lands, time its decode loop here next to offload.decode and
-  # record it as decode/<name>.
-  order = [("decode", "device"), ("decode", "host"), ("train", "device"), ("train", "host")]
+  # The decode goal first: the serving benchmark's compiled decode loop (host rows read inside
+  # the program), paired host/device ratios over alternated repeats. Then the training pair
+  # (the 3% goal), then the prefetcher-driven decode pair of bench/offload and the hot-row cache.
+  log.case("serve", "dense", lambda: _serve_case(smoke), 5 if smoke else 30)
+  order = [("train", "device"), ("train", "host"), ("decode", "device"), ("decode", "host")]
   order += [(part, p) for p in placements if p not in ("device", "host") for part in ("train", "decode")]
   for part, p in order:
     fn = decode if part == "decode" else train
     log.case(part, p, lambda fn=fn, p=p: fn(p), 5 if smoke else 20)
+
+
+def _serve_case(smoke: bool) -> dict:
+  """experiments.bench.serve on the dense backbone: device vs host vs cached tables, greedy decode.
+
+  GPU: the h200 preset's shapes cut to fit the step's budget (64 sequences of U(100, 512)
+  tokens, 64 new tokens, 2 repeats, ~2B table parameters in pinned host memory)."""
+  import dataclasses as dc
+
+  import jax
+
+  from experiments.bench import serve
+  p = serve.PRESETS["tiny"]
+  if smoke:
+    p = dc.replace(p, num_sequences=4, new_tokens=8, repeats=2)
+  else:
+    p = dc.replace(serve.PRESETS["h200"], num_sequences=64, prompt_max=512, new_tokens=64, repeats=2,
+                   engram=dc.replace(serve.PRESETS["h200"].engram, vocab_sizes=(1_000_000, 1_000_000)))
+  platform = "gpu" if jax.default_backend() == "gpu" else "cpu"
+  summary = serve.serve_one(p, "dense", platform)
+  return {"ratios": {name: {"mean": rm, "se": rse, "best": best} for name, (rm, rse, best) in summary.items()},
+          "num_sequences": p.num_sequences, "new_tokens": p.new_tokens, "repeats": p.repeats}
 
 
 # ----------------------------------------------------------------------------- train step

@@ -105,7 +105,16 @@ def evaluate_goals(rec: dict) -> list[dict]:
       row(g[key], *_unmeasured(look, "fused"))
   # host vs device
   off = _step(rec, "offload")
+  serve = [c for c in _cases(off, "serve") if c.get("status") == "ok" and "host" in c.get("ratios", {})]
+  if serve:   # the compiled decode loop with host rows read in the program: paired ratios
+    r = serve[0]["ratios"]
+    fig = f"host {r['host']['mean']:.3f} +- {r['host']['se']:.3f}x device (paired, serve.py dense)"
+    if "cached" in r:
+      fig += f"; cached {r['cached']['mean']:.3f} +- {r['cached']['se']:.3f}x"
+    row(g["host_decode"], "met" if r["host"]["mean"] >= 0.99 else "missed", fig)
   for key, part, target in (("host_decode", "decode", 0.99), ("host_train", "train", 0.97)):
+    if key == "host_decode" and serve:
+      continue
     cases = {c["name"]: c for c in _cases(off, part) if c.get("status") == "ok"}
     if "device" in cases and "host" in cases:
       dev, host = cases["device"]["tokens_per_s"], cases["host"]["tokens_per_s"]
