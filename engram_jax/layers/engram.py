@@ -41,6 +41,7 @@ from flax import nnx
 
 from engram_jax import sharding
 from engram_jax.config import EngramConfig
+from engram_jax.distributed import pallas_local_gather, sharded_gather  # lookup level, below layers
 from engram_jax.layers.norms import RMSNorm, rms_norm
 from engram_jax.layers.params import annotated
 
@@ -235,8 +236,6 @@ class Engram(nnx.Module):
     table = self.table[...]
     layout = self.row_sharding(flat.shape) if flat.ndim > 1 else None
     if layout is not None:
-      from engram_jax.distributed import pallas_local_gather, sharded_gather
-
       local = None if self.impl == "xla" else pallas_local_gather(self.impl)
       rows = sharded_gather(table, flat, local_gather=local, **layout)
     elif self.impl == "xla":

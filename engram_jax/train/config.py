@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 from engram_jax.config import check_known_fields
+from engram_jax.offload import parse_placements
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,8 +108,6 @@ class TrainConfig:
 
 def _check_table_placement(spec: str) -> None:
   """Syntax and kinds of a placement spec; the layer ids are checked against the model later."""
-  from engram_jax.offload import parse_placements  # kernel-level package, no cycle
-
   if not isinstance(spec, str):
     raise TypeError(f"TrainConfig.table_placement must be a string, got {spec!r}")
   named = []

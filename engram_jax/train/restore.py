@@ -16,9 +16,13 @@ from engram_jax import sharding as sharding_lib
 from engram_jax.data import DataConfig, EngramRowHasher, make_eval_batches, special_ids
 from engram_jax.hashing import NgramHasher, TokenizerCompressor, tokenizer_fingerprint
 from engram_jax.models.config import ModelConfig
+from engram_jax.models.offloaded import OffloadedEngram, host_table_filter
 from engram_jax.models.transformer import Transformer
+from engram_jax.offload import HostTable, TablePlacement
 from engram_jax.train.checkpoint import Checkpointer, CheckpointMismatchError
 from engram_jax.train.config import TrainConfig
+from engram_jax.train.host_trainer import dense_optimizer, split_params
+from engram_jax.train.loss import summarize_eval
 from engram_jax.train.optimizer import make_optimizer
 from engram_jax.train.state import TrainState, abstract_like, build_model, create_train_state
 from engram_jax.train.steps import make_eval_step, make_host_eval_step
@@ -69,7 +73,7 @@ def load_run(path: str | Path, *, step: int | None = None, mesh=None,
       host_tables=run.host_tables)` take such a run.
   tables="host" is refused (ValueError) for a run trained with every table on the device:
   its checkpoint holds the tables inside the device state. Load it with tables="device"
-  and move them with `engram_jax.offload.split_tables(run.model, "host")`.
+  and move them with `engram_jax.models.offloaded.split_tables(run.model, "host")`.
   """
   if tables not in TABLE_LOCATIONS:
     raise ValueError(f"load_run: tables must be one of {TABLE_LOCATIONS}, got {tables!r}")
@@ -95,7 +99,7 @@ def load_run(path: str | Path, *, step: int | None = None, mesh=None,
     raise ValueError(
         f"load_run(tables='host'): the run at {path} was trained with every Engram table on "
         "the device (its checkpoint names no host_table_layers); load it with "
-        "tables='device' and move the tables with engram_jax.offload.split_tables(run.model, "
+        "tables='device' and move the tables with engram_jax.models.offloaded.split_tables(run.model, "
         "'host')")
   host_tables = None
   try:
@@ -126,9 +130,6 @@ def _load_host_placed(ckpt: Checkpointer, meta: dict[str, Any], model_config: Mo
   as device arrays (host tables None); keep_on_host=True reads them into NumPy
   `HostTable`s and leaves size-0 [0, d_h] placeholders in the model.
   """
-  from engram_jax.offload import HostTable, host_table_filter, split_params
-  from engram_jax.offload.train_step import dense_optimizer
-
   abstract = nnx.eval_shape(lambda: build_model(model_config, meta.get("seed", 0)))
   graphdef, params, rest = split_params(abstract, host_layers)
   tables, rest = nnx.split_state(rest, host_table_filter(host_layers), ...)
@@ -198,8 +199,6 @@ def evaluate_run(run: LoadedRun, data_config: DataConfig | None = None) -> dict[
   With `run.host_tables` (load_run(tables="host")) the host layers' rows are gathered from
   them each batch and fed to the model as `engram_inputs`, as the trainer evaluates.
   """
-  from engram_jax.train.loss import summarize_eval
-
   data_config = data_config or run.data_config
   batches = make_eval_batches(data_config, run.tokenizer, row_hasher=run.row_hasher)
   if run.host_tables:
@@ -215,10 +214,6 @@ def evaluate_run(run: LoadedRun, data_config: DataConfig | None = None) -> dict[
 
 
 def _evaluate_host_tables(run: LoadedRun, batches) -> dict[str, float]:
-  from engram_jax.offload import TablePlacement
-  from engram_jax.offload.model import OffloadedEngram
-  from engram_jax.train.loss import summarize_eval
-
   tables = dict(run.host_tables)
   placements = {l: TablePlacement("host" if l in tables else "device")
                 for l in run.model_config.engram_layer_ids}

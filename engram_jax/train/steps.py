@@ -11,6 +11,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from engram_jax import sharding as sharding_lib
+from engram_jax.models.offloaded import apply_offloaded
 from engram_jax.models.transformer import updated_router_biases
 from engram_jax.train.loss import masked_lm_loss
 from engram_jax.train.state import TrainState
@@ -91,8 +92,6 @@ def make_host_eval_step(graphdef: nnx.GraphDef, host_layers: tuple[int, ...]
                         ) -> Callable[[TrainState, Batch, dict], dict]:
   """As `make_eval_step` for a model whose `host_layers` tables live in host memory:
   (state, batch, rows {layer: [B, T, d_mem]} gathered from the host tables) -> sums."""
-  from engram_jax.offload import apply_offloaded  # offload sits below training
-
   def step(state: TrainState, batch: Batch, rows: dict):
     device_ids = {l: v for l, v in batch["engram_rows"].items() if l not in host_layers} or None
     logits, _ = apply_offloaded(graphdef, nnx.merge_state(state.params, state.rest),

@@ -7,7 +7,7 @@ SIGTERM / SIGINT save a checkpoint and return with status "preempted"; a non-fin
 raises `TrainingDivergedError` naming the step and leaves the last good checkpoint alone.
 
 Engram tables in host memory (`TrainConfig.table_placement`, e.g. "host", "cached@0.05",
-"1:host"): `engram_jax.offload.HostTableTrainer` runs the steps (rows of step t+1 gathered
+"1:host"): `engram_jax.train.host_trainer.HostTableTrainer` runs the steps (rows of step t+1 gathered
 on the host during step t, row-sparse Adam on the host tables); checkpoints add the host
 tables and their Adam state (item "host_tables"); evaluation feeds the gathered rows.
 Single process only: by default on jax.devices()[0], or data-parallel over a given mesh
@@ -53,10 +53,13 @@ from engram_jax.data import (
 from engram_jax.hashing import TokenizerCompressor, tokenizer_fingerprint
 from engram_jax.models.accounting import count_params, flops_per_token
 from engram_jax.models.config import ModelConfig
+from engram_jax.models.host_init import build_offloaded
+from engram_jax.models.offloaded import host_table_filter
 from engram_jax.offload import count_row_frequencies, flat_rows_np, parse_placements
 from engram_jax.train import multihost
 from engram_jax.train.checkpoint import Checkpointer, vocab_item
 from engram_jax.train.config import TrainConfig
+from engram_jax.train.host_trainer import HostTableTrainer, check_data_parallel_mesh
 from engram_jax.train.loss import summarize_eval
 from engram_jax.train.metrics import MetricsWriter
 from engram_jax.train.optimizer import make_optimizer
@@ -338,8 +341,6 @@ def _table_placements(model_config: ModelConfig, cfg: TrainConfig) -> tuple[dict
 
 
 def _check_host_placement_setup(mesh: jax.sharding.Mesh, cfg: TrainConfig) -> None:
-  from engram_jax.offload.train_step import check_data_parallel_mesh
-
   try:
     check_data_parallel_mesh(mesh)
   except NotImplementedError as e:
@@ -442,9 +443,6 @@ class _HostPlacement:
   """
 
   def __init__(self, trainer: Trainer, meta: dict[str, Any], data_iter: Any, rate: float):
-    from engram_jax.offload import HostTableTrainer, host_table_filter
-    from engram_jax.offload.host_init import build_offloaded
-
     # The host tables are initialised in host memory, never on the device.
     build = lambda: build_model(trainer.model_config, trainer.seed)  # noqa: E731
     cached = tuple(l for l, p in trainer.placements.items()

@@ -42,10 +42,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from engram_jax import sharding as sharding_lib
+from engram_jax.models.offloaded import OffloadedEngram, host_table_filter, split_tables
 from engram_jax.models.transformer import Transformer, updated_router_biases
 from engram_jax.offload.hot_cache import HotRowCache
 from engram_jax.offload.indexing import check_int32_rows
-from engram_jax.offload.model import OffloadedEngram, split_tables
 from engram_jax.offload.placement import TablePlacement
 from engram_jax.offload.prefetch import patch_updated_rows
 from engram_jax.offload.sparse_adam import SparseRowAdam, SparseRowState, sparse_grad
@@ -57,16 +57,6 @@ from engram_jax.train.steps import batch_shardings
 
 Batch = dict[str, Any]
 SparseGrads = dict[int, tuple[jax.Array, jax.Array, jax.Array]]
-
-
-def host_table_filter(host_layers: Iterable[int]) -> Callable[[tuple, Any], bool]:
-  """nnx filter selecting blocks[l].engram.table for the layers in `host_layers`."""
-  layers = frozenset(int(l) for l in host_layers)
-
-  def is_host_table(path, _):
-    return (len(path) == 4 and path[0] == "blocks" and path[1] in layers
-            and path[2] == "engram" and path[3] == "table")
-  return is_host_table
 
 
 def split_params(model: Transformer, host_layers: Iterable[int]
