@@ -221,6 +221,16 @@ class Engram(nnx.Module):
     batch_spec = sharding.logical_to_spec(("batch",), mesh, (ids_shape[0],))
     return dict(mesh=mesh, axis=table_axes, batch_axes=sharding.axis_tuple(batch_spec[0]))
 
+  def flat_row_ids(self, row_ids: jax.Array) -> jax.Array:
+    """Per-head row ids [..., H] -> int32 rows of the flat table [..., H] (folded, offset);
+    checked eagerly outside jit (`check_row_ids`)."""
+    row_ids = jnp.asarray(row_ids)
+    self.check_row_ids(row_ids)
+    row_ids = row_ids.astype(jnp.int32)
+    if self.fold_rows is not None:
+      row_ids = row_ids % self.fold_rows
+    return row_ids + jnp.asarray(self.offsets, jnp.int32)
+
   def lookup(self, row_ids: jax.Array) -> jax.Array:
     """Gathers the rows of every head: [..., H] per-head ids -> [..., H * d_h].
 
@@ -228,11 +238,7 @@ class Engram(nnx.Module):
     which surface in the loss instead of silently reading a neighbour head's rows.
     """
     row_ids = jnp.asarray(row_ids)
-    self.check_row_ids(row_ids)
-    row_ids = row_ids.astype(jnp.int32)
-    if self.fold_rows is not None:
-      row_ids = row_ids % self.fold_rows
-    flat = row_ids + jnp.asarray(self.offsets, jnp.int32)
+    flat = self.flat_row_ids(row_ids)
     table = self.table[...]
     layout = self.row_sharding(flat.shape) if flat.ndim > 1 else None
     if layout is not None:

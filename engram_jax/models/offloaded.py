@@ -126,14 +126,17 @@ def _gather(source: RowSource, flat_ids: np.ndarray, sharding: RowPlacement | No
   return jax.device_put(_gather(source, flat_ids), target)
 
 
-def host_table_filter(host_layers: Iterable[int]) -> Callable[[tuple, Any], bool]:
-  """nnx filter selecting blocks[l].engram.table for the layers in `host_layers`."""
-  layers = frozenset(int(l) for l in host_layers)
+def engram_table_filter(layers: Iterable[int] | None = None) -> Callable[[tuple, Any], bool]:
+  """nnx filter selecting blocks[l].engram.table for the Engram layers in `layers` (None: all)."""
+  layers = None if layers is None else frozenset(int(l) for l in layers)
 
-  def is_host_table(path, _):
-    return (len(path) == 4 and path[0] == "blocks" and path[1] in layers
+  def is_table(path, _):
+    return (len(path) == 4 and path[0] == "blocks" and (layers is None or path[1] in layers)
             and path[2] == "engram" and path[3] == "table")
-  return is_host_table
+  return is_table
+
+
+host_table_filter = engram_table_filter  # the host path's name: its layers' tables
 
 
 def _engram(model: Transformer, layer: int):

@@ -40,7 +40,7 @@ from engram_jax.offload.prefetch import (
     engram_row_ids,
     patch_updated_rows,
 )
-from engram_jax.offload.sparse_adam import SparseRowAdam, SparseRowState, sparse_grad
+from engram_jax.offload.sparse_adam import SparseRowAdam, SparseRowState, apply_sparse_adam, sparse_grad
 
 __all__ = [
     "PLACEMENTS",
@@ -52,6 +52,7 @@ __all__ = [
     "SparseRowState",
     "TablePlacement",
     "analytic_zipf_hit_rate",
+    "apply_sparse_adam",
     "check_int32_rows",
     "count_row_frequencies",
     "engram_row_ids",

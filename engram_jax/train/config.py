@@ -38,6 +38,10 @@ class TrainConfig:
       row-sparse Adam on the host), "cached@0.05" (host + 5% hottest rows on the device),
       or per layer, "1:host,15:cached@0.05" (unnamed layers stay on the device).
       Anything but "device" needs a single-device mesh and a single process.
+    table_optimizer: how device-placed tables are updated: "sparse_adam" (the rows a batch
+      touched, per-row Adam counts, O(tokens) per step; the host tables' update) or
+      "dense_adam" (optax Adam over the whole table, the reference). Host tables are
+      always row-sparse; row-sharded device tables fall back to dense (logged).
   """
 
   total_steps: int = 200
@@ -63,6 +67,7 @@ class TrainConfig:
   keep_best_by: str | None = None
   progress_bar: bool = True
   table_placement: str = "device"
+  table_optimizer: str = "sparse_adam"
 
   def __post_init__(self):
     object.__setattr__(self, "step_decay_boundaries", tuple(float(b) for b in self.step_decay_boundaries))
@@ -91,6 +96,8 @@ class TrainConfig:
       if getattr(self, name) < 0:
         raise ValueError(f"TrainConfig.{name} must be >= 0")
     _check_table_placement(self.table_placement)
+    if self.table_optimizer not in ("sparse_adam", "dense_adam"):
+      raise ValueError(f"TrainConfig.table_optimizer must be 'sparse_adam' or 'dense_adam', got {self.table_optimizer!r}")
 
   def replace(self, **changes: Any) -> TrainConfig:
     return dataclasses.replace(self, **changes)

@@ -23,7 +23,7 @@ from engram_jax.train.checkpoint import Checkpointer, CheckpointMismatchError
 from engram_jax.train.config import TrainConfig
 from engram_jax.train.host_trainer import dense_optimizer, split_params
 from engram_jax.train.loss import summarize_eval
-from engram_jax.train.optimizer import make_optimizer
+from engram_jax.train.optimizer import make_table_optimizer
 from engram_jax.train.state import TrainState, abstract_like, build_model, create_train_state
 from engram_jax.train.steps import make_eval_step, make_host_eval_step
 
@@ -91,7 +91,8 @@ def load_run(path: str | Path, *, step: int | None = None, mesh=None,
     if hasher.config != model_config.engram:
       raise CheckpointMismatchError(f"stored hash constants are for {hasher.config}, the stored "
                                     f"model's Engram config is {model_config.engram}")
-  train_config = TrainConfig.from_dict(meta["train"])
+  # runs saved before TrainConfig.table_optimizer existed trained their tables with dense Adam
+  train_config = TrainConfig.from_dict({"table_optimizer": "dense_adam", **meta["train"]})
   mesh = mesh or sharding_lib.make_mesh(data=1, devices=jax.devices()[:1])
   host_layers = tuple(int(l) for l in meta.get("host_table_layers") or ())
   if tables == "host" and not host_layers:
@@ -109,7 +110,7 @@ def load_run(path: str | Path, *, step: int | None = None, mesh=None,
           keep_on_host=tables == "host")
     else:
       graphdef, state, shardings, _ = create_train_state(
-          model_config, lambda p: make_optimizer(train_config, p), meta.get("seed", 0), mesh)
+          model_config, lambda p: make_table_optimizer(train_config, p, mesh), meta.get("seed", 0), mesh)
       state, _ = ckpt.restore(abstract_like(state), current_meta=meta, step=step)
       model = nnx.merge(graphdef, state.params, state.rest)
       loaded_step = int(state.step)

@@ -62,7 +62,7 @@ from engram_jax.train.config import TrainConfig
 from engram_jax.train.host_trainer import HostTableTrainer, check_data_parallel_mesh
 from engram_jax.train.loss import summarize_eval
 from engram_jax.train.metrics import MetricsWriter
-from engram_jax.train.optimizer import make_optimizer
+from engram_jax.train.optimizer import make_table_optimizer
 from engram_jax.train.state import abstract_like, build_model, create_train_state
 from engram_jax.train.steps import batch_shardings, make_eval_step, make_host_eval_step, make_train_step
 
@@ -357,7 +357,7 @@ class _DevicePlacement:
   def __init__(self, trainer: Trainer, meta: dict[str, Any], data_iter: Any, rate: float):
     cfg, mesh = trainer.train_config, trainer.mesh
     graphdef, state, state_sh, (tx, lr) = create_train_state(
-        trainer.model_config, lambda p: make_optimizer(cfg, p), trainer.seed, mesh)
+        trainer.model_config, lambda p: make_table_optimizer(cfg, p, mesh), trainer.seed, mesh)
     if trainer.checkpointer.latest_step() is not None:
       abstract = abstract_like(state)
       del state
