@@ -53,7 +53,7 @@ from engram_jax.train.config import TrainConfig
 from engram_jax.train.loss import masked_lm_loss
 from engram_jax.train.optimizer import make_optimizer
 from engram_jax.train.state import TrainState, tree_shardings
-from engram_jax.train.steps import batch_shardings
+from engram_jax.train.steps import batch_shardings, clip_with_row_grads
 
 Batch = dict[str, Any]
 SparseGrads = dict[int, tuple[jax.Array, jax.Array, jax.Array]]
@@ -95,7 +95,6 @@ def make_host_table_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransfo
   for l, r in num_rows.items():
     check_int32_rows(r + 1, f"host table of Engram layer {l} (device ids are int32)")
   offsets = {l: np.asarray(offloaded.offsets[l], np.int32) for l in host_layers}
-  clip = optax.clip_by_global_norm(grad_clip_norm) if grad_clip_norm > 0 else None
 
   def step(state: TrainState, batch: Batch, rows: Mapping[int, jax.Array]):
     ids = batch["engram_rows"]
@@ -115,11 +114,7 @@ def make_host_table_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransfo
       flat = ids[l].astype(jnp.int32) + offsets[l]
       g = row_grads[l].reshape(flat.shape + (-1,))
       sparse[l] = sparse_grad(flat, g, num_rows[l], sparse_size)
-    summed = {l: s[1] for l, s in sparse.items()}
-    grad_norm = optax.global_norm((grads, summed))
-    if clip is not None:
-      (grads, summed), _ = clip.update((grads, summed), optax.EmptyState())
-      sparse = {l: (s[0], summed[l], s[2]) for l, s in sparse.items()}
+    grads, sparse, grad_norm = clip_with_row_grads(grads, sparse, grad_clip_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     rest = state.rest

@@ -95,6 +95,18 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation | S
   return step
 
 
+def clip_with_row_grads(grads: Any, sparse: dict, clip_norm: float) -> tuple[Any, dict, jax.Array]:
+  """Global-norm clip over dense grads and `sparse_grad` outputs {layer: (rows, summed, count)}
+  together (the norm the dense table gradient would have). Returns (grads, sparse, norm
+  before clipping); clip_norm <= 0: no clip."""
+  summed = {l: s[1] for l, s in sparse.items()}
+  norm = optax.global_norm((grads, summed))
+  if clip_norm > 0:
+    (grads, summed), _ = optax.clip_by_global_norm(clip_norm).update((grads, summed), optax.EmptyState())
+    sparse = {l: (s[0], summed[l], s[2]) for l, s in sparse.items()}
+  return grads, sparse, norm
+
+
 def _sparse_table_update(tx: SparseTableOptimizer, state: TrainState, tables: nnx.State,
                          params: nnx.State, grads: nnx.State, flat: dict, row_grads: dict,
                          lr: jax.Array, metrics: dict) -> tuple[nnx.State, Any, jax.Array]:
@@ -109,15 +121,10 @@ def _sparse_table_update(tx: SparseTableOptimizer, state: TrainState, tables: nn
     metrics[f"engram_rows_touched_{l}"] = sparse[l][2]
   if tx.frozen:
     sparse = {}  # as make_optimizer zeroes frozen table grads before its clip
-  summed = {l: s[1] for l, s in sparse.items()}
-  grad_norm = optax.global_norm((grads, summed))
-  if tx.grad_clip_norm > 0:
-    (grads, summed), _ = optax.clip_by_global_norm(tx.grad_clip_norm).update(
-        (grads, summed), optax.EmptyState())
+  grads, sparse, grad_norm = clip_with_row_grads(grads, sparse, tx.grad_clip_norm)
   updates, dense_state = tx.dense.update(grads, dense_state, params)
   params = optax.apply_updates(params, updates)
   if not tx.frozen:
-    sparse = {l: (s[0], summed[l], s[2]) for l, s in sparse.items()}
     new_tables, table_states = tx.apply_tables(table_values, table_states, sparse, lr)
     tables = jax.tree_util.tree_map_with_path(lambda path, x: new_tables[path[1].key], tables)
   return nnx.merge_state(params, tables), (dense_state, table_states), grad_norm
