@@ -1,7 +1,7 @@
 r"""Dense vs row-sparse Adam on device Engram tables: a paired comparison on the same tokens.
 
   PYTHONPATH=. python -m experiments.table_optimizer_pair --workdir=runs/table_optimizer \
-      [--config=experiments/configs/tiny.py:engram] [--steps=200] [--eval_batches=32]
+      [--config=experiments/configs/tiny.py:engram] [--steps=200] [--eval_batches=32] [--slots=30000]
 
 Trains the config twice from the same init on the same batches, once per
 `TrainConfig.table_optimizer`, then evaluates both final models on the same validation
@@ -25,12 +25,15 @@ from ml_collections import config_flags
 
 from engram_jax.data import make_eval_batches
 from engram_jax.train.restore import load_run
+from experiments import sweep_lib
 from experiments.runner import build_trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/tiny.py:engram", "Run config.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/table_optimizer", "Where the two runs go.")
 _STEPS = flags.DEFINE_integer("steps", 200, "Training steps of each run.")
 _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 32, "Validation batches of the comparison.")
+_SLOTS = flags.DEFINE_integer("slots", 0, "Engram rows per head on the config's MoE backbone "
+                              "(sweep_lib.engram_at_slots); 0: the config's allocated Engram.")
 OPTIMIZERS = ("dense_adam", "sparse_adam")
 
 
@@ -61,7 +64,8 @@ def main(argv):
     config.train.total_steps = _STEPS.value
     config.train.warmup_steps = min(config.train.warmup_steps, _STEPS.value // 10)
     config.train.progress_bar = False
-    trainer = build_trainer(config, str(workdir / opt))
+    model = sweep_lib.engram_at_slots(config, _SLOTS.value) if _SLOTS.value else None
+    trainer = build_trainer(config, str(workdir / opt), model_config=model)
     result = trainer.run()
     trainers[opt] = trainer
     print(f"{opt}: {result.step} steps, {result.tokens_per_second:,.0f} tokens/s, val {result.eval}",
@@ -76,7 +80,7 @@ def main(argv):
   se = float(diff.std(ddof=1) / np.sqrt(n))
   tokens = int(sum(np.asarray(b["loss_mask"]).sum() for b in batches))
   summary = {
-      "steps": _STEPS.value, "sequences": n, "tokens": tokens,
+      "steps": _STEPS.value, "slots_per_head": _SLOTS.value or "allocated", "sequences": n, "tokens": tokens,
       **{f"{o}_loss": float(losses[o].mean()) for o in OPTIMIZERS},
       "diff_sparse_minus_dense": float(diff.mean()), "diff_se": se,
       "devices": str(jax.devices()),

@@ -41,7 +41,8 @@ class TrainConfig:
     table_optimizer: how device-placed tables are updated: "sparse_adam" (the rows a batch
       touched, per-row Adam counts, O(tokens) per step; the host tables' update) or
       "dense_adam" (optax Adam over the whole table, the reference). Host tables are
-      always row-sparse; row-sharded device tables fall back to dense (logged).
+      always row-sparse; row-sharded device tables, and the device layers of a mixed
+      placement ("1:host"), keep dense Adam (logged for the former).
   """
 
   total_steps: int = 200
