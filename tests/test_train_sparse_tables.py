@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from engram_jax import sharding as sharding_lib
+from engram_jax.train import CheckpointMismatchError, Trainer
 from engram_jax.train.checkpoint import compare_meta
 from engram_jax.train.config import TrainConfig
 from engram_jax.train.optimizer import SparseTableOptimizer, make_table_optimizer
@@ -18,6 +19,8 @@ from engram_jax.train.state import TrainState, create_train_state, split_model
 from engram_jax.train.steps import make_train_step
 from tests.test_offload_model import CONFIG, fresh_model
 from tests.test_offload_training import SCHEDULE, _batch
+from tests.test_train import TRAIN as TRAINER_CFG
+from tests.test_train import data_config, tiny_model  # noqa: F401  (data_config: a fixture)
 
 LAYERS = CONFIG.engram_layer_ids
 TRAIN = TrainConfig(total_steps=10, learning_rate=1e-2, warmup_steps=1, weight_decay=0.1,
@@ -158,6 +161,17 @@ def test_row_sharded_tables_fall_back_to_dense_adam(caplog):
     tx, _ = _mesh_run(mesh, TRAIN.replace(table_optimizer="sparse_adam"), [_batch(0)])
   assert isinstance(tx, optax.GradientTransformation)
   assert "split by rows over the mesh" in caplog.text and "dense Adam" in caplog.text
+
+
+def test_trainer_resume_is_bit_exact_and_keeps_its_table_optimizer(data_config, tmp_path):  # noqa: F811
+  cfg = TRAINER_CFG.replace(table_optimizer="sparse_adam")
+  straight = Trainer(tiny_model(), cfg, data_config, tmp_path / "straight").run()
+  assert Trainer(tiny_model(), cfg, data_config, tmp_path / "resumed").run(stop_after=3).step == 3
+  second = Trainer(tiny_model(), cfg, data_config, tmp_path / "resumed").run()
+  for step in (4, 5, 6):
+    assert second.losses[step] == straight.losses[step], step  # to the last bit
+  with pytest.raises(CheckpointMismatchError, match="table_optimizer"):
+    Trainer(tiny_model(), TRAINER_CFG, data_config, tmp_path / "resumed").run()
 
 
 def test_a_checkpoint_resumes_only_with_its_table_optimizer():
