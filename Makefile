@@ -7,7 +7,9 @@ PY := $(VENV)/bin/python
 venv:
 	@bash scripts/bootstrap_venv.sh
 
+# lint-imports (the layering contract in pyproject.toml, under a second) runs before the tests.
 test: venv
+	$(VENV)/bin/lint-imports
 	XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0" \
 	    JAX_PLATFORMS=cpu $(PY) -m pytest -n 2 tests
 
@@ -19,6 +21,7 @@ experiments: venv
 
 lint: venv
 	$(PY) -m ruff check engram_jax pallas_kernels experiments tests
+	$(VENV)/bin/lint-imports
 
 # On a machine with one GPU (< 6 min on an H200). Uses .venv when there is one, else the
 # system python3 (the GPU image as is: no venv is created); override with GPU_PY=...

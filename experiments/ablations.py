@@ -23,9 +23,8 @@ import logging
 from pathlib import Path
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from experiments import sweep_lib
+from experiments import cli, sweep_lib
 from experiments.configs import common
 
 ABLATIONS = ("no_multi_branch", "no_compression", "no_gate", "no_short_conv", "add_4gram")
@@ -111,15 +110,9 @@ def run(config, workdir: str, ablations, seeds, *, steps=None, train=True) -> di
 
 
 def define_flags() -> dict:
-  """The command-line flags (defined only when run as a script, so the experiments
-  can import each other)."""
-  _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/micro.py",
-                                            "Run config file; the variant part is ignored.")
-  _WORKDIR = flags.DEFINE_string("workdir", "runs/experiments", "Experiment root (shared run cache).")
-  _ABLATIONS = flags.DEFINE_list("ablations", list(ABLATIONS), "Ablations to run (full always runs).")
-  _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds (each ablation and the full model).")
-  _STEPS = flags.DEFINE_integer("steps", None, "Override train.total_steps.")
-  return {"config": _CONFIG, "workdir": _WORKDIR, "ablations": _ABLATIONS, "seeds": _SEEDS, "steps": _STEPS}
+  """The command-line flags (defined only when run as a script)."""
+  return {**cli.define_flags("seeds", "steps"),
+          "ablations": flags.DEFINE_list("ablations", list(ABLATIONS), "Ablations to run (full always runs).")}
 
 
 def main(argv):

@@ -19,9 +19,8 @@ import logging
 from pathlib import Path
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from experiments import sweep_lib
+from experiments import cli, sweep_lib
 from experiments.configs import common
 
 NAME = "allocation_sweep"
@@ -114,27 +113,17 @@ def run(config, workdir: str, rhos, scales, seeds, *, all_seeds=False, steps=Non
 
 
 def define_flags() -> dict:
-  """The command-line flags (defined only when run as a script, so the experiments
-  can import each other)."""
-  _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/micro.py",
-                                            "Run config file; the variant part is ignored.")
-  _WORKDIR = flags.DEFINE_string("workdir", "runs/experiments", "Experiment root (shared run cache).")
-  _RHOS = flags.DEFINE_list("rhos", ["1.0", "0.9", "0.8", "0.7", "0.6", "0.5", "0.4"],
-                            "Routed-expert shares of the sparse budget.")
-  _SCALES = flags.DEFINE_list("budget_scales", ["1.0", "1.5"], "Hidden-size multipliers, one budget each.")
-  _SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds at the smallest budget.")
-  _ALL_SEEDS = flags.DEFINE_bool("all_seeds", False, "Run every seed at every budget.")
-  _STEPS = flags.DEFINE_integer("steps", None, "Override train.total_steps.")
-  _SECONDARY = flags.DEFINE_list("secondary_rhos", None,
-                                 "rhos of the extra seeds and larger budgets (default: --rhos).")
-  return {"config": _CONFIG, "workdir": _WORKDIR, "rhos": _RHOS, "scales": _SCALES, "seeds": _SEEDS, "all_seeds": _ALL_SEEDS, "steps": _STEPS, "secondary_rhos": _SECONDARY}
+  """The command-line flags (defined only when run as a script)."""
+  return {**cli.define_flags("rhos", "secondary_rhos", "budget_scales", "seeds", "steps",
+                             seeds=["0", "1"]),
+          "all_seeds": flags.DEFINE_bool("all_seeds", False, "Run every seed at every budget.")}
 
 
 def main(argv):
   del argv
   logging.basicConfig(level=logging.WARNING)
   run(_F['config'].value, _F['workdir'].value, sweep_lib.parse_floats(_F['rhos'].value),
-      sweep_lib.parse_floats(_F['scales'].value), sweep_lib.parse_ints(_F['seeds'].value),
+      sweep_lib.parse_floats(_F['budget_scales'].value), sweep_lib.parse_ints(_F['seeds'].value),
       all_seeds=_F['all_seeds'].value, steps=_F['steps'].value,
       secondary_rhos=sweep_lib.parse_floats(_F['secondary_rhos'].value) if _F['secondary_rhos'].value else None)
 

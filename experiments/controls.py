@@ -21,10 +21,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import app
 
-from experiments import sweep_lib
+from experiments import cli, sweep_lib
 from experiments.ablations import variant as ablation_variant
 from experiments.configs import common
 
@@ -91,14 +90,8 @@ def run(config, workdir: str, seeds, *, steps=None, train=True) -> dict:
 
 
 def define_flags() -> dict:
-  """The command-line flags (defined only when run as a script, so the experiments
-  can import each other)."""
-  _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/micro.py",
-                                            "Run config file; the variant part is ignored.")
-  _WORKDIR = flags.DEFINE_string("workdir", "runs/experiments", "Experiment root (shared run cache).")
-  _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds.")
-  _STEPS = flags.DEFINE_integer("steps", None, "Override train.total_steps.")
-  return {"config": _CONFIG, "workdir": _WORKDIR, "seeds": _SEEDS, "steps": _STEPS}
+  """The command-line flags (defined only when run as a script)."""
+  return cli.define_flags("seeds", "steps")
 
 
 def main(argv):

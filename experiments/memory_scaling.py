@@ -20,9 +20,8 @@ import math
 from pathlib import Path
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from experiments import sweep_lib
+from experiments import cli, sweep_lib
 from experiments.configs import common
 
 NAME = "memory_scaling"
@@ -109,19 +108,9 @@ def run(config, workdir: str, slots, baseline_slots, seed=0, *, steps=None, trai
 
 
 def define_flags() -> dict:
-  """The command-line flags (defined only when run as a script, so the experiments
-  can import each other)."""
-  _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/micro.py",
-                                            "Run config file; the variant part is ignored.")
-  _WORKDIR = flags.DEFINE_string("workdir", "runs/experiments", "Experiment root (shared run cache).")
-  _SLOTS = flags.DEFINE_list("slots", ["256", "512", "1024", "2048", "4096"],
-                             "Nominal Engram rows per head (span >= 16x).")
-  _BASELINE_SLOTS = flags.DEFINE_list("baseline_slots", ["256", "1024", "4096"],
-                                      "Slots per head of the OverEncoding-style baseline.")
-  _SEED = flags.DEFINE_integer("seed", 0, "Seed of every run.")
-  _SEEDS = flags.DEFINE_list("seeds", None, "Alias of --seed taking a list (first entry used).")
-  _STEPS = flags.DEFINE_integer("steps", None, "Override train.total_steps.")
-  return {"config": _CONFIG, "workdir": _WORKDIR, "slots": _SLOTS, "baseline_slots": _BASELINE_SLOTS, "seed": _SEED, "seeds": _SEEDS, "steps": _STEPS}
+  """The command-line flags (defined only when run as a script)."""
+  return {**cli.define_flags("slots", "baseline_slots", "seeds", "steps", seeds=None),
+          "seed": flags.DEFINE_integer("seed", 0, "Seed of every run (--seeds, if given, wins).")}
 
 
 def main(argv):

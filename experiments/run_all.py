@@ -26,9 +26,8 @@ import time
 from pathlib import Path
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from experiments import ablations, allocation_sweep, controls, memory_scaling, sweep_lib
+from experiments import ablations, allocation_sweep, cli, controls, memory_scaling, sweep_lib
 
 EXPERIMENTS = ("allocation_sweep", "memory_scaling", "ablations", "controls")
 RHOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
@@ -115,23 +114,13 @@ def run(config, workdir: str, *, steps=None, docs_dir=None, **plan_kwargs) -> di
 
 
 def define_flags() -> dict:
-  """The command-line flags (defined only when run as a script)."""
+  """The command-line flags (defined only when run as a script): the experiments' shared ones
+  (`experiments.cli`) and run_all's own."""
   f = flags
   return {
-      "config": config_flags.DEFINE_config_file("config", "experiments/configs/micro.py",
-                                             "Run config file; the variant part is ignored."),
-      "workdir": f.DEFINE_string("workdir", "runs/experiments", "Experiment root (shared run cache)."),
-      "steps": f.DEFINE_integer("steps", None, "Override train.total_steps of every run."),
-      "seeds": f.DEFINE_list("seeds", ["0", "1"], "Seeds of the allocation sweep's smaller budget; "
-                          "the other experiments use the first one."),
+      **cli.define_flags("steps", "seeds", "rhos", "secondary_rhos", "budget_scales", "slots",
+                         "baseline_slots", seeds=["0", "1"]),
       "only": f.DEFINE_list("only", list(EXPERIMENTS), "Experiments to run."),
-      "rhos": f.DEFINE_list("rhos", [str(r) for r in RHOS], "Allocation sweep rhos."),
-      "secondary_rhos": f.DEFINE_list("secondary_rhos", None,
-                                   "rhos of the extra seeds / larger budget (default: --rhos)."),
-      "budget_scales": f.DEFINE_list("budget_scales", ["1.0", "1.5"], "Hidden-size multipliers."),
-      "slots": f.DEFINE_list("slots", ["256", "512", "1024", "2048", "4096"], "Memory scaling slots."),
-      "baseline_slots": f.DEFINE_list("baseline_slots", ["256", "1024", "4096"],
-                                   "OverEncoding-style baseline slots."),
       "workers": f.DEFINE_integer("workers", 1, "Training processes sharing the run list."),
       "train_only": f.DEFINE_bool("train_only", False, "Only train (a worker); no tables or plots."),
       "report_only": f.DEFINE_bool("report_only", False,

@@ -34,7 +34,8 @@ RESULT_FILE = "result.json"
 # the finished runs) unchanged. Add a new field here when it is added to a config.
 # Options added after runs were recorded: at their defaults they leave a run's key unchanged
 # (the cached runs stay valid; none of them changes what is computed).
-KEY_NEUTRAL_DEFAULTS = {"train": {"table_placement": "device"}, "data": {"decode_errors": "error"},
+# table_optimizer: runs recorded before the field existed trained with dense table Adam
+KEY_NEUTRAL_DEFAULTS = {"train": {"table_placement": "device", "table_optimizer": "dense_adam"}, "data": {"decode_errors": "error"},
                         "model": {"engram_row_multiple": 1, "engram_sharded_lookup": "all_to_all",
                                   "engram_table_sharding": "tensor"}}
 LOCK_FILE = "running.lock"

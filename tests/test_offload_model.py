@@ -11,10 +11,11 @@ import pytest
 from flax import nnx
 
 from engram_jax import EngramConfig
+from engram_jax.models import host_init
 from engram_jax.models.config import ModelConfig
-from engram_jax.offload import TablePlacement, count_row_frequencies, host_init
+from engram_jax.models.offloaded import forward_with_host_tables, split_tables
+from engram_jax.offload import TablePlacement, count_row_frequencies
 from engram_jax.offload.hot_cache import HotRowCache
-from engram_jax.offload.model import forward_with_host_tables, split_tables
 from engram_jax.train.state import build_model
 
 _BASE = ModelConfig.tiny("engram_moe")

@@ -6,8 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from engram_jax.offload.train_step import HostTableTrainer
 from engram_jax.train.config import TrainConfig
+from engram_jax.train.host_trainer import HostTableTrainer
 from engram_jax.train.optimizer import make_optimizer
 from engram_jax.train.state import TrainState, split_model
 from engram_jax.train.steps import make_train_step

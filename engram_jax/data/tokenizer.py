@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from engram_jax.data.splits import train_corpus
 from engram_jax.hashing.compression import load_tokenizer_file
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
@@ -135,10 +136,6 @@ def load_or_train_tokenizer(config, cache_dir: str | os.PathLike | None = None):
             f"but DataConfig.bpe_vocab_size={config.bpe_vocab_size}; use another tokenizer_dir "
             "or delete the cached file")
       return load_tokenizer_file(cached, "cached tokenizer (delete it to retrain)")
-
-  from engram_jax.data.pipeline import (
-    train_corpus,  # late: pipeline imports this module
-  )
 
   texts = _capped_texts(train_corpus(config), config.tokenizer_train_bytes)
   log.info("training a %d-token byte-level BPE on %d documents", config.bpe_vocab_size,

@@ -42,6 +42,7 @@ from jax.experimental import checkify
 
 from engram_jax import sharding
 from engram_jax.config import EngramConfig
+from engram_jax.distributed import pallas_local_gather, sharded_gather  # lookup level, below layers
 from engram_jax.layers.norms import RMSNorm, rms_norm
 from engram_jax.layers.params import annotated
 
@@ -254,6 +255,14 @@ class Engram(nnx.Module):
       ids = ids % self.fold_rows
     return ids + jnp.asarray(self.offsets, jnp.int32), valid
 
+  def flat_row_ids(self, row_ids: jax.Array) -> jax.Array:
+    """Per-head row ids [..., H] -> int32 rows of the flat table [..., H] (per-head bounds,
+    fold, offsets: `head_bounds`; an invalid id maps to its head's row 0); checked eagerly
+    outside jit (`check_row_ids`)."""
+    row_ids = jnp.asarray(row_ids)
+    self.check_row_ids(row_ids)
+    return self.head_bounds(row_ids)[0]
+
   def lookup(self, row_ids: jax.Array) -> jax.Array:
     """Gathers the rows of every head: [..., H] per-head ids -> [..., H * d_h].
 
@@ -269,8 +278,6 @@ class Engram(nnx.Module):
     table = self.table[...]
     layout = self.row_sharding(flat.shape) if flat.ndim > 1 else None
     if layout is not None:
-      from engram_jax.distributed import pallas_local_gather, sharded_gather
-
       local = None if self.impl == "xla" else pallas_local_gather(self.impl)
       rows = sharded_gather(table, flat, local_gather=local, **layout)
     elif self.impl == "xla":

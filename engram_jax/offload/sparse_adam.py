@@ -98,14 +98,37 @@ def _apply_jax_body(p, m, v, c, rows, g, lr, *, b1, b2, eps, wd):
   return tuple(put(a, x) for a, x in zip((p, m, v, c), new))
 
 
+def _repeat_last_valid(rows, g, n_valid):
+  # rows: [U] with the n_valid (>= 1) real rows first; the rest become copies of the last.
+  keep = jnp.arange(rows.shape[0]) < n_valid
+  return jnp.where(keep, rows, rows[n_valid - 1]), jnp.where(keep[:, None], g, g[n_valid - 1])
+
+
+def apply_sparse_adam(table: jax.Array, state: SparseRowState, unique_rows: jax.Array,
+                      summed_grads: jax.Array, count: jax.Array, lr: jax.Array, *, b1: float,
+                      b2: float, eps: float, weight_decay: float = 0.0
+                      ) -> tuple[jax.Array, SparseRowState]:
+  """`SparseRowAdam.apply` as a traceable function, for a device table inside a jitted step.
+
+  Args:
+    table: [R, d]; state: its m, v [R, d] and count int32 [R].
+    unique_rows, summed_grads, count: `sparse_grad`'s outputs ([U], [U, d], int32 [] >= 1:
+      a batch always touches a row). Entries past `count` are ignored.
+    lr: this step's learning rate (scalar, traced).
+  Returns:
+    (table, state) with the `count` rows updated; O(U * d) work when the caller donates
+    them (the scatter is then in place), whatever R is.
+  """
+  rows, g = _repeat_last_valid(unique_rows.astype(jnp.int32), summed_grads, count)
+  out = _apply_jax_body(table, *state, rows, g, lr, b1=b1, b2=b2, eps=eps, wd=weight_decay)
+  return out[0], SparseRowState(*out[1:])
+
+
 @functools.partial(jax.jit, static_argnames=("b1", "b2", "eps", "wd", "on_host"),
                    donate_argnums=(0, 1, 2, 3))
 def _apply_jax(p, m, v, c, rows, g, n_valid, lr, *, b1, b2, eps, wd, on_host):
-  # rows: [U] with the n_valid (>= 1) real rows first; the rest become copies of the last.
-  keep = jnp.arange(rows.shape[0]) < n_valid
-  rows = jnp.where(keep, rows, rows[n_valid - 1])
-  g = jnp.where(keep[:, None], g, g[n_valid - 1])
   body = functools.partial(_apply_jax_body, b1=b1, b2=b2, eps=eps, wd=wd)
+  rows, g = _repeat_last_valid(rows, g, n_valid)
   if not on_host:
     return body(p, m, v, c, rows, g, lr)
   host = jax.memory.Space.Host

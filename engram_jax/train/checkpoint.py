@@ -114,6 +114,12 @@ def compare_meta(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
         f"Engram table placement differs: the checkpoint keeps the tables of layers {saved_host} "
         f"in host memory (train.table_placement={spec(saved)!r}), the current run those of "
         f"layers {current_host} ({spec(current)!r}); resume with the checkpoint's placement")
+  # device tables keep dense Adam m, v or row-sparse m, v, count; runs saved before the
+  # field existed used dense Adam
+  table_opt = lambda m: (m.get("train") or {}).get("table_optimizer", "dense_adam")  # noqa: E731
+  if table_opt(saved) != table_opt(current):
+    problems.append(f"train.table_optimizer differs: checkpoint {table_opt(saved)!r}, current "
+                    f"{table_opt(current)!r}; resume with the checkpoint's table_optimizer")
   return problems
 
 

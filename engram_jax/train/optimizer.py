@@ -4,6 +4,8 @@ Groups (labels):
   "engram_table"  Engram memory tables (logical axis "engram_rows"): Adam at
                   `engram_lr_multiplier` x the backbone lr, no weight decay
                   (`freeze_engram_tables`: no updates at all, optax.set_to_zero).
+                  `make_table_optimizer` with `table_optimizer="sparse_adam"` takes the
+                  device tables out of this group: `SparseTableOptimizer`, row-sparse.
   "no_decay"      norms (logical axis "norm"), biases and other vectors: backbone
                   optimizer without weight decay.
   "decay"         every other matrix: AdamW (or Muon) with weight decay.
@@ -11,13 +13,22 @@ Groups (labels):
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
+from engram_jax import sharding as sharding_lib
+from engram_jax.models.offloaded import engram_table_filter
+from engram_jax.offload.sparse_adam import SparseRowState, apply_sparse_adam
 from engram_jax.train.config import TrainConfig
+
+log = logging.getLogger(__name__)
 
 ENGRAM_TABLE, NO_DECAY, DECAY = "engram_table", "no_decay", "decay"
 
@@ -82,3 +93,89 @@ def make_optimizer(cfg: TrainConfig, params: nnx.State) -> tuple[optax.GradientT
     chain.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
   tx = optax.chain(*chain, optax.multi_transform(groups, labels))
   return tx, lr
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseTableOptimizer:
+  """Row-sparse Adam on the device Engram tables of `layers`, `dense` on everything else.
+
+  The train step gathers each table's rows of the batch itself, differentiates w.r.t. those
+  rows (never w.r.t. the table: no dense [R, d] gradient), sums them per distinct row
+  (`sparse_grad`) and applies `apply_sparse_adam` (per-row step counts, the math of the host
+  tables' `SparseRowAdam`) at `engram_lr_multiplier * lr(step)`, b1, b2, eps, weight decay 0.
+  A step costs O(tokens) in the tables, whatever their size. Touched rows follow dense Adam;
+  untouched rows and their m, v, count stay exactly unchanged (dense Adam decays m, v and
+  keeps moving them: see engram_jax/offload/sparse_adam.py).
+
+  Attributes:
+    dense: `make_optimizer` of the params without these tables and without its clip.
+    layers: the Engram layers whose tables are updated row-sparse.
+    grad_clip_norm: global-norm clip over the dense grads and the summed row grads together
+      (the norm of the dense table gradient; <= 0: none).
+    frozen: `freeze_engram_tables`: the tables get neither updates nor optimizer state.
+  State (`init`): (dense optax state, (SparseRowState m, v [R, d] float32, count int32 [R]
+  for each layer in order)).
+  """
+
+  dense: optax.GradientTransformation
+  layers: tuple[int, ...]
+  lr_multiplier: float
+  b1: float
+  b2: float
+  eps: float
+  grad_clip_norm: float
+  frozen: bool
+
+  def split(self, params: nnx.State) -> tuple[nnx.State, nnx.State]:
+    """(the tables of `layers`, every other param)."""
+    return nnx.split_state(params, engram_table_filter(self.layers), ...)
+
+  def tables(self, params: nnx.State) -> dict[int, jax.Array]:
+    """{layer: table [R, d]} of `params`."""
+    return {path[1].key: x for path, x in jax.tree_util.tree_flatten_with_path(self.split(params)[0])[0]}
+
+  def init(self, params: nnx.State) -> tuple[Any, tuple[SparseRowState, ...]]:
+    tables, dense = self.split(params)
+    if self.frozen:
+      return self.dense.init(dense), ()
+    zeros = lambda t: jnp.zeros(t.shape, jnp.promote_types(t.dtype, jnp.float32))  # noqa: E731
+    return self.dense.init(dense), tuple(
+        SparseRowState(zeros(t), zeros(t), jnp.zeros(t.shape[0], jnp.int32))
+        for t in self.tables(params).values())
+
+  def apply_tables(self, tables: dict[int, jax.Array], states: tuple[SparseRowState, ...],
+                   sparse: dict[int, tuple[jax.Array, jax.Array, jax.Array]], lr: jax.Array
+                   ) -> tuple[dict[int, jax.Array], tuple[SparseRowState, ...]]:
+    """One row-sparse Adam step per table; `sparse` {layer: `sparse_grad` output}, `lr` the
+    backbone lr of this step."""
+    lr = self.lr_multiplier * lr
+    out = {l: apply_sparse_adam(tables[l], s, *sparse[l], lr, b1=self.b1, b2=self.b2, eps=self.eps)
+           for l, s in zip(self.layers, states)}
+    return {l: t for l, (t, _) in out.items()}, tuple(s for _, s in out.values())
+
+
+def make_table_optimizer(cfg: TrainConfig, params: nnx.State, mesh: Mesh | None = None
+                         ) -> tuple[optax.GradientTransformation | SparseTableOptimizer, Callable]:
+  """(optimizer, backbone lr schedule) of a model with device-placed tables: `make_optimizer`
+  for `cfg.table_optimizer="dense_adam"` (or a model without Engram tables), else a
+  `SparseTableOptimizer`. Tables whose rows are split over `mesh` (engram_table_sharding /
+  the tensor axis) keep dense Adam, logged: the row-sparse update is not implemented for
+  the all_to_all row layout."""
+  dense_tx, lr = make_optimizer(cfg, params)
+  if cfg.table_optimizer == "dense_adam":
+    return dense_tx, lr
+  tables, rest = nnx.split_state(params, engram_table_filter(), ...)
+  layers = tuple(sorted(path[1].key for path, _ in jax.tree_util.tree_flatten_with_path(tables)[0]))
+  if not layers:
+    return dense_tx, lr
+  if mesh is not None:
+    split = [path[1].key for path, sh in jax.tree_util.tree_flatten_with_path(
+        sharding_lib.state_shardings(tables, mesh))[0] if not sh.is_fully_replicated]
+    if split:
+      log.warning("TrainConfig.table_optimizer='sparse_adam': the tables of Engram layers %s are "
+                  "split by rows over the mesh %s; they are trained with dense Adam instead "
+                  "(row-sparse updates cover replicated tables only)", split, dict(mesh.shape))
+      return dense_tx, lr
+  dense_rest, _ = make_optimizer(cfg.replace(grad_clip_norm=0.0), rest)
+  return SparseTableOptimizer(dense_rest, layers, cfg.engram_lr_multiplier, cfg.b1, cfg.b2, cfg.eps,
+                              cfg.grad_clip_norm, cfg.freeze_engram_tables), lr

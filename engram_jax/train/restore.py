@@ -17,10 +17,14 @@ from engram_jax import sharding as sharding_lib
 from engram_jax.data import DataConfig, EngramRowHasher, make_eval_batches, special_ids
 from engram_jax.hashing import NgramHasher, TokenizerCompressor, tokenizer_fingerprint
 from engram_jax.models.config import ModelConfig
+from engram_jax.models.offloaded import OffloadedEngram, host_table_filter
 from engram_jax.models.transformer import Transformer
+from engram_jax.offload import HostTable, TablePlacement
 from engram_jax.train.checkpoint import Checkpointer, CheckpointMismatchError, CorruptCheckpointError
 from engram_jax.train.config import TrainConfig
-from engram_jax.train.optimizer import make_optimizer
+from engram_jax.train.host_trainer import dense_optimizer, split_params
+from engram_jax.train.loss import summarize_eval
+from engram_jax.train.optimizer import make_table_optimizer
 from engram_jax.train.state import TrainState, abstract_like, build_model, create_train_state
 from engram_jax.train.steps import make_eval_step, make_host_eval_step
 
@@ -72,7 +76,7 @@ def load_run(path: str | Path, *, step: int | None = None, mesh=None,
       host_tables=run.host_tables)` take such a run.
   tables="host" is refused (ValueError) for a run trained with every table on the device:
   its checkpoint holds the tables inside the device state. Load it with tables="device"
-  and move them with `engram_jax.offload.split_tables(run.model, "host")`.
+  and move them with `engram_jax.models.offloaded.split_tables(run.model, "host")`.
 
   step=None loads the newest intact checkpoint: an unreadable one (truncated array file,
   missing item) is reported with its path (a logged warning) and the next older one is
@@ -118,14 +122,15 @@ def _load_step(ckpt: Checkpointer, path: str | Path, step: int, mesh, tables: st
     if hasher.config != model_config.engram:
       raise CheckpointMismatchError(f"stored hash constants are for {hasher.config}, the stored "
                                     f"model's Engram config is {model_config.engram}")
-  train_config = TrainConfig.from_dict(meta["train"])
+  # runs saved before TrainConfig.table_optimizer existed trained their tables with dense Adam
+  train_config = TrainConfig.from_dict({"table_optimizer": "dense_adam", **meta["train"]})
   mesh = mesh or sharding_lib.make_mesh(data=1, devices=jax.devices()[:1])
   host_layers = tuple(int(l) for l in meta.get("host_table_layers") or ())
   if tables == "host" and not host_layers:
     raise ValueError(
         f"load_run(tables='host'): the run at {path} was trained with every Engram table on "
         "the device (its checkpoint names no host_table_layers); load it with "
-        "tables='device' and move the tables with engram_jax.offload.split_tables(run.model, "
+        "tables='device' and move the tables with engram_jax.models.offloaded.split_tables(run.model, "
         "'host')")
   host_tables = None
   if host_layers:
@@ -134,7 +139,7 @@ def _load_step(ckpt: Checkpointer, path: str | Path, step: int, mesh, tables: st
         keep_on_host=tables == "host")
   else:
     graphdef, state, shardings, _ = create_train_state(
-        model_config, lambda p: make_optimizer(train_config, p), meta.get("seed", 0), mesh)
+        model_config, lambda p: make_table_optimizer(train_config, p, mesh), meta.get("seed", 0), mesh)
     state, _ = ckpt.restore(abstract_like(state), current_meta=meta, step=step)
     model = nnx.merge(graphdef, state.params, state.rest)
     loaded_step = int(state.step)
@@ -153,9 +158,6 @@ def _load_host_placed(ckpt: Checkpointer, meta: dict[str, Any], model_config: Mo
   as device arrays (host tables None); keep_on_host=True reads them into NumPy
   `HostTable`s and leaves size-0 [0, d_h] placeholders in the model.
   """
-  from engram_jax.offload import HostTable, host_table_filter, split_params
-  from engram_jax.offload.train_step import dense_optimizer
-
   abstract = nnx.eval_shape(lambda: build_model(model_config, meta.get("seed", 0)))
   graphdef, params, rest = split_params(abstract, host_layers)
   tables, rest = nnx.split_state(rest, host_table_filter(host_layers), ...)
@@ -226,8 +228,6 @@ def evaluate_run(run: LoadedRun, data_config: DataConfig | None = None) -> dict[
   With `run.host_tables` (load_run(tables="host")) the host layers' rows are gathered from
   them each batch and fed to the model as `engram_inputs`, as the trainer evaluates.
   """
-  from engram_jax.train.loss import summarize_eval
-
   data_config = data_config or run.data_config
   batches = make_eval_batches(data_config, run.tokenizer, row_hasher=run.row_hasher)
   if run.host_tables:
@@ -243,10 +243,6 @@ def evaluate_run(run: LoadedRun, data_config: DataConfig | None = None) -> dict[
 
 
 def _evaluate_host_tables(run: LoadedRun, batches) -> dict[str, float]:
-  from engram_jax.offload import TablePlacement
-  from engram_jax.offload.model import OffloadedEngram
-  from engram_jax.train.loss import summarize_eval
-
   tables = dict(run.host_tables)
   placements = {l: TablePlacement("host" if l in tables else "device")
                 for l in run.model_config.engram_layer_ids}

@@ -12,7 +12,7 @@ learning rate. A run holds `workdir/run.lock` (`run_lock.RunLock`); a corrupt ne
 checkpoint is reported and set aside, and the run resumes from the newest intact one.
 
 Engram tables in host memory (`TrainConfig.table_placement`, e.g. "host", "cached@0.05",
-"1:host"): `engram_jax.offload.HostTableTrainer` runs the steps (rows of step t+1 gathered
+"1:host"): `engram_jax.train.host_trainer.HostTableTrainer` runs the steps (rows of step t+1 gathered
 on the host during step t, row-sparse Adam on the host tables); checkpoints add the host
 tables and their Adam state (item "host_tables"); evaluation feeds the gathered rows.
 Single process only: by default on jax.devices()[0], or data-parallel over a given mesh
@@ -58,6 +58,8 @@ from engram_jax.data import (
 from engram_jax.hashing import TokenizerCompressor, tokenizer_fingerprint
 from engram_jax.models.accounting import count_params, flops_per_token
 from engram_jax.models.config import ModelConfig
+from engram_jax.models.host_init import build_offloaded
+from engram_jax.models.offloaded import host_table_filter
 from engram_jax.offload import count_row_frequencies, flat_rows_np, parse_placements
 from engram_jax.train import multihost
 from engram_jax.train.checkpoint import (
@@ -70,9 +72,10 @@ from engram_jax.train.checkpoint import (
   vocab_item,
 )
 from engram_jax.train.config import TrainConfig
+from engram_jax.train.host_trainer import HostTableTrainer, check_data_parallel_mesh
 from engram_jax.train.loss import summarize_eval
 from engram_jax.train.metrics import MetricsWriter
-from engram_jax.train.optimizer import make_optimizer
+from engram_jax.train.optimizer import make_table_optimizer
 from engram_jax.train.run_lock import RunLock, WorkdirLockedError, drop_metrics_after
 from engram_jax.train.state import abstract_like, build_model, create_train_state
 from engram_jax.train.steps import batch_shardings, make_eval_step, make_host_eval_step, make_train_step
@@ -523,8 +526,6 @@ def _table_placements(model_config: ModelConfig, cfg: TrainConfig) -> tuple[dict
 
 
 def _check_host_placement_setup(mesh: jax.sharding.Mesh, cfg: TrainConfig) -> None:
-  from engram_jax.offload.train_step import check_data_parallel_mesh
-
   try:
     check_data_parallel_mesh(mesh)
   except NotImplementedError as e:
@@ -542,7 +543,7 @@ class _DevicePlacement:
                step: int | None):
     cfg, mesh = trainer.optimizer_config(), trainer.mesh
     graphdef, state, state_sh, (tx, lr) = create_train_state(
-        trainer.model_config, lambda p: make_optimizer(cfg, p), trainer.seed, mesh)
+        trainer.model_config, lambda p: make_table_optimizer(cfg, p, mesh), trainer.seed, mesh)
     if step is not None:
       abstract = abstract_like(state)
       del state
@@ -644,9 +645,6 @@ class _HostPlacement:
 
   def __init__(self, trainer: Trainer, meta: dict[str, Any], data_iter: Any, rate: float,
                step: int | None):
-    from engram_jax.offload import HostTableTrainer, host_table_filter
-    from engram_jax.offload.host_init import build_offloaded
-
     # The host tables are initialised in host memory, never on the device.
     build = lambda: build_model(trainer.model_config, trainer.seed)  # noqa: E731
     cached = tuple(l for l, p in trainer.placements.items()

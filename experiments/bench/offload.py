@@ -39,11 +39,11 @@ from flax import nnx
 from engram_jax.config import EngramConfig
 from engram_jax.layers.moe import MoEConfig
 from engram_jax.models.config import ModelConfig
+from engram_jax.models.offloaded import apply_offloaded, split_tables
 from engram_jax.offload.hot_cache import HotRowCache, count_row_frequencies
-from engram_jax.offload.model import apply_offloaded, split_tables
 from engram_jax.offload.prefetch import patch_updated_rows
-from engram_jax.offload.train_step import HostTableTrainer
 from engram_jax.train.config import TrainConfig
+from engram_jax.train.host_trainer import HostTableTrainer
 from engram_jax.train.optimizer import make_optimizer
 from engram_jax.train.state import TrainState, build_model, split_model
 from engram_jax.train.steps import make_train_step

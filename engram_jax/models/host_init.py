@@ -31,19 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from engram_jax.models.offloaded import OffloadedEngram, host_table_filter, resolve_placements, row_source
 from engram_jax.models.transformer import Transformer
 from engram_jax.offload.host_table import HostTable
-from engram_jax.offload.model import OffloadedEngram, resolve_placements, row_source
 from engram_jax.offload.placement import TablePlacement, host_memory_kind, sharding_for
 
 log = logging.getLogger(__name__)
-
-
-def _is_table_of(layers: frozenset[int]) -> Callable[[tuple, object], bool]:
-  def is_table(path, _):
-    return (len(path) == 4 and path[0] == "blocks" and path[1] in layers
-            and path[2] == "engram" and path[3] == "table")
-  return is_table
 
 
 def host_compute_device(device: jax.Device) -> jax.Device | None:
@@ -60,7 +53,7 @@ def host_compute_device(device: jax.Device) -> jax.Device | None:
 def device_state_init(build: Callable[[], Transformer], host_layers) -> Callable[[], nnx.State]:
   """() -> the model's state with size-0 [0, d_h] placeholders for the host layers' tables
   (jit it: the tables' initialisers are then dead code)."""
-  is_table = _is_table_of(frozenset(int(l) for l in host_layers))
+  is_table = host_table_filter(host_layers)
 
   def init() -> nnx.State:
     tables, rest = nnx.split_state(nnx.state(build()), is_table, ...)

@@ -42,10 +42,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from engram_jax import sharding as sharding_lib
+from engram_jax.models.offloaded import OffloadedEngram, host_table_filter, split_tables
 from engram_jax.models.transformer import Transformer, updated_router_biases
 from engram_jax.offload.hot_cache import HotRowCache
 from engram_jax.offload.indexing import check_int32_rows
-from engram_jax.offload.model import OffloadedEngram, split_tables
 from engram_jax.offload.placement import TablePlacement
 from engram_jax.offload.prefetch import patch_updated_rows
 from engram_jax.offload.sparse_adam import SparseRowAdam, SparseRowState, sparse_grad
@@ -53,20 +53,10 @@ from engram_jax.train.config import TrainConfig
 from engram_jax.train.loss import masked_lm_loss
 from engram_jax.train.optimizer import make_optimizer
 from engram_jax.train.state import TrainState, tree_shardings
-from engram_jax.train.steps import batch_shardings
+from engram_jax.train.steps import batch_shardings, clip_with_row_grads
 
 Batch = dict[str, Any]
 SparseGrads = dict[int, tuple[jax.Array, jax.Array, jax.Array]]
-
-
-def host_table_filter(host_layers: Iterable[int]) -> Callable[[tuple, Any], bool]:
-  """nnx filter selecting blocks[l].engram.table for the layers in `host_layers`."""
-  layers = frozenset(int(l) for l in host_layers)
-
-  def is_host_table(path, _):
-    return (len(path) == 4 and path[0] == "blocks" and path[1] in layers
-            and path[2] == "engram" and path[3] == "table")
-  return is_host_table
 
 
 def split_params(model: Transformer, host_layers: Iterable[int]
@@ -105,7 +95,6 @@ def make_host_table_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransfo
   for l, r in num_rows.items():
     check_int32_rows(r + 1, f"host table of Engram layer {l} (device ids are int32)")
   offsets = {l: np.asarray(offloaded.offsets[l], np.int32) for l in host_layers}
-  clip = optax.clip_by_global_norm(grad_clip_norm) if grad_clip_norm > 0 else None
 
   def step(state: TrainState, batch: Batch, rows: Mapping[int, jax.Array]):
     ids = batch["engram_rows"]
@@ -125,11 +114,7 @@ def make_host_table_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransfo
       flat = ids[l].astype(jnp.int32) + offsets[l]
       g = row_grads[l].reshape(flat.shape + (-1,))
       sparse[l] = sparse_grad(flat, g, num_rows[l], sparse_size)
-    summed = {l: s[1] for l, s in sparse.items()}
-    grad_norm = optax.global_norm((grads, summed))
-    if clip is not None:
-      (grads, summed), _ = clip.update((grads, summed), optax.EmptyState())
-      sparse = {l: (s[0], summed[l], s[2]) for l, s in sparse.items()}
+    grads, sparse, grad_norm = clip_with_row_grads(grads, sparse, grad_clip_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     rest = state.rest

@@ -126,6 +126,19 @@ def _gather(source: RowSource, flat_ids: np.ndarray, sharding: RowPlacement | No
   return jax.device_put(_gather(source, flat_ids), target)
 
 
+def engram_table_filter(layers: Iterable[int] | None = None) -> Callable[[tuple, Any], bool]:
+  """nnx filter selecting blocks[l].engram.table for the Engram layers in `layers` (None: all)."""
+  layers = None if layers is None else frozenset(int(l) for l in layers)
+
+  def is_table(path, _):
+    return (len(path) == 4 and path[0] == "blocks" and (layers is None or path[1] in layers)
+            and path[2] == "engram" and path[3] == "table")
+  return is_table
+
+
+host_table_filter = engram_table_filter  # the host path's name: its layers' tables
+
+
 def _engram(model: Transformer, layer: int):
   if not 0 <= layer < len(model.blocks) or model.blocks[layer].engram is None:
     raise ValueError(f"block {layer} has no Engram layer; Engram layers are "
@@ -169,7 +182,7 @@ def split_tables(model: Transformer, placements: str | Mapping[int, TablePlaceme
   """Moves the tables of host / cached Engram layers out of `model` (in place).
 
   The tables are on the device until then; to never put them there, build the model
-  with `engram_jax.offload.host_init.build_offloaded` instead.
+  with `engram_jax.models.host_init.build_offloaded` instead.
 
   Args:
     model: a `Transformer` with Engram layers.

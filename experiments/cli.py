@@ -1,0 +1,48 @@
+"""The absl flags of the experiment scripts, each defined once.
+
+Every experiment (`ablations`, `allocation_sweep`, `controls`, `memory_scaling`) and
+`run_all`, which drives them all, define the flags they read through `define_flags`,
+only when run as a script (so the experiments can import each other):
+
+    _F.update(cli.define_flags("steps", "seeds", seeds=["0", "1"]))
+    ... _F["seeds"].value ...
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from absl import flags
+from ml_collections import config_flags
+
+CONFIG_FILE = "experiments/configs/micro.py"
+
+# name: (absl definer, default, help)
+_FLAGS: dict[str, tuple[Any, Any, str]] = {
+    "workdir": (flags.DEFINE_string, "runs/experiments", "Experiment root (shared run cache)."),
+    "steps": (flags.DEFINE_integer, None, "Override train.total_steps of every run."),
+    "seeds": (flags.DEFINE_list, ["0"], "Seeds (an experiment that takes one uses the first)."),
+    "rhos": (flags.DEFINE_list, ["1.0", "0.9", "0.8", "0.7", "0.6", "0.5", "0.4"],
+             "Routed-expert shares of the sparse budget (allocation sweep)."),
+    "secondary_rhos": (flags.DEFINE_list, None,
+                       "rhos of the extra seeds and larger budgets (default: --rhos)."),
+    "budget_scales": (flags.DEFINE_list, ["1.0", "1.5"], "Hidden-size multipliers, one budget each."),
+    "slots": (flags.DEFINE_list, ["256", "512", "1024", "2048", "4096"],
+              "Nominal Engram rows per head of the memory-scaling runs (span >= 16x)."),
+    "baseline_slots": (flags.DEFINE_list, ["256", "1024", "4096"],
+                       "Slots per head of the OverEncoding-style baseline."),
+}
+
+
+def define_flags(*names: str, **defaults: Any) -> dict[str, flags.FlagHolder]:
+  """Defines --config (a run config file, default micro.py), --workdir and the shared flags
+  `names`; `defaults` overrides their defaults. Returns {name: FlagHolder}."""
+  unknown = sorted(set(names) - set(_FLAGS))
+  if unknown:
+    raise ValueError(f"unknown experiment flags {unknown}; shared flags are {sorted(_FLAGS)}")
+  holders = {"config": config_flags.DEFINE_config_file(
+      "config", CONFIG_FILE, "Run config file; the variant part is ignored.")}
+  for name in ("workdir", *names):
+    definer, default, help_text = _FLAGS[name]
+    holders[name] = definer(name, defaults.get(name, default), help_text)
+  return holders
