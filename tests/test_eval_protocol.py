@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 
 from engram_jax.config import EngramConfig
-from engram_jax.data import DataConfig, build_corpus, eval_corpus, load_or_train_tokenizer, make_train_iterator
-from engram_jax.data import special_ids, train_corpus
+from engram_jax.data import (
+  DataConfig,
+  build_corpus,
+  eval_corpus,
+  load_or_train_tokenizer,
+  make_train_iterator,
+  special_ids,
+  train_corpus,
+)
 from engram_jax.data.eval_set import select_eval_rows
 from engram_jax.data.facts import FactMixedCorpus, facts_for, make_facts
 from engram_jax.data.packing import documents_in_batch

@@ -46,7 +46,7 @@ class FactSet:
 def word_tokens(tokenizer) -> list[int]:
   """Ids of the whole-word tokens (" " + 2+ lowercase letters) that encode to themselves."""
   out = []
-  for token, i in sorted(tokenizer.get_vocab(with_added_tokens=False).items(), key=lambda kv: kv[1]):
+  for i in sorted(tokenizer.get_vocab(with_added_tokens=False).values()):
     text = tokenizer.decode([i])
     if _WORD.fullmatch(text) and tokenizer.encode(text, add_special_tokens=False).ids == [i]:
       out.append(i)

@@ -129,3 +129,33 @@ def paired(rows_a: dict[str, np.ndarray], info_a: dict, rows_b: dict[str, np.nda
   if not np.array_equal(rows_a["tokens"], rows_b["tokens"]):
     raise ValueError("the two runs scored different token counts per sequence")
   return stats.paired_difference(rows_a["loss_sum"], rows_b["loss_sum"], rows_a["tokens"])
+
+
+def evaluate_run_rows(run: Any, data_config: Any = None) -> tuple[dict[str, np.ndarray], str]:
+  """(per-sequence sums, tokens fingerprint) of a loaded run (`train.restore.LoadedRun`) on
+  its validation set (or `data_config`'s); host tables (load_run(tables="host")) are
+  gathered on the host, as `restore.evaluate_run` does."""
+  from engram_jax.data import make_eval_batches
+
+  data_config = data_config or run.data_config
+  batches = make_eval_batches(data_config, run.tokenizer, row_hasher=run.row_hasher)
+  graphdef, params, rest = nnx.split(run.model, nnx.Param, ...)
+  state = TrainState(step=np.int32(run.step), params=params, rest=rest, opt_state=None)
+  parts = []
+  if run.host_tables:
+    from engram_jax.offload import TablePlacement
+    from engram_jax.offload.model import OffloadedEngram
+
+    tables = dict(run.host_tables)
+    placements = {l: TablePlacement("host" if l in tables else "device")
+                  for l in run.model_config.engram_layer_ids}
+    offsets = {l: np.asarray(run.model.blocks[l].engram.offsets, np.int64) for l in tables}
+    offloaded = OffloadedEngram(placements, tables, dict(tables), offsets)
+    step = jax.jit(make_host_row_eval_step(graphdef, tuple(sorted(tables))))
+    for batch in batches:
+      parts.append(jax.device_get(step(state, batch, offloaded.gather(batch["engram_rows"]))))
+  else:
+    step = jax.jit(make_row_eval_step(graphdef))
+    for batch in batches:
+      parts.append(jax.device_get(step(state, batch)))
+  return concat_rows(parts), tokens_fingerprint(batches)

@@ -54,9 +54,8 @@ from engram_jax.hashing import TokenizerCompressor, tokenizer_fingerprint
 from engram_jax.models.accounting import count_params, flops_per_token
 from engram_jax.models.config import ModelConfig
 from engram_jax.offload import count_row_frequencies, flat_rows_np, parse_placements
-from engram_jax.train import multihost
+from engram_jax.train import evaluation, multihost
 from engram_jax.train.checkpoint import Checkpointer, vocab_item
-from engram_jax.train import evaluation
 from engram_jax.train.config import TrainConfig
 from engram_jax.train.metrics import MetricsWriter
 from engram_jax.train.optimizer import make_optimizer

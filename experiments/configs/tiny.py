@@ -24,6 +24,7 @@ def get_config(variant: str = "engram"):
   c.data.update(seq_len=128, batch_size=16, bpe_vocab_size=2048, tokenizer_train_bytes=3_000_000,
                 max_bytes=12_000_000, num_eval_batches=None, eval_tokens=131_072,
                 tokenizer_dir="runs/tokenizers/tiny")
+  c.model.engram_table_init_std = 1.0   # the reference's; see docs/RESULTS.md (table pilot)
   c.seed = 0        # model init
   c.data.seed = 0   # training-data order
   c.train.update(total_steps=300, warmup_steps=30, learning_rate=3e-3, eval_every=100,
