@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 from absl import app, flags
+from flax import nnx
 
 from engram_jax.data import special_ids
 from engram_jax.data.facts import KEY_TOKENS, Fact, make_facts
@@ -29,20 +30,26 @@ from engram_jax.data.tokenizer import token_byte_lengths
 from engram_jax.train import stats
 
 
-def _score(run, facts: tuple[Fact, ...]) -> dict[str, np.ndarray]:
+def _score(model, tokenizer, row_hasher, facts: tuple[Fact, ...]) -> dict[str, np.ndarray]:
   """Per fact: cross-entropy (nats) and correctness of the value token."""
   if not facts:
     return {"ce": np.zeros(0), "correct": np.zeros(0)}
-  eos = special_ids(run.tokenizer).eos
-  pad = special_ids(run.tokenizer).pad
+  eos = special_ids(tokenizer).eos
+  pad = special_ids(tokenizer).pad
   ids = np.asarray([list(f.ids) + [eos] for f in facts], np.int32)
   seg = np.ones_like(ids)
-  pos = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), ids.shape)
-  batch = run.row_hasher(row_to_example(ids, seg, pos, pad, token_byte_lengths(run.tokenizer)))
-  logits, _ = run.model(batch["tokens"], batch["engram_rows"] or None,
-                        positions=batch["positions"], segment_ids=batch["segment_ids"])
-  logp = jax.nn.log_softmax(np.asarray(logits, np.float32)[:, KEY_TOKENS - 1], axis=-1)
-  logp = np.asarray(logp)
+  pos = np.ascontiguousarray(np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), ids.shape))
+  batch = row_hasher(row_to_example(ids, seg, pos, pad, token_byte_lengths(tokenizer)))
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def value_logp(state, tokens, rows, positions, segment_ids):
+    logits, _ = nnx.merge(graphdef, state)(tokens, rows or None, positions=positions,
+                                           segment_ids=segment_ids)
+    return jax.nn.log_softmax(logits[:, KEY_TOKENS - 1].astype(jax.numpy.float32), axis=-1)
+
+  logp = np.asarray(value_logp(state, batch["tokens"], batch["engram_rows"], batch["positions"],
+                               batch["segment_ids"]))
   values = ids[:, KEY_TOKENS]
   ce = -logp[np.arange(len(facts)), values]
   correct = (np.argmax(logp, axis=-1) == values).astype(np.float64)
@@ -52,7 +59,13 @@ def _score(run, facts: tuple[Fact, ...]) -> dict[str, np.ndarray]:
 def probe(run, *, num_facts: int | None = None, held_out_facts: int | None = None,
           fact_seed: int | None = None) -> dict[str, Any]:
   """The probe's metrics for a `LoadedRun` (defaults: the facts its data config planted)."""
-  data = run.data_config
+  return probe_model(run.model, run.tokenizer, run.row_hasher, run.data_config, num_facts=num_facts,
+                     held_out_facts=held_out_facts, fact_seed=fact_seed)
+
+
+def probe_model(model, tokenizer, row_hasher, data, *, num_facts: int | None = None,
+                held_out_facts: int | None = None, fact_seed: int | None = None) -> dict[str, Any]:
+  """As `probe`, for a model in memory with its tokenizer, `EngramRowHasher` and DataConfig."""
   n_train = data.num_facts if num_facts is None else num_facts
   n_held = (data.num_held_out_facts if num_facts is None else n_train) if held_out_facts is None \
       else held_out_facts
@@ -60,11 +73,12 @@ def probe(run, *, num_facts: int | None = None, held_out_facts: int | None = Non
   if n_train + n_held == 0:
     raise ValueError("the run planted no facts (DataConfig.num_facts=0); pass num_facts to probe "
                      "unseen facts")
-  facts = make_facts(run.tokenizer, n_train, n_held, seed)
+  facts = make_facts(tokenizer, n_train, n_held, seed)
   trained_in_run = data.num_facts > 0 and (n_train, seed) == (data.num_facts, data.fact_seed)
   out: dict[str, Any] = {"facts_trained_in_run": bool(trained_in_run),
                          "num_seen": len(facts.trained), "num_unseen": len(facts.held_out)}
-  scores = {"seen": _score(run, facts.trained), "unseen": _score(run, facts.held_out)}
+  scores = {"seen": _score(model, tokenizer, row_hasher, facts.trained),
+            "unseen": _score(model, tokenizer, row_hasher, facts.held_out)}
   for name, s in scores.items():
     if len(s["ce"]):
       out[f"{name}_ce"], out[f"{name}_ce_se"] = stats.mean_se(s["ce"])

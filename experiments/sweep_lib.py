@@ -212,16 +212,25 @@ def run_variant(variant: Variant, workdir: str | Path) -> dict[str, Any]:
   if trainer.model_config.engram is not None:
     row["slots_per_head"] = list(trainer.model_config.engram.vocab_sizes)
   if dc.num_facts:
-    row["fact_probe"] = fact_probe_of(run_dir)
+    row["fact_probe"] = fact_probe_of(run_dir, trainer)
   result_path.write_text(json.dumps(row, indent=1))
   return {**row, **variant.info, "reused": False}
 
 
-def fact_probe_of(run_dir: str | Path) -> dict[str, Any]:
-  """The fact-recall probe of a finished run (per-fact values in run_dir/fact_probe.json)."""
+def fact_probe_of(run_dir: str | Path, trainer=None) -> dict[str, Any]:
+  """The fact-recall probe of a finished run (per-fact values in run_dir/fact_probe.json):
+  of the trainer's final state in memory when given (device-placed tables), else loaded."""
+  from flax import nnx
+
+  from engram_jax.train.state import build_model
   from experiments import fact_probe
 
-  p = fact_probe.probe_checkpoint(str(run_dir))
+  if trainer is not None and getattr(trainer, "host_trainer", None) is None:
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(trainer.model_config, 0)))
+    model = nnx.merge(graphdef, trainer.state.params, trainer.state.rest)
+    p = fact_probe.probe_model(model, trainer.tokenizer, trainer.row_hasher, trainer.data_config)
+  else:
+    p = fact_probe.probe_checkpoint(str(run_dir))
   (Path(run_dir) / "fact_probe.json").write_text(json.dumps(p))
   return {k: v for k, v in p.items() if not k.startswith("per_fact")}
 
