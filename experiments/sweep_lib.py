@@ -298,11 +298,12 @@ def verdict(s: dict) -> str:
 
 def paired_table(summary: Sequence[dict], label: str, fmt_group: Callable[[Any], str] = str) -> str:
   """Markdown: group | seeds | mean loss | paired difference ± SE over seeds | per seed | verdict."""
-  lines = [f"| {label} | seeds | val loss (mean over seeds) | vs reference, paired (± SE over seeds) | "
+  lines = [f"| {label} | seeds | val loss (mean ± SE over seeds) | vs reference, paired (± SE over seeds) | "
            "per seed (± SE over tokens) | verdict |", "|---|---:|---:|---:|---|---|"]
   for s in summary:
     per = "; ".join(f"s{p['seed']}: {stats.format_pm(p['diff'], p['se_tokens'])}" for p in s["per_seed"])
-    lines.append(f"| {fmt_group(s['group'])} | {len(s['seeds'])} | {s['val_loss_mean']:.4f} | "
+    loss = stats.format_pm(s["val_loss_mean"], s["val_loss_se_seeds"]).lstrip("+")
+    lines.append(f"| {fmt_group(s['group'])} | {len(s['seeds'])} | {loss} | "
                  f"{stats.format_pm(s['diff_mean'], s['diff_se'])} | {per} | {verdict(s)} |")
   return "\n".join(lines)
 

@@ -248,3 +248,37 @@ def test_all_chunks_of_a_document_do_not_overlap(tmp_path):
     starts = np.sort(sel.start[sel.doc_index == d])
     lens = sel.lengths[sel.doc_index == d][np.argsort(sel.start[sel.doc_index == d])]
     assert (starts[1:] >= starts[:-1] + lens[:-1]).all()
+
+
+def test_sweep_paired_summary_over_seeds(tmp_path):
+  from experiments import sweep_lib
+
+  rng = np.random.default_rng(4)
+  counts = np.full(50, 10.0)
+  rows = []
+  for seed in range(3):
+    base = rng.normal(50, 5, 50)
+    for name, shift in (("ref", 0.0), ("better", -0.05 * 10), ("same", 0.0)):
+      d = tmp_path / f"{name}{seed}"
+      d.mkdir()
+      loss = base + shift + (rng.normal(0, 0.1, 50) if name != "ref" else 0)
+      evaluation.save_rows(d / evaluation.ROWS_FILE, {"loss_sum": loss, "tokens": counts,
+                                                     "correct": counts * 0, "bytes": counts},
+                           step=1, fingerprint="fp")
+      rows.append({"name": name, "seed": seed, "data_seed": seed, "run_dir": str(d),
+                   "val_loss": float(loss.sum() / counts.sum())})
+  summary = {s["group"]: s for s in sweep_lib.paired_summary(rows, group=lambda r: r["name"],
+                                                               is_ref=lambda r: r["name"] == "ref")}
+  better = summary["better"]
+  per_seed = [p["diff"] for p in better["per_seed"]]
+  assert len(per_seed) == 3 and better["seeds"] == [0, 1, 2]
+  assert better["diff_mean"] == pytest.approx(np.mean(per_seed))
+  assert better["diff_se"] == pytest.approx(np.std(per_seed, ddof=1) / math.sqrt(3))
+  assert better["diff_mean"] == pytest.approx(-0.05, abs=0.01) and better["claim"]
+  assert sweep_lib.verdict(better).startswith("better")
+  assert sweep_lib.verdict(summary["ref"]) == "reference"
+  same = summary["same"]
+  assert not same["claim"] and sweep_lib.verdict(same).startswith("not detectable")
+  assert same["mde"] == pytest.approx(2.84 * same["diff_se"])
+  table = sweep_lib.paired_table(list(summary.values()), "variant")
+  assert table.count("\n") == 4 and "clears 2 SE" in table
