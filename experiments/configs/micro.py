@@ -12,6 +12,8 @@ tokens drawn from every validation file (`DataConfig.eval_set="chunks"`), the sa
 every model. 256 planted facts (plus 256 held out) for the fact-recall probe.
 """
 
+from ml_collections.config_dict import placeholder
+
 from experiments.configs import common
 
 
@@ -29,6 +31,9 @@ def get_config(variant: str = "engram"):
   # the micro pilot in docs/RESULTS.md (paired, -0.064 +/- 0.003 nats against the reference values).
   c.model.engram_table_init_std = 0.1
   c.train.engram_lr_multiplier = 20.0
+  # None-valued fields as typed placeholders, so --config.data.<field>=N can set them
+  c.data.num_eval_batches = placeholder(int)
+  c.data.held_out_facts = placeholder(int)
   c.seed = 0        # model init
   c.data.seed = 0   # training-data order
   c.train.update(total_steps=300, warmup_steps=30, learning_rate=3e-3, eval_every=300,

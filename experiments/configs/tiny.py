@@ -11,6 +11,8 @@ settings; `make train` pairs the two variants on both). Validation: 128k scored 
 drawn from every validation file, the same for every model.
 """
 
+from ml_collections.config_dict import placeholder
+
 from experiments.configs import common
 
 
@@ -28,6 +30,9 @@ def get_config(variant: str = "engram"):
   # the micro pilot in docs/RESULTS.md (paired, -0.064 +/- 0.003 nats against the reference values).
   c.model.engram_table_init_std = 0.1
   c.train.engram_lr_multiplier = 20.0
+  # None-valued fields as typed placeholders, so --config.data.<field>=N can set them
+  c.data.num_eval_batches = placeholder(int)
+  c.data.held_out_facts = placeholder(int)
   c.seed = 0        # model init
   c.data.seed = 0   # training-data order
   c.train.update(total_steps=300, warmup_steps=30, learning_rate=3e-3, eval_every=100,
