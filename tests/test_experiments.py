@@ -27,6 +27,7 @@ from experiments import (
   ablations,
   allocation_sweep,
   controls,
+  fact_probe,
   memory_scaling,
   run_all,
   sweep_lib,
@@ -203,7 +204,7 @@ def test_memory_scaling_runs_end_to_end_and_resumes(tmp_path):
   assert 0 < d["se_tokens"] < rows[1]["val_loss_se"] + rows[0]["val_loss_se"]
   # the fact probe ran on every run: seen and held-out facts scored
   assert all(r["fact_probe"]["num_seen"] == 6 and np.isfinite(r["fact_probe"]["unseen_ce"]) for r in rows)
-  from experiments import fact_probe   # the CLI's path (a saved run) gives the in-memory figures
+  # the CLI's path (a saved run) gives the in-memory figures
   saved_probe = fact_probe.probe_checkpoint(rows[1]["run_dir"])
   assert saved_probe["seen_ce"] == pytest.approx(rows[1]["fact_probe"]["seen_ce"], rel=1e-5)
   assert saved_probe["unseen_ce"] == pytest.approx(rows[1]["fact_probe"]["unseen_ce"], rel=1e-5)
