@@ -103,7 +103,8 @@ def fact_summary(rows: list[dict]) -> list[dict]:
 
 
 def plot(paired: list[dict], path: Path) -> Path:
-  return sweep_lib.plot_paired(paired, path, title="Controls: is the memory used? (0 = full Engram)",
+  return sweep_lib.plot_paired([s for s in paired if not s["is_reference"]], path,
+                               title="Controls: is the memory used? (0 = full Engram)",
                                label="model")
 
 
