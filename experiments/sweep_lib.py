@@ -38,7 +38,7 @@ RESULT_FILE = "result.json"
 # (the cached runs stay valid; none of them changes what is computed).
 KEY_NEUTRAL_DEFAULTS = {"train": {"table_placement": "device"},
                         "model": {"engram_row_multiple": 1, "engram_sharded_lookup": "all_to_all",
-                                  "engram_table_sharding": "tensor", "engram_table_init_std": 1.0}}
+                                  "engram_table_sharding": "tensor"}}
 LOCK_FILE = "running.lock"
 
 
