@@ -1,7 +1,7 @@
 r"""Ablations at a fixed budget (ENGRAM_SPEC.md §6): remove one Engram component at a time.
 
   python -m experiments.ablations --workdir=runs/experiments \
-      [--config=experiments/configs/micro.py] [--ablations=...] [--seeds=0] [--steps=N]
+      [--config=experiments/configs/micro.py] [--ablations=...] [--seeds=0,1,2] [--steps=N]
 
 Every variant starts from the config's Engram model allocated at its rho (default 0.8):
   full              the model as allocated
@@ -72,40 +72,39 @@ def variants(config, ablations, seeds) -> list[sweep_lib.Variant]:
   return [variant(config, which, s) for s in seeds for which in ("full", *ablations)]
 
 
-def summarize(rows: list[dict]) -> str:
-  fulls = {r["seed"]: r for r in rows if r["ablation"] == "full"}
+def summarize(rows: list[dict]) -> tuple[list[dict], str]:
+  """Per ablation: the parameter change and the paired loss change against the full model
+  of the same seeds (same validation tokens), ± SE over seeds. > 0: the removal hurts."""
+  fulls = {sweep_lib.pair_key(r): r for r in rows if sweep_lib.ok(r) and r["ablation"] == "full"}
+  params = {}
   for r in rows:
-    f = fulls.get(r["seed"])
-    r["delta_vs_full"] = None if f is None else r["val_loss"] - f["val_loss"]
+    f = fulls.get(sweep_lib.pair_key(r)) if sweep_lib.ok(r) else None
     r["params_delta"] = None if f is None else r["params_total"] - f["params_total"]
-  cols = [("variant", "ablation", str), ("seed", "seed", str),
-          ("experts", "num_experts", str), ("slots/head", "slots_per_head", lambda v: str((v or [0])[0])),
-          ("params total", "params_total", sweep_lib.fmt(",")),
-          ("params vs full", "params_delta", sweep_lib.fmt("+,")),
-          ("val loss", "val_loss", sweep_lib.fmt(".4f")),
-          ("loss change vs full", "delta_vs_full", sweep_lib.fmt("+.4f"))]
-  return sweep_lib.markdown_table(rows, cols)
+    if sweep_lib.ok(r):
+      params.setdefault(r["ablation"], r)
+  paired = sweep_lib.paired_summary(rows, group=lambda r: r["ablation"], is_ref=lambda r: r["ablation"] == "full")
+  lines = [sweep_lib.paired_table(paired, "variant"), "",
+           "| variant | experts | slots/head | params total | params vs full |", "|---|---:|---:|---:|---:|"]
+  for name, r in params.items():
+    delta = "-" if r["params_delta"] is None else f"{r['params_delta']:+,}"
+    lines.append(f"| {name} | {r['num_experts']} | {(r.get('slots_per_head') or [0])[0]} | "
+                 f"{r['params_total']:,} | {delta} |")
+  return paired, "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> Path:
-  fig, ax = sweep_lib.new_figure(6.4, 3.6)
-  ab = [r for r in rows if r["ablation"] != "full" and r["delta_vs_full"] is not None]
-  labels = [f"{r['ablation']} (s{r['seed']})" if len({x['seed'] for x in ab}) > 1 else r["ablation"] for r in ab]
-  ax.barh(labels, [r["delta_vs_full"] for r in ab],
-          color=["tab:red" if r["delta_vs_full"] > 0 else "tab:green" for r in ab])
-  ax.axvline(0, color="black", lw=0.8)
-  ax.set_xlabel("validation loss change vs full Engram (nats/token; > 0: the change hurts)")
-  ax.set_title("Ablations at a fixed budget")
-  ax.invert_yaxis()
-  return sweep_lib.save_figure(fig, path)
+def plot(paired: list[dict], path: Path) -> Path:
+  return sweep_lib.plot_paired([s for s in paired if not s["is_reference"]], path,
+                               title="Ablations at a fixed budget (> 0: the removal hurts)", label="variant")
 
 
 def run(config, workdir: str, ablations, seeds, *, steps=None, train=True) -> dict:
   config = sweep_lib.with_overrides(config, steps=steps)
   planned = variants(config, ablations, seeds)
-  return sweep_lib.run_and_report(NAME, planned, workdir, train=train,
-                                  report=lambda rows: ({}, summarize(rows)),
-                                  plot=lambda rows, extra, path: plot(rows, path))
+  def report(rows):
+    paired, table = summarize(rows)
+    return {"paired": paired}, table
+  return sweep_lib.run_and_report(NAME, planned, workdir, train=train, report=report,
+                                  plot=lambda rows, extra, path: plot(extra["paired"], path))
 
 
 

@@ -1,15 +1,16 @@
 r"""Sparsity allocation (ENGRAM_SPEC.md §6): validation loss against rho at fixed budgets.
 
   python -m experiments.allocation_sweep --workdir=runs/experiments \
-      [--config=experiments/configs/micro.py] [--rhos=1,0.9,...,0.4] [--budget_scales=1,1.5] \
-      [--seeds=0,1] [--steps=N]
+      [--config=experiments/configs/micro.py] [--rhos=1,0.9,0.8,0.6,0.4] [--budget_scales=1] \
+      [--seeds=0,1,2] [--steps=N]
 
 For each budget (the config's backbone with its hidden size times each --budget_scales
 entry), the MoE twin (rho = 1) fixes the total and active parameter budget; every rho < 1
 moves 1 - rho of the sparse (inactive) parameters from routed experts into Engram slots
 (`engram_jax.models.accounting.allocate`), and every model trains on the same tokens.
---seeds run at the smallest budget; larger budgets use the first seed only (unless
---all_seeds). Resumable: finished runs are reused. Writes <workdir>/allocation_sweep/
+--seeds (each sets the init and the data seed of a replicate) run at the smallest budget;
+larger budgets use the first seed only (unless --all_seeds). Every rho is compared with
+rho = 1 of the same budget and seeds, paired on the same validation tokens, ± SE over seeds. Resumable: finished runs are reused. Writes <workdir>/allocation_sweep/
 {results.json, table.md, allocation_sweep.png}.
 """
 
@@ -49,18 +50,20 @@ def variants(config, rhos, scales, seeds, all_seeds=False, secondary_rhos=None
   return out
 
 
-def summarize(rows: list[dict]) -> tuple[list[dict], str]:
-  """Mean / spread over seeds per (budget, rho), and the markdown table."""
+def summarize(rows: list[dict]) -> tuple[list[dict], list[dict], str]:
+  """Per (budget, rho): the budget columns and the mean loss over seeds, and the paired
+  difference against rho = 1 (the MoE twin) of the same budget and seeds, ± SE over seeds."""
   groups: dict[tuple, list[dict]] = {}
   for r in rows:
-    groups.setdefault((r["hidden_size"], r["rho_target"]), []).append(r)
+    if sweep_lib.ok(r):
+      groups.setdefault((r["hidden_size"], r["rho_target"]), []).append(r)
   summary = []
   for (hidden, rho), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
-    losses = [r["val_loss"] for r in rs]
-    mean = sum(losses) / len(losses)
+    mean, se = sweep_lib.stats.mean_se([r["val_loss"] for r in rs])
     summary.append({
         "hidden_size": hidden, "rho_target": rho, "seeds": [r["seed"] for r in rs],
-        "val_loss_mean": mean, "val_loss_min": min(losses), "val_loss_max": max(losses),
+        "val_loss_mean": mean, "val_loss_se_seeds": se,
+        "val_loss_se_tokens": max(r.get("val_loss_se", float("nan")) for r in rs),
         "num_experts": rs[0]["num_experts"], "slots_per_head": (rs[0].get("slots_per_head") or [0])[0],
         "params_total": rs[0]["params_total"], "params_engram_table": rs[0]["params_engram_table"],
         "analytic_active": rs[0]["analytic_active"], "flops_per_token": rs[0]["flops_per_token"],
@@ -73,31 +76,27 @@ def summarize(rows: list[dict]) -> tuple[list[dict], str]:
           ("FLOPs/token", "flops_per_token", sweep_lib.fmt(",")),
           ("seeds", "seeds", lambda v: ",".join(map(str, v))),
           ("val loss (mean)", "val_loss_mean", sweep_lib.fmt(".4f")),
-          ("min", "val_loss_min", sweep_lib.fmt(".4f")), ("max", "val_loss_max", sweep_lib.fmt(".4f"))]
-  return summary, sweep_lib.markdown_table(summary, cols)
+          ("± SE over seeds", "val_loss_se_seeds", sweep_lib.fmt(".4f")),
+          ("SE over tokens (max)", "val_loss_se_tokens", sweep_lib.fmt(".4f"))]
+  paired = paired_summary(rows)
+  table = (sweep_lib.markdown_table(summary, cols) + "\n\nPaired against rho = 1 (the MoE twin) of the "
+           "same budget, init seed and data seed, on the same validation tokens:\n\n"
+           + sweep_lib.paired_table(paired, "hidden, rho", lambda g: f"{g[0]}, {g[1]:.2f}"))
+  return summary, paired, table
 
 
-def plot(rows: list[dict], summary: list[dict], path: Path) -> Path:
-  """One line per (budget, seed): seeds differ in data order, so only same-seed points
-  compare cleanly (a mean over unequal seed sets would zigzag)."""
-  del summary
-  fig, ax = sweep_lib.new_figure()
-  markers = "osd^v"
-  for hidden in sorted({r["hidden_size"] for r in rows}):
-    color = None
-    for j, seed in enumerate(sorted({r["seed"] for r in rows if r["hidden_size"] == hidden})):
-      pts = sorted(((r["rho_target"], r["val_loss"], r["params_total"]) for r in rows
-                    if r["hidden_size"] == hidden and r["seed"] == seed), reverse=True)
-      line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], f"{markers[j % len(markers)]}-",
-                      color=color, alpha=1.0 if j == 0 else 0.6,
-                      label=f"hidden {hidden} ({pts[0][2]:,} params), seed {seed}")
-      color = line.get_color()
-  ax.set_xlabel("rho (routed-expert share of the sparse parameters)")
-  ax.set_ylabel("validation loss (nats/token)")
-  ax.set_title("Sparsity allocation at fixed total and active parameters")
-  ax.invert_xaxis()
-  ax.legend(fontsize=8)
-  return sweep_lib.save_figure(fig, path)
+def paired_summary(rows: list[dict]) -> list[dict]:
+  return sweep_lib.paired_summary(rows, group=lambda r: (r["hidden_size"], r["rho_target"]),
+                                  is_ref=lambda r: r["rho_target"] >= 1.0,
+                                  ref_group=lambda r: r["hidden_size"])
+
+
+def plot(rows: list[dict], paired: list[dict], path: Path) -> Path:
+  """Paired difference to rho = 1 against rho, ± 1 SE over seeds, one line per budget."""
+  del rows
+  return sweep_lib.plot_paired(paired, path, title="Sparsity allocation at fixed total and active parameters",
+                               label="rho", x=lambda g: g[1], series=lambda g: f"hidden {g[0]}",
+                               xlabel="rho (routed-expert share of the sparse parameters)", invert_x=True)
 
 
 def run(config, workdir: str, rhos, scales, seeds, *, all_seeds=False, steps=None,
@@ -105,17 +104,16 @@ def run(config, workdir: str, rhos, scales, seeds, *, all_seeds=False, steps=Non
   config = sweep_lib.with_overrides(config, steps=steps)
   planned = variants(config, rhos, scales, seeds, all_seeds, secondary_rhos)
   def report(rows):
-    summary, table = summarize(rows)
-    return {"summary": summary}, table
+    summary, paired, table = summarize(rows)
+    return {"summary": summary, "paired": paired}, table
   return sweep_lib.run_and_report(NAME, planned, workdir, train=train, report=report,
-                                  plot=lambda rows, extra, path: plot(rows, extra["summary"], path))
+                                  plot=lambda rows, extra, path: plot(rows, extra["paired"], path))
 
 
 
 def define_flags() -> dict:
   """The command-line flags (defined only when run as a script)."""
-  return {**cli.define_flags("rhos", "secondary_rhos", "budget_scales", "seeds", "steps",
-                             seeds=["0", "1"]),
+  return {**cli.define_flags("rhos", "secondary_rhos", "budget_scales", "seeds", "steps"),
           "all_seeds": flags.DEFINE_bool("all_seeds", False, "Run every seed at every budget.")}
 
 

@@ -2,8 +2,8 @@ r"""Memory scaling (ENGRAM_SPEC.md §6): loss against log(slots) with the backbo
 the OverEncoding-style baseline at equal slots.
 
   python -m experiments.memory_scaling --workdir=runs/experiments \
-      [--config=experiments/configs/micro.py] [--slots=256,512,1024,2048,4096] \
-      [--baseline_slots=256,1024,4096] [--seed=0] [--steps=N]
+      [--config=experiments/configs/micro.py] [--slots=256,1024,4096] \
+      [--baseline_slots=256,1024,4096] [--seeds=0,1,2] [--steps=N]
 
 The backbone is the config's MoE (its own expert count, unchanged). "engram" adds Engram
 layers with --slots nominal rows per head; "input_average" (ModelConfig
@@ -28,97 +28,102 @@ NAME = "memory_scaling"
 MODES = ("engram", "input_average")
 
 
-def variants(config, slots, baseline_slots, seed) -> list[sweep_lib.Variant]:
-  c = sweep_lib.with_seed(config, seed)
-  c_moe = c.copy_and_resolve_references()
-  c_moe.variant = "moe"
-  out = [sweep_lib.Variant(f"moe-h{c.model.hidden_size}-s{seed}", c_moe, common.model_config(c_moe),
-                           info={"mode": "none", "slots": 0})]
-  c_eng = c.copy_and_resolve_references()
-  c_eng.variant = "engram"
-  for mode, sizes in (("engram", slots), ("input_average", baseline_slots)):
-    for s in sizes:
-      model = sweep_lib.engram_at_slots(c_eng, s, engram_mode=mode)
-      out.append(sweep_lib.Variant(f"mem-{mode}-h{c.model.hidden_size}-slots{s}-s{seed}", c_eng, model,
-                                   info={"mode": mode, "slots": int(s)}))
+def _seeds(seeds) -> list[int]:
+  return [int(seeds)] if isinstance(seeds, int) else [int(x) for x in seeds]
+
+
+def variants(config, slots, baseline_slots, seeds) -> list[sweep_lib.Variant]:
+  """The MoE backbone alone, Engram at every --slots and the input-average baseline at
+  every --baseline_slots, for each seed (an int or a list: init and data seed)."""
+  out = []
+  for seed in _seeds(seeds):
+    c = sweep_lib.with_seed(config, seed)
+    c_moe = c.copy_and_resolve_references()
+    c_moe.variant = "moe"
+    out.append(sweep_lib.Variant(f"moe-h{c.model.hidden_size}-s{seed}", c_moe, common.model_config(c_moe),
+                                 info={"mode": "none", "slots": 0}))
+    c_eng = c.copy_and_resolve_references()
+    c_eng.variant = "engram"
+    for mode, sizes in (("engram", slots), ("input_average", baseline_slots)):
+      for s in sizes:
+        model = sweep_lib.engram_at_slots(c_eng, s, engram_mode=mode)
+        out.append(sweep_lib.Variant(f"mem-{mode}-h{c.model.hidden_size}-slots{s}-s{seed}", c_eng, model,
+                                     info={"mode": mode, "slots": int(s)}))
   return out
 
 
 def fit_per_decade(points: list[tuple[int, float]]) -> float | None:
   """Least-squares slope of loss against log10(slots)."""
-  if len(points) < 2:
-    return None
-  xs = [math.log10(s) for s, _ in points]
-  ys = [y for _, y in points]
-  mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-  sxx = sum((x - mx) ** 2 for x in xs)
-  return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else None
+  return sweep_lib.stats.fit_slope([math.log10(s) for s, _ in points], [y for _, y in points])
 
 
-def summarize(rows: list[dict]) -> tuple[dict, str]:
-  moe = next((r for r in rows if r["mode"] == "none"), None)
+def summarize(rows: list[dict]) -> tuple[dict, list[dict], str]:
+  """Per mode: the slope of loss per decade of slots fitted per seed, mean ± SE over seeds;
+  per (mode, slots): the paired difference to the MoE backbone of the same seeds."""
+  good = [r for r in rows if sweep_lib.ok(r)]
   fits = {}
   for mode in MODES:
-    pts = sorted((r["slots"], r["val_loss"]) for r in rows if r["mode"] == mode)
-    fits[mode] = {"per_decade": fit_per_decade(pts), "points": pts}
-  cols = [("mode", "mode", str), ("slots/head", "slots", str),
-          ("table params", "params_engram_table", sweep_lib.fmt(",")),
-          ("params total", "params_total", sweep_lib.fmt(",")),
-          ("FLOPs/token", "flops_per_token", sweep_lib.fmt(",")),
-          ("val loss", "val_loss", sweep_lib.fmt(".4f")),
-          ("vs MoE", "delta_vs_moe", sweep_lib.fmt("+.4f"))]
-  for r in rows:
-    r["delta_vs_moe"] = None if moe is None else r["val_loss"] - moe["val_loss"]
-  ordered = sorted(rows, key=lambda r: (MODES.index(r["mode"]) if r["mode"] in MODES else -1, r["slots"]))
-  table = sweep_lib.markdown_table(ordered, cols)
-  lines = [table, ""]
+    per_seed = {}
+    for key in sorted({sweep_lib.pair_key(r) for r in good}):
+      pts = sorted((r["slots"], r["val_loss"]) for r in good
+                   if r["mode"] == mode and sweep_lib.pair_key(r) == key)
+      slope = fit_per_decade(pts)
+      if slope is not None:
+        per_seed[key[0]] = slope
+    mean, se = sweep_lib.stats.mean_se(per_seed.values()) if per_seed else (None, None)
+    fits[mode] = {"per_decade": mean, "per_decade_se": se, "per_seed": per_seed,
+                  "claim": mean is not None and sweep_lib.stats.clears(mean, se)}
+  paired = sweep_lib.paired_summary(rows, group=lambda r: (r["mode"], r["slots"]),
+                                    is_ref=lambda r: r["mode"] == "none")
+  paired.sort(key=lambda s: (-1 if s["group"][0] == "none" else MODES.index(s["group"][0]), s["group"][1]))
+  lines = ["Paired against the MoE backbone alone (same init and data seeds, same validation tokens):", "",
+           sweep_lib.paired_table(paired, "mode, slots/head", lambda g: f"{g[0]}, {g[1]}"), ""]
+  params = {(r["mode"], r["slots"]): r for r in good}
+  lines += ["| mode | slots/head | table params | params total | FLOPs/token |", "|---|---:|---:|---:|---:|"]
+  for (mode, slots), r in sorted(params.items(), key=lambda kv: (kv[0][0] != "none", kv[0])):
+    lines.append(f"| {mode} | {slots} | {r['params_engram_table']:,} | {r['params_total']:,} | "
+                 f"{r['flops_per_token']:,} |")
+  lines.append("")
   for mode, f in fits.items():
     if f["per_decade"] is not None:
-      lines.append(f"- {mode}: {f['per_decade']:+.4f} nats per decade of slots (least squares)")
-  return fits, "\n".join(lines)
+      per = ", ".join(f"s{k}: {v:+.4f}" for k, v in f["per_seed"].items())
+      lines.append(f"- {mode}: {sweep_lib.stats.format_pm(f['per_decade'], f['per_decade_se'])} nats per "
+                   f"decade of slots (least squares per seed, mean ± SE over seeds; {per}); "
+                   + ("clears 2 SE" if f["claim"] else "not distinguishable from 0 at 2 SE"))
+  return fits, paired, "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> Path:
-  fig, ax = sweep_lib.new_figure()
-  for mode, style in (("engram", "o-"), ("input_average", "s--")):
-    pts = sorted((r["slots"], r["val_loss"]) for r in rows if r["mode"] == mode)
-    if pts:
-      ax.plot([p[0] for p in pts], [p[1] for p in pts], style,
-              label="Engram" if mode == "engram" else "n-gram average into input (OverEncoding-style)")
-  moe = next((r for r in rows if r["mode"] == "none"), None)
-  if moe is not None:
-    ax.axhline(moe["val_loss"], color="gray", ls=":", label="MoE backbone alone")
-  ax.set_xscale("log", base=2)
-  ax.set_xlabel("slots per head (nominal rows)")
-  ax.set_ylabel("validation loss (nats/token)")
-  ax.set_title("Memory scaling with the backbone fixed")
-  ax.legend()
-  return sweep_lib.save_figure(fig, path)
+def plot(paired: list[dict], path: Path) -> Path:
+  return sweep_lib.plot_paired([s for s in paired if s["group"][0] != "none"], path,
+                               title="Memory scaling with the backbone fixed (0 = MoE alone)",
+                               label="slots", x=lambda g: g[1], xscale="log",
+                               series=lambda g: "Engram" if g[0] == "engram" else "n-gram average into input",
+                               xlabel="slots per head (nominal rows)")
 
 
-def run(config, workdir: str, slots, baseline_slots, seed=0, *, steps=None, train=True) -> dict:
+def run(config, workdir: str, slots, baseline_slots, seeds=0, *, steps=None, train=True) -> dict:
   config = sweep_lib.with_overrides(config, steps=steps)
-  planned = variants(config, slots, baseline_slots, seed)
+  planned = variants(config, slots, baseline_slots, seeds)
   def report(rows):
-    fits, table = summarize(rows)
-    return {"fits": fits}, table
+    fits, paired, table = summarize(rows)
+    return {"fits": fits, "paired": paired}, table
   return sweep_lib.run_and_report(NAME, planned, workdir, train=train, report=report,
-                                  plot=lambda rows, extra, path: plot(rows, path))
+                                  plot=lambda rows, extra, path: plot(extra["paired"], path))
 
 
 
 def define_flags() -> dict:
   """The command-line flags (defined only when run as a script)."""
-  return {**cli.define_flags("slots", "baseline_slots", "seeds", "steps", seeds=None),
-          "seed": flags.DEFINE_integer("seed", 0, "Seed of every run (--seeds, if given, wins).")}
+  return {**cli.define_flags("slots", "baseline_slots", "seeds", "steps"),
+          "seed": flags.DEFINE_integer("seed", 0, "Seed of every run (when --seeds is not given).")}
 
 
 def main(argv):
   del argv
   logging.basicConfig(level=logging.WARNING)
-  seed = int(_F['seeds'].value[0]) if _F['seeds'].value else _F['seed'].value
+  seeds = sweep_lib.parse_ints(_F['seeds'].value) if _F['seeds'].value else [_F['seed'].value]
   run(_F['config'].value, _F['workdir'].value, sweep_lib.parse_ints(_F['slots'].value),
-      sweep_lib.parse_ints(_F['baseline_slots'].value), seed, steps=_F['steps'].value)
+      sweep_lib.parse_ints(_F['baseline_slots'].value), seeds, steps=_F['steps'].value)
 
 
 _F: dict = {}

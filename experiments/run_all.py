@@ -1,16 +1,21 @@
 r"""`make experiments`: every paper-reproduction experiment, end to end (CPU-sized by default).
 
   python -m experiments.run_all --workdir=runs/experiments \
-      [--config=experiments/configs/micro.py] [--steps=N] [--seeds=0,1] [--workers=1] \
+      [--config=experiments/configs/micro.py] [--steps=N] [--seeds=0,1,2] [--workers=2] \
       [--only=allocation_sweep,memory_scaling,ablations,controls] [--docs_dir=docs/results]
 
-The experiments: the allocation sweep (--rhos at two budgets, --budget_scales; --seeds at
-the smaller one, the extra seeds and the larger budget at --secondary_rhos), memory
-scaling (--slots, OverEncoding-style baseline at --baseline_slots), the ablations and the
-controls. Every run they need is trained first, most informative first (the first seed's
-smaller-budget sweep, controls, ablations, memory scaling, then the extra seeds and the
-larger budget), each once even when several experiments use it (<workdir>/runs is shared),
-by --workers processes that claim runs with lock files. Then each experiment's tables and
+The measurement protocol (docs/RESULTS.md): every experiment runs every seed in --seeds (a
+seed sets the init and the data order of one replicate; variants of a replicate share
+both); every model is scored on the same validation tokens and compared with its
+reference pairwise; tables give the mean paired difference ± SE over seeds, a claim is
+made only where it clears 2 SE, and otherwise the minimum detectable effect is given.
+The experiments: the allocation sweep (--rhos at --budget_scales, default one budget),
+memory scaling (--slots with the backbone fixed, OverEncoding-style baseline at
+--baseline_slots, the slope per decade fitted per seed), the ablations and the controls
+(with the fact-recall probe of each). Every run they need is trained first, replicate by
+replicate (all of seed 0, then seed 1, ...: a stopped sweep leaves complete pairs), each
+once even when several experiments use it (<workdir>/runs is shared), by --workers
+processes that claim runs with lock files. Then each experiment's tables and
 plots are written from the finished runs. An interrupted `make experiments` resumes where
 it stopped. With --docs_dir the results (JSON, PNG, table.md) are copied there. On a GPU
 use --config=experiments/configs/small.py.
@@ -30,12 +35,13 @@ from absl import app, flags
 from experiments import ablations, allocation_sweep, cli, controls, memory_scaling, sweep_lib
 
 EXPERIMENTS = ("allocation_sweep", "memory_scaling", "ablations", "controls")
-RHOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
+RHOS = (1.0, 0.9, 0.8, 0.6, 0.4)
+SEEDS = (0, 1, 2)
+SLOTS = (256, 1024, 4096)
 
 
-def plan(config, *, experiments=EXPERIMENTS, seeds=(0, 1), rhos=RHOS, secondary_rhos=None,
-         budget_scales=(1.0, 1.5), slots=(256, 512, 1024, 2048, 4096),
-         baseline_slots=(256, 1024, 4096)) -> dict[str, dict]:
+def plan(config, *, experiments=EXPERIMENTS, seeds=SEEDS, rhos=RHOS, secondary_rhos=None,
+         budget_scales=(1.0,), slots=SLOTS, baseline_slots=SLOTS) -> dict[str, dict]:
   """The arguments of each experiment's `run`, by experiment name."""
   unknown = sorted(set(experiments) - set(EXPERIMENTS))
   if unknown:
@@ -44,15 +50,16 @@ def plan(config, *, experiments=EXPERIMENTS, seeds=(0, 1), rhos=RHOS, secondary_
   args = {
       "allocation_sweep": {"rhos": list(rhos), "scales": list(budget_scales), "seeds": seeds,
                                "secondary_rhos": None if secondary_rhos is None else list(secondary_rhos)},
-      "memory_scaling": {"slots": list(slots), "baseline_slots": list(baseline_slots), "seed": seeds[0]},
-      "ablations": {"ablations": list(ablations.ABLATIONS), "seeds": seeds[:1]},
-      "controls": {"seeds": seeds[:1]},
+      "memory_scaling": {"slots": list(slots), "baseline_slots": list(baseline_slots), "seeds": seeds},
+      "ablations": {"ablations": list(ablations.ABLATIONS), "seeds": seeds},
+      "controls": {"seeds": seeds},
   }
   return {k: v for k, v in args.items() if k in experiments}
 
 
 def ordered_variants(config, args: dict[str, dict]) -> list[sweep_lib.Variant]:
-  """Every run of the plan, deduplicated, most informative first."""
+  """Every run of the plan, deduplicated, replicate by replicate (within one: the first
+  budget's sweep, controls, ablations, memory scaling, then the other budgets)."""
   first, later = [], []
   if "allocation_sweep" in args:
     a = args["allocation_sweep"]
@@ -68,13 +75,13 @@ def ordered_variants(config, args: dict[str, dict]) -> list[sweep_lib.Variant]:
     first += ablations.variants(config, a["ablations"], a["seeds"])
   if "memory_scaling" in args:
     a = args["memory_scaling"]
-    first += memory_scaling.variants(config, a["slots"], a["baseline_slots"], a["seed"])
+    first += memory_scaling.variants(config, a["slots"], a["baseline_slots"], a["seeds"])
   seen, out = set(), []
   for v in first + later:
     if v.key() not in seen:
       seen.add(v.key())
       out.append(v)
-  return out
+  return sorted(out, key=lambda v: int(v.config.seed))   # stable: keeps the order within a seed
 
 
 def report(config, workdir: str, args: dict[str, dict], docs_dir: str | None = None, *,
@@ -91,7 +98,7 @@ def report(config, workdir: str, args: dict[str, dict], docs_dir: str | None = N
       out[name] = allocation_sweep.run(config, workdir, a["rhos"], a["scales"], a["seeds"],
                                        secondary_rhos=a["secondary_rhos"], train=train)
     elif name == "memory_scaling":
-      out[name] = memory_scaling.run(config, workdir, a["slots"], a["baseline_slots"], a["seed"],
+      out[name] = memory_scaling.run(config, workdir, a["slots"], a["baseline_slots"], a["seeds"],
                                      train=train)
     elif name == "ablations":
       out[name] = ablations.run(config, workdir, a["ablations"], a["seeds"], train=train)
@@ -119,9 +126,9 @@ def define_flags() -> dict:
   f = flags
   return {
       **cli.define_flags("steps", "seeds", "rhos", "secondary_rhos", "budget_scales", "slots",
-                         "baseline_slots", seeds=["0", "1"]),
+                         "baseline_slots"),
       "only": f.DEFINE_list("only", list(EXPERIMENTS), "Experiments to run."),
-      "workers": f.DEFINE_integer("workers", 1, "Training processes sharing the run list."),
+      "workers": f.DEFINE_integer("workers", 2, "Training processes sharing the run list."),
       "train_only": f.DEFINE_bool("train_only", False, "Only train (a worker); no tables or plots."),
       "report_only": f.DEFINE_bool("report_only", False,
                                    "Only write tables and plots from the finished runs."),

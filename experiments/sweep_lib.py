@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +26,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from engram_jax.train import evaluation, stats
 from experiments.configs import common
 
 log = logging.getLogger(__name__)
@@ -58,11 +60,14 @@ def with_overrides(config: ml_collections.ConfigDict, *, steps: int | None = Non
   return c
 
 
-def with_seed(config: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
-  """Seed of the model init and of the data order (validation tokens do not change)."""
+def with_seed(config: ml_collections.ConfigDict, seed: int, data_seed: int | None = None
+              ) -> ml_collections.ConfigDict:
+  """Replicate `seed`: the model init seed (`config.seed`) and the data-order seed
+  (`config.data.seed`, default the same number). Variants of one replicate share both, so
+  their comparison is paired on init and data; the validation tokens never change."""
   c = config.copy_and_resolve_references()
   c.seed = int(seed)
-  c.data.seed = int(seed)
+  c.data.seed = int(seed if data_seed is None else data_seed)
   return c
 
 
@@ -204,10 +209,151 @@ def run_variant(variant: Variant, workdir: str | Path) -> dict[str, Any]:
       "tokens_per_second": result.tokens_per_second, "wall_seconds": wall,
       "hardware": hardware(),
   }
+  row["data_seed"] = int(dc.seed)
   if trainer.model_config.engram is not None:
     row["slots_per_head"] = list(trainer.model_config.engram.vocab_sizes)
+  if dc.num_facts:
+    row["fact_probe"] = fact_probe_of(run_dir, trainer)
   result_path.write_text(json.dumps(row, indent=1))
   return {**row, **variant.info, "reused": False}
+
+
+def fact_probe_of(run_dir: str | Path, trainer=None) -> dict[str, Any]:
+  """The fact-recall probe of a finished run (per-fact values in run_dir/fact_probe.json):
+  of the trainer's final state in memory when given (device-placed tables), else loaded."""
+  from flax import nnx
+
+  from engram_jax.train.state import build_model
+  from experiments import fact_probe
+
+  if trainer is not None and getattr(trainer, "host_trainer", None) is None:
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(trainer.model_config, 0)))
+    model = nnx.merge(graphdef, trainer.state.params, trainer.state.rest)
+    p = fact_probe.probe_model(model, trainer.tokenizer, trainer.row_hasher, trainer.data_config)
+  else:
+    p = fact_probe.probe_checkpoint(str(run_dir))
+  (Path(run_dir) / "fact_probe.json").write_text(json.dumps(p))
+  return {k: v for k, v in p.items() if not k.startswith("per_fact")}
+
+
+# ------------------------------------------------------------------------------- statistics
+def pair_key(row: dict) -> tuple[int, int]:
+  """What two runs must share to be paired: (init seed, data seed)."""
+  return int(row["seed"]), int(row.get("data_seed", row["seed"]))
+
+
+def paired_vs(row: dict, ref: dict) -> tuple[float, float]:
+  """(loss(row) - loss(ref), SE clustered by sequence) on their shared validation tokens."""
+  a, info_a = evaluation.load_rows(row["run_dir"])
+  b, info_b = evaluation.load_rows(ref["run_dir"])
+  return evaluation.paired(a, info_a, b, info_b)
+
+
+def ok(row: dict) -> bool:
+  return "failed" not in row and "run_dir" in row
+
+
+def paired_summary(rows: Sequence[dict], group: Callable[[dict], Any], is_ref: Callable[[dict], bool],
+                   ref_group: Callable[[dict], Any] = lambda r: None) -> list[dict[str, Any]]:
+  """Paired differences against a reference, replicated over seeds.
+
+  For every row: loss minus the loss of the reference run (is_ref) with the same init and
+  data seeds (and the same ref_group, e.g. budget), on the same validation tokens (SE
+  clustered by sequence). Per group(row): the mean of those per-seed differences with its
+  SE over seeds (the error bar; seeds are the independent replicates), whether it clears
+  2 SE, and the minimum detectable effect (2.84 SE). Groups keep the rows' order.
+  """
+  refs = {(ref_group(r), pair_key(r)): r for r in rows if ok(r) and is_ref(r)}
+  groups: dict[Any, list[dict]] = {}
+  for r in rows:
+    if ok(r):
+      groups.setdefault(group(r), []).append(r)
+  out = []
+  for g, rs in groups.items():
+    per_seed = []
+    for r in sorted(rs, key=pair_key):
+      ref = refs.get((ref_group(r), pair_key(r)))
+      if ref is None:
+        continue
+      d, se = (0.0, 0.0) if ref is r else paired_vs(r, ref)
+      per_seed.append({"seed": pair_key(r)[0], "data_seed": pair_key(r)[1], "diff": d, "se_tokens": se})
+    diffs = [p["diff"] for p in per_seed]
+    mean, se = stats.mean_se(diffs) if diffs else (float("nan"), float("nan"))
+    loss, loss_se = stats.mean_se([r["val_loss"] for r in rs])
+    out.append({"group": g, "seeds": [p["seed"] for p in per_seed], "diff_mean": mean, "diff_se": se,
+                "claim": stats.clears(mean, se), "mde": stats.minimum_detectable_effect(se),
+                "per_seed": per_seed, "val_loss_mean": loss, "val_loss_se_seeds": loss_se,
+                "is_reference": all(is_ref(r) for r in rs)})
+  return out
+
+
+def verdict(s: dict) -> str:
+  if s["is_reference"]:
+    return "reference"
+  if not math.isfinite(s["diff_se"]):
+    return "one seed: no error bar"
+  if s["claim"]:
+    return f"{'worse' if s['diff_mean'] > 0 else 'better'} (clears 2 SE)"
+  return f"not detectable (MDE {s['mde']:.3f})"
+
+
+def paired_table(summary: Sequence[dict], label: str, fmt_group: Callable[[Any], str] = str) -> str:
+  """Markdown: group | seeds | mean loss | paired difference ± SE over seeds | per seed | verdict."""
+  lines = [f"| {label} | seeds | val loss (mean ± SE over seeds) | vs reference, paired (± SE over seeds) | "
+           "per seed (± SE over tokens) | verdict |", "|---|---:|---:|---:|---|---|"]
+  for s in summary:
+    per = "; ".join(f"s{p['seed']}: {stats.format_pm(p['diff'], p['se_tokens'])}" for p in s["per_seed"])
+    loss = stats.format_pm(s["val_loss_mean"], s["val_loss_se_seeds"]).lstrip("+")
+    lines.append(f"| {fmt_group(s['group'])} | {len(s['seeds'])} | {loss} | "
+                 f"{stats.format_pm(s['diff_mean'], s['diff_se'])} | {per} | {verdict(s)} |")
+  return "\n".join(lines)
+
+
+def plot_paired(summary: Sequence[dict], path: str | Path, *, title: str, label: str,
+                x: Callable[[Any], float] | None = None, fmt_group: Callable[[Any], str] = str,
+                xlabel: str | None = None, xscale: str | None = None, invert_x: bool = False,
+                series: Callable[[Any], str] | None = None) -> Path:
+  """Paired differences with ±1 SE (over seeds) error bars and the per-seed points; with x
+  a line plot over x(group) (one line per series(group)), else horizontal bars."""
+  fig, ax = new_figure(6.4, 4.0)
+  ax.axhline(0, color="black", lw=0.8) if x is not None else ax.axvline(0, color="black", lw=0.8)
+  if x is not None:
+    by_series: dict[str, list[dict]] = {}
+    for s in summary:
+      by_series.setdefault(series(s["group"]) if series else "", []).append(s)
+    for name, ss in by_series.items():
+      ss = sorted(ss, key=lambda s: x(s["group"]))
+      xs = [x(s["group"]) for s in ss]
+      err = [0.0 if not math.isfinite(s["diff_se"]) else s["diff_se"] for s in ss]
+      line = ax.errorbar(xs, [s["diff_mean"] for s in ss], yerr=err, fmt="o-", capsize=3,
+                         label=(name or "mean over seeds") + " ± 1 SE")
+      for s in ss:
+        ax.plot([x(s["group"])] * len(s["per_seed"]), [p["diff"] for p in s["per_seed"]], ".",
+                color=line[0].get_color(), alpha=0.4)
+    ax.set_xlabel(xlabel or label)
+    ax.set_ylabel("val loss minus reference (nats/token, paired)")
+    if xscale:
+      ax.set_xscale(xscale)
+    if invert_x:
+      ax.invert_xaxis()
+    ax.legend(fontsize=8)
+  else:
+    labels = [fmt_group(s["group"]) for s in summary]
+    err = [0.0 if not math.isfinite(s["diff_se"]) else s["diff_se"] for s in summary]
+    ax.barh(labels, [s["diff_mean"] for s in summary], xerr=err, capsize=3,
+            color=["tab:red" if s["diff_mean"] > 0 else "tab:green" for s in summary])
+    for i, s in enumerate(summary):
+      ax.plot([p["diff"] for p in s["per_seed"]], [i] * len(s["per_seed"]), "k.", alpha=0.5)
+    ax.set_xlabel("val loss minus reference (nats/token, paired; bars ± 1 SE over seeds)")
+    ax.invert_yaxis()
+  mdes = [s["mde"] for s in summary if not s["is_reference"] and math.isfinite(s["mde"])]
+  if mdes:  # effects inside the band are below what this design detects with 80% power
+    mde = float(sorted(mdes)[len(mdes) // 2])
+    span = ax.axhspan if x is not None else ax.axvspan
+    span(-mde, mde, color="gray", alpha=0.15, label=f"± median MDE ({mde:.3f})")
+    ax.legend(fontsize=8)
+  ax.set_title(title)
+  return save_figure(fig, path)
 
 
 def enable_compilation_cache(workdir: str | Path) -> None:

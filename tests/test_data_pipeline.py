@@ -179,7 +179,7 @@ def test_eval_batches_are_fixed(tok):
   for batch in first:
     assert batch["tokens"].shape == (4, 32)
     assert set(batch["engram_rows"]) == {1, 3}
-  every = make_eval_batches(CFG.replace(num_eval_batches=None, eval_batch_size=64), tok)
+  every = make_eval_batches(CFG.replace(num_eval_batches=None, eval_batch_size=64, eval_set="packed"), tok)
   assert every[-1]["tokens"].shape == (64, 32)
   assert every[-1]["loss_mask"][-1].sum() == 0  # padded to shape, padding masked
   with pytest.raises(ValueError, match="no validation data"):
@@ -193,7 +193,12 @@ def hasher_ids(tok, tokens):
 def test_eval_sources_replace_the_split(tok, tmp_path):
   (tmp_path / "held_out.txt").write_text("def held_out():\n    return 42\n" * 40)
   cfg = CFG.replace(eval_sources=(f"text:{tmp_path}/*.txt",), num_eval_batches=None)
-  batches = make_eval_batches(cfg, tok)
+  file_text = (tmp_path / "held_out.txt").read_text()
+  for batch in make_eval_batches(cfg, tok):  # the default "chunks" set: pieces of that file
+    for tokens, seg in zip(batch["tokens"], batch["segment_ids"]):
+      if seg.any():
+        assert tok.decode([int(i) for i in tokens[seg > 0]]) in file_text
+  batches = make_eval_batches(cfg.replace(eval_set="packed"), tok)  # the whole file, in order
   ids = []
   for batch in batches:
     for tokens, targets, seg in zip(batch["tokens"], batch["targets"], batch["segment_ids"]):

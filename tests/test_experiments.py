@@ -27,6 +27,7 @@ from experiments import (
   ablations,
   allocation_sweep,
   controls,
+  fact_probe,
   memory_scaling,
   run_all,
   sweep_lib,
@@ -171,12 +172,13 @@ def test_every_experiment_builds_valid_configs():
 def _smoke_config(tmp_path):
   c = micro.get_config()
   c.model.update(hidden_size=16, num_heads=2, num_kv_heads=1, head_dim=8, ffn_hidden=32,
-                 vocab_size=300, num_layers=2)
+                 vocab_size=512, num_layers=2)
   c.moe.update(num_experts=8, num_shared_experts=1, top_k=2, expert_hidden=8)
   c.engram.update(n_embed_per_ngram=8, n_head_per_ngram=2)
   c.allocation.active_rtol = 0.5
-  c.data.update(seq_len=16, batch_size=8, bpe_vocab_size=300, tokenizer_train_bytes=100_000,
-                max_bytes=200_000, num_eval_batches=1, tokenizer_dir=str(tmp_path / "tok"))
+  c.data.update(seq_len=16, batch_size=8, bpe_vocab_size=512, tokenizer_train_bytes=100_000,
+                max_bytes=200_000, num_eval_batches=1, tokenizer_dir=str(tmp_path / "tok"),
+                num_facts=6, held_out_facts=6, fact_repeats=4)
   return c
 
 
@@ -193,6 +195,19 @@ def test_memory_scaling_runs_end_to_end_and_resumes(tmp_path):
   saved = json.loads((work / "memory_scaling" / "results.json").read_text())
   assert len(saved["rows"]) == 3 and (work / "memory_scaling" / "memory_scaling.png").is_file()
   assert saved["meta"]["missing_runs"] == []
+  # every run is scored on the same sequences: paired differences against the MoE alone
+  paired = {tuple(p["group"]): p for p in saved["meta"]["paired"]}
+  assert set(paired) == {("none", 0), ("engram", 4), ("input_average", 4)}
+  assert paired[("none", 0)]["diff_mean"] == 0.0 and paired[("none", 0)]["is_reference"]
+  d = paired[("engram", 4)]["per_seed"][0]
+  assert d["diff"] == pytest.approx(rows[1]["val_loss"] - rows[0]["val_loss"], abs=1e-9)
+  assert 0 < d["se_tokens"] < rows[1]["val_loss_se"] + rows[0]["val_loss_se"]
+  # the fact probe ran on every run: seen and held-out facts scored
+  assert all(r["fact_probe"]["num_seen"] == 6 and np.isfinite(r["fact_probe"]["unseen_ce"]) for r in rows)
+  # the CLI's path (a saved run) gives the in-memory figures
+  saved_probe = fact_probe.probe_checkpoint(rows[1]["run_dir"])
+  assert saved_probe["seen_ce"] == pytest.approx(rows[1]["fact_probe"]["seen_ce"], rel=1e-5)
+  assert saved_probe["unseen_ce"] == pytest.approx(rows[1]["fact_probe"]["unseen_ce"], rel=1e-5)
   again = memory_scaling.run(c, str(work), [4], [4], 0, steps=2)
   assert all(r["reused"] for r in again["rows"])
   assert [r["val_loss"] for r in again["rows"]] == [r["val_loss"] for r in rows]

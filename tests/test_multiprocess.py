@@ -97,7 +97,8 @@ def test_two_processes_reach_the_single_process_losses(tmp_path):
   two_train = {r["step"]: r for r in two_rows if r["split"] == "train"}
   assert sorted(two_train) == sorted(ref_train) == list(range(1, STEPS + 1))
   for step in ref_train:
-    assert two_train[step]["tokens"] == ref_train[step]["tokens"] == 4 * 32  # same global batch
+    # same global batch (a target at a document start is masked, so <= 4 * 32)
+    assert two_train[step]["tokens"] == ref_train[step]["tokens"] > 0.9 * 4 * 32
     # Same partitioned program on 2 devices; only the all-reduce moved from in-process to
     # gloo (a 2-way sum: exact here; 1e-5 covers a reassociating reduction).
     assert two_train[step]["loss"] == pytest.approx(ref_train[step]["loss"], rel=1e-5, abs=1e-6), step

@@ -265,7 +265,8 @@ def test_data_parallel_host_placement_equals_one_device(straight, data_config, t
   assert got.eval["val_loss"] == pytest.approx(want.eval["val_loss"], rel=1e-5)
   got_tables, want_tables = _host_state(trainer), _host_state(one)
   np.testing.assert_array_equal(got_tables[LAYER]["count"], want_tables[LAYER]["count"])
+  # float32 reductions split over 2 devices round differently: ~1e-6 on O(1) table values
   np.testing.assert_allclose(got_tables[LAYER]["table"], want_tables[LAYER]["table"],
-                             rtol=1e-5, atol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                             rtol=1e-5, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                jax.device_get(trainer.state.params), jax.device_get(one.state.params))

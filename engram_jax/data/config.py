@@ -36,12 +36,32 @@ class DataConfig:
       for tiny runs. None = no cap.
     validation_fraction: share of documents held out when `eval_sources` is None.
     stdlib_include_tests: the "stdlib" source includes the test packages (~20 of ~32 MB).
-    num_eval_batches: validation batches kept (the first ones of the fixed validation
-      order); None = the whole validation split.
+    num_eval_batches: a cap on the validation batches (the first ones of the fixed
+      validation order); None = no cap (tests use 1-3 to stay fast).
     eval_batch_size: rows per validation batch; None = batch_size.
     decode_errors: a text / jsonl / arrayrecord file that is not valid UTF-8: "error"
       (default: ValueError naming the file and byte offset), "skip" (left out, counted in the
       log) or "replace" (undecodable bytes become U+FFFD). Binary files are always left out.
+    rows_per_stream: training batches interleave batch_size / rows_per_stream independent
+      document streams (disjoint shards of the documents, each shuffled and packed on its
+      own), each giving this many consecutive rows of every batch; 1 = every row its own
+      stream, so a batch draws from >= batch_size documents. batch_size = one stream (the
+      old single-stream packing: a batch is ~1 document).
+    eval_set: "chunks" (default): line-aligned chunks of seq_len + 1 tokens from every
+      validation document, taken round-robin over the documents (a fixed shuffled order:
+      every document contributes before any contributes twice), `eval_tokens` scored
+      tokens; "packed": the validation documents packed like training rows, in their
+      fixed order (the first batches cover only the first few documents).
+    eval_tokens: scored tokens of the "chunks" validation set (at least; whole rows).
+      None = every chunk of every validation document.
+    eval_seed: order of the "chunks" validation set; independent of `seed`, so every
+      model (whatever its data seed) is scored on the same tokens.
+    num_facts: planted key -> value facts mixed into the training documents, each its own
+      document (`engram_jax.data.facts`); 0 = none.
+    held_out_facts: facts generated alongside but never trained on (the probe's control);
+      None = as many as num_facts.
+    fact_repeats: copies of each planted fact per epoch of the training documents.
+    fact_seed: seed of the fact generator.
   """
 
   sources: tuple[str, ...] = DEFAULT_SOURCES
@@ -60,9 +80,17 @@ class DataConfig:
   max_bytes: int | None = None
   validation_fraction: float = 0.05
   stdlib_include_tests: bool = True
-  num_eval_batches: int | None = 16
+  num_eval_batches: int | None = None
   eval_batch_size: int | None = None
   decode_errors: str = "error"
+  rows_per_stream: int = 1
+  eval_set: str = "chunks"
+  eval_tokens: int | None = 131_072
+  eval_seed: int = 0
+  num_facts: int = 0
+  held_out_facts: int | None = None
+  fact_repeats: int = 1
+  fact_seed: int = 0
 
   def __post_init__(self):
     # Accept lists / a single string from flags, JSON or ml_collections.
@@ -119,6 +147,31 @@ class DataConfig:
 
     for spec in self.sources + (self.eval_sources or ()):
       parse_source(spec)
+    self._validate_mixing_and_eval()
+
+  def _validate_mixing_and_eval(self) -> None:
+    for name in ("rows_per_stream", "fact_repeats"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"DataConfig.{name} must be a positive int, got {value!r}")
+    if self.batch_size % self.rows_per_stream:
+      raise ValueError(f"DataConfig.batch_size={self.batch_size} is not a multiple of "
+                       f"rows_per_stream={self.rows_per_stream}")
+    if self.eval_set not in ("chunks", "packed"):
+      raise ValueError(f"DataConfig.eval_set must be 'chunks' or 'packed', got {self.eval_set!r}")
+    if self.eval_tokens is not None and (not isinstance(self.eval_tokens, int) or self.eval_tokens < 1):
+      raise ValueError(f"DataConfig.eval_tokens must be None or a positive int, got {self.eval_tokens!r}")
+    for name in ("num_facts", "eval_seed", "fact_seed"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"DataConfig.{name} must be an int >= 0, got {value!r}")
+    if self.held_out_facts is not None and (not isinstance(self.held_out_facts, int)
+                                            or self.held_out_facts < 0):
+      raise ValueError(f"DataConfig.held_out_facts must be None or an int >= 0, got {self.held_out_facts!r}")
+
+  @property
+  def num_held_out_facts(self) -> int:
+    return self.num_facts if self.held_out_facts is None else self.held_out_facts
 
   @property
   def eval_rows(self) -> int:

@@ -191,3 +191,61 @@ def row_to_example(ids: np.ndarray, segment_ids: np.ndarray, positions: np.ndarr
       "positions": positions[..., :-1].astype(np.int32),
       "target_bytes": np.where(same_doc, byte_lengths[targets], 0).astype(np.int32),
   }
+
+
+class InterleaveRowsIterDataset(grain.IterDataset):
+  """Several batch streams -> one batch: the rows of each parent's next batch, in order.
+
+  Each parent is an independent document stream packed into its own rows (see
+  `make_train_dataset`), so a batch of S streams draws its rows from at least S
+  documents. Every parent yields dicts of arrays with the same keys and row count [R, ...];
+  the result has S * R rows. The state is the list of the parents' states.
+  """
+
+  def __init__(self, parents: list[grain.IterDataset]):
+    if not parents:
+      raise ValueError("InterleaveRowsIterDataset needs at least one stream")
+    super().__init__(list(parents))
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _InterleaveRowsIterator([p.__iter__() for p in self.parents])
+
+  def __str__(self) -> str:
+    return f"InterleaveRowsIterDataset(streams={len(self.parents)})"
+
+
+class _InterleaveRowsIterator(grain.DatasetIterator):
+
+  def __init__(self, parents: list[grain.DatasetIterator]):
+    super().__init__(parents)
+    self._streams = list(parents)
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    parts = [next(it) for it in self._streams]
+    return {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0]}
+
+  def get_state(self) -> dict[str, Any]:
+    return {"streams": [it.get_state() for it in self._streams]}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    saved = state["streams"]
+    if len(saved) != len(self._streams):
+      raise ValueError(f"data iterator state holds {len(saved)} document streams, this pipeline "
+                       f"has {len(self._streams)} (DataConfig.batch_size / rows_per_stream changed?)")
+    for it, s in zip(self._streams, saved):
+      it.set_state(s)
+
+
+def documents_in_batch(batch: dict[str, np.ndarray], rows_per_stream: int, eos_id: int) -> int:
+  """Distinct documents a training batch draws from (rows of one stream are consecutive:
+  a document running past the end of row r of a stream continues at the start of row
+  r + 1 and is counted once). batch: tokens / targets / segment_ids / loss_mask [B, T]."""
+  seg = np.asarray(batch["segment_ids"])
+  segments = int(np.sum(seg.max(axis=1)))
+  mask, targets = np.asarray(batch["loss_mask"]), np.asarray(batch["targets"])
+  b = seg.shape[0]
+  continued = 0
+  for r in range(b - 1):
+    if (r + 1) % rows_per_stream and mask[r, -1] > 0 and targets[r, -1] != eos_id:
+      continued += 1
+  return segments - continued

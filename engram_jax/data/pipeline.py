@@ -1,10 +1,12 @@
 """The grain input pipeline: documents -> tokens -> packed rows -> batches with Engram rows.
 
-  Corpus (random access, str)
-    -> shuffle(seed), a new order every epoch; repeat forever        [MapDataset]
-    -> drop blank documents; tokenize + <eos>                          [read threads]
-    -> concat-then-split into B rows of T + 1 tokens (segment ids, positions)
-    -> inputs / targets / loss mask / target bytes
+  Corpus (random access, str) [+ planted facts, `engram_jax.data.facts`]
+    -> S = B / rows_per_stream document streams (disjoint shards of the documents), each:
+       shuffle(seed, stream), a new order every epoch; repeat forever [MapDataset]
+       -> drop blank documents; tokenize + <eos>                      [read threads]
+       -> concat-then-split into rows_per_stream rows of T + 1 tokens (segment ids, positions)
+       -> inputs / targets / loss mask / target bytes
+    -> interleave: a batch is the next rows of every stream, so it draws from >= S documents
     -> compress + hash n-grams per Engram layer (host, NumPy, whole batch at once)
     -> prefetch: `num_workers` processes (mp_prefetch) or one background thread
 
@@ -14,7 +16,7 @@ Every batch is a dict of NumPy arrays (B = batch_size, T = seq_len, H = (N-1)*K)
 (With workers, some arrays arrive as grain's SharedMemoryArray, an np.ndarray subclass.)
 
 The order is a pure function of (corpus, tokenizer, seed, seq_len, batch_size,
-num_workers, shard): changing num_workers changes which worker packs which documents.
+rows_per_stream, num_workers, shard): changing num_workers changes which worker packs which documents.
 Checkpointing: the iterator is a `grain.DatasetIterator`; store it in an orbax
 checkpoint with `grain.checkpoint.CheckpointSave(iterator)` and restore with
 `grain.checkpoint.CheckpointRestore(iterator)` (see `checkpoint_args`), or use
@@ -32,8 +34,11 @@ from grain.experimental import ThreadPrefetchIterDataset
 from engram_jax.config import EngramConfig
 from engram_jax.data.config import DataConfig
 from engram_jax.data.engram_rows import EngramRowHasher
+from engram_jax.data.eval_set import chunk_eval_batches
+from engram_jax.data.facts import FactMixedCorpus, facts_for
 from engram_jax.data.packing import (
     BatchToExample,
+    InterleaveRowsIterDataset,
     PackedBatchIterDataset,
     TokenizeDocument,
     has_text,
@@ -68,7 +73,8 @@ def make_train_dataset(config: DataConfig, tokenizer, engram_config: EngramConfi
     tokenizer: a `tokenizers.Tokenizer` (`load_or_train_tokenizer`).
     engram_config: Engram layers to hash for; None = "engram_rows" is {}.
     row_hasher: a prebuilt `EngramRowHasher` (overrides engram_config).
-    corpus: the training documents (default `train_corpus(config)`).
+    corpus: the training documents (default `train_corpus(config)`); with
+      `config.num_facts` the planted facts are added to it.
     shard: (index, count): this host reads documents index, index + count, ... (pass
       (jax.process_index(), jax.process_count()) for multi-host data parallelism).
   """
@@ -76,13 +82,27 @@ def make_train_dataset(config: DataConfig, tokenizer, engram_config: EngramConfi
   if not 0 <= index < count:
     raise ValueError(f"shard must be (index, count) with 0 <= index < count, got {shard}")
   corpus = corpus if corpus is not None else train_corpus(config)
+  if config.num_facts:
+    corpus = FactMixedCorpus(corpus, facts_for(config, tokenizer).trained, config.fact_repeats)
   if len(corpus) < count:
     raise ValueError(f"{len(corpus)} training documents cannot be sharded over {count} hosts")
   if row_hasher is None:
     row_hasher = EngramRowHasher.build(engram_config, tokenizer, special_ids(tokenizer).pad)
-  docs = grain.MapDataset.source(corpus)[index::count].shuffle(seed=config.seed).repeat(None)
+  docs = grain.MapDataset.source(corpus)[index::count]
+  streams = config.batch_size // config.rows_per_stream
+  if streams == 1:  # the single-stream packing, exactly as before streams existed
+    ds = _batch_dataset(docs.shuffle(seed=config.seed).repeat(None), config, tokenizer,
+                        config.batch_size)
+  else:
+    if len(docs) < streams:
+      raise ValueError(f"{len(docs)} training documents cannot feed {streams} document streams "
+                       f"(DataConfig.batch_size={config.batch_size} / rows_per_stream="
+                       f"{config.rows_per_stream}); raise rows_per_stream")
+    ds = InterleaveRowsIterDataset([
+        _batch_dataset(docs[j::streams].shuffle(seed=_stream_seed(config.seed, j)).repeat(None),
+                       config, tokenizer, config.rows_per_stream) for j in range(streams)])
   # Hash whole batches: one vectorized NumPy pass instead of one per row.
-  ds = _batch_dataset(docs, config, tokenizer, config.batch_size).map(row_hasher)
+  ds = ds.map(row_hasher)
   if config.num_workers > 0:
     _ensure_absl_flags_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
@@ -91,6 +111,11 @@ def make_train_dataset(config: DataConfig, tokenizer, engram_config: EngramConfi
   elif config.prefetch_buffer_size > 0:
     ds = ThreadPrefetchIterDataset(ds, prefetch_buffer_size=config.prefetch_buffer_size)
   return ds
+
+
+def _stream_seed(seed: int, stream: int) -> int:
+  # distinct, decorrelated shuffles per stream, a pure function of (seed, stream)
+  return int(np.random.SeedSequence([seed, stream]).generate_state(1)[0])
 
 
 def _ensure_absl_flags_parsed() -> None:
@@ -115,13 +140,17 @@ def make_eval_batches(config: DataConfig, tokenizer, engram_config: EngramConfig
                       *, row_hasher: EngramRowHasher | None = None) -> list[Batch]:
   """The fixed validation set: the same batches for every model with the same tokenizer.
 
-  Validation documents in their fixed (stable-hash) order, packed like training rows,
-  `config.eval_rows` rows per batch, the first `config.num_eval_batches` batches (all if
-  None). The last batch is padded with empty rows (loss_mask 0) to keep its shape.
+  `config.eval_set="chunks"` (default): line-aligned chunks from every validation
+  document, round-robin, `config.eval_tokens` scored tokens (`engram_jax.data.eval_set`).
+  "packed": validation documents in their fixed (stable-hash) order, packed like training
+  rows. Either way `config.eval_rows` rows per batch, at most `config.num_eval_batches`
+  batches (no cap if None); the last batch is padded with empty rows (loss_mask 0).
   """
   ids = special_ids(tokenizer)
   if row_hasher is None:
     row_hasher = EngramRowHasher.build(engram_config, tokenizer, ids.pad)
+  if config.eval_set == "chunks":
+    return chunk_eval_batches(eval_corpus(config), tokenizer, config, row_hasher)
   docs = grain.MapDataset.source(eval_corpus(config))
   batches = []
   for batch in _batch_dataset(docs, config, tokenizer, config.eval_rows):

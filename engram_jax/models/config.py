@@ -66,6 +66,8 @@ class ModelConfig:
       OverEncoding-style baseline, no Engram blocks; for each layer id the same hashed
       rows are averaged over heads, projected to D and added to the input embedding
       (`NgramInputAverage`). Ignored when engram is None.
+    engram_table_init_std: std of the normal init of the Engram (and input-average) tables;
+      1.0 is the reference's. Small models learn faster from a smaller one (docs/RESULTS.md).
     tie_embeddings: the output head reuses the input embedding.
     norm_eps: RMSNorm epsilon.
     dtype, param_dtype: names in DTYPES, for activations and parameters.
@@ -94,6 +96,7 @@ class ModelConfig:
   engram_sharded_lookup: str = "all_to_all"
   engram_table_sharding: str = "tensor"
   engram_mode: str = "engram"
+  engram_table_init_std: float = 1.0
   tie_embeddings: bool = False
   norm_eps: float = 1e-6
   dtype: str = "float32"
@@ -181,6 +184,9 @@ class ModelConfig:
       raise ValueError(
         f"ModelConfig.engram_row_multiple must be a positive int, got {self.engram_row_multiple!r}"
       )
+    std = self.engram_table_init_std
+    if isinstance(std, bool) or not isinstance(std, (int, float)) or not 0 < std < float("inf"):
+      raise ValueError(f"ModelConfig.engram_table_init_std must be a positive finite number, got {std!r}")
     fold = self.engram_fold_rows
     if fold is not None and (isinstance(fold, bool) or not isinstance(fold, int) or fold < 1):
       raise ValueError(f"ModelConfig.engram_fold_rows must be None or a positive int, got {fold!r}")

@@ -90,6 +90,7 @@ class Block(nnx.Module):
           row_multiple=cfg.engram_row_multiple,
           sharded_lookup=cfg.engram_sharded_lookup,
           table_sharding=cfg.engram_table_sharding,
+          table_init_std=cfg.engram_table_init_std,
           rngs=rngs,
           **kw,
         )
@@ -169,6 +170,7 @@ class Transformer(nnx.Module):
               table_sizes=sizes[lid],
               dtype=cfg.jnp_dtype,
               param_dtype=pdtype,
+              table_init_std=cfg.engram_table_init_std,
               rngs=rngs,
             )
             for lid in cfg.engram.layer_ids

@@ -61,7 +61,7 @@ from engram_jax.models.config import ModelConfig
 from engram_jax.models.host_init import build_offloaded
 from engram_jax.models.offloaded import host_table_filter
 from engram_jax.offload import count_row_frequencies, flat_rows_np, parse_placements
-from engram_jax.train import multihost
+from engram_jax.train import evaluation, multihost
 from engram_jax.train.checkpoint import (
   Checkpointer,
   CheckpointMismatchError,
@@ -73,12 +73,11 @@ from engram_jax.train.checkpoint import (
 )
 from engram_jax.train.config import TrainConfig
 from engram_jax.train.host_trainer import HostTableTrainer, check_data_parallel_mesh
-from engram_jax.train.loss import summarize_eval
 from engram_jax.train.metrics import MetricsWriter
 from engram_jax.train.optimizer import make_table_optimizer
 from engram_jax.train.run_lock import RunLock, WorkdirLockedError, drop_metrics_after
 from engram_jax.train.state import abstract_like, build_model, create_train_state
-from engram_jax.train.steps import batch_shardings, make_eval_step, make_host_eval_step, make_train_step
+from engram_jax.train.steps import batch_shardings, make_train_step
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +256,7 @@ class Trainer:
         eval_batch_size=self.data_config.eval_batch_size or global_batch)
     eval_batches = make_eval_batches(eval_data, self.tokenizer, row_hasher=self.row_hasher) \
         if cfg.eval_every else []
+    eval_fingerprint = evaluation.tokens_fingerprint(eval_batches) if eval_batches else ""
 
     writer = MetricsWriter(self.workdir) if jax.process_index() == 0 else _NoMetrics()
     previous_handlers = self._install_signal_handlers()
@@ -348,8 +348,12 @@ class Trainer:
             writer.write(step, {**{k: float(v) for k, v in metrics.items()}, "tokens_per_second": tps})
           at_end = step == cfg.total_steps
           if eval_batches and (step % cfg.eval_every == 0 or at_end):
-            last_eval = engine.evaluate(eval_batches)
+            eval_rows = engine.evaluate_rows(eval_batches)
+            last_eval = evaluation.summarize_rows(eval_rows)
             writer.write(step, last_eval, split="val")
+            if jax.process_index() == 0:  # per-sequence sums: paired comparisons between runs
+              evaluation.save_rows(self.workdir / evaluation.ROWS_FILE, eval_rows, step=step,
+                                   fingerprint=eval_fingerprint)
           if multihost.any_process(self._stop_signal is not None):
             status = "preempted"
             log.warning("signal %s: checkpointing at step %d and exiting",
@@ -490,17 +494,20 @@ class Trainer:
     return counts
 
   @staticmethod
-  def evaluate(eval_step, state, eval_batches, mesh) -> dict[str, float]:
-    """Validation loss, perplexity and bits per byte over the fixed validation batches.
+  def evaluate_rows(eval_step, state, eval_batches, mesh) -> dict[str, np.ndarray]:
+    """Per-sequence sums (`evaluation.row_sums`) over the fixed validation batches.
 
-    Every process holds the same full validation batches; each device evaluates its rows.
+    Every process holds the same full validation batches; each device evaluates its rows
+    (`eval_step` returns them replicated, so every process can read them).
     """
-    totals: dict[str, float] = {}
-    for batch in eval_batches:
-      sums = eval_step(state, multihost.put_replicated_batch(batch, batch_shardings(batch, mesh)))
-      for k, v in sums.items():
-        totals[k] = totals.get(k, 0.0) + float(v)
-    return summarize_eval(totals)
+    parts = [eval_step(state, multihost.put_replicated_batch(batch, batch_shardings(batch, mesh)))
+             for batch in eval_batches]
+    return evaluation.concat_rows(jax.device_get(parts))
+
+  @staticmethod
+  def evaluate(eval_step, state, eval_batches, mesh) -> dict[str, float]:
+    """Validation loss with its SE (clustered by sequence), perplexity, bits per byte."""
+    return evaluation.summarize_rows(Trainer.evaluate_rows(eval_step, state, eval_batches, mesh))
 
 
 def _divergence(loss: float, metrics: dict[str, Any], step: int) -> str | None:
@@ -558,7 +565,8 @@ class _DevicePlacement:
     self.train_step = jax.jit(make_train_step(graphdef, tx, lr, bias_update_rate=rate),
                               in_shardings=(state_sh, self.b_shard), out_shardings=(state_sh, None),
                               donate_argnums=(0,))
-    self.eval_step = jax.jit(make_eval_step(graphdef))
+    self.eval_step = jax.jit(evaluation.make_row_eval_step(graphdef),
+                             out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
   @property
   def step(self) -> int:
@@ -588,11 +596,11 @@ class _DevicePlacement:
     bad = nonfinite_leaves(self.state)
     if bad:
       return f"non-finite values in {bad}"
-    loss = summarize_eval(self.eval_step(self.state, self.last_batch))["val_loss"]
+    loss = evaluation.summarize_rows(jax.device_get(self.eval_step(self.state, self.last_batch)))["val_loss"]
     return None if math.isfinite(loss) else f"its weights give loss {loss} on the step's batch"
 
-  def evaluate(self, eval_batches) -> dict[str, float]:
-    return Trainer.evaluate(self.eval_step, self.state, eval_batches, self.mesh)
+  def evaluate_rows(self, eval_batches) -> dict[str, np.ndarray]:
+    return Trainer.evaluate_rows(self.eval_step, self.state, eval_batches, self.mesh)
 
   def save(self, checkpointer: Checkpointer, step: int, **kwargs) -> None:
     checkpointer.save(step, self.state, data_iterator=self.data_iter, **kwargs)
@@ -668,7 +676,7 @@ class _HostPlacement:
       self.host.state = restored.replace(rest=nnx.merge_state(restored.rest, placeholders))
       self.host.load_host_state(ckpt.restore_host_tables(self.host.host_state(), step=step))
     self.position = _ConsumedPosition(data_iter)
-    self.eval_step = jax.jit(make_host_eval_step(self.host.graphdef, self.layers))
+    self.eval_step = jax.jit(evaluation.make_host_row_eval_step(self.host.graphdef, self.layers))
 
   @property
   def state(self):
@@ -709,18 +717,16 @@ class _HostPlacement:
             if np.issubdtype(v.dtype, np.inexact) and not np.isfinite(v).all()]
     if bad:
       return f"non-finite values in {bad[:5]}"
-    loss = self.evaluate([self.position.last_batch])["val_loss"]
+    loss = evaluation.summarize_rows(self.evaluate_rows([self.position.last_batch]))["val_loss"]
     return None if math.isfinite(loss) else f"its weights give loss {loss} on the step's batch"
 
-  def evaluate(self, eval_batches) -> dict[str, float]:
-    totals: dict[str, float] = {}
+  def evaluate_rows(self, eval_batches) -> dict[str, np.ndarray]:
+    parts = []
     for batch in eval_batches:
       rows = self.host.gather(batch["engram_rows"])
       with self.host.context():
-        sums = self.eval_step(self.host.state, self.host.put_batch(batch), rows)
-      for k, v in sums.items():
-        totals[k] = totals.get(k, 0.0) + float(v)
-    return summarize_eval(totals)
+        parts.append(jax.device_get(self.eval_step(self.host.state, self.host.put_batch(batch), rows)))
+    return evaluation.concat_rows(parts)
 
   def save(self, checkpointer: Checkpointer, step: int, **kwargs) -> None:
     checkpointer.save(step, self._savable_state(), data_iterator=self.position,

@@ -9,6 +9,10 @@ hashing alone (one NumPy call per batch, as the pipeline does, vs one per row).
   python -m experiments.bench.pipeline --max_bytes=4000000 --batches=200 --workers=0
 
 The train step's rate is the figure to compare with: the pipeline must be much faster.
+It also prints the mean number of distinct documents per training batch of the tiny
+config (`experiments/configs/tiny.py`'s data), with one document stream per row (the
+default, `rows_per_stream=1`) against one stream for the whole batch (the old packing), and
+the pipeline rate of both.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ _NGRAM = flags.DEFINE_integer("max_ngram_size", 3, "Engram N.")
 _HEADS = flags.DEFINE_integer("n_head_per_ngram", 4, "Engram K.")
 _LAYERS = flags.DEFINE_list("engram_layers", ["1", "2"], "Engram layer ids.")
 _TABLE = flags.DEFINE_integer("engram_vocab", 20_000, "Nominal rows per head.")
+_MIXING_BATCHES = flags.DEFINE_integer("mixing_batches", 200, "Batches of the tiny config counted for "
+                                       "documents per batch (0: skip).")
 _TRAIN_STEPS = flags.DEFINE_integer("train_steps", 10, "Timed train steps of the tiny model (0: skip).")
 
 
@@ -122,8 +128,41 @@ def train_step_rate(config: DataConfig, tokenizer, *, steps: int) -> float:
   return steps / (time.perf_counter() - start)
 
 
+def documents_per_batch(config: DataConfig, tokenizer, *, batches: int) -> tuple[float, int, float]:
+  """(mean, min) distinct documents per training batch and batches/s of the pipeline
+  (no hashing)."""
+  import numpy as np
+
+  from engram_jax.data.packing import documents_in_batch
+
+  eos = special_ids(tokenizer).eos
+  it = make_train_iterator(config, tokenizer, None)
+  try:
+    start = time.perf_counter()
+    counts = [documents_in_batch(next(it), config.rows_per_stream, eos) for _ in range(batches)]
+    rate = batches / (time.perf_counter() - start)
+  finally:
+    it.close()
+  return float(np.mean(counts)), int(np.min(counts)), rate
+
+
+def tiny_mixing_report(batches: int) -> None:
+  from experiments.configs import common, tiny
+
+  data = common.data_config(tiny.get_config("engram"))
+  tokenizer = load_or_train_tokenizer(data)
+  for rows in (1, data.batch_size):
+    cfg = data.replace(rows_per_stream=rows)
+    mean, low, rate = documents_per_batch(cfg, tokenizer, batches=batches)
+    what = "one stream per row (default)" if rows == 1 else "one stream per batch (old packing)"
+    print(f"tiny config, {what:<36} {mean:6.2f} documents/batch (min {low}), {rate:7.1f} batches/s "
+          f"({cfg.batch_size // rows} streams x {rows} rows)", flush=True)
+
+
 def main(argv):
   del argv
+  if _MIXING_BATCHES.value:
+    tiny_mixing_report(_MIXING_BATCHES.value)
   config = DataConfig(seq_len=_SEQ_LEN.value, batch_size=_BATCH.value, max_bytes=_MAX_BYTES.value,
                       bpe_vocab_size=_VOCAB.value, tokenizer_dir=_TOKENIZER_DIR.value)
   start = time.perf_counter()

@@ -5,6 +5,8 @@ leading dense block, DeepSeek-V3 MoE (2 shared + top-6 routed), 4 hyper-connecti
 branches, Engram at blocks 1 and 5 with orders 2-3.
 """
 
+from ml_collections.config_dict import placeholder
+
 from experiments.configs import common
 
 
@@ -20,7 +22,14 @@ def get_config(variant: str = "engram"):
   # at this width; the MoE twin is matched on total parameters and within 8% on active ones.
   c.allocation.active_rtol = 0.08
   c.data.update(seq_len=1024, batch_size=32, bpe_vocab_size=16384, num_workers=4,
-                tokenizer_dir="runs/tokenizers/small", tokenizer_train_bytes=30_000_000)
+                tokenizer_dir="runs/tokenizers/small", tokenizer_train_bytes=30_000_000,
+                eval_tokens=1_048_576)
+  c.model.engram_table_init_std = 1.0   # the reference value (not piloted at this scale)
+  # None-valued fields as typed placeholders, so --config.data.<field>=N can set them
+  c.data.num_eval_batches = placeholder(int)
+  c.data.held_out_facts = placeholder(int)
+  c.seed = 0        # model init
+  c.data.seed = 0   # training-data order
   c.train.update(total_steps=5000, warmup_steps=200, learning_rate=1e-3, eval_every=500,
                  checkpoint_every=500, log_every=50, optimizer="adamw")
   return c
