@@ -129,7 +129,7 @@ def test_train_on_own_text_files_from_the_command_line(tmp_path):
     ("experiments.train", ["--config.mesh.tensor=0"], "ValueError: config.mesh.tensor must be an int >= 1, got 0"),
     ("experiments.train", ["--config.data.sources=text:/nonexistent/*.txt"],
      "ValueError: source 'text:/nonexistent/\\*.txt': no files match '/nonexistent/\\*.txt'"),
-    ("experiments.evaluate", ["--checkpoint={tmp}/none"], "FileNotFoundError: no checkpoint under .*none"),
+    ("experiments.evaluate", ["--checkpoint={tmp}/none"], "FileNotFoundError: load_run: no checkpoint under .*none"),
 ])
 def test_entry_points_end_bad_input_with_a_clear_last_line(tmp_path, module, args, last_line):
   import re

@@ -20,14 +20,13 @@ from engram_jax.train import (
   CheckpointMismatchError,
   CorruptCheckpointError,
   TrainConfig,
-  Trainer,
-  TrainingDivergedError,
   WorkdirLockedError,
 )
 from engram_jax.train import trainer as trainer_lib
 from engram_jax.train.metrics import read_metrics
 from engram_jax.train.restore import evaluate_run, load_run
 from engram_jax.train.run_lock import LOCK_NAME, RunLock, _start_time
+from engram_jax.train.trainer import Trainer, TrainingDivergedError
 from tests.test_train import VOCAB, tiny_model
 
 BASE = TrainConfig(total_steps=4, warmup_steps=1, eval_every=0, checkpoint_every=2, log_every=1,

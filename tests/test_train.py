@@ -13,14 +13,13 @@ from engram_jax.models.config import ModelConfig
 from engram_jax.train import (
   CheckpointMismatchError,
   TrainConfig,
-  Trainer,
-  TrainingDivergedError,
   learning_rate_schedule,
   make_optimizer,
   parameter_labels,
 )
 from engram_jax.train import trainer as trainer_lib
 from engram_jax.train.state import build_model, split_model
+from engram_jax.train.trainer import Trainer, TrainingDivergedError
 
 VOCAB = 512
 

@@ -11,12 +11,13 @@ import optax
 import pytest
 
 from engram_jax import sharding as sharding_lib
-from engram_jax.train import CheckpointMismatchError, Trainer
+from engram_jax.train import CheckpointMismatchError
 from engram_jax.train.checkpoint import compare_meta
 from engram_jax.train.config import TrainConfig
 from engram_jax.train.optimizer import SparseTableOptimizer, make_table_optimizer
 from engram_jax.train.state import TrainState, create_train_state, split_model
 from engram_jax.train.steps import make_train_step
+from engram_jax.train.trainer import Trainer
 from tests.test_offload_model import CONFIG, fresh_model
 from tests.test_offload_training import SCHEDULE, _batch
 from tests.test_train import TRAIN as TRAINER_CFG
