@@ -10,9 +10,12 @@ only when run as a script (so the experiments can import each other):
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any
 
 from absl import flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 CONFIG_FILE = "experiments/configs/micro.py"
@@ -46,3 +49,16 @@ def define_flags(*names: str, **defaults: Any) -> dict[str, flags.FlagHolder]:
     definer, default, help_text = _FLAGS[name]
     holders[name] = definer(name, defaults.get(name, default), help_text)
   return holders
+
+
+def log_to_file(path: str | Path) -> Path:
+  """Library INFO logs (ours, orbax's checkpoint events, jax's) go to the file `path`; the
+  console keeps the progress bars, the results and WARNING-and-above log lines."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  absl_logging.set_verbosity(absl_logging.INFO)         # the root logger's level
+  absl_logging.get_absl_handler().setLevel(logging.WARNING)  # the console (absl's stderr handler)
+  handler = logging.FileHandler(path)
+  handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+  logging.getLogger().addHandler(handler)
+  return path

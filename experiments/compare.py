@@ -16,7 +16,6 @@ validation sample, not the spread between training seeds.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import jax
@@ -25,6 +24,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from engram_jax.train import evaluation, stats
+from experiments import cli
 from experiments.configs import common
 from experiments.runner import build_trainer
 
@@ -131,14 +131,13 @@ def plot_curves(workdir: Path, variants: list[str]) -> Path:
 
 def main(argv):
   del argv
-  logging.basicConfig(level=logging.WARNING)
   variants = check_variants(_VARIANTS.value)
   for variant in variants:     # every variant's config is checked before any training starts
     config = _CONFIG.value.copy_and_resolve_references()
     config.variant = variant
     common.model_config(config), common.data_config(config), common.train_config(config)
   workdir = Path(_WORKDIR.value)
-  workdir.mkdir(parents=True, exist_ok=True)
+  print(f"library logs: {cli.log_to_file(workdir / 'run.log')}", flush=True)
   rows = []
   for variant in variants:
     print(f"== training {variant} in {workdir / variant}", flush=True)

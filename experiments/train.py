@@ -19,12 +19,13 @@ See docs/DISTRIBUTED.md.
 from __future__ import annotations
 
 import json
-import logging
+from pathlib import Path
 
 import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from experiments import cli
 from experiments.runner import build_trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/tiny.py:engram",
@@ -62,8 +63,8 @@ def initialize_distributed(coordinator: str | None, num_processes: int | None,
 
 def main(argv):
   del argv
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  cli.log_to_file(Path(_WORKDIR.value) / f"run.{jax.process_index()}.log")  # after: process_index starts jax
   trainer = build_trainer(_CONFIG.value, _WORKDIR.value, data_shards=_DATA_SHARDS.value)
   result = trainer.run(stop_after=_STOP_AFTER.value, resume_step=_RESUME_STEP.value)
   summary = {"status": result.status, "step": result.step, "eval": result.eval,

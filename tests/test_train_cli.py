@@ -71,3 +71,8 @@ def test_sigterm_checkpoints_and_rerun_resumes(tmp_path):
   assert final["status"] == "completed" and final["step"] == stopped + 2
   steps = _steps_logged(workdir)
   assert steps[-2:] == [stopped + 1, stopped + 2]  # continued, did not restart at 1
+  # library INFO logs (orbax's checkpoint events, our resume line) go to the run's log, not the console
+  console = rerun.stdout + rerun.stderr
+  assert "checkpoint_manager.py" not in console and "resumed from step" not in console, console[-2000:]
+  run_log = (workdir / "run.0.log").read_text()
+  assert f"resumed from step {stopped}" in run_log and "checkpoint" in run_log
