@@ -136,7 +136,7 @@ def paired(rows_a: dict[str, np.ndarray], info_a: dict, rows_b: dict[str, np.nda
 def evaluate_run_rows(run: Any, data_config: Any = None) -> tuple[dict[str, np.ndarray], str]:
   """(per-sequence sums, tokens fingerprint) of a loaded run (`train.restore.LoadedRun`) on
   its validation set (or `data_config`'s); host tables (load_run(tables="host")) are
-  gathered on the host, as `restore.evaluate_run` does."""
+  gathered on the host (`restore.evaluate_run` summarizes these)."""
   data_config = data_config or run.data_config
   batches = make_eval_batches(data_config, run.tokenizer, row_hasher=run.row_hasher)
   graphdef, params, rest = nnx.split(run.model, nnx.Param, ...)

@@ -14,19 +14,18 @@ from flax import nnx
 from tokenizers import Tokenizer
 
 from engram_jax import sharding as sharding_lib
-from engram_jax.data import DataConfig, EngramRowHasher, make_eval_batches, special_ids
+from engram_jax.data import DataConfig, EngramRowHasher, special_ids
 from engram_jax.hashing import NgramHasher, TokenizerCompressor, tokenizer_fingerprint
 from engram_jax.models.config import ModelConfig
-from engram_jax.models.offloaded import OffloadedEngram, host_table_filter
+from engram_jax.models.offloaded import host_table_filter
 from engram_jax.models.transformer import Transformer
-from engram_jax.offload import HostTable, TablePlacement
+from engram_jax.offload import HostTable
+from engram_jax.train import evaluation
 from engram_jax.train.checkpoint import Checkpointer, CheckpointMismatchError, CorruptCheckpointError
 from engram_jax.train.config import TrainConfig
 from engram_jax.train.host_trainer import dense_optimizer, split_params
-from engram_jax.train.loss import summarize_eval
 from engram_jax.train.optimizer import make_table_optimizer
 from engram_jax.train.state import TrainState, abstract_like, build_model, create_train_state
-from engram_jax.train.steps import make_eval_step, make_host_eval_step
 
 
 @dataclasses.dataclass
@@ -223,39 +222,11 @@ def _restore_tables(ckpt: Checkpointer, step: int | None, targets: dict[int, jax
 
 
 def evaluate_run(run: LoadedRun, data_config: DataConfig | None = None) -> dict[str, float]:
-  """Validation loss / perplexity / bits per byte of a loaded run on its validation split.
-
-  With `run.host_tables` (load_run(tables="host")) the host layers' rows are gathered from
-  them each batch and fed to the model as `engram_inputs`, as the trainer evaluates.
-  """
-  data_config = data_config or run.data_config
-  batches = make_eval_batches(data_config, run.tokenizer, row_hasher=run.row_hasher)
-  if run.host_tables:
-    return _evaluate_host_tables(run, batches)
-  graphdef, params, rest = nnx.split(run.model, nnx.Param, ...)
-  step = jax.jit(make_eval_step(graphdef))
-  state = TrainState(step=np.int32(run.step), params=params, rest=rest, opt_state=None)
-  totals: dict[str, float] = {}
-  for batch in batches:
-    for k, v in step(state, batch).items():
-      totals[k] = totals.get(k, 0.0) + float(v)
-  return summarize_eval(totals)
-
-
-def _evaluate_host_tables(run: LoadedRun, batches) -> dict[str, float]:
-  tables = dict(run.host_tables)
-  placements = {l: TablePlacement("host" if l in tables else "device")
-                for l in run.model_config.engram_layer_ids}
-  offsets = {l: np.asarray(run.model.blocks[l].engram.offsets, np.int64) for l in tables}
-  offloaded = OffloadedEngram(placements, tables, dict(tables), offsets)
-  graphdef, params, rest = nnx.split(run.model, nnx.Param, ...)
-  state = TrainState(step=np.int32(run.step), params=params, rest=rest, opt_state=None)
-  step = jax.jit(make_host_eval_step(graphdef, tuple(sorted(tables))))
-  totals: dict[str, float] = {}
-  for batch in batches:
-    for k, v in step(state, batch, offloaded.gather(batch["engram_rows"])).items():
-      totals[k] = totals.get(k, 0.0) + float(v)
-  return summarize_eval(totals)
+  """Validation loss with its SE (clustered by sequence), perplexity, accuracy and bits per
+  byte of a loaded run on its validation set (or `data_config`'s): the trainer's evaluation
+  (`engram_jax.train.evaluation`). With `run.host_tables` (load_run(tables="host")) the host
+  layers' rows are gathered from them each batch, as the trainer evaluates."""
+  return evaluation.summarize_rows(evaluation.evaluate_run_rows(run, data_config)[0])
 
 
 __all__ = ["TABLE_LOCATIONS", "LoadedRun", "evaluate_run", "load_run", "special_ids"]

@@ -11,7 +11,6 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from engram_jax import sharding as sharding_lib
-from engram_jax.models.offloaded import apply_offloaded
 from engram_jax.models.transformer import updated_router_biases
 from engram_jax.offload.sparse_adam import sparse_grad
 from engram_jax.train.loss import masked_lm_loss
@@ -130,47 +129,11 @@ def _sparse_table_update(tx: SparseTableOptimizer, state: TrainState, tables: nn
   return nnx.merge_state(params, tables), (dense_state, table_states), grad_norm
 
 
-def _eval_sums(logits: jax.Array, batch: Batch) -> dict:
-  """Summed loss, tokens, correct predictions (and target bytes) of one batch's logits."""
-  _, sums = masked_lm_loss(logits, batch["targets"], batch["loss_mask"])
-  if "target_bytes" in batch:
-    sums["bytes"] = jnp.sum(batch["target_bytes"] * batch["loss_mask"]).astype(jnp.float32)
-  return sums
-
-
-def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[TrainState, Batch], dict]:
-  """Summed loss, tokens, bytes and correct predictions of one batch."""
-
-  def step(state: TrainState, batch: Batch):
-    model = nnx.merge(graphdef, state.params, state.rest)
-    args, kwargs = model_inputs(batch)
-    logits, _ = model(*args, **kwargs)
-    return _eval_sums(logits, batch)
-
-  return step
-
-
-def make_host_eval_step(graphdef: nnx.GraphDef, host_layers: tuple[int, ...]
-                        ) -> Callable[[TrainState, Batch, dict], dict]:
-  """As `make_eval_step` for a model whose `host_layers` tables live in host memory:
-  (state, batch, rows {layer: [B, T, d_mem]} gathered from the host tables) -> sums."""
-  def step(state: TrainState, batch: Batch, rows: dict):
-    device_ids = {l: v for l, v in batch["engram_rows"].items() if l not in host_layers} or None
-    logits, _ = apply_offloaded(graphdef, nnx.merge_state(state.params, state.rest),
-                                batch["tokens"], device_ids, rows,
-                                positions=batch.get("positions"),
-                                segment_ids=batch.get("segment_ids"))
-    return _eval_sums(logits, batch)
-
-  return step
-
-
 def compile_steps(graphdef, tx, lr_schedule, state_shardings, example_batch: Batch, mesh: Mesh,
                   *, bias_update_rate: float = 0.0):
-  """jit-compiled (train_step, eval_step) with explicit shardings; the state is donated."""
+  """jit-compiled train step with explicit shardings (the state is donated), and the batch's shardings."""
   b_shard = batch_shardings(example_batch, mesh)
   train = jax.jit(make_train_step(graphdef, tx, lr_schedule, bias_update_rate=bias_update_rate),
                   in_shardings=(state_shardings, b_shard), out_shardings=(state_shardings, None),
                   donate_argnums=(0,))
-  evaluate = jax.jit(make_eval_step(graphdef), in_shardings=(state_shardings, b_shard))
-  return train, evaluate, b_shard
+  return train, b_shard

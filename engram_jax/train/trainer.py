@@ -504,12 +504,6 @@ class Trainer:
              for batch in eval_batches]
     return evaluation.concat_rows(jax.device_get(parts))
 
-  @staticmethod
-  def evaluate(eval_step, state, eval_batches, mesh) -> dict[str, float]:
-    """Validation loss with its SE (clustered by sequence), perplexity, bits per byte."""
-    return evaluation.summarize_rows(Trainer.evaluate_rows(eval_step, state, eval_batches, mesh))
-
-
 def _divergence(loss: float, metrics: dict[str, Any], step: int) -> str | None:
   """Why step `step` diverged (a non-finite loss or gradient norm), or None."""
   if not math.isfinite(loss):

@@ -116,7 +116,7 @@ def train_step_rate(config: DataConfig, tokenizer, *, steps: int) -> float:
   mesh = sharding_lib.make_mesh(data=1, devices=jax.devices()[:1])
   graphdef, state, shardings, (tx, lr) = create_train_state(
       model_config, lambda p: make_optimizer(train_config, p), 0, mesh)
-  step, _, batch_sh = compile_steps(graphdef, tx, lr, shardings, batch, mesh, bias_update_rate=1e-3)
+  step, batch_sh = compile_steps(graphdef, tx, lr, shardings, batch, mesh, bias_update_rate=1e-3)
   with jax.set_mesh(mesh):
     device_batch = jax.device_put(batch, batch_sh)
     state, metrics = step(state, device_batch)
