@@ -113,14 +113,14 @@ def test_engram_rows_change_logits():
   # Pre-gathered rows (the host-offload path) are the same computation as row ids.
   lid = config.engram.layer_ids[0]
   gathered = {lid: model.blocks[lid].engram.lookup(rows[lid])}
-  offloaded = nnx.jit(lambda m, t, e: m(t, engram_inputs=e)[0])(model, tokens, gathered)
+  offloaded = nnx.jit(lambda m, t, e: m(t, engram_rows=e)[0])(model, tokens, gathered)
   np.testing.assert_allclose(offloaded, logits, atol=1e-5)
 
 
 def test_engram_row_errors():
   config, model = model_for("engram_moe", 4)
   tokens, rows = inputs(config)
-  with pytest.raises(ValueError, match=r"Engram layer 1 needs engram_rows\[1\]"):
+  with pytest.raises(ValueError, match=r"Engram layer 1 needs engram_ids\[1\]"):
     model(tokens)
   with pytest.raises(ValueError, match="not Engram layers"):
     model(tokens, {**rows, 0: rows[1]})

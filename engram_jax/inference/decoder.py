@@ -150,7 +150,7 @@ class Decoder:
         if self.decode_path != "host_python_loop":
           self.tables = self._program_tables()
         # The device copy of the model keeps a [1, d_h] stand-in for every table: the
-        # forward reads rows from engram_inputs only.
+        # forward reads rows from engram_rows only.
         params = jax.tree_util.tree_map_with_path(
             lambda p, v: v.replace(jnp.zeros((1,) + v.shape[1:], v.dtype)) if _is_table(p) else v,
             params, is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -311,13 +311,13 @@ class Decoder:
     return {lid: self.host_tables[lid].gather_heads(rows, self.hasher.offsets[lid], self.hasher.table_sizes[lid])
             for lid, rows in hashed.items()}
 
-  def program_rows(self, tables, row_ids: dict[int, jax.Array]
+  def program_rows(self, tables, engram_ids: dict[int, jax.Array]
                    ) -> tuple[dict[int, jax.Array], dict[str, jax.Array]]:
     """Traceable: per-head row ids {layer: int32 [B, T, H]} -> ({layer: device rows
     [B, T, H * d_h]} read from `tables` (`self.tables`), stats {"lookups", "hits",
     "host_rows"} int32 summed over layers)."""
     rows, stats = {}, _zero_stats()
-    for lid, ids in row_ids.items():
+    for lid, ids in engram_ids.items():
       t = tables[lid]
       # Per-head bounds before the offset (as `Engram.head_bounds`): an invalid id (-1 from
       # `hash_jax` for an out-of-vocabulary window) reads row 0 and its head's rows become NaN,
@@ -339,11 +339,13 @@ class Decoder:
     return rows, stats
 
   # ---------------------------------------------------------------- traced (jit-able)
-  def _forward(self, params, tokens, cache, segment_ids=None, row_ids=None, rows=None):
+  def _forward(self, params, tokens, cache, segment_ids=None, engram_ids=None, engram_rows=None):
+    """engram_ids {layer: [B, T, H]} (device tables) or engram_rows {layer: per-head rows
+    [B, T, H, d_h]} (merged to [B, T, d_mem] here)."""
     model = nnx.merge(self.graphdef, params)
-    inputs = None if rows is None else {
-        lid: r.reshape(r.shape[:2] + (-1,)) for lid, r in rows.items()}
-    logits, aux = model(tokens, row_ids, segment_ids=segment_ids, engram_inputs=inputs,
+    merged = None if engram_rows is None else {
+        lid: r.reshape(r.shape[:2] + (-1,)) for lid, r in engram_rows.items()}
+    logits, aux = model(tokens, engram_ids, segment_ids=segment_ids, engram_rows=merged,
                         cache=cache)
     return logits, aux["cache"]
 
@@ -355,29 +357,29 @@ class Decoder:
     b, p = tokens.shape
     model_cache = nnx.merge(self.graphdef, params).init_cache(b, max_len)
     segment_ids = (jnp.arange(p)[None, :] < lengths[:, None]).astype(jnp.int32)
-    row_ids, window = None, None
+    engram_ids, window = None, None
     if self.config.engram is not None and rows is None:
       compressed = jnp.take(lut, tokens, axis=0)
-      row_ids = self.hasher.hash_jax(compressed)
+      engram_ids = self.hasher.hash_jax(compressed)
       window = EngramDecodeState.after_prompt(
           compressed, lengths, self.config.engram.max_ngram_size, self.hasher.pad_id)
       if tables is not None:
         # Depends on the tokens only: free to overlap the blocks before the first Engram layer.
-        rows, _ = self.program_rows(tables, row_ids)
-        row_ids = None
-    logits, cache = self._forward(params, tokens, model_cache, segment_ids, row_ids, rows)
+        rows, _ = self.program_rows(tables, engram_ids)
+        engram_ids = None
+    logits, cache = self._forward(params, tokens, model_cache, segment_ids, engram_ids, rows)
     return logits, DecodeState(cache=cache, engram=window)
 
   def step_core(self, params, lut, token, cache: DecodeCache, window, rows, tables=None):
     """`step_fn` plus the step's host-read stats (None without in-program host reads)."""
-    row_ids, new_window, stats = None, None, None
+    engram_ids, new_window, stats = None, None, None
     if self.config.engram is not None and rows is None:
       ngram, new_window = window.push(jnp.take(lut, token, axis=0))
-      row_ids = {lid: r[:, -1:] for lid, r in self.hasher.hash_jax(ngram).items()}
+      engram_ids = {lid: r[:, -1:] for lid, r in self.hasher.hash_jax(ngram).items()}
       if tables is not None:
-        rows, stats = self.program_rows(tables, row_ids)
-        row_ids = None
-    logits, cache = self._forward(params, token[:, None], cache, None, row_ids, rows)
+        rows, stats = self.program_rows(tables, engram_ids)
+        engram_ids = None
+    logits, cache = self._forward(params, token[:, None], cache, None, engram_ids, rows)
     return logits[:, 0], DecodeState(cache=cache, engram=new_window), stats
 
   def step_fn(self, params, lut, token, cache: DecodeCache, window, rows, tables=None):

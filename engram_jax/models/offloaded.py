@@ -13,7 +13,7 @@ The model's graph (modules, Variables, metadata) is unchanged, so `nnx.split` / 
 sharding rules and checkpoints of the other parameters work as before, and the device
 copy of the table is released as soon as no other reference to it exists (the model held
 the only one unless the caller kept one, e.g. an `nnx.state` taken earlier). The layer
-never reads the placeholder: the forward passes the gathered rows as `engram_inputs`,
+never reads the placeholder: the forward passes the gathered rows as `engram_rows`,
 which take precedence over its own gather. (Calling the layer with row ids instead would
 read NaN through the empty table: `Engram.lookup` gathers with mode 'fill'.)
 
@@ -70,17 +70,17 @@ class OffloadedEngram:
   def num_rows(self, layer: int) -> int:
     return self.tables[layer].num_rows
 
-  def flat_ids(self, engram_rows: Mapping[int, Any]) -> dict[int, np.ndarray]:
-    """Per-head rows {layer: [..., H]} -> flat host-table ids {layer: np.int64 [..., H]}."""
-    self._check_layers(engram_rows)
-    return {l: flat_rows_np(np.asarray(engram_rows[l]), self.offsets[l]) for l in self.host_layers}
+  def flat_ids(self, engram_ids: Mapping[int, Any]) -> dict[int, np.ndarray]:
+    """Hashed per-head ids {layer: [..., H]} -> flat host-table ids {layer: np.int64 [..., H]}."""
+    self._check_layers(engram_ids)
+    return {l: flat_rows_np(np.asarray(engram_ids[l]), self.offsets[l]) for l in self.host_layers}
 
-  def gather(self, engram_rows: Mapping[int, Any], *, sharding: RowPlacement | None = None
+  def gather(self, engram_ids: Mapping[int, Any], *, sharding: RowPlacement | None = None
              ) -> dict[int, jax.Array]:
-    """Synchronous gather: per-head rows {layer: [B, T, H]} -> device rows [B, T, H*d_h]
+    """Synchronous gather: hashed per-head ids {layer: [B, T, H]} -> device rows [B, T, H*d_h]
     (placed by `sharding` when given, else on the table's device)."""
     out = {}
-    for layer, ids in self.flat_ids(engram_rows).items():
+    for layer, ids in self.flat_ids(engram_ids).items():
       rows = _gather(self.sources[layer], ids, sharding)
       out[layer] = rows.reshape(rows.shape[:-2] + (-1,))
     return out
@@ -107,11 +107,11 @@ class OffloadedEngram:
       var.set_value(jnp.asarray(self.tables[layer].numpy()))
     return model
 
-  def _check_layers(self, engram_rows: Mapping[int, Any]) -> None:
-    missing = [l for l in self.host_layers if l not in engram_rows]
+  def _check_layers(self, engram_ids: Mapping[int, Any]) -> None:
+    missing = [l for l in self.host_layers if l not in engram_ids]
     if missing:
       raise ValueError(f"row ids for host-placed Engram layers {missing} are missing; "
-                       f"got layers {sorted(engram_rows)}")
+                       f"got layers {sorted(engram_ids)}")
 
 
 def _gather(source: RowSource, flat_ids: np.ndarray, sharding: RowPlacement | None = None
@@ -218,24 +218,24 @@ def split_tables(model: Transformer, placements: str | Mapping[int, TablePlaceme
   return model, OffloadedEngram(placements, tables, sources, offsets)
 
 
-def _device_row_ids(engram_rows, host_layers) -> dict[int, Any] | None:
-  ids = {l: v for l, v in (engram_rows or {}).items() if l not in host_layers}
+def _device_row_ids(engram_ids, host_layers) -> dict[int, Any] | None:
+  ids = {l: v for l, v in (engram_ids or {}).items() if l not in host_layers}
   return ids or None
 
 
-def apply_offloaded(graphdef: nnx.GraphDef, state: nnx.State, tokens, engram_rows, rows, *,
+def apply_offloaded(graphdef: nnx.GraphDef, state: nnx.State, tokens, engram_ids, engram_rows, *,
                     positions=None, segment_ids=None, cache=None):
-  """Pure forward: `Transformer` from (graphdef, state), host rows as `engram_inputs`.
+  """Pure forward: `Transformer` from (graphdef, state), host rows as `engram_rows`.
 
   Args:
-    engram_rows: {layer: [B, T, H]} ids of the DEVICE-placed layers only (or None).
-    rows: {layer: [B, T, H*d_h]} gathered rows of the host-placed layers.
+    engram_ids: {layer: [B, T, H]} hashed ids of the DEVICE-placed layers only (or None).
+    engram_rows: {layer: [B, T, H*d_h]} gathered rows of the host-placed layers.
   Returns:
     (logits [B, T, V], aux) as `Transformer.__call__`.
   """
   model = nnx.merge(graphdef, state)
-  return model(tokens, engram_rows, positions=positions, segment_ids=segment_ids,
-               engram_inputs=rows, cache=cache)
+  return model(tokens, engram_ids, positions=positions, segment_ids=segment_ids,
+               engram_rows=engram_rows, cache=cache)
 
 
 _apply_jit = jax.jit(apply_offloaded, static_argnums=(0,))
@@ -243,28 +243,28 @@ _apply_jit = jax.jit(apply_offloaded, static_argnums=(0,))
 
 def forward_with_host_tables(model: Transformer, batch: Mapping[str, Any],
                              tables: OffloadedEngram,
-                             prefetched_rows: Mapping[int, jax.Array] | None = None, *,
+                             engram_rows: Mapping[int, jax.Array] | None = None, *,
                              cache=None):
   """Jitted forward of a split model on one batch.
 
   Args:
     model: the model returned by `split_tables`.
-    batch: {"tokens" [B, T], "engram_rows" {layer: [B, T, H]}, optional "positions",
+    batch: {"tokens" [B, T], "engram_ids" {layer: [B, T, H]}, optional "positions",
       "segment_ids"}.
     tables: the `OffloadedEngram` of `split_tables`.
-    prefetched_rows: {layer: [B, T, H*d_h]} from `tables.prefetcher` (or `tables.gather`);
+    engram_rows: gathered rows {layer: [B, T, H*d_h]} from `tables.prefetcher` (or `tables.gather`);
       None gathers them now.
     cache: a `DecodeCache` (decoding) or None.
   Returns:
     (logits, aux), equal to the device-table model's.
   """
-  if prefetched_rows is None:
-    prefetched_rows = tables.gather(batch["engram_rows"])
-  missing = [l for l in tables.host_layers if l not in prefetched_rows]
+  if engram_rows is None:
+    engram_rows = tables.gather(batch["engram_ids"])
+  missing = [l for l in tables.host_layers if l not in engram_rows]
   if missing:
-    raise ValueError(f"prefetched_rows lacks host-placed Engram layers {missing}")
+    raise ValueError(f"engram_rows lacks host-placed Engram layers {missing}")
   graphdef, state = nnx.split(model)
   return _apply_jit(graphdef, state, batch["tokens"],
-                    _device_row_ids(batch.get("engram_rows"), tables.host_layers),
-                    dict(prefetched_rows), positions=batch.get("positions"),
+                    _device_row_ids(batch.get("engram_ids"), tables.host_layers),
+                    dict(engram_rows), positions=batch.get("positions"),
                     segment_ids=batch.get("segment_ids"), cache=cache)

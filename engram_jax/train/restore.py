@@ -226,7 +226,7 @@ def evaluate_run(run: LoadedRun, data_config: DataConfig | None = None) -> dict[
   """Validation loss / perplexity / bits per byte of a loaded run on its validation split.
 
   With `run.host_tables` (load_run(tables="host")) the host layers' rows are gathered from
-  them each batch and fed to the model as `engram_inputs`, as the trainer evaluates.
+  them each batch and fed to the model as `engram_rows`, as the trainer evaluates.
   """
   data_config = data_config or run.data_config
   batches = make_eval_batches(data_config, run.tokenizer, row_hasher=run.row_hasher)
@@ -253,7 +253,7 @@ def _evaluate_host_tables(run: LoadedRun, batches) -> dict[str, float]:
   step = jax.jit(make_host_eval_step(graphdef, tuple(sorted(tables))))
   totals: dict[str, float] = {}
   for batch in batches:
-    for k, v in step(state, batch, offloaded.gather(batch["engram_rows"])).items():
+    for k, v in step(state, batch, offloaded.gather(batch["engram_ids"])).items():
       totals[k] = totals.get(k, 0.0) + float(v)
   return summarize_eval(totals)
 

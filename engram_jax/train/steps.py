@@ -30,7 +30,7 @@ def batch_shardings(batch: Batch, mesh: Mesh) -> Any:
 
 
 def model_inputs(batch: Batch) -> tuple[tuple, dict]:
-  return (batch["tokens"], batch.get("engram_rows") or None), {
+  return (batch["tokens"], batch.get("engram_ids") or None), {
       "positions": batch.get("positions"), "segment_ids": batch.get("segment_ids")}
 
 
@@ -48,11 +48,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation | S
 
   def step(state: TrainState, batch: Batch):
     if sparse_tx is None:
-      params, tables, ids, rows = state.params, None, batch.get("engram_rows") or None, {}
+      params, tables, ids, rows = state.params, None, batch.get("engram_ids") or None, {}
     else:
       tables, params = sparse_tx.split(state.params)
       model = nnx.merge(graphdef, state.params, state.rest)
-      all_ids = batch["engram_rows"]
+      all_ids = batch["engram_ids"]
       ids = {l: v for l, v in all_ids.items() if l not in sparse_tx.layers} or None
       flat = {l: model.blocks[l].engram.flat_row_ids(all_ids[l]) for l in sparse_tx.layers}
       rows = {l: model.blocks[l].engram.lookup(all_ids[l]) for l in sparse_tx.layers}
@@ -61,7 +61,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation | S
       model = nnx.merge(graphdef, params, state.rest) if tables is None else \
           nnx.merge(graphdef, params, tables, state.rest)
       logits, aux = model(batch["tokens"], ids, positions=batch.get("positions"),
-                          segment_ids=batch.get("segment_ids"), engram_inputs=rows or None)
+                          segment_ids=batch.get("segment_ids"), engram_rows=rows or None)
       lm_loss, sums = masked_lm_loss(logits, batch["targets"], batch["loss_mask"])
       return lm_loss + aux["balance_loss"], (lm_loss, sums, aux)
 
@@ -155,7 +155,7 @@ def make_host_eval_step(graphdef: nnx.GraphDef, host_layers: tuple[int, ...]
   """As `make_eval_step` for a model whose `host_layers` tables live in host memory:
   (state, batch, rows {layer: [B, T, d_mem]} gathered from the host tables) -> sums."""
   def step(state: TrainState, batch: Batch, rows: dict):
-    device_ids = {l: v for l, v in batch["engram_rows"].items() if l not in host_layers} or None
+    device_ids = {l: v for l, v in batch["engram_ids"].items() if l not in host_layers} or None
     logits, _ = apply_offloaded(graphdef, nnx.merge_state(state.params, state.rest),
                                 batch["tokens"], device_ids, rows,
                                 positions=batch.get("positions"),

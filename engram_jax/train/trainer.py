@@ -486,7 +486,7 @@ class Trainer:
         except StopIteration:
           break
         for l in layers:
-          flat = flat_rows_np(np.asarray(batch["engram_rows"][l]), offsets[l])
+          flat = flat_rows_np(np.asarray(batch["engram_ids"][l]), offsets[l])
           counts[l] += count_row_frequencies([flat], counts[l].shape[0])
     finally:
       if hasattr(it, "close"):
@@ -723,7 +723,7 @@ class _HostPlacement:
   def evaluate_rows(self, eval_batches) -> dict[str, np.ndarray]:
     parts = []
     for batch in eval_batches:
-      rows = self.host.gather(batch["engram_rows"])
+      rows = self.host.gather(batch["engram_ids"])
       with self.host.context():
         parts.append(jax.device_get(self.eval_step(self.host.state, self.host.put_batch(batch), rows)))
     return evaluation.concat_rows(parts)
