@@ -10,6 +10,13 @@ from flax import nnx
 
 from engram_jax.config import EngramConfig
 from engram_jax.layers.moe import MoEConfig, RouterBias
+from engram_jax.models import (
+  engram_table,
+  engram_table_filter,
+  engram_table_layer,
+  engram_table_path,
+  engram_table_value,
+)
 from engram_jax.models.config import ModelConfig
 from engram_jax.models.transformer import (
   Transformer,
@@ -126,6 +133,26 @@ def test_engram_row_errors():
     model(tokens, {**rows, 0: rows[1]})
   with pytest.raises(ValueError, match="tokens must be"):
     model(tokens[0], rows)
+
+
+def test_engram_table_paths_name_exactly_the_tables():
+  config, model = model_for("engram_moe", 4)
+  (lid,) = config.engram_layer_ids
+  state = nnx.state(model)
+  table = engram_table(model, lid)
+  assert engram_table_value(state, lid).get_value() is table.get_value()
+  tables, rest = nnx.split_state(state, engram_table_filter(), ...)
+  assert [tuple(p) for p, _ in nnx.to_flat_state(tables)] == [engram_table_path(lid)]
+  assert not any(engram_table_layer(p) is not None for p, _ in nnx.to_flat_state(rest))
+  empty, _ = nnx.split_state(state, engram_table_filter([0]), ...)
+  assert not nnx.to_flat_state(empty)
+  # jax key paths (tree_map_with_path over a State) name the same layer
+  found = []
+  jax.tree_util.tree_map_with_path(lambda p, v: found.append(engram_table_layer(p)), state,
+                                   is_leaf=lambda x: isinstance(x, nnx.Variable))
+  assert [f for f in found if f is not None] == [lid]
+  with pytest.raises(ValueError, match="block 0 has no Engram layer"):
+    engram_table(model, 0)
 
 
 def test_g1_model_is_a_plain_prenorm_residual_network():

@@ -47,6 +47,7 @@ from flax import nnx
 
 from engram_jax.hashing import NgramHasher, TokenizerCompressor
 from engram_jax.inference.decode_state import DecodeState, EngramDecodeState
+from engram_jax.models import engram_table_layer
 from engram_jax.models.transformer import DecodeCache, Transformer
 from engram_jax.offload import HostTable, HotRowCache
 from engram_jax.offload import host_rows as host_rows_lib
@@ -57,11 +58,6 @@ log = logging.getLogger(__name__)
 TABLE_PLACEMENTS = ("device", "host", "cached")
 HOST_DECODES = ("auto", "in_loop", "python")
 DECODE_PATHS = ("device_loop", "host_in_loop", "cached_in_loop", "host_python_loop")
-
-
-def _is_table(path) -> bool:
-  keys = [getattr(k, "key", getattr(k, "idx", getattr(k, "name", None))) for k in path]
-  return "engram" in keys and keys[-1] == "table"
 
 
 def _zero_stats() -> dict[str, jax.Array]:
@@ -152,7 +148,7 @@ class Decoder:
         # The device copy of the model keeps a [1, d_h] stand-in for every table: the
         # forward reads rows from engram_rows only.
         params = jax.tree_util.tree_map_with_path(
-            lambda p, v: v.replace(jnp.zeros((1,) + v.shape[1:], v.dtype)) if _is_table(p) else v,
+            lambda p, v: v.replace(jnp.zeros((1,) + v.shape[1:], v.dtype)) if engram_table_layer(p) is not None else v,
             params, is_leaf=lambda x: isinstance(x, nnx.Variable))
     log.info("Decoder: table_placement=%s, decode path %s", table_placement, self.decode_path)
     self.params = params

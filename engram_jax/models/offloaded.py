@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from engram_jax.models.tables import engram_table
 from engram_jax.models.transformer import Transformer
 from engram_jax.offload.host_table import HostTable
 from engram_jax.offload.hot_cache import HotRowCache, load_frequencies
@@ -103,7 +104,7 @@ class OffloadedEngram:
   def restore_into(self, model: Transformer) -> Transformer:
     """Puts the current host tables back into `model` as device arrays (in place)."""
     for layer in self.host_layers:
-      var = _engram(model, layer).table
+      var = engram_table(model, layer)
       var.set_value(jnp.asarray(self.tables[layer].numpy()))
     return model
 
@@ -126,23 +127,8 @@ def _gather(source: RowSource, flat_ids: np.ndarray, sharding: RowPlacement | No
   return jax.device_put(_gather(source, flat_ids), target)
 
 
-def engram_table_filter(layers: Iterable[int] | None = None) -> Callable[[tuple, Any], bool]:
-  """nnx filter selecting blocks[l].engram.table for the Engram layers in `layers` (None: all)."""
-  layers = None if layers is None else frozenset(int(l) for l in layers)
-
-  def is_table(path, _):
-    return (len(path) == 4 and path[0] == "blocks" and (layers is None or path[1] in layers)
-            and path[2] == "engram" and path[3] == "table")
-  return is_table
-
-
-host_table_filter = engram_table_filter  # the host path's name: its layers' tables
-
-
 def _engram(model: Transformer, layer: int):
-  if not 0 <= layer < len(model.blocks) or model.blocks[layer].engram is None:
-    raise ValueError(f"block {layer} has no Engram layer; Engram layers are "
-                     f"{model.config.engram_layer_ids}")
+  engram_table(model, layer)  # raises for a block without an Engram layer
   return model.blocks[layer].engram
 
 

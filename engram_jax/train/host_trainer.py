@@ -42,7 +42,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from engram_jax import sharding as sharding_lib
-from engram_jax.models.offloaded import OffloadedEngram, host_table_filter, split_tables
+from engram_jax.models import engram_table, engram_table_filter
+from engram_jax.models.offloaded import OffloadedEngram, split_tables
 from engram_jax.models.transformer import Transformer, updated_router_biases
 from engram_jax.offload.hot_cache import HotRowCache
 from engram_jax.offload.indexing import check_int32_rows
@@ -62,7 +63,7 @@ SparseGrads = dict[int, tuple[jax.Array, jax.Array, jax.Array]]
 def split_params(model: Transformer, host_layers: Iterable[int]
                  ) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
   """(graphdef, trainable params without host tables, rest incl. the size-0 placeholders)."""
-  dense = nnx.All(nnx.Param, nnx.Not(host_table_filter(host_layers)))
+  dense = nnx.All(nnx.Param, nnx.Not(engram_table_filter(host_layers)))
   return nnx.split(model, dense, ...)
 
 
@@ -359,7 +360,7 @@ def check_data_parallel_mesh(mesh: Mesh | None) -> None:
 
 def _check_split(model: Transformer, offloaded: OffloadedEngram) -> None:
   for l in offloaded.host_layers:
-    shape = tuple(model.blocks[l].engram.table.get_value().shape)
+    shape = tuple(engram_table(model, l).get_value().shape)
     if shape[0] != 0:
       raise ValueError(f"Engram layer {l} is host-placed in the OffloadedEngram but the model "
                        f"still holds its table {shape}: pass a model split by split_tables or "

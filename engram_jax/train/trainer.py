@@ -56,10 +56,10 @@ from engram_jax.data import (
   special_ids,
 )
 from engram_jax.hashing import TokenizerCompressor, tokenizer_fingerprint
+from engram_jax.models import engram_table_filter
 from engram_jax.models.accounting import count_params, flops_per_token
 from engram_jax.models.config import ModelConfig
 from engram_jax.models.host_init import build_offloaded
-from engram_jax.models.offloaded import host_table_filter
 from engram_jax.offload import count_row_frequencies, flat_rows_np, parse_placements
 from engram_jax.train import evaluation, multihost
 from engram_jax.train.checkpoint import (
@@ -666,7 +666,7 @@ class _HostPlacement:
                                  mesh=mesh)
     del model
     self.layers = self.host.offloaded.host_layers
-    self._is_placeholder = host_table_filter(self.layers)
+    self._is_placeholder = engram_table_filter(self.layers)
     ckpt = trainer.checkpointer
     if step is not None:
       saved = self._savable_state()
