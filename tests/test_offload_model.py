@@ -151,6 +151,21 @@ def test_bad_placements_are_rejected():
                                      "engram_ids": {1: batch["engram_ids"][1]}}, off)
 
 
+def test_host_placements_refuse_fold_rows():
+  """Host gathers index the table with unfolded hashed ids: a model with engram_fold_rows
+  is refused by name when a layer goes to the host (split_tables, build_offloaded), before
+  any table moves; its device placement is untouched."""
+  config = CONFIG.replace(engram_fold_rows=3)
+  model = build_model(config, 0)
+  for spec in ("host", "2:cached@0.5", {1: TablePlacement("host")}):
+    with pytest.raises(ValueError, match=r"places Engram layers \[\d.*ModelConfig.engram_fold_rows=3"):
+      split_tables(model, spec)
+  with pytest.raises(ValueError, match=r"placements 'host' places Engram layers \[1, 2\]"):
+    host_init.build_offloaded(lambda: build_model(config, 0), "host")
+  assert model.blocks[1].engram.table.get_value().shape[0] == 3 * config.engram.num_heads
+  assert split_tables(model, "device")[1].host_layers == ()
+
+
 def _live_bytes(device) -> tuple[int, int]:
   """(total bytes, largest array's bytes) of the live arrays on `device`."""
   sizes = [x.nbytes for x in jax.live_arrays() if device in x.devices()] or [0]

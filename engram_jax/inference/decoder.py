@@ -48,6 +48,7 @@ from flax import nnx
 from engram_jax.hashing import NgramHasher, TokenizerCompressor
 from engram_jax.inference.decode_state import DecodeState, EngramDecodeState
 from engram_jax.models import engram_table_layer
+from engram_jax.models.offloaded import check_host_placement
 from engram_jax.models.transformer import DecodeCache, Transformer
 from engram_jax.offload import HostTable, HotRowCache
 from engram_jax.offload import host_rows as host_rows_lib
@@ -137,9 +138,7 @@ class Decoder:
                            "'host' or 'cached'")
         self._check_device_tables(model)
       else:
-        if config.engram_fold_rows is not None:
-          raise ValueError(f"table_placement={table_placement!r} does not support "
-                           f"engram_fold_rows={config.engram_fold_rows}: use 'device'")
+        check_host_placement(config, self.layer_ids, f"Decoder(table_placement={table_placement!r})")
         host_tables = self._cached_tables(table_placement, host_tables, hot_caches)
         self.host_tables = self._host_tables(model, host_tables)
         self.decode_path = self._choose_path(table_placement, host_decode)
@@ -216,9 +215,13 @@ class Decoder:
                          "placeholder: pass its HostTable in host_tables")
       tables[b.layer] = HostTable(np.asarray(value))
     for lid, table in tables.items():
-      want = (self.hasher.total_rows(lid), self.config.engram.head_dim)
-      if tuple(table.shape) != want:
-        raise ValueError(f"host table of layer {lid} has shape {table.shape}, expected {want}")
+      # The hashed rows, or the model's table padded to engram_row_multiple (padding rows
+      # are never addressed, so both gather the same rows).
+      rows = sorted({self.hasher.total_rows(lid), model.blocks[lid].engram.num_rows})
+      want = " or ".join(str((r, self.config.engram.head_dim)) for r in rows)
+      if table.shape[0] not in rows or table.shape[1] != self.config.engram.head_dim:
+        raise ValueError(f"host table of layer {lid} has shape {table.shape}, expected {want} "
+                         f"(ModelConfig.engram_row_multiple={self.config.engram_row_multiple})")
     return tables
 
   def _choose_path(self, placement: str, host_decode: str) -> str:

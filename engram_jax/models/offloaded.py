@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from engram_jax.models.config import ModelConfig
 from engram_jax.models.tables import engram_table
 from engram_jax.models.transformer import Transformer
 from engram_jax.offload.host_table import HostTable
@@ -132,18 +133,32 @@ def _engram(model: Transformer, layer: int):
   return model.blocks[layer].engram
 
 
+def check_host_placement(config: ModelConfig, host_layers: Iterable[int], where: str) -> None:
+  """Refuses model settings that host / cached tables do not support (`where` names the
+  placement field in the message): `engram_fold_rows` (the host gather, the prefetcher and
+  the host decoder index the table with unfolded hashed ids, so they would read other rows)."""
+  host_layers = sorted(int(l) for l in host_layers)
+  if host_layers and config.engram_fold_rows is not None:
+    raise ValueError(f"{where} places Engram layers {host_layers} in host memory, which does not support "
+                     f"ModelConfig.engram_fold_rows={config.engram_fold_rows} (host gathers do not fold "
+                     "the hashed ids): keep those tables on the device")
+
+
 def resolve_placements(model: Transformer, placements: str | Mapping[int, TablePlacement]
                        ) -> dict[int, TablePlacement]:
   """{layer: TablePlacement} for every Engram layer of `model` (unnamed layers: device)."""
   layer_ids = model.config.engram_layer_ids
   if not layer_ids:
     raise ValueError("host placement needs a model with Engram layers (config.engram is None)")
+  spec = placements
   if isinstance(placements, str):
     placements = parse_placements(placements, layer_ids)
   placements = {int(l): p for l, p in placements.items()}
   unknown = sorted(set(placements) - set(layer_ids))
   if unknown:
     raise ValueError(f"placements name layers {unknown} that are not Engram layers {layer_ids}")
+  check_host_placement(model.config, [l for l, p in placements.items() if p.on_host],
+                       f"placements {spec!r}")
   return {l: placements.get(l, TablePlacement()) for l in layer_ids}
 
 

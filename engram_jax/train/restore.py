@@ -18,7 +18,7 @@ from engram_jax.data import DataConfig, EngramRowHasher, make_eval_batches, spec
 from engram_jax.hashing import NgramHasher, TokenizerCompressor, tokenizer_fingerprint
 from engram_jax.models import engram_table, engram_table_filter, engram_table_value
 from engram_jax.models.config import ModelConfig
-from engram_jax.models.offloaded import OffloadedEngram
+from engram_jax.models.offloaded import OffloadedEngram, check_host_placement
 from engram_jax.models.transformer import Transformer
 from engram_jax.offload import HostTable, TablePlacement
 from engram_jax.train.checkpoint import Checkpointer, CheckpointMismatchError, CorruptCheckpointError
@@ -133,6 +133,8 @@ def _load_step(ckpt: Checkpointer, path: str | Path, step: int, mesh, tables: st
         "the device (its checkpoint names no host_table_layers); load it with "
         "tables='device' and move the tables with engram_jax.models.offloaded.split_tables(run.model, "
         "'host')")
+  if tables == "host":
+    check_host_placement(model_config, host_layers, f"load_run(tables='host') of the run at {path}")
   host_tables = None
   if host_layers:
     model, loaded_step, host_tables = _load_host_placed(

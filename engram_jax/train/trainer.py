@@ -60,6 +60,7 @@ from engram_jax.models import engram_table_filter
 from engram_jax.models.accounting import count_params, flops_per_token
 from engram_jax.models.config import ModelConfig
 from engram_jax.models.host_init import build_offloaded
+from engram_jax.models.offloaded import check_host_placement
 from engram_jax.offload import count_row_frequencies, flat_rows_np, parse_placements
 from engram_jax.train import evaluation, multihost
 from engram_jax.train.checkpoint import (
@@ -529,7 +530,9 @@ def _table_placements(model_config: ModelConfig, cfg: TrainConfig) -> tuple[dict
                        "Engram layers; this model has none")
     return {}, ()
   placements = parse_placements(cfg.table_placement, model_config.engram_layer_ids)
-  return placements, tuple(sorted(l for l, p in placements.items() if p.on_host))
+  host_layers = tuple(sorted(l for l, p in placements.items() if p.on_host))
+  check_host_placement(model_config, host_layers, f"TrainConfig.table_placement={cfg.table_placement!r}")
+  return placements, host_layers
 
 
 def _check_host_placement_setup(mesh: jax.sharding.Mesh, cfg: TrainConfig) -> None:
