@@ -48,7 +48,7 @@ def _score(model, tokenizer, row_hasher, facts: tuple[Fact, ...]) -> dict[str, n
                                            segment_ids=segment_ids)
     return jax.nn.log_softmax(logits[:, KEY_TOKENS - 1].astype(jax.numpy.float32), axis=-1)
 
-  logp = np.asarray(value_logp(state, batch["tokens"], batch["engram_rows"], batch["positions"],
+  logp = np.asarray(value_logp(state, batch["tokens"], batch["engram_ids"], batch["positions"],
                                batch["segment_ids"]))
   values = ids[:, KEY_TOKENS]
   ce = -logp[np.arange(len(facts)), values]

@@ -46,7 +46,7 @@ def sequence_losses(run, batches) -> np.ndarray:
 
   out = []
   for b in batches:
-    loss = np.asarray(per_token(b["tokens"], b["engram_rows"], b["targets"], b.get("positions"),
+    loss = np.asarray(per_token(b["tokens"], b["engram_ids"], b["targets"], b.get("positions"),
                                 b.get("segment_ids")))
     mask = np.asarray(b["loss_mask"])
     out.append((loss * mask).sum(-1) / np.maximum(mask.sum(-1), 1))

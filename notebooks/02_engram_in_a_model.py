@@ -133,8 +133,8 @@ class ConfigParser(object):
 
 tokenizer = run.tokenizer
 token_ids = np.asarray(tokenizer.encode(PASSAGE).ids, np.int32)[None]   # [1, T]
-rows = run.row_hasher.rows(token_ids, None)                              # {layer: [1, T, H]}
-logits, aux = run.model(jnp.asarray(token_ids), {l: jnp.asarray(r) for l, r in rows.items()})
+engram_ids = run.row_hasher.ids(token_ids, None)                         # {layer: [1, T, H]}
+logits, aux = run.model(jnp.asarray(token_ids), {l: jnp.asarray(r) for l, r in engram_ids.items()})
 layer = cfg.engram_layer_ids[0]
 gates = np.asarray(aux["engram_gates"][layer]).mean(-1)[0]               # [T]
 pieces = [tokenizer.decode([int(t)]) for t in token_ids[0]]
@@ -213,9 +213,9 @@ def word_position(tokens: np.ndarray) -> np.ndarray:
 
 
 @jax.jit
-def gates_of(model_state, tokens, engram_rows, segment_ids, positions):
+def gates_of(model_state, tokens, engram_ids, segment_ids, positions):
   model = nnx.merge(graphdef, model_state)
-  _, aux = model(tokens, engram_rows, segment_ids=segment_ids, positions=positions)
+  _, aux = model(tokens, engram_ids, segment_ids=segment_ids, positions=positions)
   return {l: g.mean(-1) for l, g in aux["engram_gates"].items()}
 
 
@@ -225,7 +225,7 @@ sums, counts = np.zeros(5), np.zeros(5)
 token_sum = np.zeros(cfg.vocab_size)
 token_count = np.zeros(cfg.vocab_size)
 for batch in batches:
-  g = np.asarray(gates_of(model_state, batch["tokens"], batch["engram_rows"],
+  g = np.asarray(gates_of(model_state, batch["tokens"], batch["engram_ids"],
                           batch["segment_ids"], batch["positions"])[layer])
   mask = batch["loss_mask"] > 0
   for row in range(g.shape[0]):
@@ -297,7 +297,7 @@ def scrambled_memory(model, seed=0):
 @jax.jit
 def loss_sums(model_state, batch):
   model = nnx.merge(graphdef, model_state)
-  logits, _ = model(batch["tokens"], batch["engram_rows"], segment_ids=batch["segment_ids"],
+  logits, _ = model(batch["tokens"], batch["engram_ids"], segment_ids=batch["segment_ids"],
                     positions=batch["positions"])
   return masked_lm_loss(logits, batch["targets"], batch["loss_mask"])[1]
 
@@ -324,5 +324,5 @@ for name, r in results.items():
 assert np.isfinite([r["val_loss"] for r in results.values()]).all()
 engram0 = engram_layers(without_engram(run.model))[0]
 y0 = engram0(jnp.zeros((1, 4, cfg.hc_mult, cfg.hidden_size)),
-             jnp.asarray(rows[layer][:, :4]))
+             jnp.asarray(engram_ids[layer][:, :4]))
 print("zeroed Engram output is exactly zero:", bool(jnp.all(y0 == 0)))

@@ -63,7 +63,7 @@ from engram_jax.offload.placement import memory_kinds
 #
 # A BPE trained on standard-library code, a tiny dense model with one Engram layer
 # (block 1) whose heads have ~25,000 rows each, and the training input pipeline: every
-# batch carries `engram_rows = {layer: int32 [B, T, H]}`, hashed on the host.
+# batch carries `engram_ids = {layer: int32 [B, T, H]}`, hashed on the host.
 
 # %%
 data = DataConfig(seq_len=128, batch_size=8, bpe_vocab_size=1024, tokenizer_train_bytes=500_000,
@@ -104,12 +104,12 @@ print("compute_on table:", host_pinned.array.sharding.memory_kind)
 
 # %% [markdown]
 # Gathering a batch's rows on the host gives exactly what the layer's own lookup reads.
-# The model takes such pre-gathered rows through `engram_inputs={layer: rows [B, T, d_mem]}`
-# instead of row ids, with identical logits.
+# The model takes such pre-gathered rows through `engram_rows={layer: rows [B, T, d_mem]}`
+# instead of hashed row ids (`engram_ids`), with identical logits.
 
 # %%
 batch = next(train_batches)
-ids = batch["engram_rows"][LAYER]                       # [B, T, H] per-head rows
+ids = batch["engram_ids"][LAYER]                        # [B, T, H] hashed per-head ids
 flat = flat_rows_np(ids, offsets)                       # + head offsets, int64
 want = np.asarray(engram.lookup(jnp.asarray(ids)))      # [B, T, H * d_h]
 for host in (host_numpy, host_pinned):
@@ -119,13 +119,13 @@ print("host gathers == device lookup:", want.shape)
 
 
 @nnx.jit
-def forward(model, tokens, engram_rows=None, engram_inputs=None):
-  return model(tokens, engram_rows, engram_inputs=engram_inputs)[0]
+def forward(model, tokens, engram_ids=None, engram_rows=None):
+  return model(tokens, engram_ids, engram_rows=engram_rows)[0]
 
 
 rows = host_numpy.gather(flat).reshape(want.shape)
-logits_host = forward(model, batch["tokens"], engram_inputs={LAYER: rows})
-logits_device = forward(model, batch["tokens"], engram_rows={LAYER: ids})
+logits_host = forward(model, batch["tokens"], engram_rows={LAYER: rows})
+logits_device = forward(model, batch["tokens"], engram_ids={LAYER: ids})
 print("logits equal:", bool(jnp.array_equal(logits_host, logits_device)))
 moved = rows.nbytes
 print(f"bytes moved for this batch: {moved / 2**10:.0f} KiB, "
@@ -144,23 +144,23 @@ print(f"bytes moved for this batch: {moved / 2**10:.0f} KiB, "
 # %%
 N = 16
 batches = list(itertools.islice(train_batches, N))
-forward(model, batches[0]["tokens"], engram_inputs={LAYER: rows}).block_until_ready()
+forward(model, batches[0]["tokens"], engram_rows={LAYER: rows}).block_until_ready()
 
 t0 = time.perf_counter()
 for b in batches:
-  r = host_numpy.gather(flat_rows_np(b["engram_rows"][LAYER], offsets))
-  forward(model, b["tokens"], engram_inputs={LAYER: r.reshape(want.shape)}).block_until_ready()
+  r = host_numpy.gather(flat_rows_np(b["engram_ids"][LAYER], offsets))
+  forward(model, b["tokens"], engram_rows={LAYER: r.reshape(want.shape)}).block_until_ready()
 inline = time.perf_counter() - t0
 
 t0 = time.perf_counter()
 outputs = []
 with RowPrefetcher(iter(batches), {LAYER: host_numpy}, offsets={LAYER: offsets}, depth=2) as pf:
-  for b, prefetched in pf:                    # rows are already [B, T, H * d_h] on the device
-    outputs.append(forward(model, b["tokens"], engram_inputs=prefetched).block_until_ready())
+  for b, engram_rows in pf:                   # rows are already [B, T, H * d_h] on the device
+    outputs.append(forward(model, b["tokens"], engram_rows=engram_rows).block_until_ready())
 prefetched_time = time.perf_counter() - t0
 print(f"{N} steps: inline gathers {inline * 1e3:.0f} ms, prefetched {prefetched_time * 1e3:.0f} ms")
 assert jnp.array_equal(outputs[0], forward(model, batches[0]["tokens"],
-                                           engram_rows=batches[0]["engram_rows"]))
+                                           engram_ids=batches[0]["engram_ids"]))
 
 # %% [markdown]
 # For training, the rows of batch t+1 are read before step t's sparse update of the host
@@ -176,14 +176,14 @@ assert jnp.array_equal(outputs[0], forward(model, batches[0]["tokens"],
 # %%
 count_batches = list(itertools.islice(train_batches, 100))
 counts = count_row_frequencies(
-    (flat_rows_np(b["engram_rows"][LAYER], offsets) for b in count_batches), host_numpy.num_rows)
+    (flat_rows_np(b["engram_ids"][LAYER], offsets) for b in count_batches), host_numpy.num_rows)
 print(f"{counts.sum():,} lookups on {len(count_batches)} batches touched "
       f"{(counts > 0).mean():.1%} of the {host_numpy.num_rows:,} rows")
 
 cache = HotRowCache.from_frequencies(host_numpy, counts, fraction=0.05)
 val_batches = make_eval_batches(data, tokenizer, row_hasher=row_hasher)
 for b in val_batches:
-  vflat = flat_rows_np(b["engram_rows"][LAYER], offsets)
+  vflat = flat_rows_np(b["engram_ids"][LAYER], offsets)
   got = cache.lookup(vflat)
   assert np.array_equal(np.asarray(got), np.asarray(host_numpy.gather(vflat)))
 print(f"cache of {cache.capacity:,} rows ({cache.capacity / host_numpy.num_rows:.0%} of the "

@@ -252,4 +252,4 @@ assert np.mean(linen_losses[-5:]) < linen_losses[0]
 # %% [markdown]
 # That is all the integration there is: the tokens' compressed n-grams hashed on the host,
 # one module call in the residual stream. Next: notebook 03 moves the table to host memory
-# and feeds the layer pre-gathered rows with `engram(x, rows=...)`.
+# and feeds the layer pre-gathered rows with `engram(x, engram_rows=...)`.

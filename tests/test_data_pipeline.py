@@ -48,7 +48,7 @@ def assert_batches_equal(a, b):
   for x, y in zip(a, b):
     assert x.keys() == y.keys()
     for key in x:
-      if key == "engram_rows":
+      if key == "engram_ids":
         assert x[key].keys() == y[key].keys()
         for layer in x[key]:
           np.testing.assert_array_equal(x[key][layer], y[key][layer])
@@ -61,12 +61,12 @@ def test_batch_matches_the_spec(tok):
   spec = batch_spec(CFG, ENGRAM)
   assert set(batch) == set(spec)
   for key, (shape, dtype) in spec.items():
-    if key != "engram_rows":
+    if key != "engram_ids":
       assert batch[key].shape == shape and batch[key].dtype == dtype, key
-  assert set(batch["engram_rows"]) == {1, 3}
-  for layer, (shape, dtype) in spec["engram_rows"].items():
-    assert batch["engram_rows"][layer].shape == shape == (4, 32, 4)
-    assert batch["engram_rows"][layer].dtype == dtype
+  assert set(batch["engram_ids"]) == {1, 3}
+  for layer, (shape, dtype) in spec["engram_ids"].items():
+    assert batch["engram_ids"][layer].shape == shape == (4, 32, 4)
+    assert batch["engram_ids"][layer].dtype == dtype
   # Training rows are always full: the stream never ends.
   assert (batch["segment_ids"] > 0).all()
   assert batch["loss_mask"].mean() > 0.9
@@ -75,17 +75,17 @@ def test_batch_matches_the_spec(tok):
 
 def test_without_engram_config_rows_are_empty(tok):
   batch = take(CFG, tok, 1, engram=None)[0]
-  assert batch["engram_rows"] == {}
-  assert batch_spec(CFG)["engram_rows"] == {}
+  assert batch["engram_ids"] == {}
+  assert batch_spec(CFG)["engram_ids"] == {}
 
 
 def test_engram_rows_equal_the_hasher_on_compressed_tokens(tok, compressor):
   hasher = NgramHasher.from_compressor(ENGRAM, compressor)
   for batch in take(CFG, tok, 2):
     expected = hasher.hash(compressor(batch["tokens"]), batch["segment_ids"])
-    assert set(expected) == set(batch["engram_rows"])
+    assert set(expected) == set(batch["engram_ids"])
     for layer, rows in expected.items():
-      np.testing.assert_array_equal(batch["engram_rows"][layer], rows.astype(np.int32))
+      np.testing.assert_array_equal(batch["engram_ids"][layer], rows.astype(np.int32))
       assert (rows < hasher.table_sizes[layer]).all()
 
 
@@ -99,7 +99,7 @@ def test_no_ngram_crosses_a_document_boundary(tok, compressor):
   pos = np.concatenate([np.arange(len(doc_a)), np.arange(len(doc_b)), [0]]).astype(np.int32)
   ex = row_to_example(ids, seg, pos, 0, np.ones(512, np.int32))
   batch = {k: v[None] for k, v in ex.items()}
-  hashed = EngramRowHasher.build(ENGRAM, tok, 0, compressor)(batch)["engram_rows"]
+  hashed = EngramRowHasher.build(ENGRAM, tok, 0, compressor)(batch)["engram_ids"]
   hasher = NgramHasher.from_compressor(ENGRAM, compressor)
   alone_b = hasher.hash(compressor(np.asarray([doc_b])))
   after_other_doc = hasher.hash(compressor(ids[None, :-1]))  # no segment ids
@@ -168,7 +168,7 @@ def test_multiprocess_workers_are_deterministic_and_restorable(tok):
   assert not np.array_equal(head[0]["tokens"], head[1]["tokens"])
   hasher = NgramHasher.from_compressor(ENGRAM, TokenizerCompressor.from_tokenizer(tok))
   rows = hasher.hash(hasher_ids(tok, tail[0]["tokens"]), tail[0]["segment_ids"])
-  np.testing.assert_array_equal(tail[0]["engram_rows"][3], rows[3])
+  np.testing.assert_array_equal(tail[0]["engram_ids"][3], rows[3])
   assert_batches_equal(take(cfg, tok, 2, state=state), tail)
 
 
@@ -178,7 +178,7 @@ def test_eval_batches_are_fixed(tok):
   assert_batches_equal(first, make_eval_batches(CFG, tok, ENGRAM))
   for batch in first:
     assert batch["tokens"].shape == (4, 32)
-    assert set(batch["engram_rows"]) == {1, 3}
+    assert set(batch["engram_ids"]) == {1, 3}
   every = make_eval_batches(CFG.replace(num_eval_batches=None, eval_batch_size=64, eval_set="packed"), tok)
   assert every[-1]["tokens"].shape == (64, 32)
   assert every[-1]["loss_mask"][-1].sum() == 0  # padded to shape, padding masked

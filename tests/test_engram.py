@@ -185,7 +185,7 @@ def test_reference_loader_rejects_mismatches():
 
 def test_prefetched_rows_equal_gathered_rows():
   module, row_ids, hidden = _tiny()
-  np.testing.assert_array_equal(np.asarray(module(hidden, rows=module.lookup(row_ids))),
+  np.testing.assert_array_equal(np.asarray(module(hidden, engram_rows=module.lookup(row_ids))),
                                 np.asarray(module(hidden, row_ids)))
 
 

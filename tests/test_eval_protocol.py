@@ -145,7 +145,7 @@ def test_mixed_iterator_resumes_exactly(tok):
   for x, y in zip(got, expected):
     for key in ("tokens", "targets", "segment_ids", "positions", "loss_mask"):
       np.testing.assert_array_equal(x[key], y[key])
-    np.testing.assert_array_equal(x["engram_rows"][1], y["engram_rows"][1])
+    np.testing.assert_array_equal(x["engram_ids"][1], y["engram_ids"][1])
   other = make_train_iterator(CFG, tok, None)   # 8 streams cannot take a 4-stream state
   with pytest.raises(ValueError, match="4 document streams"):
     other.set_state(state)

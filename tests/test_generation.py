@@ -366,3 +366,36 @@ def test_generate_without_engram():
     np.testing.assert_array_equal(logits[i, len(prompt) - 1:len(prompt) + 2].argmax(-1), cont)
   with pytest.raises(ValueError, match="needs a model with Engram"):
     Decoder(model, table_placement="host")
+
+
+def _variant_setup(**overrides):
+  """A tiny Engram model with ModelConfig overrides, its hasher and compressor (as `setup`)."""
+  config = ModelConfig.tiny("engram_moe", num_layers=2, **overrides)
+  model = Transformer(config, rngs=nnx.Rngs(3))
+  compressor = TokenizerCompressor(np.arange(KNOWN_IDS) % 97)
+  return config, model, compressor, NgramHasher(config.engram, compressor.num_compressed)
+
+
+@pytest.mark.parametrize("placement", ["host", "cached", "host_python"])
+def test_host_decoding_with_row_multiple_matches_device_tables(placement):
+  """engram_row_multiple pads the table with rows no id addresses: the host / cached
+  decoders take the padded table (the model's own, or as a HostTable) and decode exactly
+  as the device-table reference."""
+  config, model, compressor, hasher = _variant_setup(engram_row_multiple=64)
+  assert model.blocks[1].engram.num_rows > hasher.total_rows(1)   # really padded
+  tokens = np.random.default_rng(5).integers(0, KNOWN_IDS, (3, T)).astype(np.int32)
+  rows = {l: r.astype(np.int32) for l, r in hasher.hash(compressor(tokens)).items()}
+  full = np.asarray(_forward(model, tokens, rows))
+  decoder = Decoder(model, hasher, compressor, **placement_kwargs(model, placement))
+  np.testing.assert_allclose(teacher_forced_logits(decoder, tokens), full, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("placement", ["host", "cached"])
+def test_host_decoding_refuses_fold_rows(placement):
+  """The host gathers index with unfolded hashed ids, so engram_fold_rows is refused by
+  name (Decoder and Generator), before any table is read."""
+  _, model, compressor, hasher = _variant_setup(engram_fold_rows=3)
+  for cls in (Decoder, Generator):
+    with pytest.raises(ValueError, match=r"does not support ModelConfig.engram_fold_rows=3"):
+      cls(model, hasher, compressor, **placement_kwargs(model, placement))
+  Decoder(model, hasher, compressor)  # the device placement folds on device: supported

@@ -10,6 +10,13 @@ from flax import nnx
 
 from engram_jax.config import EngramConfig
 from engram_jax.layers.moe import MoEConfig, RouterBias
+from engram_jax.models import (
+  engram_table,
+  engram_table_filter,
+  engram_table_layer,
+  engram_table_path,
+  engram_table_value,
+)
 from engram_jax.models.config import ModelConfig
 from engram_jax.models.transformer import (
   Transformer,
@@ -28,26 +35,26 @@ def tiny(family, hc_mult=1, **kw):
 def inputs(config, key=0):
   k1, k2 = jax.random.split(jax.random.key(key))
   tokens = jax.random.randint(k1, (B, T), 0, config.vocab_size)
-  rows = None
+  engram_ids = None
   if config.engram is not None:
     e = config.engram
-    rows = {
+    engram_ids = {
       lid: jax.random.randint(k2, (B, T, e.num_heads), 0, min(e.vocab_sizes)) for lid in e.layer_ids
     }
-  return tokens, rows
+  return tokens, engram_ids
 
 
 @nnx.jit
-def forward(model, tokens, rows):
-  return model(tokens, rows)
+def forward(model, tokens, engram_ids):
+  return model(tokens, engram_ids)
 
 
 @nnx.jit
-def train_step(model, tokens, rows):
+def train_step(model, tokens, engram_ids):
   """(loss, aux, grads, logits): one compilation per config, shared by several tests."""
 
   def loss_fn(model):
-    logits, aux = model(tokens, rows)
+    logits, aux = model(tokens, engram_ids)
     targets = jnp.roll(tokens, -1, axis=1)
     nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)
     return jnp.mean(nll) + aux["balance_loss"], (aux, logits)
@@ -71,8 +78,8 @@ def model_for(family, hc_mult):
 @pytest.mark.parametrize("family", ["dense", "moe", "engram_moe"])
 def test_forward_backward(family, hc_mult):
   config, model = model_for(family, hc_mult)
-  tokens, rows = inputs(config)
-  loss, aux, grads, logits = train_step(model, tokens, rows)
+  tokens, engram_ids = inputs(config)
+  loss, aux, grads, logits = train_step(model, tokens, engram_ids)
   assert logits.shape == (B, T, config.vocab_size) and logits.dtype == jnp.float32
   assert np.isfinite(float(loss)) and 3.0 < float(loss) < 8.0  # ~log(128) at init
   flat = {
@@ -103,29 +110,49 @@ def test_forward_backward(family, hc_mult):
     assert aux["engram_gates"] == {}
 
 
-def test_engram_rows_change_logits():
+def test_engram_ids_change_logits():
   config, model = model_for("engram_moe", 4)
-  tokens, rows = inputs(config)
-  logits = train_step(model, tokens, rows)[3]
-  other = {lid: (r + 1) % min(config.engram.vocab_sizes) for lid, r in rows.items()}
+  tokens, engram_ids = inputs(config)
+  logits = train_step(model, tokens, engram_ids)[3]
+  other = {lid: (r + 1) % min(config.engram.vocab_sizes) for lid, r in engram_ids.items()}
   logits2 = train_step(model, tokens, other)[3]
   assert np.abs(np.asarray(logits - logits2)).max() > 1e-3
   # Pre-gathered rows (the host-offload path) are the same computation as row ids.
   lid = config.engram.layer_ids[0]
-  gathered = {lid: model.blocks[lid].engram.lookup(rows[lid])}
-  offloaded = nnx.jit(lambda m, t, e: m(t, engram_inputs=e)[0])(model, tokens, gathered)
+  engram_rows = {lid: model.blocks[lid].engram.lookup(engram_ids[lid])}
+  offloaded = nnx.jit(lambda m, t, e: m(t, engram_rows=e)[0])(model, tokens, engram_rows)
   np.testing.assert_allclose(offloaded, logits, atol=1e-5)
 
 
 def test_engram_row_errors():
   config, model = model_for("engram_moe", 4)
-  tokens, rows = inputs(config)
-  with pytest.raises(ValueError, match=r"Engram layer 1 needs engram_rows\[1\]"):
+  tokens, engram_ids = inputs(config)
+  with pytest.raises(ValueError, match=r"Engram layer 1 needs engram_ids\[1\]"):
     model(tokens)
   with pytest.raises(ValueError, match="not Engram layers"):
-    model(tokens, {**rows, 0: rows[1]})
+    model(tokens, {**engram_ids, 0: engram_ids[1]})
   with pytest.raises(ValueError, match="tokens must be"):
-    model(tokens[0], rows)
+    model(tokens[0], engram_ids)
+
+
+def test_engram_table_paths_name_exactly_the_tables():
+  config, model = model_for("engram_moe", 4)
+  (lid,) = config.engram_layer_ids
+  state = nnx.state(model)
+  table = engram_table(model, lid)
+  assert engram_table_value(state, lid).get_value() is table.get_value()
+  tables, rest = nnx.split_state(state, engram_table_filter(), ...)
+  assert [tuple(p) for p, _ in nnx.to_flat_state(tables)] == [engram_table_path(lid)]
+  assert not any(engram_table_layer(p) is not None for p, _ in nnx.to_flat_state(rest))
+  empty, _ = nnx.split_state(state, engram_table_filter([0]), ...)
+  assert not nnx.to_flat_state(empty)
+  # jax key paths (tree_map_with_path over a State) name the same layer
+  found = []
+  jax.tree_util.tree_map_with_path(lambda p, v: found.append(engram_table_layer(p)), state,
+                                   is_leaf=lambda x: isinstance(x, nnx.Variable))
+  assert [f for f in found if f is not None] == [lid]
+  with pytest.raises(ValueError, match="block 0 has no Engram layer"):
+    engram_table(model, 0)
 
 
 def test_g1_model_is_a_plain_prenorm_residual_network():
@@ -149,18 +176,18 @@ def test_g1_model_is_a_plain_prenorm_residual_network():
 @pytest.mark.parametrize("family,hc_mult", [("dense", 1), ("engram_moe", 4)])
 def test_cached_decoding_matches_full_forward(family, hc_mult):
   config, model = model_for(family, hc_mult)
-  tokens, rows = inputs(config)
-  full = train_step(model, tokens, rows)[3]
+  tokens, engram_ids = inputs(config)
+  full = train_step(model, tokens, engram_ids)[3]
 
   @nnx.jit
-  def step(model, tokens, rows, cache):
-    return model(tokens, rows, cache=cache)
+  def step(model, tokens, engram_ids, cache):
+    return model(tokens, engram_ids, cache=cache)
 
   # Prefill 4 tokens, then 4 more in one call: both calls have T = 4 (one compilation).
   cache = model.init_cache(B, 16)
   half = lambda r, s: None if r is None else {k: v[:, s] for k, v in r.items()}
-  first, aux = step(model, tokens[:, :4], half(rows, slice(0, 4)), cache)
-  second, aux = step(model, tokens[:, 4:], half(rows, slice(4, 8)), aux["cache"])
+  first, aux = step(model, tokens[:, :4], half(engram_ids, slice(0, 4)), cache)
+  second, aux = step(model, tokens[:, 4:], half(engram_ids, slice(4, 8)), aux["cache"])
   np.testing.assert_allclose(np.concatenate([first, second], 1), full, atol=2e-5)
   assert np.asarray(aux["cache"].lengths).tolist() == [8, 8]
   if config.engram is not None:
@@ -224,14 +251,14 @@ def test_packed_documents_do_not_see_each_other():
   # Row [doc A (3 tokens) | doc B (5)] vs [doc B | doc A]: B's logits agree, so neither
   # attention nor the Engram short conv reaches across the document boundary.
   config, model = model_for("engram_moe", 4)
-  tokens, rows = inputs(config)
+  tokens, engram_ids = inputs(config)
   swap = lambda a: jnp.concatenate([a[:, 3:], a[:, :3]], axis=1)
   segments = jnp.array([[1, 1, 1, 2, 2, 2, 2, 2]] * B)
   positions = jnp.array([[0, 1, 2, 0, 1, 2, 3, 4]] * B)
   run = nnx.jit(lambda m, t, r, s, p: m(t, r, segment_ids=s, positions=p)[0])
-  packed = run(model, tokens, rows, segments, positions)
+  packed = run(model, tokens, engram_ids, segments, positions)
   alone = run(
-    model, swap(tokens), {k: swap(v) for k, v in rows.items()}, swap(segments), swap(positions)
+    model, swap(tokens), {k: swap(v) for k, v in engram_ids.items()}, swap(segments), swap(positions)
   )
   np.testing.assert_allclose(packed[:, 3:], alone[:, :5], atol=1e-5)
   np.testing.assert_allclose(packed[:, :3], alone[:, 5:], atol=1e-5)

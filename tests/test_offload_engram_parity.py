@@ -35,7 +35,7 @@ def _batches(n, seed=0, cover=False):
     if cover:  # every row of every head appears
       for h, s in enumerate(SIZES):
         rows[..., h].reshape(-1)[:s] = rng.permutation(s)
-    yield {"step": i, "engram_rows": {1: rows.astype(np.int32)},
+    yield {"step": i, "engram_ids": {1: rows.astype(np.int32)},
            "hidden": rng.normal(size=(B, T, D)).astype(np.float32)}
 
 
@@ -46,20 +46,20 @@ def test_forward_with_prefetched_rows_equals_device_table(placement):
   if placement == "cached":
     host = HostTable(table)
     counts = count_row_frequencies(
-        (flat_rows_np(b["engram_rows"][1], OFFSETS) for b in _batches(3, seed=5)), host.num_rows)
+        (flat_rows_np(b["engram_ids"][1], OFFSETS) for b in _batches(3, seed=5)), host.num_rows)
     source = HotRowCache.from_frequencies(host, counts, fraction=0.3)
   else:
     source = HostTable(table, method=placement.removeprefix("host_"))
   with RowPrefetcher(_batches(3), {1: source}, offsets={1: OFFSETS}) as batches:
     for batch, rows in batches:
-      want = forward(module, jnp.asarray(batch["hidden"]), jnp.asarray(batch["engram_rows"][1]))
-      got = forward(module, jnp.asarray(batch["hidden"]), rows=rows[1])
+      want = forward(module, jnp.asarray(batch["hidden"]), jnp.asarray(batch["engram_ids"][1]))
+      got = forward(module, jnp.asarray(batch["hidden"]), engram_rows=rows[1])
       np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 @nnx.jit
-def forward(module, hidden, row_ids=None, rows=None):
-  return module(hidden, row_ids, rows=rows)
+def forward(module, hidden, engram_ids=None, engram_rows=None):
+  return module(hidden, engram_ids, engram_rows=engram_rows)
 
 
 def _loss(y):
@@ -85,7 +85,7 @@ def test_training_host_table_with_sparse_adam_equals_dense_adam():
   # Host placement: the model sees gathered rows; their gradient goes back as sparse rows.
   @jax.jit
   def rows_grad(rows, hidden, flat):
-    g = jax.grad(lambda r: _loss(nnx.merge(graphdef, params)(hidden, rows=r)))(rows)
+    g = jax.grad(lambda r: _loss(nnx.merge(graphdef, params)(hidden, engram_rows=r)))(rows)
     g = g.reshape(flat.shape + (d_h,))
     return sparse_grad(flat, g, num_rows, size=flat.size)
 
@@ -95,7 +95,7 @@ def test_training_host_table_with_sparse_adam_equals_dense_adam():
   sparse = SparseRowAdam(lr)
   state = sparse.init(host.array)
   for batch in _batches(3, seed=1, cover=True):
-    hidden, ids = jnp.asarray(batch["hidden"]), batch["engram_rows"][1]
+    hidden, ids = jnp.asarray(batch["hidden"]), batch["engram_ids"][1]
     updates, dstate = opt.update(dense_grad(dense, hidden, jnp.asarray(ids)), dstate)
     dense = optax.apply_updates(dense, updates)
     flat = flat_rows_np(ids, OFFSETS)
@@ -121,14 +121,14 @@ def test_training_through_the_prefetcher_with_patched_rows_equals_sequential_tra
 
   @jax.jit
   def rows_grad(rows, hidden, flat):
-    g = jax.grad(lambda r: _loss(nnx.merge(graphdef, params)(hidden, rows=r)))(rows)
+    g = jax.grad(lambda r: _loss(nnx.merge(graphdef, params)(hidden, engram_rows=r)))(rows)
     return sparse_grad(flat, g.reshape(flat.shape + (d_h,)), num_rows, size=flat.size)
 
   # Reference: gather after every update, no prefetching.
   ref = HostTable(table0)
   ref_state = sparse.init(ref.array)
   for batch in _batches(4, seed=2):
-    flat = flat_rows_np(batch["engram_rows"][1], OFFSETS)
+    flat = flat_rows_np(batch["engram_ids"][1], OFFSETS)
     rows = ref.gather(flat).reshape(B, T, -1)
     ref_state = ref.apply_update(sparse, ref_state,
                                  *rows_grad(rows, jnp.asarray(batch["hidden"]), jnp.asarray(flat)))
@@ -136,7 +136,7 @@ def test_training_through_the_prefetcher_with_patched_rows_equals_sequential_tra
   updated = None
   with RowPrefetcher(_batches(4, seed=2), {1: host}, offsets={1: OFFSETS}) as batches:
     for batch, rows in batches:
-      flat = flat_rows_np(batch["engram_rows"][1], OFFSETS)
+      flat = flat_rows_np(batch["engram_ids"][1], OFFSETS)
       if updated is not None:
         rows[1] = patch_updated_rows(rows[1], flat, updated, host)
       unique, summed, count = rows_grad(rows[1], jnp.asarray(batch["hidden"]), jnp.asarray(flat))

@@ -68,7 +68,7 @@ def _batches(n, seed=0):
   rng = np.random.default_rng(seed)
   for i in range(n):
     rows = np.stack([rng.integers(0, s, size=(2, 4)) for s in SIZES], -1).astype(np.int32)
-    yield {"step": i, "engram_rows": {1: rows}}
+    yield {"step": i, "engram_ids": {1: rows}}
 
 
 def test_prefetcher_yields_batches_in_order_with_their_rows():
@@ -77,8 +77,8 @@ def test_prefetcher_yields_batches_in_order_with_their_rows():
     out = list(pf)
   assert [b["step"] for b, _ in out] == list(range(6))
   for batch, rows in out:
-    flat = flat_rows_np(batch["engram_rows"][1], OFFSETS)
-    assert rows[1].shape == (2, 4, 3 * D)  # heads merged: what Engram(rows=...) takes
+    flat = flat_rows_np(batch["engram_ids"][1], OFFSETS)
+    assert rows[1].shape == (2, 4, 3 * D)  # heads merged: what Engram(engram_rows=...) takes
     np.testing.assert_array_equal(np.asarray(rows[1]), TABLE[flat].reshape(2, 4, -1))
 
 
@@ -112,7 +112,7 @@ def test_prefetcher_propagates_errors_at_the_failing_batch():
 
   def batches():
     yield from _batches(2)
-    yield {"step": 2, "engram_rows": {1: -np.ones((2, 4, 3), np.int32)}}
+    yield {"step": 2, "engram_ids": {1: -np.ones((2, 4, 3), np.int32)}}
 
   pf = RowPrefetcher(batches(), {1: gather}, offsets=None)
   assert [next(pf)[0]["step"] for _ in range(2)] == [0, 1]
@@ -127,7 +127,7 @@ def test_prefetcher_close_stops_an_endless_stream():
   def endless():
     i = 0
     while True:
-      yield {"step": i, "engram_rows": {1: np.zeros((1, 2, 3), np.int32)}}
+      yield {"step": i, "engram_ids": {1: np.zeros((1, 2, 3), np.int32)}}
       i += 1
 
   before = threading.active_count()

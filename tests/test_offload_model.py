@@ -44,7 +44,7 @@ def _batches(model, n, seed=0):
     ids = {l: np.stack([rng.integers(0, s, (B, T)) for s in _sizes(model, l)], -1).astype(np.int32)
            for l in CONFIG.engram_layer_ids}
     out.append({"tokens": rng.integers(0, CONFIG.vocab_size, (B, T)).astype(np.int32),
-                "engram_rows": ids})
+                "engram_ids": ids})
   return out
 
 
@@ -57,7 +57,7 @@ def _frequencies(model, batches, layers):
   out = {}
   for l in layers:
     offsets = np.asarray(model.blocks[l].engram.offsets)
-    out[l] = count_row_frequencies((b["engram_rows"][l] + offsets for b in batches),
+    out[l] = count_row_frequencies((b["engram_ids"][l] + offsets for b in batches),
                                    model.blocks[l].engram.num_rows)
   return out
 
@@ -74,7 +74,7 @@ PLACEMENTS = {
 def reference():
   model = fresh_model()
   batches = _batches(model, 3)
-  logits = [np.asarray(_device_forward(model, b["tokens"], b["engram_rows"])) for b in batches]
+  logits = [np.asarray(_device_forward(model, b["tokens"], b["engram_ids"])) for b in batches]
   return batches, logits
 
 
@@ -122,8 +122,8 @@ def test_decode_with_host_tables_equals_device_decode():
   cache_dev, cache_host = model.init_cache(B, 4), host_model.init_cache(B, 4)
   for t in range(3):  # one token per sequence per step
     step_batch = {"tokens": batch["tokens"][:, t:t + 1],
-                  "engram_rows": {l: v[:, t:t + 1] for l, v in batch["engram_rows"].items()}}
-    want, cache_dev = device_step(model, step_batch["tokens"], step_batch["engram_rows"], cache_dev)
+                  "engram_ids": {l: v[:, t:t + 1] for l, v in batch["engram_ids"].items()}}
+    want, cache_dev = device_step(model, step_batch["tokens"], step_batch["engram_ids"], cache_dev)
     got, aux = forward_with_host_tables(host_model, step_batch, off, cache=cache_host)
     cache_host = aux["cache"]
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
@@ -148,7 +148,22 @@ def test_bad_placements_are_rejected():
   batch = _batches(model, 1)[0]
   with pytest.raises(ValueError, match=r"missing"):
     forward_with_host_tables(model, {"tokens": batch["tokens"],
-                                     "engram_rows": {1: batch["engram_rows"][1]}}, off)
+                                     "engram_ids": {1: batch["engram_ids"][1]}}, off)
+
+
+def test_host_placements_refuse_fold_rows():
+  """Host gathers index the table with unfolded hashed ids: a model with engram_fold_rows
+  is refused by name when a layer goes to the host (split_tables, build_offloaded), before
+  any table moves; its device placement is untouched."""
+  config = CONFIG.replace(engram_fold_rows=3)
+  model = build_model(config, 0)
+  for spec in ("host", "2:cached@0.5", {1: TablePlacement("host")}):
+    with pytest.raises(ValueError, match=r"places Engram layers \[\d.*ModelConfig.engram_fold_rows=3"):
+      split_tables(model, spec)
+  with pytest.raises(ValueError, match=r"placements 'host' places Engram layers \[1, 2\]"):
+    host_init.build_offloaded(lambda: build_model(config, 0), "host")
+  assert model.blocks[1].engram.table.get_value().shape[0] == 3 * config.engram.num_heads
+  assert split_tables(model, "device")[1].host_layers == ()
 
 
 def _live_bytes(device) -> tuple[int, int]:

@@ -36,7 +36,7 @@ def _batch(seed, fraction=1.0):
       heads.append(np.resize(rng.permutation(n), B * T).reshape(B, T))
     ids[l] = np.stack(heads, -1).astype(np.int32)
   tokens = rng.integers(0, CONFIG.vocab_size, (B, T + 1)).astype(np.int32)
-  return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "engram_rows": ids,
+  return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "engram_ids": ids,
           "loss_mask": np.ones((B, T), np.float32)}
 
 

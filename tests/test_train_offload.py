@@ -4,6 +4,7 @@ exact resume from checkpoints holding the host tables and their sparse Adam stat
 
 import json
 import math
+import re
 import shutil
 
 import jax
@@ -193,6 +194,21 @@ def test_load_run_refuses_tampered_hash_constants(straight, tmp_path):
   workdir = _copy_with_edited_meta(trainer, tmp_path / "reseeded", change_model_seed)
   with pytest.raises(CheckpointMismatchError, match="hash constants are for"):
     load_run(workdir)
+
+
+def test_host_placement_refuses_fold_rows(straight, data_config, tmp_path):
+  """Host gathers index with unfolded hashed ids: engram_fold_rows with a host / cached
+  placement is refused by name in training and by load_run(tables='host')."""
+  folded = tiny_model().replace(engram_fold_rows=3)
+  for i, placement in enumerate(("host", f"{LAYER}:cached@0.05")):
+    with pytest.raises(ValueError, match=rf"TrainConfig.table_placement='{re.escape(placement)}' places "
+                                         r"Engram layers \[1\].*ModelConfig.engram_fold_rows=3"):
+      Trainer(folded, HOST.replace(table_placement=placement), data_config, tmp_path / str(i))
+  trainer, _ = straight
+  workdir = _copy_with_edited_meta(trainer, tmp_path / "folded",
+                                   lambda meta: meta["model"].update(engram_fold_rows=3))
+  with pytest.raises(ValueError, match=r"load_run\(tables='host'\).*ModelConfig.engram_fold_rows=3"):
+    load_run(workdir, tables="host")
 
 
 def test_cached_placement_trains_like_host(straight, data_config, tmp_path):

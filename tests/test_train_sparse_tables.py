@@ -74,7 +74,7 @@ def test_equal_to_dense_adam_while_every_row_is_touched(runs):
 
 def _touched(batch, layer):
   engram = fresh_model().blocks[layer].engram
-  flat = np.asarray(batch["engram_rows"][layer]) + np.asarray(engram.offsets)
+  flat = np.asarray(batch["engram_ids"][layer]) + np.asarray(engram.offsets)
   mask = np.zeros(engram.num_rows, bool)
   mask[flat.reshape(-1)] = True
   return mask

@@ -8,7 +8,7 @@ from engram_jax.data.corpus import (
     stable_hash,
     stdlib_files,
 )
-from engram_jax.data.engram_rows import EngramRowHasher
+from engram_jax.data.engram_ids import EngramRowHasher
 from engram_jax.data.packing import EXAMPLE_KEYS, PackedBatchIterDataset, row_to_example
 from engram_jax.data.pipeline import (
     batch_spec,

@@ -33,7 +33,7 @@ from grain.experimental import ThreadPrefetchIterDataset
 
 from engram_jax.config import EngramConfig
 from engram_jax.data.config import DataConfig
-from engram_jax.data.engram_rows import EngramRowHasher
+from engram_jax.data.engram_ids import EngramRowHasher
 from engram_jax.data.eval_set import chunk_eval_batches
 from engram_jax.data.facts import FactMixedCorpus, facts_for
 from engram_jax.data.packing import (
@@ -71,7 +71,7 @@ def make_train_dataset(config: DataConfig, tokenizer, engram_config: EngramConfi
   Args:
     config: the data config.
     tokenizer: a `tokenizers.Tokenizer` (`load_or_train_tokenizer`).
-    engram_config: Engram layers to hash for; None = "engram_rows" is {}.
+    engram_config: Engram layers to hash for; None = "engram_ids" is {}.
     row_hasher: a prebuilt `EngramRowHasher` (overrides engram_config).
     corpus: the training documents (default `train_corpus(config)`); with
       `config.num_facts` the planted facts are added to it.
@@ -182,6 +182,6 @@ def batch_spec(config: DataConfig, engram_config: EngramConfig | None = None
   spec: dict[str, Any] = {k: ((b, t), np.int32) for k in
                           ("tokens", "targets", "segment_ids", "positions", "target_bytes")}
   spec["loss_mask"] = ((b, t), np.float32)
-  spec["engram_rows"] = {} if engram_config is None else {
+  spec["engram_ids"] = {} if engram_config is None else {
       layer: ((b, t, engram_config.num_heads), np.int32) for layer in engram_config.layer_ids}
   return spec

@@ -47,6 +47,8 @@ from flax import nnx
 
 from engram_jax.hashing import NgramHasher, TokenizerCompressor
 from engram_jax.inference.decode_state import DecodeState, EngramDecodeState
+from engram_jax.models import engram_table_layer
+from engram_jax.models.offloaded import check_host_placement
 from engram_jax.models.transformer import DecodeCache, Transformer
 from engram_jax.offload import HostTable, HotRowCache
 from engram_jax.offload import host_rows as host_rows_lib
@@ -57,11 +59,6 @@ log = logging.getLogger(__name__)
 TABLE_PLACEMENTS = ("device", "host", "cached")
 HOST_DECODES = ("auto", "in_loop", "python")
 DECODE_PATHS = ("device_loop", "host_in_loop", "cached_in_loop", "host_python_loop")
-
-
-def _is_table(path) -> bool:
-  keys = [getattr(k, "key", getattr(k, "idx", getattr(k, "name", None))) for k in path]
-  return "engram" in keys and keys[-1] == "table"
 
 
 def _zero_stats() -> dict[str, jax.Array]:
@@ -141,18 +138,16 @@ class Decoder:
                            "'host' or 'cached'")
         self._check_device_tables(model)
       else:
-        if config.engram_fold_rows is not None:
-          raise ValueError(f"table_placement={table_placement!r} does not support "
-                           f"engram_fold_rows={config.engram_fold_rows}: use 'device'")
+        check_host_placement(config, self.layer_ids, f"Decoder(table_placement={table_placement!r})")
         host_tables = self._cached_tables(table_placement, host_tables, hot_caches)
         self.host_tables = self._host_tables(model, host_tables)
         self.decode_path = self._choose_path(table_placement, host_decode)
         if self.decode_path != "host_python_loop":
           self.tables = self._program_tables()
         # The device copy of the model keeps a [1, d_h] stand-in for every table: the
-        # forward reads rows from engram_inputs only.
+        # forward reads rows from engram_rows only.
         params = jax.tree_util.tree_map_with_path(
-            lambda p, v: v.replace(jnp.zeros((1,) + v.shape[1:], v.dtype)) if _is_table(p) else v,
+            lambda p, v: v.replace(jnp.zeros((1,) + v.shape[1:], v.dtype)) if engram_table_layer(p) is not None else v,
             params, is_leaf=lambda x: isinstance(x, nnx.Variable))
     log.info("Decoder: table_placement=%s, decode path %s", table_placement, self.decode_path)
     self.params = params
@@ -220,9 +215,13 @@ class Decoder:
                          "placeholder: pass its HostTable in host_tables")
       tables[b.layer] = HostTable(np.asarray(value))
     for lid, table in tables.items():
-      want = (self.hasher.total_rows(lid), self.config.engram.head_dim)
-      if tuple(table.shape) != want:
-        raise ValueError(f"host table of layer {lid} has shape {table.shape}, expected {want}")
+      # The hashed rows, or the model's table padded to engram_row_multiple (padding rows
+      # are never addressed, so both gather the same rows).
+      rows = sorted({self.hasher.total_rows(lid), model.blocks[lid].engram.num_rows})
+      want = " or ".join(str((r, self.config.engram.head_dim)) for r in rows)
+      if table.shape[0] not in rows or table.shape[1] != self.config.engram.head_dim:
+        raise ValueError(f"host table of layer {lid} has shape {table.shape}, expected {want} "
+                         f"(ModelConfig.engram_row_multiple={self.config.engram_row_multiple})")
     return tables
 
   def _choose_path(self, placement: str, host_decode: str) -> str:
@@ -311,13 +310,13 @@ class Decoder:
     return {lid: self.host_tables[lid].gather_heads(rows, self.hasher.offsets[lid], self.hasher.table_sizes[lid])
             for lid, rows in hashed.items()}
 
-  def program_rows(self, tables, row_ids: dict[int, jax.Array]
+  def program_rows(self, tables, engram_ids: dict[int, jax.Array]
                    ) -> tuple[dict[int, jax.Array], dict[str, jax.Array]]:
     """Traceable: per-head row ids {layer: int32 [B, T, H]} -> ({layer: device rows
     [B, T, H * d_h]} read from `tables` (`self.tables`), stats {"lookups", "hits",
     "host_rows"} int32 summed over layers)."""
     rows, stats = {}, _zero_stats()
-    for lid, ids in row_ids.items():
+    for lid, ids in engram_ids.items():
       t = tables[lid]
       # Per-head bounds before the offset (as `Engram.head_bounds`): an invalid id (-1 from
       # `hash_jax` for an out-of-vocabulary window) reads row 0 and its head's rows become NaN,
@@ -339,11 +338,13 @@ class Decoder:
     return rows, stats
 
   # ---------------------------------------------------------------- traced (jit-able)
-  def _forward(self, params, tokens, cache, segment_ids=None, row_ids=None, rows=None):
+  def _forward(self, params, tokens, cache, segment_ids=None, engram_ids=None, engram_rows=None):
+    """engram_ids {layer: [B, T, H]} (device tables) or engram_rows {layer: per-head rows
+    [B, T, H, d_h]} (merged to [B, T, d_mem] here)."""
     model = nnx.merge(self.graphdef, params)
-    inputs = None if rows is None else {
-        lid: r.reshape(r.shape[:2] + (-1,)) for lid, r in rows.items()}
-    logits, aux = model(tokens, row_ids, segment_ids=segment_ids, engram_inputs=inputs,
+    merged = None if engram_rows is None else {
+        lid: r.reshape(r.shape[:2] + (-1,)) for lid, r in engram_rows.items()}
+    logits, aux = model(tokens, engram_ids, segment_ids=segment_ids, engram_rows=merged,
                         cache=cache)
     return logits, aux["cache"]
 
@@ -355,29 +356,29 @@ class Decoder:
     b, p = tokens.shape
     model_cache = nnx.merge(self.graphdef, params).init_cache(b, max_len)
     segment_ids = (jnp.arange(p)[None, :] < lengths[:, None]).astype(jnp.int32)
-    row_ids, window = None, None
+    engram_ids, window = None, None
     if self.config.engram is not None and rows is None:
       compressed = jnp.take(lut, tokens, axis=0)
-      row_ids = self.hasher.hash_jax(compressed)
+      engram_ids = self.hasher.hash_jax(compressed)
       window = EngramDecodeState.after_prompt(
           compressed, lengths, self.config.engram.max_ngram_size, self.hasher.pad_id)
       if tables is not None:
         # Depends on the tokens only: free to overlap the blocks before the first Engram layer.
-        rows, _ = self.program_rows(tables, row_ids)
-        row_ids = None
-    logits, cache = self._forward(params, tokens, model_cache, segment_ids, row_ids, rows)
+        rows, _ = self.program_rows(tables, engram_ids)
+        engram_ids = None
+    logits, cache = self._forward(params, tokens, model_cache, segment_ids, engram_ids, rows)
     return logits, DecodeState(cache=cache, engram=window)
 
   def step_core(self, params, lut, token, cache: DecodeCache, window, rows, tables=None):
     """`step_fn` plus the step's host-read stats (None without in-program host reads)."""
-    row_ids, new_window, stats = None, None, None
+    engram_ids, new_window, stats = None, None, None
     if self.config.engram is not None and rows is None:
       ngram, new_window = window.push(jnp.take(lut, token, axis=0))
-      row_ids = {lid: r[:, -1:] for lid, r in self.hasher.hash_jax(ngram).items()}
+      engram_ids = {lid: r[:, -1:] for lid, r in self.hasher.hash_jax(ngram).items()}
       if tables is not None:
-        rows, stats = self.program_rows(tables, row_ids)
-        row_ids = None
-    logits, cache = self._forward(params, token[:, None], cache, None, row_ids, rows)
+        rows, stats = self.program_rows(tables, engram_ids)
+        engram_ids = None
+    logits, cache = self._forward(params, token[:, None], cache, None, engram_ids, rows)
     return logits[:, 0], DecodeState(cache=cache, engram=new_window), stats
 
   def step_fn(self, params, lut, token, cache: DecodeCache, window, rows, tables=None):

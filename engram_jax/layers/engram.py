@@ -197,16 +197,16 @@ class Engram(nnx.Module):
                      dtype or self.dtype)
 
   # -- lookup ------------------------------------------------------------------------------------
-  def check_row_ids(self, row_ids: jax.Array) -> None:
+  def check_row_ids(self, engram_ids: jax.Array) -> None:
     """Shape check always; range check when the ids are concrete (not traced)."""
     h = self.config.num_heads
-    if row_ids.ndim < 1 or row_ids.shape[-1] != h:
-      raise ValueError(f"row_ids must end in the {h} heads of layer {self.layer_id}, got shape {row_ids.shape}")
-    if not jnp.issubdtype(row_ids.dtype, jnp.integer):
-      raise ValueError(f"row_ids must be integers, got dtype {row_ids.dtype}")
-    if isinstance(row_ids, jax.core.Tracer):
+    if engram_ids.ndim < 1 or engram_ids.shape[-1] != h:
+      raise ValueError(f"engram_ids must end in the {h} heads of layer {self.layer_id}, got shape {engram_ids.shape}")
+    if not jnp.issubdtype(engram_ids.dtype, jnp.integer):
+      raise ValueError(f"engram_ids must be integers, got dtype {engram_ids.dtype}")
+    if isinstance(engram_ids, jax.core.Tracer):
       return
-    ids = np.asarray(row_ids)
+    ids = np.asarray(engram_ids)
     bad = (ids < 0) | (ids >= np.asarray(self.table_sizes))
     if bad.any():
       pos = tuple(int(i) for i in np.argwhere(bad)[0])
@@ -235,7 +235,7 @@ class Engram(nnx.Module):
     batch_spec = sharding.logical_to_spec(("batch",), mesh, (ids_shape[0],))
     return dict(mesh=mesh, axis=table_axes, batch_axes=sharding.axis_tuple(batch_spec[0]))
 
-  def head_bounds(self, row_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def head_bounds(self, engram_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Per-head bounds of hashed ids [..., H] -> (safe flat rows int32 [..., H], valid bool [..., H]).
 
     Head h's id must lie in [0, table_sizes[h]); it is checked BEFORE the head offset is
@@ -245,25 +245,25 @@ class Engram(nnx.Module):
     `checkify.user_checks`) an invalid id raises with its value and position; without
     checkify the check is free (a `checkify.debug_check`).
     """
-    row_ids = row_ids.astype(jnp.int32)
+    engram_ids = engram_ids.astype(jnp.int32)
     sizes = jnp.asarray(self.table_sizes, jnp.int32)
-    valid = (row_ids >= 0) & (row_ids < sizes)
-    if isinstance(row_ids, jax.core.Tracer):   # concrete ids were checked by check_row_ids
-      _debug_check_ids(valid, row_ids, sizes, f"Engram layer {self.layer_id}")
-    ids = jnp.where(valid, row_ids, 0)
+    valid = (engram_ids >= 0) & (engram_ids < sizes)
+    if isinstance(engram_ids, jax.core.Tracer):   # concrete ids were checked by check_row_ids
+      _debug_check_ids(valid, engram_ids, sizes, f"Engram layer {self.layer_id}")
+    ids = jnp.where(valid, engram_ids, 0)
     if self.fold_rows is not None:
       ids = ids % self.fold_rows
     return ids + jnp.asarray(self.offsets, jnp.int32), valid
 
-  def flat_row_ids(self, row_ids: jax.Array) -> jax.Array:
+  def flat_row_ids(self, engram_ids: jax.Array) -> jax.Array:
     """Per-head row ids [..., H] -> int32 rows of the flat table [..., H] (per-head bounds,
     fold, offsets: `head_bounds`; an invalid id maps to its head's row 0); checked eagerly
     outside jit (`check_row_ids`)."""
-    row_ids = jnp.asarray(row_ids)
-    self.check_row_ids(row_ids)
-    return self.head_bounds(row_ids)[0]
+    engram_ids = jnp.asarray(engram_ids)
+    self.check_row_ids(engram_ids)
+    return self.head_bounds(engram_ids)[0]
 
-  def lookup(self, row_ids: jax.Array) -> jax.Array:
+  def lookup(self, engram_ids: jax.Array) -> jax.Array:
     """Gathers the rows of every head: [..., H] per-head ids -> [..., H * d_h].
 
     Concrete ids out of a head's range raise a ValueError (`check_row_ids`). Under jit an
@@ -272,9 +272,9 @@ class Engram(nnx.Module):
     head's rows. Wrap the caller in `checkify.checkify(..., errors=checkify.user_checks)`
     to raise with the position instead (`head_bounds`).
     """
-    row_ids = jnp.asarray(row_ids)
-    self.check_row_ids(row_ids)
-    flat, valid = self.head_bounds(row_ids)
+    engram_ids = jnp.asarray(engram_ids)
+    self.check_row_ids(engram_ids)
+    flat, valid = self.head_bounds(engram_ids)
     table = self.table[...]
     layout = self.row_sharding(flat.shape) if flat.ndim > 1 else None
     if layout is not None:
@@ -289,16 +289,16 @@ class Engram(nnx.Module):
       rows = gather_rows(table, flat.reshape(-1, flat.shape[-1]), impl=self.impl)
       rows = rows.reshape(lead + (flat.shape[-1], table.shape[-1]))
     rows = jnp.where(valid[..., None], rows, jnp.asarray(jnp.nan, rows.dtype))
-    return rows.reshape(row_ids.shape[:-1] + (-1,)).astype(self.dtype)
+    return rows.reshape(engram_ids.shape[:-1] + (-1,)).astype(self.dtype)
 
   # -- fusion ----------------------------------------------------------------------------------
-  def gates(self, hidden: jax.Array, rows: jax.Array) -> jax.Array:
-    """alpha [B, T, G] from hidden [B, T, G, D] and gathered rows [B, T, d_mem]
+  def gates(self, hidden: jax.Array, engram_rows: jax.Array) -> jax.Array:
+    """alpha [B, T, G] from hidden [B, T, G, D] and gathered engram_rows [B, T, d_mem]
     (G = `num_branches`; all ones with gate="none")."""
     if self.gate == "none":
       return jnp.ones(hidden.shape[:3], self.dtype)
     eps = self.gate_norm_eps if self.gate_norm_eps is not None else float(jnp.finfo(hidden.dtype).eps)
-    key = jnp.einsum("btm,gmd->btgd", rows, self.key_kernel[...].astype(self.dtype))
+    key = jnp.einsum("btm,gmd->btgd", engram_rows, self.key_kernel[...].astype(self.dtype))
     key = key + self.key_bias[...].astype(self.dtype)
     key = rms_norm(key, self.key_norm.scale[...], eps)
     query = rms_norm(hidden.astype(self.dtype), self.query_norm.scale[...], eps)
@@ -338,21 +338,21 @@ class Engram(nnx.Module):
       new_state = jax.vmap(lambda f, n: jax.lax.dynamic_slice_in_dim(f, n, s_len, 0))(full, lengths)
     return jax.nn.silu(y).astype(x.dtype), new_state
 
-  def fuse(self, hidden: jax.Array, rows: jax.Array, *, segment_ids: jax.Array | None = None,
+  def fuse(self, hidden: jax.Array, engram_rows: jax.Array, *, segment_ids: jax.Array | None = None,
            conv_state: jax.Array | None = None, lengths: jax.Array | None = None
            ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Gate, value and short conv from pre-gathered rows.
 
     Args:
-      hidden: [B, T, G, D].  rows: [B, T, d_mem] (from `lookup`, or prefetched from host).
+      hidden: [B, T, G, D].  engram_rows: [B, T, d_mem] (from `lookup`, or gathered from host).
     Returns:
       (Y [B, T, G, D], gates [B, T, G], new conv state [B, S, G', D]); G' = 1 in the
       single-branch ablation (whose gate is then repeated over the G streams), and the
       conv state is returned as given (or zeros) without the short conv.
     """
-    rows = rows.astype(self.dtype)
+    rows = engram_rows.astype(self.dtype)
     if rows.shape[-1] != self.config.memory_dim:
-      raise ValueError(f"rows must have width d_mem={self.config.memory_dim}, got shape {rows.shape}")
+      raise ValueError(f"engram_rows must have width d_mem={self.config.memory_dim}, got shape {rows.shape}")
     streams = hidden.shape[2]
     if not self.multi_branch:   # one gate from the mean stream; Y shared by every stream
       hidden = jnp.mean(hidden.astype(jnp.float32), axis=2, keepdims=True).astype(hidden.dtype)
@@ -378,15 +378,15 @@ class Engram(nnx.Module):
       alpha = jnp.broadcast_to(alpha, alpha.shape[:2] + (streams,))
     return y, alpha, new_state
 
-  def _fused_gather_gate(self, hidden: jax.Array, row_ids: jax.Array, *, segment_ids
+  def _fused_gather_gate(self, hidden: jax.Array, engram_ids: jax.Array, *, segment_ids
                          ) -> tuple[jax.Array, jax.Array]:
     """impl="pallas"/"auto": rows go from the table straight into the fused gather-gate op
     (`pallas_kernels.gather_gate`), never written out as a [B, T, d_mem] array."""
     from pallas_kernels import gather_gate  # kernels sit below layers
 
     b, t, streams, d = hidden.shape
-    self.check_row_ids(row_ids)
-    flat, valid = self.head_bounds(row_ids)
+    self.check_row_ids(engram_ids)
+    flat, valid = self.head_bounds(engram_ids)
     flat = flat.reshape(b * t, -1)
     if not self.multi_branch:
       hidden = jnp.mean(hidden.astype(jnp.float32), axis=2, keepdims=True).astype(hidden.dtype)
@@ -405,14 +405,15 @@ class Engram(nnx.Module):
                                streams, segment_ids=segment_ids, conv_state=None, lengths=None)
     return y, alpha
 
-  def __call__(self, hidden: jax.Array, row_ids: jax.Array | None = None, *,
-               rows: jax.Array | None = None, segment_ids: jax.Array | None = None,
+  def __call__(self, hidden: jax.Array, engram_ids: jax.Array | None = None, *,
+               engram_rows: jax.Array | None = None, segment_ids: jax.Array | None = None,
                return_gates: bool = False):
-    """Y for hidden [B, T, G, D] (or [B, T, D] when G = 1) and row ids [B, T, H].
+    """Y for hidden [B, T, G, D] (or [B, T, D] when G = 1) and hashed row ids engram_ids [B, T, H].
 
-    Pass `rows` [B, T, d_mem] instead of `row_ids` to use rows gathered elsewhere (host
-    offload). Returns Y with hidden's shape (and the gates [B, T, G] if asked).
+    Pass `engram_rows` [B, T, d_mem] instead of `engram_ids` to use rows gathered elsewhere
+    (host offload). Returns Y with hidden's shape (and the gates [B, T, G] if asked).
     """
+    rows = engram_rows
     squeeze = hidden.ndim == 3
     if squeeze:
       if self.hc_mult != 1:
@@ -421,18 +422,18 @@ class Engram(nnx.Module):
     if hidden.ndim != 4 or hidden.shape[2:] != (self.hc_mult, self.hidden_size):
       raise ValueError(
           f"hidden must be [B, T, {self.hc_mult}, {self.hidden_size}], got shape {hidden.shape}")
-    if (row_ids is None) == (rows is None):
-      raise ValueError("pass exactly one of row_ids (to gather) or rows (pre-gathered)")
+    if (engram_ids is None) == (rows is None):
+      raise ValueError("pass exactly one of engram_ids (to gather) or engram_rows (pre-gathered)")
     if rows is None:
-      row_ids = jnp.asarray(row_ids)
-      if row_ids.shape[:2] != hidden.shape[:2]:
-        raise ValueError(f"row_ids shape {row_ids.shape} does not match hidden [B, T] = {hidden.shape[:2]}")
+      engram_ids = jnp.asarray(engram_ids)
+      if engram_ids.shape[:2] != hidden.shape[:2]:
+        raise ValueError(f"engram_ids shape {engram_ids.shape} does not match hidden [B, T] = {hidden.shape[:2]}")
     fused = self.impl != "xla" and self.gate != "none"
-    if rows is None and fused and self.row_sharding(row_ids.shape) is None:
-      y, alpha = self._fused_gather_gate(hidden, row_ids, segment_ids=segment_ids)
+    if rows is None and fused and self.row_sharding(engram_ids.shape) is None:
+      y, alpha = self._fused_gather_gate(hidden, engram_ids, segment_ids=segment_ids)
     else:
       if rows is None:
-        rows = self.lookup(row_ids)
+        rows = self.lookup(engram_ids)
       y, alpha, _ = self.fuse(hidden, rows, segment_ids=segment_ids)
     if squeeze:
       y = y[:, :, 0, :]
@@ -471,12 +472,12 @@ class NgramInputAverage(nnx.Module):
                                  ("engram_dim", "embed"))
     self.proj_bias = annotated(jnp.zeros((hidden_size,), param_dtype), ("embed",))
 
-  def __call__(self, row_ids: jax.Array) -> jax.Array:
-    """row_ids [B, T, H] (per-head rows, offsets added inside) -> [B, T, D]."""
-    row_ids = jnp.asarray(row_ids)
-    if row_ids.ndim != 3 or row_ids.shape[-1] != self.config.num_heads:
-      raise ValueError(f"row_ids must be [B, T, {self.config.num_heads}], got shape {row_ids.shape}")
-    ids = row_ids.astype(jnp.int32)
+  def __call__(self, engram_ids: jax.Array) -> jax.Array:
+    """engram_ids [B, T, H] (per-head rows, offsets added inside) -> [B, T, D]."""
+    engram_ids = jnp.asarray(engram_ids)
+    if engram_ids.ndim != 3 or engram_ids.shape[-1] != self.config.num_heads:
+      raise ValueError(f"engram_ids must be [B, T, {self.config.num_heads}], got shape {engram_ids.shape}")
+    ids = engram_ids.astype(jnp.int32)
     sizes = jnp.asarray(self.table_sizes, jnp.int32)
     valid = (ids >= 0) & (ids < sizes)   # per head, before the offset (as Engram.head_bounds)
     if isinstance(ids, jax.core.Tracer):

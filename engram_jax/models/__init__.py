@@ -8,6 +8,13 @@ from engram_jax.models.accounting import (
     flops_per_token,
 )
 from engram_jax.models.config import ModelConfig
+from engram_jax.models.tables import (
+    engram_table,
+    engram_table_filter,
+    engram_table_layer,
+    engram_table_path,
+    engram_table_value,
+)
 from engram_jax.models.transformer import (
     Block,
     DecodeCache,
@@ -25,6 +32,11 @@ __all__ = [
     "Transformer",
     "allocate",
     "count_params",
+    "engram_table",
+    "engram_table_filter",
+    "engram_table_layer",
+    "engram_table_path",
+    "engram_table_value",
     "flops_per_token",
     "update_moe_biases",
     "updated_router_biases",

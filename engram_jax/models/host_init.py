@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from engram_jax.models.offloaded import OffloadedEngram, host_table_filter, resolve_placements, row_source
+from engram_jax.models.offloaded import OffloadedEngram, resolve_placements, row_source
+from engram_jax.models.tables import engram_table, engram_table_filter
 from engram_jax.models.transformer import Transformer
 from engram_jax.offload.host_table import HostTable
 from engram_jax.offload.placement import TablePlacement, host_memory_kind, sharding_for
@@ -53,7 +54,7 @@ def host_compute_device(device: jax.Device) -> jax.Device | None:
 def device_state_init(build: Callable[[], Transformer], host_layers) -> Callable[[], nnx.State]:
   """() -> the model's state with size-0 [0, d_h] placeholders for the host layers' tables
   (jit it: the tables' initialisers are then dead code)."""
-  is_table = host_table_filter(host_layers)
+  is_table = engram_table_filter(host_layers)
 
   def init() -> nnx.State:
     tables, rest = nnx.split_state(nnx.state(build()), is_table, ...)
@@ -72,7 +73,7 @@ def compile_device_init(build: Callable[[], Transformer], host_layers, device: j
 
 def host_table_init(build: Callable[[], Transformer], layer: int) -> Callable[[], jax.Array]:
   """() -> Engram layer `layer`'s table [R, d_h] (jit it: the rest is dead code)."""
-  return lambda: build().blocks[layer].engram.table[...]
+  return lambda: engram_table(build(), layer)[...]
 
 
 def build_offloaded(build: Callable[[], Transformer],

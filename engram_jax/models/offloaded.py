@@ -13,7 +13,7 @@ The model's graph (modules, Variables, metadata) is unchanged, so `nnx.split` / 
 sharding rules and checkpoints of the other parameters work as before, and the device
 copy of the table is released as soon as no other reference to it exists (the model held
 the only one unless the caller kept one, e.g. an `nnx.state` taken earlier). The layer
-never reads the placeholder: the forward passes the gathered rows as `engram_inputs`,
+never reads the placeholder: the forward passes the gathered rows as `engram_rows`,
 which take precedence over its own gather. (Calling the layer with row ids instead would
 read NaN through the empty table: `Engram.lookup` gathers with mode 'fill'.)
 
@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from engram_jax.models.config import ModelConfig
+from engram_jax.models.tables import engram_table
 from engram_jax.models.transformer import Transformer
 from engram_jax.offload.host_table import HostTable
 from engram_jax.offload.hot_cache import HotRowCache, load_frequencies
@@ -70,17 +72,17 @@ class OffloadedEngram:
   def num_rows(self, layer: int) -> int:
     return self.tables[layer].num_rows
 
-  def flat_ids(self, engram_rows: Mapping[int, Any]) -> dict[int, np.ndarray]:
-    """Per-head rows {layer: [..., H]} -> flat host-table ids {layer: np.int64 [..., H]}."""
-    self._check_layers(engram_rows)
-    return {l: flat_rows_np(np.asarray(engram_rows[l]), self.offsets[l]) for l in self.host_layers}
+  def flat_ids(self, engram_ids: Mapping[int, Any]) -> dict[int, np.ndarray]:
+    """Hashed per-head ids {layer: [..., H]} -> flat host-table ids {layer: np.int64 [..., H]}."""
+    self._check_layers(engram_ids)
+    return {l: flat_rows_np(np.asarray(engram_ids[l]), self.offsets[l]) for l in self.host_layers}
 
-  def gather(self, engram_rows: Mapping[int, Any], *, sharding: RowPlacement | None = None
+  def gather(self, engram_ids: Mapping[int, Any], *, sharding: RowPlacement | None = None
              ) -> dict[int, jax.Array]:
-    """Synchronous gather: per-head rows {layer: [B, T, H]} -> device rows [B, T, H*d_h]
+    """Synchronous gather: hashed per-head ids {layer: [B, T, H]} -> device rows [B, T, H*d_h]
     (placed by `sharding` when given, else on the table's device)."""
     out = {}
-    for layer, ids in self.flat_ids(engram_rows).items():
+    for layer, ids in self.flat_ids(engram_ids).items():
       rows = _gather(self.sources[layer], ids, sharding)
       out[layer] = rows.reshape(rows.shape[:-2] + (-1,))
     return out
@@ -103,15 +105,15 @@ class OffloadedEngram:
   def restore_into(self, model: Transformer) -> Transformer:
     """Puts the current host tables back into `model` as device arrays (in place)."""
     for layer in self.host_layers:
-      var = _engram(model, layer).table
+      var = engram_table(model, layer)
       var.set_value(jnp.asarray(self.tables[layer].numpy()))
     return model
 
-  def _check_layers(self, engram_rows: Mapping[int, Any]) -> None:
-    missing = [l for l in self.host_layers if l not in engram_rows]
+  def _check_layers(self, engram_ids: Mapping[int, Any]) -> None:
+    missing = [l for l in self.host_layers if l not in engram_ids]
     if missing:
       raise ValueError(f"row ids for host-placed Engram layers {missing} are missing; "
-                       f"got layers {sorted(engram_rows)}")
+                       f"got layers {sorted(engram_ids)}")
 
 
 def _gather(source: RowSource, flat_ids: np.ndarray, sharding: RowPlacement | None = None
@@ -126,24 +128,20 @@ def _gather(source: RowSource, flat_ids: np.ndarray, sharding: RowPlacement | No
   return jax.device_put(_gather(source, flat_ids), target)
 
 
-def engram_table_filter(layers: Iterable[int] | None = None) -> Callable[[tuple, Any], bool]:
-  """nnx filter selecting blocks[l].engram.table for the Engram layers in `layers` (None: all)."""
-  layers = None if layers is None else frozenset(int(l) for l in layers)
-
-  def is_table(path, _):
-    return (len(path) == 4 and path[0] == "blocks" and (layers is None or path[1] in layers)
-            and path[2] == "engram" and path[3] == "table")
-  return is_table
-
-
-host_table_filter = engram_table_filter  # the host path's name: its layers' tables
-
-
 def _engram(model: Transformer, layer: int):
-  if not 0 <= layer < len(model.blocks) or model.blocks[layer].engram is None:
-    raise ValueError(f"block {layer} has no Engram layer; Engram layers are "
-                     f"{model.config.engram_layer_ids}")
+  engram_table(model, layer)  # raises for a block without an Engram layer
   return model.blocks[layer].engram
+
+
+def check_host_placement(config: ModelConfig, host_layers: Iterable[int], where: str) -> None:
+  """Refuses model settings that host / cached tables do not support (`where` names the
+  placement field in the message): `engram_fold_rows` (the host gather, the prefetcher and
+  the host decoder index the table with unfolded hashed ids, so they would read other rows)."""
+  host_layers = sorted(int(l) for l in host_layers)
+  if host_layers and config.engram_fold_rows is not None:
+    raise ValueError(f"{where} places Engram layers {host_layers} in host memory, which does not support "
+                     f"ModelConfig.engram_fold_rows={config.engram_fold_rows} (host gathers do not fold "
+                     "the hashed ids): keep those tables on the device")
 
 
 def resolve_placements(model: Transformer, placements: str | Mapping[int, TablePlacement]
@@ -152,12 +150,15 @@ def resolve_placements(model: Transformer, placements: str | Mapping[int, TableP
   layer_ids = model.config.engram_layer_ids
   if not layer_ids:
     raise ValueError("host placement needs a model with Engram layers (config.engram is None)")
+  spec = placements
   if isinstance(placements, str):
     placements = parse_placements(placements, layer_ids)
   placements = {int(l): p for l, p in placements.items()}
   unknown = sorted(set(placements) - set(layer_ids))
   if unknown:
     raise ValueError(f"placements name layers {unknown} that are not Engram layers {layer_ids}")
+  check_host_placement(model.config, [l for l, p in placements.items() if p.on_host],
+                       f"placements {spec!r}")
   return {l: placements.get(l, TablePlacement()) for l in layer_ids}
 
 
@@ -218,24 +219,24 @@ def split_tables(model: Transformer, placements: str | Mapping[int, TablePlaceme
   return model, OffloadedEngram(placements, tables, sources, offsets)
 
 
-def _device_row_ids(engram_rows, host_layers) -> dict[int, Any] | None:
-  ids = {l: v for l, v in (engram_rows or {}).items() if l not in host_layers}
+def _device_row_ids(engram_ids, host_layers) -> dict[int, Any] | None:
+  ids = {l: v for l, v in (engram_ids or {}).items() if l not in host_layers}
   return ids or None
 
 
-def apply_offloaded(graphdef: nnx.GraphDef, state: nnx.State, tokens, engram_rows, rows, *,
+def apply_offloaded(graphdef: nnx.GraphDef, state: nnx.State, tokens, engram_ids, engram_rows, *,
                     positions=None, segment_ids=None, cache=None):
-  """Pure forward: `Transformer` from (graphdef, state), host rows as `engram_inputs`.
+  """Pure forward: `Transformer` from (graphdef, state), host rows as `engram_rows`.
 
   Args:
-    engram_rows: {layer: [B, T, H]} ids of the DEVICE-placed layers only (or None).
-    rows: {layer: [B, T, H*d_h]} gathered rows of the host-placed layers.
+    engram_ids: {layer: [B, T, H]} hashed ids of the DEVICE-placed layers only (or None).
+    engram_rows: {layer: [B, T, H*d_h]} gathered rows of the host-placed layers.
   Returns:
     (logits [B, T, V], aux) as `Transformer.__call__`.
   """
   model = nnx.merge(graphdef, state)
-  return model(tokens, engram_rows, positions=positions, segment_ids=segment_ids,
-               engram_inputs=rows, cache=cache)
+  return model(tokens, engram_ids, positions=positions, segment_ids=segment_ids,
+               engram_rows=engram_rows, cache=cache)
 
 
 _apply_jit = jax.jit(apply_offloaded, static_argnums=(0,))
@@ -243,28 +244,28 @@ _apply_jit = jax.jit(apply_offloaded, static_argnums=(0,))
 
 def forward_with_host_tables(model: Transformer, batch: Mapping[str, Any],
                              tables: OffloadedEngram,
-                             prefetched_rows: Mapping[int, jax.Array] | None = None, *,
+                             engram_rows: Mapping[int, jax.Array] | None = None, *,
                              cache=None):
   """Jitted forward of a split model on one batch.
 
   Args:
     model: the model returned by `split_tables`.
-    batch: {"tokens" [B, T], "engram_rows" {layer: [B, T, H]}, optional "positions",
+    batch: {"tokens" [B, T], "engram_ids" {layer: [B, T, H]}, optional "positions",
       "segment_ids"}.
     tables: the `OffloadedEngram` of `split_tables`.
-    prefetched_rows: {layer: [B, T, H*d_h]} from `tables.prefetcher` (or `tables.gather`);
+    engram_rows: gathered rows {layer: [B, T, H*d_h]} from `tables.prefetcher` (or `tables.gather`);
       None gathers them now.
     cache: a `DecodeCache` (decoding) or None.
   Returns:
     (logits, aux), equal to the device-table model's.
   """
-  if prefetched_rows is None:
-    prefetched_rows = tables.gather(batch["engram_rows"])
-  missing = [l for l in tables.host_layers if l not in prefetched_rows]
+  if engram_rows is None:
+    engram_rows = tables.gather(batch["engram_ids"])
+  missing = [l for l in tables.host_layers if l not in engram_rows]
   if missing:
-    raise ValueError(f"prefetched_rows lacks host-placed Engram layers {missing}")
+    raise ValueError(f"engram_rows lacks host-placed Engram layers {missing}")
   graphdef, state = nnx.split(model)
   return _apply_jit(graphdef, state, batch["tokens"],
-                    _device_row_ids(batch.get("engram_rows"), tables.host_layers),
-                    dict(prefetched_rows), positions=batch.get("positions"),
+                    _device_row_ids(batch.get("engram_ids"), tables.host_layers),
+                    dict(engram_rows), positions=batch.get("positions"),
                     segment_ids=batch.get("segment_ids"), cache=cache)

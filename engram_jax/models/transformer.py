@@ -6,10 +6,10 @@ Shapes (B batch, T tokens, G = hc_mult streams, D hidden, V vocab, H Engram head
   logits       [B, T, V] float32
 
 With engram_mode="input_average" (the OverEncoding-style baseline) no block holds an
-Engram layer; x_0 += NgramInputAverage_l(rows_l) for every l in engram.layer_ids instead.
+Engram layer; x_0 += NgramInputAverage_l(engram_ids_l) for every l in engram.layer_ids instead.
 
 Block l (pre-norm):
-  x <- x + Engram_l(x, rows_l)                   (only at engram.layer_ids; branch g -> stream g)
+  x <- x + Engram_l(x, engram_rows_l)            (only at engram.layer_ids; branch g -> stream g)
   x <- HC_attn(x, h -> Attention(RMSNorm(h)))
   x <- HC_ffn(x,  h -> FFN_l(RMSNorm(h)))        FFN_l = SwiGLU (dense blocks) or MoE
 With G = 1 the hyper-connections are plain residual additions.
@@ -111,7 +111,8 @@ class Block(nnx.Module):
       self.ffn = SwiGLU(d, cfg.ffn_hidden, rngs=rngs, **kw)
 
   def __call__(self, x, positions, segment_ids, engram_rows, kv_cache, conv_state):
-    """x [B,T,G,D] -> (x, kv_cache, conv_state, router stats | None, gates | None)."""
+    """x [B,T,G,D], engram_rows: this block's gathered rows [B,T,d_mem] (None without an
+    Engram layer) -> (x, kv_cache, conv_state, router stats | None, gates | None)."""
     gates = None
     if self.engram is not None:
       if kv_cache is None:
@@ -198,26 +199,27 @@ class Transformer(nnx.Module):
     return DecodeCache(kv=kv, engram=engram)
 
   # ------------------------------------------------------------------------------- forward
-  def _engram_rows(self, engram_rows, engram_inputs) -> dict[int, jax.Array]:
-    """Pre-gathered rows [B,T,d_mem] per Engram layer (gathering row ids if needed)."""
+  def _gathered_rows(self, engram_ids, engram_rows) -> dict[int, jax.Array]:
+    """Gathered rows [B,T,d_mem] per Engram layer: `engram_rows[l]` as given, else the
+    layer's lookup of `engram_ids[l]`."""
     rows = {}
     for block in self.blocks:
       if block.engram is None:
         continue
       lid = block.layer
-      if engram_inputs is not None and lid in engram_inputs:
-        rows[lid] = jnp.asarray(engram_inputs[lid])
-      elif engram_rows is not None and lid in engram_rows:
-        rows[lid] = block.engram.lookup(engram_rows[lid])
+      if engram_rows is not None and lid in engram_rows:
+        rows[lid] = jnp.asarray(engram_rows[lid])
+      elif engram_ids is not None and lid in engram_ids:
+        rows[lid] = block.engram.lookup(engram_ids[lid])
       else:
         raise ValueError(
-          f"Engram layer {lid} needs engram_rows[{lid}] (row ids [B, T, "
-          f"{self.config.engram.num_heads}]) or engram_inputs[{lid}] (rows [B, T, "
-          f"{self.config.engram.memory_dim}]); got engram_rows keys "
-          f"{None if engram_rows is None else sorted(engram_rows)}, engram_inputs keys "
-          f"{None if engram_inputs is None else sorted(engram_inputs)}"
+          f"Engram layer {lid} needs engram_ids[{lid}] (row ids [B, T, "
+          f"{self.config.engram.num_heads}]) or engram_rows[{lid}] (rows [B, T, "
+          f"{self.config.engram.memory_dim}]); got engram_ids keys "
+          f"{None if engram_ids is None else sorted(engram_ids)}, engram_rows keys "
+          f"{None if engram_rows is None else sorted(engram_rows)}"
         )
-    for name, given in (("engram_rows", engram_rows), ("engram_inputs", engram_inputs)):
+    for name, given in (("engram_ids", engram_ids), ("engram_rows", engram_rows)):
       extra = sorted(set(given or {}) - set(self.config.engram_layer_ids))
       if extra:
         raise ValueError(
@@ -228,23 +230,23 @@ class Transformer(nnx.Module):
   def __call__(
     self,
     tokens: jax.Array,
-    engram_rows: dict[int, jax.Array] | None = None,
+    engram_ids: dict[int, jax.Array] | None = None,
     *,
     positions: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
-    engram_inputs: dict[int, jax.Array] | None = None,
+    engram_rows: dict[int, jax.Array] | None = None,
     cache: DecodeCache | None = None,
   ) -> tuple[jax.Array, dict[str, Any]]:
     """tokens [B, T] -> (logits [B, T, V] float32, aux).
 
     Args:
-      engram_rows: {layer_id: per-head row ids [B, T, H]} for every Engram layer.
+      engram_ids: {layer_id: hashed per-head row ids [B, T, H]} for every Engram layer.
       positions: [B, T] RoPE positions (default: arange(T), or after the cache's
         lengths when decoding).
       segment_ids: [B, T] packed-document ids (no cache), or padding marks (0 = pad,
         right-padded) with a cache; see `Attention.__call__`.
-      engram_inputs: {layer_id: rows [B, T, d_mem]} gathered elsewhere (host
-        offload); takes precedence over engram_rows for that layer.
+      engram_rows: {layer_id: rows [B, T, d_mem]} gathered elsewhere (host
+        offload); takes precedence over engram_ids for that layer.
       cache: a `DecodeCache` from `init_cache` (generation), or None.
     Returns:
       logits, aux = {"router": {block: MoE stats}, "engram_gates": {layer_id:
@@ -265,13 +267,13 @@ class Transformer(nnx.Module):
       missing = [
         m.layer_id
         for m in self.input_ngrams
-        if engram_rows is None or m.layer_id not in engram_rows
+        if engram_ids is None or m.layer_id not in engram_ids
       ]
       if missing:
-        raise ValueError(f"engram_mode='input_average' needs engram_rows for layers {missing}")
-      input_rows = {m.layer_id: engram_rows[m.layer_id] for m in self.input_ngrams}
-      engram_rows = None
-    rows = self._engram_rows(engram_rows, engram_inputs)
+        raise ValueError(f"engram_mode='input_average' needs engram_ids for layers {missing}")
+      input_ids = {m.layer_id: engram_ids[m.layer_id] for m in self.input_ngrams}
+      engram_ids = None
+    rows = self._gathered_rows(engram_ids, engram_rows)
     for lid, r in rows.items():
       if r.shape != (b, t, cfg.engram.memory_dim):
         raise ValueError(
@@ -285,7 +287,7 @@ class Transformer(nnx.Module):
     x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.jnp_dtype)
     if self.input_ngrams is not None:
       for module in self.input_ngrams:
-        x = x + module(input_rows[module.layer_id]).astype(x.dtype)
+        x = x + module(input_ids[module.layer_id]).astype(x.dtype)
     x = constrain(x, ("batch", "sequence", "activation_embed"))
     x = expand_streams(x, cfg.hc_mult)
 

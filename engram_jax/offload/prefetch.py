@@ -98,8 +98,8 @@ def _patch(rows, stale, fresh, index):
 
 
 def engram_row_ids(batch: Mapping[str, Any]) -> Mapping[int, np.ndarray]:
-  """Default: the data pipeline's per-head rows, batch["engram_rows"] {layer: [B, T, H]}."""
-  return batch["engram_rows"]
+  """Default: the data pipeline's per-head rows, batch["engram_ids"] {layer: [B, T, H]}."""
+  return batch["engram_ids"]
 
 
 class RowPrefetcher:
@@ -113,7 +113,7 @@ class RowPrefetcher:
     row_ids: batch -> {layer_id: ids [..., H]}; default `engram_row_ids`.
     depth: batches gathered ahead of the one the consumer holds; >= 1 (1: double
       buffering).
-    merge_heads: return rows [..., H * d] (what `Engram(rows=...)` takes) instead of
+    merge_heads: return rows [..., H * d] (what `Engram(engram_rows=...)` takes) instead of
       [..., H, d].
   """
 

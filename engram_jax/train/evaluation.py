@@ -63,7 +63,7 @@ def make_host_row_eval_step(graphdef: nnx.GraphDef, host_layers: tuple[int, ...]
   """As `make_row_eval_step` with the `host_layers` rows gathered from host tables."""
 
   def step(state: TrainState, batch: dict, rows: dict):
-    device_ids = {l: v for l, v in batch["engram_rows"].items() if l not in host_layers} or None
+    device_ids = {l: v for l, v in batch["engram_ids"].items() if l not in host_layers} or None
     logits, _ = apply_offloaded(graphdef, nnx.merge_state(state.params, state.rest),
                                 batch["tokens"], device_ids, rows,
                                 positions=batch.get("positions"),
@@ -150,7 +150,7 @@ def evaluate_run_rows(run: Any, data_config: Any = None) -> tuple[dict[str, np.n
     offloaded = OffloadedEngram(placements, tables, dict(tables), offsets)
     step = jax.jit(make_host_row_eval_step(graphdef, tuple(sorted(tables))))
     for batch in batches:
-      parts.append(jax.device_get(step(state, batch, offloaded.gather(batch["engram_rows"]))))
+      parts.append(jax.device_get(step(state, batch, offloaded.gather(batch["engram_ids"]))))
   else:
     step = jax.jit(make_row_eval_step(graphdef))
     for batch in batches:

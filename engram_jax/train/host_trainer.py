@@ -2,7 +2,7 @@
 
 Per step:
   1. (host, overlapped) the rows of the batch are gathered from the host tables
-     (`OffloadedEngram.prefetcher`); they enter the model as `engram_inputs`.
+     (`OffloadedEngram.prefetcher`); they enter the model as `engram_rows`.
   2. (device, jit) loss and grads w.r.t. the dense params AND the gathered rows; each host
      layer's row grads [B, T, H, d_h] are reduced by `sparse_grad` to (unique flat rows,
      summed grads, count); the global-norm clip covers dense + sparse grads together (the
@@ -42,7 +42,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from engram_jax import sharding as sharding_lib
-from engram_jax.models.offloaded import OffloadedEngram, host_table_filter, split_tables
+from engram_jax.models import engram_table, engram_table_filter
+from engram_jax.models.offloaded import OffloadedEngram, split_tables
 from engram_jax.models.transformer import Transformer, updated_router_biases
 from engram_jax.offload.hot_cache import HotRowCache
 from engram_jax.offload.indexing import check_int32_rows
@@ -62,7 +63,7 @@ SparseGrads = dict[int, tuple[jax.Array, jax.Array, jax.Array]]
 def split_params(model: Transformer, host_layers: Iterable[int]
                  ) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
   """(graphdef, trainable params without host tables, rest incl. the size-0 placeholders)."""
-  dense = nnx.All(nnx.Param, nnx.Not(host_table_filter(host_layers)))
+  dense = nnx.All(nnx.Param, nnx.Not(engram_table_filter(host_layers)))
   return nnx.split(model, dense, ...)
 
 
@@ -97,13 +98,13 @@ def make_host_table_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransfo
   offsets = {l: np.asarray(offloaded.offsets[l], np.int32) for l in host_layers}
 
   def step(state: TrainState, batch: Batch, rows: Mapping[int, jax.Array]):
-    ids = batch["engram_rows"]
+    ids = batch["engram_ids"]
     device_ids = {l: v for l, v in ids.items() if l not in host_layers} or None
 
     def loss_fn(params, rows):
       model = nnx.merge(graphdef, params, state.rest)
       logits, aux = model(batch["tokens"], device_ids, positions=batch.get("positions"),
-                          segment_ids=batch.get("segment_ids"), engram_inputs=rows)
+                          segment_ids=batch.get("segment_ids"), engram_rows=rows)
       lm_loss, sums = masked_lm_loss(logits, batch["targets"], batch["loss_mask"])
       return lm_loss + aux["balance_loss"], (lm_loss, sums, aux)
 
@@ -270,9 +271,9 @@ class HostTableTrainer:
       return batch
     return jax.device_put(batch, batch_shardings(batch, self.mesh))
 
-  def gather(self, engram_rows: Mapping[int, Any]) -> dict[int, jax.Array]:
+  def gather(self, engram_ids: Mapping[int, Any]) -> dict[int, jax.Array]:
     """The host layers' rows {layer: [B, T, H*d_h]}, placed as the step takes them."""
-    return self.offloaded.gather(engram_rows, sharding=self._row_placement())
+    return self.offloaded.gather(engram_ids, sharding=self._row_placement())
 
   def _row_placement(self):
     return None if self.mesh is None else self.row_sharding
@@ -281,7 +282,7 @@ class HostTableTrainer:
            ) -> tuple[dict, dict[int, np.ndarray]]:
     """One full step (device, then host update); returns (metrics, {layer: updated ids})."""
     if rows is None:
-      rows = self.gather(batch["engram_rows"])
+      rows = self.gather(batch["engram_ids"])
     step = int(self.state.step)
     with self.context():
       self.state, metrics, sparse = self.train_step(self.state, self.put_batch(batch), rows)
@@ -298,7 +299,7 @@ class HostTableTrainer:
     with self.offloaded.prefetcher(batches, depth=depth, sharding=self._row_placement()) as it:
       for batch, rows in it:
         if recent:
-          flat = self.offloaded.flat_ids(batch["engram_rows"])
+          flat = self.offloaded.flat_ids(batch["engram_ids"])
           rows = dict(rows)
           for l in self.offloaded.host_layers:
             stale = np.concatenate([u[l] for u in recent])
@@ -359,7 +360,7 @@ def check_data_parallel_mesh(mesh: Mesh | None) -> None:
 
 def _check_split(model: Transformer, offloaded: OffloadedEngram) -> None:
   for l in offloaded.host_layers:
-    shape = tuple(model.blocks[l].engram.table.get_value().shape)
+    shape = tuple(engram_table(model, l).get_value().shape)
     if shape[0] != 0:
       raise ValueError(f"Engram layer {l} is host-placed in the OffloadedEngram but the model "
                        f"still holds its table {shape}: pass a model split by split_tables or "

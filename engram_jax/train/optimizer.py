@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from engram_jax import sharding as sharding_lib
-from engram_jax.models.offloaded import engram_table_filter
+from engram_jax.models import engram_table_filter
 from engram_jax.offload.sparse_adam import SparseRowState, apply_sparse_adam
 from engram_jax.train.config import TrainConfig
 

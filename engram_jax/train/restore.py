@@ -16,8 +16,9 @@ from tokenizers import Tokenizer
 from engram_jax import sharding as sharding_lib
 from engram_jax.data import DataConfig, EngramRowHasher, special_ids
 from engram_jax.hashing import NgramHasher, TokenizerCompressor, tokenizer_fingerprint
+from engram_jax.models import engram_table, engram_table_filter, engram_table_value
 from engram_jax.models.config import ModelConfig
-from engram_jax.models.offloaded import host_table_filter
+from engram_jax.models.offloaded import check_host_placement
 from engram_jax.models.transformer import Transformer
 from engram_jax.offload import HostTable
 from engram_jax.train import evaluation
@@ -131,6 +132,8 @@ def _load_step(ckpt: Checkpointer, path: str | Path, step: int, mesh, tables: st
         "the device (its checkpoint names no host_table_layers); load it with "
         "tables='device' and move the tables with engram_jax.models.offloaded.split_tables(run.model, "
         "'host')")
+  if tables == "host":
+    check_host_placement(model_config, host_layers, f"load_run(tables='host') of the run at {path}")
   host_tables = None
   if host_layers:
     model, loaded_step, host_tables = _load_host_placed(
@@ -159,7 +162,7 @@ def _load_host_placed(ckpt: Checkpointer, meta: dict[str, Any], model_config: Mo
   """
   abstract = nnx.eval_shape(lambda: build_model(model_config, meta.get("seed", 0)))
   graphdef, params, rest = split_params(abstract, host_layers)
-  tables, rest = nnx.split_state(rest, host_table_filter(host_layers), ...)
+  tables, rest = nnx.split_state(rest, engram_table_filter(host_layers), ...)
   tx, _ = dense_optimizer(train_config, params)
   target = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, rest=rest,
                       opt_state=jax.eval_shape(tx.init, params))
@@ -167,20 +170,20 @@ def _load_host_placed(ckpt: Checkpointer, meta: dict[str, Any], model_config: Mo
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                         target)
   state, _ = ckpt.restore(target, current_meta=meta, step=step)
-  wanted = {l: tables["blocks"][l]["engram"]["table"].get_value() for l in host_layers}
+  wanted = {l: engram_table_value(tables, l).get_value() for l in host_layers}
   saved = _restore_tables(ckpt, step, {
       l: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=sharding) for l, t in wanted.items()},
       as_numpy=keep_on_host)
   model = nnx.merge(graphdef, state.params, state.rest, tables)  # tables still abstract
   if not keep_on_host:
     for layer in host_layers:  # as `OffloadedEngram.restore_into`
-      model.blocks[layer].engram.table.set_value(saved[layer])
+      engram_table(model, layer).set_value(saved[layer])
     return model, int(state.step), None
   host_tables = {}
   for layer in host_layers:  # as `split_tables` / `build_offloaded` leave the model
     host_tables[layer] = HostTable(saved[layer], method="numpy", device=device, copy=False)
     t = wanted[layer]
-    model.blocks[layer].engram.table.set_value(
+    engram_table(model, layer).set_value(
         jax.device_put(np.zeros((0,) + tuple(t.shape[1:]), t.dtype), sharding))
   return model, int(state.step), host_tables
 

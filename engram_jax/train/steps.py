@@ -29,7 +29,7 @@ def batch_shardings(batch: Batch, mesh: Mesh) -> Any:
 
 
 def model_inputs(batch: Batch) -> tuple[tuple, dict]:
-  return (batch["tokens"], batch.get("engram_rows") or None), {
+  return (batch["tokens"], batch.get("engram_ids") or None), {
       "positions": batch.get("positions"), "segment_ids": batch.get("segment_ids")}
 
 
@@ -47,11 +47,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation | S
 
   def step(state: TrainState, batch: Batch):
     if sparse_tx is None:
-      params, tables, ids, rows = state.params, None, batch.get("engram_rows") or None, {}
+      params, tables, ids, rows = state.params, None, batch.get("engram_ids") or None, {}
     else:
       tables, params = sparse_tx.split(state.params)
       model = nnx.merge(graphdef, state.params, state.rest)
-      all_ids = batch["engram_rows"]
+      all_ids = batch["engram_ids"]
       ids = {l: v for l, v in all_ids.items() if l not in sparse_tx.layers} or None
       flat = {l: model.blocks[l].engram.flat_row_ids(all_ids[l]) for l in sparse_tx.layers}
       rows = {l: model.blocks[l].engram.lookup(all_ids[l]) for l in sparse_tx.layers}
@@ -60,7 +60,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation | S
       model = nnx.merge(graphdef, params, state.rest) if tables is None else \
           nnx.merge(graphdef, params, tables, state.rest)
       logits, aux = model(batch["tokens"], ids, positions=batch.get("positions"),
-                          segment_ids=batch.get("segment_ids"), engram_inputs=rows or None)
+                          segment_ids=batch.get("segment_ids"), engram_rows=rows or None)
       lm_loss, sums = masked_lm_loss(logits, batch["targets"], batch["loss_mask"])
       return lm_loss + aux["balance_loss"], (lm_loss, sums, aux)
 

@@ -56,10 +56,11 @@ from engram_jax.data import (
   special_ids,
 )
 from engram_jax.hashing import TokenizerCompressor, tokenizer_fingerprint
+from engram_jax.models import engram_table_filter
 from engram_jax.models.accounting import count_params, flops_per_token
 from engram_jax.models.config import ModelConfig
 from engram_jax.models.host_init import build_offloaded
-from engram_jax.models.offloaded import host_table_filter
+from engram_jax.models.offloaded import check_host_placement
 from engram_jax.offload import count_row_frequencies, flat_rows_np, parse_placements
 from engram_jax.train import evaluation, multihost
 from engram_jax.train.checkpoint import (
@@ -486,7 +487,7 @@ class Trainer:
         except StopIteration:
           break
         for l in layers:
-          flat = flat_rows_np(np.asarray(batch["engram_rows"][l]), offsets[l])
+          flat = flat_rows_np(np.asarray(batch["engram_ids"][l]), offsets[l])
           counts[l] += count_row_frequencies([flat], counts[l].shape[0])
     finally:
       if hasattr(it, "close"):
@@ -523,7 +524,9 @@ def _table_placements(model_config: ModelConfig, cfg: TrainConfig) -> tuple[dict
                        "Engram layers; this model has none")
     return {}, ()
   placements = parse_placements(cfg.table_placement, model_config.engram_layer_ids)
-  return placements, tuple(sorted(l for l, p in placements.items() if p.on_host))
+  host_layers = tuple(sorted(l for l, p in placements.items() if p.on_host))
+  check_host_placement(model_config, host_layers, f"TrainConfig.table_placement={cfg.table_placement!r}")
+  return placements, host_layers
 
 
 def _check_host_placement_setup(mesh: jax.sharding.Mesh, cfg: TrainConfig) -> None:
@@ -660,7 +663,7 @@ class _HostPlacement:
                                  mesh=mesh)
     del model
     self.layers = self.host.offloaded.host_layers
-    self._is_placeholder = host_table_filter(self.layers)
+    self._is_placeholder = engram_table_filter(self.layers)
     ckpt = trainer.checkpointer
     if step is not None:
       saved = self._savable_state()
@@ -717,7 +720,7 @@ class _HostPlacement:
   def evaluate_rows(self, eval_batches) -> dict[str, np.ndarray]:
     parts = []
     for batch in eval_batches:
-      rows = self.host.gather(batch["engram_rows"])
+      rows = self.host.gather(batch["engram_ids"])
       with self.host.context():
         parts.append(jax.device_get(self.eval_step(self.host.state, self.host.put_batch(batch), rows)))
     return evaluation.concat_rows(parts)

@@ -111,7 +111,7 @@ def _batches(cfg: ModelConfig, zipf: dict, n: int, b: int, t: int, seed: int) ->
     tokens = rng.integers(0, cfg.vocab_size, (b, t + 1)).astype(np.int32)
     out.append({"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
                 "loss_mask": np.ones((b, t), np.float32),
-                "engram_rows": {l: z.sample(rng, (b, t)) for l, z in zipf.items()}})
+                "engram_ids": {l: z.sample(rng, (b, t)) for l, z in zipf.items()}})
   return out
 
 
@@ -218,7 +218,7 @@ def train_host(model, spec, batches, warmup: int, rate: float, freqs, depth: int
       batch, rows = next(it)
       wait += time.perf_counter() - t0
       if recent:  # rows gathered before the last update landed: re-read those
-        flat = off.flat_ids(batch["engram_rows"])
+        flat = off.flat_ids(batch["engram_ids"])
         rows = {l: patch_updated_rows(rows[l], flat[l], np.concatenate([u[l] for u in recent]),
                                       off.tables[l]) for l in off.host_layers}
       metrics, updated = trainer.step(batch, rows)
@@ -226,7 +226,7 @@ def train_host(model, spec, batches, warmup: int, rate: float, freqs, depth: int
       recent.append(updated)
       times.append(time.perf_counter() - t0)
       d2h += sum(4 + n * (4 + off.tables[l].dim * 4) for l, n in
-                 ((l, batch["engram_rows"][l].size) for l in off.host_layers))
+                 ((l, batch["engram_ids"][l].size) for l in off.host_layers))
   n = len(batches) - warmup
   gathered = meter.gather_s - g0
   return Result(_rate(times[warmup:]), (meter.h2d - h2d0) / n, d2h / n, 1e3 * gathered / n,
@@ -262,7 +262,7 @@ def decode(model, spec, steps, warmup: int, freqs, depth: int) -> Result:
       item = next(it)
       wait += time.perf_counter() - t0
       batch, rows = (item, {}) if off is None else item
-      ids = {l: v for l, v in batch["engram_rows"].items() if l not in host} or None
+      ids = {l: v for l, v in batch["engram_ids"].items() if l not in host} or None
       logits, aux = _decode(graphdef, state, batch["tokens"], ids, rows, cache=cache)
       cache = aux["cache"]
       np.asarray(jnp.argmax(logits[:, -1], -1))  # the sampled token goes back to the host
@@ -317,7 +317,7 @@ def setup(cfg: ModelConfig, preset: Preset, zipf_exponent: float) -> Setup:
   offsets = {l: np.asarray(model.blocks[l].engram.offsets) for l in layers}
   b, t = preset.train_batch
   sample = _batches(cfg, zipf, 4, b, t, seed=99)  # frequencies come from other batches
-  freqs = {l: count_row_frequencies((x["engram_rows"][l] + offsets[l] for x in sample),
+  freqs = {l: count_row_frequencies((x["engram_ids"][l] + offsets[l] for x in sample),
                                     model.blocks[l].engram.num_rows) for l in layers}
   return Setup(cfg, model, zipf, freqs, cfg.moe.bias_update_rate if cfg.moe else 0.0)
 
@@ -335,7 +335,7 @@ def train_batches(s: Setup, preset: Preset, steps: int) -> list[dict]:
 
 def decode_inputs(s: Setup, preset: Preset, steps: int) -> list[dict]:
   """`steps` timed decode steps (one token per sequence) plus the warm-up ones."""
-  return [{"tokens": x["tokens"], "engram_rows": x["engram_rows"]}
+  return [{"tokens": x["tokens"], "engram_ids": x["engram_ids"]}
           for x in _batches(s.cfg, s.zipf, steps + preset.warmup, preset.decode_batch, 1, seed=2)]
 
 

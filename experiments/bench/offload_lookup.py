@@ -140,7 +140,7 @@ def bench_prefetch(case: Case, steps: int, compute_ms: float) -> None:
   rng = np.random.default_rng(1)
   table = rng.standard_normal((case.rows, case.d), np.float32).astype(case.dtype)
   host = HostTable(table, check_ids=False)
-  batches = [{"engram_rows": {0: ids}} for ids in _zipf_ids(rng, case, steps, _ZIPF.value)]
+  batches = [{"engram_ids": {0: ids}} for ids in _zipf_ids(rng, case, steps, _ZIPF.value)]
 
   def compute(rows):
     # Stands in for the accelerator's step: on CPU a sleep, so that it does not compete
@@ -148,7 +148,7 @@ def bench_prefetch(case: Case, steps: int, compute_ms: float) -> None:
     jax.block_until_ready(rows)
     time.sleep(compute_ms / 1e3)
 
-  warm = jax.block_until_ready(host.gather(batches[0]["engram_rows"][0]))
+  warm = jax.block_until_ready(host.gather(batches[0]["engram_ids"][0]))
   start = time.perf_counter()
   for _ in batches:
     compute(warm)
@@ -156,12 +156,12 @@ def bench_prefetch(case: Case, steps: int, compute_ms: float) -> None:
 
   start = time.perf_counter()
   for b in batches:
-    jax.block_until_ready(host.gather(b["engram_rows"][0]))
+    jax.block_until_ready(host.gather(b["engram_ids"][0]))
   t_gather = (time.perf_counter() - start) / steps
 
   start = time.perf_counter()
   for b in batches:
-    compute(host.gather(b["engram_rows"][0]))
+    compute(host.gather(b["engram_ids"][0]))
   t_serial = (time.perf_counter() - start) / steps
 
   start = time.perf_counter()

@@ -90,7 +90,7 @@ def hashing_rates(config: DataConfig, tokenizer, engram: EngramConfig, *, batche
   for i in range(batches):
     b = sample[i % len(sample)]
     for r in range(config.batch_size):
-      hasher.rows(b["tokens"][r:r + 1], b["segment_ids"][r:r + 1])
+      hasher.ids(b["tokens"][r:r + 1], b["segment_ids"][r:r + 1])
   per_row = batches / (time.perf_counter() - start)
   return per_batch, per_row
 

@@ -54,7 +54,7 @@ def batches(cfg: ModelConfig, sizes, n: int, seed: int = 0) -> list[dict]:
     u = rng.random((b, t, len(sizes)))
     ids = (u * np.asarray(sizes)).astype(np.int32)
     out.append({"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
-                "loss_mask": np.ones((b, t), np.float32), "engram_rows": {1: ids}})
+                "loss_mask": np.ones((b, t), np.float32), "engram_ids": {1: ids}})
   return out
 
 

@@ -188,7 +188,7 @@ def compile_train_step(cfg, batch: int, seq: int, sharding) -> dict:
   tok = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=sharding)
   batch_sds = {"tokens": tok, "targets": tok,
                "loss_mask": jax.ShapeDtypeStruct((batch, seq), jnp.float32, sharding=sharding),
-               "engram_rows": {l: jax.ShapeDtypeStruct((batch, seq, cfg.engram.num_heads), jnp.int32,
+               "engram_ids": {l: jax.ShapeDtypeStruct((batch, seq, cfg.engram.num_heads), jnp.int32,
                                                        sharding=sharding) for l in cfg.engram_layer_ids}}
   rate = cfg.moe.bias_update_rate if cfg.moe else 0.0
   step = jax.jit(make_train_step(graphdef, tx, lr, bias_update_rate=rate), donate_argnums=(0,))

@@ -441,7 +441,7 @@ def measure_train_step(cfg, batch: int, seq: int, steps: int, warmup: int) -> di
     rows = {l: np.stack([rng.integers(0, s, (batch, seq)) for s in model.blocks[l].engram.table_sizes],
                         -1).astype(np.int32) for l in cfg.engram_layer_ids}
     batches.append(jax.device_put({"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
-                                   "loss_mask": np.ones((batch, seq), np.float32), "engram_rows": rows}))
+                                   "loss_mask": np.ones((batch, seq), np.float32), "engram_ids": rows}))
   graphdef, params, rest = split_model(model)
   tcfg = TrainConfig(total_steps=1000, learning_rate=1e-3, warmup_steps=0, progress_bar=False)
   tx, lr = make_optimizer(tcfg, params)

@@ -1,4 +1,5 @@
-"""Host-side Engram hashing of packed batches: tokens -> per-layer per-head row ids.
+"""Host-side Engram hashing of packed batches: tokens -> per-layer per-head row ids
+(`engram_ids`).
 
 Hashing runs in the input pipeline (a grain map after batching: one vectorized NumPy call
 per batch is ~4x cheaper than one per row, experiments/bench/pipeline.py), so the device receives ready row ids and the
@@ -17,11 +18,11 @@ _INT32_MAX = np.iinfo(np.int32).max
 
 
 class EngramRowHasher(grain.transforms.Map):
-  """Adds "engram_rows": {layer_id: int32 [B, T, H]} to a batch (per-head rows, offsets
-  NOT added), exactly `NgramHasher.hash(compressor(tokens), segment_ids)`.
+  """Adds "engram_ids": {layer_id: int32 [B, T, H]} to a batch (hashed per-head row ids,
+  offsets NOT added), exactly `NgramHasher.hash(compressor(tokens), segment_ids)`.
 
   n-grams never cross a document boundary: positions before a document's start read the
-  compressed pad id. Without a hasher (dense / MoE models) "engram_rows" is {}.
+  compressed pad id. Without a hasher (dense / MoE models) "engram_ids" is {}.
   """
 
   def __init__(self, hasher: NgramHasher | None, compressor: TokenizerCompressor | None):
@@ -63,15 +64,15 @@ class EngramRowHasher(grain.transforms.Map):
           f"{tokenizer.get_vocab_size(with_added_tokens=True)}")
     return cls(NgramHasher.from_compressor(engram_config, compressor), compressor)
 
-  def rows(self, tokens: np.ndarray, segment_ids: np.ndarray | None) -> dict[int, np.ndarray]:
-    """tokens: raw ids int [B, T] -> {layer_id: int32 [B, T, H]}."""
+  def ids(self, tokens: np.ndarray, segment_ids: np.ndarray | None) -> dict[int, np.ndarray]:
+    """tokens: raw ids int [B, T] -> engram_ids {layer_id: int32 [B, T, H]}."""
     if self.hasher is None:
       return {}
     hashed = self.hasher.hash(self.compressor(tokens), segment_ids)
-    return {layer: rows.astype(np.int32) for layer, rows in hashed.items()}
+    return {layer: ids.astype(np.int32) for layer, ids in hashed.items()}
 
   def map(self, batch: dict) -> dict:
-    """Adds "engram_rows" to a batch with "tokens" and "segment_ids" int [B, T]."""
-    return {**batch, "engram_rows": self.rows(batch["tokens"], batch["segment_ids"])}
+    """Adds "engram_ids" to a batch with "tokens" and "segment_ids" int [B, T]."""
+    return {**batch, "engram_ids": self.ids(batch["tokens"], batch["segment_ids"])}
 
   __call__ = map
