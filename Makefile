@@ -19,7 +19,9 @@ train: venv
 experiments: venv
 	$(PY) -m experiments.run_all --workdir=runs/experiments
 
+# One formatter (ruff format: 2-space indent, line length 120, pyproject.toml) and the linters.
 lint: venv
+	$(PY) -m ruff format --check engram_jax pallas_kernels experiments tests
 	$(PY) -m ruff check engram_jax pallas_kernels experiments tests
 	$(VENV)/bin/lint-imports
 

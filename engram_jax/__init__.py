@@ -11,9 +11,11 @@ def __getattr__(name):
   # (data workers hash with NumPy alone).
   if name == "Engram":
     from engram_jax.layers.engram import Engram
+
     return Engram
   if name == "interop":
     import importlib
+
     return importlib.import_module("engram_jax.interop")
   raise AttributeError(f"module 'engram_jax' has no attribute {name!r}")
 

@@ -46,15 +46,22 @@ class EngramConfig:
 
   def validate(self) -> None:
     """Raises ValueError naming the first inconsistent field, its value and the allowed range."""
-    for name, low in (("max_ngram_size", 2), ("n_embed_per_ngram", 1), ("n_head_per_ngram", 1),
-                      ("pad_id", 0), ("seed", 0), ("kernel_size", 1)):
+    for name, low in (
+      ("max_ngram_size", 2),
+      ("n_embed_per_ngram", 1),
+      ("n_head_per_ngram", 1),
+      ("pad_id", 0),
+      ("seed", 0),
+      ("kernel_size", 1),
+    ):
       check_int("EngramConfig", name, getattr(self, name), low=low)
     check_bool("EngramConfig", "allow_layer_zero", self.allow_layer_zero)
     n = self.max_ngram_size
     if len(self.vocab_sizes) != n - 1:
       raise ValueError(
-          f"EngramConfig.vocab_sizes has {len(self.vocab_sizes)} entries but max_ngram_size={n} "
-          f"needs one per order 2..{n}, i.e. {n - 1}")
+        f"EngramConfig.vocab_sizes has {len(self.vocab_sizes)} entries but max_ngram_size={n} "
+        f"needs one per order 2..{n}, i.e. {n - 1}"
+      )
     for order, size in enumerate(self.vocab_sizes, start=2):
       if size < 2:
         raise ValueError(f"EngramConfig.vocab_sizes[{order - 2}] (order {order}) must be >= 2, got {size}")
@@ -62,8 +69,9 @@ class EngramConfig:
       raise ValueError(f"EngramConfig.n_head_per_ngram must be >= 1, got {self.n_head_per_ngram}")
     if self.n_embed_per_ngram < 1 or self.n_embed_per_ngram % self.n_head_per_ngram:
       raise ValueError(
-          f"EngramConfig.n_embed_per_ngram={self.n_embed_per_ngram} must be a positive multiple of "
-          f"n_head_per_ngram={self.n_head_per_ngram}")
+        f"EngramConfig.n_embed_per_ngram={self.n_embed_per_ngram} must be a positive multiple of "
+        f"n_head_per_ngram={self.n_head_per_ngram}"
+      )
     if not self.layer_ids:
       raise ValueError("EngramConfig.layer_ids is empty: name at least one block for Engram")
     if len(set(self.layer_ids)) != len(self.layer_ids):
@@ -73,8 +81,9 @@ class EngramConfig:
         raise ValueError(f"EngramConfig.layer_ids must be >= 0, got {lid}")
       if lid == 0 and not self.allow_layer_zero:
         raise ValueError(
-            "EngramConfig.layer_ids contains 0: Engram at the first block leaves no lead time to "
-            "prefetch rows (ENGRAM_SPEC.md §4.6); pass allow_layer_zero=True to use it anyway")
+          "EngramConfig.layer_ids contains 0: Engram at the first block leaves no lead time to "
+          "prefetch rows (ENGRAM_SPEC.md §4.6); pass allow_layer_zero=True to use it anyway"
+        )
     if self.kernel_size < 1:
       raise ValueError(f"EngramConfig.kernel_size must be >= 1, got {self.kernel_size}")
     if self.pad_id < 0:
@@ -128,29 +137,43 @@ def _range_text(low, high, low_open: bool = False, high_open: bool = False) -> s
   return ""
 
 
-def check_int(owner: str, name: str, value: Any, *, low: int | None = None, high: int | None = None,
-              optional: bool = False) -> None:
+def check_int(
+  owner: str, name: str, value: Any, *, low: int | None = None, high: int | None = None, optional: bool = False
+) -> None:
   """ValueError "<owner>.<name> must be [None or ]an int in [low, high], got <value>" unless it is."""
   if value is None and optional:
     return
   ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
   if not ok or (low is not None and value < low) or (high is not None and value > high):
-    raise ValueError(f"{owner}.{name} must be {'None or ' if optional else ''}an int"
-                     f"{_range_text(low, high)}, got {value!r}")
+    raise ValueError(
+      f"{owner}.{name} must be {'None or ' if optional else ''}an int{_range_text(low, high)}, got {value!r}"
+    )
 
 
-def check_float(owner: str, name: str, value: Any, *, low: float | None = None, high: float | None = None,
-                low_open: bool = False, high_open: bool = False, optional: bool = False) -> None:
+def check_float(
+  owner: str,
+  name: str,
+  value: Any,
+  *,
+  low: float | None = None,
+  high: float | None = None,
+  low_open: bool = False,
+  high_open: bool = False,
+  optional: bool = False,
+) -> None:
   """ValueError naming the field, the value and the range unless `value` is a finite number in it."""
   if value is None and optional:
     return
   ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
   if ok:
-    ok = ((low is None or (value > low if low_open else value >= low))
-          and (high is None or (value < high if high_open else value <= high)))
+    ok = (low is None or (value > low if low_open else value >= low)) and (
+      high is None or (value < high if high_open else value <= high)
+    )
   if not ok:
-    raise ValueError(f"{owner}.{name} must be {'None or ' if optional else ''}a finite number"
-                     f"{_range_text(low, high, low_open, high_open)}, got {value!r}")
+    raise ValueError(
+      f"{owner}.{name} must be {'None or ' if optional else ''}a finite number"
+      f"{_range_text(low, high, low_open, high_open)}, got {value!r}"
+    )
 
 
 def check_bool(owner: str, name: str, value: Any) -> None:

@@ -25,16 +25,15 @@ def load_reference_engram(module: Engram, state_dict: Mapping[str, np.ndarray]) 
   g, d = module.hc_mult, module.hidden_size
   sd = {}
   for name, value in state_dict.items():
-    m = re.search(r"(multi_head_embedding\..*|short_conv\..*|value_proj\..*|key_projs\..*|norm[12]\..*)$",
-                  name)
+    m = re.search(r"(multi_head_embedding\..*|short_conv\..*|value_proj\..*|key_projs\..*|norm[12]\..*)$", name)
     sd[m.group(1) if m else name] = np.asarray(value)
 
   expected: dict[str, tuple[int, ...]] = {
-      "multi_head_embedding.embedding.weight": module.table.shape,
-      "multi_head_embedding.offsets": (module.config.num_heads,),
-      "value_proj.weight": (d, module.config.memory_dim),
-      "value_proj.bias": (d,),
-      "short_conv.conv.weight": (g * d, 1, module.config.kernel_size),
+    "multi_head_embedding.embedding.weight": module.table.shape,
+    "multi_head_embedding.offsets": (module.config.num_heads,),
+    "value_proj.weight": (d, module.config.memory_dim),
+    "value_proj.bias": (d,),
+    "short_conv.conv.weight": (g * d, 1, module.config.kernel_size),
   }
   for i in range(g):
     expected[f"key_projs.{i}.weight"] = (d, module.config.memory_dim)
@@ -51,8 +50,9 @@ def load_reference_engram(module: Engram, state_dict: Mapping[str, np.ndarray]) 
       raise ValueError(f"reference parameter {name} has shape {sd[name].shape}, module expects {shape}")
   if not np.array_equal(sd["multi_head_embedding.offsets"], np.asarray(module.offsets)):
     raise ValueError(
-        f"reference head offsets {sd['multi_head_embedding.offsets'].tolist()} differ from the "
-        f"module's {list(module.offsets)}: the hash constants (table sizes) are not the same")
+      f"reference head offsets {sd['multi_head_embedding.offsets'].tolist()} differ from the "
+      f"module's {list(module.offsets)}: the hash constants (table sizes) are not the same"
+    )
 
   def put(var, value):
     var[...] = jnp.asarray(value, var[...].dtype)
@@ -65,6 +65,6 @@ def load_reference_engram(module: Engram, state_dict: Mapping[str, np.ndarray]) 
   put(module.key_norm.scale, np.stack([sd[f"norm1.{i}.weight"] for i in range(g)]))
   put(module.query_norm.scale, np.stack([sd[f"norm2.{i}.weight"] for i in range(g)]))
   put(module.conv_norm.scale, np.stack([sd[f"short_conv.norms.{i}.weight"] for i in range(g)]))
-  conv = sd["short_conv.conv.weight"][:, 0, :].reshape(g, d, -1)   # [G, D, K]
+  conv = sd["short_conv.conv.weight"][:, 0, :].reshape(g, d, -1)  # [G, D, K]
   put(module.conv_kernel, np.transpose(conv, (2, 0, 1)))
   return module

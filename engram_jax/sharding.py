@@ -131,8 +131,7 @@ def logical_to_spec(
       continue
     if name not in rules:
       raise ValueError(
-        f"unknown logical axis name {name!r}; known: {sorted(rules)} "
-        "(add it to engram_jax.sharding.LOGICAL_AXIS_RULES)"
+        f"unknown logical axis name {name!r}; known: {sorted(rules)} (add it to engram_jax.sharding.LOGICAL_AXIS_RULES)"
       )
     chosen: list[str] = []
     extent = 1
@@ -176,9 +175,7 @@ def _is_variable(x: Any) -> bool:
   return isinstance(x, nnx.Variable)
 
 
-def state_shardings[A](
-  state: A, mesh: Mesh, rules: Mapping[str, MeshAxes] = LOGICAL_AXIS_RULES
-) -> A:
+def state_shardings[A](state: A, mesh: Mesh, rules: Mapping[str, MeshAxes] = LOGICAL_AXIS_RULES) -> A:
   """Same tree as ``state`` (an ``nnx.State`` or module), each variable's value replaced by
   its ``NamedSharding``."""
   return jax.tree.map(

@@ -83,42 +83,60 @@ def summarize(rows: list[dict]) -> tuple[list[dict], str]:
     if sweep_lib.ok(r):
       params.setdefault(r["ablation"], r)
   paired = sweep_lib.paired_summary(rows, group=lambda r: r["ablation"], is_ref=lambda r: r["ablation"] == "full")
-  lines = [sweep_lib.paired_table(paired, "variant"), "",
-           "| variant | experts | slots/head | params total | params vs full |", "|---|---:|---:|---:|---:|"]
+  lines = [
+    sweep_lib.paired_table(paired, "variant"),
+    "",
+    "| variant | experts | slots/head | params total | params vs full |",
+    "|---|---:|---:|---:|---:|",
+  ]
   for name, r in params.items():
     delta = "-" if r["params_delta"] is None else f"{r['params_delta']:+,}"
-    lines.append(f"| {name} | {r['num_experts']} | {(r.get('slots_per_head') or [0])[0]} | "
-                 f"{r['params_total']:,} | {delta} |")
+    lines.append(
+      f"| {name} | {r['num_experts']} | {(r.get('slots_per_head') or [0])[0]} | {r['params_total']:,} | {delta} |"
+    )
   return paired, "\n".join(lines)
 
 
 def plot(paired: list[dict], path: Path) -> Path:
-  return sweep_lib.plot_paired([s for s in paired if not s["is_reference"]], path,
-                               title="Ablations at a fixed budget (> 0: the removal hurts)", label="variant")
+  return sweep_lib.plot_paired(
+    [s for s in paired if not s["is_reference"]],
+    path,
+    title="Ablations at a fixed budget (> 0: the removal hurts)",
+    label="variant",
+  )
 
 
 def run(config, workdir: str, ablations, seeds, *, steps=None, train=True) -> dict:
   config = sweep_lib.with_overrides(config, steps=steps)
   planned = variants(config, ablations, seeds)
+
   def report(rows):
     paired, table = summarize(rows)
     return {"paired": paired}, table
-  return sweep_lib.run_and_report(NAME, planned, workdir, train=train, report=report,
-                                  plot=lambda rows, extra, path: plot(extra["paired"], path))
 
+  return sweep_lib.run_and_report(
+    NAME, planned, workdir, train=train, report=report, plot=lambda rows, extra, path: plot(extra["paired"], path)
+  )
 
 
 def define_flags() -> dict:
   """The command-line flags (defined only when run as a script)."""
-  return {**cli.define_flags("seeds", "steps"),
-          "ablations": flags.DEFINE_list("ablations", list(ABLATIONS), "Ablations to run (full always runs).")}
+  return {
+    **cli.define_flags("seeds", "steps"),
+    "ablations": flags.DEFINE_list("ablations", list(ABLATIONS), "Ablations to run (full always runs)."),
+  }
 
 
 def main(argv):
   del argv
   logging.basicConfig(level=logging.WARNING)
-  run(_F['config'].value, _F['workdir'].value, list(_F['ablations'].value), sweep_lib.parse_ints(_F['seeds'].value),
-      steps=_F['steps'].value)
+  run(
+    _F["config"].value,
+    _F["workdir"].value,
+    list(_F["ablations"].value),
+    sweep_lib.parse_ints(_F["seeds"].value),
+    steps=_F["steps"].value,
+  )
 
 
 _F: dict = {}

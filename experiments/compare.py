@@ -28,8 +28,9 @@ from experiments import cli
 from experiments.configs import common
 from experiments.runner import build_trainer
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/tiny.py",
-                                          "Run config file; the variant part is ignored.")
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", "experiments/configs/tiny.py", "Run config file; the variant part is ignored."
+)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Where runs, table and plot go.")
 _VARIANTS = flags.DEFINE_list("variants", ["engram", "moe"], "Variants to train and compare.")
 
@@ -53,15 +54,16 @@ def train_variant(config, variant: str, workdir: Path) -> dict:
   result = trainer.run()
   meta = trainer.meta()
   return {
-      "variant": variant,
-      "total_params": meta["params"]["total"],
-      "active_params": meta["params"]["active"],
-      "flops_per_token": meta["flops_per_token"],
-      "tokens_per_second": result.tokens_per_second,
-      "steps": result.step,
-      "tokens_seen": result.step * trainer.data_config.batch_size * trainer.data_config.seq_len,
-      "init_seed": int(config.seed), "data_seed": int(config.data.seed),
-      **(result.eval or _last_eval(workdir / variant)),
+    "variant": variant,
+    "total_params": meta["params"]["total"],
+    "active_params": meta["params"]["active"],
+    "flops_per_token": meta["flops_per_token"],
+    "tokens_per_second": result.tokens_per_second,
+    "steps": result.step,
+    "tokens_seen": result.step * trainer.data_config.batch_size * trainer.data_config.seq_len,
+    "init_seed": int(config.seed),
+    "data_seed": int(config.data.seed),
+    **(result.eval or _last_eval(workdir / variant)),
   }
 
 
@@ -78,33 +80,49 @@ def paired_line(workdir: Path, a: str, b: str) -> dict:
   rows_a, info_a = evaluation.load_rows(workdir / a)
   rows_b, info_b = evaluation.load_rows(workdir / b)
   d, se = evaluation.paired(rows_a, info_a, rows_b, info_b)
-  return {"a": a, "b": b, "diff": d, "se": se, "clears_2se": stats.clears(d, se),
-          "sequences": int(np.sum(rows_a["tokens"] > 0)), "tokens": float(np.sum(rows_a["tokens"]))}
+  return {
+    "a": a,
+    "b": b,
+    "diff": d,
+    "se": se,
+    "clears_2se": stats.clears(d, se),
+    "sequences": int(np.sum(rows_a["tokens"] > 0)),
+    "tokens": float(np.sum(rows_a["tokens"])),
+  }
 
 
 def format_paired(p: dict) -> str:
-  verdict = ("clears 2 SE" if p["clears_2se"] else
-             f"within 2 SE: not detectable here (MDE {stats.minimum_detectable_effect(p['se']):.4f})")
-  return (f"{p['a']} - {p['b']} validation loss: {stats.format_pm(p['diff'], p['se'])} nats/token "
-          f"(paired on the same {p['sequences']:,} sequences / {p['tokens']:,.0f} tokens, SE clustered by "
-          f"sequence; {verdict})")
+  verdict = (
+    "clears 2 SE"
+    if p["clears_2se"]
+    else f"within 2 SE: not detectable here (MDE {stats.minimum_detectable_effect(p['se']):.4f})"
+  )
+  return (
+    f"{p['a']} - {p['b']} validation loss: {stats.format_pm(p['diff'], p['se'])} nats/token "
+    f"(paired on the same {p['sequences']:,} sequences / {p['tokens']:,.0f} tokens, SE clustered by "
+    f"sequence; {verdict})"
+  )
 
 
 def format_table(rows: list[dict]) -> str:
-  header = ("| variant | params total | params active | FLOPs/token | tokens/s | val loss ± SE | "
-            "val ppl | bits/byte |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+  header = (
+    "| variant | params total | params active | FLOPs/token | tokens/s | val loss ± SE | "
+    "val ppl | bits/byte |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+  )
   lines = [header]
   for r in rows:
     lines.append(
-        f"| {r['variant']} | {r['total_params']:,} | {r['active_params']:,} | "
-        f"{r['flops_per_token']:,} | {r['tokens_per_second']:,.0f} | {r.get('val_loss', float('nan')):.4f} ± "
-        f"{r.get('val_loss_se', float('nan')):.4f} | "
-        f"{r.get('val_perplexity', float('nan')):.2f} | {r.get('val_bits_per_byte', float('nan')):.4f} |")
+      f"| {r['variant']} | {r['total_params']:,} | {r['active_params']:,} | "
+      f"{r['flops_per_token']:,} | {r['tokens_per_second']:,.0f} | {r.get('val_loss', float('nan')):.4f} ± "
+      f"{r.get('val_loss_se', float('nan')):.4f} | "
+      f"{r.get('val_perplexity', float('nan')):.2f} | {r.get('val_bits_per_byte', float('nan')):.4f} |"
+    )
   return "\n".join(lines)
 
 
 def plot_curves(workdir: Path, variants: list[str]) -> Path:
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -114,9 +132,14 @@ def plot_curves(workdir: Path, variants: list[str]) -> Path:
   for variant in variants:
     train = read_metrics(workdir / variant, "train")
     val = read_metrics(workdir / variant, "val")
-    line, = ax.plot([r["step"] for r in train], [r["loss"] for r in train], alpha=0.6, label=f"{variant} train")
-    ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", color=line.get_color(),
-            label=f"{variant} validation")
+    (line,) = ax.plot([r["step"] for r in train], [r["loss"] for r in train], alpha=0.6, label=f"{variant} train")
+    ax.plot(
+      [r["step"] for r in val],
+      [r["val_loss"] for r in val],
+      "o-",
+      color=line.get_color(),
+      label=f"{variant} validation",
+    )
   ax.set_xlabel("step")
   ax.set_ylabel("cross-entropy (nats/token)")
   ax.set_title("Engram+MoE vs MoE (iso-parameter)")
@@ -132,7 +155,7 @@ def plot_curves(workdir: Path, variants: list[str]) -> Path:
 def main(argv):
   del argv
   variants = check_variants(_VARIANTS.value)
-  for variant in variants:     # every variant's config is checked before any training starts
+  for variant in variants:  # every variant's config is checked before any training starts
     config = _CONFIG.value.copy_and_resolve_references()
     config.variant = variant
     common.model_config(config), common.data_config(config), common.train_config(config)
@@ -149,7 +172,7 @@ def main(argv):
   if len(rows) >= 2 and "val_loss" in rows[0] and "val_loss" in rows[1]:
     paired = paired_line(workdir, rows[0]["variant"], rows[1]["variant"])
   seeds = f"init seed {rows[0]['init_seed']}, data seed {rows[0]['data_seed']} (both variants)"
-  note = ("val loss ± SE: mean over the validation tokens, SE clustered by sequence; " + seeds)
+  note = "val loss ± SE: mean over the validation tokens, SE clustered by sequence; " + seeds
   text = f"Hardware: {device}\n\n{table}\n\n{note}\n" + (f"\n{format_paired(paired)}\n" if paired else "")
   (workdir / "comparison.json").write_text(json.dumps({"device": device, "rows": rows, "paired": paired}, indent=1))
   (workdir / "comparison.md").write_text(text)

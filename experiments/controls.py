@@ -34,7 +34,7 @@ CONTROLS = ("full", "one_slot_per_head", "frozen_random_table", "moe")
 
 
 def variant(config, which: str, seed: int) -> sweep_lib.Variant:
-  full = ablation_variant(config, "full", seed)   # same run as the ablations' and sweep's
+  full = ablation_variant(config, "full", seed)  # same run as the ablations' and sweep's
   c, model = full.config.copy_and_resolve_references(), full.model
   if which == "full":
     pass
@@ -47,8 +47,7 @@ def variant(config, which: str, seed: int) -> sweep_lib.Variant:
     model = common.model_config(c)
   else:
     raise ValueError(f"unknown control {which!r}; choose from {CONTROLS}")
-  return sweep_lib.Variant(f"ctl-{which}-h{c.model.hidden_size}-s{seed}", c, model,
-                           info={"control": which})
+  return sweep_lib.Variant(f"ctl-{which}-h{c.model.hidden_size}-s{seed}", c, model, info={"control": which})
 
 
 def summarize(rows: list[dict]) -> tuple[list[dict], list[dict], str]:
@@ -57,17 +56,21 @@ def summarize(rows: list[dict]) -> tuple[list[dict], list[dict], str]:
   paired = sweep_lib.paired_summary(rows, group=lambda r: r["control"], is_ref=lambda r: r["control"] == "full")
   for r in rows:
     r["train_val_gap"] = r["val_loss"] - r["train_loss_tail"] if sweep_lib.ok(r) else None
-  table = ("Validation loss, paired against the full Engram model:\n\n"
-           + sweep_lib.paired_table(paired, "model"))
+  table = "Validation loss, paired against the full Engram model:\n\n" + sweep_lib.paired_table(paired, "model")
   probes = fact_summary(rows)
   if probes:
-    table += ("\n\nFact-recall probe (value-token cross-entropy in nats and accuracy; seen = planted in "
-              "training, unseen = held out; mean ± SE over seeds):\n\n"
-              "| model | seeds | seen CE | unseen CE | seen - unseen CE | seen accuracy | seen CE vs full (paired) |"
-              "\n|---|---:|---:|---:|---:|---:|---:|\n"
-              + "\n".join(f"| {p['control']} | {p['n']} | {fmt_pm(p['seen_ce'])} | {fmt_pm(p['unseen_ce'])} | "
-                           f"{fmt_pm(p['gap'], signed=True)} | {fmt_pm(p['seen_acc'])} | "
-                           f"{fmt_pm(p['seen_vs_full'], signed=True)} |" for p in probes))
+    table += (
+      "\n\nFact-recall probe (value-token cross-entropy in nats and accuracy; seen = planted in "
+      "training, unseen = held out; mean ± SE over seeds):\n\n"
+      "| model | seeds | seen CE | unseen CE | seen - unseen CE | seen accuracy | seen CE vs full (paired) |"
+      "\n|---|---:|---:|---:|---:|---:|---:|\n"
+      + "\n".join(
+        f"| {p['control']} | {p['n']} | {fmt_pm(p['seen_ce'])} | {fmt_pm(p['unseen_ce'])} | "
+        f"{fmt_pm(p['gap'], signed=True)} | {fmt_pm(p['seen_acc'])} | "
+        f"{fmt_pm(p['seen_vs_full'], signed=True)} |"
+        for p in probes
+      )
+    )
   return paired, probes, table
 
 
@@ -90,32 +93,44 @@ def fact_summary(rows: list[dict]) -> list[dict]:
     if not rs:
       continue
     ps = [r["fact_probe"] for r in rs]
-    vs_full = [r["fact_probe"]["seen_ce"] - full[sweep_lib.pair_key(r)]["seen_ce"]
-               for r in rs if sweep_lib.pair_key(r) in full]
+    vs_full = [
+      r["fact_probe"]["seen_ce"] - full[sweep_lib.pair_key(r)]["seen_ce"] for r in rs if sweep_lib.pair_key(r) in full
+    ]
     ms = sweep_lib.stats.mean_se
-    out.append({"control": control, "n": len(rs), "seen_ce": ms([p["seen_ce"] for p in ps]),
-                "unseen_ce": ms([p["unseen_ce"] for p in ps]),
-                "gap": ms([p["seen_minus_unseen_ce"] for p in ps]),
-                "seen_acc": ms([p["seen_acc"] for p in ps]),
-                "seen_vs_full": ms(vs_full) if vs_full else (None, None)})
+    out.append(
+      {
+        "control": control,
+        "n": len(rs),
+        "seen_ce": ms([p["seen_ce"] for p in ps]),
+        "unseen_ce": ms([p["unseen_ce"] for p in ps]),
+        "gap": ms([p["seen_minus_unseen_ce"] for p in ps]),
+        "seen_acc": ms([p["seen_acc"] for p in ps]),
+        "seen_vs_full": ms(vs_full) if vs_full else (None, None),
+      }
+    )
   return out
 
 
 def plot(paired: list[dict], path: Path) -> Path:
-  return sweep_lib.plot_paired([s for s in paired if not s["is_reference"]], path,
-                               title="Controls: is the memory used? (0 = full Engram)",
-                               label="model")
+  return sweep_lib.plot_paired(
+    [s for s in paired if not s["is_reference"]],
+    path,
+    title="Controls: is the memory used? (0 = full Engram)",
+    label="model",
+  )
 
 
 def run(config, workdir: str, seeds, *, steps=None, train=True) -> dict:
   config = sweep_lib.with_overrides(config, steps=steps)
   planned = [variant(config, w, s) for s in seeds for w in CONTROLS]
+
   def report(rows):
     paired, probes, table = summarize(rows)
     return {"paired": paired, "fact_probe": probes}, table
-  return sweep_lib.run_and_report(NAME, planned, workdir, train=train, report=report,
-                                  plot=lambda rows, extra, path: plot(extra["paired"], path))
 
+  return sweep_lib.run_and_report(
+    NAME, planned, workdir, train=train, report=report, plot=lambda rows, extra, path: plot(extra["paired"], path)
+  )
 
 
 def define_flags() -> dict:
@@ -126,7 +141,7 @@ def define_flags() -> dict:
 def main(argv):
   del argv
   logging.basicConfig(level=logging.WARNING)
-  run(_F['config'].value, _F['workdir'].value, sweep_lib.parse_ints(_F['seeds'].value), steps=_F['steps'].value)
+  run(_F["config"].value, _F["workdir"].value, sweep_lib.parse_ints(_F["seeds"].value), steps=_F["steps"].value)
 
 
 _F: dict = {}

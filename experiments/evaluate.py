@@ -18,12 +18,14 @@ import json
 
 from absl import app, flags
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Run directory or its checkpoints/ folder.",
-                                  required=True)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Run directory or its checkpoints/ folder.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest intact one).")
-_TABLES = flags.DEFINE_enum("tables", "device", ["device", "host"],
-                            "Where the host-placed Engram tables of a run trained with "
-                            "table_placement=host/cached go on loading.")
+_TABLES = flags.DEFINE_enum(
+  "tables",
+  "device",
+  ["device", "host"],
+  "Where the host-placed Engram tables of a run trained with table_placement=host/cached go on loading.",
+)
 _EVAL_BATCHES = flags.DEFINE_integer("num_eval_batches", None, "Cap on the number of validation batches.")
 _AGAINST = flags.DEFINE_string("against", None, "A second run, scored on the same tokens: paired difference.")
 
@@ -39,17 +41,25 @@ def main(argv):
     data = data.replace(num_eval_batches=_EVAL_BATCHES.value)
   rows, fingerprint = evaluation.evaluate_run_rows(run, data)
   metrics = evaluation.summarize_rows(rows)
-  out = {"checkpoint": _CHECKPOINT.value, "step": run.step, "tables": _TABLES.value,
-         "se": "clustered by sequence", **metrics}
-  print(f"val loss {metrics['val_loss']:.4f} ± {metrics['val_loss_se']:.4f} (SE clustered by sequence, "
-        f"{metrics['val_sequences']:.0f} sequences, {metrics['val_tokens']:.0f} tokens)")
+  out = {
+    "checkpoint": _CHECKPOINT.value,
+    "step": run.step,
+    "tables": _TABLES.value,
+    "se": "clustered by sequence",
+    **metrics,
+  }
+  print(
+    f"val loss {metrics['val_loss']:.4f} ± {metrics['val_loss_se']:.4f} (SE clustered by sequence, "
+    f"{metrics['val_sequences']:.0f} sequences, {metrics['val_tokens']:.0f} tokens)"
+  )
   if _AGAINST.value:
     other = load_run(_AGAINST.value, tables=_TABLES.value)
     # the same tokens: this run's validation set, hashed for the other model
     rows_b, fp_b = evaluation.evaluate_run_rows(other, data)
     d, se = evaluation.paired(rows, {"fingerprint": fingerprint}, rows_b, {"fingerprint": fp_b})
-    out.update({"against": _AGAINST.value, "paired_diff": d, "paired_diff_se": se,
-                "paired_clears_2se": stats.clears(d, se)})
+    out.update(
+      {"against": _AGAINST.value, "paired_diff": d, "paired_diff_se": se, "paired_clears_2se": stats.clears(d, se)}
+    )
     print(f"minus {_AGAINST.value}: {stats.format_pm(d, se)} nats/token (paired, SE clustered by sequence)")
   print(json.dumps(out, indent=1))
 

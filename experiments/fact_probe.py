@@ -44,41 +44,58 @@ def _score(model, tokenizer, row_hasher, facts: tuple[Fact, ...]) -> dict[str, n
 
   @jax.jit
   def value_logp(state, tokens, rows, positions, segment_ids):
-    logits, _ = nnx.merge(graphdef, state)(tokens, rows or None, positions=positions,
-                                           segment_ids=segment_ids)
+    logits, _ = nnx.merge(graphdef, state)(tokens, rows or None, positions=positions, segment_ids=segment_ids)
     return jax.nn.log_softmax(logits[:, KEY_TOKENS - 1].astype(jax.numpy.float32), axis=-1)
 
-  logp = np.asarray(value_logp(state, batch["tokens"], batch["engram_ids"], batch["positions"],
-                               batch["segment_ids"]))
+  logp = np.asarray(value_logp(state, batch["tokens"], batch["engram_ids"], batch["positions"], batch["segment_ids"]))
   values = ids[:, KEY_TOKENS]
   ce = -logp[np.arange(len(facts)), values]
   correct = (np.argmax(logp, axis=-1) == values).astype(np.float64)
   return {"ce": ce.astype(np.float64), "correct": correct}
 
 
-def probe(run, *, num_facts: int | None = None, held_out_facts: int | None = None,
-          fact_seed: int | None = None) -> dict[str, Any]:
+def probe(
+  run, *, num_facts: int | None = None, held_out_facts: int | None = None, fact_seed: int | None = None
+) -> dict[str, Any]:
   """The probe's metrics for a `LoadedRun` (defaults: the facts its data config planted)."""
-  return probe_model(run.model, run.tokenizer, run.row_hasher, run.data_config, num_facts=num_facts,
-                     held_out_facts=held_out_facts, fact_seed=fact_seed)
+  return probe_model(
+    run.model,
+    run.tokenizer,
+    run.row_hasher,
+    run.data_config,
+    num_facts=num_facts,
+    held_out_facts=held_out_facts,
+    fact_seed=fact_seed,
+  )
 
 
-def probe_model(model, tokenizer, row_hasher, data, *, num_facts: int | None = None,
-                held_out_facts: int | None = None, fact_seed: int | None = None) -> dict[str, Any]:
+def probe_model(
+  model,
+  tokenizer,
+  row_hasher,
+  data,
+  *,
+  num_facts: int | None = None,
+  held_out_facts: int | None = None,
+  fact_seed: int | None = None,
+) -> dict[str, Any]:
   """As `probe`, for a model in memory with its tokenizer, `EngramRowHasher` and DataConfig."""
   n_train = data.num_facts if num_facts is None else num_facts
-  n_held = (data.num_held_out_facts if num_facts is None else n_train) if held_out_facts is None \
-      else held_out_facts
+  n_held = (data.num_held_out_facts if num_facts is None else n_train) if held_out_facts is None else held_out_facts
   seed = data.fact_seed if fact_seed is None else fact_seed
   if n_train + n_held == 0:
-    raise ValueError("the run planted no facts (DataConfig.num_facts=0); pass num_facts to probe "
-                     "unseen facts")
+    raise ValueError("the run planted no facts (DataConfig.num_facts=0); pass num_facts to probe unseen facts")
   facts = make_facts(tokenizer, n_train, n_held, seed)
   trained_in_run = data.num_facts > 0 and (n_train, seed) == (data.num_facts, data.fact_seed)
-  out: dict[str, Any] = {"facts_trained_in_run": bool(trained_in_run),
-                         "num_seen": len(facts.trained), "num_unseen": len(facts.held_out)}
-  scores = {"seen": _score(model, tokenizer, row_hasher, facts.trained),
-            "unseen": _score(model, tokenizer, row_hasher, facts.held_out)}
+  out: dict[str, Any] = {
+    "facts_trained_in_run": bool(trained_in_run),
+    "num_seen": len(facts.trained),
+    "num_unseen": len(facts.held_out),
+  }
+  scores = {
+    "seen": _score(model, tokenizer, row_hasher, facts.trained),
+    "unseen": _score(model, tokenizer, row_hasher, facts.held_out),
+  }
   for name, s in scores.items():
     if len(s["ce"]):
       out[f"{name}_ce"], out[f"{name}_ce_se"] = stats.mean_se(s["ce"])
@@ -101,8 +118,10 @@ def format_probe(p: dict[str, Any]) -> str:
   lines = []
   for name in ("seen", "unseen"):
     if f"{name}_ce" in p:
-      lines.append(f"{name:>6} facts ({p[f'num_{name}']}): value CE {p[f'{name}_ce']:.3f} ± "
-                   f"{p[f'{name}_ce_se']:.3f} nats, accuracy {p[f'{name}_acc']:.3f} ± {p[f'{name}_acc_se']:.3f}")
+      lines.append(
+        f"{name:>6} facts ({p[f'num_{name}']}): value CE {p[f'{name}_ce']:.3f} ± "
+        f"{p[f'{name}_ce_se']:.3f} nats, accuracy {p[f'{name}_acc']:.3f} ± {p[f'{name}_acc_se']:.3f}"
+      )
   if "seen_minus_unseen_ce" in p:
     lines.append(f"seen - unseen CE: {stats.format_pm(p['seen_minus_unseen_ce'], p['seen_minus_unseen_ce_se'], 3)}")
   return "\n".join(lines)
@@ -110,16 +129,22 @@ def format_probe(p: dict[str, Any]) -> str:
 
 def define_flags() -> dict:
   """The command-line flags (defined only when run as a script: sweep_lib imports this)."""
-  return {"checkpoint": flags.DEFINE_string("checkpoint", None, "Run directory.", required=True),
-          "num_facts": flags.DEFINE_integer("num_facts", None, "Facts scored as 'seen' (default: the run's)."),
-          "held_out_facts": flags.DEFINE_integer("held_out_facts", None, "Held-out facts (default: the run's)."),
-          "fact_seed": flags.DEFINE_integer("fact_seed", None, "Fact generator seed (default: the run's).")}
+  return {
+    "checkpoint": flags.DEFINE_string("checkpoint", None, "Run directory.", required=True),
+    "num_facts": flags.DEFINE_integer("num_facts", None, "Facts scored as 'seen' (default: the run's)."),
+    "held_out_facts": flags.DEFINE_integer("held_out_facts", None, "Held-out facts (default: the run's)."),
+    "fact_seed": flags.DEFINE_integer("fact_seed", None, "Fact generator seed (default: the run's)."),
+  }
 
 
 def main(argv):
   del argv
-  p = probe_checkpoint(_F["checkpoint"].value, num_facts=_F["num_facts"].value,
-                       held_out_facts=_F["held_out_facts"].value, fact_seed=_F["fact_seed"].value)
+  p = probe_checkpoint(
+    _F["checkpoint"].value,
+    num_facts=_F["num_facts"].value,
+    held_out_facts=_F["held_out_facts"].value,
+    fact_seed=_F["fact_seed"].value,
+  )
   print(format_probe(p))
   print(json.dumps({k: v for k, v in p.items() if not k.startswith("per_fact")}, indent=1))
 

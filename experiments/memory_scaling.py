@@ -40,15 +40,21 @@ def variants(config, slots, baseline_slots, seeds) -> list[sweep_lib.Variant]:
     c = sweep_lib.with_seed(config, seed)
     c_moe = c.copy_and_resolve_references()
     c_moe.variant = "moe"
-    out.append(sweep_lib.Variant(f"moe-h{c.model.hidden_size}-s{seed}", c_moe, common.model_config(c_moe),
-                                 info={"mode": "none", "slots": 0}))
+    out.append(
+      sweep_lib.Variant(
+        f"moe-h{c.model.hidden_size}-s{seed}", c_moe, common.model_config(c_moe), info={"mode": "none", "slots": 0}
+      )
+    )
     c_eng = c.copy_and_resolve_references()
     c_eng.variant = "engram"
     for mode, sizes in (("engram", slots), ("input_average", baseline_slots)):
       for s in sizes:
         model = sweep_lib.engram_at_slots(c_eng, s, engram_mode=mode)
-        out.append(sweep_lib.Variant(f"mem-{mode}-h{c.model.hidden_size}-slots{s}-s{seed}", c_eng, model,
-                                     info={"mode": mode, "slots": int(s)}))
+        out.append(
+          sweep_lib.Variant(
+            f"mem-{mode}-h{c.model.hidden_size}-slots{s}-s{seed}", c_eng, model, info={"mode": mode, "slots": int(s)}
+          )
+        )
   return out
 
 
@@ -65,65 +71,89 @@ def summarize(rows: list[dict]) -> tuple[dict, list[dict], str]:
   for mode in MODES:
     per_seed = {}
     for key in sorted({sweep_lib.pair_key(r) for r in good}):
-      pts = sorted((r["slots"], r["val_loss"]) for r in good
-                   if r["mode"] == mode and sweep_lib.pair_key(r) == key)
+      pts = sorted((r["slots"], r["val_loss"]) for r in good if r["mode"] == mode and sweep_lib.pair_key(r) == key)
       slope = fit_per_decade(pts)
       if slope is not None:
         per_seed[key[0]] = slope
     mean, se = sweep_lib.stats.mean_se(per_seed.values()) if per_seed else (None, None)
-    fits[mode] = {"per_decade": mean, "per_decade_se": se, "per_seed": per_seed,
-                  "claim": mean is not None and sweep_lib.stats.clears(mean, se)}
-  paired = sweep_lib.paired_summary(rows, group=lambda r: (r["mode"], r["slots"]),
-                                    is_ref=lambda r: r["mode"] == "none")
+    fits[mode] = {
+      "per_decade": mean,
+      "per_decade_se": se,
+      "per_seed": per_seed,
+      "claim": mean is not None and sweep_lib.stats.clears(mean, se),
+    }
+  paired = sweep_lib.paired_summary(rows, group=lambda r: (r["mode"], r["slots"]), is_ref=lambda r: r["mode"] == "none")
   paired.sort(key=lambda s: (-1 if s["group"][0] == "none" else MODES.index(s["group"][0]), s["group"][1]))
-  lines = ["Paired against the MoE backbone alone (same init and data seeds, same validation tokens):", "",
-           sweep_lib.paired_table(paired, "mode, slots/head", lambda g: f"{g[0]}, {g[1]}"), ""]
+  lines = [
+    "Paired against the MoE backbone alone (same init and data seeds, same validation tokens):",
+    "",
+    sweep_lib.paired_table(paired, "mode, slots/head", lambda g: f"{g[0]}, {g[1]}"),
+    "",
+  ]
   params = {(r["mode"], r["slots"]): r for r in good}
   lines += ["| mode | slots/head | table params | params total | FLOPs/token |", "|---|---:|---:|---:|---:|"]
   for (mode, slots), r in sorted(params.items(), key=lambda kv: (kv[0][0] != "none", kv[0])):
-    lines.append(f"| {mode} | {slots} | {r['params_engram_table']:,} | {r['params_total']:,} | "
-                 f"{r['flops_per_token']:,} |")
+    lines.append(
+      f"| {mode} | {slots} | {r['params_engram_table']:,} | {r['params_total']:,} | {r['flops_per_token']:,} |"
+    )
   lines.append("")
   for mode, f in fits.items():
     if f["per_decade"] is not None:
       per = ", ".join(f"s{k}: {v:+.4f}" for k, v in f["per_seed"].items())
-      lines.append(f"- {mode}: {sweep_lib.stats.format_pm(f['per_decade'], f['per_decade_se'])} nats per "
-                   f"decade of slots (least squares per seed, mean ± SE over seeds; {per}); "
-                   + ("clears 2 SE" if f["claim"] else "not distinguishable from 0 at 2 SE"))
+      lines.append(
+        f"- {mode}: {sweep_lib.stats.format_pm(f['per_decade'], f['per_decade_se'])} nats per "
+        f"decade of slots (least squares per seed, mean ± SE over seeds; {per}); "
+        + ("clears 2 SE" if f["claim"] else "not distinguishable from 0 at 2 SE")
+      )
   return fits, paired, "\n".join(lines)
 
 
 def plot(paired: list[dict], path: Path) -> Path:
-  return sweep_lib.plot_paired([s for s in paired if s["group"][0] != "none"], path,
-                               title="Memory scaling with the backbone fixed (0 = MoE alone)",
-                               label="slots", x=lambda g: g[1], xscale="log",
-                               series=lambda g: "Engram" if g[0] == "engram" else "n-gram average into input",
-                               xlabel="slots per head (nominal rows)")
+  return sweep_lib.plot_paired(
+    [s for s in paired if s["group"][0] != "none"],
+    path,
+    title="Memory scaling with the backbone fixed (0 = MoE alone)",
+    label="slots",
+    x=lambda g: g[1],
+    xscale="log",
+    series=lambda g: "Engram" if g[0] == "engram" else "n-gram average into input",
+    xlabel="slots per head (nominal rows)",
+  )
 
 
 def run(config, workdir: str, slots, baseline_slots, seeds=0, *, steps=None, train=True) -> dict:
   config = sweep_lib.with_overrides(config, steps=steps)
   planned = variants(config, slots, baseline_slots, seeds)
+
   def report(rows):
     fits, paired, table = summarize(rows)
     return {"fits": fits, "paired": paired}, table
-  return sweep_lib.run_and_report(NAME, planned, workdir, train=train, report=report,
-                                  plot=lambda rows, extra, path: plot(extra["paired"], path))
 
+  return sweep_lib.run_and_report(
+    NAME, planned, workdir, train=train, report=report, plot=lambda rows, extra, path: plot(extra["paired"], path)
+  )
 
 
 def define_flags() -> dict:
   """The command-line flags (defined only when run as a script)."""
-  return {**cli.define_flags("slots", "baseline_slots", "seeds", "steps"),
-          "seed": flags.DEFINE_integer("seed", 0, "Seed of every run (when --seeds is not given).")}
+  return {
+    **cli.define_flags("slots", "baseline_slots", "seeds", "steps"),
+    "seed": flags.DEFINE_integer("seed", 0, "Seed of every run (when --seeds is not given)."),
+  }
 
 
 def main(argv):
   del argv
   logging.basicConfig(level=logging.WARNING)
-  seeds = sweep_lib.parse_ints(_F['seeds'].value) if _F['seeds'].value else [_F['seed'].value]
-  run(_F['config'].value, _F['workdir'].value, sweep_lib.parse_ints(_F['slots'].value),
-      sweep_lib.parse_ints(_F['baseline_slots'].value), seeds, steps=_F['steps'].value)
+  seeds = sweep_lib.parse_ints(_F["seeds"].value) if _F["seeds"].value else [_F["seed"].value]
+  run(
+    _F["config"].value,
+    _F["workdir"].value,
+    sweep_lib.parse_ints(_F["slots"].value),
+    sweep_lib.parse_ints(_F["baseline_slots"].value),
+    seeds,
+    steps=_F["steps"].value,
+  )
 
 
 _F: dict = {}

@@ -40,19 +40,32 @@ SEEDS = (0, 1, 2)
 SLOTS = (256, 1024, 4096)
 
 
-def plan(config, *, experiments=EXPERIMENTS, seeds=SEEDS, rhos=RHOS, secondary_rhos=None,
-         budget_scales=(1.0,), slots=SLOTS, baseline_slots=SLOTS) -> dict[str, dict]:
+def plan(
+  config,
+  *,
+  experiments=EXPERIMENTS,
+  seeds=SEEDS,
+  rhos=RHOS,
+  secondary_rhos=None,
+  budget_scales=(1.0,),
+  slots=SLOTS,
+  baseline_slots=SLOTS,
+) -> dict[str, dict]:
   """The arguments of each experiment's `run`, by experiment name."""
   unknown = sorted(set(experiments) - set(EXPERIMENTS))
   if unknown:
     raise ValueError(f"unknown experiments {unknown}; choose from {EXPERIMENTS}")
   seeds = list(seeds)
   args = {
-      "allocation_sweep": {"rhos": list(rhos), "scales": list(budget_scales), "seeds": seeds,
-                               "secondary_rhos": None if secondary_rhos is None else list(secondary_rhos)},
-      "memory_scaling": {"slots": list(slots), "baseline_slots": list(baseline_slots), "seeds": seeds},
-      "ablations": {"ablations": list(ablations.ABLATIONS), "seeds": seeds},
-      "controls": {"seeds": seeds},
+    "allocation_sweep": {
+      "rhos": list(rhos),
+      "scales": list(budget_scales),
+      "seeds": seeds,
+      "secondary_rhos": None if secondary_rhos is None else list(secondary_rhos),
+    },
+    "memory_scaling": {"slots": list(slots), "baseline_slots": list(baseline_slots), "seeds": seeds},
+    "ablations": {"ablations": list(ablations.ABLATIONS), "seeds": seeds},
+    "controls": {"seeds": seeds},
   }
   return {k: v for k, v in args.items() if k in experiments}
 
@@ -63,8 +76,7 @@ def ordered_variants(config, args: dict[str, dict]) -> list[sweep_lib.Variant]:
   first, later = [], []
   if "allocation_sweep" in args:
     a = args["allocation_sweep"]
-    vs = allocation_sweep.variants(config, a["rhos"], a["scales"], a["seeds"],
-                                   secondary_rhos=a["secondary_rhos"])
+    vs = allocation_sweep.variants(config, a["rhos"], a["scales"], a["seeds"], secondary_rhos=a["secondary_rhos"])
     primary = f"-h{int(config.model.hidden_size)}-"
     first += [v for v in vs if primary in v.name and v.name.endswith(f"-s{a['seeds'][0]}")]
     later += [v for v in vs if v not in first]
@@ -81,11 +93,10 @@ def ordered_variants(config, args: dict[str, dict]) -> list[sweep_lib.Variant]:
     if v.key() not in seen:
       seen.add(v.key())
       out.append(v)
-  return sorted(out, key=lambda v: int(v.config.seed))   # stable: keeps the order within a seed
+  return sorted(out, key=lambda v: int(v.config.seed))  # stable: keeps the order within a seed
 
 
-def report(config, workdir: str, args: dict[str, dict], docs_dir: str | None = None, *,
-           train: bool = True) -> dict:
+def report(config, workdir: str, args: dict[str, dict], docs_dir: str | None = None, *, train: bool = True) -> dict:
   """Each experiment's tables and plots (training whatever is still missing, unless
   train=False: then from the finished runs alone, the others listed as missing)."""
   out = {}
@@ -95,11 +106,11 @@ def report(config, workdir: str, args: dict[str, dict], docs_dir: str | None = N
     print(f"==== {name}", flush=True)
     a = args[name]
     if name == "allocation_sweep":
-      out[name] = allocation_sweep.run(config, workdir, a["rhos"], a["scales"], a["seeds"],
-                                       secondary_rhos=a["secondary_rhos"], train=train)
+      out[name] = allocation_sweep.run(
+        config, workdir, a["rhos"], a["scales"], a["seeds"], secondary_rhos=a["secondary_rhos"], train=train
+      )
     elif name == "memory_scaling":
-      out[name] = memory_scaling.run(config, workdir, a["slots"], a["baseline_slots"], a["seeds"],
-                                     train=train)
+      out[name] = memory_scaling.run(config, workdir, a["slots"], a["baseline_slots"], a["seeds"], train=train)
     elif name == "ablations":
       out[name] = ablations.run(config, workdir, a["ablations"], a["seeds"], train=train)
     else:
@@ -125,14 +136,12 @@ def define_flags() -> dict:
   (`experiments.cli`) and run_all's own."""
   f = flags
   return {
-      **cli.define_flags("steps", "seeds", "rhos", "secondary_rhos", "budget_scales", "slots",
-                         "baseline_slots"),
-      "only": f.DEFINE_list("only", list(EXPERIMENTS), "Experiments to run."),
-      "workers": f.DEFINE_integer("workers", 2, "Training processes sharing the run list."),
-      "train_only": f.DEFINE_bool("train_only", False, "Only train (a worker); no tables or plots."),
-      "report_only": f.DEFINE_bool("report_only", False,
-                                   "Only write tables and plots from the finished runs."),
-      "docs_dir": f.DEFINE_string("docs_dir", None, "Copy results.json / *.png / table.md here."),
+    **cli.define_flags("steps", "seeds", "rhos", "secondary_rhos", "budget_scales", "slots", "baseline_slots"),
+    "only": f.DEFINE_list("only", list(EXPERIMENTS), "Experiments to run."),
+    "workers": f.DEFINE_integer("workers", 2, "Training processes sharing the run list."),
+    "train_only": f.DEFINE_bool("train_only", False, "Only train (a worker); no tables or plots."),
+    "report_only": f.DEFINE_bool("report_only", False, "Only write tables and plots from the finished runs."),
+    "docs_dir": f.DEFINE_string("docs_dir", None, "Copy results.json / *.png / table.md here."),
   }
 
 
@@ -142,11 +151,15 @@ def main(argv):
   sweep_lib.quiet_logs()
   F = {k: v.value for k, v in _F.items()}
   sweep_lib.enable_compilation_cache(F["workdir"])
-  kwargs = {"experiments": list(F["only"]), "seeds": sweep_lib.parse_ints(F["seeds"]),
-                "rhos": sweep_lib.parse_floats(F["rhos"]),
-                "secondary_rhos": sweep_lib.parse_floats(F["secondary_rhos"]) if F["secondary_rhos"] else None,
-                "budget_scales": sweep_lib.parse_floats(F["budget_scales"]),
-                "slots": sweep_lib.parse_ints(F["slots"]), "baseline_slots": sweep_lib.parse_ints(F["baseline_slots"])}
+  kwargs = {
+    "experiments": list(F["only"]),
+    "seeds": sweep_lib.parse_ints(F["seeds"]),
+    "rhos": sweep_lib.parse_floats(F["rhos"]),
+    "secondary_rhos": sweep_lib.parse_floats(F["secondary_rhos"]) if F["secondary_rhos"] else None,
+    "budget_scales": sweep_lib.parse_floats(F["budget_scales"]),
+    "slots": sweep_lib.parse_ints(F["slots"]),
+    "baseline_slots": sweep_lib.parse_ints(F["baseline_slots"]),
+  }
   config = sweep_lib.with_overrides(F["config"], steps=F["steps"])
   args = plan(config, **kwargs)
   if F["report_only"]:
@@ -155,9 +168,11 @@ def main(argv):
   workers = []
   if F["workers"] > 1 and not F["train_only"]:
     argv = [a for a in sys.argv[1:] if not a.startswith("--workers")]
-    workers = [subprocess.Popen([sys.executable, "-m", "experiments.run_all", *argv, "--train_only"])
-               for _ in range(F["workers"] - 1)]
-    time.sleep(5)   # let the workers claim the first runs
+    workers = [
+      subprocess.Popen([sys.executable, "-m", "experiments.run_all", *argv, "--train_only"])
+      for _ in range(F["workers"] - 1)
+    ]
+    time.sleep(5)  # let the workers claim the first runs
   t0 = time.perf_counter()
   sweep_lib.run_all(ordered_variants(config, args), F["workdir"])
   for w in workers:

@@ -19,6 +19,13 @@ def build_trainer(config, workdir: str, *, data_shards: int | None = None, model
 
   axes = common.mesh_axes(config, jax.device_count())  # global: every process's devices
   mesh = sharding_lib.make_mesh(**axes)
-  return Trainer(model_config or common.model_config(config), common.train_config(config), common.data_config(config),
-                 workdir, seed=config.seed, mesh=mesh, compress_tokens=common.compress_tokens(config),
-                 data_shards=data_shards)
+  return Trainer(
+    model_config or common.model_config(config),
+    common.train_config(config),
+    common.data_config(config),
+    workdir,
+    seed=config.seed,
+    mesh=mesh,
+    compress_tokens=common.compress_tokens(config),
+    data_shards=data_shards,
+  )

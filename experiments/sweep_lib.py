@@ -37,15 +37,16 @@ RESULT_FILE = "result.json"
 # Options added after runs were recorded: at their defaults they leave a run's key unchanged
 # (the cached runs stay valid; none of them changes what is computed).
 # table_optimizer: runs recorded before the field existed trained with dense table Adam
-KEY_NEUTRAL_DEFAULTS = {"train": {"table_placement": "device", "table_optimizer": "dense_adam"}, "data": {"decode_errors": "error"},
-                        "model": {"engram_row_multiple": 1, "engram_sharded_lookup": "all_to_all",
-                                  "engram_table_sharding": "tensor"}}
+KEY_NEUTRAL_DEFAULTS = {
+  "train": {"table_placement": "device", "table_optimizer": "dense_adam"},
+  "data": {"decode_errors": "error"},
+  "model": {"engram_row_multiple": 1, "engram_sharded_lookup": "all_to_all", "engram_table_sharding": "tensor"},
+}
 LOCK_FILE = "running.lock"
 
 
 # ------------------------------------------------------------------------------- configs
-def with_overrides(config: ml_collections.ConfigDict, *, steps: int | None = None
-                   ) -> ml_collections.ConfigDict:
+def with_overrides(config: ml_collections.ConfigDict, *, steps: int | None = None) -> ml_collections.ConfigDict:
   """A copy of `config` with the experiment-wide overrides applied (--steps: total steps,
   warmup 10% of them, one evaluation at the end)."""
   c = config.copy_and_resolve_references()
@@ -60,8 +61,7 @@ def with_overrides(config: ml_collections.ConfigDict, *, steps: int | None = Non
   return c
 
 
-def with_seed(config: ml_collections.ConfigDict, seed: int, data_seed: int | None = None
-              ) -> ml_collections.ConfigDict:
+def with_seed(config: ml_collections.ConfigDict, seed: int, data_seed: int | None = None) -> ml_collections.ConfigDict:
   """Replicate `seed`: the model init seed (`config.seed`) and the data-order seed
   (`config.data.seed`, default the same number). Variants of one replicate share both, so
   their comparison is paired on init and data; the validation tokens never change."""
@@ -91,8 +91,7 @@ def scale_backbone(config: ml_collections.ConfigDict, factor: float) -> ml_colle
   return c
 
 
-def engram_at_slots(config: ml_collections.ConfigDict, slots_per_head: int, **model_overrides
-                    ) -> ModelConfig:  # noqa: F821
+def engram_at_slots(config: ml_collections.ConfigDict, slots_per_head: int, **model_overrides) -> ModelConfig:  # noqa: F821
   """The MoE backbone of `config` unchanged (its own expert count) plus Engram with
   `slots_per_head` nominal rows per head (no allocation: the backbone is fixed)."""
   from engram_jax.models.config import ModelConfig
@@ -113,13 +112,17 @@ class Variant:
 
   name: str
   config: ml_collections.ConfigDict
-  model: Any                      # ModelConfig
-  info: dict[str, Any] = dataclasses.field(default_factory=dict)   # e.g. {"rho": 0.8}
+  model: Any  # ModelConfig
+  info: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. {"rho": 0.8}
 
   def key(self) -> str:
-    spec = {"model": self.model.to_dict(), "train": common.train_config(self.config).to_dict(),
-            "data": common.data_config(self.config).to_dict(), "seed": int(self.config.seed),
-            "compress": common.compress_tokens(self.config)}
+    spec = {
+      "model": self.model.to_dict(),
+      "train": common.train_config(self.config).to_dict(),
+      "data": common.data_config(self.config).to_dict(),
+      "seed": int(self.config.seed),
+      "compress": common.compress_tokens(self.config),
+    }
     for block, fields in KEY_NEUTRAL_DEFAULTS.items():
       for name, default in fields.items():
         if spec[block].get(name, default) == default:
@@ -157,8 +160,10 @@ def hardware() -> str:
 
   d = jax.devices()[0]
   cpus = os.cpu_count()
-  return (f"{d.platform} x{jax.device_count()} ({d.device_kind}); host {platform.machine()} "
-          f"with {cpus} CPU cores; jax {jax.__version__}")
+  return (
+    f"{d.platform} x{jax.device_count()} ({d.device_kind}); host {platform.machine()} "
+    f"with {cpus} CPU cores; jax {jax.__version__}"
+  )
 
 
 def run_variant(variant: Variant, workdir: str | Path) -> dict[str, Any]:
@@ -178,9 +183,15 @@ def run_variant(variant: Variant, workdir: str | Path) -> dict[str, Any]:
 
   c = variant.config
   axes = common.mesh_axes(c, jax.device_count())
-  trainer = Trainer(variant.model, common.train_config(c), common.data_config(c), run_dir,
-                    seed=int(c.seed), mesh=sharding_lib.make_mesh(**axes),
-                    compress_tokens=common.compress_tokens(c))
+  trainer = Trainer(
+    variant.model,
+    common.train_config(c),
+    common.data_config(c),
+    run_dir,
+    seed=int(c.seed),
+    mesh=sharding_lib.make_mesh(**axes),
+    compress_tokens=common.compress_tokens(c),
+  )
   t0 = time.perf_counter()
   result = trainer.run()
   wall = time.perf_counter() - t0
@@ -198,16 +209,22 @@ def run_variant(variant: Variant, workdir: str | Path) -> dict[str, Any]:
   actual = actual_param_counts(trainer.model_config)
   dc = trainer.data_config
   row = {
-      "name": variant.name, "run_dir": str(run_dir), "seed": int(c.seed),
-      "steps": result.step, "tokens": result.step * dc.batch_size * dc.seq_len,
-      "train_loss_tail": sum(tail) / len(tail) if tail else float("nan"),
-      **evaluation,
-      "params_total": actual["total"], "params_engram_table": actual["engram_table"],
-      "analytic_total": counts.total, "analytic_active": counts.active,
-      "num_experts": None if trainer.model_config.moe is None else trainer.model_config.moe.num_experts,
-      "flops_per_token": flops_per_token(trainer.model_config, dc.seq_len),
-      "tokens_per_second": result.tokens_per_second, "wall_seconds": wall,
-      "hardware": hardware(),
+    "name": variant.name,
+    "run_dir": str(run_dir),
+    "seed": int(c.seed),
+    "steps": result.step,
+    "tokens": result.step * dc.batch_size * dc.seq_len,
+    "train_loss_tail": sum(tail) / len(tail) if tail else float("nan"),
+    **evaluation,
+    "params_total": actual["total"],
+    "params_engram_table": actual["engram_table"],
+    "analytic_total": counts.total,
+    "analytic_active": counts.active,
+    "num_experts": None if trainer.model_config.moe is None else trainer.model_config.moe.num_experts,
+    "flops_per_token": flops_per_token(trainer.model_config, dc.seq_len),
+    "tokens_per_second": result.tokens_per_second,
+    "wall_seconds": wall,
+    "hardware": hardware(),
   }
   row["data_seed"] = int(dc.seed)
   if trainer.model_config.engram is not None:
@@ -253,8 +270,12 @@ def ok(row: dict) -> bool:
   return "failed" not in row and "run_dir" in row
 
 
-def paired_summary(rows: Sequence[dict], group: Callable[[dict], Any], is_ref: Callable[[dict], bool],
-                   ref_group: Callable[[dict], Any] = lambda r: None) -> list[dict[str, Any]]:
+def paired_summary(
+  rows: Sequence[dict],
+  group: Callable[[dict], Any],
+  is_ref: Callable[[dict], bool],
+  ref_group: Callable[[dict], Any] = lambda r: None,
+) -> list[dict[str, Any]]:
   """Paired differences against a reference, replicated over seeds.
 
   For every row: loss minus the loss of the reference run (is_ref) with the same init and
@@ -280,10 +301,20 @@ def paired_summary(rows: Sequence[dict], group: Callable[[dict], Any], is_ref: C
     diffs = [p["diff"] for p in per_seed]
     mean, se = stats.mean_se(diffs) if diffs else (float("nan"), float("nan"))
     loss, loss_se = stats.mean_se([r["val_loss"] for r in rs])
-    out.append({"group": g, "seeds": [p["seed"] for p in per_seed], "diff_mean": mean, "diff_se": se,
-                "claim": stats.clears(mean, se), "mde": stats.minimum_detectable_effect(se),
-                "per_seed": per_seed, "val_loss_mean": loss, "val_loss_se_seeds": loss_se,
-                "is_reference": all(is_ref(r) for r in rs)})
+    out.append(
+      {
+        "group": g,
+        "seeds": [p["seed"] for p in per_seed],
+        "diff_mean": mean,
+        "diff_se": se,
+        "claim": stats.clears(mean, se),
+        "mde": stats.minimum_detectable_effect(se),
+        "per_seed": per_seed,
+        "val_loss_mean": loss,
+        "val_loss_se_seeds": loss_se,
+        "is_reference": all(is_ref(r) for r in rs),
+      }
+    )
   return out
 
 
@@ -299,20 +330,34 @@ def verdict(s: dict) -> str:
 
 def paired_table(summary: Sequence[dict], label: str, fmt_group: Callable[[Any], str] = str) -> str:
   """Markdown: group | seeds | mean loss | paired difference ± SE over seeds | per seed | verdict."""
-  lines = [f"| {label} | seeds | val loss (mean ± SE over seeds) | vs reference, paired (± SE over seeds) | "
-           "per seed (± SE over tokens) | verdict |", "|---|---:|---:|---:|---|---|"]
+  lines = [
+    f"| {label} | seeds | val loss (mean ± SE over seeds) | vs reference, paired (± SE over seeds) | "
+    "per seed (± SE over tokens) | verdict |",
+    "|---|---:|---:|---:|---|---|",
+  ]
   for s in summary:
     per = "; ".join(f"s{p['seed']}: {stats.format_pm(p['diff'], p['se_tokens'])}" for p in s["per_seed"])
     loss = stats.format_pm(s["val_loss_mean"], s["val_loss_se_seeds"]).lstrip("+")
-    lines.append(f"| {fmt_group(s['group'])} | {len(s['seeds'])} | {loss} | "
-                 f"{stats.format_pm(s['diff_mean'], s['diff_se'])} | {per} | {verdict(s)} |")
+    lines.append(
+      f"| {fmt_group(s['group'])} | {len(s['seeds'])} | {loss} | "
+      f"{stats.format_pm(s['diff_mean'], s['diff_se'])} | {per} | {verdict(s)} |"
+    )
   return "\n".join(lines)
 
 
-def plot_paired(summary: Sequence[dict], path: str | Path, *, title: str, label: str,
-                x: Callable[[Any], float] | None = None, fmt_group: Callable[[Any], str] = str,
-                xlabel: str | None = None, xscale: str | None = None, invert_x: bool = False,
-                series: Callable[[Any], str] | None = None) -> Path:
+def plot_paired(
+  summary: Sequence[dict],
+  path: str | Path,
+  *,
+  title: str,
+  label: str,
+  x: Callable[[Any], float] | None = None,
+  fmt_group: Callable[[Any], str] = str,
+  xlabel: str | None = None,
+  xscale: str | None = None,
+  invert_x: bool = False,
+  series: Callable[[Any], str] | None = None,
+) -> Path:
   """Paired differences with ±1 SE (over seeds) error bars and the per-seed points; with x
   a line plot over x(group) (one line per series(group)), else horizontal bars."""
   fig, ax = new_figure(6.4, 4.0)
@@ -325,11 +370,17 @@ def plot_paired(summary: Sequence[dict], path: str | Path, *, title: str, label:
       ss = sorted(ss, key=lambda s: x(s["group"]))
       xs = [x(s["group"]) for s in ss]
       err = [0.0 if not math.isfinite(s["diff_se"]) else s["diff_se"] for s in ss]
-      line = ax.errorbar(xs, [s["diff_mean"] for s in ss], yerr=err, fmt="o-", capsize=3,
-                         label=(name or "mean over seeds") + " ± 1 SE")
+      line = ax.errorbar(
+        xs, [s["diff_mean"] for s in ss], yerr=err, fmt="o-", capsize=3, label=(name or "mean over seeds") + " ± 1 SE"
+      )
       for s in ss:
-        ax.plot([x(s["group"])] * len(s["per_seed"]), [p["diff"] for p in s["per_seed"]], ".",
-                color=line[0].get_color(), alpha=0.4)
+        ax.plot(
+          [x(s["group"])] * len(s["per_seed"]),
+          [p["diff"] for p in s["per_seed"]],
+          ".",
+          color=line[0].get_color(),
+          alpha=0.4,
+        )
     ax.set_xlabel(xlabel or label)
     ax.set_ylabel("val loss minus reference (nats/token, paired)")
     if xscale:
@@ -340,8 +391,13 @@ def plot_paired(summary: Sequence[dict], path: str | Path, *, title: str, label:
   else:
     labels = [fmt_group(s["group"]) for s in summary]
     err = [0.0 if not math.isfinite(s["diff_se"]) else s["diff_se"] for s in summary]
-    ax.barh(labels, [s["diff_mean"] for s in summary], xerr=err, capsize=3,
-            color=["tab:red" if s["diff_mean"] > 0 else "tab:green" for s in summary])
+    ax.barh(
+      labels,
+      [s["diff_mean"] for s in summary],
+      xerr=err,
+      capsize=3,
+      color=["tab:red" if s["diff_mean"] > 0 else "tab:green" for s in summary],
+    )
     for i, s in enumerate(summary):
       ax.plot([p["diff"] for p in s["per_seed"]], [i] * len(s["per_seed"]), "k.", alpha=0.5)
     ax.set_xlabel("val loss minus reference (nats/token, paired; bars ± 1 SE over seeds)")
@@ -397,7 +453,7 @@ def _try_lock(run_dir: Path) -> bool:
         return True
       if pid > 0 and _pid_alive(pid):
         return False
-      lock.unlink(missing_ok=True)   # stale
+      lock.unlink(missing_ok=True)  # stale
       continue
     with os.fdopen(fd, "w") as f:
       f.write(str(os.getpid()))
@@ -414,8 +470,9 @@ def missing_runs(variants: Sequence[Variant], workdir: str | Path) -> list[str]:
   return [v.name for v in variants if not (v.run_dir(Path(workdir)) / RESULT_FILE).is_file()]
 
 
-def run_all(variants: Sequence[Variant], workdir: str | Path, *, poll_seconds: float = 10.0,
-            train: bool = True) -> list[dict[str, Any]]:
+def run_all(
+  variants: Sequence[Variant], workdir: str | Path, *, poll_seconds: float = 10.0, train: bool = True
+) -> list[dict[str, Any]]:
   """Runs (or reuses) every variant and returns their rows in order.
 
   Several processes may work on the same list at once (e.g. `run_all --workers`): each
@@ -426,8 +483,7 @@ def run_all(variants: Sequence[Variant], workdir: str | Path, *, poll_seconds: f
   quiet_logs()
   workdir = Path(workdir)
   if not train:
-    return [run_variant(v, workdir) for v in variants
-            if (v.run_dir(workdir) / RESULT_FILE).is_file()]
+    return [run_variant(v, workdir) for v in variants if (v.run_dir(workdir) / RESULT_FILE).is_file()]
   rows: dict[int, dict] = {}
   pending = list(enumerate(variants))
   while pending:
@@ -448,8 +504,7 @@ def run_all(variants: Sequence[Variant], workdir: str | Path, *, poll_seconds: f
           log.exception("run %s failed", v.name)
           (run_dir / "error.txt").write_text(f"{type(e).__name__}: {e}\n")
           print(f"    FAILED: {type(e).__name__}: {e}", flush=True)
-          rows[i] = {"name": v.name, **v.info, "failed": f"{type(e).__name__}: {e}",
-                     "val_loss": float("nan")}
+          rows[i] = {"name": v.name, **v.info, "failed": f"{type(e).__name__}: {e}", "val_loss": float("nan")}
           continue
         if not done:
           print(f"    val_loss {rows[i]['val_loss']:.4f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -457,7 +512,7 @@ def run_all(variants: Sequence[Variant], workdir: str | Path, *, poll_seconds: f
         if not done:
           _unlock(run_dir)
     if deferred and len(deferred) == len(pending):
-      time.sleep(poll_seconds)   # every remaining run is being trained by another process
+      time.sleep(poll_seconds)  # every remaining run is being trained by another process
     pending = deferred
   return [rows[i] for i in range(len(variants))]
 
@@ -477,8 +532,9 @@ def run_and_report(name: str, planned, workdir: str, *, train: bool, report, plo
   return {"rows": rows, **extra, "table": table, "plot": png}
 
 
-def write_results(out_dir: str | Path, name: str, rows: list[dict], *, meta: dict | None = None,
-                  table: str | None = None) -> Path:
+def write_results(
+  out_dir: str | Path, name: str, rows: list[dict], *, meta: dict | None = None, table: str | None = None
+) -> Path:
   """out_dir/results.json (rows + meta + hardware) and out_dir/table.md."""
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
@@ -504,6 +560,7 @@ def fmt(spec: str) -> Callable[[Any], str]:
 
 def new_figure(width: float = 6.4, height: float = 4.0):
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 

@@ -32,13 +32,17 @@ _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/tiny.py
 _WORKDIR = flags.DEFINE_string("workdir", "runs/table_optimizer", "Where the two runs go.")
 _STEPS = flags.DEFINE_integer("steps", 200, "Training steps of each run.")
 _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 32, "Validation batches of the comparison.")
-_SLOTS = flags.DEFINE_integer("slots", 0, "Engram rows per head on the config's MoE backbone "
-                              "(sweep_lib.engram_at_slots); 0: the config's allocated Engram.")
+_SLOTS = flags.DEFINE_integer(
+  "slots",
+  0,
+  "Engram rows per head on the config's MoE backbone (sweep_lib.engram_at_slots); 0: the config's allocated Engram.",
+)
 OPTIMIZERS = ("dense_adam", "sparse_adam")
 
 
 def sequence_losses(run, batches) -> np.ndarray:
   """Mean next-token loss of every validation sequence [N] (masked tokens only)."""
+
   @jax.jit
   def per_token(tokens, ids, targets, positions, segment_ids):
     logits, _ = run.model(tokens, ids, positions=positions, segment_ids=segment_ids)
@@ -46,8 +50,7 @@ def sequence_losses(run, batches) -> np.ndarray:
 
   out = []
   for b in batches:
-    loss = np.asarray(per_token(b["tokens"], b["engram_ids"], b["targets"], b.get("positions"),
-                                b.get("segment_ids")))
+    loss = np.asarray(per_token(b["tokens"], b["engram_ids"], b["targets"], b.get("positions"), b.get("segment_ids")))
     mask = np.asarray(b["loss_mask"])
     out.append((loss * mask).sum(-1) / np.maximum(mask.sum(-1), 1))
   return np.concatenate(out)
@@ -68,8 +71,7 @@ def main(argv):
     trainer = build_trainer(config, str(workdir / opt), model_config=model)
     result = trainer.run()
     trainers[opt] = trainer
-    print(f"{opt}: {result.step} steps, {result.tokens_per_second:,.0f} tokens/s, val {result.eval}",
-          flush=True)
+    print(f"{opt}: {result.step} steps, {result.tokens_per_second:,.0f} tokens/s, val {result.eval}", flush=True)
   first = trainers[OPTIMIZERS[0]]
   data = first.data_config.replace(num_eval_batches=_EVAL_BATCHES.value)
   batches = make_eval_batches(data, first.tokenizer, row_hasher=first.row_hasher)
@@ -80,14 +82,23 @@ def main(argv):
   se = float(diff.std(ddof=1) / np.sqrt(n))
   tokens = int(sum(np.asarray(b["loss_mask"]).sum() for b in batches))
   summary = {
-      "steps": _STEPS.value, "slots_per_head": _SLOTS.value or "allocated", "sequences": n, "tokens": tokens,
-      **{f"{o}_loss": float(losses[o].mean()) for o in OPTIMIZERS},
-      "diff_sparse_minus_dense": float(diff.mean()), "diff_se": se,
-      "devices": str(jax.devices()),
+    "steps": _STEPS.value,
+    "slots_per_head": _SLOTS.value or "allocated",
+    "sequences": n,
+    "tokens": tokens,
+    **{f"{o}_loss": float(losses[o].mean()) for o in OPTIMIZERS},
+    "diff_sparse_minus_dense": float(diff.mean()),
+    "diff_se": se,
+    "devices": str(jax.devices()),
   }
   print(json.dumps(summary, indent=1))
-  verdict = ("no difference beyond 2 SE" if abs(diff.mean()) <= 2 * se else
-             "sparse better" if diff.mean() < 0 else "sparse worse")
+  verdict = (
+    "no difference beyond 2 SE"
+    if abs(diff.mean()) <= 2 * se
+    else "sparse better"
+    if diff.mean() < 0
+    else "sparse worse"
+  )
   print(f"sparse - dense = {diff.mean():+.4f} +- {se:.4f} (SE, {n} sequences, {tokens:,} tokens): {verdict}")
   (workdir / "pair.json").write_text(json.dumps(summary, indent=1))
 

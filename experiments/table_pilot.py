@@ -21,8 +21,9 @@ from experiments.configs import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/micro.py", "Run config.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/table_pilot", "Run cache.")
-_SETTINGS = flags.DEFINE_list("settings", ["1.0:5", "0.1:5", "0.1:20"],
-                              "init_std:lr_multiplier pairs; the first is the reference.")
+_SETTINGS = flags.DEFINE_list(
+  "settings", ["1.0:5", "0.1:5", "0.1:20"], "init_std:lr_multiplier pairs; the first is the reference."
+)
 _STEPS = flags.DEFINE_integer("steps", None, "Override train.total_steps.")
 _SEED = flags.DEFINE_integer("seed", 0, "Init and data seed.")
 
@@ -34,8 +35,14 @@ def variants(config, settings: list[tuple[float, float]], seed: int) -> list[swe
     c.variant = "engram"
     c.model.engram_table_init_std = float(std)
     c.train.engram_lr_multiplier = float(mult)
-    out.append(sweep_lib.Variant(f"pilot-std{std:g}-lr{mult:g}-s{seed}", c, common.model_config(c),
-                                 info={"init_std": float(std), "lr_multiplier": float(mult)}))
+    out.append(
+      sweep_lib.Variant(
+        f"pilot-std{std:g}-lr{mult:g}-s{seed}",
+        c,
+        common.model_config(c),
+        info={"init_std": float(std), "lr_multiplier": float(mult)},
+      )
+    )
   return out
 
 
@@ -49,8 +56,10 @@ def main(argv):
   print("| init std | table lr x | val loss ± SE | vs first (paired) | wall s |\n|---:|---:|---:|---:|---:|")
   for r in rows:
     d, se = sweep_lib.paired_vs(r, ref)
-    print(f"| {r['init_std']:g} | {r['lr_multiplier']:g} | {r['val_loss']:.4f} ± {r['val_loss_se']:.4f} | "
-          f"{sweep_lib.stats.format_pm(d, se)} | {r.get('wall_seconds', float('nan')):.0f} |")
+    print(
+      f"| {r['init_std']:g} | {r['lr_multiplier']:g} | {r['val_loss']:.4f} ± {r['val_loss_se']:.4f} | "
+      f"{sweep_lib.stats.format_pm(d, se)} | {r.get('wall_seconds', float('nan')):.0f} |"
+    )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,13 @@ from pallas_kernels.ops import IMPLS, check_row_ids, gather_gate, gather_rows, g
 from pallas_kernels.sparse_grad import SparseRowGrad, sparse_row_grad
 
 __all__ = [
-    "IMPLS", "SparseRowGrad", "check_row_ids", "gather_gate", "gather_rows",
-    "gather_rows_sparse_grad", "reference", "resolve_impl", "sparse_row_grad",
+  "IMPLS",
+  "SparseRowGrad",
+  "check_row_ids",
+  "gather_gate",
+  "gather_rows",
+  "gather_rows_sparse_grad",
+  "reference",
+  "resolve_impl",
+  "sparse_row_grad",
 ]

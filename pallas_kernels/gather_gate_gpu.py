@@ -66,26 +66,27 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import reference
 
-TOKENS_PER_BLOCK = 64           # wgmma M of one warpgroup
-SMEM_ALIGN_BYTES = 128          # TMA destination alignment of a staged row
+TOKENS_PER_BLOCK = 64  # wgmma M of one warpgroup
+SMEM_ALIGN_BYTES = 128  # TMA destination alignment of a staged row
 SMEM_BUDGET_BYTES = 227 * 1024  # what an H100/H200 CTA can use (Mosaic checks the same)
-SMEM_RESERVE_BYTES = 4096       # barriers, Mosaic's reduction scratch, alignment
-SWIZZLES = (128, 64, 32)        # wgmma shared-memory swizzles (bytes), largest first
+SMEM_RESERVE_BYTES = 4096  # barriers, Mosaic's reduction scratch, alignment
+SWIZZLES = (128, 64, 32)  # wgmma shared-memory swizzles (bytes), largest first
 OPERAND_DTYPES = tuple(map(jnp.dtype, (jnp.bfloat16, jnp.float16, jnp.float32)))
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """Static tiling of one fused call (independent of N)."""
+
   heads: int
-  d: int                # row width
-  dim: int              # D
-  branches: int         # G
-  dtype: jnp.dtype      # table and weight dtype (the wgmma operands)
-  swizzle: int          # bytes; A and the weight slots share it (a wgmma rule)
-  block_d: int          # N tile of the projections (wgmma N)
-  block_k: int          # K chunk of one streamed weight slot
-  stages: int           # weight slots in flight
+  d: int  # row width
+  dim: int  # D
+  branches: int  # G
+  dtype: jnp.dtype  # table and weight dtype (the wgmma operands)
+  swizzle: int  # bytes; A and the weight slots share it (a wgmma rule)
+  block_d: int  # N tile of the projections (wgmma N)
+  block_k: int  # K chunk of one streamed weight slot
+  stages: int  # weight slots in flight
 
   @property
   def c(self) -> int:
@@ -119,14 +120,23 @@ def smem_bytes(p: Plan, q_dtype, out_dtype) -> int:
   staging = _buffer_bytes((2, tb, p.staged_d), p.dtype)
   tiles = _buffer_bytes((tb, p.block_d), q_dtype) + _buffer_bytes((2, tb, p.block_d), out_dtype)
   weights = _buffer_bytes((p.stages, p.block_k, p.block_d), p.dtype)
-  vectors = (_buffer_bytes((p.branches, tb), jnp.float32)
-             + 3 * _buffer_bytes((p.block_d,), jnp.float32))
+  vectors = _buffer_bytes((p.branches, tb), jnp.float32) + 3 * _buffer_bytes((p.block_d,), jnp.float32)
   return a + max(staging, tiles) + weights + vectors + SMEM_RESERVE_BYTES
 
 
-def plan(heads: int, d: int, dim: int, branches: int, dtype, *, q_dtype=None,
-         out_dtype=None, block_d: int | None = None, block_k: int | None = None,
-         stages: int | None = None) -> Plan | str:
+def plan(
+  heads: int,
+  d: int,
+  dim: int,
+  branches: int,
+  dtype,
+  *,
+  q_dtype=None,
+  out_dtype=None,
+  block_d: int | None = None,
+  block_k: int | None = None,
+  stages: int | None = None,
+) -> Plan | str:
   """The tiling of a fused call, or a string saying why these shapes are not fused.
 
   Pure Python (nothing traced). Rules: dtype bf16, f16 or f32; d*itemsize a
@@ -144,56 +154,71 @@ def plan(heads: int, d: int, dim: int, branches: int, dtype, *, q_dtype=None,
   row_bytes = d * dtype.itemsize
   swizzle = next((s for s in SWIZZLES if row_bytes % s == 0), None)
   if swizzle is None:
-    return (f"a row of {d} x {dtype.name} = {row_bytes} bytes is not a multiple of 32 bytes "
-            "(each head must start on a wgmma swizzle tile)")
+    return (
+      f"a row of {d} x {dtype.name} = {row_bytes} bytes is not a multiple of 32 bytes "
+      "(each head must start on a wgmma swizzle tile)"
+    )
   swz_elems = swizzle // dtype.itemsize
   c = heads * d
   block_ds = [block_d] if block_d else [b for b in (128, 64) if dim % b == 0]
   if not block_ds or any(dim % b or b % 64 or b > 256 for b in block_ds):
-    return (f"no block_d for D={dim}: needs a multiple of 64, at most 256, dividing D "
-            f"(got {block_d})")
+    return f"no block_d for D={dim}: needs a multiple of 64, at most 256, dividing D (got {block_d})"
   block_ks = [block_k] if block_k else [k for k in range(swz_elems, 257, swz_elems) if c % k == 0]
   if any(c % k or k % swz_elems for k in block_ks):
     return f"block_k={block_k} must divide C={c} and be a multiple of {swz_elems}"
   if stages is not None and stages < 2:
     return f"stages={stages} must be >= 2"
-  candidates = [Plan(heads, d, dim, branches, dtype, swizzle, bd, bk, st)
-                for bd in block_ds for bk in block_ks for st in ([stages] if stages else (2, 3, 4))]
+  candidates = [
+    Plan(heads, d, dim, branches, dtype, swizzle, bd, bk, st)
+    for bd in block_ds
+    for bk in block_ks
+    for st in ([stages] if stages else (2, 3, 4))
+  ]
   fits = [p for p in candidates if smem_bytes(p, q_dtype, out_dtype) <= SMEM_BUDGET_BYTES]
   if not fits:
     small = min(candidates, key=lambda p: smem_bytes(p, q_dtype, out_dtype))
-    return (f"needs {smem_bytes(small, q_dtype, out_dtype)} bytes of shared memory > "
-            f"{SMEM_BUDGET_BYTES} even at block_d={small.block_d}, block_k={small.block_k}, "
-            f"stages={small.stages}; the resident rows of a {TOKENS_PER_BLOCK}-token block "
-            f"alone take {TOKENS_PER_BLOCK * c * dtype.itemsize}")
+    return (
+      f"needs {smem_bytes(small, q_dtype, out_dtype)} bytes of shared memory > "
+      f"{SMEM_BUDGET_BYTES} even at block_d={small.block_d}, block_k={small.block_k}, "
+      f"stages={small.stages}; the resident rows of a {TOKENS_PER_BLOCK}-token block "
+      f"alone take {TOKENS_PER_BLOCK * c * dtype.itemsize}"
+    )
   return max(fits, key=lambda p: ((p.stages - 1) * p.block_k * p.block_d, p.block_d, p.stages))
 
 
-def fused_plan(table, row_ids, w_value, w_key, query_normed, *, out_dtype=None,
-               block_d=None, block_k=None, stages=None) -> Plan | str:
+def fused_plan(
+  table, row_ids, w_value, w_key, query_normed, *, out_dtype=None, block_d=None, block_k=None, stages=None
+) -> Plan | str:
   """`plan` for gather_gate's arguments (arrays, tracers or ShapeDtypeStructs),
   after the checks that do not depend on the tiling. -> Plan or why not fused."""
   if not table.dtype == w_value.dtype == w_key.dtype:
-    return (f"the wgmma operands need one dtype: table {table.dtype}, w_value "
-            f"{w_value.dtype}, w_key {w_key.dtype}")
+    return f"the wgmma operands need one dtype: table {table.dtype}, w_value {w_value.dtype}, w_key {w_key.dtype}"
   if row_ids.shape[0] == 0:
     return "no tokens"
   if out_dtype is None:
     out_dtype = jnp.result_type(table.dtype, w_value.dtype)
-  return plan(row_ids.shape[1], table.shape[1], w_key.shape[2], w_key.shape[0], table.dtype,
-              q_dtype=query_normed.dtype, out_dtype=out_dtype, block_d=block_d,
-              block_k=block_k, stages=stages)
+  return plan(
+    row_ids.shape[1],
+    table.shape[1],
+    w_key.shape[2],
+    w_key.shape[0],
+    table.dtype,
+    q_dtype=query_normed.dtype,
+    out_dtype=out_dtype,
+    block_d=block_d,
+    block_k=block_k,
+    stages=stages,
+  )
 
 
 def _transforms(minor_bytes, dtype):
   swizzle = plgpu.find_swizzle(minor_bytes * 8)
-  return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
-          plgpu.SwizzleTransform(swizzle))
+  return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
 WGMMA = plgpu.Layout.WGMMA
-ROWS = WGMMA.reduce(1)       # one value per token (row) of a WGMMA tile
-COLUMNS = WGMMA.reduce(0)    # one value per column
+ROWS = WGMMA.reduce(1)  # one value per token (row) of a WGMMA tile
+COLUMNS = WGMMA.reduce(0)  # one value per column
 
 
 def _columns(vec_smem, shape):
@@ -202,10 +227,35 @@ def _columns(vec_smem, shape):
   return lax.broadcast_in_dim(vec, shape, [1])
 
 
-def _kernel(ids_gmem, table_gmem, wv_gmem, bv_gmem, wk_gmem, bk_gmem, q_gmem, scale_gmem,
-            u_gmem, gates_gmem, a_smem, union, w_smem, gates_smem, bk_smem, scale_smem,
-            bv_smem, stage_bar, w_bar, key_bar, value_bar, *, p: Plan, gate, norm_eps,
-            num_blocks, num_ctas):
+def _kernel(
+  ids_gmem,
+  table_gmem,
+  wv_gmem,
+  bv_gmem,
+  wk_gmem,
+  bk_gmem,
+  q_gmem,
+  scale_gmem,
+  u_gmem,
+  gates_gmem,
+  a_smem,
+  union,
+  w_smem,
+  gates_smem,
+  bk_smem,
+  scale_smem,
+  bv_smem,
+  stage_bar,
+  w_bar,
+  key_bar,
+  value_bar,
+  *,
+  p: Plan,
+  gate,
+  norm_eps,
+  num_blocks,
+  num_ctas,
+):
   tb = TOKENS_PER_BLOCK
   (staging,), (q_smem, out_smem) = union
   f32 = jnp.float32
@@ -222,7 +272,7 @@ def _kernel(ids_gmem, table_gmem, wv_gmem, bv_gmem, wk_gmem, bk_gmem, q_gmem, sc
     slot = lax.rem(gs, p.stages)
     tile, kc = s // nk, lax.rem(s, nk)
 
-    def copy(w2d):   # w2d: [C, D] or, K-major, [D, C]
+    def copy(w2d):  # w2d: [C, D] or, K-major, [D, C]
       j = lax.rem(tile, nd)
       ks, js = pl.ds(kc * p.block_k, p.block_k), pl.ds(j * p.block_d, p.block_d)
       src = w2d.at[js, ks] if p.k_major_weights else w2d.at[ks, js]
@@ -240,6 +290,7 @@ def _kernel(ids_gmem, table_gmem, wv_gmem, bv_gmem, wk_gmem, bk_gmem, q_gmem, sc
 
   def matmul(acc_ref, gs0):
     """acc += A @ (the nk weight chunks of global steps gs0 .. gs0+nk-1)."""
+
     @pl.loop(0, nk)
     def _(kc):
       gs = gs0 + kc
@@ -250,26 +301,27 @@ def _kernel(ids_gmem, table_gmem, wv_gmem, bv_gmem, wk_gmem, bk_gmem, q_gmem, sc
         w = w.T
       a = a_smem.at[:, pl.ds(pl.multiple_of(kc * p.block_k, p.block_k), p.block_k)]
       plgpu.wgmma(acc_ref, a, w)
-      plgpu.wgmma_wait(1)   # the chunk of gs-1 is consumed: refill its slot
+      plgpu.wgmma_wait(1)  # the chunk of gs-1 is consumed: refill its slot
 
       @pl.when(gs >= 1)
       def _():
         fetch(gs - 1 + p.stages)
 
   def project(gs0):
-    return pl.run_scoped(lambda acc_ref: (matmul(acc_ref, gs0), acc_ref[...])[1],
-                         plgpu.ACC((tb, p.block_d), f32))
+    return pl.run_scoped(lambda acc_ref: (matmul(acc_ref, gs0), acc_ref[...])[1], plgpu.ACC((tb, p.block_d), f32))
 
   def gather(block):
     base = block * tb
 
     def issue(h, slot):
-      plgpu.commit_smem()   # order earlier register loads of the slot before the TMA writes
+      plgpu.commit_smem()  # order earlier register loads of the slot before the TMA writes
+
       @pl.loop(0, tb)
       def _(t):
         row = ids_gmem[(base + t) * p.heads + h]
-        plgpu.copy_gmem_to_smem(table_gmem.at[pl.ds(row, 1)],
-                                staging.at[slot, pl.ds(t, 1), pl.ds(0, p.d)], stage_bar.at[slot])
+        plgpu.copy_gmem_to_smem(
+          table_gmem.at[pl.ds(row, 1)], staging.at[slot, pl.ds(t, 1), pl.ds(0, p.d)], stage_bar.at[slot]
+        )
 
     issue(0, 0)
     for h in range(p.heads):
@@ -280,8 +332,8 @@ def _kernel(ids_gmem, table_gmem, wv_gmem, bv_gmem, wk_gmem, bk_gmem, q_gmem, sc
       # Whole padded rows, then the slice in registers: a strided [64, d] view
       # of the staging buffer is not a transfer Mosaic supports.
       staged = plgpu.load(staging.at[slot], layout=WGMMA, optimized=False)
-      a_smem[:, pl.ds(h * p.d, p.d)] = staged[:, :p.d]
-    plgpu.commit_smem()   # A is read by wgmma (async proxy)
+      a_smem[:, pl.ds(h * p.d, p.d)] = staged[:, : p.d]
+    plgpu.commit_smem()  # A is read by wgmma (async proxy)
 
   for s in range(p.stages):
     fetch(s)
@@ -290,16 +342,17 @@ def _kernel(ids_gmem, table_gmem, wv_gmem, bv_gmem, wk_gmem, bk_gmem, q_gmem, sc
   def _(lb):
     block = cta + lb * num_ctas
     gs_block = lb * steps
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # staging aliases the out tiles
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # staging aliases the out tiles
     gather(block)
     rows = pl.ds(block * tb, tb)
 
     # Phase 0: S1, S2 per branch over the D tiles of the key projections.
     for g in range(p.branches):
+
       def key_tile(j, carry, g=g):
         s1, s2 = carry
         cols = pl.ds(j * p.block_d, p.block_d)
-        plgpu.commit_smem()   # the previous tile's q, b_key and scale were read
+        plgpu.commit_smem()  # the previous tile's q, b_key and scale were read
         plgpu.copy_gmem_to_smem(q_gmem.at[rows, g, cols], q_smem, key_bar)
         plgpu.copy_gmem_to_smem(bk_gmem.at[g, cols], bk_smem, key_bar)
         plgpu.copy_gmem_to_smem(scale_gmem.at[g, cols], scale_smem, key_bar)
@@ -322,7 +375,7 @@ def _kernel(ids_gmem, table_gmem, wv_gmem, bv_gmem, wk_gmem, bk_gmem, q_gmem, sc
     @pl.loop(0, nd)
     def _(j):
       cols = pl.ds(j * p.block_d, p.block_d)
-      plgpu.commit_smem()   # the previous tile's b_value was read
+      plgpu.commit_smem()  # the previous tile's b_value was read
       plgpu.copy_gmem_to_smem(bv_gmem.at[cols], bv_smem, value_bar)
       v = project(gs_block + (p.branches * nd + j) * nk)
       plgpu.barrier_wait(value_bar)
@@ -338,13 +391,28 @@ def _kernel(ids_gmem, table_gmem, wv_gmem, bv_gmem, wk_gmem, bk_gmem, q_gmem, sc
   plgpu.wait_smem_to_gmem(0)
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "gate", "norm_eps", "out_dtype", "block_d", "block_k", "stages", "num_ctas", "interpret"))
-def gather_gate_fused_gpu(table, row_ids, w_value, b_value, w_key, b_key, query_normed,
-                          key_norm_scale, *, gate: str = "reference", norm_eps: float = 1e-6,
-                          out_dtype=None, block_d: int | None = None,
-                          block_k: int | None = None, stages: int | None = None,
-                          num_ctas: int = 132, interpret=None):
+@functools.partial(
+  jax.jit, static_argnames=("gate", "norm_eps", "out_dtype", "block_d", "block_k", "stages", "num_ctas", "interpret")
+)
+def gather_gate_fused_gpu(
+  table,
+  row_ids,
+  w_value,
+  b_value,
+  w_key,
+  b_key,
+  query_normed,
+  key_norm_scale,
+  *,
+  gate: str = "reference",
+  norm_eps: float = 1e-6,
+  out_dtype=None,
+  block_d: int | None = None,
+  block_k: int | None = None,
+  stages: int | None = None,
+  num_ctas: int = 132,
+  interpret=None,
+):
   """Fused gather_gate on Hopper. -> (u [N, G, D] out_dtype, gates [N, G] f32).
 
   block_d / block_k / stages: see `plan` (None: chosen to fit shared memory).
@@ -357,8 +425,9 @@ def gather_gate_fused_gpu(table, row_ids, w_value, b_value, w_key, b_key, query_
   if out_dtype is None:
     out_dtype = jnp.result_type(table.dtype, w_value.dtype)
   out_dtype = jnp.dtype(out_dtype)
-  p = fused_plan(table, row_ids, w_value, w_key, query_normed, out_dtype=out_dtype,
-                 block_d=block_d, block_k=block_k, stages=stages)
+  p = fused_plan(
+    table, row_ids, w_value, w_key, query_normed, out_dtype=out_dtype, block_d=block_d, block_k=block_k, stages=stages
+  )
   if isinstance(p, str):
     raise ValueError(f"cannot fuse gather_gate on GPU: {p}")
   tb = TOKENS_PER_BLOCK
@@ -377,33 +446,35 @@ def gather_gate_fused_gpu(table, row_ids, w_value, b_value, w_key, b_key, query_
   w_shape = (p.block_d, p.block_k) if p.k_major_weights else (p.block_k, p.block_d)
   swz_elems = p.swizzle // p.dtype.itemsize
   op_transforms = (plgpu.TilingTransform((8, swz_elems)), plgpu.SwizzleTransform(p.swizzle))
-  kernel = functools.partial(_kernel, p=p, gate=gate, norm_eps=norm_eps,
-                             num_blocks=num_blocks, num_ctas=num_ctas)
+  kernel = functools.partial(_kernel, p=p, gate=gate, norm_eps=norm_eps, num_blocks=num_blocks, num_ctas=num_ctas)
   u, gates_t = plgpu.kernel(
-      kernel,
-      out_type=(jax.ShapeDtypeStruct((n_pad, branches, dim), out_dtype),
-                jax.ShapeDtypeStruct((branches, n_pad), jnp.float32)),
-      scratch_types=[
-          plgpu.SMEM((tb, p.c), p.dtype, transforms=op_transforms),
-          plgpu.RefUnion(
-              [plgpu.SMEM((2, tb, p.staged_d), p.dtype)],
-              [plgpu.SMEM((tb, p.block_d), q.dtype,
-                          transforms=_transforms(p.block_d * q.dtype.itemsize, q.dtype)),
-               plgpu.SMEM((2, tb, p.block_d), out_dtype,
-                          transforms=_transforms(p.block_d * out_dtype.itemsize, out_dtype))]),
-          plgpu.SMEM((p.stages, *w_shape), p.dtype, transforms=op_transforms),
-          plgpu.SMEM((branches, tb), jnp.float32),
-          plgpu.SMEM((p.block_d,), b_key.dtype),
-          plgpu.SMEM((p.block_d,), key_norm_scale.dtype),
-          plgpu.SMEM((p.block_d,), b_value.dtype),
-          plgpu.Barrier(num_arrivals=tb, num_barriers=2),   # gather staging
-          plgpu.Barrier(num_barriers=p.stages),             # weight slots
-          plgpu.Barrier(num_arrivals=3),                    # q, b_key, scale tiles
-          plgpu.Barrier(),                                  # b_value tile
-      ],
-      grid=(num_ctas,),
-      grid_names=("cta",),
-      interpret=interpret,
+    kernel,
+    out_type=(
+      jax.ShapeDtypeStruct((n_pad, branches, dim), out_dtype),
+      jax.ShapeDtypeStruct((branches, n_pad), jnp.float32),
+    ),
+    scratch_types=[
+      plgpu.SMEM((tb, p.c), p.dtype, transforms=op_transforms),
+      plgpu.RefUnion(
+        [plgpu.SMEM((2, tb, p.staged_d), p.dtype)],
+        [
+          plgpu.SMEM((tb, p.block_d), q.dtype, transforms=_transforms(p.block_d * q.dtype.itemsize, q.dtype)),
+          plgpu.SMEM((2, tb, p.block_d), out_dtype, transforms=_transforms(p.block_d * out_dtype.itemsize, out_dtype)),
+        ],
+      ),
+      plgpu.SMEM((p.stages, *w_shape), p.dtype, transforms=op_transforms),
+      plgpu.SMEM((branches, tb), jnp.float32),
+      plgpu.SMEM((p.block_d,), b_key.dtype),
+      plgpu.SMEM((p.block_d,), key_norm_scale.dtype),
+      plgpu.SMEM((p.block_d,), b_value.dtype),
+      plgpu.Barrier(num_arrivals=tb, num_barriers=2),  # gather staging
+      plgpu.Barrier(num_barriers=p.stages),  # weight slots
+      plgpu.Barrier(num_arrivals=3),  # q, b_key, scale tiles
+      plgpu.Barrier(),  # b_value tile
+    ],
+    grid=(num_ctas,),
+    grid_names=("cta",),
+    interpret=interpret,
   )(ids.reshape(-1), table, wv, b_value, wk, b_key, q, key_norm_scale)
   if n_pad != n:
     u = u[:n]

@@ -40,7 +40,7 @@ TMA_GRANULE_BYTES = 16
 # TMA tile copies want 128-byte aligned shared-memory addresses: rows whose
 # size is not a multiple of this get a padded stride in shared memory.
 SMEM_ALIGN_BYTES = 128
-SMEM_BUDGET_BYTES = 200 * 1024   # of the 227 KiB an H100/H200 CTA can use
+SMEM_BUDGET_BYTES = 200 * 1024  # of the 227 KiB an H100/H200 CTA can use
 
 
 def smem_row_elems(d: int, dtype) -> int:
@@ -62,12 +62,12 @@ def check_row_width(table) -> None:
   row_bytes = table.shape[1] * jnp.dtype(table.dtype).itemsize
   if row_bytes % TMA_GRANULE_BYTES:
     raise ValueError(
-        f"GPU kernel needs rows of a multiple of {TMA_GRANULE_BYTES} bytes; "
-        f"table row is {table.shape[1]} x {jnp.dtype(table.dtype).name} = {row_bytes} bytes")
+      f"GPU kernel needs rows of a multiple of {TMA_GRANULE_BYTES} bytes; "
+      f"table row is {table.shape[1]} x {jnp.dtype(table.dtype).name} = {row_bytes} bytes"
+    )
 
 
-def _gather_body(ids_gmem, table_gmem, out_gmem, buf, barriers, *, num_blocks,
-                 num_ctas, rows_per_block, stages):
+def _gather_body(ids_gmem, table_gmem, out_gmem, buf, barriers, *, num_blocks, num_ctas, rows_per_block, stages):
   cta = lax.axis_index("cta")
   d = table_gmem.shape[1]
   padded = buf.shape[-1] != d
@@ -82,8 +82,7 @@ def _gather_body(ids_gmem, table_gmem, out_gmem, buf, barriers, *, num_blocks,
       @pl.loop(0, rows_per_block)
       def _(r):
         row = ids_gmem[base + r]
-        plgpu.copy_gmem_to_smem(table_gmem.at[pl.ds(row, 1)],
-                                buf.at[slot, pl.ds(r, 1), pl.ds(0, d)], barriers.at[slot])
+        plgpu.copy_gmem_to_smem(table_gmem.at[pl.ds(row, 1)], buf.at[slot, pl.ds(r, 1), pl.ds(0, d)], barriers.at[slot])
 
   for s in range(stages):
     issue(s, s)
@@ -101,8 +100,7 @@ def _gather_body(ids_gmem, table_gmem, out_gmem, buf, barriers, *, num_blocks,
         # Padded stage stride: one TMA store per row.
         @pl.loop(0, rows_per_block)
         def _(r):
-          plgpu.copy_smem_to_gmem(buf.at[slot, pl.ds(r, 1), pl.ds(0, d)],
-                                  out_gmem.at[pl.ds(first + r, 1)])
+          plgpu.copy_smem_to_gmem(buf.at[slot, pl.ds(r, 1), pl.ds(0, d)], out_gmem.at[pl.ds(first + r, 1)])
       else:
         plgpu.copy_smem_to_gmem(buf.at[slot], out_gmem.at[pl.ds(first, rows_per_block)])
       # The stage is refilled only once the store has read it.
@@ -112,10 +110,10 @@ def _gather_body(ids_gmem, table_gmem, out_gmem, buf, barriers, *, num_blocks,
   plgpu.wait_smem_to_gmem(0)
 
 
-@functools.partial(jax.jit, static_argnames=("block_rows", "stages", "num_ctas",
-                                             "interpret"))
-def gather_rows_gpu(table, row_ids, *, block_rows: int | None = None, stages: int = 2,
-                    num_ctas: int = 132, interpret=None):
+@functools.partial(jax.jit, static_argnames=("block_rows", "stages", "num_ctas", "interpret"))
+def gather_rows_gpu(
+  table, row_ids, *, block_rows: int | None = None, stages: int = 2, num_ctas: int = 132, interpret=None
+):
   """table [R, d], row_ids [N, H] int32 -> [N, H*d] (table.dtype).
 
   block_rows: tokens per block (None: the most that fit SMEM, at most 64).
@@ -135,29 +133,44 @@ def gather_rows_gpu(table, row_ids, *, block_rows: int | None = None, stages: in
   smem_bytes = stages * rows_per_block * d_smem * jnp.dtype(table.dtype).itemsize
   if smem_bytes > SMEM_BUDGET_BYTES:
     raise ValueError(
-        f"shared-memory stages need {smem_bytes} bytes > {SMEM_BUDGET_BYTES}: lower "
-        f"block_rows={block_rows} (max_block_rows gives "
-        f"{max_block_rows(heads, d, table.dtype, stages)}) or stages={stages}")
-  body = functools.partial(_gather_body, num_blocks=num_blocks, num_ctas=num_ctas,
-                           rows_per_block=rows_per_block, stages=stages)
+      f"shared-memory stages need {smem_bytes} bytes > {SMEM_BUDGET_BYTES}: lower "
+      f"block_rows={block_rows} (max_block_rows gives "
+      f"{max_block_rows(heads, d, table.dtype, stages)}) or stages={stages}"
+    )
+  body = functools.partial(
+    _gather_body, num_blocks=num_blocks, num_ctas=num_ctas, rows_per_block=rows_per_block, stages=stages
+  )
   out = plgpu.kernel(
-      body,
-      out_type=jax.ShapeDtypeStruct((n_pad * heads, d), table.dtype),
-      scratch_types=[
-          plgpu.SMEM((stages, rows_per_block, d_smem), table.dtype),
-          plgpu.Barrier(num_arrivals=rows_per_block, num_barriers=stages),
-      ],
-      grid=(num_ctas,),
-      grid_names=("cta",),
-      interpret=interpret,
+    body,
+    out_type=jax.ShapeDtypeStruct((n_pad * heads, d), table.dtype),
+    scratch_types=[
+      plgpu.SMEM((stages, rows_per_block, d_smem), table.dtype),
+      plgpu.Barrier(num_arrivals=rows_per_block, num_barriers=stages),
+    ],
+    grid=(num_ctas,),
+    grid_names=("cta",),
+    interpret=interpret,
   )(ids, table)
   return out.reshape(n_pad, heads * d)[:n]
 
 
-def gather_gate_gpu(table, row_ids, w_value, b_value, w_key, b_key, query_normed,
-                    key_norm_scale, *, gate="reference", norm_eps=1e-6, out_dtype=None,
-                    block_rows: int | None = None, block_d: int | None = None,
-                    interpret=None):
+def gather_gate_gpu(
+  table,
+  row_ids,
+  w_value,
+  b_value,
+  w_key,
+  b_key,
+  query_normed,
+  key_norm_scale,
+  *,
+  gate="reference",
+  norm_eps=1e-6,
+  out_dtype=None,
+  block_rows: int | None = None,
+  block_d: int | None = None,
+  interpret=None,
+):
   """GPU gather_gate: the fused Hopper kernel where it fits, else gather + XLA gate.
 
   Fused (gather_gate_gpu.py) when `gather_gate_gpu.fused_plan` accepts the
@@ -170,17 +183,39 @@ def gather_gate_gpu(table, row_ids, w_value, b_value, w_key, b_key, query_normed
   the XLA projection and gate (the rows [N, H*d] make one round trip through
   HBM).
   """
-  plan = fused.fused_plan(table, row_ids, w_value, w_key, query_normed,
-                          out_dtype=out_dtype, block_d=block_d)
-  if isinstance(plan, str) and block_d is not None and not isinstance(
-      fused.fused_plan(table, row_ids, w_value, w_key, query_normed, out_dtype=out_dtype), str):
+  plan = fused.fused_plan(table, row_ids, w_value, w_key, query_normed, out_dtype=out_dtype, block_d=block_d)
+  if (
+    isinstance(plan, str)
+    and block_d is not None
+    and not isinstance(fused.fused_plan(table, row_ids, w_value, w_key, query_normed, out_dtype=out_dtype), str)
+  ):
     raise ValueError(f"block_d={block_d} does not suit the fused GPU kernel: {plan}")
   if not isinstance(plan, str):
     return fused.gather_gate_fused_gpu(
-        table, row_ids, w_value, b_value, w_key, b_key, query_normed, key_norm_scale,
-        gate=gate, norm_eps=norm_eps, out_dtype=out_dtype, block_d=block_d,
-        interpret=interpret)
+      table,
+      row_ids,
+      w_value,
+      b_value,
+      w_key,
+      b_key,
+      query_normed,
+      key_norm_scale,
+      gate=gate,
+      norm_eps=norm_eps,
+      out_dtype=out_dtype,
+      block_d=block_d,
+      interpret=interpret,
+    )
   rows = gather_rows_gpu(table, row_ids, block_rows=block_rows, interpret=interpret)
-  return reference.gate_from_rows(rows, w_value, b_value, w_key, b_key, query_normed,
-                                  key_norm_scale, gate=gate, norm_eps=norm_eps,
-                                  out_dtype=out_dtype)
+  return reference.gate_from_rows(
+    rows,
+    w_value,
+    b_value,
+    w_key,
+    b_key,
+    query_normed,
+    key_norm_scale,
+    gate=gate,
+    norm_eps=norm_eps,
+    out_dtype=out_dtype,
+  )

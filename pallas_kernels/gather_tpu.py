@@ -37,8 +37,7 @@ from pallas_kernels import reference
 
 
 def _row_copy(table_hbm, buf, sem, slot, row, h, t):
-  return pltpu.make_async_copy(table_hbm.at[pl.ds(row, 1)],
-                               buf.at[slot, h, pl.ds(t, 1)], sem.at[slot])
+  return pltpu.make_async_copy(table_hbm.at[pl.ds(row, 1)], buf.at[slot, h, pl.ds(t, 1)], sem.at[slot])
 
 
 def _start_block(ids_ref, table_hbm, buf, sem, block, slot, *, block_rows, heads):
@@ -80,17 +79,15 @@ def _prefetch_and_wait(ids_ref, table_hbm, buf, sem, i, nblocks, **kw):
 
 def _gather_kernel(ids_ref, table_hbm, out_ref, buf, sem, *, block_rows, heads):
   i = pl.program_id(0)
-  slot = _prefetch_and_wait(ids_ref, table_hbm, buf, sem, i, pl.num_programs(0),
-                            block_rows=block_rows, heads=heads)
+  slot = _prefetch_and_wait(ids_ref, table_hbm, buf, sem, i, pl.num_programs(0), block_rows=block_rows, heads=heads)
   d = buf.shape[-1]
   for h in range(heads):
-    out_ref[:, h * d:(h + 1) * d] = buf[slot, h].astype(out_ref.dtype)
+    out_ref[:, h * d : (h + 1) * d] = buf[slot, h].astype(out_ref.dtype)
 
 
 def _check_blocks(block_rows, ids_per_call):
   if block_rows <= 0 or block_rows % 8:
-    raise ValueError(f"block_rows must be a positive multiple of 8 (TPU sublane tiling), "
-                     f"got {block_rows}")
+    raise ValueError(f"block_rows must be a positive multiple of 8 (TPU sublane tiling), got {block_rows}")
   if ids_per_call < block_rows:
     raise ValueError(f"ids_per_call={ids_per_call} must be >= block_rows={block_rows}")
 
@@ -108,8 +105,7 @@ def _chunks(n_pad, block_rows, ids_per_call):
 
 
 @functools.partial(jax.jit, static_argnames=("block_rows", "ids_per_call", "interpret"))
-def gather_rows_tpu(table, row_ids, *, block_rows: int | None = None,
-                    ids_per_call: int = 2048, interpret=None):
+def gather_rows_tpu(table, row_ids, *, block_rows: int | None = None, ids_per_call: int = 2048, interpret=None):
   """table [R, d], row_ids [N, H] int32 -> [N, H*d] (table.dtype).
 
   block_rows: tokens per grid step, a multiple of 8 (None: 8).
@@ -124,27 +120,46 @@ def gather_rows_tpu(table, row_ids, *, block_rows: int | None = None,
   for start, size in _chunks(n_pad, block_rows, ids_per_call):
     kernel = functools.partial(_gather_kernel, block_rows=block_rows, heads=heads)
     out = pl.pallas_call(
-        kernel,
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1,
-            grid=(size // block_rows,),
-            in_specs=[pl.BlockSpec(memory_space=pl.ANY)],
-            out_specs=pl.BlockSpec((block_rows, heads * d), lambda i, ids: (i, 0)),
-            scratch_shapes=[pltpu.VMEM((2, heads, block_rows, d), table.dtype),
-                            pltpu.SemaphoreType.DMA((2,))],
-        ),
-        out_shape=jax.ShapeDtypeStruct((size, heads * d), table.dtype),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary",)),
-        interpret=interpret,
-    )(ids[start:start + size].reshape(-1), table)
+      kernel,
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=1,
+        grid=(size // block_rows,),
+        in_specs=[pl.BlockSpec(memory_space=pl.ANY)],
+        out_specs=pl.BlockSpec((block_rows, heads * d), lambda i, ids: (i, 0)),
+        scratch_shapes=[pltpu.VMEM((2, heads, block_rows, d), table.dtype), pltpu.SemaphoreType.DMA((2,))],
+      ),
+      out_shape=jax.ShapeDtypeStruct((size, heads * d), table.dtype),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary",)),
+      interpret=interpret,
+    )(ids[start : start + size].reshape(-1), table)
     outs.append(out)
   out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
   return out[:n]
 
 
-def _gather_gate_kernel(ids_ref, table_hbm, wv_ref, bv_ref, wk_ref, bk_ref, q_ref,
-                        scale_ref, u_ref, gates_ref, buf, sem, ssq, qk, alpha,
-                        *, block_rows, heads, dim, gate, norm_eps):
+def _gather_gate_kernel(
+  ids_ref,
+  table_hbm,
+  wv_ref,
+  bv_ref,
+  wk_ref,
+  bk_ref,
+  q_ref,
+  scale_ref,
+  u_ref,
+  gates_ref,
+  buf,
+  sem,
+  ssq,
+  qk,
+  alpha,
+  *,
+  block_rows,
+  heads,
+  dim,
+  gate,
+  norm_eps,
+):
   """Grid (token block i, phase p, D tile j).
 
   Phase 0 walks the D tiles of the key projections, accumulating per (token,
@@ -158,8 +173,7 @@ def _gather_gate_kernel(ids_ref, table_hbm, wv_ref, bv_ref, wk_ref, bk_ref, q_re
 
   @pl.when((p == 0) & (j == 0))
   def _():
-    _prefetch_and_wait(ids_ref, table_hbm, buf, sem, i, pl.num_programs(0),
-                       block_rows=block_rows, heads=heads)
+    _prefetch_and_wait(ids_ref, table_hbm, buf, sem, i, pl.num_programs(0), block_rows=block_rows, heads=heads)
     ssq[...] = jnp.zeros_like(ssq)
     qk[...] = jnp.zeros_like(qk)
 
@@ -175,10 +189,10 @@ def _gather_gate_kernel(ids_ref, table_hbm, wv_ref, bv_ref, wk_ref, bk_ref, q_re
   @pl.when(p == 0)
   def _():
     for g in range(num_branches):
-      k = project(lambda h: wk_ref[g, h]) + bk_ref[g:g + 1, :].astype(f32)
-      qs = q_ref[:, g, :].astype(f32) * scale_ref[g:g + 1, :].astype(f32)
-      ssq[:, g:g + 1] += jnp.sum(k * k, axis=1, keepdims=True)
-      qk[:, g:g + 1] += jnp.sum(qs * k, axis=1, keepdims=True)
+      k = project(lambda h: wk_ref[g, h]) + bk_ref[g : g + 1, :].astype(f32)
+      qs = q_ref[:, g, :].astype(f32) * scale_ref[g : g + 1, :].astype(f32)
+      ssq[:, g : g + 1] += jnp.sum(k * k, axis=1, keepdims=True)
+      qk[:, g : g + 1] += jnp.sum(qs * k, axis=1, keepdims=True)
 
   @pl.when((p == 1) & (j == 0))
   def _():
@@ -193,17 +207,30 @@ def _gather_gate_kernel(ids_ref, table_hbm, wv_ref, bv_ref, wk_ref, bk_ref, q_re
   def _():
     v = project(lambda h: wv_ref[h]) + bv_ref[...].astype(f32)
     for g in range(num_branches):
-      u_ref[:, g, :] = (alpha[:, g:g + 1] * v).astype(u_ref.dtype)
+      u_ref[:, g, :] = (alpha[:, g : g + 1] * v).astype(u_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "gate", "norm_eps", "out_dtype", "block_rows", "block_d", "ids_per_call",
-    "interpret"))
-def gather_gate_tpu(table, row_ids, w_value, b_value, w_key, b_key, query_normed,
-                    key_norm_scale, *, gate: str = "reference",
-                    norm_eps: float = 1e-6, out_dtype=None,
-                    block_rows: int | None = None, block_d: int | None = None,
-                    ids_per_call: int = 2048, interpret=None):
+@functools.partial(
+  jax.jit, static_argnames=("gate", "norm_eps", "out_dtype", "block_rows", "block_d", "ids_per_call", "interpret")
+)
+def gather_gate_tpu(
+  table,
+  row_ids,
+  w_value,
+  b_value,
+  w_key,
+  b_key,
+  query_normed,
+  key_norm_scale,
+  *,
+  gate: str = "reference",
+  norm_eps: float = 1e-6,
+  out_dtype=None,
+  block_rows: int | None = None,
+  block_d: int | None = None,
+  ids_per_call: int = 2048,
+  interpret=None,
+):
   """Fused gather + projections + gate. -> (u [N, G, D], gates [N, G] f32).
 
   block_rows: tokens per grid step, a multiple of 8 (None: 8).
@@ -235,46 +262,44 @@ def gather_gate_tpu(table, row_ids, w_value, b_value, w_key, b_key, query_normed
   def key_tile(p, j):
     return j * (1 - p) + (nd - 1) * p
 
-  kernel = functools.partial(_gather_gate_kernel, block_rows=block_rows,
-                             heads=heads, dim=dim, gate=gate, norm_eps=norm_eps)
+  kernel = functools.partial(
+    _gather_gate_kernel, block_rows=block_rows, heads=heads, dim=dim, gate=gate, norm_eps=norm_eps
+  )
   us, gs = [], []
   for start, size in _chunks(n_pad, block_rows, ids_per_call):
     u, g = pl.pallas_call(
-        kernel,
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1,
-            grid=(size // block_rows, 2, nd),
-            in_specs=[
-                pl.BlockSpec(memory_space=pl.ANY),
-                pl.BlockSpec((heads, d, block_d), lambda i, p, j, ids: (0, 0, j * p)),
-                pl.BlockSpec((1, block_d), lambda i, p, j, ids: (0, j * p)),
-                pl.BlockSpec((num_branches, heads, d, block_d),
-                             lambda i, p, j, ids: (0, 0, 0, key_tile(p, j))),
-                pl.BlockSpec((num_branches, block_d),
-                             lambda i, p, j, ids: (0, key_tile(p, j))),
-                pl.BlockSpec((block_rows, num_branches, block_d),
-                             lambda i, p, j, ids: (i, 0, key_tile(p, j))),
-                pl.BlockSpec((num_branches, block_d),
-                             lambda i, p, j, ids: (0, key_tile(p, j))),
-            ],
-            out_specs=[
-                pl.BlockSpec((block_rows, num_branches, block_d),
-                             lambda i, p, j, ids: (i, 0, j * p)),
-                pl.BlockSpec((block_rows, num_branches), lambda i, p, j, ids: (i, 0)),
-            ],
-            scratch_shapes=[pltpu.VMEM((2, heads, block_rows, d), table.dtype),
-                            pltpu.SemaphoreType.DMA((2,)),
-                            pltpu.VMEM((block_rows, num_branches), jnp.float32),
-                            pltpu.VMEM((block_rows, num_branches), jnp.float32),
-                            pltpu.VMEM((block_rows, num_branches), jnp.float32)],
-        ),
-        out_shape=[jax.ShapeDtypeStruct((size, num_branches, dim), out_dtype),
-                   jax.ShapeDtypeStruct((size, num_branches), jnp.float32)],
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("arbitrary", "arbitrary", "arbitrary")),
-        interpret=interpret,
-    )(ids[start:start + size].reshape(-1), table, wv, bv, wk, b_key, q[start:start + size],
-      key_norm_scale)
+      kernel,
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=1,
+        grid=(size // block_rows, 2, nd),
+        in_specs=[
+          pl.BlockSpec(memory_space=pl.ANY),
+          pl.BlockSpec((heads, d, block_d), lambda i, p, j, ids: (0, 0, j * p)),
+          pl.BlockSpec((1, block_d), lambda i, p, j, ids: (0, j * p)),
+          pl.BlockSpec((num_branches, heads, d, block_d), lambda i, p, j, ids: (0, 0, 0, key_tile(p, j))),
+          pl.BlockSpec((num_branches, block_d), lambda i, p, j, ids: (0, key_tile(p, j))),
+          pl.BlockSpec((block_rows, num_branches, block_d), lambda i, p, j, ids: (i, 0, key_tile(p, j))),
+          pl.BlockSpec((num_branches, block_d), lambda i, p, j, ids: (0, key_tile(p, j))),
+        ],
+        out_specs=[
+          pl.BlockSpec((block_rows, num_branches, block_d), lambda i, p, j, ids: (i, 0, j * p)),
+          pl.BlockSpec((block_rows, num_branches), lambda i, p, j, ids: (i, 0)),
+        ],
+        scratch_shapes=[
+          pltpu.VMEM((2, heads, block_rows, d), table.dtype),
+          pltpu.SemaphoreType.DMA((2,)),
+          pltpu.VMEM((block_rows, num_branches), jnp.float32),
+          pltpu.VMEM((block_rows, num_branches), jnp.float32),
+          pltpu.VMEM((block_rows, num_branches), jnp.float32),
+        ],
+      ),
+      out_shape=[
+        jax.ShapeDtypeStruct((size, num_branches, dim), out_dtype),
+        jax.ShapeDtypeStruct((size, num_branches), jnp.float32),
+      ],
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary", "arbitrary", "arbitrary")),
+      interpret=interpret,
+    )(ids[start : start + size].reshape(-1), table, wv, bv, wk, b_key, q[start : start + size], key_norm_scale)
     us.append(u)
     gs.append(g)
   u = us[0] if len(us) == 1 else jnp.concatenate(us, axis=0)

@@ -51,8 +51,10 @@ def _resolve_interpret(interpret, backend):
     return interpret
   if backend == "tpu":
     from jax.experimental.pallas import tpu as pltpu
+
     return pltpu.InterpretParams()
   from jax.experimental.pallas import mosaic_gpu as plgpu
+
   return plgpu.InterpretGPUParams()
 
 
@@ -72,8 +74,7 @@ def check_row_ids(row_ids, num_rows: int, heads: int | None = None) -> None:
   ids = np.asarray(row_ids)
   if ids.size and (ids.min() < 0 or ids.max() >= num_rows):
     bad = ids[(ids < 0) | (ids >= num_rows)]
-    raise ValueError(
-        f"row_ids out of range [0, {num_rows}): {bad.size} bad ids, e.g. {bad[:5].tolist()}")
+    raise ValueError(f"row_ids out of range [0, {num_rows}): {bad.size} bad ids, e.g. {bad[:5].tolist()}")
 
 
 def _gather_fwd_fn(impl, backend, block_rows, interpret):
@@ -81,11 +82,11 @@ def _gather_fwd_fn(impl, backend, block_rows, interpret):
     return reference.gather_rows
   if backend == "gpu":
     from pallas_kernels import gather_gpu
-    return functools.partial(gather_gpu.gather_rows_gpu, block_rows=block_rows,
-                             interpret=interpret)
+
+    return functools.partial(gather_gpu.gather_rows_gpu, block_rows=block_rows, interpret=interpret)
   from pallas_kernels import gather_tpu
-  return functools.partial(gather_tpu.gather_rows_tpu, block_rows=block_rows,
-                           interpret=interpret)
+
+  return functools.partial(gather_tpu.gather_rows_tpu, block_rows=block_rows, interpret=interpret)
 
 
 @functools.lru_cache(maxsize=None)
@@ -108,9 +109,15 @@ def _gather_rows_op(impl, backend, block_rows, interpret):
   return op
 
 
-def gather_rows(table: jax.Array, row_ids: jax.Array, *, impl: str = "auto",
-                block_rows: int | None = None, backend: str | None = None,
-                interpret=None) -> jax.Array:
+def gather_rows(
+  table: jax.Array,
+  row_ids: jax.Array,
+  *,
+  impl: str = "auto",
+  block_rows: int | None = None,
+  backend: str | None = None,
+  interpret=None,
+) -> jax.Array:
   """table [R, d], row_ids [N, H] int (offsets included) -> [N, H*d] table.dtype.
 
   block_rows: tokens per kernel block (None: the backend's default; see
@@ -126,8 +133,9 @@ def gather_rows(table: jax.Array, row_ids: jax.Array, *, impl: str = "auto",
   return op(table, row_ids.astype(jnp.int32))
 
 
-def gather_rows_sparse_grad(row_ids: jax.Array, d_rows: jax.Array, num_rows: int,
-                            *, max_unique: int | None = None) -> SparseRowGrad:
+def gather_rows_sparse_grad(
+  row_ids: jax.Array, d_rows: jax.Array, num_rows: int, *, max_unique: int | None = None
+) -> SparseRowGrad:
   """Sparse table gradient of gather_rows for cotangent d_rows [N, H*d].
 
   -> SparseRowGrad(row_ids [M] unique ascending, padded with num_rows;
@@ -137,25 +145,35 @@ def gather_rows_sparse_grad(row_ids: jax.Array, d_rows: jax.Array, num_rows: int
 
 
 @functools.lru_cache(maxsize=None)
-def _gather_gate_op(impl, backend, gate, norm_eps, out_dtype, block_rows, block_d,
-                    interpret):
-  gate_fn = functools.partial(reference.gate_from_rows, gate=gate,
-                              norm_eps=norm_eps, out_dtype=out_dtype)
+def _gather_gate_op(impl, backend, gate, norm_eps, out_dtype, block_rows, block_d, interpret):
+  gate_fn = functools.partial(reference.gate_from_rows, gate=gate, norm_eps=norm_eps, out_dtype=out_dtype)
   gather_fn = _gather_fwd_fn(impl, backend, block_rows, interpret)
   if impl == "xla":
     fused_fn = lambda table, ids, *w: gate_fn(gather_fn(table, ids), *w)
   elif backend == "gpu":
     from pallas_kernels import gather_gpu
-    fused_fn = functools.partial(gather_gpu.gather_gate_gpu, gate=gate,
-                                 norm_eps=norm_eps, out_dtype=out_dtype,
-                                 block_rows=block_rows, block_d=block_d,
-                                 interpret=interpret)
+
+    fused_fn = functools.partial(
+      gather_gpu.gather_gate_gpu,
+      gate=gate,
+      norm_eps=norm_eps,
+      out_dtype=out_dtype,
+      block_rows=block_rows,
+      block_d=block_d,
+      interpret=interpret,
+    )
   else:
     from pallas_kernels import gather_tpu
-    fused_fn = functools.partial(gather_tpu.gather_gate_tpu, gate=gate,
-                                 norm_eps=norm_eps, out_dtype=out_dtype,
-                                 block_rows=block_rows, block_d=block_d,
-                                 interpret=interpret)
+
+    fused_fn = functools.partial(
+      gather_tpu.gather_gate_tpu,
+      gate=gate,
+      norm_eps=norm_eps,
+      out_dtype=out_dtype,
+      block_rows=block_rows,
+      block_d=block_d,
+      interpret=interpret,
+    )
 
   @jax.custom_vjp
   def op(table, row_ids, *weights):
@@ -176,11 +194,25 @@ def _gather_gate_op(impl, backend, gate, norm_eps, out_dtype, block_rows, block_
   return op
 
 
-def gather_gate(table, row_ids, w_value, b_value, w_key, b_key, query_normed,
-                key_norm_scale, *, gate: str = "reference", norm_eps: float = 1e-6,
-                out_dtype=None, impl: str = "auto", block_rows: int | None = None,
-                block_d: int | None = None, backend: str | None = None,
-                interpret=None) -> tuple[jax.Array, jax.Array]:
+def gather_gate(
+  table,
+  row_ids,
+  w_value,
+  b_value,
+  w_key,
+  b_key,
+  query_normed,
+  key_norm_scale,
+  *,
+  gate: str = "reference",
+  norm_eps: float = 1e-6,
+  out_dtype=None,
+  impl: str = "auto",
+  block_rows: int | None = None,
+  block_d: int | None = None,
+  backend: str | None = None,
+  interpret=None,
+) -> tuple[jax.Array, jax.Array]:
   """Fused gather, value/key projections and gate.
 
   table [R, d], row_ids [N, H], w_value [H*d, D], b_value [D], w_key [G, H*d, D],
@@ -198,12 +230,22 @@ def gather_gate(table, row_ids, w_value, b_value, w_key, b_key, query_normed,
   if w_key.ndim != 3:
     raise ValueError(f"w_key must be [G, H*d, D], got shape {w_key.shape}")
   g, _, dim = w_key.shape
-  expected = {"w_value": (c, dim), "b_value": (dim,), "w_key": (g, c, dim),
-              "b_key": (g, dim), "query_normed": (n, g, dim),
-              "key_norm_scale": (g, dim)}
-  got = {"w_value": w_value.shape, "b_value": b_value.shape, "w_key": w_key.shape,
-         "b_key": b_key.shape, "query_normed": query_normed.shape,
-         "key_norm_scale": key_norm_scale.shape}
+  expected = {
+    "w_value": (c, dim),
+    "b_value": (dim,),
+    "w_key": (g, c, dim),
+    "b_key": (g, dim),
+    "query_normed": (n, g, dim),
+    "key_norm_scale": (g, dim),
+  }
+  got = {
+    "w_value": w_value.shape,
+    "b_value": b_value.shape,
+    "w_key": w_key.shape,
+    "b_key": b_key.shape,
+    "query_normed": query_normed.shape,
+    "key_norm_scale": key_norm_scale.shape,
+  }
   for name, shape in expected.items():
     if tuple(got[name]) != shape:
       raise ValueError(f"{name} has shape {tuple(got[name])}, expected {shape}")
@@ -211,7 +253,5 @@ def gather_gate(table, row_ids, w_value, b_value, w_key, b_key, query_normed,
   backend = _resolve_backend(backend) if impl == "pallas" else None
   interpret = _resolve_interpret(interpret, backend) if impl == "pallas" else None
   out_dtype = jnp.dtype(out_dtype or jnp.result_type(table.dtype, w_value.dtype))
-  op = _gather_gate_op(impl, backend, gate, float(norm_eps), out_dtype, block_rows,
-                       block_d, interpret)
-  return op(table, row_ids.astype(jnp.int32), w_value, b_value, w_key, b_key,
-            query_normed, key_norm_scale)
+  op = _gather_gate_op(impl, backend, gate, float(norm_eps), out_dtype, block_rows, block_d, interpret)
+  return op(table, row_ids.astype(jnp.int32), w_value, b_value, w_key, b_key, query_normed, key_norm_scale)

@@ -34,8 +34,7 @@ def gather_rows(table: jax.Array, row_ids: jax.Array) -> jax.Array:
   return rows.reshape(n, h * table.shape[1])
 
 
-def scatter_add_rows(d_rows: jax.Array, row_ids: jax.Array,
-                     num_rows: int, dtype) -> jax.Array:
+def scatter_add_rows(d_rows: jax.Array, row_ids: jax.Array, num_rows: int, dtype) -> jax.Array:
   """Transpose of gather_rows: d_rows [N, H*d] -> dense table grad [R, d].
 
   Duplicate ids accumulate (in float32); out-of-range ids are dropped.
@@ -53,11 +52,19 @@ def signed_sqrt(s: jax.Array) -> jax.Array:
   return jnp.sign(s) * jnp.sqrt(jnp.maximum(jnp.abs(s), SIGNED_SQRT_FLOOR))
 
 
-def gate_from_rows(rows: jax.Array, w_value: jax.Array, b_value: jax.Array,
-                   w_key: jax.Array, b_key: jax.Array,
-                   query_normed: jax.Array, key_norm_scale: jax.Array,
-                   *, gate: str = "reference", norm_eps: float = 1e-6,
-                   out_dtype=None) -> tuple[jax.Array, jax.Array]:
+def gate_from_rows(
+  rows: jax.Array,
+  w_value: jax.Array,
+  b_value: jax.Array,
+  w_key: jax.Array,
+  b_key: jax.Array,
+  query_normed: jax.Array,
+  key_norm_scale: jax.Array,
+  *,
+  gate: str = "reference",
+  norm_eps: float = 1e-6,
+  out_dtype=None,
+) -> tuple[jax.Array, jax.Array]:
   """Projection + gate given gathered rows [N, C] -> (u [N, G, D], gates [N, G] f32)."""
   if gate not in GATES:
     raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
@@ -78,11 +85,31 @@ def gate_from_rows(rows: jax.Array, w_value: jax.Array, b_value: jax.Array,
   return u.astype(out_dtype), alpha
 
 
-def gather_gate(table, row_ids, w_value, b_value, w_key, b_key, query_normed,
-                key_norm_scale, *, gate: str = "reference",
-                norm_eps: float = 1e-6, out_dtype=None):
+def gather_gate(
+  table,
+  row_ids,
+  w_value,
+  b_value,
+  w_key,
+  b_key,
+  query_normed,
+  key_norm_scale,
+  *,
+  gate: str = "reference",
+  norm_eps: float = 1e-6,
+  out_dtype=None,
+):
   """Unfused composition: gather_rows then gate_from_rows. -> (u, gates)."""
   rows = gather_rows(table, row_ids)
-  return gate_from_rows(rows, w_value, b_value, w_key, b_key, query_normed,
-                        key_norm_scale, gate=gate, norm_eps=norm_eps,
-                        out_dtype=out_dtype)
+  return gate_from_rows(
+    rows,
+    w_value,
+    b_value,
+    w_key,
+    b_key,
+    query_normed,
+    key_norm_scale,
+    gate=gate,
+    norm_eps=norm_eps,
+    out_dtype=out_dtype,
+  )

@@ -23,6 +23,7 @@ class SparseRowGrad(NamedTuple):
   grads: [M, d] float32, summed gradient of each unique row; zero in padding.
   count: [] int32, number of valid slots.
   """
+
   row_ids: jax.Array
   grads: jax.Array
   count: jax.Array
@@ -33,8 +34,9 @@ class SparseRowGrad(NamedTuple):
     return out.at[self.row_ids].add(self.grads, mode="drop").astype(dtype)
 
 
-def sparse_row_grad(row_ids: jax.Array, d_rows: jax.Array, num_rows: int,
-                    max_unique: int | None = None) -> SparseRowGrad:
+def sparse_row_grad(
+  row_ids: jax.Array, d_rows: jax.Array, num_rows: int, max_unique: int | None = None
+) -> SparseRowGrad:
   """row_ids [N, H], d_rows [N, H*d] (cotangent of gather_rows) -> SparseRowGrad.
 
   max_unique: the padded size M (default N*H, which can never overflow). With a
@@ -56,9 +58,7 @@ def sparse_row_grad(row_ids: jax.Array, d_rows: jax.Array, num_rows: int,
   # `size`, which segment_sum drops.
   slot = jnp.clip(jnp.searchsorted(uniq, flat), 0, size - 1)
   slot = jnp.where(uniq[slot] == flat, slot, size)
-  grads = jax.ops.segment_sum(
-      d_rows.reshape(n * h, d).astype(jnp.float32), slot,
-      num_segments=size)
+  grads = jax.ops.segment_sum(d_rows.reshape(n * h, d).astype(jnp.float32), slot, num_segments=size)
   valid = jnp.arange(size) < count
   grads = jnp.where(valid[:, None], grads, 0.0)
   uniq = jnp.where(valid, uniq, num_rows).astype(jnp.int32)

@@ -24,8 +24,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # JAX's persistent compilation cache: many tests (and the training subprocesses they start,
 # which inherit the environment) compile the same tiny programs again in fresh Trainers; a
 # hit skips XLA's compile. Keyed by the program, jax version and flags, so never stale.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      str(Path(__file__).resolve().parents[1] / ".jax_cache"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 TESTDATA = Path(__file__).resolve().parents[2] / "shared" / "testdata"
@@ -53,7 +52,13 @@ def engram_config_from_meta(meta: dict):
   from engram_jax import EngramConfig
 
   return EngramConfig(
-      vocab_sizes=meta["engram_vocab_size"], max_ngram_size=meta["max_ngram_size"],
-      n_embed_per_ngram=meta["n_embed_per_ngram"], n_head_per_ngram=meta["n_head_per_ngram"],
-      layer_ids=meta["layer_ids"], pad_id=meta["pad_id"], seed=meta["seed"],
-      kernel_size=meta.get("kernel_size", 4), allow_layer_zero=True)
+    vocab_sizes=meta["engram_vocab_size"],
+    max_ngram_size=meta["max_ngram_size"],
+    n_embed_per_ngram=meta["n_embed_per_ngram"],
+    n_head_per_ngram=meta["n_head_per_ngram"],
+    layer_ids=meta["layer_ids"],
+    pad_id=meta["pad_id"],
+    seed=meta["seed"],
+    kernel_size=meta.get("kernel_size", 4),
+    allow_layer_zero=True,
+  )

@@ -38,17 +38,13 @@ def _numpy_rope(x, positions, theta=10000.0):
   half = x.shape[-1] // 2
   angle = positions[..., None, None] * theta ** (-np.arange(half) * 2.0 / x.shape[-1])
   x1, x2 = x[..., :half], x[..., half:]
-  return np.concatenate(
-    [x1 * np.cos(angle) - x2 * np.sin(angle), x2 * np.cos(angle) + x1 * np.sin(angle)], axis=-1
-  )
+  return np.concatenate([x1 * np.cos(angle) - x2 * np.sin(angle), x2 * np.cos(angle) + x1 * np.sin(angle)], axis=-1)
 
 
 def _reference_attention(attn, x, positions, segment_ids):
   """Straightforward float64 NumPy attention, kv heads expanded by repetition."""
   x = np.asarray(x, np.float64)
-  wq, wk, wv, wo = (
-    np.asarray(p[...], np.float64) for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
-  )
+  wq, wk, wv, wo = (np.asarray(p[...], np.float64) for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
   q = _numpy_rope(np.einsum("btd,dhk->bthk", x, wq), np.asarray(positions))
   k = _numpy_rope(np.einsum("btd,dhk->bthk", x, wk), np.asarray(positions))
   v = np.einsum("btd,dhk->bthk", x, wv)
@@ -72,9 +68,7 @@ def test_rope_is_identity_at_zero_and_preserves_norm():
   x = _normal(0, (2, 5, 3, 8))
   np.testing.assert_allclose(apply_rope(x, jnp.zeros((2, 5), jnp.int32)), x)
   rotated = apply_rope(x, _positions(2, 5) * 7)
-  np.testing.assert_allclose(
-    jnp.linalg.norm(rotated, axis=-1), jnp.linalg.norm(x, axis=-1), rtol=1e-5
-  )
+  np.testing.assert_allclose(jnp.linalg.norm(rotated, axis=-1), jnp.linalg.norm(x, axis=-1), rtol=1e-5)
   assert not np.allclose(rotated, x)
 
 
@@ -150,9 +144,7 @@ def test_prefill_then_decode_matches_full_forward_for_ragged_prompts(attn):
   x_prefill = jnp.where(valid[..., None], x_full[:, :prefill_len], garbage)
   cache = attn.init_cache(2, max_len=10)
   assert isinstance(cache, KVCache) and cache.k.shape == (2, 10, KV, DH)
-  y_prefill, cache = forward(
-    attn, x_prefill, _positions(2, prefill_len), jnp.asarray(valid, jnp.int32), cache=cache
-  )
+  y_prefill, cache = forward(attn, x_prefill, _positions(2, prefill_len), jnp.asarray(valid, jnp.int32), cache=cache)
   np.testing.assert_array_equal(cache.lengths, prompt_lens)
   for b, n in enumerate(prompt_lens):
     np.testing.assert_allclose(y_prefill[b, :n], y_full[b, :n], atol=1e-5)
@@ -162,9 +154,7 @@ def test_prefill_then_decode_matches_full_forward_for_ragged_prompts(attn):
     x_step = x_full[jnp.arange(2), at][:, None]  # [B, 1, D]
     y_step, cache = forward(attn, x_step, jnp.asarray(at)[:, None], cache=cache)
     for b in range(2):
-      np.testing.assert_allclose(
-        y_step[b, 0], y_full[b, at[b]], atol=1e-5, err_msg=f"step {step}, sequence {b}"
-      )
+      np.testing.assert_allclose(y_step[b, 0], y_full[b, at[b]], atol=1e-5, err_msg=f"step {step}, sequence {b}")
   np.testing.assert_array_equal(cache.lengths, prompt_lens + steps)
 
 

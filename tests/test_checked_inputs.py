@@ -12,10 +12,11 @@ from jax.experimental import checkify
 from engram_jax import Engram, EngramConfig, NgramHasher
 from engram_jax.layers.engram import NgramInputAverage
 
-CFG = EngramConfig(vocab_sizes=(37, 41), max_ngram_size=3, n_head_per_ngram=2, n_embed_per_ngram=16,
-                   layer_ids=(1,), pad_id=0)
+CFG = EngramConfig(
+  vocab_sizes=(37, 41), max_ngram_size=3, n_head_per_ngram=2, n_embed_per_ngram=16, layer_ids=(1,), pad_id=0
+)
 HASHER = NgramHasher(CFG, 50)
-SIZES = HASHER.table_sizes[1]          # [37, 41, 43, 47]
+SIZES = HASHER.table_sizes[1]  # [37, 41, 43, 47]
 D_H = CFG.head_dim
 
 
@@ -63,7 +64,7 @@ def test_pallas_fused_gather_gate_marks_bad_tokens_nan():
   bad_token = np.array([False, True, True])
   assert np.isnan(np.asarray(y))[0, bad_token].all() and np.isnan(np.asarray(gates))[0, bad_token].all()
   module.impl = "xla"
-  y_ref = module(hidden, np.where(ids < 0, 0, ids) % SIZES)     # any valid ids for token 0's reference
+  y_ref = module(hidden, np.where(ids < 0, 0, ids) % SIZES)  # any valid ids for token 0's reference
   np.testing.assert_allclose(np.asarray(y)[0, 0], np.asarray(y_ref)[0, 0], atol=2e-5, rtol=2e-5)
   assert np.isfinite(np.asarray(y_ref)).all()
 
@@ -72,12 +73,13 @@ def test_checkify_raises_with_the_position_of_a_bad_row_id():
   module = _engram()
   graphdef, state = nnx.split(module)
   ids, _ = _boundary_ids()
-  checked = jax.jit(checkify.checkify(lambda s, r: nnx.merge(graphdef, s).lookup(r),
-                                      errors=checkify.user_checks))
+  checked = jax.jit(checkify.checkify(lambda s, r: nnx.merge(graphdef, s).lookup(r), errors=checkify.user_checks))
   err, _ = checked(state, ids)
-  with pytest.raises(checkify.JaxRuntimeError,
-                     match=r"row id 37 at position \(0, 1, 0\) is outside head 0's table \[0, 37\) "
-                           r"of Engram layer 1"):
+  with pytest.raises(
+    checkify.JaxRuntimeError,
+    match=r"row id 37 at position \(0, 1, 0\) is outside head 0's table \[0, 37\) "
+    r"of Engram layer 1",
+  ):
     err.throw()
   err, rows = checked(state, np.where(ids < 0, 0, ids) % SIZES)
   assert err.get() is None and np.isfinite(np.asarray(rows)).all()
@@ -123,7 +125,7 @@ def test_sharded_lookup_bounds_checked_per_head(method):
   engram = model.blocks[1].engram
   assert S.num_shards(engram.table.get_value()) == 4
   ids, bad = _boundary_ids()
-  ids = np.concatenate([ids, ids[:, ::-1]], 0)                       # batch 2: one per data shard
+  ids = np.concatenate([ids, ids[:, ::-1]], 0)  # batch 2: one per data shard
   graphdef, state = nnx.split(engram)
   with jax.set_mesh(mesh):
     rows = jax.jit(lambda s, r: nnx.merge(graphdef, s).lookup(r))(state, ids)
@@ -141,8 +143,8 @@ def test_hash_jax_out_of_vocabulary_ids_are_not_ordinary_rows():
   bad = np.zeros(rows.shape, bool)
   for b, t in ((0, 2), (1, 3)):
     bad[b, t, :] = True
-    bad[b, t + 1, :] = True        # order 2 and 3 windows of the next token
-    bad[b, t + 2, 2:] = True       # order 3 window of the token after
+    bad[b, t + 1, :] = True  # order 2 and 3 windows of the next token
+    bad[b, t + 2, 2:] = True  # order 3 window of the token after
   np.testing.assert_array_equal(rows == -1, bad)
   clean = HASHER.hash(np.where((x < 0) | (x >= 50), 0, x))[1]
   np.testing.assert_array_equal(rows[~bad], clean[~bad])
@@ -157,8 +159,10 @@ def test_hash_jax_out_of_vocabulary_ids_are_not_ordinary_rows():
 def test_hash_jax_checkify_raises_with_position():
   x = np.array([[1, 2, 3], [4, 50, 6]], np.int32)
   err, _ = jax.jit(checkify.checkify(HASHER.hash_jax, errors=checkify.user_checks))(x)
-  with pytest.raises(checkify.JaxRuntimeError,
-                     match=r"compressed id 50 at position \(1, 1\) is outside the compressed vocabulary \[0, 50\)"):
+  with pytest.raises(
+    checkify.JaxRuntimeError,
+    match=r"compressed id 50 at position \(1, 1\) is outside the compressed vocabulary \[0, 50\)",
+  ):
     err.throw()
   with pytest.raises(ValueError, match="compressed id 50 at position"):
     HASHER.hash_jax(x)
@@ -174,8 +178,7 @@ def test_host_table_checks_row_ids_per_head():
   with pytest.raises(ValueError, match=r"row id 37 at position \(0, 1, 0\) is outside head 0's table \[0, 37\)"):
     table.gather_heads(ids, offsets, SIZES)
   good = np.where(ids < 0, 0, ids) % SIZES
-  np.testing.assert_array_equal(np.asarray(table.gather_heads(good, offsets, SIZES)),
-                                table.numpy()[good + offsets])
+  np.testing.assert_array_equal(np.asarray(table.gather_heads(good, offsets, SIZES)), table.numpy()[good + offsets])
 
 
 # ------------------------------------------------------------------ defect 5: data files
@@ -183,7 +186,7 @@ def _files(tmp_path):
   d = tmp_path / "docs"
   d.mkdir()
   (d / "a.txt").write_text("plain text\n")
-  (d / "b.txt").write_bytes("caf\u00e9\n".encode() + b"latin-1 \xe9t\xe9\n")     # byte 14 is bad
+  (d / "b.txt").write_bytes("caf\u00e9\n".encode() + b"latin-1 \xe9t\xe9\n")  # byte 14 is bad
   (d / "c.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
   return d
 
@@ -211,7 +214,7 @@ def test_decode_errors_skip_and_replace(tmp_path, caplog):
   assert "skipped 1 undecodable file(s)" in caplog.text and "b.txt (byte 14)" in caplog.text
   replaced = train_corpus(base.replace(decode_errors="replace"))
   docs = {replaced.key(i): replaced[i] for i in range(len(replaced))}
-  assert set(docs) == {"a.txt", "b.txt"}                         # the binary file never is a document
+  assert set(docs) == {"a.txt", "b.txt"}  # the binary file never is a document
   assert docs["b.txt"] == "caf\u00e9\nlatin-1 \ufffdt\ufffd\n"
   with pytest.raises(ValueError, match=r"DataConfig.decode_errors must be one of .* got 'ignore'"):
     base.replace(decode_errors="ignore")
@@ -246,7 +249,7 @@ def test_stdlib_corpus_decodes_every_file_faithfully():
   docs = open_source("stdlib")
   assert "test/badsyntax_pep3120.py" not in docs.keys
   koi8 = docs.keys.index("test/encoded_modules/module_koi8_r.py")
-  assert "\u041f\u043e\u0437\u043d\u0430\u043d\u0438\u0435" in docs.read(koi8)    # "Познание"
+  assert "\u041f\u043e\u0437\u043d\u0430\u043d\u0438\u0435" in docs.read(koi8)  # "Познание"
   # strict decoding (a bad byte would raise): every document reads without a replacement
   assert docs.errors == "strict" and all(isinstance(docs.read(i), str) for i in range(len(docs)))
 
@@ -257,13 +260,19 @@ def _bad_tokenizer_files(tmp_path):
 
   good = train_bpe_tokenizer(["hello world " * 20, "tokenizer files"], 300).to_str()
   cases = {
-      "truncated": (good[: len(good) // 2], r"is not valid JSON \(.* line 1 column \d+; the file has \d+ bytes: "
-                                            r"truncated or corrupt\?\)"),
-      "not_tokenizer": ('{"hello": 1}', r"is JSON but not a tokenizers tokenizer.json: no 'model' entry "
-                                        r"\(found \['hello'\]\)"),
-      "list": ("[1, 2]", r"is JSON but not a tokenizers tokenizer.json: no 'model' entry \(found a JSON list\)"),
-      "empty": ("", "is empty"),
-      "bad_model": ('{"model": {"type": "Nope"}}', "is not a valid tokenizer.json: "),
+    "truncated": (
+      good[: len(good) // 2],
+      r"is not valid JSON \(.* line 1 column \d+; the file has \d+ bytes: "
+      r"truncated or corrupt\?\)",
+    ),
+    "not_tokenizer": (
+      '{"hello": 1}',
+      r"is JSON but not a tokenizers tokenizer.json: no 'model' entry "
+      r"\(found \['hello'\]\)",
+    ),
+    "list": ("[1, 2]", r"is JSON but not a tokenizers tokenizer.json: no 'model' entry \(found a JSON list\)"),
+    "empty": ("", "is empty"),
+    "bad_model": ('{"model": {"type": "Nope"}}', "is not a valid tokenizer.json: "),
   }
   out = {}
   for name, (text, message) in cases.items():
@@ -308,7 +317,9 @@ def _model(**kw):
   return ModelConfig.tiny("engram_moe", **kw)
 
 
-@pytest.mark.parametrize("build, message", [
+@pytest.mark.parametrize(
+  "build, message",
+  [
     (lambda: EngramConfig(vocab_sizes=(100.7, 200)), r"EngramConfig.vocab_sizes\[0\] must be an int, got 100.7"),
     (lambda: EngramConfig(vocab_sizes="100"), "EngramConfig.vocab_sizes must be a sequence of ints, got '100'"),
     (lambda: EngramConfig(layer_ids=("1",)), r"EngramConfig.layer_ids\[0\] must be an int, got '1'"),
@@ -323,8 +334,12 @@ def _model(**kw):
     (lambda: _model(rope_theta=0.0), r"ModelConfig.rope_theta must be a finite number > 0.0, got 0.0"),
     (lambda: _model(norm_eps="1e-6"), "ModelConfig.norm_eps must be a finite number > 0.0, got '1e-6'"),
     (lambda: _model(tie_embeddings="no"), "ModelConfig.tie_embeddings must be True or False, got 'no'"),
-    (lambda: _model(engram_compressed_vocab=2.5), "ModelConfig.engram_compressed_vocab must be None or an int >= 1, got 2.5"),
-])
+    (
+      lambda: _model(engram_compressed_vocab=2.5),
+      "ModelConfig.engram_compressed_vocab must be None or an int >= 1, got 2.5",
+    ),
+  ],
+)
 def test_library_configs_name_field_value_and_range(build, message):
   with pytest.raises(ValueError, match=message):
     build()
@@ -336,7 +351,9 @@ def _moe(**kw):
   return MoEConfig(**{**dict(num_experts=8, num_shared_experts=1, top_k=2, expert_hidden=16), **kw})
 
 
-@pytest.mark.parametrize("field, value, message", [
+@pytest.mark.parametrize(
+  "field, value, message",
+  [
     ("variant", "engarm", r"config.variant must be one of \('dense', 'moe', 'engram'\), got 'engarm'"),
     ("allocation.rho", 1.5, r"config.allocation.rho must be a finite number in \[0.0, 1.0\], got 1.5"),
     ("allocation.active_rtol", -0.1, "config.allocation.active_rtol must be a finite number >= 0.0, got -0.1"),
@@ -344,7 +361,8 @@ def _moe(**kw):
     ("mesh.data", 0, r"config.mesh.data must be -1 \(every device the other axes leave\) or an int >= 1, got 0"),
     ("seed", -2, "config.seed must be an int >= 0, got -2"),
     ("engram.compress_tokens", "yes", "config.engram.compress_tokens must be True or False, got 'yes'"),
-])
+  ],
+)
 def test_experiment_config_fields_are_validated(field, value, message):
   from experiments.configs import common, tiny
 
@@ -359,13 +377,16 @@ def test_experiment_config_fields_are_validated(field, value, message):
     common.mesh_axes(c, 8)
 
 
-@pytest.mark.parametrize("changes, message", [
+@pytest.mark.parametrize(
+  "changes, message",
+  [
     (dict(seed=True), r"DataConfig.seed must be an int in \[0, 2\*\*32\), got True"),
     (dict(max_documents=True), "DataConfig.max_documents must be None or a positive int, got True"),
     (dict(tokenizer_path=""), "DataConfig.tokenizer_path must be None or a non-empty path string, got ''"),
     (dict(stdlib_include_tests="no"), "DataConfig.stdlib_include_tests must be True or False, got 'no'"),
     (dict(validation_fraction="0.1"), r"DataConfig.validation_fraction must be a number in \[0, 1\), got '0.1'"),
-])
+  ],
+)
 def test_data_config_names_field_value_and_range(changes, message):
   from engram_jax.data import DataConfig
 

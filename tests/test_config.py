@@ -5,7 +5,9 @@ import pytest
 from engram_jax import EngramConfig
 
 
-@pytest.mark.parametrize("kwargs, message", [
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
     (dict(vocab_sizes=(100,), max_ngram_size=3), "needs one per order"),
     (dict(max_ngram_size=1, vocab_sizes=()), "max_ngram_size must be an int >= 2"),
     (dict(vocab_sizes=(100, 1)), r"vocab_sizes\[1\] \(order 3\) must be >= 2"),
@@ -17,15 +19,22 @@ from engram_jax import EngramConfig
     (dict(layer_ids=(-1,)), ">= 0"),
     (dict(pad_id=-1), "pad_id"),
     (dict(kernel_size=0), "kernel_size"),
-])
+  ],
+)
 def test_invalid_configs_raise(kwargs, message):
   with pytest.raises(ValueError, match=message):
     EngramConfig(**kwargs)
 
 
 def test_derived_sizes_and_dict_roundtrip():
-  cfg = EngramConfig(vocab_sizes=[1000, 2000], max_ngram_size=3, n_embed_per_ngram=64,
-                     n_head_per_ngram=4, layer_ids=[0, 2], allow_layer_zero=True)
+  cfg = EngramConfig(
+    vocab_sizes=[1000, 2000],
+    max_ngram_size=3,
+    n_embed_per_ngram=64,
+    n_head_per_ngram=4,
+    layer_ids=[0, 2],
+    allow_layer_zero=True,
+  )
   assert cfg.layer_ids == (0, 2) and cfg.vocab_sizes == (1000, 2000)
   assert (cfg.num_heads, cfg.head_dim, cfg.memory_dim) == (8, 16, 128)
   assert EngramConfig.from_dict(cfg.to_dict()) == cfg
@@ -39,8 +48,11 @@ def test_every_config_from_dict_names_unknown_fields():
   from engram_jax.models import ModelConfig
   from engram_jax.train import TrainConfig
 
-  for cls, cfg in ((ModelConfig, ModelConfig.tiny("engram_moe")), (TrainConfig, TrainConfig()),
-                   (DataConfig, DataConfig())):
+  for cls, cfg in (
+    (ModelConfig, ModelConfig.tiny("engram_moe")),
+    (TrainConfig, TrainConfig()),
+    (DataConfig, DataConfig()),
+  ):
     assert cls.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match=rf"{cls.__name__}.from_dict: unknown fields \['bogus'\]"):
       cls.from_dict({**cfg.to_dict(), "bogus": 1})

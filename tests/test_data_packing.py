@@ -37,8 +37,7 @@ def examples():
 
 def test_batches_equal_grain_concat_then_split_then_batch():
   # The vectorized packer is grain's ConcatThenSplit (+ batch), row for row.
-  ref = ConcatThenSplitIterDataset(documents().map(lambda ids: {"ids": ids}),
-                                   length_struct={"ids": SEQ_LEN + 1})
+  ref = ConcatThenSplitIterDataset(documents().map(lambda ids: {"ids": ids}), length_struct={"ids": SEQ_LEN + 1})
   ref_rows = list(ref)
   ours = list(packed())
   assert len(ours) == 5 and len(ref_rows) == 10
@@ -57,13 +56,18 @@ def test_rows_concatenate_the_documents():
   stream = np.concatenate([np.arange(n) + 100 * d for d, n in enumerate(LENGTHS, 1)])
   # Row r covers stream[9r : 9r + 9]: tokens are its first 8 ids, targets its last 8.
   for r, ex in enumerate(rows):
-    chunk = stream[9 * r: 9 * r + 9]
+    chunk = stream[9 * r : 9 * r + 9]
     n = len(chunk)
     assert np.array_equal(ex["tokens"][:n], chunk[:SEQ_LEN][:n])
-    assert np.array_equal(ex["targets"][:n - 1], chunk[1:])
-    for key, dtype in [("tokens", np.int32), ("targets", np.int32), ("loss_mask", np.float32),
-                       ("segment_ids", np.int32), ("positions", np.int32),
-                       ("target_bytes", np.int32)]:
+    assert np.array_equal(ex["targets"][: n - 1], chunk[1:])
+    for key, dtype in [
+      ("tokens", np.int32),
+      ("targets", np.int32),
+      ("loss_mask", np.float32),
+      ("segment_ids", np.int32),
+      ("positions", np.int32),
+      ("target_bytes", np.int32),
+    ]:
       assert ex[key].shape == (SEQ_LEN,) and ex[key].dtype == dtype, key
 
 
@@ -93,10 +97,10 @@ def test_targets_never_cross_documents_and_mask_is_exact():
     # Documents start at 1 and padding is id 0, so this covers every position.
     assert np.array_equal(mask, ((doc_of(tgt) == doc_of(tok)) & (seg > 0)).astype(np.float32))
     assert np.array_equal(ex["target_bytes"], np.where(mask == 1, BYTES[tgt], 0))
-  boundaries = sum(int(((ex["segment_ids"][1:] != ex["segment_ids"][:-1])
-                        & (ex["segment_ids"][1:] > 0)).sum()) for ex in rows)
-  masked = sum(int(((ex["loss_mask"][:-1] == 0) & (ex["segment_ids"][1:] > 0)).sum())
-               for ex in rows)
+  boundaries = sum(
+    int(((ex["segment_ids"][1:] != ex["segment_ids"][:-1]) & (ex["segment_ids"][1:] > 0)).sum()) for ex in rows
+  )
+  masked = sum(int(((ex["loss_mask"][:-1] == 0) & (ex["segment_ids"][1:] > 0)).sum()) for ex in rows)
   assert boundaries == masked > 0
 
 

@@ -5,22 +5,30 @@ import pytest
 
 from engram_jax.config import EngramConfig
 from engram_jax.data import (
-    DataConfig,
-    EngramRowHasher,
-    batch_spec,
-    checkpoint_args,
-    load_or_train_tokenizer,
-    make_eval_batches,
-    make_train_iterator,
+  DataConfig,
+  EngramRowHasher,
+  batch_spec,
+  checkpoint_args,
+  load_or_train_tokenizer,
+  make_eval_batches,
+  make_train_iterator,
 )
 from engram_jax.data.packing import row_to_example
 from engram_jax.hashing import NgramHasher, TokenizerCompressor
 
-CFG = DataConfig(seq_len=32, batch_size=4, max_bytes=300_000, bpe_vocab_size=512,
-                 tokenizer_train_bytes=300_000, num_eval_batches=3, validation_fraction=0.05,
-                 stdlib_include_tests=False)
-ENGRAM = EngramConfig(vocab_sizes=(1009, 997), max_ngram_size=3, n_embed_per_ngram=8,
-                      n_head_per_ngram=2, layer_ids=(1, 3), pad_id=0)
+CFG = DataConfig(
+  seq_len=32,
+  batch_size=4,
+  max_bytes=300_000,
+  bpe_vocab_size=512,
+  tokenizer_train_bytes=300_000,
+  num_eval_batches=3,
+  validation_fraction=0.05,
+  stdlib_include_tests=False,
+)
+ENGRAM = EngramConfig(
+  vocab_sizes=(1009, 997), max_ngram_size=3, n_embed_per_ngram=8, n_head_per_ngram=2, layer_ids=(1, 3), pad_id=0
+)
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +113,7 @@ def test_no_ngram_crosses_a_document_boundary(tok, compressor):
   after_other_doc = hasher.hash(compressor(ids[None, :-1]))  # no segment ids
   start = len(doc_a)
   for layer in ENGRAM.layer_ids:
-    np.testing.assert_array_equal(hashed[layer][0, start:start + len(doc_b)], alone_b[layer][0])
+    np.testing.assert_array_equal(hashed[layer][0, start : start + len(doc_b)], alone_b[layer][0])
     # Sanity of the construction: without segments the first positions of doc_b differ.
     assert not np.array_equal(after_other_doc[layer][0, start], alone_b[layer][0, 0])
     # The first token of a document sees only pads before it: equal to a lone token.
@@ -148,8 +156,7 @@ def test_state_round_trips_through_an_orbax_checkpoint(tok, tmp_path):
   it.close()
   fresh = make_train_iterator(CFG, tok, ENGRAM)
   with ocp.CheckpointManager(tmp_path) as manager:
-    restored = manager.restore(2, args=ocp.args.Composite(
-        data=checkpoint_args(fresh, restore=True))).data
+    restored = manager.restore(2, args=ocp.args.Composite(data=checkpoint_args(fresh, restore=True))).data
   assert restored is fresh
   assert_batches_equal([next(fresh) for _ in range(2)], expected)
   fresh.close()

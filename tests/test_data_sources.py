@@ -19,23 +19,27 @@ def test_parse_source_forms():
   assert parse_source("text:/d/*.txt") == SourceSpec("text", "/d/*.txt")
   assert parse_source("jsonl:/d/*.jsonl:body") == SourceSpec("jsonl", "/d/*.jsonl", "body")
   assert parse_source("jsonl:/d/*.jsonl") == SourceSpec("jsonl", "/d/*.jsonl", "text")
-  assert parse_source("arrayrecord:/d/x.array_record") == SourceSpec(
-      "arrayrecord", "/d/x.array_record", None)
+  assert parse_source("arrayrecord:/d/x.array_record") == SourceSpec("arrayrecord", "/d/x.array_record", None)
   assert parse_source("arrayrecord:/d/*.array_record:text").field == "text"
 
 
-@pytest.mark.parametrize("spec, message", [
+@pytest.mark.parametrize(
+  "spec, message",
+  [
     ("parquet:/x/*.parquet", "unknown source scheme 'parquet'"),
     ("text:", "needs a file glob"),
     ("stdlib:foo", "takes no arguments"),
     ("", "non-empty string"),
-])
+  ],
+)
 def test_parse_source_errors(spec, message):
   with pytest.raises(ValueError, match=message):
     parse_source(spec)
 
 
-@pytest.mark.parametrize("changes, message", [
+@pytest.mark.parametrize(
+  "changes, message",
+  [
     ({"seq_len": 0}, "seq_len must be a positive int"),
     ({"batch_size": -2}, "batch_size"),
     ({"num_workers": -1}, "num_workers"),
@@ -45,7 +49,8 @@ def test_parse_source_errors(spec, message):
     ({"sources": ()}, "sources is empty"),
     ({"sources": ("csv:/a",)}, "unknown source scheme 'csv'"),
     ({"seed": -1}, "seed"),
-])
+  ],
+)
 def test_data_config_rejects_bad_values(changes, message):
   with pytest.raises(ValueError, match=message):
     DataConfig(**changes)
@@ -78,8 +83,7 @@ def test_stdlib_files_are_sorted_portable_and_nonempty():
   assert 10e6 < total < 80e6  # the whole library, not a sample
   no_tests = {k for k, _ in stdlib_files(include_tests=False)}
   assert no_tests < set(keys)
-  assert not any(part in ("test", "tests", "idle_test") for k in no_tests
-                 for part in k.split("/")[:-1])
+  assert not any(part in ("test", "tests", "idle_test") for k in no_tests for part in k.split("/")[:-1])
 
 
 def test_stdlib_split_is_deterministic_disjoint_and_complete():
@@ -100,16 +104,16 @@ def test_stdlib_split_is_deterministic_disjoint_and_complete():
 def test_split_does_not_depend_on_python_hash_seed():
   # Load corpus.py alone (no package import) in fresh interpreters with different salts.
   code = (
-      "import importlib.util, sys\n"
-      f"spec = importlib.util.spec_from_file_location('c', {corpus_lib.__file__!r})\n"
-      "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
-      "keys = [k for k, _ in m.stdlib_files(include_tests=False)]\n"
-      "print(sum(1 << (i % 61) for i, k in enumerate(keys) if m.split_of(k, 0.3) == 'train'))\n")
+    "import importlib.util, sys\n"
+    f"spec = importlib.util.spec_from_file_location('c', {corpus_lib.__file__!r})\n"
+    "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+    "keys = [k for k, _ in m.stdlib_files(include_tests=False)]\n"
+    "print(sum(1 << (i % 61) for i, k in enumerate(keys) if m.split_of(k, 0.3) == 'train'))\n"
+  )
   outs = set()
   for salt in ("1", "2"):
     env = {**os.environ, "PYTHONHASHSEED": salt}
-    outs.add(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                            text=True, check=True).stdout)
+    outs.add(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout)
   keys = [k for k, _ in stdlib_files(include_tests=False)]
   here = sum(1 << (i % 61) for i, k in enumerate(keys) if corpus_lib.split_of(k, 0.3) == "train")
   assert outs == {f"{here}\n"}
@@ -117,14 +121,12 @@ def test_split_does_not_depend_on_python_hash_seed():
 
 def test_caps_take_a_prefix_of_the_fixed_order():
   full = build_corpus(["stdlib"], "train", validation_fraction=0.1, stdlib_include_tests=False)
-  capped = build_corpus(["stdlib"], "train", validation_fraction=0.1, max_documents=7,
-                        stdlib_include_tests=False)
+  capped = build_corpus(["stdlib"], "train", validation_fraction=0.1, max_documents=7, stdlib_include_tests=False)
   assert capped.keys() == full.keys()[:7]
-  by_bytes = build_corpus(["stdlib"], "train", validation_fraction=0.1, max_bytes=200_000,
-                          stdlib_include_tests=False)
+  by_bytes = build_corpus(["stdlib"], "train", validation_fraction=0.1, max_bytes=200_000, stdlib_include_tests=False)
   sizes = [len(by_bytes[i].encode()) for i in range(len(by_bytes))]
   assert sum(sizes) <= 200_000 and len(by_bytes) >= 1
-  assert by_bytes.keys() == full.keys()[:len(by_bytes)]
+  assert by_bytes.keys() == full.keys()[: len(by_bytes)]
   next_size = len(full[len(by_bytes)].encode())
   assert sum(sizes) + next_size > 200_000  # the longest prefix under the cap
 
@@ -184,12 +186,12 @@ def test_arrayrecord_source(tmp_path):
   write(tmp_path / "json.array_record", [json.dumps({"text": t}) for t in ("x y", "z")])
   plain = build_corpus([f"arrayrecord:{tmp_path}/plain.array_record"], None)
   assert sorted(plain[i] for i in range(len(plain))) == ["one", "three", "twö"]
-  assert sorted(plain.keys()) == ["plain.array_record:0", "plain.array_record:1",
-                                  "plain.array_record:2"]
+  assert sorted(plain.keys()) == ["plain.array_record:0", "plain.array_record:1", "plain.array_record:2"]
   fielded = build_corpus([f"arrayrecord:{tmp_path}/json.array_record:text"], None)
   assert sorted(fielded[i] for i in range(len(fielded))) == ["x y", "z"]
   # Readers reopen after pickling (grain worker processes).
   import pickle
+
   again = pickle.loads(pickle.dumps(plain))
   assert [again[i] for i in range(3)] == [plain[i] for i in range(3)]
 

@@ -7,11 +7,11 @@ import pytest
 from tokenizers import Tokenizer, models
 
 from engram_jax.data import (
-    DataConfig,
-    load_or_train_tokenizer,
-    special_ids,
-    token_byte_lengths,
-    train_bpe_tokenizer,
+  DataConfig,
+  load_or_train_tokenizer,
+  special_ids,
+  token_byte_lengths,
+  train_bpe_tokenizer,
 )
 from engram_jax.data import tokenizer as tokenizer_lib
 

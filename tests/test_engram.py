@@ -19,10 +19,11 @@ def _reference_module(name):
   cfg = engram_config_from_meta(meta)
   hasher = NgramHasher(cfg, meta["compressed_vocab"])
   layer = meta["layer_id"]
-  module = Engram(cfg, layer, meta["hidden_size"], meta["hc_mult"],
-                  table_sizes=hasher.table_sizes[layer], rngs=nnx.Rngs(0))
+  module = Engram(
+    cfg, layer, meta["hidden_size"], meta["hc_mult"], table_sizes=hasher.table_sizes[layer], rngs=nnx.Rngs(0)
+  )
   prefix = f"{name}/param/"
-  load_reference_engram(module, {k[len(prefix):]: GOLDEN[k] for k in GOLDEN.files if k.startswith(prefix)})
+  load_reference_engram(module, {k[len(prefix) :]: GOLDEN[k] for k in GOLDEN.files if k.startswith(prefix)})
   return module, hasher, layer
 
 
@@ -59,7 +60,9 @@ def test_paper_gate_differs_from_reference_gate():
   # paper: sigmoid(s); reference: sigmoid(sign(s) sqrt|s|): invert and compare scores
   s_paper = jnp.log(paper_gates / (1 - paper_gates))
   s_ref = jnp.log(ref_gates / (1 - ref_gates))
-  np.testing.assert_allclose(np.asarray(s_ref), np.asarray(jnp.sign(s_paper) * jnp.sqrt(jnp.maximum(jnp.abs(s_paper), 1e-6))), atol=1e-3)
+  np.testing.assert_allclose(
+    np.asarray(s_ref), np.asarray(jnp.sign(s_paper) * jnp.sqrt(jnp.maximum(jnp.abs(s_paper), 1e-6))), atol=1e-3
+  )
 
 
 def _tiny(hc=2, d=8, seed=0):
@@ -122,7 +125,7 @@ def test_conv_state_decoding_equals_full_sequence():
   state = module.init_conv_state(2)
   outs = []
   for t in range(hidden.shape[1]):
-    y, _, state = module.fuse(hidden[:, t:t + 1], rows[:, t:t + 1], conv_state=state)
+    y, _, state = module.fuse(hidden[:, t : t + 1], rows[:, t : t + 1], conv_state=state)
     outs.append(y)
   np.testing.assert_allclose(np.asarray(jnp.concatenate(outs, 1)), np.asarray(y_full), atol=1e-5)
 
@@ -174,7 +177,7 @@ def test_bad_inputs_raise_clear_errors():
 def test_reference_loader_rejects_mismatches():
   module, _, _ = _reference_module("hc1")
   prefix = "hc1/param/"
-  sd = {k[len(prefix):]: GOLDEN[k] for k in GOLDEN.files if k.startswith(prefix)}
+  sd = {k[len(prefix) :]: GOLDEN[k] for k in GOLDEN.files if k.startswith(prefix)}
   with pytest.raises(ValueError, match="missing"):
     load_reference_engram(module, {k: v for k, v in sd.items() if not k.startswith("value_proj.bias")})
   bad = dict(sd)
@@ -185,8 +188,9 @@ def test_reference_loader_rejects_mismatches():
 
 def test_prefetched_rows_equal_gathered_rows():
   module, row_ids, hidden = _tiny()
-  np.testing.assert_array_equal(np.asarray(module(hidden, engram_rows=module.lookup(row_ids))),
-                                np.asarray(module(hidden, row_ids)))
+  np.testing.assert_array_equal(
+    np.asarray(module(hidden, engram_rows=module.lookup(row_ids))), np.asarray(module(hidden, row_ids))
+  )
 
 
 class _TinyNNXModel(nnx.Module):
@@ -210,6 +214,7 @@ def test_reuse_inside_a_plain_nnx_model_trains():
   tokens = np.random.default_rng(0).integers(0, 11, (4, 9))
   row_ids = hasher.hash(tokens)[1]
   import optax
+
   opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
 
   @nnx.jit
@@ -217,6 +222,7 @@ def test_reuse_inside_a_plain_nnx_model_trains():
     def loss_fn(m):
       logits = m(tokens[:, :-1], row_ids[:, :-1])
       return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
     loss, grads = nnx.value_and_grad(loss_fn)(model)
     opt.update(model, grads)
     return loss
@@ -265,5 +271,4 @@ def test_pallas_impl_equals_xla_in_interpret_mode(hc):
 
   g_ref, g_pallas = jax.grad(loss)(params, "xla"), jax.grad(loss)(params, "pallas")
   for name in ("table", "value_kernel", "key_kernel"):
-    np.testing.assert_allclose(np.asarray(g_pallas[name][...]), np.asarray(g_ref[name][...]),
-                               atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(g_pallas[name][...]), np.asarray(g_ref[name][...]), atol=1e-4, rtol=1e-4)

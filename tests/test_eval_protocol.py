@@ -22,11 +22,20 @@ from engram_jax.data.pipeline import make_eval_batches
 from engram_jax.hashing import TokenizerCompressor
 from engram_jax.train import evaluation, stats
 
-CFG = DataConfig(seq_len=32, batch_size=8, max_bytes=300_000, bpe_vocab_size=512,
-                 tokenizer_train_bytes=300_000, validation_fraction=0.05,
-                 stdlib_include_tests=False, eval_tokens=4096, prefetch_buffer_size=0)
-ENGRAM = EngramConfig(vocab_sizes=(1009, 997), max_ngram_size=3, n_embed_per_ngram=8,
-                      n_head_per_ngram=2, layer_ids=(1,), pad_id=0)
+CFG = DataConfig(
+  seq_len=32,
+  batch_size=8,
+  max_bytes=300_000,
+  bpe_vocab_size=512,
+  tokenizer_train_bytes=300_000,
+  validation_fraction=0.05,
+  stdlib_include_tests=False,
+  eval_tokens=4096,
+  prefetch_buffer_size=0,
+)
+ENGRAM = EngramConfig(
+  vocab_sizes=(1009, 997), max_ngram_size=3, n_embed_per_ngram=8, n_head_per_ngram=2, layer_ids=(1,), pad_id=0
+)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +52,7 @@ def test_clustered_se_equals_a_direct_computation():
   assert mean == pytest.approx(sums.sum() / counts.sum())
   # the linearised (ratio-estimator) variance, written out term by term
   c, total = len(counts), counts.sum()
-  var = sum((s - mean * n) ** 2 for s, n in zip(sums, counts)) * c / (c - 1) / total ** 2
+  var = sum((s - mean * n) ** 2 for s, n in zip(sums, counts)) * c / (c - 1) / total**2
   assert se == pytest.approx(math.sqrt(var))
   # equal cluster sizes: the plain standard error of the per-cluster means
   eq = np.full(50, 10.0)
@@ -62,7 +71,7 @@ def test_clustered_se_is_calibrated():
   means, ses = [], []
   for _ in range(400):
     counts = rng.integers(5, 40, 100).astype(float)
-    difficulty = rng.normal(0, 0.5, 100)           # shared by a cluster's tokens
+    difficulty = rng.normal(0, 0.5, 100)  # shared by a cluster's tokens
     sums = np.array([rng.normal(4 + d, 1.0, int(n)).sum() for d, n in zip(difficulty, counts)])
     m, s = stats.clustered_mean_se(sums, counts)
     means.append(m)
@@ -105,16 +114,18 @@ def test_paired_rows_refuse_different_tokens():
 # ---------------------------------------------------------------------------- mixing
 def test_batches_mix_documents(tok):
   eos = special_ids(tok).eos
+
   def mean_docs(cfg):
     it = make_train_iterator(cfg, tok, None)
     try:
       return np.mean([documents_in_batch(next(it), cfg.rows_per_stream, eos) for _ in range(20)])
     finally:
       it.close()
+
   mixed = mean_docs(CFG)
   single = mean_docs(CFG.replace(rows_per_stream=CFG.batch_size))
-  assert mixed >= CFG.batch_size          # every row its own document stream
-  assert single < 3                       # one stream: consecutive rows of ~1 file
+  assert mixed >= CFG.batch_size  # every row its own document stream
+  assert single < 3  # one stream: consecutive rows of ~1 file
   assert mean_docs(CFG.replace(rows_per_stream=2)) >= CFG.batch_size // 2
   with pytest.raises(ValueError, match="not a multiple of rows_per_stream"):
     CFG.replace(rows_per_stream=3)
@@ -146,7 +157,7 @@ def test_mixed_iterator_resumes_exactly(tok):
     for key in ("tokens", "targets", "segment_ids", "positions", "loss_mask"):
       np.testing.assert_array_equal(x[key], y[key])
     np.testing.assert_array_equal(x["engram_ids"][1], y["engram_ids"][1])
-  other = make_train_iterator(CFG, tok, None)   # 8 streams cannot take a 4-stream state
+  other = make_train_iterator(CFG, tok, None)  # 8 streams cannot take a 4-stream state
   with pytest.raises(ValueError, match="4 document streams"):
     other.set_state(state)
   other.close()
@@ -157,15 +168,15 @@ def test_eval_set_size_coverage_and_identity(tok):
   corpus = eval_corpus(CFG)
   sel = select_eval_rows(corpus, tok, CFG)
   assert sel.scored_tokens >= CFG.eval_tokens
-  assert sel.scored_tokens - CFG.eval_tokens < CFG.seq_len   # the shortest such prefix
+  assert sel.scored_tokens - CFG.eval_tokens < CFG.seq_len  # the shortest such prefix
   assert sel.num_documents == len(corpus) > 3
-  assert set(sel.doc_index.tolist()) == set(range(len(corpus)))   # every file contributes
+  assert set(sel.doc_index.tolist()) == set(range(len(corpus)))  # every file contributes
   # each row is a contiguous piece of its document starting at a line start
   for r in range(0, len(sel.lengths), 7):
     doc = corpus[int(sel.doc_index[r])]
     ids = tok.encode(doc, add_special_tokens=False).ids + [special_ids(tok).eos]
     s, n = int(sel.start[r]), int(sel.lengths[r])
-    assert list(sel.ids[r, :n]) == ids[s:s + n]
+    assert list(sel.ids[r, :n]) == ids[s : s + n]
     if s:
       assert tok.decode(ids[:s]).endswith("\n") or tok.decode([ids[s]]).startswith("\n")
   # independent of the data seed; every model gets the same batches
@@ -198,14 +209,14 @@ def test_fact_generator(tok):
   every = facts.trained + facts.held_out
   assert len(facts.trained) == len(facts.held_out) == 40
   suffixes = {(int(lut[f.key[-2]]), int(lut[f.key[-1]])) for f in every}
-  assert len(suffixes) == len(every)                       # keys unique after compression
+  assert len(suffixes) == len(every)  # keys unique after compression
   assert len({f.key for f in every}) == len(every)
   for f in every:
     assert tok.encode(f.text, add_special_tokens=False).ids == list(f.ids)
     assert len(tok.encode(tok.decode([f.value]), add_special_tokens=False).ids) == 1
-  assert make_facts(tok, 40, 40, seed=3) == facts          # deterministic
+  assert make_facts(tok, 40, 40, seed=3) == facts  # deterministic
   with pytest.raises(ValueError, match="distinct compressed"):
-    make_facts(tok, 10 ** 6, 0)
+    make_facts(tok, 10**6, 0)
 
 
 def test_held_out_facts_never_reach_training(tok):
@@ -217,7 +228,7 @@ def test_held_out_facts_never_reach_training(tok):
   texts = [mixed[i] for i in range(len(mixed))]
   held = {f.text for f in facts.held_out}
   assert not held & set(texts)
-  assert not any(h in t for h in held for t in texts[:len(base)])
+  assert not any(h in t for h in held for t in texts[: len(base)])
   assert sum(t in {f.text for f in facts.trained} for t in texts) == 16 * 40
   # the training stream carries the planted facts, never the held-out ones
   it = make_train_iterator(cfg, tok, None)
@@ -228,8 +239,8 @@ def test_held_out_facts_never_reach_training(tok):
       for row in np.concatenate([b["tokens"], b["targets"][:, -1:]], axis=1):
         for f in facts.trained + facts.held_out:
           n = len(f.ids)
-          for s in np.flatnonzero(row[:len(row) - n + 1] == f.key[0]):
-            if tuple(row[s:s + n]) == f.ids:
+          for s in np.flatnonzero(row[: len(row) - n + 1] == f.key[0]):
+            if tuple(row[s : s + n]) == f.ids:
               seen.add(f)
   finally:
     it.close()
@@ -262,13 +273,19 @@ def test_sweep_paired_summary_over_seeds(tmp_path):
       d = tmp_path / f"{name}{seed}"
       d.mkdir()
       loss = base + shift + (rng.normal(0, 0.1, 50) if name != "ref" else 0)
-      evaluation.save_rows(d / evaluation.ROWS_FILE, {"loss_sum": loss, "tokens": counts,
-                                                     "correct": counts * 0, "bytes": counts},
-                           step=1, fingerprint="fp")
-      rows.append({"name": name, "seed": seed, "data_seed": seed, "run_dir": str(d),
-                   "val_loss": float(loss.sum() / counts.sum())})
-  summary = {s["group"]: s for s in sweep_lib.paired_summary(rows, group=lambda r: r["name"],
-                                                               is_ref=lambda r: r["name"] == "ref")}
+      evaluation.save_rows(
+        d / evaluation.ROWS_FILE,
+        {"loss_sum": loss, "tokens": counts, "correct": counts * 0, "bytes": counts},
+        step=1,
+        fingerprint="fp",
+      )
+      rows.append(
+        {"name": name, "seed": seed, "data_seed": seed, "run_dir": str(d), "val_loss": float(loss.sum() / counts.sum())}
+      )
+  summary = {
+    s["group"]: s
+    for s in sweep_lib.paired_summary(rows, group=lambda r: r["name"], is_ref=lambda r: r["name"] == "ref")
+  }
   better = summary["better"]
   per_seed = [p["diff"] for p in better["per_seed"]]
   assert len(per_seed) == 3 and better["seeds"] == [0, 1, 2]

@@ -58,8 +58,9 @@ def test_gate_none_is_all_ones_and_has_no_key_projection():
   np.testing.assert_array_equal(np.asarray(alpha), 1.0)
   assert not hasattr(m, "key_kernel")
   value = m.lookup(rows) @ m.value_kernel[...] + m.value_bias[...]
-  np.testing.assert_allclose(np.asarray(y), np.asarray(jnp.broadcast_to(value[:, :, None], y.shape)),
-                             rtol=1e-5, atol=1e-5)   # conv is zero-initialized: Y = u = v
+  np.testing.assert_allclose(
+    np.asarray(y), np.asarray(jnp.broadcast_to(value[:, :, None], y.shape)), rtol=1e-5, atol=1e-5
+  )  # conv is zero-initialized: Y = u = v
 
 
 def test_no_short_conv_ignores_the_conv():
@@ -108,9 +109,10 @@ def test_input_average_mode_adds_ngrams_to_the_input_only():
   assert model.input_ngrams[0].table.shape == (sum(sizes), cfg.engram.head_dim)
   rng = np.random.default_rng(0)
   tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, T)), jnp.int32)
-  rows = lambda s: {1: jnp.asarray(np.stack(
-      [np.random.default_rng(s).integers(0, p, (B, T)) for p in sizes], -1), jnp.int32)}
-  forward = nnx.jit(lambda m, r: m(tokens, r)[0])   # one compile instead of eager ops
+  rows = lambda s: {
+    1: jnp.asarray(np.stack([np.random.default_rng(s).integers(0, p, (B, T)) for p in sizes], -1), jnp.int32)
+  }
+  forward = nnx.jit(lambda m, r: m(tokens, r)[0])  # one compile instead of eager ops
   a, b = forward(model, rows(1)), forward(model, rows(2))
   assert np.isfinite(np.asarray(a)).all() and not np.allclose(np.asarray(a), np.asarray(b))
   with pytest.raises(ValueError, match="input_average"):
@@ -164,21 +166,29 @@ def test_every_experiment_builds_valid_configs():
   assert ctl["frozen_random_table"].config.train.freeze_engram_tables
   mem = memory_scaling.variants(c, [256, 4096], [256], 0)
   assert [v.info["mode"] for v in mem] == ["none", "engram", "engram", "input_average"]
-  assert mem[1].model.moe.num_experts == mem[0].model.moe.num_experts   # backbone fixed
+  assert mem[1].model.moe.num_experts == mem[0].model.moe.num_experts  # backbone fixed
   with pytest.raises(ValueError, match="unknown ablation"):
     ablations.variant(c, "no_table", 0)
 
 
 def _smoke_config(tmp_path):
   c = micro.get_config()
-  c.model.update(hidden_size=16, num_heads=2, num_kv_heads=1, head_dim=8, ffn_hidden=32,
-                 vocab_size=512, num_layers=2)
+  c.model.update(hidden_size=16, num_heads=2, num_kv_heads=1, head_dim=8, ffn_hidden=32, vocab_size=512, num_layers=2)
   c.moe.update(num_experts=8, num_shared_experts=1, top_k=2, expert_hidden=8)
   c.engram.update(n_embed_per_ngram=8, n_head_per_ngram=2)
   c.allocation.active_rtol = 0.5
-  c.data.update(seq_len=16, batch_size=8, bpe_vocab_size=512, tokenizer_train_bytes=100_000,
-                max_bytes=200_000, num_eval_batches=1, tokenizer_dir=str(tmp_path / "tok"),
-                num_facts=6, held_out_facts=6, fact_repeats=4)
+  c.data.update(
+    seq_len=16,
+    batch_size=8,
+    bpe_vocab_size=512,
+    tokenizer_train_bytes=100_000,
+    max_bytes=200_000,
+    num_eval_batches=1,
+    tokenizer_dir=str(tmp_path / "tok"),
+    num_facts=6,
+    held_out_facts=6,
+    fact_repeats=4,
+  )
   return c
 
 

@@ -13,18 +13,18 @@ from flax import nnx
 
 from engram_jax import NgramHasher, TokenizerCompressor
 from engram_jax.inference import (
-    Decoder,
-    EngramDecodeState,
-    Generator,
-    SamplingConfig,
-    generate,
+  Decoder,
+  EngramDecodeState,
+  Generator,
+  SamplingConfig,
+  generate,
 )
 from engram_jax.models.config import ModelConfig
 from engram_jax.models.transformer import Transformer
 from engram_jax.offload import HostTable, HotRowCache
 
-T = 12                        # tokens per sequence
-PROMPT_LENGTHS = (3, 7, 1)    # prefilled together (right-padded to 7)
+T = 12  # tokens per sequence
+PROMPT_LENGTHS = (3, 7, 1)  # prefilled together (right-padded to 7)
 KNOWN_IDS = 100
 _SETUPS = {}
 
@@ -34,8 +34,8 @@ class Setup(NamedTuple):
   model: Transformer
   compressor: TokenizerCompressor
   hasher: NgramHasher
-  tokens: np.ndarray      # int32 [3, T] in [0, KNOWN_IDS)
-  full: np.ndarray        # full-forward logits [3, T, V]
+  tokens: np.ndarray  # int32 [3, T] in [0, KNOWN_IDS)
+  full: np.ndarray  # full-forward logits [3, T, V]
 
 
 @nnx.jit
@@ -71,9 +71,9 @@ def teacher_forced_logits(decoder, tokens):
   logits, state = decoder.prefill(prompts, lengths, max_len=2 * t)
   got = np.full(tokens.shape + (logits.shape[-1],), np.nan, np.float32)
   for i in range(b):
-    got[i, :lengths[i]] = np.asarray(logits[i, :lengths[i]])
+    got[i, : lengths[i]] = np.asarray(logits[i, : lengths[i]])
   for s in range(t - int(lengths.min())):
-    pos = lengths + s                                  # each sequence's own next position
+    pos = lengths + s  # each sequence's own next position
     feed = tokens[np.arange(b), np.minimum(pos, t - 1)]
     step_logits, state = decoder.step(feed, state)
     for i in range(b):
@@ -87,8 +87,7 @@ _DECODERS, _GENERATORS = {}, {}
 
 
 PLACEMENTS = ("device", "host", "cached", "host_python")
-PATHS = {"device": "device_loop", "host": "host_in_loop", "cached": "cached_in_loop",
-         "host_python": "host_python_loop"}
+PATHS = {"device": "device_loop", "host": "host_in_loop", "cached": "cached_in_loop", "host_python": "host_python_loop"}
 
 
 def placement_kwargs(model, placement):
@@ -99,8 +98,7 @@ def placement_kwargs(model, placement):
     return {}
   table = np.asarray(model.blocks[1].engram.table[...])
   if placement == "host_python":
-    return {"table_placement": "host", "host_decode": "python",
-            "host_tables": {1: HostTable(table)}}
+    return {"table_placement": "host", "host_decode": "python", "host_tables": {1: HostTable(table)}}
   host = HostTable(table, method="compute_on")
   if placement == "host":
     return {"table_placement": "host", "host_decode": "in_loop", "host_tables": {1: host}}
@@ -112,16 +110,14 @@ def decoder_for(hc_mult, placement):
   """One Decoder per setup (its jitted functions compile once)."""
   if (hc_mult, placement) not in _DECODERS:
     s = setup(hc_mult)
-    _DECODERS[hc_mult, placement] = Decoder(s.model, s.hasher, s.compressor,
-                                            **placement_kwargs(s.model, placement))
+    _DECODERS[hc_mult, placement] = Decoder(s.model, s.hasher, s.compressor, **placement_kwargs(s.model, placement))
   return _DECODERS[hc_mult, placement]
 
 
 def generator_for(placement, hc_mult=2):
   if (hc_mult, placement) not in _GENERATORS:
     s = setup(hc_mult)
-    _GENERATORS[hc_mult, placement] = Generator(s.model, s.hasher, s.compressor,
-                                                **placement_kwargs(s.model, placement))
+    _GENERATORS[hc_mult, placement] = Generator(s.model, s.hasher, s.compressor, **placement_kwargs(s.model, placement))
   return _GENERATORS[hc_mult, placement]
 
 
@@ -150,14 +146,16 @@ def test_host_tables_are_used_and_model_copy_holds_no_table(placement):
   else:
     operands = dict(decoder.tables[1])
     assert operands["host"].sharding.memory_kind in ("pinned_host", "unpinned_host")
+
     def swap():
       flipped = np.asarray(operands["host"])[::-1].copy()
       decoder.tables[1]["host"] = jax.device_put(flipped, operands["host"].sharding)
+
     restore = lambda: decoder.tables[1].update(operands)
   try:
     swap()
     assert np.abs(teacher_forced_logits(decoder, tokens) - full).max() > 1e-2
-    if placement == "cached":   # host table restored, device cache rows zeroed
+    if placement == "cached":  # host table restored, device cache rows zeroed
       restore()
       decoder.tables[1]["hot_rows"] = operands["hot_rows"] * 0
       assert np.abs(teacher_forced_logits(decoder, tokens) - full).max() > 1e-2
@@ -165,8 +163,13 @@ def test_host_tables_are_used_and_model_copy_holds_no_table(placement):
     restore()
   np.testing.assert_allclose(teacher_forced_logits(decoder, tokens), full, atol=1e-4, rtol=1e-4)
   with pytest.raises(ValueError, match="host table of layer 1 has shape"):
-    Decoder(model, hasher, compressor, table_placement="host",
-            host_tables={1: HostTable(np.asarray(model.blocks[1].engram.table[...])[:-1])})
+    Decoder(
+      model,
+      hasher,
+      compressor,
+      table_placement="host",
+      host_tables={1: HostTable(np.asarray(model.blocks[1].engram.table[...])[:-1])},
+    )
 
 
 def test_in_loop_decode_is_one_program_reading_host_memory():
@@ -176,15 +179,25 @@ def test_in_loop_decode_is_one_program_reading_host_memory():
   gen = generator_for("host")
   dec = gen.decoder
   tokens, lengths = dec.pad_prompts([[1, 2, 3], [4]])
-  token, state = dec._prefill_jit(dec.params, dec.lut, np.pad(tokens, ((0, 0), (0, 13))),
-                                  lengths, None, max_len=24, tables=dec.tables)
-  text = gen._loop.lower(dec.params, dec.lut, token[:, 0].argmax(-1).astype(np.int32), state,
-                         jax.random.key(0), dec.tables, steps=3, sampling=SamplingConfig(greedy=True),
-                         vocab_limit=dec.vocab_limit, eos_id=None).as_text()
+  token, state = dec._prefill_jit(
+    dec.params, dec.lut, np.pad(tokens, ((0, 0), (0, 13))), lengths, None, max_len=24, tables=dec.tables
+  )
+  text = gen._loop.lower(
+    dec.params,
+    dec.lut,
+    token[:, 0].argmax(-1).astype(np.int32),
+    state,
+    jax.random.key(0),
+    dec.tables,
+    steps=3,
+    sampling=SamplingConfig(greedy=True),
+    vocab_limit=dec.vocab_limit,
+    eos_id=None,
+  ).as_text()
   assert "stablehlo.while" in text
   assert "pinned_host" in text or "unpinned_host" in text
-  assert '_xla_compute_type = "host"' in text     # the gather runs on the host (compute_on)
-  assert "callback" not in text                     # no Python round trip per token
+  assert '_xla_compute_type = "host"' in text  # the gather runs on the host (compute_on)
+  assert "callback" not in text  # no Python round trip per token
   del s
 
 
@@ -192,7 +205,7 @@ def test_decode_window_hashing_on_device_equals_host():
   config, _, compressor, hasher, tokens, _ = setup(1)
   n = config.engram.max_ngram_size
   compressed = compressor(tokens)
-  expected = hasher.hash(compressed)                    # [B, T, H] per layer
+  expected = hasher.hash(compressed)  # [B, T, H] per layer
   lengths = np.asarray(PROMPT_LENGTHS, np.int32)
   state = EngramDecodeState.after_prompt(jax.numpy.asarray(compressed), lengths, n, hasher.pad_id)
 
@@ -211,8 +224,9 @@ def test_decode_window_hashing_on_device_equals_host():
   host = EngramDecodeState.after_prompt(compressed, lengths, n, hasher.pad_id)
   assert isinstance(host.window, np.ndarray)
   np.testing.assert_array_equal(
-      host.window, np.asarray(EngramDecodeState.after_prompt(
-          jax.numpy.asarray(compressed), lengths, n, hasher.pad_id).window))
+    host.window,
+    np.asarray(EngramDecodeState.after_prompt(jax.numpy.asarray(compressed), lengths, n, hasher.pad_id).window),
+  )
   # A 1-token prompt: the window is the pad id then the token.
   assert host.window[2].tolist() == [hasher.pad_id, compressed[2, 0]]
 
@@ -233,11 +247,11 @@ def test_greedy_generate_follows_full_forward_and_stops_at_eos(placement):
   # positions).
   seqs = np.zeros((3, T), np.int32)
   for i, (prompt, cont) in enumerate(zip(prompts, result.tokens)):
-    seqs[i, :len(prompt) + new] = prompt + cont
+    seqs[i, : len(prompt) + new] = prompt + cont
   rows = {l: r.astype(np.int32) for l, r in hasher.hash(compressor(seqs)).items()}
   logits = np.asarray(_forward(model, seqs, rows))[..., :KNOWN_IDS]
   for i, (prompt, cont) in enumerate(zip(prompts, result.tokens)):
-    np.testing.assert_array_equal(logits[i, len(prompt) - 1:len(prompt) + new - 1].argmax(-1), cont)
+    np.testing.assert_array_equal(logits[i, len(prompt) - 1 : len(prompt) + new - 1].argmax(-1), cont)
   # Stop at eos: sequence 0's third token as eos cuts it there; the others stop at their
   # first occurrence of it or run to the budget.
   eos = result.tokens[0][2]
@@ -245,7 +259,7 @@ def test_greedy_generate_follows_full_forward_and_stops_at_eos(placement):
   for full_cont, cont in zip(result.tokens, stopped.tokens):
     cut = full_cont.index(eos) + 1 if eos in full_cont else len(full_cont)
     assert cont == full_cont[:cut]
-  assert stopped.tokens[0] == result.tokens[0][:result.tokens[0].index(eos) + 1]
+  assert stopped.tokens[0] == result.tokens[0][: result.tokens[0].index(eos) + 1]
 
 
 @pytest.mark.parametrize("hc_mult", [1, 2])
@@ -260,7 +274,7 @@ def test_greedy_tokens_and_host_traffic_equal_across_placements(hc_mult):
   for p, r in results.items():
     assert r.decode_path == PATHS[p]
     assert r.tokens == results["device"].tokens, p
-  per_step = len(prompts) * s.config.engram.num_heads     # one Engram layer
+  per_step = len(prompts) * s.config.engram.num_heads  # one Engram layer
   head_bytes = s.config.engram.head_dim * 4
   for p in ("host", "host_python"):
     assert results[p].host_rows_read == 8 * per_step
@@ -289,42 +303,47 @@ def test_generate_rejects_bad_input():
   config, model, compressor, hasher, _, _ = setup(1)
   gen = generator_for("device", 1)
   bad_calls = [
-      (([[1], []],), {}, "prompt 1 is empty"),
-      (([],), {}, "prompts is empty"),
-      (("hello",), {}, "prompts must be a list"),
-      (([[1], "ab"],), {}, "prompt 1 must be a flat list"),
-      (([[1, 2.5]],), {}, "prompt 0 must be a flat list of int"),
-      (([[1, KNOWN_IDS]],), {}, r"token id 100 outside the vocabulary \[0, 100\)"),
-      (([[-1]],), {}, r"token id -1 outside the vocabulary"),
-      (([[1]],), {"max_new_tokens": 0}, "max_new_tokens must be a positive int, got 0"),
-      (([[1]],), {"max_new_tokens": 2.0}, "max_new_tokens must be a positive int, got 2.0"),
-      (([[1]],), {"max_new_tokens": True}, "max_new_tokens must be a positive int, got True"),
-      (([[1]],), {"eos_id": -1}, "eos_id -1 is outside the vocabulary"),
-      (([[1]],), {"eos_id": KNOWN_IDS}, r"eos_id 100 is outside the vocabulary \[0, 100\)"),
-      (([[1]],), {"eos_id": 1.0}, "eos_id 1.0 is outside"),
-      (([[1]],), {"seed": "a"}, "seed must be an int"),
+    (([[1], []],), {}, "prompt 1 is empty"),
+    (([],), {}, "prompts is empty"),
+    (("hello",), {}, "prompts must be a list"),
+    (([[1], "ab"],), {}, "prompt 1 must be a flat list"),
+    (([[1, 2.5]],), {}, "prompt 0 must be a flat list of int"),
+    (([[1, KNOWN_IDS]],), {}, r"token id 100 outside the vocabulary \[0, 100\)"),
+    (([[-1]],), {}, r"token id -1 outside the vocabulary"),
+    (([[1]],), {"max_new_tokens": 0}, "max_new_tokens must be a positive int, got 0"),
+    (([[1]],), {"max_new_tokens": 2.0}, "max_new_tokens must be a positive int, got 2.0"),
+    (([[1]],), {"max_new_tokens": True}, "max_new_tokens must be a positive int, got True"),
+    (([[1]],), {"eos_id": -1}, "eos_id -1 is outside the vocabulary"),
+    (([[1]],), {"eos_id": KNOWN_IDS}, r"eos_id 100 is outside the vocabulary \[0, 100\)"),
+    (([[1]],), {"eos_id": 1.0}, "eos_id 1.0 is outside"),
+    (([[1]],), {"seed": "a"}, "seed must be an int"),
   ]
   for args, kw, match in bad_calls:
     with pytest.raises(ValueError, match=match):
       gen(*args, **{"max_new_tokens": 2, **kw})
   with pytest.raises(TypeError, match="SamplingConfig"):
     generate(model, hasher, compressor, [[1]], max_new_tokens=1, sampling={"top_k": 5})
-  for field, value, match in [("temperature", -1.0, "temperature must be a finite number >= 0"),
-                              ("temperature", float("inf"), "temperature must be a finite"),
-                              ("temperature", float("nan"), "temperature must be a finite"),
-                              ("temperature", True, "temperature"),
-                              ("top_k", -2, "top_k must be an int >= 0"),
-                              ("top_k", 1.5, "top_k must be an int >= 0"),
-                              ("top_p", 0.0, r"top_p must lie in \(0, 1\], got 0.0"),
-                              ("top_p", 1.5, r"top_p must lie in \(0, 1\], got 1.5"),
-                              ("top_p", float("nan"), "top_p must lie in"),
-                              ("greedy", 1, "greedy must be a bool")]:
+  for field, value, match in [
+    ("temperature", -1.0, "temperature must be a finite number >= 0"),
+    ("temperature", float("inf"), "temperature must be a finite"),
+    ("temperature", float("nan"), "temperature must be a finite"),
+    ("temperature", True, "temperature"),
+    ("top_k", -2, "top_k must be an int >= 0"),
+    ("top_k", 1.5, "top_k must be an int >= 0"),
+    ("top_p", 0.0, r"top_p must lie in \(0, 1\], got 0.0"),
+    ("top_p", 1.5, r"top_p must lie in \(0, 1\], got 1.5"),
+    ("top_p", float("nan"), "top_p must lie in"),
+    ("greedy", 1, "greedy must be a bool"),
+  ]:
     with pytest.raises(ValueError, match=match):
       SamplingConfig(**{field: value})
   # Prompt + new tokens past the generator's max_len; the decoder's cache never overflows.
   capped = Generator(model, hasher, compressor, max_len=8)
-  with pytest.raises(ValueError, match=r"prompt 1 has 5 tokens: with max_new_tokens=4 it "
-                                       r"would reach 9 > max_len=8"):
+  with pytest.raises(
+    ValueError,
+    match=r"prompt 1 has 5 tokens: with max_new_tokens=4 it "
+    r"would reach 9 > max_len=8",
+  ):
     capped([[1, 2], [1, 2, 3, 4, 5]], max_new_tokens=4)
   assert len(capped([[1, 2], [1, 2, 3, 4, 5]], max_new_tokens=3).tokens[1]) == 3
   with pytest.raises(ValueError, match="max_len must be None or an int >= 2"):
@@ -345,11 +364,11 @@ def test_generate_rejects_bad_input():
   with pytest.raises(ValueError, match="table_placement='cached' needs hot_caches"):
     Decoder(model, hasher, compressor, table_placement="cached")
   with pytest.raises(ValueError, match="hot_caches are only used with table_placement='cached'"):
-    Decoder(model, hasher, compressor, table_placement="host",
-            hot_caches=placement_kwargs(model, "cached")["hot_caches"])
+    Decoder(
+      model, hasher, compressor, table_placement="host", hot_caches=placement_kwargs(model, "cached")["hot_caches"]
+    )
   with pytest.raises(ValueError, match="host_decode='python' is for table_placement='host'"):
-    Decoder(model, hasher, compressor, host_decode="python",
-            **placement_kwargs(model, "cached"))
+    Decoder(model, hasher, compressor, host_decode="python", **placement_kwargs(model, "cached"))
   with pytest.raises(ValueError, match="not the model's"):
     Decoder(model, NgramHasher(config.engram.replace(seed=1), 97), compressor)
 
@@ -358,12 +377,11 @@ def test_generate_without_engram():
   config = ModelConfig.tiny("moe", num_layers=2)
   model = Transformer(config, rngs=nnx.Rngs(0))
   prompts = [[5, 6, 7], [9]]
-  result = generate(model, None, None, prompts, max_new_tokens=3,
-                    sampling=SamplingConfig(greedy=True))
+  result = generate(model, None, None, prompts, max_new_tokens=3, sampling=SamplingConfig(greedy=True))
   seqs = np.asarray([prompts[0] + result.tokens[0], prompts[1] + result.tokens[1] + [0, 0]])
-  logits = np.asarray(model(seqs)[0])       # right padding never reaches earlier positions
+  logits = np.asarray(model(seqs)[0])  # right padding never reaches earlier positions
   for i, (prompt, cont) in enumerate(zip(prompts, result.tokens)):
-    np.testing.assert_array_equal(logits[i, len(prompt) - 1:len(prompt) + 2].argmax(-1), cont)
+    np.testing.assert_array_equal(logits[i, len(prompt) - 1 : len(prompt) + 2].argmax(-1), cont)
   with pytest.raises(ValueError, match="needs a model with Engram"):
     Decoder(model, table_placement="host")
 
@@ -382,7 +400,7 @@ def test_host_decoding_with_row_multiple_matches_device_tables(placement):
   decoders take the padded table (the model's own, or as a HostTable) and decode exactly
   as the device-table reference."""
   config, model, compressor, hasher = _variant_setup(engram_row_multiple=64)
-  assert model.blocks[1].engram.num_rows > hasher.total_rows(1)   # really padded
+  assert model.blocks[1].engram.num_rows > hasher.total_rows(1)  # really padded
   tokens = np.random.default_rng(5).integers(0, KNOWN_IDS, (3, T)).astype(np.int32)
   rows = {l: r.astype(np.int32) for l, r in hasher.hash(compressor(tokens)).items()}
   full = np.asarray(_forward(model, tokens, rows))

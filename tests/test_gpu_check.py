@@ -24,36 +24,54 @@ def _blocked_env(tmp_path: Path) -> dict:
   for name in BLOCKED:
     (shadow / name).mkdir(parents=True)
     (shadow / name / "__init__.py").write_text(
-        f"raise ImportError('{name} is blocked: the GPU image does not have it')\n")
+      f"raise ImportError('{name} is blocked: the GPU image does not have it')\n"
+    )
   env = dict(os.environ)
-  env["PYTHONPATH"] = os.pathsep.join([str(shadow), str(REPO)] + (
-      [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+  env["PYTHONPATH"] = os.pathsep.join([str(shadow), str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
   env["JAX_PLATFORMS"] = "cpu"
   return env
 
 
 def _run(args, env, timeout=600):
-  return subprocess.run([sys.executable, "-m", "experiments.gpu_check", *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-m", "experiments.gpu_check", *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
-@pytest.mark.parametrize("modules", [
+@pytest.mark.parametrize(
+  "modules",
+  [
     # each step imports one of the bench modules (their absl flags clash in one process)
     "experiments.gpu_check engram_jax pallas_kernels experiments.bench.lookup",
     "experiments.bench.offload engram_jax.train.steps engram_jax.train.state engram_jax.train.optimizer",
-])
+  ],
+)
 def test_import_with_grain_and_ml_collections_poisoned(modules):
-  code = ("import importlib, sys\n"
-          + "".join(f"sys.modules[{m!r}] = None\n" for m in BLOCKED)
-          + f"for m in {modules.split()!r}: importlib.import_module(m)\n")
-  r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                     env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+  code = (
+    "import importlib, sys\n"
+    + "".join(f"sys.modules[{m!r}] = None\n" for m in BLOCKED)
+    + f"for m in {modules.split()!r}: importlib.import_module(m)\n"
+  )
+  r = subprocess.run(
+    [sys.executable, "-c", code],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    env={**os.environ, "PYTHONPATH": str(REPO)},
+    timeout=300,
+  )
   assert r.returncode == 0, r.stderr[-3000:]
 
 
 def test_shadow_block_really_blocks(tmp_path):
-  r = subprocess.run([sys.executable, "-c", "import grain"], env=_blocked_env(tmp_path),
-                     capture_output=True, text=True, timeout=60)
+  r = subprocess.run(
+    [sys.executable, "-c", "import grain"], env=_blocked_env(tmp_path), capture_output=True, text=True, timeout=60
+  )
   assert r.returncode != 0 and "blocked" in r.stderr
 
 
@@ -95,11 +113,11 @@ def test_smoke_run_record_summary_and_readme(tmp_path):
   r = _run([f"--update_readme_from={out}", f"--readme={readme}"], dict(os.environ))
   assert r.returncode == 0, r.stderr[-3000:]
   after = readme.read_text()
-  block = after[after.index(gc.README_BEGIN):after.index(gc.README_END)]
+  block = after[after.index(gc.README_BEGIN) : after.index(gc.README_END)]
   assert "gpu_check --smoke" in block and "No GPU goal has been measured" in block
   assert all(g.text in block for g in gc.GOALS)
   # only the block changed
-  strip = lambda t: t[:t.index(gc.README_BEGIN)] + t[t.index(gc.README_END):]
+  strip = lambda t: t[: t.index(gc.README_BEGIN)] + t[t.index(gc.README_END) :]
   assert strip(after) == strip(before)
   readme.write_text("no markers here\n")
   with pytest.raises(ValueError, match="expected one block"):
@@ -109,8 +127,11 @@ def test_smoke_run_record_summary_and_readme(tmp_path):
 def test_step_over_budget_is_recorded_as_timed_out(tmp_path):
   out = tmp_path / "out"
   # env's budget scaled to ~0.6 s: the child cannot even import jax in time.
-  r = _run(["--smoke", f"--out={out}", "--steps=env", "--budget_scale=0.02", "--total_s=60"],
-           _blocked_env(tmp_path), timeout=120)
+  r = _run(
+    ["--smoke", f"--out={out}", "--steps=env", "--budget_scale=0.02", "--total_s=60"],
+    _blocked_env(tmp_path),
+    timeout=120,
+  )
   assert r.returncode == 1
   rec = json.loads((out / gc.RECORD).read_text())
   (env,) = rec["steps"]
@@ -124,22 +145,46 @@ def _gpu_record(**steps):
 
 
 def _gather(ratio, row_bytes=256):
-  return {"name": "g", "status": "ok", "ratio_to_copy": ratio, "pallas_GBps": 4000 * ratio,
-          "row_bytes": row_bytes, "case": {"rows": 10}}
+  return {
+    "name": "g",
+    "status": "ok",
+    "ratio_to_copy": ratio,
+    "pallas_GBps": 4000 * ratio,
+    "row_bytes": row_bytes,
+    "case": {"rows": 10},
+  }
 
 
 def test_goal_logic_on_gpu_records():
-  fused = {"name": "f", "status": "ok", "speedup_fwd": 1.5, "speedup_fwd_bwd": 1.1, "xla_fwd_s": 1.5,
-           "pallas_fwd_s": 1.0, "xla_fwd+bwd_s": 1.1, "pallas_fwd+bwd_s": 1.0, "gpu_path": "fused"}
-  place = lambda dev, host: [{"name": "device", "status": "ok", "tokens_per_s": dev},
-                             {"name": "host", "status": "ok", "tokens_per_s": host}]
+  fused = {
+    "name": "f",
+    "status": "ok",
+    "speedup_fwd": 1.5,
+    "speedup_fwd_bwd": 1.1,
+    "xla_fwd_s": 1.5,
+    "pallas_fwd_s": 1.0,
+    "xla_fwd+bwd_s": 1.1,
+    "pallas_fwd+bwd_s": 1.0,
+    "gpu_path": "fused",
+  }
+  place = lambda dev, host: [
+    {"name": "device", "status": "ok", "tokens_per_s": dev},
+    {"name": "host", "status": "ok", "tokens_per_s": host},
+  ]
   rec = _gpu_record(
-      correctness={"status": "failed", "results": {"checks": [
-          {"name": "a", "status": "ok"}, {"name": "b", "status": "mismatch", "rel_err": {"u": 0.5}}]}},
-      lookup={"status": "ok", "results": {"gather": [_gather(0.9), _gather(0.84, 512), _gather(0.5, 160)],
-                                          "fused": [fused]}},
-      offload={"status": "ok", "results": {"decode": place(100.0, 99.5), "train": place(100.0, 96.0)}},
-      train={"status": "timed_out", "error": "killed after its budget of 65 s", "results": {}})
+    correctness={
+      "status": "failed",
+      "results": {
+        "checks": [{"name": "a", "status": "ok"}, {"name": "b", "status": "mismatch", "rel_err": {"u": 0.5}}]
+      },
+    },
+    lookup={
+      "status": "ok",
+      "results": {"gather": [_gather(0.9), _gather(0.84, 512), _gather(0.5, 160)], "fused": [fused]},
+    },
+    offload={"status": "ok", "results": {"decode": place(100.0, 99.5), "train": place(100.0, 96.0)}},
+    train={"status": "timed_out", "error": "killed after its budget of 65 s", "results": {}},
+  )
   g = {r["goal"]: r for r in gc.evaluate_goals(rec)}
   assert g["correctness"]["status"] == "failed" and "1/2" in g["correctness"]["figure"]
   assert g["gather_bw"]["status"] == "missed" and "84.0%" in g["gather_bw"]["figure"]  # the worst >= 256 B
@@ -149,8 +194,8 @@ def test_goal_logic_on_gpu_records():
   rec = _gpu_record(lookup={"status": "ok", "results": {"gather": [_gather(0.9), _gather(0.86, 2048)]}})
   g = {r["goal"]: r for r in gc.evaluate_goals(rec)}
   assert g["gather_bw"]["status"] == "met"
-  assert g["fused_fwd"]["status"] == "not measured"          # lookup ok but no fused case
-  assert g["host_decode"]["status"] == "not measured"        # offload never ran
+  assert g["fused_fwd"]["status"] == "not measured"  # lookup ok but no fused case
+  assert g["host_decode"]["status"] == "not measured"  # offload never ran
   # the same figures from a CPU run neither meet nor miss a GPU goal
   rec["mode"] = "smoke"
   assert gc.evaluate_goals(rec)[1]["status"] == "not measured (CPU)"
@@ -158,30 +203,45 @@ def test_goal_logic_on_gpu_records():
 
 def test_small_model_config_matches_experiments_configs_small():
   from experiments.configs import common, small
+
   assert gc.small_model_config() == common.model_config(small.get_config("engram"))
 
 
 def test_parse_ptxas():
-  text = ("ptxas info    : 0 bytes gmem\n"
-          "ptxas info    : Compiling entry function 'k' for 'sm_90a'\n"
-          "ptxas info    : Function properties for k\n"
-          "    8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n"
-          "ptxas info    : Used 109 registers, used 3 barriers, 1 bytes smem\n")
-  assert gc.parse_ptxas(text) == [{"function": "k", "arch": "sm_90a", "stack_bytes": 8,
-                                   "spill_store_bytes": 4, "spill_load_bytes": 12, "registers": 109,
-                                   "barriers": 3, "static_smem_bytes": 1}]
+  text = (
+    "ptxas info    : 0 bytes gmem\n"
+    "ptxas info    : Compiling entry function 'k' for 'sm_90a'\n"
+    "ptxas info    : Function properties for k\n"
+    "    8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n"
+    "ptxas info    : Used 109 registers, used 3 barriers, 1 bytes smem\n"
+  )
+  assert gc.parse_ptxas(text) == [
+    {
+      "function": "k",
+      "arch": "sm_90a",
+      "stack_bytes": 8,
+      "spill_store_bytes": 4,
+      "spill_load_bytes": 12,
+      "registers": 109,
+      "barriers": 3,
+      "static_smem_bytes": 1,
+    }
+  ]
 
 
 def _has_cuda_compile_toolchain() -> bool:
   import importlib.util
-  has_plugin = (importlib.util.find_spec("jax_plugins") is not None
-                and importlib.util.find_spec("jax_plugins.xla_cuda12") is not None)
-  return has_plugin and (
-      shutil.which("ptxas") is not None or importlib.util.find_spec("nvidia") is not None)
+
+  has_plugin = (
+    importlib.util.find_spec("jax_plugins") is not None
+    and importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+  )
+  return has_plugin and (shutil.which("ptxas") is not None or importlib.util.find_spec("nvidia") is not None)
 
 
-@pytest.mark.skipif(not _has_cuda_compile_toolchain(),
-                    reason="needs jax-cuda12-plugin/pjrt and ptxas: run `make gpu-compile`")
+@pytest.mark.skipif(
+  not _has_cuda_compile_toolchain(), reason="needs jax-cuda12-plugin/pjrt and ptxas: run `make gpu-compile`"
+)
 def test_compile_sm90_without_gpu(tmp_path):
   """Both Mosaic GPU kernels go through Mosaic, LLVM NVPTX and ptxas for sm_90a at every
   correctness shape, with no GPU: ptxas errors and register spills fail here."""
@@ -193,7 +253,7 @@ def test_compile_sm90_without_gpu(tmp_path):
   for c in rec["cases"]:
     assert c["kernels"] and all(k["arch"] == "sm_90a" and k["registers"] > 0 for k in c["kernels"])
   assert {c["gpu_path"] for c in rec["cases"] if c["gpu_path"]} == {"fused", "fallback"}
-  (train,) = rec["train_steps"]   # the tiny model's whole train step, compiled for the H200
+  (train,) = rec["train_steps"]  # the tiny model's whole train step, compiled for the H200
   assert train["status"] == "ok" and train["temp_bytes"] > 0 and train["argument_bytes"] > 0
 
 

@@ -63,6 +63,7 @@ def test_prime_search_is_fast_and_exact_for_64bit():
   assert not is_prime(3215031751)  # strong pseudoprime to bases 2, 3, 5, 7
   assert next_prime(646399, {646403}) > 646403
   import time
+
   t0 = time.perf_counter()
   NgramHasher(EngramConfig(vocab_sizes=(2_262_400, 2_262_400), layer_ids=(2, 15)), 100_000)
   assert time.perf_counter() - t0 < 1.0
@@ -100,6 +101,7 @@ def test_constants_roundtrip_and_mismatch_detection():
   cfg = EngramConfig(vocab_sizes=(1000, 2000), n_embed_per_ngram=16, n_head_per_ngram=4, layer_ids=(1, 3), seed=3)
   hasher = NgramHasher(cfg, 777, pad_id=4)
   import json
+
   constants = json.loads(json.dumps(hasher.constants()))
   again = NgramHasher.from_constants(constants)
   ids = np.random.default_rng(0).integers(0, 777, (2, 9))
@@ -119,9 +121,15 @@ def _config_and_ids(draw):
   k = draw(st.integers(1, 3))
   vocab = draw(st.integers(2, 5000))
   sizes = tuple(draw(st.integers(2, 100_000)) for _ in range(n - 1))
-  cfg = EngramConfig(vocab_sizes=sizes, max_ngram_size=n, n_embed_per_ngram=2 * k, n_head_per_ngram=k,
-                     layer_ids=(draw(st.integers(1, 40)),), pad_id=draw(st.integers(0, vocab - 1)),
-                     seed=draw(st.integers(0, 2**31)))
+  cfg = EngramConfig(
+    vocab_sizes=sizes,
+    max_ngram_size=n,
+    n_embed_per_ngram=2 * k,
+    n_head_per_ngram=k,
+    layer_ids=(draw(st.integers(1, 40)),),
+    pad_id=draw(st.integers(0, vocab - 1)),
+    seed=draw(st.integers(0, 2**31)),
+  )
   b, t = draw(st.integers(1, 3)), draw(st.integers(1, 12))
   ids = np.asarray(draw(st.lists(st.integers(0, vocab - 1), min_size=b * t, max_size=b * t))).reshape(b, t)
   return cfg, vocab, ids
@@ -145,4 +153,4 @@ def test_properties_rows_in_range_context_determines_row_host_equals_device(case
   shifted = np.concatenate([np.repeat(prefix, n - 1, axis=1), ids, ids], axis=1)
   rows2 = hasher.hash(shifted)[lid]
   t = ids.shape[1]
-  np.testing.assert_array_equal(rows2[:, n - 1 + t + n - 1:], rows2[:, n - 1 + n - 1:n - 1 + t])
+  np.testing.assert_array_equal(rows2[:, n - 1 + t + n - 1 :], rows2[:, n - 1 + n - 1 : n - 1 + t])

@@ -53,9 +53,7 @@ def test_g1_is_exactly_a_plain_residual():
 @pytest.mark.parametrize("g", [2, 4])
 def test_mixing_matrices_respect_their_constraints(g):
   hc = HyperConnection(D, g, alpha_init=1.0, sinkhorn_iters=100, rngs=nnx.Rngs(1))
-  h_pre, h_post, h_res = (
-    np.asarray(a) for a in nnx.jit(lambda m, x: m.mixing(x))(hc, 3.0 * _streams(g))
-  )
+  h_pre, h_post, h_res = (np.asarray(a) for a in nnx.jit(lambda m, x: m.mixing(x))(hc, 3.0 * _streams(g)))
   assert h_pre.shape == (2, 5, g) and h_post.shape == (2, 5, g) and h_res.shape == (2, 5, g, g)
   assert ((h_pre > 0) & (h_pre < 1)).all()
   assert ((h_post > 0) & (h_post < 2)).all()

@@ -19,9 +19,9 @@ def test_gather_rows_matches_numpy():
 
 def test_gate_matches_numpy_formula():
   x = make_inputs(n=4, heads=2, d=16, dim=32, branches=2)
-  u, g = reference.gather_gate(*[x[k] for k in ("table", "row_ids", "w_value", "b_value",
-                                                  "w_key", "b_key", "query_normed",
-                                                  "key_norm_scale")])
+  u, g = reference.gather_gate(
+    *[x[k] for k in ("table", "row_ids", "w_value", "b_value", "w_key", "b_key", "query_normed", "key_norm_scale")]
+  )
   e = np.asarray(x["table"])[np.asarray(x["row_ids"])].reshape(4, 32).astype(np.float64)
   v = e @ np.asarray(x["w_value"]) + np.asarray(x["b_value"])
   k = np.einsum("nc,gcd->ngd", e, np.asarray(x["w_key"])) + np.asarray(x["b_key"])
@@ -45,8 +45,7 @@ def test_xla_custom_vjp_matches_autodiff(gate):
 
 def test_paper_and_reference_gates_differ():
   x = make_inputs(n=6, heads=2, d=16, dim=32)
-  args = [x[k] for k in ("table", "row_ids", "w_value", "b_value", "w_key", "b_key",
-                         "query_normed", "key_norm_scale")]
+  args = [x[k] for k in ("table", "row_ids", "w_value", "b_value", "w_key", "b_key", "query_normed", "key_norm_scale")]
   _, g_ref = reference.gather_gate(*args, gate="reference")
   _, g_pap = reference.gather_gate(*args, gate="paper")
   assert float(jnp.max(jnp.abs(g_ref - g_pap))) > 1e-3
@@ -64,13 +63,13 @@ def test_sparse_grad_equals_dense(max_unique):
   x = make_inputs(n=7, heads=3, d=8)
   d_rows = jax.random.normal(jax.random.key(3), (7, 24))
   dense = reference.scatter_add_rows(d_rows, x["row_ids"], 37, jnp.float32)
-  sparse = jax.jit(pk.gather_rows_sparse_grad, static_argnums=2,
-                   static_argnames="max_unique")(x["row_ids"], d_rows, 37,
-                                                 max_unique=max_unique)
+  sparse = jax.jit(pk.gather_rows_sparse_grad, static_argnums=2, static_argnames="max_unique")(
+    x["row_ids"], d_rows, 37, max_unique=max_unique
+  )
   ids = np.unique(np.asarray(x["row_ids"]))
   assert int(sparse.count) == ids.size
-  np.testing.assert_array_equal(np.asarray(sparse.row_ids[:ids.size]), ids)
-  assert np.all(np.asarray(sparse.row_ids[ids.size:]) == 37)
+  np.testing.assert_array_equal(np.asarray(sparse.row_ids[: ids.size]), ids)
+  assert np.all(np.asarray(sparse.row_ids[ids.size :]) == 37)
   np.testing.assert_allclose(sparse.to_dense(37), dense, rtol=1e-6, atol=1e-6)
 
 
@@ -89,8 +88,9 @@ def test_out_of_range_ids_rejected_when_concrete(bad):
   with pytest.raises(ValueError, match="out of range"):
     pk.gather_rows(x["table"], ids, impl="xla")
   with pytest.raises(ValueError, match="out of range"):
-    pk.gather_gate(x["table"], ids, *[x[k] for k in ("w_value", "b_value", "w_key", "b_key",
-                                                    "query_normed", "key_norm_scale")])
+    pk.gather_gate(
+      x["table"], ids, *[x[k] for k in ("w_value", "b_value", "w_key", "b_key", "query_normed", "key_norm_scale")]
+    )
 
 
 def test_out_of_range_under_jit_gives_nan_rows_on_xla():
@@ -101,8 +101,7 @@ def test_out_of_range_under_jit_gives_nan_rows_on_xla():
 
 def test_shape_and_option_errors():
   x = make_inputs(n=3, heads=2, d=8, dim=16)
-  args = [x[k] for k in ("table", "row_ids", "w_value", "b_value", "w_key", "b_key",
-                         "query_normed", "key_norm_scale")]
+  args = [x[k] for k in ("table", "row_ids", "w_value", "b_value", "w_key", "b_key", "query_normed", "key_norm_scale")]
   with pytest.raises(ValueError, match="query_normed"):
     pk.gather_gate(*args[:6], args[6][:, :, :8], args[7])
   with pytest.raises(ValueError, match="gate"):

@@ -18,8 +18,9 @@ pytestmark = pytest.mark.skipif(not LINT_IMPORTS.exists(), reason="import-linter
 def lint_imports(cwd: Path) -> subprocess.CompletedProcess:
   # lint-imports reads cwd/pyproject.toml and finds the packages under cwd (first on sys.path)
   env = {**os.environ, "PYTHONPATH": str(cwd)}
-  return subprocess.run([str(LINT_IMPORTS), "--no-cache"], cwd=cwd, env=env, capture_output=True,
-                        text=True, timeout=120)
+  return subprocess.run(
+    [str(LINT_IMPORTS), "--no-cache"], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+  )
 
 
 def copy_tree(dst: Path) -> None:
@@ -34,14 +35,17 @@ def test_the_code_keeps_the_contracts():
   assert "2 kept, 0 broken" in result.stdout
 
 
-@pytest.mark.parametrize("importer, imported, broken", [
+@pytest.mark.parametrize(
+  "importer, imported, broken",
+  [
     # a layer importing one above it
     ("engram_jax/layers/norms.py", "engram_jax.models.transformer", "layers"),
     # kernel-level offload importing training (the old offload <-> train cycle)
     ("engram_jax/offload/sparse_adam.py", "engram_jax.train.steps", "layers"),
     # a cycle inside one package, hidden in a function (lazy imports count)
     ("engram_jax/data/sources.py", "engram_jax.data.pipeline", "no import cycle"),
-])
+  ],
+)
 def test_an_upward_import_or_cycle_breaks_the_build(tmp_path, importer, imported, broken):
   copy_tree(tmp_path)
   with open(tmp_path / importer, "a") as f:

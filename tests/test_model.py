@@ -38,9 +38,7 @@ def inputs(config, key=0):
   engram_ids = None
   if config.engram is not None:
     e = config.engram
-    engram_ids = {
-      lid: jax.random.randint(k2, (B, T, e.num_heads), 0, min(e.vocab_sizes)) for lid in e.layer_ids
-    }
+    engram_ids = {lid: jax.random.randint(k2, (B, T, e.num_heads), 0, min(e.vocab_sizes)) for lid in e.layer_ids}
   return tokens, engram_ids
 
 
@@ -82,9 +80,7 @@ def test_forward_backward(family, hc_mult):
   loss, aux, grads, logits = train_step(model, tokens, engram_ids)
   assert logits.shape == (B, T, config.vocab_size) and logits.dtype == jnp.float32
   assert np.isfinite(float(loss)) and 3.0 < float(loss) < 8.0  # ~log(128) at init
-  flat = {
-    jax.tree_util.keystr(p): np.asarray(g) for p, g in jax.tree_util.tree_leaves_with_path(grads)
-  }
+  flat = {jax.tree_util.keystr(p): np.asarray(g) for p, g in jax.tree_util.tree_leaves_with_path(grads)}
   assert all(np.isfinite(g).all() for g in flat.values())
 
   def grad_norm(fragment):
@@ -148,8 +144,9 @@ def test_engram_table_paths_name_exactly_the_tables():
   assert not nnx.to_flat_state(empty)
   # jax key paths (tree_map_with_path over a State) name the same layer
   found = []
-  jax.tree_util.tree_map_with_path(lambda p, v: found.append(engram_table_layer(p)), state,
-                                   is_leaf=lambda x: isinstance(x, nnx.Variable))
+  jax.tree_util.tree_map_with_path(
+    lambda p, v: found.append(engram_table_layer(p)), state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+  )
   assert [f for f in found if f is not None] == [lid]
   with pytest.raises(ValueError, match="block 0 has no Engram layer"):
     engram_table(model, 0)
@@ -226,9 +223,7 @@ def test_config_validation_and_families():
   }
   assert ModelConfig.dense(**base).family == "dense"
   moe = MoEConfig(4, 0, 1, 8)
-  engram = EngramConfig(
-    vocab_sizes=(11, 13), n_embed_per_ngram=8, n_head_per_ngram=2, layer_ids=(1,)
-  )
+  engram = EngramConfig(vocab_sizes=(11, 13), n_embed_per_ngram=8, n_head_per_ngram=2, layer_ids=(1,))
   assert ModelConfig.moe_model(moe, **base).family == "moe"
   config = ModelConfig.engram_moe(moe, engram, **base)
   assert config.family == "engram_moe" and config.moe_layer_ids == (1,)
@@ -257,8 +252,6 @@ def test_packed_documents_do_not_see_each_other():
   positions = jnp.array([[0, 1, 2, 0, 1, 2, 3, 4]] * B)
   run = nnx.jit(lambda m, t, r, s, p: m(t, r, segment_ids=s, positions=p)[0])
   packed = run(model, tokens, engram_ids, segments, positions)
-  alone = run(
-    model, swap(tokens), {k: swap(v) for k, v in engram_ids.items()}, swap(segments), swap(positions)
-  )
+  alone = run(model, swap(tokens), {k: swap(v) for k, v in engram_ids.items()}, swap(segments), swap(positions))
   np.testing.assert_allclose(packed[:, 3:], alone[:, :5], atol=1e-5)
   np.testing.assert_allclose(packed[:, :3], alone[:, 5:], atol=1e-5)

@@ -27,25 +27,38 @@ TIMEOUT_S = 300  # per phase; a normal run takes well under a minute per phase o
 # The tiny Engram model shrunk to seconds per step on CPU (active_rtol relaxed: at this size
 # the Engram projections alone exceed the default 5% active-parameter tolerance).
 MICRO = [
-    "--config=experiments/configs/tiny.py:engram",
-    "--config.model.vocab_size=512", "--config.model.hidden_size=32", "--config.model.num_layers=2",
-    "--config.model.num_heads=2", "--config.model.num_kv_heads=1", "--config.model.ffn_hidden=64",
-    "--config.model.hc_mult=1", "--config.moe.num_experts=8", "--config.moe.expert_hidden=32",
-    "--config.engram.n_embed_per_ngram=16", "--config.allocation.active_rtol=0.2",
-    # Engram tables split by rows over both devices, i.e. across the two processes: every
-    # lookup routes ids and rows between them (all_to_all over gloo).
-    "--config.model.engram_table_sharding=all", "--config.model.engram_row_multiple=2",
-    "--config.data.seq_len=32", "--config.data.bpe_vocab_size=512",
-    "--config.data.max_bytes=300000", "--config.data.tokenizer_train_bytes=150000",
-    "--config.data.num_eval_batches=1", f"--config.train.total_steps={STEPS}",
-    f"--config.train.eval_every={STEPS}", "--config.train.checkpoint_every=1000",
-    "--config.train.log_every=1", "--config.train.progress_bar=False", "--config.train.warmup_steps=1",
+  "--config=experiments/configs/tiny.py:engram",
+  "--config.model.vocab_size=512",
+  "--config.model.hidden_size=32",
+  "--config.model.num_layers=2",
+  "--config.model.num_heads=2",
+  "--config.model.num_kv_heads=1",
+  "--config.model.ffn_hidden=64",
+  "--config.model.hc_mult=1",
+  "--config.moe.num_experts=8",
+  "--config.moe.expert_hidden=32",
+  "--config.engram.n_embed_per_ngram=16",
+  "--config.allocation.active_rtol=0.2",
+  # Engram tables split by rows over both devices, i.e. across the two processes: every
+  # lookup routes ids and rows between them (all_to_all over gloo).
+  "--config.model.engram_table_sharding=all",
+  "--config.model.engram_row_multiple=2",
+  "--config.data.seq_len=32",
+  "--config.data.bpe_vocab_size=512",
+  "--config.data.max_bytes=300000",
+  "--config.data.tokenizer_train_bytes=150000",
+  "--config.data.num_eval_batches=1",
+  f"--config.train.total_steps={STEPS}",
+  f"--config.train.eval_every={STEPS}",
+  "--config.train.checkpoint_every=1000",
+  "--config.train.log_every=1",
+  "--config.train.progress_bar=False",
+  "--config.train.warmup_steps=1",
 ]
 
 
 def _env(devices: int) -> dict:
-  return {**os.environ, "JAX_PLATFORMS": "cpu",
-          "XLA_FLAGS": xla_flags(devices)}
+  return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(devices)}
 
 
 def _run_all(runs: list[tuple[list[str], dict, Path]]) -> list[dict]:
@@ -55,8 +68,15 @@ def _run_all(runs: list[tuple[list[str], dict, Path]]) -> list[dict]:
   try:
     for args, env, log in runs:
       with open(log, "w") as out:  # a file, not a pipe: orbax logs a lot and pipes fill up
-        procs.append(subprocess.Popen([sys.executable, "-m", "experiments.train", *MICRO, *args],
-                                      cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
+        procs.append(
+          subprocess.Popen(
+            [sys.executable, "-m", "experiments.train", *MICRO, *args],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+          )
+        )
     deadline = time.monotonic() + TIMEOUT_S
     for proc, (_, _, log) in zip(procs, runs):
       try:
@@ -81,17 +101,34 @@ def test_two_processes_reach_the_single_process_losses(tmp_path):
   tok = f"--config.data.tokenizer_dir={tmp_path / 'tok'}"
   # Reference first: it also trains the shared tokenizer, so the two processes only load it.
   ref_dir = tmp_path / "one"
-  [ref] = _run_all([([f"--workdir={ref_dir}", tok, "--config.data.batch_size=4", "--data_shards=2"],
-                     _env(2), tmp_path / "one.log")])
+  [ref] = _run_all(
+    [([f"--workdir={ref_dir}", tok, "--config.data.batch_size=4", "--data_shards=2"], _env(2), tmp_path / "one.log")]
+  )
 
   two_dir, port = tmp_path / "two", portpicker.pick_unused_port()
-  summaries = _run_all([([f"--workdir={two_dir}", tok, "--config.data.batch_size=2",
-                          f"--coordinator_address=localhost:{port}", "--num_processes=2",
-                          f"--process_id={i}"], _env(1), tmp_path / f"two.{i}.log") for i in range(2)])
+  summaries = _run_all(
+    [
+      (
+        [
+          f"--workdir={two_dir}",
+          tok,
+          "--config.data.batch_size=2",
+          f"--coordinator_address=localhost:{port}",
+          "--num_processes=2",
+          f"--process_id={i}",
+        ],
+        _env(1),
+        tmp_path / f"two.{i}.log",
+      )
+      for i in range(2)
+    ]
+  )
 
   assert ref["status"] == "completed" and ref["step"] == STEPS
   assert [(s["process"], s["status"], s["step"]) for s in summaries] == [
-      (0, "completed", STEPS), (1, "completed", STEPS)]
+    (0, "completed", STEPS),
+    (1, "completed", STEPS),
+  ]
   ref_rows, two_rows = _metrics(ref_dir), _metrics(two_dir)  # process 0 alone writes metrics
   ref_train = {r["step"]: r for r in ref_rows if r["split"] == "train"}
   two_train = {r["step"]: r for r in two_rows if r["split"] == "train"}
@@ -114,10 +151,13 @@ def test_two_processes_reach_the_single_process_losses(tmp_path):
   step_dir = two_dir / "checkpoints" / str(STEPS)
   assert (step_dir / "state").is_dir() and (step_dir / "meta").is_dir()
   assert sorted(p.name for p in (step_dir / "data").glob("process_*.json")) == [
-      "process_0-of-2.json", "process_1-of-2.json"]
+    "process_0-of-2.json",
+    "process_1-of-2.json",
+  ]
 
 
 # -- in-process checks of the data layout helpers (fast) ---------------------------------------
+
 
 class _CountingIterator:
   """Batches {"x": [[start + i] * 1 for the batch's rows]} and a JSON state."""

@@ -34,8 +34,7 @@ def kernel_env() -> dict[str, str]:
   """
   env = dict(os.environ)
   env["JAX_PLATFORMS"] = "cpu"
-  flags = [f for f in env.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
+  flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
   if flags:
     env["XLA_FLAGS"] = " ".join(flags)
   else:
@@ -60,8 +59,7 @@ def kernel_available() -> None:
     finally:
       kc.stop_channels()
   except Exception as e:  # noqa: BLE001 -- any failure to start means "no kernel here"
-    pytest.skip(f"cannot start a python3 Jupyter kernel for {sys.executable}: "
-                f"{type(e).__name__}: {e}")
+    pytest.skip(f"cannot start a python3 Jupyter kernel for {sys.executable}: {type(e).__name__}: {e}")
   finally:
     if km.has_kernel:
       km.shutdown_kernel(now=True)
@@ -71,33 +69,41 @@ def _interpreter_check_cell():
   import nbformat
 
   return nbformat.v4.new_code_cell(
-      "import sys\n"
-      f"assert sys.prefix == {sys.prefix!r}, "
-      f"f'kernel runs {{sys.executable}}, not the test interpreter {sys.executable}'")
+    "import sys\n"
+    f"assert sys.prefix == {sys.prefix!r}, "
+    f"f'kernel runs {{sys.executable}}, not the test interpreter {sys.executable}'"
+  )
 
 
 def _cpu_seconds_cell():
   import nbformat
 
   return nbformat.v4.new_code_cell(
-      "import resource\n"
-      "_r = resource.getrusage(resource.RUSAGE_SELF)\n"
-      "print(f'kernel cpu seconds: {_r.ru_utime + _r.ru_stime:.1f}')")
+    "import resource\n"
+    "_r = resource.getrusage(resource.RUSAGE_SELF)\n"
+    "print(f'kernel cpu seconds: {_r.ru_utime + _r.ru_stime:.1f}')"
+  )
 
 
 def test_notebooks_exist_as_jupytext_sources_only():
   assert [p.stem for p in NOTEBOOKS] == [
-      "01_hashing_and_compression", "02_engram_in_a_model", "03_offload_and_prefetch",
-      "04_reuse_in_your_model", "05_distributed_tables"]
+    "01_hashing_and_compression",
+    "02_engram_in_a_model",
+    "03_offload_and_prefetch",
+    "04_reuse_in_your_model",
+    "05_distributed_tables",
+  ]
   assert not list(NOTEBOOK_DIR.glob("*.ipynb")), (
-      "commit notebooks as jupytext percent .py files only (outputs stay out of git)")
+    "commit notebooks as jupytext percent .py files only (outputs stay out of git)"
+  )
   for path in NOTEBOOKS:
     nb = jupytext.read(path)
     kinds = {cell.cell_type for cell in nb.cells}
     assert kinds == {"markdown", "code"}, f"{path.name}: cell types {kinds}"
     assert nb.metadata["kernelspec"]["name"] == "python3", path.name
     assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# "), (
-        f"{path.name} must open with a markdown title")
+      f"{path.name} must open with a markdown title"
+    )
     for cell in nb.cells:
       assert not cell.get("outputs"), f"{path.name} stores outputs"
 
@@ -109,8 +115,12 @@ def test_notebook_runs(path: Path, kernel_available):
   nb.cells.insert(0, _interpreter_check_cell())
   nb.cells.append(_cpu_seconds_cell())
   client = nbclient.NotebookClient(
-      nb, kernel_name="python3", timeout=CELL_TIMEOUT_S, allow_errors=False,
-      resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
+    nb,
+    kernel_name="python3",
+    timeout=CELL_TIMEOUT_S,
+    allow_errors=False,
+    resources={"metadata": {"path": str(NOTEBOOK_DIR)}},
+  )
   start = time.perf_counter()
   client.execute(env=kernel_env())
   seconds = time.perf_counter() - start
@@ -122,6 +132,7 @@ def test_notebook_runs(path: Path, kernel_available):
   errors = [o for cell in code for o in cell.get("outputs", []) if o.output_type == "error"]
   assert not errors, errors
   # Every notebook shows what it computed (printed figures or plots), not just silence.
-  shown = [o for cell in code for o in cell.get("outputs", [])
-           if o.output_type in ("stream", "display_data", "execute_result")]
+  shown = [
+    o for cell in code for o in cell.get("outputs", []) if o.output_type in ("stream", "display_data", "execute_result")
+  ]
   assert len(shown) >= 3, f"{path.name} produced {len(shown)} outputs"

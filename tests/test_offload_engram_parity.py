@@ -16,8 +16,9 @@ from engram_jax.offload.indexing import flat_rows_np
 from engram_jax.offload.prefetch import RowPrefetcher, patch_updated_rows
 from engram_jax.offload.sparse_adam import SparseRowAdam, sparse_grad
 
-CONFIG = EngramConfig(vocab_sizes=(11, 13), max_ngram_size=3, n_embed_per_ngram=8,
-                      n_head_per_ngram=2, layer_ids=(1,), pad_id=0)
+CONFIG = EngramConfig(
+  vocab_sizes=(11, 13), max_ngram_size=3, n_embed_per_ngram=8, n_head_per_ngram=2, layer_ids=(1,), pad_id=0
+)
 B, T, D = 2, 24, 16
 HASHER = NgramHasher(CONFIG, compressed_vocab_size=40)
 SIZES = HASHER.table_sizes[1]
@@ -35,8 +36,7 @@ def _batches(n, seed=0, cover=False):
     if cover:  # every row of every head appears
       for h, s in enumerate(SIZES):
         rows[..., h].reshape(-1)[:s] = rng.permutation(s)
-    yield {"step": i, "engram_ids": {1: rows.astype(np.int32)},
-           "hidden": rng.normal(size=(B, T, D)).astype(np.float32)}
+    yield {"step": i, "engram_ids": {1: rows.astype(np.int32)}, "hidden": rng.normal(size=(B, T, D)).astype(np.float32)}
 
 
 @pytest.mark.parametrize("placement", ["host_numpy", "host_compute_on", "cached"])
@@ -46,7 +46,8 @@ def test_forward_with_prefetched_rows_equals_device_table(placement):
   if placement == "cached":
     host = HostTable(table)
     counts = count_row_frequencies(
-        (flat_rows_np(b["engram_ids"][1], OFFSETS) for b in _batches(3, seed=5)), host.num_rows)
+      (flat_rows_np(b["engram_ids"][1], OFFSETS) for b in _batches(3, seed=5)), host.num_rows
+    )
     source = HotRowCache.from_frequencies(host, counts, fraction=0.3)
   else:
     source = HostTable(table, method=placement.removeprefix("host_"))
@@ -80,6 +81,7 @@ def test_training_host_table_with_sparse_adam_equals_dense_adam():
   def dense_grad(table, hidden, ids):
     def loss(t):
       return _loss(nnx.merge(table_graph, nnx.State({"table": nnx.Param(t)}), others)(hidden, ids))
+
     return jax.grad(loss)(table)
 
   # Host placement: the model sees gathered rows; their gradient goes back as sparse rows.
@@ -130,8 +132,7 @@ def test_training_through_the_prefetcher_with_patched_rows_equals_sequential_tra
   for batch in _batches(4, seed=2):
     flat = flat_rows_np(batch["engram_ids"][1], OFFSETS)
     rows = ref.gather(flat).reshape(B, T, -1)
-    ref_state = ref.apply_update(sparse, ref_state,
-                                 *rows_grad(rows, jnp.asarray(batch["hidden"]), jnp.asarray(flat)))
+    ref_state = ref.apply_update(sparse, ref_state, *rows_grad(rows, jnp.asarray(batch["hidden"]), jnp.asarray(flat)))
 
   updated = None
   with RowPrefetcher(_batches(4, seed=2), {1: host}, offsets={1: OFFSETS}) as batches:

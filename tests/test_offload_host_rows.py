@@ -23,7 +23,7 @@ def test_host_memory_table_is_in_host_memory_and_not_copied_twice(table):
   assert ok and kind in ("pinned_host", "unpinned_host")
   host = HostTable(table, method="compute_on")
   assert hr.host_memory_table(host) is host.array
-  copied = hr.host_memory_table(HostTable(table))            # NumPy master: one copy
+  copied = hr.host_memory_table(HostTable(table))  # NumPy master: one copy
   assert copied.sharding.memory_kind == kind
   np.testing.assert_array_equal(np.asarray(copied), table)
 
@@ -35,8 +35,9 @@ def test_gather_host_rows_in_a_while_loop_equals_numpy(table):
   def walk(t, ids):
     def body(c):
       i, ids, out = c
-      rows = hr.gather_host_rows(t, ids)                      # [2, 3, D] on the device
+      rows = hr.gather_host_rows(t, ids)  # [2, 3, D] on the device
       return i + 1, (ids * 7 + 3) % R, out.at[i].set(rows)
+
     out = jnp.zeros((4,) + ids.shape + (D,), jnp.float32)
     return jax.lax.while_loop(lambda c: c[0] < 4, body, (0, ids, out))[2]
 
@@ -49,7 +50,7 @@ def test_gather_host_rows_in_a_while_loop_equals_numpy(table):
 
 def test_cached_rows_equal_the_table_and_count_host_reads(table):
   host = HostTable(table, method="compute_on")
-  cache = HotRowCache(host, np.arange(0, R, 2))              # even rows on the device
+  cache = HotRowCache(host, np.arange(0, R, 2))  # even rows on the device
   hot_ids, hot_rows = hr.hot_arrays(cache)
   t = hr.host_memory_table(host)
   read = jax.jit(hr.gather_cached_rows, static_argnums=4)

@@ -49,7 +49,9 @@ def test_host_table_rejects_bad_shapes_and_methods():
 
 def test_placement_parsing():
   assert placement.parse_placements("host", [1, 3]) == {
-      1: placement.TablePlacement("host"), 3: placement.TablePlacement("host")}
+    1: placement.TablePlacement("host"),
+    3: placement.TablePlacement("host"),
+  }
   got = placement.parse_placements("3:cached@0.05", [1, 3])
   assert got[1].kind == "device" and got[3].kind == "cached" and got[3].cache_fraction == 0.05
   with pytest.raises(ValueError, match="not an Engram layer"):

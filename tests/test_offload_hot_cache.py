@@ -93,8 +93,9 @@ def test_frequency_file_formats(tmp_path):
 
 
 def test_measure_hit_rate_per_order():
-  config = EngramConfig(vocab_sizes=(101, 103), max_ngram_size=3, n_embed_per_ngram=8,
-                        n_head_per_ngram=2, layer_ids=(1,), pad_id=0)
+  config = EngramConfig(
+    vocab_sizes=(101, 103), max_ngram_size=3, n_embed_per_ngram=8, n_head_per_ngram=2, layer_ids=(1,), pad_id=0
+  )
   hasher = NgramHasher(config, compressed_vocab_size=50)
   rng = np.random.default_rng(0)
   docs = [rng.integers(1, 6, size=200) for _ in range(5)]  # 5 symbols: few distinct n-grams

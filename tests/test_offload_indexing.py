@@ -51,8 +51,9 @@ def test_flat_rows_exact_in_int64_across_2_31():
 
 
 def test_hi_lo_roundtrip_at_boundaries():
-  ids = np.array([0, 1, INT32_MAX - 1, INT32_MAX, 1 << 31, (1 << 31) + 1, (1 << 32) - 1, 1 << 32,
-                  (1 << 40) + 12345], np.int64)
+  ids = np.array(
+    [0, 1, INT32_MAX - 1, INT32_MAX, 1 << 31, (1 << 31) + 1, (1 << 32) - 1, 1 << 32, (1 << 40) + 12345], np.int64
+  )
   hi, lo = split_hi_lo(ids)
   assert hi.dtype == lo.dtype == np.int32
   assert (lo >= 0).all()

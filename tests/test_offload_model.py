@@ -41,10 +41,11 @@ def _batches(model, n, seed=0):
   rng = np.random.default_rng(seed)
   out = []
   for _ in range(n):
-    ids = {l: np.stack([rng.integers(0, s, (B, T)) for s in _sizes(model, l)], -1).astype(np.int32)
-           for l in CONFIG.engram_layer_ids}
-    out.append({"tokens": rng.integers(0, CONFIG.vocab_size, (B, T)).astype(np.int32),
-                "engram_ids": ids})
+    ids = {
+      l: np.stack([rng.integers(0, s, (B, T)) for s in _sizes(model, l)], -1).astype(np.int32)
+      for l in CONFIG.engram_layer_ids
+    }
+    out.append({"tokens": rng.integers(0, CONFIG.vocab_size, (B, T)).astype(np.int32), "engram_ids": ids})
   return out
 
 
@@ -57,16 +58,17 @@ def _frequencies(model, batches, layers):
   out = {}
   for l in layers:
     offsets = np.asarray(model.blocks[l].engram.offsets)
-    out[l] = count_row_frequencies((b["engram_ids"][l] + offsets for b in batches),
-                                   model.blocks[l].engram.num_rows)
+    out[l] = count_row_frequencies((b["engram_ids"][l] + offsets for b in batches), model.blocks[l].engram.num_rows)
   return out
 
 
 PLACEMENTS = {
-    "host_all": "host",
-    "cached_one_device_other": "1:cached@0.25",
-    "compute_on_and_cached": {1: TablePlacement("host", host_gather="compute_on"),
-                              2: TablePlacement("cached", cache_fraction=0.1)},
+  "host_all": "host",
+  "cached_one_device_other": "1:cached@0.25",
+  "compute_on_and_cached": {
+    1: TablePlacement("host", host_gather="compute_on"),
+    2: TablePlacement("cached", cache_fraction=0.1),
+  },
 }
 
 
@@ -121,8 +123,10 @@ def test_decode_with_host_tables_equals_device_decode():
 
   cache_dev, cache_host = model.init_cache(B, 4), host_model.init_cache(B, 4)
   for t in range(3):  # one token per sequence per step
-    step_batch = {"tokens": batch["tokens"][:, t:t + 1],
-                  "engram_ids": {l: v[:, t:t + 1] for l, v in batch["engram_ids"].items()}}
+    step_batch = {
+      "tokens": batch["tokens"][:, t : t + 1],
+      "engram_ids": {l: v[:, t : t + 1] for l, v in batch["engram_ids"].items()},
+    }
     want, cache_dev = device_step(model, step_batch["tokens"], step_batch["engram_ids"], cache_dev)
     got, aux = forward_with_host_tables(host_model, step_batch, off, cache=cache_host)
     cache_host = aux["cache"]
@@ -133,8 +137,7 @@ def test_restore_into_puts_the_host_tables_back():
   model, off = split_tables(fresh_model(), "2:host")
   off.tables[2].array[3] += 1.0  # as an optimizer step would
   off.restore_into(model)
-  np.testing.assert_array_equal(np.asarray(model.blocks[2].engram.table[...]),
-                                off.tables[2].numpy())
+  np.testing.assert_array_equal(np.asarray(model.blocks[2].engram.table[...]), off.tables[2].numpy())
 
 
 def test_bad_placements_are_rejected():
@@ -147,8 +150,7 @@ def test_bad_placements_are_rejected():
     split_tables(model, "host")
   batch = _batches(model, 1)[0]
   with pytest.raises(ValueError, match=r"missing"):
-    forward_with_host_tables(model, {"tokens": batch["tokens"],
-                                     "engram_ids": {1: batch["engram_ids"][1]}}, off)
+    forward_with_host_tables(model, {"tokens": batch["tokens"], "engram_ids": {1: batch["engram_ids"][1]}}, off)
 
 
 def test_host_placements_refuse_fold_rows():
@@ -179,8 +181,9 @@ def test_build_offloaded_never_puts_the_table_on_the_device(monkeypatch):
   if jax.device_count() < 2:
     pytest.skip("needs a second device to stand in for host memory")
   device, host = jax.devices()[:2]
-  engram = EngramConfig(vocab_sizes=(262_144, 262_144), n_embed_per_ngram=32, n_head_per_ngram=1,
-                        layer_ids=(1,), pad_id=0)
+  engram = EngramConfig(
+    vocab_sizes=(262_144, 262_144), n_embed_per_ngram=32, n_head_per_ngram=1, layer_ids=(1,), pad_id=0
+  )
   config = ModelConfig.tiny("engram_dense", num_layers=2, engram=engram)
   build = lambda: build_model(config, 0)  # noqa: E731
   rows = nnx.eval_shape(build).blocks[1].engram.num_rows

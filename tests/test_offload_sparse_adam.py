@@ -35,8 +35,7 @@ def _scatter(ids, grads):
 def test_sparse_grad_sums_duplicates_and_pads():
   ids = jnp.array([[5, 2], [5, 7], [2, 5]], jnp.int32)
   grads = jnp.arange(6 * 2, dtype=jnp.float32).reshape(3, 2, 2)
-  rows, summed, count = jax.jit(sparse_grad, static_argnames=("num_rows", "size"))(
-      ids, grads, num_rows=10, size=5)
+  rows, summed, count = jax.jit(sparse_grad, static_argnames=("num_rows", "size"))(ids, grads, num_rows=10, size=5)
   assert int(count) == 3
   np.testing.assert_array_equal(np.asarray(rows), [2, 5, 7, 10, 10])
   g = np.asarray(grads).reshape(6, 2)

@@ -15,8 +15,9 @@ from tests.test_offload_model import CONFIG, fresh_model
 
 B, T = 2, 48  # B*T = 96 positions >= every head's rows: a batch can touch every row
 LAYERS = CONFIG.engram_layer_ids
-TRAIN = TrainConfig(total_steps=10, learning_rate=1e-2, warmup_steps=1, weight_decay=0.1,
-                    grad_clip_norm=0.5, progress_bar=False)
+TRAIN = TrainConfig(
+  total_steps=10, learning_rate=1e-2, warmup_steps=1, weight_decay=0.1, grad_clip_norm=0.5, progress_bar=False
+)
 RATE = CONFIG.moe.bias_update_rate
 
 
@@ -36,8 +37,12 @@ def _batch(seed, fraction=1.0):
       heads.append(np.resize(rng.permutation(n), B * T).reshape(B, T))
     ids[l] = np.stack(heads, -1).astype(np.int32)
   tokens = rng.integers(0, CONFIG.vocab_size, (B, T + 1)).astype(np.int32)
-  return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "engram_ids": ids,
-          "loss_mask": np.ones((B, T), np.float32)}
+  return {
+    "tokens": tokens[:, :-1],
+    "targets": tokens[:, 1:],
+    "engram_ids": ids,
+    "loss_mask": np.ones((B, T), np.float32),
+  }
 
 
 def _device_run(batches):
@@ -46,8 +51,7 @@ def _device_run(batches):
   graphdef, params, rest = split_model(fresh_model())
   tx, lr = make_optimizer(TRAIN, params)
   step = jax.jit(make_train_step(graphdef, tx, lr, bias_update_rate=RATE))
-  state = TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params, rest=rest,
-                     opt_state=tx.init(params))
+  state = TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params, rest=rest, opt_state=tx.init(params))
   states, losses = [], []
   for batch in batches:
     state, metrics = step(state, batch)
@@ -57,9 +61,11 @@ def _device_run(batches):
 
 
 def _snapshot(trainer):
-  return {"params": trainer.full_params(), "rest": jax.device_get(trainer.state.rest),
-          "host": {l: {k: np.copy(v) for k, v in d.items()}
-                   for l, d in trainer.host_state().items()}}
+  return {
+    "params": trainer.full_params(),
+    "rest": jax.device_get(trainer.state.rest),
+    "host": {l: {k: np.copy(v) for k, v in d.items()} for l, d in trainer.host_state().items()},
+  }
 
 
 # Steps 1-3 touch every row of every head; step 4 each head's first 3/4 rows, steps 5-6
@@ -71,8 +77,13 @@ SCHEDULE = [1.0, 1.0, 1.0, 0.75, 0.5, 0.5]
 def runs():
   batches = [_batch(seed, frac) for seed, frac in enumerate(SCHEDULE)]
   want, want_losses = _device_run(batches)
-  trainer = HostTableTrainer(fresh_model(), "1:host,2:cached@0.2", TRAIN, bias_update_rate=RATE,
-                             frequencies={2: np.arange(fresh_model().blocks[2].engram.num_rows)})
+  trainer = HostTableTrainer(
+    fresh_model(),
+    "1:host,2:cached@0.2",
+    TRAIN,
+    bias_update_rate=RATE,
+    frequencies={2: np.arange(fresh_model().blocks[2].engram.num_rows)},
+  )
   snaps, history = [], []
   # the first 3 steps through the prefetcher (rows of t+1 gathered during t, then patched)
   for metrics in trainer.iterate(iter(batches[:3])):
@@ -90,8 +101,7 @@ def _table(params, layer):
 
 
 def _assert_trees_close(got, want, **tol):
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), **tol),
-               got, want)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), **tol), got, want)
 
 
 def _router_biases(rest):
@@ -115,23 +125,23 @@ def test_host_placement_equals_dense_adam_when_every_row_is_touched(runs):
   for l in LAYERS:  # the tables really trained
     assert not np.allclose(_table(got, l), _table(initial, l))
   cache = trainer.offloaded.sources[2]  # the device cache follows the host table
-  np.testing.assert_array_equal(np.asarray(cache.rows),
-                                trainer.offloaded.tables[2].numpy()[cache.hot_rows])
+  np.testing.assert_array_equal(np.asarray(cache.rows), trainer.offloaded.tables[2].numpy()[cache.hot_rows])
 
 
 def _ranges(layer, lo, hi):
   engram = fresh_model().blocks[layer].engram
-  return np.concatenate([o + np.arange(int(np.ceil(lo * s)), int(np.ceil(hi * s)))
-                         for o, s in zip(engram.offsets, engram.table_sizes)])
+  return np.concatenate(
+    [o + np.arange(int(np.ceil(lo * s)), int(np.ceil(hi * s))) for o, s in zip(engram.offsets, engram.table_sizes)]
+  )
 
 
 def test_untouched_rows_and_their_adam_state_stay_unchanged(runs):
   want, _, _, snaps, _ = runs
   final = snaps[-1]
   for l in LAYERS:
-    read = _ranges(l, 0.0, 0.5)           # touched at every step
-    after4 = _ranges(l, 0.5, 0.75)        # last touched at step 4
-    after3 = _ranges(l, 0.75, 1.0)        # last touched at step 3
+    read = _ranges(l, 0.0, 0.5)  # touched at every step
+    after4 = _ranges(l, 0.5, 0.75)  # last touched at step 4
+    after3 = _ranges(l, 0.75, 1.0)  # last touched at step 3
     host, dense = final["host"][l], _table(want[-1].params, l)
     # rows read at steps 5-6 (and the backbone, below) still follow dense Adam
     np.testing.assert_allclose(host["table"][read], dense[read], **TOL)
@@ -153,8 +163,9 @@ def test_untouched_rows_and_their_adam_state_stay_unchanged(runs):
 def test_reuse_step_of_checks_the_configuration(runs):
   trainer = runs[2]
   with pytest.raises(ValueError, match="reuse_step_of"):
-    HostTableTrainer(fresh_model(), "host", TRAIN.replace(learning_rate=1e-3),
-                     bias_update_rate=RATE, reuse_step_of=trainer)
+    HostTableTrainer(
+      fresh_model(), "host", TRAIN.replace(learning_rate=1e-3), bias_update_rate=RATE, reuse_step_of=trainer
+    )
   with pytest.raises(ValueError, match="at least one 'host' or 'cached'"):
     HostTableTrainer(fresh_model(), "device", TRAIN)
 
@@ -167,8 +178,7 @@ def test_host_state_round_trip(runs):
     for key, value in snaps[2]["host"][l].items():
       np.testing.assert_array_equal(trainer.host_state()[l][key], value)
   cache = trainer.offloaded.sources[2]
-  np.testing.assert_array_equal(np.asarray(cache.rows),
-                                snaps[2]["host"][2]["table"][cache.hot_rows])
+  np.testing.assert_array_equal(np.asarray(cache.rows), snaps[2]["host"][2]["table"][cache.hot_rows])
   trainer.load_host_state(saved)
   with pytest.raises(ValueError, match="host state for layers"):
     trainer.load_host_state({1: saved[1]})

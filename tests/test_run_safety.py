@@ -29,17 +29,22 @@ from engram_jax.train.run_lock import LOCK_NAME, RunLock, _start_time
 from engram_jax.train.trainer import Trainer, TrainingDivergedError
 from tests.test_train import VOCAB, tiny_model
 
-BASE = TrainConfig(total_steps=4, warmup_steps=1, eval_every=0, checkpoint_every=2, log_every=1,
-                   progress_bar=False)
+BASE = TrainConfig(total_steps=4, warmup_steps=1, eval_every=0, checkpoint_every=2, log_every=1, progress_bar=False)
 # lr 1e6: the tiny model's gradient norm is NaN at step 4 (its weights are dead after step 2)
 EXPLODE = BASE.replace(total_steps=6, learning_rate=1e6, checkpoint_every=1)
 
 
 @pytest.fixture(scope="module")
 def data_config(tmp_path_factory):
-  return DataConfig(seq_len=32, batch_size=4, bpe_vocab_size=VOCAB, max_bytes=400_000,
-                    tokenizer_train_bytes=200_000, num_eval_batches=1,
-                    tokenizer_dir=str(tmp_path_factory.mktemp("tok")))
+  return DataConfig(
+    seq_len=32,
+    batch_size=4,
+    bpe_vocab_size=VOCAB,
+    max_bytes=400_000,
+    tokenizer_train_bytes=200_000,
+    num_eval_batches=1,
+    tokenizer_dir=str(tmp_path_factory.mktemp("tok")),
+  )
 
 
 @pytest.fixture(scope="module")
@@ -70,14 +75,35 @@ def _steps(workdir, split="train"):
 
 
 # -- defect 1: retention and config validation ------------------------------------------------
-@pytest.mark.parametrize("field,value", [
-    ("keep_checkpoints", 0), ("keep_checkpoints", -1), ("keep_checkpoints", 1.5), ("total_steps", 0),
-    ("learning_rate", float("nan")), ("learning_rate", -1e-3), ("warmup_steps", 10_000), ("min_lr_ratio", 2.0),
-    ("step_decay_factor", 0.0), ("weight_decay", -0.1), ("b1", 1.0), ("b2", -0.5), ("eps", 0.0),
-    ("grad_clip_norm", float("inf")), ("moe_bias_update_rate", -1.0), ("log_every", -1),
-    ("checkpoint_every", 2.5), ("on_divergence", "ignore"), ("rollback_lr_factor", 0.0),
-    ("rollback_lr_factor", 1.5), ("max_rollbacks", -1), ("progress_bar", "yes"),
-    ("step_decay_boundaries", (0.9, 0.8)), ("engram_lr_multiplier", 0.0)])
+@pytest.mark.parametrize(
+  "field,value",
+  [
+    ("keep_checkpoints", 0),
+    ("keep_checkpoints", -1),
+    ("keep_checkpoints", 1.5),
+    ("total_steps", 0),
+    ("learning_rate", float("nan")),
+    ("learning_rate", -1e-3),
+    ("warmup_steps", 10_000),
+    ("min_lr_ratio", 2.0),
+    ("step_decay_factor", 0.0),
+    ("weight_decay", -0.1),
+    ("b1", 1.0),
+    ("b2", -0.5),
+    ("eps", 0.0),
+    ("grad_clip_norm", float("inf")),
+    ("moe_bias_update_rate", -1.0),
+    ("log_every", -1),
+    ("checkpoint_every", 2.5),
+    ("on_divergence", "ignore"),
+    ("rollback_lr_factor", 0.0),
+    ("rollback_lr_factor", 1.5),
+    ("max_rollbacks", -1),
+    ("progress_bar", "yes"),
+    ("step_decay_boundaries", (0.9, 0.8)),
+    ("engram_lr_multiplier", 0.0),
+  ],
+)
 def test_bad_train_config_values_are_refused_naming_field_and_value(field, value):
   with pytest.raises(ValueError, match=rf"TrainConfig\.{field}.*{value!r}".replace("(", r"\(").replace(")", r"\)")):
     TrainConfig(**{field: value})
@@ -132,12 +158,15 @@ def test_non_finite_weights_are_never_checkpointed(data_config, tmp_path, monkey
 
   def poisoned(*args, **kwargs):
     step_fn = real(*args, **kwargs)
+
     def wrapped(state, batch):
       new_state, metrics = step_fn(state, batch)
       bad = jnp.where(state.step == 1, jnp.inf, 0.0)
       params = jax.tree_util.tree_map_with_path(
-          lambda path, x: x + bad if "embed" in jax.tree_util.keystr(path) else x, new_state.params)
+        lambda path, x: x + bad if "embed" in jax.tree_util.keystr(path) else x, new_state.params
+      )
       return new_state.replace(params=params), metrics
+
     return wrapped
 
   monkeypatch.setattr(trainer_lib, "make_train_step", poisoned)
@@ -149,8 +178,9 @@ def test_non_finite_weights_are_never_checkpointed(data_config, tmp_path, monkey
 
 def test_host_placement_checkpoints_are_verified_and_roll_back(data_config, tmp_path):
   workdir = tmp_path / "host"
-  cfg = EXPLODE.replace(table_placement="host", total_steps=5, on_divergence="rollback",
-                        rollback_lr_factor=1e-6, rollback_skip_batches=True)
+  cfg = EXPLODE.replace(
+    table_placement="host", total_steps=5, on_divergence="rollback", rollback_lr_factor=1e-6, rollback_skip_batches=True
+  )
   result = Trainer(tiny_model(), cfg, data_config, workdir).run()
   assert result.status == "completed" and result.step == 5
   assert _steps(workdir) == [1, 2, 3, 4, 5]
@@ -215,8 +245,9 @@ def test_a_second_trainer_is_refused_with_the_holders_pid_and_host(base_run, dat
   workdir = _copy(base_run, tmp_path)
   holder = subprocess.Popen(["sleep", "60"])
   try:
-    (workdir / LOCK_NAME).write_text(json.dumps(
-        {"pid": holder.pid, "host": socket.gethostname(), "started": _start_time(holder.pid)}))
+    (workdir / LOCK_NAME).write_text(
+      json.dumps({"pid": holder.pid, "host": socket.gethostname(), "started": _start_time(holder.pid)})
+    )
     with pytest.raises(WorkdirLockedError, match=rf"pid {holder.pid} on host '{socket.gethostname()}'"):
       Trainer(tiny_model(), BASE.replace(total_steps=6), data_config, workdir).run()
   finally:
@@ -242,10 +273,14 @@ def test_lock_is_exclusive_within_a_host(tmp_path):
 
 
 # -- resume checks the data configuration --------------------------------------------------------
-@pytest.mark.parametrize("change,text", [
+@pytest.mark.parametrize(
+  "change,text",
+  [
     ({"batch_size": 8}, "batch_size: checkpoint has 4, current run has 8"),
     ({"seq_len": 16}, "seq_len: checkpoint has 32, current run has 16"),
-    ({"seed": 3}, "seed: checkpoint has 0, current run has 3")])
+    ({"seed": 3}, "seed: checkpoint has 0, current run has 3"),
+  ],
+)
 def test_resume_refuses_a_changed_data_config(base_run, data_config, tmp_path, change, text):
   workdir = _copy(base_run, tmp_path)
   with pytest.raises(CheckpointMismatchError, match=f"data config: {text}"):
@@ -273,9 +308,17 @@ def test_sigkill_then_resume_takes_over_the_lock_and_logs_each_step_once(tmp_pat
 
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(1)}
   workdir, tokdir = tmp_path / "run", tmp_path / "tok"
-  cmd = lambda steps: [sys.executable, "-m", "experiments.train", "--config=experiments/configs/tiny.py:engram",  # noqa: E731
-                       f"--workdir={workdir}", f"--config.data.tokenizer_dir={tokdir}",
-                       f"--config.train.total_steps={steps}", *MICRO, "--config.train.checkpoint_every=2"]
+  cmd = lambda steps: [
+    sys.executable,
+    "-m",
+    "experiments.train",
+    "--config=experiments/configs/tiny.py:engram",  # noqa: E731
+    f"--workdir={workdir}",
+    f"--config.data.tokenizer_dir={tokdir}",
+    f"--config.train.total_steps={steps}",
+    *MICRO,
+    "--config.train.checkpoint_every=2",
+  ]
   log_file = open(tmp_path / "first.log", "w")  # noqa: SIM115  a pipe could fill and block the child
   proc = subprocess.Popen(cmd(100_000), cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT)
   try:

@@ -26,8 +26,7 @@ def frequencies(ids, vocab):
 def test_greedy_and_zero_temperature_are_argmax():
   logits = jax.random.normal(jax.random.key(0), (6, 50))
   want = np.asarray(jnp.argmax(logits, -1))
-  for config in (SamplingConfig(greedy=True, temperature=2.0, top_k=3),
-                 SamplingConfig(temperature=0.0)):
+  for config in (SamplingConfig(greedy=True, temperature=2.0, top_k=3), SamplingConfig(temperature=0.0)):
     got = _sample(logits, jax.random.key(1), config)
     assert got.dtype == jnp.int32
     np.testing.assert_array_equal(got, want)
@@ -46,22 +45,21 @@ def test_top_k_stays_in_the_k_largest_even_with_ties():
   logits = rng.normal(size=40)
   ids = draws(logits, SamplingConfig(temperature=5.0, top_k=5))
   allowed = set(np.argsort(-logits)[:5].tolist())
-  assert set(ids.tolist()) == allowed                 # all k reachable, nothing else
+  assert set(ids.tolist()) == allowed  # all k reachable, nothing else
   tied = np.array([0.0, 5.0, 3.0, 3.0, 3.0, 3.0, 4.0, -1.0])
   ids = draws(tied, SamplingConfig(temperature=10.0, top_k=3))
   seen = set(ids.tolist())
   assert len(seen) == 3 and {1, 6} < seen <= {1, 2, 3, 4, 5, 6}
 
 
-@pytest.mark.parametrize("top_p,kept", [(0.3, [3]), (0.7, [3, 0]), (0.85, [3, 0, 1]),
-                                        (1.0, [3, 0, 1, 2])])
+@pytest.mark.parametrize("top_p,kept", [(0.3, [3]), (0.7, [3, 0]), (0.85, [3, 0, 1]), (1.0, [3, 0, 1, 2])])
 def test_top_p_keeps_the_smallest_set_reaching_p(top_p, kept):
-  probs = np.array([0.3, 0.15, 0.05, 0.5])           # sorted: 3, 0, 1, 2
+  probs = np.array([0.3, 0.15, 0.05, 0.5])  # sorted: 3, 0, 1, 2
   ids = draws(np.log(probs), SamplingConfig(top_p=top_p))
   freq = frequencies(ids, 4)
   assert set(np.flatnonzero(freq).tolist()) == set(kept)
   want = np.zeros(4)
-  want[kept] = probs[kept] / probs[kept].sum()       # renormalized over the kept set
+  want[kept] = probs[kept] / probs[kept].sum()  # renormalized over the kept set
   np.testing.assert_allclose(freq, want, atol=0.03)
 
 
@@ -80,9 +78,13 @@ def test_temperature_scales_the_distribution():
 
 
 def test_invalid_configs_and_shapes():
-  for kw, match in (({"temperature": -1.0}, "temperature"), ({"top_k": -1}, "top_k"),
-                    ({"top_k": 2.5}, "top_k"), ({"top_p": 0.0}, "top_p"),
-                    ({"top_p": 1.5}, "top_p")):
+  for kw, match in (
+    ({"temperature": -1.0}, "temperature"),
+    ({"top_k": -1}, "top_k"),
+    ({"top_k": 2.5}, "top_k"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+  ):
     with pytest.raises(ValueError, match=match):
       SamplingConfig(**kw)
   with pytest.raises(ValueError, match=r"logits \[B, V\]"):

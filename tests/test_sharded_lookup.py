@@ -14,7 +14,7 @@ from engram_jax.distributed import capacity, routing
 from engram_jax.distributed import sharded_lookup as sl
 from engram_jax.sharding import make_mesh
 
-ROWS, DIM = 37, 4        # 37 rows: not divisible by 2, 4 or 8 shards
+ROWS, DIM = 37, 4  # 37 rows: not divisible by 2, 4 or 8 shards
 
 
 def _ids(shape, rows=ROWS, seed=0):
@@ -42,6 +42,7 @@ def _reference(table, ids, weight):
 
 def _value_and_grad(mesh, **kwargs):
   """jit'd (rows, d table) of sum(sharded_gather(table, ids) * weight)."""
+
   def loss(table, ids, weight):
     rows = sl.sharded_gather(table, ids, mesh=mesh, **kwargs)
     return jnp.sum(rows * weight), rows
@@ -56,8 +57,11 @@ def test_both_methods_match_single_device(data, tensor):
   table, ids, weight = _inputs()
   want_rows, want_grad = _reference(table, ids, weight)
 
-  variants = {"default": {}, "xla": {"method": "xla"},
-              "all_to_all exact": {"method": "all_to_all", "capacity_factor": None}}
+  variants = {
+    "default": {},
+    "xla": {"method": "xla"},
+    "all_to_all exact": {"method": "all_to_all", "capacity_factor": None},
+  }
 
   @jax.jit
   def all_variants(t, i, w):
@@ -65,8 +69,7 @@ def test_both_methods_match_single_device(data, tensor):
 
   for variant, (rows, grad) in all_variants(table, ids, weight).items():
     np.testing.assert_array_equal(np.asarray(rows), want_rows, err_msg=variant)
-    np.testing.assert_allclose(np.asarray(grad), want_grad, rtol=1e-6, atol=1e-6,
-                               err_msg=variant)
+    np.testing.assert_allclose(np.asarray(grad), want_grad, rtol=1e-6, atol=1e-6, err_msg=variant)
     assert grad.shape == table.shape
 
 
@@ -74,7 +77,8 @@ def test_all_to_all_output_is_sharded_like_the_ids_and_grad_like_the_table():
   mesh = make_mesh(data=2, tensor=4)
   table, ids, weight = _inputs(rows=40)
   rows, grad = _value_and_grad(mesh, method="all_to_all")(
-      jax.device_put(table, NamedSharding(mesh, P("tensor", None))), ids, weight)
+    jax.device_put(table, NamedSharding(mesh, P("tensor", None))), ids, weight
+  )
   assert rows.sharding.is_equivalent_to(NamedSharding(mesh, P("data")), rows.ndim)
   assert grad.sharding.is_equivalent_to(NamedSharding(mesh, P("tensor", None)), grad.ndim)
   np.testing.assert_array_equal(np.asarray(rows), table[ids])
@@ -83,16 +87,17 @@ def test_all_to_all_output_is_sharded_like_the_ids_and_grad_like_the_table():
 def test_capacity_factor_is_exact_with_and_without_overflow():
   mesh = make_mesh(data=2, tensor=4)
   fn = _value_and_grad(mesh, method="all_to_all", capacity_factor=1.0)
-  shape = (8, 4, 2)            # 32 ids per data shard: 8 per device, 2 per bucket at f = 1
+  shape = (8, 4, 2)  # 32 ids per data shard: 8 per device, 2 per bucket at f = 1
   table, _, weight = _inputs(shape, rows=40)
   # Balanced: each device's 8 consecutive ids hit every shard (10 rows each) exactly twice.
-  balanced = (np.arange(np.prod(shape)) % 4 * 10 + np.arange(np.prod(shape)) // 4 % 10)
+  balanced = np.arange(np.prod(shape)) % 4 * 10 + np.arange(np.prod(shape)) // 4 % 10
   balanced = balanced.reshape(shape).astype(np.int32)
-  skewed = np.full(shape, 39, np.int32)          # every id on the last shard: overflow
+  skewed = np.full(shape, 39, np.int32)  # every id on the last shard: overflow
   skewed[0, 0, 0] = 0
   # The paper's layout (routed backward): 8 shards of 5 rows, 8 ids per device.
-  paper = _value_and_grad(mesh, method="all_to_all", capacity_factor=1.0,
-                          axis=("data", "tensor"), batch_axes=("data", "tensor"))
+  paper = _value_and_grad(
+    mesh, method="all_to_all", capacity_factor=1.0, axis=("data", "tensor"), batch_axes=("data", "tensor")
+  )
   k = np.arange(np.prod(shape))
   balanced_paper = (k % 8 * 5 + k // 8 % 5).reshape(shape).astype(np.int32)
   for f, ids in ((fn, balanced), (fn, skewed), (paper, balanced_paper), (paper, skewed)):
@@ -103,7 +108,7 @@ def test_capacity_factor_is_exact_with_and_without_overflow():
 
 
 def test_bucket_by_owner_packs_in_token_order_and_flags_overflow():
-  ids = jnp.array([7, 0, 5, 3, 6, 1, 99], jnp.int32)   # 4 shards of 2 rows; 99 invalid
+  ids = jnp.array([7, 0, 5, 3, 6, 1, 99], jnp.int32)  # 4 shards of 2 rows; 99 invalid
   valid = ids < 8
   b = routing.bucket_by_owner(ids, valid, rows_per_shard=2, num_shards=4, capacity=2)
   # owners 3, 0, 2, 1, 3, 0 -> ranks 0, 0, 0, 0, 1, 1
@@ -113,16 +118,16 @@ def test_bucket_by_owner_packs_in_token_order_and_flags_overflow():
   assert not b.overflow(2)
   small = routing.bucket_by_owner(ids, valid, rows_per_shard=2, num_shards=4, capacity=1)
   assert small.overflow(1)
-  np.testing.assert_array_equal(small.slot, [3, 0, 2, 1, 4, 4, 4])   # late ids: no slot
+  np.testing.assert_array_equal(small.slot, [3, 0, 2, 1, 4, 4, 4])  # late ids: no slot
   np.testing.assert_array_equal(small.send_ids, [0, 1, 1, 1])
 
 
 # (table axes, batch axes) on a data=2, fsdp=2, tensor=2 mesh.
 LAYOUTS = (
-    ("tensor", ("data", "fsdp")),             # ids over two batch axes
-    ("tensor", None),                         # ids replicated everywhere
-    (("data", "tensor"), ("data",)),          # the paper: table over all devices...
-    (("data", "fsdp", "tensor"), ("data", "fsdp", "tensor")),   # ...each with its own ids
+  ("tensor", ("data", "fsdp")),  # ids over two batch axes
+  ("tensor", None),  # ids replicated everywhere
+  (("data", "tensor"), ("data",)),  # the paper: table over all devices...
+  (("data", "fsdp", "tensor"), ("data", "fsdp", "tensor")),  # ...each with its own ids
 )
 
 
@@ -136,8 +141,7 @@ def test_other_layouts_match_single_device():
 
   @jax.jit
   def all_layouts(t, i, w):
-    return [_value_and_grad(mesh, method=m, axis=a, batch_axes=b, capacity_factor=f)(t, i, w)
-            for a, b, m, f in cases]
+    return [_value_and_grad(mesh, method=m, axis=a, batch_axes=b, capacity_factor=f)(t, i, w) for a, b, m, f in cases]
 
   for case, (rows, grad) in zip(cases, all_layouts(table, ids, weight)):
     np.testing.assert_array_equal(np.asarray(rows), want_rows, err_msg=str(case))
@@ -148,7 +152,7 @@ def test_out_of_range_ids_under_jit_read_nan_and_get_no_gradient():
   mesh = make_mesh(data=2, tensor=4)
   table, ids, weight = _inputs()
   ids = ids.copy()
-  ids[0, 0, 0], ids[1, 1, 1] = ROWS, -1          # ROWS: a padding row (R_pad = 40)
+  ids[0, 0, 0], ids[1, 1, 1] = ROWS, -1  # ROWS: a padding row (R_pad = 40)
   bad = (ids < 0) | (ids >= ROWS)
   weight = np.where(bad[..., None], 0.0, weight).astype(np.float32)  # keep the loss finite
   want_rows, want_grad = _reference(table, np.clip(ids, 0, ROWS - 1), weight)
@@ -171,26 +175,30 @@ def test_engram_lookup_and_pallas_hook_match_concatenated_heads():
   rng = np.random.default_rng(3)
   table = rng.standard_normal((int(sizes.sum()), DIM), dtype=np.float32)
   row_ids = (rng.integers(0, 1 << 20, (4, 6, 3)) % sizes).astype(np.int32)
-  row_ids[0, 0] = row_ids[0, 1]                        # duplicates accumulate
+  row_ids[0, 0] = row_ids[0, 1]  # duplicates accumulate
   weight = rng.standard_normal((4, 6, 3 * DIM), dtype=np.float32)
   want, want_grad = _reference(table, row_ids + offsets, weight.reshape(4, 6, 3, DIM))
-  variants = (("all_to_all", None), ("all_to_all", sl.pallas_local_gather(impl="xla")),
-              # the Pallas gather kernel on every shard (TPU kernel, interpret mode on CPU)
-              ("all_to_all", sl.pallas_local_gather(impl="pallas")), ("xla", None))
+  variants = (
+    ("all_to_all", None),
+    ("all_to_all", sl.pallas_local_gather(impl="xla")),
+    # the Pallas gather kernel on every shard (TPU kernel, interpret mode on CPU)
+    ("all_to_all", sl.pallas_local_gather(impl="pallas")),
+    ("xla", None),
+  )
 
   @jax.jit
   def lookups(t, r, w):
     def one(method, gather):
       def loss(t):
-        rows = sl.engram_sharded_lookup(t, r, offsets, mesh=mesh, method=method,
-                                        local_gather=gather)
+        rows = sl.engram_sharded_lookup(t, r, offsets, mesh=mesh, method=method, local_gather=gather)
         return jnp.sum(rows * w), rows
+
       return jax.grad(loss, has_aux=True)(t)
+
     return [one(m, g) for m, g in variants]
 
   for (grad, rows), (method, gather) in zip(lookups(table, row_ids, weight), variants):
-    np.testing.assert_array_equal(np.asarray(rows), want.reshape(4, 6, 3 * DIM),
-                                  err_msg=f"{method} {gather}")
+    np.testing.assert_array_equal(np.asarray(rows), want.reshape(4, 6, 3 * DIM), err_msg=f"{method} {gather}")
     np.testing.assert_allclose(np.asarray(grad), want_grad, rtol=1e-6, atol=1e-6)
 
 

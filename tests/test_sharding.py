@@ -14,9 +14,7 @@ from engram_jax import sharding as S
 from engram_jax.models.config import ModelConfig
 from engram_jax.models.transformer import Transformer
 
-needs_8 = pytest.mark.skipif(
-  jax.device_count() < 8, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8"
-)
+needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
 
 MESHES = {"dp2_tp4": {"data": 2, "tensor": 4}, "dp2_fsdp2_ep2": {"data": 2, "fsdp": 2, "expert": 2}}
 B, T = 4, 8
@@ -27,14 +25,10 @@ def test_logical_to_spec_rules():
   if mesh is None:
     pytest.skip("needs 8 devices")
   # Each mesh axis used once per array: "embed" would take fsdp, but size-1 axes drop.
-  assert S.logical_to_spec(("batch", "sequence", "embed"), mesh, (4, 8, 32)) == P(
-    "data", None, None
-  )
+  assert S.logical_to_spec(("batch", "sequence", "embed"), mesh, (4, 8, 32)) == P("data", None, None)
   assert S.logical_to_spec(("vocab", "embed"), mesh, (128, 32)) == P("tensor", None)
   # tensor=4 does not divide 2 kv heads: that dimension is replicated instead.
-  assert S.logical_to_spec(("embed", "kv_heads", "head_dim"), mesh, (32, 2, 8)) == P(
-    None, None, None
-  )
+  assert S.logical_to_spec(("embed", "kv_heads", "head_dim"), mesh, (32, 2, 8)) == P(None, None, None)
   assert S.logical_to_spec(("heads", "mlp"), mesh, (4, 64)) == P("tensor", None)  # used once
   with pytest.raises(ValueError, match="unknown logical axis name 'bogus'"):
     S.logical_to_spec(("bogus",), mesh)
@@ -156,9 +150,7 @@ def test_engram_row_multiple_makes_any_table_row_shardable():
   from engram_jax import EngramConfig
 
   # head primes 101 + 103 + 211 + 223 = 638 rows: not divisible by the 4 tensor shards
-  engram = EngramConfig(
-    vocab_sizes=(100, 200), n_embed_per_ngram=16, n_head_per_ngram=2, layer_ids=(1,), pad_id=0
-  )
+  engram = EngramConfig(vocab_sizes=(100, 200), n_embed_per_ngram=16, n_head_per_ngram=2, layer_ids=(1,), pad_id=0)
   mesh = S.make_mesh(data=2, tensor=4)
   tables = {}
   for multiple in (1, 8):

@@ -26,33 +26,39 @@ VOCAB = 512
 
 @pytest.fixture(scope="module")
 def data_config(tmp_path_factory):
-  return DataConfig(seq_len=32, batch_size=4, bpe_vocab_size=VOCAB, max_bytes=400_000,
-                    tokenizer_train_bytes=200_000, num_eval_batches=1,
-                    tokenizer_dir=str(tmp_path_factory.mktemp("tok")))
+  return DataConfig(
+    seq_len=32,
+    batch_size=4,
+    bpe_vocab_size=VOCAB,
+    max_bytes=400_000,
+    tokenizer_train_bytes=200_000,
+    num_eval_batches=1,
+    tokenizer_dir=str(tmp_path_factory.mktemp("tok")),
+  )
 
 
 def tiny_model(**engram_overrides):
-  engram = EngramConfig(vocab_sizes=(211, 223), n_embed_per_ngram=16, n_head_per_ngram=2,
-                        layer_ids=(1,), pad_id=0, **engram_overrides)
+  engram = EngramConfig(
+    vocab_sizes=(211, 223), n_embed_per_ngram=16, n_head_per_ngram=2, layer_ids=(1,), pad_id=0, **engram_overrides
+  )
   return ModelConfig.tiny("engram_moe", vocab_size=VOCAB, engram=engram)
 
 
-TRAIN = TrainConfig(total_steps=6, warmup_steps=1, eval_every=0, checkpoint_every=3, log_every=1,
-                    progress_bar=False)
+TRAIN = TrainConfig(total_steps=6, warmup_steps=1, eval_every=0, checkpoint_every=3, log_every=1, progress_bar=False)
 
 
 def test_parameter_groups_and_engram_learning_rate():
   cfg = tiny_model()
   _, params, _ = split_model(build_model(cfg, 0))
-  labels = {jax.tree_util.keystr(p): v for p, v in
-            jax.tree_util.tree_flatten_with_path(parameter_labels(params))[0]}
+  labels = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(parameter_labels(params))[0]}
   table = [k for k in labels if "engram" in k and "table" in k]
   assert table and all(labels[k] == "engram_table" for k in table)
   assert all(v == "no_decay" for k, v in labels.items() if "norm" in k or "bias'" in k)
   assert labels[[k for k in labels if "value_kernel" in k][0]] == "decay"
   # One Adam step moves every coordinate by ~lr (sign of the gradient): tables by 5x lr.
-  tc = TrainConfig(total_steps=10, warmup_steps=0, schedule="constant", learning_rate=1e-2,
-                   weight_decay=0.0, grad_clip_norm=0.0)
+  tc = TrainConfig(
+    total_steps=10, warmup_steps=0, schedule="constant", learning_rate=1e-2, weight_decay=0.0, grad_clip_norm=0.0
+  )
   tx, _ = make_optimizer(tc, params)
   grads = jax.tree.map(lambda x: jnp.ones_like(x), params)
   updates, _ = tx.update(grads, tx.init(params), params)
@@ -65,12 +71,13 @@ def test_parameter_groups_and_engram_learning_rate():
 def test_weight_decay_skips_tables_norms_and_biases():
   cfg = tiny_model()
   _, params, _ = split_model(build_model(cfg, 0))
-  tc = TrainConfig(total_steps=10, warmup_steps=0, schedule="constant", learning_rate=1e-2,
-                   weight_decay=0.5, grad_clip_norm=0.0)
+  tc = TrainConfig(
+    total_steps=10, warmup_steps=0, schedule="constant", learning_rate=1e-2, weight_decay=0.5, grad_clip_norm=0.0
+  )
   tx, _ = make_optimizer(tc, params)
   params = jax.tree.map(jnp.ones_like, params)
   zeros = jax.tree.map(jnp.zeros_like, params)
-  updates, _ = tx.update(zeros, tx.init(params), params)   # zero gradient: only decay moves
+  updates, _ = tx.update(zeros, tx.init(params), params)  # zero gradient: only decay moves
   for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]:
     key = jax.tree_util.keystr(path)
     moved = bool(np.abs(np.asarray(u)).max() > 0)
@@ -82,8 +89,16 @@ def test_schedules():
   cos = learning_rate_schedule(TrainConfig(total_steps=100, warmup_steps=10, learning_rate=1.0, min_lr_ratio=0.1))
   assert float(cos(0)) == 0.0 and math.isclose(float(cos(10)), 1.0, rel_tol=1e-6)
   assert math.isclose(float(cos(100)), 0.1, rel_tol=1e-4)
-  step = learning_rate_schedule(TrainConfig(total_steps=100, warmup_steps=10, learning_rate=1.0,
-                                            schedule="step", step_decay_boundaries=(0.5,), step_decay_factor=0.1))
+  step = learning_rate_schedule(
+    TrainConfig(
+      total_steps=100,
+      warmup_steps=10,
+      learning_rate=1.0,
+      schedule="step",
+      step_decay_boundaries=(0.5,),
+      step_decay_factor=0.1,
+    )
+  )
   assert math.isclose(float(step(40)), 1.0) and math.isclose(float(step(60)), 0.1, rel_tol=1e-6)
   with pytest.raises(ValueError, match="schedule"):
     TrainConfig(schedule="linear")
@@ -106,10 +121,12 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(data_config, tmp_pat
 
   def poisoned(*args, **kwargs):
     step_fn = real(*args, **kwargs)
+
     def wrapped(state, batch):
       new_state, metrics = step_fn(state, batch)
       bad = jnp.where(state.step == 4, jnp.nan, 0.0)
       return new_state, {**metrics, "loss": metrics["loss"] + bad}
+
     return wrapped
 
   monkeypatch.setattr(trainer_lib, "make_train_step", poisoned)
@@ -129,8 +146,9 @@ def test_checkpoint_refuses_other_hash_constants_or_shapes(data_config, tmp_path
   wider = tiny_model().replace(hidden_size=48)
   with pytest.raises(CheckpointMismatchError, match="model config: hidden_size: checkpoint has 32, current run has 48"):
     Trainer(wider, TRAIN, data_config, tmp_path / "run").run()
-  other_tok = data_config.replace(bpe_vocab_size=VOCAB, tokenizer_train_bytes=150_000,
-                                  tokenizer_dir=str(tmp_path / "othertok"))
+  other_tok = data_config.replace(
+    bpe_vocab_size=VOCAB, tokenizer_train_bytes=150_000, tokenizer_dir=str(tmp_path / "othertok")
+  )
   with pytest.raises(CheckpointMismatchError, match="tokenizer differs"):
     Trainer(tiny_model(), TRAIN, other_tok, tmp_path / "run").run()
   # nothing was lost: the original still resumes
@@ -151,6 +169,7 @@ def test_checkpointer_reports_parameter_shape_differences(tmp_path):
   wanted = {"w": jax.ShapeDtypeStruct((2, 4), jnp.float32), "b": jax.ShapeDtypeStruct((3,), jnp.float32)}
   with pytest.raises(CheckpointMismatchError, match=r"parameter w: checkpoint shape \(2, 3\), model shape \(2, 4\)"):
     ck.restore(wanted, current_meta=meta)
-  restored, _ = ck.restore({"w": jax.ShapeDtypeStruct((2, 3), jnp.float32),
-                            "b": jax.ShapeDtypeStruct((3,), jnp.float32)}, current_meta=meta)
+  restored, _ = ck.restore(
+    {"w": jax.ShapeDtypeStruct((2, 3), jnp.float32), "b": jax.ShapeDtypeStruct((3,), jnp.float32)}, current_meta=meta
+  )
   np.testing.assert_array_equal(np.asarray(restored["b"]), np.ones(3))

@@ -25,16 +25,29 @@ from tests.test_train import VOCAB, tiny_model
 
 LAYER = 1  # tiny_model's only Engram layer
 # warmup_steps=1: the lr of step 1 is 0, so step 1 moves no parameter (and no table row)
-HOST = TrainConfig(total_steps=4, warmup_steps=1, eval_every=4, checkpoint_every=2,
-                   log_every=1, progress_bar=False, table_placement="host")
+HOST = TrainConfig(
+  total_steps=4,
+  warmup_steps=1,
+  eval_every=4,
+  checkpoint_every=2,
+  log_every=1,
+  progress_bar=False,
+  table_placement="host",
+)
 NO_EVAL_OR_CHECKPOINTS = {"eval_every": 0, "checkpoint_every": 0}
 
 
 @pytest.fixture(scope="module")
 def data_config(tmp_path_factory):
-  return DataConfig(seq_len=32, batch_size=4, bpe_vocab_size=VOCAB, max_bytes=400_000,
-                    tokenizer_train_bytes=200_000, num_eval_batches=1,
-                    tokenizer_dir=str(tmp_path_factory.mktemp("tok")))
+  return DataConfig(
+    seq_len=32,
+    batch_size=4,
+    bpe_vocab_size=VOCAB,
+    max_bytes=400_000,
+    tokenizer_train_bytes=200_000,
+    num_eval_batches=1,
+    tokenizer_dir=str(tmp_path_factory.mktemp("tok")),
+  )
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +60,18 @@ def straight(data_config, tmp_path_factory):
 def device_first_step(data_config, tmp_path_factory):
   """The device-placement run of the same model, one step, on one device."""
   mesh = sharding_lib.make_mesh(data=1, devices=jax.devices()[:1])
-  trainer = Trainer(tiny_model(), HOST.replace(table_placement="device", **NO_EVAL_OR_CHECKPOINTS),
-                    data_config, tmp_path_factory.mktemp("runs") / "device", mesh=mesh)
+  trainer = Trainer(
+    tiny_model(),
+    HOST.replace(table_placement="device", **NO_EVAL_OR_CHECKPOINTS),
+    data_config,
+    tmp_path_factory.mktemp("runs") / "device",
+    mesh=mesh,
+  )
   return trainer, trainer.run(stop_after=1)
 
 
 def _host_state(trainer):
-  return {l: {k: np.copy(v) for k, v in d.items()}
-          for l, d in trainer.host_trainer.host_state().items()}
+  return {l: {k: np.copy(v) for k, v in d.items()} for l, d in trainer.host_trainer.host_state().items()}
 
 
 def _resume_from_step_2(straight_trainer, tmp_path, placement):
@@ -63,8 +80,7 @@ def _resume_from_step_2(straight_trainer, tmp_path, placement):
   shutil.copytree(straight_trainer.workdir, workdir)
   shutil.rmtree(workdir / "checkpoints" / "4")
   (workdir / "metrics.jsonl").unlink()
-  trainer = Trainer(tiny_model(), HOST.replace(table_placement=placement),
-                    straight_trainer.data_config, workdir)
+  trainer = Trainer(tiny_model(), HOST.replace(table_placement=placement), straight_trainer.data_config, workdir)
   assert trainer.checkpointer.latest_step() == 2
   return trainer, trainer.run()
 
@@ -111,8 +127,9 @@ def test_resume_restores_host_tables_and_sparse_adam_exactly(straight, tmp_path)
   want, got = _host_state(trainer), _host_state(resumed)
   for key in ("table", "m", "v", "count"):
     np.testing.assert_array_equal(got[LAYER][key], want[LAYER][key], err_msg=key)
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.state.params),
-               jax.device_get(trainer.state.params))
+  jax.tree.map(
+    np.testing.assert_array_equal, jax.device_get(resumed.state.params), jax.device_get(trainer.state.params)
+  )
 
 
 def test_load_run_puts_the_host_tables_back_and_evaluates_like_the_trainer(straight):
@@ -131,7 +148,8 @@ def test_load_run_puts_the_host_tables_back_and_evaluates_like_the_trainer(strai
   assert abs(evaluate_run(run)["val_loss"] - result.eval["val_loss"]) < 1e-5
   prompt = run.tokenizer.encode("def main(", add_special_tokens=False).ids
   generated = Generator(run.model, run.hasher, run.compressor)(
-      [prompt], max_new_tokens=3, sampling=SamplingConfig(greedy=True))
+    [prompt], max_new_tokens=3, sampling=SamplingConfig(greedy=True)
+  )
   assert len(generated.tokens[0]) == 3
 
 
@@ -144,14 +162,16 @@ def test_load_run_keeps_the_host_tables_on_the_host(straight):
   assert run.step == 4 and run.host_table_layers == (LAYER,) and on_device.host_tables is None
   assert set(run.host_tables) == {LAYER} and isinstance(run.host_tables[LAYER], HostTable)
   assert isinstance(run.host_tables[LAYER].array, np.ndarray)
-  np.testing.assert_array_equal(run.host_tables[LAYER].numpy(),
-                                np.asarray(on_device.model.blocks[LAYER].engram.table.get_value()))
+  np.testing.assert_array_equal(
+    run.host_tables[LAYER].numpy(), np.asarray(on_device.model.blocks[LAYER].engram.table.get_value())
+  )
   assert run.model.blocks[LAYER].engram.table.get_value().shape == (0, run.host_tables[LAYER].dim)
   assert abs(evaluate_run(run)["val_loss"] - result.eval["val_loss"]) < 1e-5
   prompt = run.tokenizer.encode("def main(", add_special_tokens=False).ids
   greedy = {"max_new_tokens": 4, "sampling": SamplingConfig(greedy=True)}
-  host = Generator(run.model, run.hasher, run.compressor, table_placement="host",
-                   host_tables=run.host_tables)([prompt], **greedy)
+  host = Generator(run.model, run.hasher, run.compressor, table_placement="host", host_tables=run.host_tables)(
+    [prompt], **greedy
+  )
   device = Generator(on_device.model, on_device.hasher, on_device.compressor)([prompt], **greedy)
   assert len(host.tokens[0]) == 4 and host.tokens == device.tokens
   with pytest.raises(ValueError, match=r"layers \[1\] are size-0 placeholders"):
@@ -173,8 +193,7 @@ def _copy_with_edited_meta(trainer, workdir, edit):
 def test_load_run_refuses_host_tables_for_a_device_run(straight, tmp_path):
   """A meta naming no host_table_layers (a device run's): tables="host" is refused."""
   trainer, _ = straight
-  workdir = _copy_with_edited_meta(trainer, tmp_path / "device_meta",
-                                   lambda meta: meta.update(host_table_layers=[]))
+  workdir = _copy_with_edited_meta(trainer, tmp_path / "device_meta", lambda meta: meta.update(host_table_layers=[]))
   with pytest.raises(ValueError, match="every Engram table on the device.*tables='device'"):
     load_run(workdir, tables="host")
 
@@ -201,12 +220,14 @@ def test_host_placement_refuses_fold_rows(straight, data_config, tmp_path):
   placement is refused by name in training and by load_run(tables='host')."""
   folded = tiny_model().replace(engram_fold_rows=3)
   for i, placement in enumerate(("host", f"{LAYER}:cached@0.05")):
-    with pytest.raises(ValueError, match=rf"TrainConfig.table_placement='{re.escape(placement)}' places "
-                                         r"Engram layers \[1\].*ModelConfig.engram_fold_rows=3"):
+    with pytest.raises(
+      ValueError,
+      match=rf"TrainConfig.table_placement='{re.escape(placement)}' places "
+      r"Engram layers \[1\].*ModelConfig.engram_fold_rows=3",
+    ):
       Trainer(folded, HOST.replace(table_placement=placement), data_config, tmp_path / str(i))
   trainer, _ = straight
-  workdir = _copy_with_edited_meta(trainer, tmp_path / "folded",
-                                   lambda meta: meta["model"].update(engram_fold_rows=3))
+  workdir = _copy_with_edited_meta(trainer, tmp_path / "folded", lambda meta: meta["model"].update(engram_fold_rows=3))
   with pytest.raises(ValueError, match=r"load_run\(tables='host'\).*ModelConfig.engram_fold_rows=3"):
     load_run(workdir, tables="host")
 
@@ -231,8 +252,7 @@ def test_host_checkpoint_resumes_as_cached_but_not_on_device(straight, tmp_path)
   _, second = _resume_from_step_2(trainer, tmp_path, "cached@0.1")  # same host state
   assert second.losses == {3: result.losses[3], 4: result.losses[4]}
   with pytest.raises(CheckpointMismatchError, match=r"table placement differs.*layers \[1\].*'host'"):
-    Trainer(tiny_model(), HOST.replace(table_placement="device"), trainer.data_config,
-            trainer.workdir).run()
+    Trainer(tiny_model(), HOST.replace(table_placement="device"), trainer.data_config, trainer.workdir).run()
   assert trainer.checkpointer.all_steps() == [2, 4]  # nothing overwritten
 
 
@@ -266,8 +286,7 @@ def test_data_parallel_host_placement_equals_one_device(straight, data_config, t
   batch: the same losses, eval and host tables as the one-device run (same global batch)."""
   one, want = straight
   mesh = sharding_lib.make_mesh(data=2)
-  trainer = Trainer(tiny_model(), HOST.replace(checkpoint_every=0), data_config,
-                    tmp_path / "dp", mesh=mesh)
+  trainer = Trainer(tiny_model(), HOST.replace(checkpoint_every=0), data_config, tmp_path / "dp", mesh=mesh)
   got = trainer.run()
   host = trainer.host_trainer
   assert host.mesh is mesh and host.train_step._cache_size() == 1
@@ -276,13 +295,14 @@ def test_data_parallel_host_placement_equals_one_device(straight, data_config, t
   rows = host.gather({LAYER: np.zeros((4, data_config.seq_len, heads), np.int64)})[LAYER]
   assert sharding_lib.num_shards(rows) == 2  # each device gets its half of the batch's rows
   assert sorted(got.losses) == [1, 2, 3, 4]
-  np.testing.assert_allclose([got.losses[s] for s in range(1, 5)],
-                             [want.losses[s] for s in range(1, 5)], rtol=1e-5)
+  np.testing.assert_allclose([got.losses[s] for s in range(1, 5)], [want.losses[s] for s in range(1, 5)], rtol=1e-5)
   assert got.eval["val_loss"] == pytest.approx(want.eval["val_loss"], rel=1e-5)
   got_tables, want_tables = _host_state(trainer), _host_state(one)
   np.testing.assert_array_equal(got_tables[LAYER]["count"], want_tables[LAYER]["count"])
   # float32 reductions split over 2 devices round differently: ~1e-6 on O(1) table values
-  np.testing.assert_allclose(got_tables[LAYER]["table"], want_tables[LAYER]["table"],
-                             rtol=1e-5, atol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-               jax.device_get(trainer.state.params), jax.device_get(one.state.params))
+  np.testing.assert_allclose(got_tables[LAYER]["table"], want_tables[LAYER]["table"], rtol=1e-5, atol=1e-5)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+    jax.device_get(trainer.state.params),
+    jax.device_get(one.state.params),
+  )

@@ -24,8 +24,9 @@ from tests.test_train import TRAIN as TRAINER_CFG
 from tests.test_train import data_config, tiny_model  # noqa: F401  (data_config: a fixture)
 
 LAYERS = CONFIG.engram_layer_ids
-TRAIN = TrainConfig(total_steps=10, learning_rate=1e-2, warmup_steps=1, weight_decay=0.1,
-                    grad_clip_norm=0.5, progress_bar=False)
+TRAIN = TrainConfig(
+  total_steps=10, learning_rate=1e-2, warmup_steps=1, weight_decay=0.1, grad_clip_norm=0.5, progress_bar=False
+)
 RATE = CONFIG.moe.bias_update_rate
 
 
@@ -104,15 +105,17 @@ def test_partial_steps_update_touched_rows_only(runs):
   # rows it touches (same m, v history, count = global step)
   for l in LAYERS:
     touched = _touched(batches[3], l)
-    np.testing.assert_allclose(_table(sparse[3].params, l)[touched],
-                               _table(dense[3].params, l)[touched], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+      _table(sparse[3].params, l)[touched], _table(dense[3].params, l)[touched], rtol=1e-4, atol=1e-5
+    )
 
 
 def test_first_touch_step_size_is_about_lr():
   """A row first touched late takes a fresh-Adam first step (~lr), not a global-count one."""
   batches = [_batch(s, 0.5) for s in range(3)] + [_batch(3, 1.0)]
-  tx, states, _ = _run(TRAIN.replace(table_optimizer="sparse_adam", grad_clip_norm=0.0,
-                                     warmup_steps=0, schedule="constant"), batches)
+  tx, states, _ = _run(
+    TRAIN.replace(table_optimizer="sparse_adam", grad_clip_norm=0.0, warmup_steps=0, schedule="constant"), batches
+  )
   l = LAYERS[0]
   new = _touched(batches[3], l) & ~np.any([_touched(b, l) for b in batches[:3]], 0)
   assert new.any()
@@ -126,8 +129,7 @@ def test_first_touch_step_size_is_about_lr():
 
 def test_frozen_tables_stay_put():
   batches = [_batch(s) for s in range(2)]
-  tx, states, metrics = _run(TRAIN.replace(table_optimizer="sparse_adam", freeze_engram_tables=True),
-                             batches)
+  tx, states, metrics = _run(TRAIN.replace(table_optimizer="sparse_adam", freeze_engram_tables=True), batches)
   assert isinstance(tx, SparseTableOptimizer) and states[-1].opt_state[1] == ()
   start = split_model(fresh_model())[1]
   for l in LAYERS:
@@ -137,9 +139,13 @@ def test_frozen_tables_stay_put():
 
 def _mesh_run(mesh, cfg, batches):
   graphdef, state, state_sh, (tx, lr) = create_train_state(
-      CONFIG, lambda p: make_table_optimizer(cfg, p, mesh), 0, mesh)
-  step = jax.jit(make_train_step(graphdef, tx, lr, bias_update_rate=RATE),
-                 in_shardings=(state_sh, None), out_shardings=(state_sh, None))
+    CONFIG, lambda p: make_table_optimizer(cfg, p, mesh), 0, mesh
+  )
+  step = jax.jit(
+    make_train_step(graphdef, tx, lr, bias_update_rate=RATE),
+    in_shardings=(state_sh, None),
+    out_shardings=(state_sh, None),
+  )
   with jax.set_mesh(mesh):
     for batch in batches:
       state, _ = step(state, batch)

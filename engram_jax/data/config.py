@@ -135,12 +135,15 @@ class DataConfig:
       raise ValueError(f"DataConfig.decode_errors must be one of {DECODE_ERRORS}, got {self.decode_errors!r}")
     if self.bpe_vocab_size < 259 and self.tokenizer_path is None:
       raise ValueError(
-          f"DataConfig.bpe_vocab_size={self.bpe_vocab_size} is too small for a byte-level BPE: "
-          "it needs 256 byte tokens + 3 special tokens, i.e. >= 259")
-    if isinstance(self.validation_fraction, bool) or not isinstance(self.validation_fraction, (int, float)) \
-        or not 0.0 <= self.validation_fraction < 1.0:
-      raise ValueError(
-          f"DataConfig.validation_fraction must be a number in [0, 1), got {self.validation_fraction!r}")
+        f"DataConfig.bpe_vocab_size={self.bpe_vocab_size} is too small for a byte-level BPE: "
+        "it needs 256 byte tokens + 3 special tokens, i.e. >= 259"
+      )
+    if (
+      isinstance(self.validation_fraction, bool)
+      or not isinstance(self.validation_fraction, (int, float))
+      or not 0.0 <= self.validation_fraction < 1.0
+    ):
+      raise ValueError(f"DataConfig.validation_fraction must be a number in [0, 1), got {self.validation_fraction!r}")
     from engram_jax.data.sources import (
       parse_source,  # late: sources imports nothing heavy
     )
@@ -155,8 +158,9 @@ class DataConfig:
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"DataConfig.{name} must be a positive int, got {value!r}")
     if self.batch_size % self.rows_per_stream:
-      raise ValueError(f"DataConfig.batch_size={self.batch_size} is not a multiple of "
-                       f"rows_per_stream={self.rows_per_stream}")
+      raise ValueError(
+        f"DataConfig.batch_size={self.batch_size} is not a multiple of rows_per_stream={self.rows_per_stream}"
+      )
     if self.eval_set not in ("chunks", "packed"):
       raise ValueError(f"DataConfig.eval_set must be 'chunks' or 'packed', got {self.eval_set!r}")
     if self.eval_tokens is not None and (not isinstance(self.eval_tokens, int) or self.eval_tokens < 1):
@@ -165,8 +169,7 @@ class DataConfig:
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f"DataConfig.{name} must be an int >= 0, got {value!r}")
-    if self.held_out_facts is not None and (not isinstance(self.held_out_facts, int)
-                                            or self.held_out_facts < 0):
+    if self.held_out_facts is not None and (not isinstance(self.held_out_facts, int) or self.held_out_facts < 0):
       raise ValueError(f"DataConfig.held_out_facts must be None or an int >= 0, got {self.held_out_facts!r}")
 
   @property

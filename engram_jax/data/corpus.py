@@ -42,8 +42,7 @@ def stdlib_root() -> Path:
   return Path(sysconfig.get_paths()["stdlib"])
 
 
-def stdlib_files(include_tests: bool = True, root: str | os.PathLike | None = None
-                 ) -> list[tuple[str, Path]]:
+def stdlib_files(include_tests: bool = True, root: str | os.PathLike | None = None) -> list[tuple[str, Path]]:
   """Non-empty `*.py` files of the standard library, sorted: [(relative key, path)].
 
   Args:
@@ -57,9 +56,10 @@ def stdlib_files(include_tests: bool = True, root: str | os.PathLike | None = No
   for dirpath, dirnames, filenames in os.walk(root):
     rel_dir = Path(dirpath).relative_to(root)
     dirnames[:] = sorted(
-        d for d in dirnames
-        if d not in _SKIP_DIRS and not d.startswith(_SKIP_PREFIXES)
-        and (include_tests or d not in _TEST_DIRS))
+      d
+      for d in dirnames
+      if d not in _SKIP_DIRS and not d.startswith(_SKIP_PREFIXES) and (include_tests or d not in _TEST_DIRS)
+    )
     for name in filenames:
       if not name.endswith(".py") or name.startswith(_SKIP_PREFIXES):
         continue

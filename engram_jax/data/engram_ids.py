@@ -31,20 +31,20 @@ class EngramRowHasher(grain.transforms.Map):
         raise ValueError("EngramRowHasher needs the TokenizerCompressor the hasher was built for")
       if compressor.num_compressed != hasher.compressed_vocab_size:
         raise ValueError(
-            f"compressor has {compressor.num_compressed} compressed ids but the hasher was "
-            f"built for {hasher.compressed_vocab_size}")
+          f"compressor has {compressor.num_compressed} compressed ids but the hasher was "
+          f"built for {hasher.compressed_vocab_size}"
+        )
       # Rows are < their head's prime, so the int32 cast below is exact iff every prime is.
       for layer, sizes in hasher.table_sizes.items():
         if int(sizes.max()) - 1 > _INT32_MAX:
-          raise ValueError(
-              f"Engram layer {layer} has a head of {int(sizes.max())} rows: row ids do not "
-              "fit int32")
+          raise ValueError(f"Engram layer {layer} has a head of {int(sizes.max())} rows: row ids do not fit int32")
     self.hasher = hasher
     self.compressor = compressor
 
   @classmethod
-  def build(cls, engram_config: EngramConfig | None, tokenizer, pad_id: int,
-            compressor: TokenizerCompressor | None = None) -> EngramRowHasher:
+  def build(
+    cls, engram_config: EngramConfig | None, tokenizer, pad_id: int, compressor: TokenizerCompressor | None = None
+  ) -> EngramRowHasher:
     """From an Engram config and the tokenizer (None config: no Engram layers).
 
     Raises:
@@ -55,13 +55,15 @@ class EngramRowHasher(grain.transforms.Map):
       return cls(None, None)
     if engram_config.pad_id != pad_id:
       raise ValueError(
-          f"EngramConfig.pad_id={engram_config.pad_id} is not the tokenizer's pad token id "
-          f"{pad_id}; set EngramConfig(pad_id={pad_id}) so hashing pads with the tokenizer's pad")
+        f"EngramConfig.pad_id={engram_config.pad_id} is not the tokenizer's pad token id "
+        f"{pad_id}; set EngramConfig(pad_id={pad_id}) so hashing pads with the tokenizer's pad"
+      )
     compressor = compressor or TokenizerCompressor.from_tokenizer(tokenizer)
     if compressor.vocab_size != tokenizer.get_vocab_size(with_added_tokens=True):
       raise ValueError(
-          f"compressor covers {compressor.vocab_size} ids but the tokenizer has "
-          f"{tokenizer.get_vocab_size(with_added_tokens=True)}")
+        f"compressor covers {compressor.vocab_size} ids but the tokenizer has "
+        f"{tokenizer.get_vocab_size(with_added_tokens=True)}"
+      )
     return cls(NgramHasher.from_compressor(engram_config, compressor), compressor)
 
   def ids(self, tokens: np.ndarray, segment_ids: np.ndarray | None) -> dict[int, np.ndarray]:

@@ -56,7 +56,7 @@ def _line_start_tokens(text: str, offsets: list[tuple[int, int]]) -> np.ndarray:
   and those whose text begins with one."""
   starts = []
   for i, (s, _) in enumerate(offsets):
-    if i == 0 or (s > 0 and text[s - 1] == "\n") or text[s:s + 1] == "\n":
+    if i == 0 or (s > 0 and text[s - 1] == "\n") or text[s : s + 1] == "\n":
       starts.append(i)
   return np.asarray(starts, np.int64)
 
@@ -96,7 +96,7 @@ def select_eval_rows(corpus: Corpus, tokenizer, config: DataConfig) -> EvalRows:
   rng = np.random.default_rng(config.eval_seed)
   order = rng.permutation(len(docs))
   per_doc = [list(rng.permutation(c)) if c else [] for c in chunks]
-  picked: list[tuple[int, int]] = []   # (doc position, start)
+  picked: list[tuple[int, int]] = []  # (doc position, start)
   budget = config.eval_tokens
   scored = 0
   rnd = 0
@@ -118,11 +118,16 @@ def select_eval_rows(corpus: Corpus, tokenizer, config: DataConfig) -> EvalRows:
   ids = np.full((n, width), pad, np.int32)
   lengths = np.zeros(n, np.int32)
   for r, (j, start) in enumerate(rows):
-    piece = docs[j][start:start + width]
-    ids[r, :len(piece)] = piece
+    piece = docs[j][start : start + width]
+    ids[r, : len(piece)] = piece
     lengths[r] = len(piece)
-  return EvalRows(ids, lengths, np.asarray([doc_ids[j] for j, _ in rows], np.int32),
-                  np.asarray([s for _, s in rows], np.int32), len(docs))
+  return EvalRows(
+    ids,
+    lengths,
+    np.asarray([doc_ids[j] for j, _ in rows], np.int32),
+    np.asarray([s for _, s in rows], np.int32),
+    len(docs),
+  )
 
 
 def chunk_eval_batches(corpus: Corpus, tokenizer, config: DataConfig, row_hasher) -> list[dict]:

@@ -28,9 +28,9 @@ _WORD = re.compile(r" [a-z]{2,}")
 
 @dataclasses.dataclass(frozen=True)
 class Fact:
-  key: tuple[int, ...]   # token ids of the key
-  value: int             # the value token id
-  text: str              # the document text (key then value)
+  key: tuple[int, ...]  # token ids of the key
+  value: int  # the value token id
+  text: str  # the document text (key then value)
 
   @property
   def ids(self) -> tuple[int, ...]:
@@ -53,8 +53,9 @@ def word_tokens(tokenizer) -> list[int]:
   return out
 
 
-def make_facts(tokenizer, num_trained: int, num_held_out: int, seed: int = 0,
-               compressor: TokenizerCompressor | None = None) -> FactSet:
+def make_facts(
+  tokenizer, num_trained: int, num_held_out: int, seed: int = 0, compressor: TokenizerCompressor | None = None
+) -> FactSet:
   """`num_trained` + `num_held_out` facts with distinct compressed key suffixes.
 
   Raises:
@@ -71,9 +72,11 @@ def make_facts(tokenizer, num_trained: int, num_held_out: int, seed: int = 0,
   # distinct compressed suffixes available: bounded by (distinct compressed words)^2
   distinct = len(np.unique(lut[words]))
   if distinct * distinct < 2 * total:
-    raise ValueError(f"{total} facts need distinct compressed (key[-2], key[-1]) pairs, but the "
-                     f"tokenizer has only {distinct} distinct compressed word tokens; plant "
-                     "fewer facts (DataConfig.num_facts / held_out_facts)")
+    raise ValueError(
+      f"{total} facts need distinct compressed (key[-2], key[-1]) pairs, but the "
+      f"tokenizer has only {distinct} distinct compressed word tokens; plant "
+      "fewer facts (DataConfig.num_facts / held_out_facts)"
+    )
   rng = np.random.default_rng(seed)
   facts: list[Fact] = []
   seen: set[tuple[int, int]] = set()

@@ -74,8 +74,7 @@ class PackedBatchIterDataset(grain.IterDataset):
   used), so restoring re-reads at most one document.
   """
 
-  def __init__(self, parent: grain.IterDataset, *, batch_size: int, seq_len: int,
-               pad_id: int):
+  def __init__(self, parent: grain.IterDataset, *, batch_size: int, seq_len: int, pad_id: int):
     super().__init__(parent)
     if batch_size < 1 or seq_len < 1:
       raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
@@ -84,15 +83,13 @@ class PackedBatchIterDataset(grain.IterDataset):
     self.pad_id = int(pad_id)
 
   def __iter__(self) -> grain.DatasetIterator:
-    return _PackedBatchIterator(self._parent.__iter__(), self.batch_size, self.seq_len + 1,
-                                self.pad_id)
+    return _PackedBatchIterator(self._parent.__iter__(), self.batch_size, self.seq_len + 1, self.pad_id)
 
   def __str__(self) -> str:
     return f"PackedBatchIterDataset(batch_size={self.batch_size}, seq_len={self.seq_len})"
 
 
 class _PackedBatchIterator(grain.DatasetIterator):
-
   def __init__(self, parent: grain.DatasetIterator, rows: int, width: int, pad_id: int):
     super().__init__(parent)
     self._rows, self._width, self._pad_id = rows, width, pad_id
@@ -127,7 +124,7 @@ class _PackedBatchIterator(grain.DatasetIterator):
     pieces, left, used_docs, offset = [], take, 0, self._offset
     for _, doc in self._pending:
       n = min(doc.size - offset, left)
-      pieces.append(doc[offset:offset + n])
+      pieces.append(doc[offset : offset + n])
       left -= n
       if offset + n == doc.size:
         used_docs, offset = used_docs + 1, 0
@@ -142,8 +139,7 @@ class _PackedBatchIterator(grain.DatasetIterator):
     ids = np.full(need, self._pad_id, np.int32)
     ids[:take] = np.concatenate(pieces)
     doc_of_token = np.full(need, -1, np.int32)
-    doc_of_token[:take] = np.repeat(np.arange(len(pieces), dtype=np.int32),
-                                    [p.size for p in pieces])
+    doc_of_token[:take] = np.repeat(np.arange(len(pieces), dtype=np.int32), [p.size for p in pieces])
     shape = (self._rows, self._width)
     segment_ids, positions = segments_and_positions(doc_of_token.reshape(shape))
     return {"ids": ids.reshape(shape), "segment_ids": segment_ids, "positions": positions}
@@ -172,24 +168,24 @@ class BatchToExample(grain.transforms.Map):
     self.byte_lengths = np.asarray(byte_lengths, np.int32)
 
   def map(self, packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return row_to_example(packed["ids"], packed["segment_ids"], packed["positions"],
-                          self.pad_id, self.byte_lengths)
+    return row_to_example(packed["ids"], packed["segment_ids"], packed["positions"], self.pad_id, self.byte_lengths)
 
 
-def row_to_example(ids: np.ndarray, segment_ids: np.ndarray, positions: np.ndarray,
-                   pad_id: int, byte_lengths: np.ndarray) -> dict[str, np.ndarray]:
+def row_to_example(
+  ids: np.ndarray, segment_ids: np.ndarray, positions: np.ndarray, pad_id: int, byte_lengths: np.ndarray
+) -> dict[str, np.ndarray]:
   """See `BatchToExample`. ids, segment_ids, positions: int [..., T + 1]."""
   ids = np.where(segment_ids == 0, pad_id, ids).astype(np.int32)
   seg = segment_ids.astype(np.int32)
   tokens, targets = ids[..., :-1], ids[..., 1:]
   same_doc = (seg[..., 1:] == seg[..., :-1]) & (seg[..., :-1] != 0)
   return {
-      "tokens": tokens,
-      "targets": targets,
-      "loss_mask": same_doc.astype(np.float32),
-      "segment_ids": seg[..., :-1],
-      "positions": positions[..., :-1].astype(np.int32),
-      "target_bytes": np.where(same_doc, byte_lengths[targets], 0).astype(np.int32),
+    "tokens": tokens,
+    "targets": targets,
+    "loss_mask": same_doc.astype(np.float32),
+    "segment_ids": seg[..., :-1],
+    "positions": positions[..., :-1].astype(np.int32),
+    "target_bytes": np.where(same_doc, byte_lengths[targets], 0).astype(np.int32),
   }
 
 
@@ -215,7 +211,6 @@ class InterleaveRowsIterDataset(grain.IterDataset):
 
 
 class _InterleaveRowsIterator(grain.DatasetIterator):
-
   def __init__(self, parents: list[grain.DatasetIterator]):
     super().__init__(parents)
     self._streams = list(parents)
@@ -230,8 +225,10 @@ class _InterleaveRowsIterator(grain.DatasetIterator):
   def set_state(self, state: dict[str, Any]) -> None:
     saved = state["streams"]
     if len(saved) != len(self._streams):
-      raise ValueError(f"data iterator state holds {len(saved)} document streams, this pipeline "
-                       f"has {len(self._streams)} (DataConfig.batch_size / rows_per_stream changed?)")
+      raise ValueError(
+        f"data iterator state holds {len(saved)} document streams, this pipeline "
+        f"has {len(self._streams)} (DataConfig.batch_size / rows_per_stream changed?)"
+      )
     for it, s in zip(self._streams, saved):
       it.set_state(s)
 

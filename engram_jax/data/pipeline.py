@@ -37,11 +37,11 @@ from engram_jax.data.engram_ids import EngramRowHasher
 from engram_jax.data.eval_set import chunk_eval_batches
 from engram_jax.data.facts import FactMixedCorpus, facts_for
 from engram_jax.data.packing import (
-    BatchToExample,
-    InterleaveRowsIterDataset,
-    PackedBatchIterDataset,
-    TokenizeDocument,
-    has_text,
+  BatchToExample,
+  InterleaveRowsIterDataset,
+  PackedBatchIterDataset,
+  TokenizeDocument,
+  has_text,
 )
 from engram_jax.data.sources import Corpus
 from engram_jax.data.splits import eval_corpus, train_corpus
@@ -52,20 +52,24 @@ Batch = dict[str, Any]
 _READ_BUFFER = 64  # documents read + tokenized ahead per process
 
 
-def _batch_dataset(docs: grain.MapDataset, config: DataConfig, tokenizer, batch_size: int
-                   ) -> grain.IterDataset:
+def _batch_dataset(docs: grain.MapDataset, config: DataConfig, tokenizer, batch_size: int) -> grain.IterDataset:
   """Documents (MapDataset of str) -> packed example batches without Engram rows."""
   ids = special_ids(tokenizer)
   ds = docs.filter(has_text).map(TokenizeDocument(tokenizer, ids.eos))
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
-                                            prefetch_buffer_size=_READ_BUFFER))
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=_READ_BUFFER))
   ds = PackedBatchIterDataset(ds, batch_size=batch_size, seq_len=config.seq_len, pad_id=ids.pad)
   return ds.map(BatchToExample(ids.pad, token_byte_lengths(tokenizer)))
 
 
-def make_train_dataset(config: DataConfig, tokenizer, engram_config: EngramConfig | None = None,
-                       *, row_hasher: EngramRowHasher | None = None, corpus: Corpus | None = None,
-                       shard: tuple[int, int] = (0, 1)) -> grain.IterDataset:
+def make_train_dataset(
+  config: DataConfig,
+  tokenizer,
+  engram_config: EngramConfig | None = None,
+  *,
+  row_hasher: EngramRowHasher | None = None,
+  corpus: Corpus | None = None,
+  shard: tuple[int, int] = (0, 1),
+) -> grain.IterDataset:
   """The infinite training dataset of batches (see the module docstring).
 
   Args:
@@ -91,23 +95,34 @@ def make_train_dataset(config: DataConfig, tokenizer, engram_config: EngramConfi
   docs = grain.MapDataset.source(corpus)[index::count]
   streams = config.batch_size // config.rows_per_stream
   if streams == 1:  # the single-stream packing, exactly as before streams existed
-    ds = _batch_dataset(docs.shuffle(seed=config.seed).repeat(None), config, tokenizer,
-                        config.batch_size)
+    ds = _batch_dataset(docs.shuffle(seed=config.seed).repeat(None), config, tokenizer, config.batch_size)
   else:
     if len(docs) < streams:
-      raise ValueError(f"{len(docs)} training documents cannot feed {streams} document streams "
-                       f"(DataConfig.batch_size={config.batch_size} / rows_per_stream="
-                       f"{config.rows_per_stream}); raise rows_per_stream")
-    ds = InterleaveRowsIterDataset([
-        _batch_dataset(docs[j::streams].shuffle(seed=_stream_seed(config.seed, j)).repeat(None),
-                       config, tokenizer, config.rows_per_stream) for j in range(streams)])
+      raise ValueError(
+        f"{len(docs)} training documents cannot feed {streams} document streams "
+        f"(DataConfig.batch_size={config.batch_size} / rows_per_stream="
+        f"{config.rows_per_stream}); raise rows_per_stream"
+      )
+    ds = InterleaveRowsIterDataset(
+      [
+        _batch_dataset(
+          docs[j::streams].shuffle(seed=_stream_seed(config.seed, j)).repeat(None),
+          config,
+          tokenizer,
+          config.rows_per_stream,
+        )
+        for j in range(streams)
+      ]
+    )
   # Hash whole batches: one vectorized NumPy pass instead of one per row.
   ds = ds.map(row_hasher)
   if config.num_workers > 0:
     _ensure_absl_flags_parsed()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=config.num_workers,
-        per_worker_buffer_size=max(1, config.prefetch_buffer_size)))
+    ds = ds.mp_prefetch(
+      grain.MultiprocessingOptions(
+        num_workers=config.num_workers, per_worker_buffer_size=max(1, config.prefetch_buffer_size)
+      )
+    )
   elif config.prefetch_buffer_size > 0:
     ds = ThreadPrefetchIterDataset(ds, prefetch_buffer_size=config.prefetch_buffer_size)
   return ds
@@ -127,8 +142,9 @@ def _ensure_absl_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
-def make_train_iterator(config: DataConfig, tokenizer, engram_config: EngramConfig | None = None,
-                        **kwargs) -> grain.DatasetIterator:
+def make_train_iterator(
+  config: DataConfig, tokenizer, engram_config: EngramConfig | None = None, **kwargs
+) -> grain.DatasetIterator:
   """An iterator over training batches; deterministic for a seed, checkpointable.
 
   Takes the arguments of `make_train_dataset`. Close it (`.close()`) when using workers.
@@ -136,8 +152,9 @@ def make_train_iterator(config: DataConfig, tokenizer, engram_config: EngramConf
   return iter(make_train_dataset(config, tokenizer, engram_config, **kwargs))
 
 
-def make_eval_batches(config: DataConfig, tokenizer, engram_config: EngramConfig | None = None,
-                      *, row_hasher: EngramRowHasher | None = None) -> list[Batch]:
+def make_eval_batches(
+  config: DataConfig, tokenizer, engram_config: EngramConfig | None = None, *, row_hasher: EngramRowHasher | None = None
+) -> list[Batch]:
   """The fixed validation set: the same batches for every model with the same tokenizer.
 
   `config.eval_set="chunks"` (default): line-aligned chunks from every validation
@@ -171,17 +188,19 @@ def checkpoint_args(iterator: grain.DatasetIterator, *, restore: bool = False):
   """
   import grain.checkpoint as grain_checkpoint  # registers the args with orbax
 
-  return (grain_checkpoint.CheckpointRestore(iterator) if restore
-          else grain_checkpoint.CheckpointSave(iterator))
+  return grain_checkpoint.CheckpointRestore(iterator) if restore else grain_checkpoint.CheckpointSave(iterator)
 
 
-def batch_spec(config: DataConfig, engram_config: EngramConfig | None = None
-               ) -> dict[str, Any]:
+def batch_spec(config: DataConfig, engram_config: EngramConfig | None = None) -> dict[str, Any]:
   """Shapes and dtypes of a training batch: {name: (shape, dtype)} (engram_rows nested)."""
   b, t = config.batch_size, config.seq_len
-  spec: dict[str, Any] = {k: ((b, t), np.int32) for k in
-                          ("tokens", "targets", "segment_ids", "positions", "target_bytes")}
+  spec: dict[str, Any] = {
+    k: ((b, t), np.int32) for k in ("tokens", "targets", "segment_ids", "positions", "target_bytes")
+  }
   spec["loss_mask"] = ((b, t), np.float32)
-  spec["engram_ids"] = {} if engram_config is None else {
-      layer: ((b, t, engram_config.num_heads), np.int32) for layer in engram_config.layer_ids}
+  spec["engram_ids"] = (
+    {}
+    if engram_config is None
+    else {layer: ((b, t, engram_config.num_heads), np.int32) for layer in engram_config.layer_ids}
+  )
   return spec

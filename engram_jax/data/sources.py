@@ -43,7 +43,7 @@ KINDS = ("stdlib", "text", "jsonl", "arrayrecord")
 DECODE_ERRORS = ("error", "skip", "replace")
 _GLOB_CHARS = "*?["
 _INDEX_CHUNK = 1 << 24
-_BINARY_PROBE = 8192     # bytes looked at for a NUL (git's heuristic for binary files)
+_BINARY_PROBE = 8192  # bytes looked at for a NUL (git's heuristic for binary files)
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +56,11 @@ def check_decode_errors(decode_errors: str) -> str:
 
 def undecodable_message(where: str, offset: int, encoding: str = "utf-8", reason: str = "") -> str:
   why = f" ({reason})" if reason else ""
-  return (f"{where}: not valid {encoding} at byte offset {offset}{why}; fix or remove the file, or set "
-          "DataConfig.decode_errors='skip' to leave such files out or 'replace' to train on U+FFFD "
-          "replacement characters")
+  return (
+    f"{where}: not valid {encoding} at byte offset {offset}{why}; fix or remove the file, or set "
+    "DataConfig.decode_errors='skip' to leave such files out or 'replace' to train on U+FFFD "
+    "replacement characters"
+  )
 
 
 def is_binary(head: bytes) -> bool:
@@ -80,7 +82,7 @@ def _source_encoding(path: str) -> str:
   with open(path, "rb") as f:
     try:
       return tokenize.detect_encoding(f.readline)[0]
-    except SyntaxError:       # an unknown or contradictory declaration: read as UTF-8
+    except SyntaxError:  # an unknown or contradictory declaration: read as UTF-8
       return "utf-8"
 
 
@@ -92,11 +94,22 @@ class _Skipped:
 
   def report(self) -> None:
     if self.binary:
-      log.log(self.level, "source %s: skipped %d binary file(s) (a NUL byte in the first %d bytes), e.g. %s",
-                  self.source, len(self.binary), _BINARY_PROBE, self.binary[0])
+      log.log(
+        self.level,
+        "source %s: skipped %d binary file(s) (a NUL byte in the first %d bytes), e.g. %s",
+        self.source,
+        len(self.binary),
+        _BINARY_PROBE,
+        self.binary[0],
+      )
     if self.undecodable:
-      log.log(self.level, "source %s: skipped %d undecodable file(s), e.g. %s", self.source,
-                  len(self.undecodable), self.undecodable[0])
+      log.log(
+        self.level,
+        "source %s: skipped %d undecodable file(s), e.g. %s",
+        self.source,
+        len(self.undecodable),
+        self.undecodable[0],
+      )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,8 +141,7 @@ def parse_source(spec: str) -> SourceSpec:
   pattern, field = rest, None
   head, sep, tail = rest.rpartition(":")
   # The last ':'-part is a field name unless it looks like part of a path.
-  if sep and head and tail and "/" not in tail and not any(c in tail for c in _GLOB_CHARS) \
-      and "." not in tail:
+  if sep and head and tail and "/" not in tail and not any(c in tail for c in _GLOB_CHARS) and "." not in tail:
     pattern, field = head, tail
   if kind == "jsonl" and field is None:
     field = "text"
@@ -184,16 +196,27 @@ class FileDocuments(DocumentSet):
   Use `checked` to build one that leaves out binary and (by policy) undecodable files.
   """
 
-  def __init__(self, entries: Sequence[tuple[str, str | os.PathLike]], encodings: Sequence[str] | None = None,
-               errors: str = "strict"):
+  def __init__(
+    self,
+    entries: Sequence[tuple[str, str | os.PathLike]],
+    encodings: Sequence[str] | None = None,
+    errors: str = "strict",
+  ):
     self.keys = [k for k, _ in entries]
     self.paths = [str(p) for _, p in entries]
     self.encodings = list(encodings) if encodings is not None else ["utf-8"] * len(self.paths)
     self.errors = errors
 
   @classmethod
-  def checked(cls, entries: Sequence[tuple[str, str | os.PathLike]], source: str, decode_errors: str = "error",
-              *, python_sources: bool = False, log_level: int = logging.WARNING) -> "FileDocuments":
+  def checked(
+    cls,
+    entries: Sequence[tuple[str, str | os.PathLike]],
+    source: str,
+    decode_errors: str = "error",
+    *,
+    python_sources: bool = False,
+    log_level: int = logging.WARNING,
+  ) -> "FileDocuments":
     """Reads every file once: binary files are left out (counted in the log), undecodable
     ones raise / are left out / are kept with replacement characters (`decode_errors`).
     python_sources: decode with each file's PEP 263 declaration (the stdlib source)."""
@@ -224,7 +247,7 @@ class FileDocuments(DocumentSet):
       data = f.read()
     try:
       return data.decode(self.encodings[index], errors=self.errors)
-    except UnicodeDecodeError as e:    # the file changed after it was checked
+    except UnicodeDecodeError as e:  # the file changed after it was checked
       raise ValueError(undecodable_message(path, e.start, self.encodings[index], e.reason)) from None
 
   def nbytes(self, index: int) -> int:
@@ -252,7 +275,7 @@ def _line_spans(path: str, check: bool = False) -> tuple[np.ndarray, np.ndarray,
       if check and bad is None:
         try:
           decoder.decode(chunk)
-        except UnicodeDecodeError as e:    # e.object: the decoder's pending bytes + chunk
+        except UnicodeDecodeError as e:  # e.object: the decoder's pending bytes + chunk
           bad = (pos + len(chunk) - len(e.object) + e.start, e.reason)
       buf = carry + chunk
       base = pos - len(carry)
@@ -276,8 +299,9 @@ def _line_spans(path: str, check: bool = False) -> tuple[np.ndarray, np.ndarray,
 class JsonlDocuments(DocumentSet):
   """One document per JSON line: the line's `field`, which must be a string."""
 
-  def __init__(self, entries: Sequence[tuple[str, str]], field: str, decode_errors: str = "error",
-               source: str = "jsonl"):
+  def __init__(
+    self, entries: Sequence[tuple[str, str]], field: str, decode_errors: str = "error", source: str = "jsonl"
+  ):
     check_decode_errors(decode_errors)
     self.field = field
     self.errors = "replace" if decode_errors == "replace" else "strict"
@@ -317,7 +341,7 @@ class JsonlDocuments(DocumentSet):
       line = f.read(int(self.length[index]))
     try:
       record = json.loads(line.decode("utf-8", errors=self.errors))
-    except UnicodeDecodeError as e:    # the file changed after it was checked
+    except UnicodeDecodeError as e:  # the file changed after it was checked
       raise ValueError(undecodable_message(path, int(self.start[index]) + e.start, reason=e.reason)) from None
     except json.JSONDecodeError as e:
       raise ValueError(f"{path}: line at byte {self.start[index]} is not valid JSON: {e}") from e
@@ -341,8 +365,13 @@ def _field_text(record: object, field: str, where: str) -> str:
 class ArrayRecordDocuments(DocumentSet):
   """One document per ArrayRecord record: UTF-8 text, or a JSON object's `field`."""
 
-  def __init__(self, entries: Sequence[tuple[str, str]], field: str | None, decode_errors: str = "error",
-               source: str = "arrayrecord"):
+  def __init__(
+    self,
+    entries: Sequence[tuple[str, str]],
+    field: str | None,
+    decode_errors: str = "error",
+    source: str = "arrayrecord",
+  ):
     check_decode_errors(decode_errors)
     self.field = field
     self.errors = "replace" if decode_errors == "replace" else "strict"
@@ -352,7 +381,7 @@ class ArrayRecordDocuments(DocumentSet):
       reader = _open_array_record(path)
       n = reader.num_records()
       bad = None
-      if decode_errors == "skip":      # only then are all records read up front
+      if decode_errors == "skip":  # only then are all records read up front
         for i in range(n):
           hit = _decode_offset(reader.read([i])[0], "utf-8")
           if hit is not None:
@@ -368,8 +397,9 @@ class ArrayRecordDocuments(DocumentSet):
     entries = kept
     self.paths = [p for _, p in entries]
     self.file_index = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
-    self.record_index = np.concatenate([np.arange(c, dtype=np.int64) for c in counts]) \
-        if counts else np.zeros(0, np.int64)
+    self.record_index = (
+      np.concatenate([np.arange(c, dtype=np.int64) for c in counts]) if counts else np.zeros(0, np.int64)
+    )
     self.keys = [f"{k}:{i}" for (k, _), c in zip(entries, counts) for i in range(c)]
     self._readers: dict[int, object] = {}
 
@@ -403,19 +433,24 @@ def _open_array_record(path: str):
   return array_record_module.ArrayRecordReader(path, "readahead_buffer_size:0")
 
 
-def open_source(spec: SourceSpec | str, *, stdlib_include_tests: bool = True,
-                decode_errors: str = "error") -> DocumentSet:
+def open_source(
+  spec: SourceSpec | str, *, stdlib_include_tests: bool = True, decode_errors: str = "error"
+) -> DocumentSet:
   """Lists the documents of one source and checks its files (module docstring: binary
   files are left out, undecodable ones handled by `decode_errors`)."""
   spec = parse_source(spec) if isinstance(spec, str) else spec
   check_decode_errors(decode_errors)
   if spec.kind == "stdlib":
-    return FileDocuments.checked(corpus_lib.stdlib_files(include_tests=stdlib_include_tests), "stdlib",
-                                 "skip", python_sources=True, log_level=logging.INFO)  # a known fixture
+    return FileDocuments.checked(
+      corpus_lib.stdlib_files(include_tests=stdlib_include_tests),
+      "stdlib",
+      "skip",
+      python_sources=True,
+      log_level=logging.INFO,
+    )  # a known fixture
   entries = expand_glob(spec)
   if spec.kind == "text":
-    return FileDocuments.checked([(k, p) for k, p in entries if os.path.getsize(p) > 0], str(spec),
-                                 decode_errors)
+    return FileDocuments.checked([(k, p) for k, p in entries if os.path.getsize(p) > 0], str(spec), decode_errors)
   if spec.kind == "jsonl":
     return JsonlDocuments(entries, spec.field, decode_errors, str(spec))
   return ArrayRecordDocuments(entries, spec.field, decode_errors, str(spec))
@@ -429,8 +464,7 @@ class Corpus:
     set_index / doc_index: int arrays [num_docs], the documents in their fixed order.
   """
 
-  def __init__(self, sets: Sequence[DocumentSet], set_index: np.ndarray, doc_index: np.ndarray,
-               name: str = "corpus"):
+  def __init__(self, sets: Sequence[DocumentSet], set_index: np.ndarray, doc_index: np.ndarray, name: str = "corpus"):
     self.sets = list(sets)
     self.set_index = np.asarray(set_index, np.int32)
     self.doc_index = np.asarray(doc_index, np.int64)
@@ -452,9 +486,16 @@ class Corpus:
     return f"Corpus({self.name}, {len(self)} documents from {len(self.sets)} sources)"
 
 
-def build_corpus(specs: Sequence[str], split: str | None, *, validation_fraction: float = 0.0,
-                 max_documents: int | None = None, max_bytes: int | None = None,
-                 stdlib_include_tests: bool = True, decode_errors: str = "error") -> Corpus:
+def build_corpus(
+  specs: Sequence[str],
+  split: str | None,
+  *,
+  validation_fraction: float = 0.0,
+  max_documents: int | None = None,
+  max_bytes: int | None = None,
+  stdlib_include_tests: bool = True,
+  decode_errors: str = "error",
+) -> Corpus:
   """The documents of `split` ("train", "validation", or None for all) of some sources.
 
   Documents are ordered by the stable hash of their key (a fixed pseudo-random order).
@@ -463,10 +504,8 @@ def build_corpus(specs: Sequence[str], split: str | None, *, validation_fraction
   """
   if split is not None and split not in corpus_lib.SPLITS:
     raise ValueError(f"split must be one of {corpus_lib.SPLITS} or None, got {split!r}")
-  sets = [open_source(s, stdlib_include_tests=stdlib_include_tests, decode_errors=decode_errors)
-          for s in specs]
-  scored = sorted((corpus_lib.stable_hash(k), si, di)
-                  for si, ds in enumerate(sets) for di, k in enumerate(ds.keys))
+  sets = [open_source(s, stdlib_include_tests=stdlib_include_tests, decode_errors=decode_errors) for s in specs]
+  scored = sorted((corpus_lib.stable_hash(k), si, di) for si, ds in enumerate(sets) for di, k in enumerate(ds.keys))
   threshold = validation_fraction * 2.0**64
   chosen: list[tuple[int, int]] = []
   total = 0
@@ -482,8 +521,6 @@ def build_corpus(specs: Sequence[str], split: str | None, *, validation_fraction
       total += size
     chosen.append((si, di))
   if not chosen:
-    raise ValueError(
-        f"no {split or ''} documents in sources {list(specs)} "
-        f"(validation_fraction={validation_fraction})")
+    raise ValueError(f"no {split or ''} documents in sources {list(specs)} (validation_fraction={validation_fraction})")
   arr = np.asarray(chosen, np.int64).reshape(-1, 2)
   return Corpus(sets, arr[:, 0], arr[:, 1], name=f"{'+'.join(specs)}/{split or 'all'}")

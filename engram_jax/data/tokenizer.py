@@ -59,8 +59,8 @@ def special_ids(tokenizer: Any) -> SpecialIds:
   eos = _find(tokenizer, _EOS_NAMES)
   if eos is None:
     raise ValueError(
-        f"tokenizer has no end-of-document token (looked for {_EOS_NAMES}); documents are "
-        "packed with one at their end")
+      f"tokenizer has no end-of-document token (looked for {_EOS_NAMES}); documents are packed with one at their end"
+    )
   pad = _find(tokenizer, _PAD_NAMES)
   if pad is None:
     padding = getattr(tokenizer, "padding", None)
@@ -86,10 +86,10 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, *, length: int | 
   tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tokenizer.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(
-      vocab_size=vocab_size,
-      special_tokens=list(SPECIAL_TOKENS),
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-      show_progress=False,
+    vocab_size=vocab_size,
+    special_tokens=list(SPECIAL_TOKENS),
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    show_progress=False,
   )
   tokenizer.train_from_iterator(texts, trainer, length=length)
   return tokenizer
@@ -123,8 +123,11 @@ def load_or_train_tokenizer(config, cache_dir: str | os.PathLike | None = None):
     return load_tokenizer_file(config.tokenizer_path, "DataConfig.tokenizer_path")
 
   cache_dir = cache_dir if cache_dir is not None else config.tokenizer_dir
-  meta = {"vocab_size": config.bpe_vocab_size, "sources": list(config.sources),
-          "train_bytes": config.tokenizer_train_bytes}
+  meta = {
+    "vocab_size": config.bpe_vocab_size,
+    "sources": list(config.sources),
+    "train_bytes": config.tokenizer_train_bytes,
+  }
   if cache_dir is not None:
     cached = Path(cache_dir) / TOKENIZER_FILE
     if cached.is_file():
@@ -132,14 +135,14 @@ def load_or_train_tokenizer(config, cache_dir: str | os.PathLike | None = None):
       stored = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
       if stored.get("vocab_size", config.bpe_vocab_size) != config.bpe_vocab_size:
         raise ValueError(
-            f"cached tokenizer {cached} was trained with vocab_size={stored['vocab_size']}, "
-            f"but DataConfig.bpe_vocab_size={config.bpe_vocab_size}; use another tokenizer_dir "
-            "or delete the cached file")
+          f"cached tokenizer {cached} was trained with vocab_size={stored['vocab_size']}, "
+          f"but DataConfig.bpe_vocab_size={config.bpe_vocab_size}; use another tokenizer_dir "
+          "or delete the cached file"
+        )
       return load_tokenizer_file(cached, "cached tokenizer (delete it to retrain)")
 
   texts = _capped_texts(train_corpus(config), config.tokenizer_train_bytes)
-  log.info("training a %d-token byte-level BPE on %d documents", config.bpe_vocab_size,
-           len(texts))
+  log.info("training a %d-token byte-level BPE on %d documents", config.bpe_vocab_size, len(texts))
   tokenizer = train_bpe_tokenizer(texts, config.bpe_vocab_size, length=len(texts))
   if cache_dir is not None:
     _atomic_write(Path(cache_dir) / TOKENIZER_FILE, tokenizer.to_str())

@@ -19,11 +19,12 @@ from engram_jax.distributed.sharded_lookup import padded_num_rows
 @dataclasses.dataclass(frozen=True)
 class TableConfig:
   """The Engram tables of one model: `layers` tables of heads * rows_per_head rows."""
+
   name: str
   layers: int
-  heads: int            # H = (N-1) * K
+  heads: int  # H = (N-1) * K
   rows_per_head: int
-  head_dim: int         # d_h
+  head_dim: int  # d_h
 
   @property
   def rows_per_layer(self) -> int:
@@ -39,12 +40,12 @@ class TableConfig:
 # §7: the 100B-parameter table of the host-offload experiment; its layout is not given,
 # so it uses the 27B layout with more rows per head (100e9 / (2 * 16 * 80)).
 PAPER_TABLES: tuple[TableConfig, ...] = (
-    TableConfig("Engram-27B", layers=2, heads=16, rows_per_head=2_262_400, head_dim=80),
-    TableConfig("Engram-100B", layers=2, heads=16, rows_per_head=39_062_500, head_dim=80),
+  TableConfig("Engram-27B", layers=2, heads=16, rows_per_head=2_262_400, head_dim=80),
+  TableConfig("Engram-100B", layers=2, heads=16, rows_per_head=39_062_500, head_dim=80),
 )
 
 
-ADAM_BYTES_PER_PARAM = 8    # two float32 moments
+ADAM_BYTES_PER_PARAM = 8  # two float32 moments
 
 
 def per_device_bytes(config: TableConfig, num_devices: int, dtype, adam: bool = False) -> int:
@@ -55,10 +56,12 @@ def per_device_bytes(config: TableConfig, num_devices: int, dtype, adam: bool = 
   return config.layers * rows * config.head_dim * per_param
 
 
-def capacity_rows(configs: Sequence[TableConfig] = PAPER_TABLES,
-                  devices: Sequence[int] = (1, 2, 4, 8, 16, 64),
-                  dtypes: Sequence[str] = ("bfloat16", "float32"),
-                  adam: bool = False) -> list[dict]:
+def capacity_rows(
+  configs: Sequence[TableConfig] = PAPER_TABLES,
+  devices: Sequence[int] = (1, 2, 4, 8, 16, 64),
+  dtypes: Sequence[str] = ("bfloat16", "float32"),
+  adam: bool = False,
+) -> list[dict]:
   """One record per (config, dtype): name, params, dtype, adam, and bytes per device count."""
   import jax.numpy as jnp  # bfloat16 as a NumPy dtype
 
@@ -66,9 +69,15 @@ def capacity_rows(configs: Sequence[TableConfig] = PAPER_TABLES,
   for config in configs:
     for dtype in dtypes:
       dt = jnp.dtype(dtype)
-      out.append({"name": config.name, "params": config.num_params, "dtype": dtype,
-                  "adam": adam,
-                  "bytes": {n: per_device_bytes(config, n, dt, adam) for n in devices}})
+      out.append(
+        {
+          "name": config.name,
+          "params": config.num_params,
+          "dtype": dtype,
+          "adam": adam,
+          "bytes": {n: per_device_bytes(config, n, dt, adam) for n in devices},
+        }
+      )
   return out
 
 
@@ -76,10 +85,12 @@ def _gib(nbytes: int) -> str:
   return f"{nbytes / 2**30:.2f}"
 
 
-def capacity_table_markdown(configs: Sequence[TableConfig] = PAPER_TABLES,
-                            devices: Sequence[int] = (1, 2, 4, 8, 16, 64),
-                            dtypes: Sequence[str] = ("bfloat16", "float32"),
-                            with_adam: bool = True) -> str:
+def capacity_table_markdown(
+  configs: Sequence[TableConfig] = PAPER_TABLES,
+  devices: Sequence[int] = (1, 2, 4, 8, 16, 64),
+  dtypes: Sequence[str] = ("bfloat16", "float32"),
+  with_adam: bool = True,
+) -> str:
   """Markdown table of per-device memory (GiB) for each config, dtype and device count:
   the table alone, and (with_adam) the table plus Adam's two float32 moments."""
   head = "| table | params | stored | " + " | ".join(f"{n} dev" for n in devices) + " |"

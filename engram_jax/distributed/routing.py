@@ -21,17 +21,18 @@ import jax.numpy as jnp
 
 
 class Buckets(NamedTuple):
-  slot: jax.Array       # [M] int32
-  send_ids: jax.Array   # [S*C] int32, -1 = empty
-  counts: jax.Array     # [S] int32
+  slot: jax.Array  # [M] int32
+  send_ids: jax.Array  # [S*C] int32, -1 = empty
+  counts: jax.Array  # [S] int32
 
   def overflow(self, capacity: int) -> jax.Array:
     """True when some bucket got more ids than it has slots (those ids have no slot)."""
     return jnp.any(self.counts > capacity)
 
 
-def bucket_by_owner(ids: jax.Array, valid: jax.Array, *, rows_per_shard: int,
-                    num_shards: int, capacity: int) -> Buckets:
+def bucket_by_owner(
+  ids: jax.Array, valid: jax.Array, *, rows_per_shard: int, num_shards: int, capacity: int
+) -> Buckets:
   """Packs valid ids into per-owner buckets of `capacity` slots, in token order.
 
   The rank of an id inside its bucket is a running count over a one-hot [M, S] matrix
@@ -40,9 +41,9 @@ def bucket_by_owner(ids: jax.Array, valid: jax.Array, *, rows_per_shard: int,
   if capacity < 1:
     raise ValueError(f"capacity must be >= 1, got {capacity}")
   ids = ids.astype(jnp.int32)
-  owner = jnp.where(valid, ids // rows_per_shard, num_shards)      # num_shards = no bucket
-  onehot = (owner[:, None] == jnp.arange(num_shards, dtype=jnp.int32)[None, :])
-  running = jnp.cumsum(onehot.astype(jnp.int32), axis=0)           # [M, S]
+  owner = jnp.where(valid, ids // rows_per_shard, num_shards)  # num_shards = no bucket
+  onehot = owner[:, None] == jnp.arange(num_shards, dtype=jnp.int32)[None, :]
+  running = jnp.cumsum(onehot.astype(jnp.int32), axis=0)  # [M, S]
   column = jnp.minimum(owner, num_shards - 1)[:, None]
   rank = jnp.take_along_axis(running, column, axis=1)[:, 0] - 1
   fits = valid & (rank < capacity)

@@ -130,11 +130,12 @@ def _spec_entry(axes: tuple[str, ...]):
 @dataclasses.dataclass(frozen=True)
 class _Plan:
   """Static description of one sharded lookup (hashable: keys the op cache)."""
+
   mesh: Mesh
-  table_axes: tuple[str, ...]      # rows split over these (major to minor)
-  batch_axes: tuple[str, ...]      # leading dim of the ids split over these
-  num_rows: int                    # R: addressable rows
-  padded_rows: int                 # R_pad: multiple of num_shards
+  table_axes: tuple[str, ...]  # rows split over these (major to minor)
+  batch_axes: tuple[str, ...]  # leading dim of the ids split over these
+  num_rows: int  # R: addressable rows
+  padded_rows: int  # R_pad: multiple of num_shards
   capacity_factor: float | None
   local_gather: LocalGather
 
@@ -188,8 +189,11 @@ def _my_slice(plan: _Plan, flat: jax.Array) -> jax.Array:
     return flat
   n = plan.num_splits
   per_device = -(-flat.shape[0] // n)
-  flat = jnp.pad(flat, [(0, per_device * n - flat.shape[0])] + [(0, 0)] * (flat.ndim - 1),
-                 constant_values=-1 if flat.ndim == 1 else 0)
+  flat = jnp.pad(
+    flat,
+    [(0, per_device * n - flat.shape[0])] + [(0, 0)] * (flat.ndim - 1),
+    constant_values=-1 if flat.ndim == 1 else 0,
+  )
   start = lax.axis_index(plan.split_axes) * per_device
   return lax.dynamic_slice_in_dim(flat, start, per_device, axis=0)
 
@@ -198,17 +202,15 @@ def _route(plan: _Plan, ids: jax.Array, valid: jax.Array, run: Callable) -> jax.
   """Runs `run(buckets, capacity)` with the capped buckets, or the exact ones when any
   device's buckets overflow (decided jointly so every device takes the same branch)."""
   exact = ids.shape[0]
-  bucket = functools.partial(bucket_by_owner, ids, valid, rows_per_shard=plan.rows_per_shard,
-                             num_shards=plan.num_shards)
+  bucket = functools.partial(
+    bucket_by_owner, ids, valid, rows_per_shard=plan.rows_per_shard, num_shards=plan.num_shards
+  )
   capped = plan.capacity(exact)
   if capped is None:
     return run(bucket(capacity=exact), exact)
   buckets = bucket(capacity=capped)
-  overflow = lax.pmax(buckets.overflow(capped).astype(jnp.int32),
-                      plan.table_axes + plan.reduce_axes)
-  return lax.cond(overflow > 0,
-                  lambda: run(bucket(capacity=exact), exact),
-                  lambda: run(buckets, capped))
+  overflow = lax.pmax(buckets.overflow(capped).astype(jnp.int32), plan.table_axes + plan.reduce_axes)
+  return lax.cond(overflow > 0, lambda: run(bucket(capacity=exact), exact), lambda: run(buckets, capped))
 
 
 def _forward_body(plan: _Plan, shard: jax.Array, ids_block: jax.Array) -> jax.Array:
@@ -221,16 +223,15 @@ def _forward_body(plan: _Plan, shard: jax.Array, ids_block: jax.Array) -> jax.Ar
 
   def run(buckets, capacity):
     del capacity
-    requests = lax.all_to_all(buckets.send_ids, axes, 0, 0, tiled=True)   # [S*C]
-    found = plan.local_gather(shard, jnp.maximum(requests, 0))            # [S*C, d]
-    answers = lax.all_to_all(found, axes, 0, 0, tiled=True)               # [S*C, d]
-    return jnp.take(answers, buckets.slot, axis=0, mode="fill",
-                    fill_value=_fill_value(shard.dtype))                        # [m, d]
+    requests = lax.all_to_all(buckets.send_ids, axes, 0, 0, tiled=True)  # [S*C]
+    found = plan.local_gather(shard, jnp.maximum(requests, 0))  # [S*C, d]
+    answers = lax.all_to_all(found, axes, 0, 0, tiled=True)  # [S*C, d]
+    return jnp.take(answers, buckets.slot, axis=0, mode="fill", fill_value=_fill_value(shard.dtype))  # [m, d]
 
   rows = _route(plan, mine, valid, run)
-  if plan.split_axes:     # every device of the split axes gets all the rows again
+  if plan.split_axes:  # every device of the split axes gets all the rows again
     rows = lax.all_gather(rows, plan.split_axes, axis=0, tiled=True, to="invarying")
-  return rows[:flat.shape[0]].reshape(ids_block.shape + (d,))
+  return rows[: flat.shape[0]].reshape(ids_block.shape + (d,))
 
 
 def _backward_body(plan: _Plan, ids_block: jax.Array, d_rows: jax.Array) -> jax.Array:
@@ -246,13 +247,12 @@ def _backward_body(plan: _Plan, ids_block: jax.Array, d_rows: jax.Array) -> jax.
     send = jnp.zeros((plan.num_shards * capacity, d), grads.dtype)
     send = send.at[buckets.slot].set(grads, mode="drop")
     received = lax.all_to_all(send, plan.table_axes, 0, 0, tiled=True)
-    target = jnp.where(requests >= 0, requests, rows_per_shard)    # empty slots: dropped
-    return jnp.zeros((rows_per_shard, d), jnp.float32).at[target].add(
-        received.astype(jnp.float32), mode="drop")
+    target = jnp.where(requests >= 0, requests, rows_per_shard)  # empty slots: dropped
+    return jnp.zeros((rows_per_shard, d), jnp.float32).at[target].add(received.astype(jnp.float32), mode="drop")
 
   grad = _route(plan, mine, valid, run)
   if plan.reduce_axes:
-    grad = lax.psum(grad, plan.reduce_axes)    # data-parallel replicas of the table
+    grad = lax.psum(grad, plan.reduce_axes)  # data-parallel replicas of the table
   return grad.astype(d_rows.dtype)
 
 
@@ -266,8 +266,9 @@ def _local_backward_body(plan: _Plan, ids_block: jax.Array, d_rows: jax.Array) -
   local = ids - lax.axis_index(plan.table_axes) * rows_per_shard
   mine = (ids >= 0) & (ids < plan.num_rows) & (local >= 0) & (local < rows_per_shard)
   target = jnp.where(mine, local, rows_per_shard)
-  grad = jnp.zeros((rows_per_shard, d), jnp.float32).at[target].add(
-      d_rows.reshape(-1, d).astype(jnp.float32), mode="drop")
+  grad = (
+    jnp.zeros((rows_per_shard, d), jnp.float32).at[target].add(d_rows.reshape(-1, d).astype(jnp.float32), mode="drop")
+  )
   if plan.reduce_axes:
     grad = lax.psum(grad, plan.reduce_axes)
   return grad.astype(d_rows.dtype)
@@ -278,14 +279,22 @@ def _all_to_all_op(plan: _Plan):
   # Pallas kernels declare outputs without varying-axes types, which check_vma rejects; the
   # default gather keeps the check (it verifies the replication promised by out_specs).
   check = plan.local_gather is take_local_gather
-  forward = jax.shard_map(functools.partial(_forward_body, plan), mesh=plan.mesh,
-                          in_specs=(plan.table_spec, plan.ids_spec), out_specs=plan.ids_spec,
-                          check_vma=check)
-  routed = plan.split_axes != plan.table_axes     # some table axis also splits the ids
+  forward = jax.shard_map(
+    functools.partial(_forward_body, plan),
+    mesh=plan.mesh,
+    in_specs=(plan.table_spec, plan.ids_spec),
+    out_specs=plan.ids_spec,
+    check_vma=check,
+  )
+  routed = plan.split_axes != plan.table_axes  # some table axis also splits the ids
   body = _backward_body if routed else _local_backward_body
-  backward = jax.shard_map(functools.partial(body, plan), mesh=plan.mesh,
-                           in_specs=(plan.ids_spec, plan.ids_spec), out_specs=plan.table_spec,
-                           check_vma=check)
+  backward = jax.shard_map(
+    functools.partial(body, plan),
+    mesh=plan.mesh,
+    in_specs=(plan.ids_spec, plan.ids_spec),
+    out_specs=plan.table_spec,
+    check_vma=check,
+  )
 
   @jax.custom_vjp
   def op(table, ids):
@@ -331,8 +340,9 @@ def _check_args(table, ids, mesh, table_axes, batch_axes, capacity_factor, metho
     raise ValueError("axis must name at least one mesh axis")
   n_batch = math.prod(mesh.shape[a] for a in batch_axes)
   if ids.shape[0] % n_batch:
-    raise ValueError(f"leading dim {ids.shape[0]} of the row ids is not divisible by the "
-                     f"{n_batch} shards of batch axes {batch_axes}")
+    raise ValueError(
+      f"leading dim {ids.shape[0]} of the row ids is not divisible by the {n_batch} shards of batch axes {batch_axes}"
+    )
   if capacity_factor is not None and not capacity_factor > 0:
     raise ValueError(f"capacity_factor must be positive or None, got {capacity_factor!r}")
   if not isinstance(ids, jax.core.Tracer):
@@ -340,16 +350,20 @@ def _check_args(table, ids, mesh, table_axes, batch_axes, capacity_factor, metho
     bad = (values < 0) | (values >= table.shape[0])
     if bad.any():
       pos = tuple(int(i) for i in np.argwhere(bad)[0])
-      raise ValueError(f"row id {int(values[pos])} at position {pos} is outside the table "
-                       f"[0, {table.shape[0]})")
+      raise ValueError(f"row id {int(values[pos])} at position {pos} is outside the table [0, {table.shape[0]})")
 
 
-def sharded_gather(table: jax.Array, flat_row_ids: jax.Array, *, mesh: Mesh,
-                   axis: str | Sequence[str] = "tensor",
-                   batch_axes: Sequence[str] | None = ("data",),
-                   capacity_factor: float | None = DEFAULT_CAPACITY_FACTOR,
-                   method: Method = DEFAULT_METHOD,
-                   local_gather: LocalGather | None = None) -> jax.Array:
+def sharded_gather(
+  table: jax.Array,
+  flat_row_ids: jax.Array,
+  *,
+  mesh: Mesh,
+  axis: str | Sequence[str] = "tensor",
+  batch_axes: Sequence[str] | None = ("data",),
+  capacity_factor: float | None = DEFAULT_CAPACITY_FACTOR,
+  method: Method = DEFAULT_METHOD,
+  local_gather: LocalGather | None = None,
+) -> jax.Array:
   """Rows of a row-sharded table: table [R, d], flat_row_ids [..., H] -> [..., H, d].
 
   Args:
@@ -374,9 +388,15 @@ def sharded_gather(table: jax.Array, flat_row_ids: jax.Array, *, mesh: Mesh,
   batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
   _check_args(table, flat_row_ids, mesh, table_axes, batch_axes, capacity_factor, method)
   num_shards = math.prod(mesh.shape[a] for a in table_axes)
-  plan = _Plan(mesh, table_axes, batch_axes, int(table.shape[0]),
-               padded_num_rows(table.shape[0], num_shards), capacity_factor,
-               local_gather or take_local_gather)
+  plan = _Plan(
+    mesh,
+    table_axes,
+    batch_axes,
+    int(table.shape[0]),
+    padded_num_rows(table.shape[0], num_shards),
+    capacity_factor,
+    local_gather or take_local_gather,
+  )
   table = pad_table_rows(table, num_shards)
   ids = flat_row_ids.astype(jnp.int32)
   if ids.size == 0:
@@ -386,8 +406,7 @@ def sharded_gather(table: jax.Array, flat_row_ids: jax.Array, *, mesh: Mesh,
   return _all_to_all_op(plan)(table, ids)
 
 
-def engram_sharded_lookup(table: jax.Array, row_ids: jax.Array, offsets: Sequence[int],
-                          **kwargs) -> jax.Array:
+def engram_sharded_lookup(table: jax.Array, row_ids: jax.Array, offsets: Sequence[int], **kwargs) -> jax.Array:
   """The Engram layer's lookup on a row-sharded table: per-head rows -> [..., H * d].
 
   table [R, d_h] (all heads' tables stacked), row_ids [..., H] per-head rows (offsets NOT
@@ -398,8 +417,7 @@ def engram_sharded_lookup(table: jax.Array, row_ids: jax.Array, offsets: Sequenc
   row_ids = jnp.asarray(row_ids)
   offsets = np.asarray(offsets, np.int64)
   if offsets.shape != (row_ids.shape[-1],):
-    raise ValueError(f"offsets must hold one entry per head ({row_ids.shape[-1]}), "
-                     f"got shape {offsets.shape}")
+    raise ValueError(f"offsets must hold one entry per head ({row_ids.shape[-1]}), got shape {offsets.shape}")
   flat = row_ids.astype(jnp.int32) + jnp.asarray(offsets, jnp.int32)
   rows = sharded_gather(table, flat, **kwargs)
   return rows.reshape(row_ids.shape[:-1] + (-1,))

@@ -5,6 +5,11 @@ from engram_jax.hashing.ngram import NgramHasher, layer_multipliers, layer_table
 from engram_jax.hashing.primes import is_prime, next_prime
 
 __all__ = [
-    "NgramHasher", "TokenizerCompressor", "is_prime", "layer_multipliers", "layer_table_sizes",
-    "next_prime", "tokenizer_fingerprint",
+  "NgramHasher",
+  "TokenizerCompressor",
+  "is_prime",
+  "layer_multipliers",
+  "layer_table_sizes",
+  "next_prime",
+  "tokenizer_fingerprint",
 ]

@@ -21,7 +21,8 @@ _SENTINEL = "\ue000"  # private-use char: protects a lone space from Strip()
 def _reference_normalizer():
   from tokenizers import Regex, normalizers  # local import: only needed to build the table
 
-  return normalizers.Sequence([
+  return normalizers.Sequence(
+    [
       normalizers.NFKC(),
       normalizers.NFD(),
       normalizers.StripAccents(),
@@ -30,7 +31,8 @@ def _reference_normalizer():
       normalizers.Replace(Regex(r"^ $"), _SENTINEL),
       normalizers.Strip(),
       normalizers.Replace(_SENTINEL, " "),
-  ])
+    ]
+  )
 
 
 def load_tokenizer_file(path: str | os.PathLike, what: str = "tokenizer file") -> Any:
@@ -57,12 +59,13 @@ def load_tokenizer_file(path: str | os.PathLike, what: str = "tokenizer file") -
   try:
     data = json.loads(text)
   except json.JSONDecodeError as e:
-    raise ValueError(f"{what} {path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}; the file has "
-                     f"{len(raw)} bytes: truncated or corrupt?)") from None
+    raise ValueError(
+      f"{what} {path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}; the file has "
+      f"{len(raw)} bytes: truncated or corrupt?)"
+    ) from None
   if not isinstance(data, dict) or "model" not in data:
     found = sorted(data)[:8] if isinstance(data, dict) else f"a JSON {type(data).__name__}"
-    raise ValueError(f"{what} {path} is JSON but not a tokenizers tokenizer.json: no 'model' entry "
-                     f"(found {found})")
+    raise ValueError(f"{what} {path} is JSON but not a tokenizers tokenizer.json: no 'model' entry (found {found})")
   try:
     return Tokenizer.from_str(text)
   except Exception as e:  # the tokenizers library raises a bare Exception
@@ -102,8 +105,7 @@ class TokenizerCompressor:
     fingerprint: sha256 of the tokenizer the table was built from (or None if unknown).
   """
 
-  def __init__(self, lookup_table: np.ndarray, num_compressed: int | None = None,
-               fingerprint: str | None = None):
+  def __init__(self, lookup_table: np.ndarray, num_compressed: int | None = None, fingerprint: str | None = None):
     table = np.asarray(lookup_table)
     if table.ndim != 1 or table.size == 0:
       raise ValueError(f"lookup_table must be a non-empty 1-D array, got shape {table.shape}")
@@ -115,8 +117,9 @@ class TokenizerCompressor:
       num_compressed = derived
     if table.min() < 0 or derived != num_compressed:
       raise ValueError(
-          f"lookup_table values must lie in [0, num_compressed={num_compressed}) and use the "
-          f"largest id; got range [{table.min()}, {table.max()}]")
+        f"lookup_table values must lie in [0, num_compressed={num_compressed}) and use the "
+        f"largest id; got range [{table.min()}, {table.max()}]"
+      )
     self.lookup_table = table
     self.num_compressed = int(num_compressed)
     self.fingerprint = fingerprint
@@ -174,8 +177,8 @@ class TokenizerCompressor:
       val = int(arr[pos])
       hint = " (pass pad_negative=True to keep negative padding ids)" if val < 0 else ""
       raise ValueError(
-          f"token id {val} at position {pos} is outside the tokenizer vocabulary "
-          f"[0, {self.vocab_size}){hint}")
+        f"token id {val} at position {pos} is outside the tokenizer vocabulary [0, {self.vocab_size}){hint}"
+      )
     if pad_negative and negative.any():
       out = arr.copy()
       keep = ~negative
@@ -188,19 +191,26 @@ class TokenizerCompressor:
     """Writes the table as .npz (or .json when the suffix is .json)."""
     path = Path(path)
     if path.suffix == ".json":
-      path.write_text(json.dumps({
-          "lookup_table": self.lookup_table.tolist(),
-          "num_compressed": self.num_compressed,
-          "fingerprint": self.fingerprint,
-      }))
+      path.write_text(
+        json.dumps(
+          {
+            "lookup_table": self.lookup_table.tolist(),
+            "num_compressed": self.num_compressed,
+            "fingerprint": self.fingerprint,
+          }
+        )
+      )
     else:
       with open(path, "wb") as f:
-        np.savez(f, lookup_table=self.lookup_table, num_compressed=self.num_compressed,
-                 fingerprint=np.array(self.fingerprint or ""))
+        np.savez(
+          f,
+          lookup_table=self.lookup_table,
+          num_compressed=self.num_compressed,
+          fingerprint=np.array(self.fingerprint or ""),
+        )
 
   @classmethod
-  def load(cls, path: str | os.PathLike, *, expected_fingerprint: str | None = None
-           ) -> "TokenizerCompressor":
+  def load(cls, path: str | os.PathLike, *, expected_fingerprint: str | None = None) -> "TokenizerCompressor":
     """Reads a table written by `save`; checks the tokenizer fingerprint when given."""
     path = Path(path)
     if path.suffix == ".json":
@@ -211,6 +221,6 @@ class TokenizerCompressor:
         table, num, fp = d["lookup_table"], int(d["num_compressed"]), str(d["fingerprint"]) or None
     if expected_fingerprint is not None and fp != expected_fingerprint:
       raise ValueError(
-          f"compression table {path} was built from tokenizer {fp!r}, not the expected "
-          f"{expected_fingerprint!r}")
+        f"compression table {path} was built from tokenizer {fp!r}, not the expected {expected_fingerprint!r}"
+      )
     return cls(table, num, fp)

@@ -72,8 +72,7 @@ def _shift(ids: jax.Array, shift: int, pad_id: int, segment_ids: jax.Array | Non
     return jnp.full_like(ids, pad_id)
   out = jnp.concatenate([jnp.full((ids.shape[0], shift), pad_id, ids.dtype), ids[:, :-shift]], 1)
   if segment_ids is not None:
-    prev_seg = jnp.concatenate(
-        [jnp.full((ids.shape[0], shift), -1, segment_ids.dtype), segment_ids[:, :-shift]], 1)
+    prev_seg = jnp.concatenate([jnp.full((ids.shape[0], shift), -1, segment_ids.dtype), segment_ids[:, :-shift]], 1)
     out = jnp.where(prev_seg == segment_ids, out, jnp.asarray(pad_id, ids.dtype))
   return out
 
@@ -86,9 +85,15 @@ def _out_of_vocab(ids: jax.Array, vocab_size: int) -> jax.Array:
   return bad
 
 
-def hash_layer_device(ids: jax.Array, multipliers: np.ndarray, table_sizes: np.ndarray,
-                      n_head_per_ngram: int, pad_id: int,
-                      segment_ids: jax.Array | None = None, vocab_size: int | None = None) -> jax.Array:
+def hash_layer_device(
+  ids: jax.Array,
+  multipliers: np.ndarray,
+  table_sizes: np.ndarray,
+  n_head_per_ngram: int,
+  pad_id: int,
+  segment_ids: jax.Array | None = None,
+  vocab_size: int | None = None,
+) -> jax.Array:
   """Per-head rows [B, T, (N-1)*K] int32 of one layer; the constants are static Python data.
 
   With `vocab_size`, every head whose n-gram window holds an id outside [0, vocab_size)
@@ -104,7 +109,7 @@ def hash_layer_device(ids: jax.Array, multipliers: np.ndarray, table_sizes: np.n
   bad = oov
   for n in range(2, len(mults) + 1):
     mix_hi, mix_lo = mix_hi ^ terms[n - 1][0], mix_lo ^ terms[n - 1][1]
-    if oov is not None:   # the window of order n reads x[t-n+1 .. t] (across documents: the pad)
+    if oov is not None:  # the window of order n reads x[t-n+1 .. t] (across documents: the pad)
       bad = bad | _shift(oov, n - 1, False, segment_ids)
     for h in range(n_head_per_ngram):
       col = _mod_u64(mix_hi, mix_lo, int(table_sizes[(n - 2) * n_head_per_ngram + h])).astype(jnp.int32)
@@ -119,8 +124,13 @@ def check_vocab(ids: jax.Array, vocab_size: int) -> None:
   valid = ~_out_of_vocab(ids, vocab_size)
   first = jnp.argmin(valid.reshape(-1))
   b, t = jnp.unravel_index(first, valid.shape)
-  checkify.debug_check(jnp.all(valid), f"compressed id {{}} at position ({{}}, {{}}) is outside the compressed "
-                       f"vocabulary [0, {vocab_size})", ids.reshape(-1)[first], b, t)
+  checkify.debug_check(
+    jnp.all(valid),
+    f"compressed id {{}} at position ({{}}, {{}}) is outside the compressed vocabulary [0, {vocab_size})",
+    ids.reshape(-1)[first],
+    b,
+    t,
+  )
 
 
 def hash_all_layers(hasher: Any, compressed_ids: Any, segment_ids: Any = None) -> dict[int, jax.Array]:
@@ -143,12 +153,18 @@ def hash_all_layers(hasher: Any, compressed_ids: Any, segment_ids: Any = None) -
     raise ValueError(f"compressed ids must have shape [batch, seq], got {ids.shape}")
   if not jnp.issubdtype(ids.dtype, jnp.integer):
     raise ValueError(f"compressed ids must be integers, got dtype {ids.dtype}")
-  if isinstance(ids, jax.core.Tracer):   # concrete ids were checked by hasher.check_ids
+  if isinstance(ids, jax.core.Tracer):  # concrete ids were checked by hasher.check_ids
     check_vocab(ids, hasher.compressed_vocab_size)
   seg = None if segment_ids is None else jnp.asarray(segment_ids)
   return {
-      lid: hash_layer_device(ids, hasher.multipliers[lid], hasher.table_sizes[lid],
-                             hasher.config.n_head_per_ngram, hasher.pad_id, seg,
-                             vocab_size=hasher.compressed_vocab_size)
-      for lid in hasher.layer_ids
+    lid: hash_layer_device(
+      ids,
+      hasher.multipliers[lid],
+      hasher.table_sizes[lid],
+      hasher.config.n_head_per_ngram,
+      hasher.pad_id,
+      seg,
+      vocab_size=hasher.compressed_vocab_size,
+    )
+    for lid in hasher.layer_ids
   }

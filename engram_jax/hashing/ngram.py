@@ -23,8 +23,7 @@ _INT64_MAX = np.iinfo(np.int64).max
 _LAYER_SEED_STRIDE = 10007  # the reference's PRIME_1
 
 
-def layer_multipliers(seed: int, layer_id: int, max_ngram_size: int,
-                      compressed_vocab_size: int) -> np.ndarray:
+def layer_multipliers(seed: int, layer_id: int, max_ngram_size: int, compressed_vocab_size: int) -> np.ndarray:
   """Odd multipliers m_0..m_{N-1} of one layer, int64 (reference: default_rng per layer)."""
   half = max(1, (_INT64_MAX // compressed_vocab_size) // 2)
   rng = np.random.default_rng(int(seed + _LAYER_SEED_STRIDE * int(layer_id)))
@@ -49,8 +48,7 @@ def layer_table_sizes(config: EngramConfig) -> dict[int, np.ndarray]:
   return sizes
 
 
-def shifted_ids(ids: np.ndarray, shift: int, pad_id: int,
-                segment_ids: np.ndarray | None = None) -> np.ndarray:
+def shifted_ids(ids: np.ndarray, shift: int, pad_id: int, segment_ids: np.ndarray | None = None) -> np.ndarray:
   """x[t - shift], reading `pad_id` before the start of the row or of the token's document."""
   if shift == 0:
     return ids
@@ -79,23 +77,21 @@ class NgramHasher:
     offsets[layer]: np.int64 [(N-1)*K], first row of every head in the layer's flat table.
   """
 
-  def __init__(self, config: EngramConfig, compressed_vocab_size: int, *,
-               pad_id: int | None = None):
+  def __init__(self, config: EngramConfig, compressed_vocab_size: int, *, pad_id: int | None = None):
     if compressed_vocab_size < 1:
       raise ValueError(f"compressed_vocab_size must be >= 1, got {compressed_vocab_size}")
     self.config = config
     self.compressed_vocab_size = int(compressed_vocab_size)
     self.pad_id = int(config.pad_id if pad_id is None else pad_id)
     if not 0 <= self.pad_id < self.compressed_vocab_size:
-      raise ValueError(
-          f"pad id {self.pad_id} is outside the compressed vocabulary [0, {compressed_vocab_size})")
+      raise ValueError(f"pad id {self.pad_id} is outside the compressed vocabulary [0, {compressed_vocab_size})")
     self.multipliers = {
-        lid: layer_multipliers(config.seed, lid, config.max_ngram_size, compressed_vocab_size)
-        for lid in config.layer_ids
+      lid: layer_multipliers(config.seed, lid, config.max_ngram_size, compressed_vocab_size) for lid in config.layer_ids
     }
     self.table_sizes = layer_table_sizes(config)
-    self.offsets = {lid: np.concatenate([[0], np.cumsum(s)[:-1]]).astype(np.int64)
-                    for lid, s in self.table_sizes.items()}
+    self.offsets = {
+      lid: np.concatenate([[0], np.cumsum(s)[:-1]]).astype(np.int64) for lid, s in self.table_sizes.items()
+    }
 
   @classmethod
   def from_compressor(cls, config: EngramConfig, compressor: Any) -> "NgramHasher":
@@ -134,12 +130,14 @@ class NgramHasher:
     if bad.any():
       pos = tuple(int(i) for i in np.argwhere(bad)[0])
       raise ValueError(
-          f"compressed id {int(ids[pos])} at position {pos} is outside [0, "
-          f"{self.compressed_vocab_size}); compress raw ids first and do not pass negative padding")
+        f"compressed id {int(ids[pos])} at position {pos} is outside [0, "
+        f"{self.compressed_vocab_size}); compress raw ids first and do not pass negative padding"
+      )
     return ids
 
-  def hash_layer(self, ids: np.ndarray, layer_id: int,
-                 segment_ids: np.ndarray | None = None, *, checked: bool = False) -> np.ndarray:
+  def hash_layer(
+    self, ids: np.ndarray, layer_id: int, segment_ids: np.ndarray | None = None, *, checked: bool = False
+  ) -> np.ndarray:
     """Per-head rows (offsets NOT added) of one layer: np.int64 [B, T, (N-1)*K]."""
     sizes = self._check_layer(layer_id)
     if not checked:
@@ -187,13 +185,13 @@ class NgramHasher:
   def constants(self) -> dict[str, Any]:
     """Every constant that gives trained rows their meaning, as JSON-able data."""
     return {
-        "config": self.config.to_dict(),
-        "compressed_vocab_size": self.compressed_vocab_size,
-        "pad_id": self.pad_id,
-        "seed": self.config.seed,
-        "multipliers": {str(l): [int(v) for v in m] for l, m in self.multipliers.items()},
-        "table_sizes": {str(l): [int(v) for v in s] for l, s in self.table_sizes.items()},
-        "offsets": {str(l): [int(v) for v in o] for l, o in self.offsets.items()},
+      "config": self.config.to_dict(),
+      "compressed_vocab_size": self.compressed_vocab_size,
+      "pad_id": self.pad_id,
+      "seed": self.config.seed,
+      "multipliers": {str(l): [int(v) for v in m] for l, m in self.multipliers.items()},
+      "table_sizes": {str(l): [int(v) for v in s] for l, s in self.table_sizes.items()},
+      "offsets": {str(l): [int(v) for v in o] for l, o in self.offsets.items()},
     }
 
   @classmethod
@@ -203,8 +201,7 @@ class NgramHasher:
     hasher = cls(config, int(constants["compressed_vocab_size"]), pad_id=int(constants["pad_id"]))
     diff = hasher.diff_constants(constants)
     if diff:
-      raise ValueError("stored hash constants disagree with the ones derived from the config: "
-                       + "; ".join(diff))
+      raise ValueError("stored hash constants disagree with the ones derived from the config: " + "; ".join(diff))
     return hasher
 
   def diff_constants(self, other: Mapping[str, Any]) -> list[str]:

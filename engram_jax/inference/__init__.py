@@ -8,15 +8,15 @@ from engram_jax.inference.generate import GenerationResult, Generator, generate
 from engram_jax.inference.sampling import SamplingConfig, sample
 
 __all__ = [
-    "DECODE_PATHS",
-    "HOST_DECODES",
-    "TABLE_PLACEMENTS",
-    "DecodeState",
-    "Decoder",
-    "EngramDecodeState",
-    "GenerationResult",
-    "Generator",
-    "SamplingConfig",
-    "generate",
-    "sample",
+  "DECODE_PATHS",
+  "HOST_DECODES",
+  "TABLE_PLACEMENTS",
+  "DecodeState",
+  "Decoder",
+  "EngramDecodeState",
+  "GenerationResult",
+  "Generator",
+  "SamplingConfig",
+  "generate",
+  "sample",
 ]

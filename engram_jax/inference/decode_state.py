@@ -29,8 +29,7 @@ class EngramDecodeState:
   window: jax.Array
 
   @classmethod
-  def after_prompt(cls, compressed: jax.Array, lengths: jax.Array, order: int,
-                   pad_id: int) -> EngramDecodeState:
+  def after_prompt(cls, compressed: jax.Array, lengths: jax.Array, order: int, pad_id: int) -> EngramDecodeState:
     """The window after each sequence's own prompt.
 
     Args:
@@ -41,7 +40,7 @@ class EngramDecodeState:
     """
     xp = np if isinstance(compressed, np.ndarray) and isinstance(lengths, np.ndarray) else jnp
     p = compressed.shape[1]
-    idx = lengths[:, None] - (order - 1) + xp.arange(order - 1)[None, :]      # [B, N-1]
+    idx = lengths[:, None] - (order - 1) + xp.arange(order - 1)[None, :]  # [B, N-1]
     vals = xp.take_along_axis(compressed, xp.clip(idx, 0, p - 1), axis=1)
     window = xp.where(idx >= 0, vals, pad_id).astype(xp.int32)
     return cls(window=window)

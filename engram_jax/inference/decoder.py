@@ -88,12 +88,18 @@ class Decoder:
       ceil(miss_fraction * B * H) (a step with more misses reads all B * H).
   """
 
-  def __init__(self, model: Transformer, hasher: NgramHasher | None = None,
-               compressor: TokenizerCompressor | None = None, *,
-               table_placement: str = "device",
-               host_tables: Mapping[int, HostTable] | None = None,
-               hot_caches: Mapping[int, HotRowCache] | None = None,
-               host_decode: str = "auto", miss_fraction: float = 0.5):
+  def __init__(
+    self,
+    model: Transformer,
+    hasher: NgramHasher | None = None,
+    compressor: TokenizerCompressor | None = None,
+    *,
+    table_placement: str = "device",
+    host_tables: Mapping[int, HostTable] | None = None,
+    hot_caches: Mapping[int, HotRowCache] | None = None,
+    host_decode: str = "auto",
+    miss_fraction: float = 0.5,
+  ):
     if not isinstance(model, Transformer):
       raise TypeError(f"Decoder needs a Transformer, got {type(model).__name__}")
     if table_placement not in TABLE_PLACEMENTS:
@@ -129,13 +135,12 @@ class Decoder:
       # Ids the tokenizer does not know (model vocab padding) hash as the pad id;
       # `generate` never samples them.
       lut = np.full(max(config.vocab_size, compressor.vocab_size), hasher.pad_id, np.int32)
-      lut[:compressor.vocab_size] = compressor.lookup_table
+      lut[: compressor.vocab_size] = compressor.lookup_table
       self.lut_np = lut
       self.lut = jnp.asarray(lut)
       if table_placement == "device":
         if host_tables or hot_caches:
-          raise ValueError("host_tables / hot_caches are only used with table_placement="
-                           "'host' or 'cached'")
+          raise ValueError("host_tables / hot_caches are only used with table_placement='host' or 'cached'")
         self._check_device_tables(model)
       else:
         check_host_placement(config, self.layer_ids, f"Decoder(table_placement={table_placement!r})")
@@ -147,8 +152,10 @@ class Decoder:
         # The device copy of the model keeps a [1, d_h] stand-in for every table: the
         # forward reads rows from engram_rows only.
         params = jax.tree_util.tree_map_with_path(
-            lambda p, v: v.replace(jnp.zeros((1,) + v.shape[1:], v.dtype)) if engram_table_layer(p) is not None else v,
-            params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+          lambda p, v: v.replace(jnp.zeros((1,) + v.shape[1:], v.dtype)) if engram_table_layer(p) is not None else v,
+          params,
+          is_leaf=lambda x: isinstance(x, nnx.Variable),
+        )
     log.info("Decoder: table_placement=%s, decode path %s", table_placement, self.decode_path)
     self.params = params
     self._prefill_jit = jax.jit(self.prefill_fn, static_argnames=("max_len",))
@@ -159,38 +166,38 @@ class Decoder:
   def _check_hashing(config, hasher, compressor) -> None:
     if hasher is None or compressor is None:
       raise ValueError(
-          f"model has Engram layers {config.engram_layer_ids}: pass its NgramHasher and "
-          "TokenizerCompressor")
+        f"model has Engram layers {config.engram_layer_ids}: pass its NgramHasher and TokenizerCompressor"
+      )
     if hasher.config != config.engram:
       raise ValueError(f"hasher config {hasher.config} is not the model's {config.engram}")
     if compressor.num_compressed != hasher.compressed_vocab_size:
       raise ValueError(
-          f"compressor has {compressor.num_compressed} compressed ids, the hasher was built "
-          f"for {hasher.compressed_vocab_size}")
+        f"compressor has {compressor.num_compressed} compressed ids, the hasher was built "
+        f"for {hasher.compressed_vocab_size}"
+      )
 
   @staticmethod
   def _check_device_tables(model) -> None:
-    split = [b.layer for b in model.blocks
-             if b.engram is not None and b.engram.table.get_value().shape[0] == 0]
+    split = [b.layer for b in model.blocks if b.engram is not None and b.engram.table.get_value().shape[0] == 0]
     if split:
-      raise ValueError(f"the model's Engram tables of layers {split} are size-0 placeholders "
-                       "(the tables are in host memory): use table_placement='host' with "
-                       "host_tables={layer: HostTable}")
+      raise ValueError(
+        f"the model's Engram tables of layers {split} are size-0 placeholders "
+        "(the tables are in host memory): use table_placement='host' with "
+        "host_tables={layer: HostTable}"
+      )
 
   def _cached_tables(self, placement, host_tables, hot_caches) -> dict[int, HostTable]:
     """host_tables plus the tables behind hot_caches (which must not contradict them)."""
     tables = dict(host_tables or {})
     if placement != "cached":
       if hot_caches:
-        raise ValueError(f"hot_caches are only used with table_placement='cached', got "
-                         f"{placement!r}")
+        raise ValueError(f"hot_caches are only used with table_placement='cached', got {placement!r}")
       return tables
     if not hot_caches:
       raise ValueError("table_placement='cached' needs hot_caches={layer: HotRowCache}")
     unknown = sorted(set(hot_caches) - set(self.layer_ids))
     if unknown:
-      raise ValueError(f"hot_caches has layers {unknown} that are not the model's Engram "
-                       f"layers {list(self.layer_ids)}")
+      raise ValueError(f"hot_caches has layers {unknown} that are not the model's Engram layers {list(self.layer_ids)}")
     for lid, cache in hot_caches.items():
       if not isinstance(cache, HotRowCache):
         raise TypeError(f"hot_caches[{lid}] must be a HotRowCache, got {type(cache).__name__}")
@@ -204,15 +211,17 @@ class Decoder:
     tables = dict(host_tables or {})
     unknown = sorted(set(tables) - set(self.layer_ids))
     if unknown:
-      raise ValueError(f"host_tables has layers {unknown} that are not the model's Engram "
-                       f"layers {list(self.layer_ids)}")
+      raise ValueError(
+        f"host_tables has layers {unknown} that are not the model's Engram layers {list(self.layer_ids)}"
+      )
     for b in model.blocks:
       if b.engram is None or b.layer in tables:
         continue
       value = b.engram.table.get_value()
       if value.shape[0] == 0:
-        raise ValueError(f"Engram layer {b.layer}'s table in the model is a size-0 "
-                         "placeholder: pass its HostTable in host_tables")
+        raise ValueError(
+          f"Engram layer {b.layer}'s table in the model is a size-0 placeholder: pass its HostTable in host_tables"
+        )
       tables[b.layer] = HostTable(np.asarray(value))
     for lid, table in tables.items():
       # The hashed rows, or the model's table padded to engram_row_multiple (padding rows
@@ -220,8 +229,10 @@ class Decoder:
       rows = sorted({self.hasher.total_rows(lid), model.blocks[lid].engram.num_rows})
       want = " or ".join(str((r, self.config.engram.head_dim)) for r in rows)
       if table.shape[0] not in rows or table.shape[1] != self.config.engram.head_dim:
-        raise ValueError(f"host table of layer {lid} has shape {table.shape}, expected {want} "
-                         f"(ModelConfig.engram_row_multiple={self.config.engram_row_multiple})")
+        raise ValueError(
+          f"host table of layer {lid} has shape {table.shape}, expected {want} "
+          f"(ModelConfig.engram_row_multiple={self.config.engram_row_multiple})"
+        )
     return tables
 
   def _choose_path(self, placement: str, host_decode: str) -> str:
@@ -233,8 +244,10 @@ class Decoder:
       reason = f"host tables of layers {big} have row ids past int32"
     if placement == "cached":
       if host_decode == "python":
-        raise ValueError("table_placement='cached' runs inside the compiled loop only; "
-                         "host_decode='python' is for table_placement='host'")
+        raise ValueError(
+          "table_placement='cached' runs inside the compiled loop only; "
+          "host_decode='python' is for table_placement='host'"
+        )
       if reason:
         raise ValueError(f"table_placement='cached' cannot read host rows in the program: {reason}")
       return "cached_in_loop"
@@ -294,9 +307,8 @@ class Decoder:
         raise ValueError(f"prompt {i} must be a flat list of int token ids, got {p!r:.80}")
       bad = (ids < 0) | (ids >= self.vocab_limit)
       if bad.any():
-        raise ValueError(f"prompt {i} has token id {int(ids[bad][0])} outside the vocabulary "
-                         f"[0, {self.vocab_limit})")
-      tokens[i, :len(ids)] = ids
+        raise ValueError(f"prompt {i} has token id {int(ids[bad][0])} outside the vocabulary [0, {self.vocab_limit})")
+      tokens[i, : len(ids)] = ids
     return tokens, lengths
 
   # ---------------------------------------------------------------------- host-side rows
@@ -307,11 +319,12 @@ class Decoder:
     rows of its last position.
     """
     hashed = self.hasher.hash(compressed)
-    return {lid: self.host_tables[lid].gather_heads(rows, self.hasher.offsets[lid], self.hasher.table_sizes[lid])
-            for lid, rows in hashed.items()}
+    return {
+      lid: self.host_tables[lid].gather_heads(rows, self.hasher.offsets[lid], self.hasher.table_sizes[lid])
+      for lid, rows in hashed.items()
+    }
 
-  def program_rows(self, tables, engram_ids: dict[int, jax.Array]
-                   ) -> tuple[dict[int, jax.Array], dict[str, jax.Array]]:
+  def program_rows(self, tables, engram_ids: dict[int, jax.Array]) -> tuple[dict[int, jax.Array], dict[str, jax.Array]]:
     """Traceable: per-head row ids {layer: int32 [B, T, H]} -> ({layer: device rows
     [B, T, H * d_h]} read from `tables` (`self.tables`), stats {"lookups", "hits",
     "host_rows"} int32 summed over layers)."""
@@ -326,8 +339,7 @@ class Decoder:
       flat = jnp.where(valid, ids, 0) + jnp.asarray(self.hasher.offsets[lid], jnp.int32)
       if "hot_ids" in t:
         capacity = max(1, int(np.ceil(self.miss_fraction * flat.size)))
-        r, s = host_rows_lib.gather_cached_rows(t["hot_ids"], t["hot_rows"], t["host"], flat,
-                                                capacity)
+        r, s = host_rows_lib.gather_cached_rows(t["hot_ids"], t["hot_rows"], t["host"], flat, capacity)
       else:
         r = host_rows_lib.gather_host_rows(t["host"], flat)
         n = jnp.int32(flat.size)
@@ -342,10 +354,8 @@ class Decoder:
     """engram_ids {layer: [B, T, H]} (device tables) or engram_rows {layer: per-head rows
     [B, T, H, d_h]} (merged to [B, T, d_mem] here)."""
     model = nnx.merge(self.graphdef, params)
-    merged = None if engram_rows is None else {
-        lid: r.reshape(r.shape[:2] + (-1,)) for lid, r in engram_rows.items()}
-    logits, aux = model(tokens, engram_ids, segment_ids=segment_ids, engram_rows=merged,
-                        cache=cache)
+    merged = None if engram_rows is None else {lid: r.reshape(r.shape[:2] + (-1,)) for lid, r in engram_rows.items()}
+    logits, aux = model(tokens, engram_ids, segment_ids=segment_ids, engram_rows=merged, cache=cache)
     return logits, aux["cache"]
 
   def prefill_fn(self, params, lut, tokens, lengths, rows, *, max_len, tables=None):
@@ -361,7 +371,8 @@ class Decoder:
       compressed = jnp.take(lut, tokens, axis=0)
       engram_ids = self.hasher.hash_jax(compressed)
       window = EngramDecodeState.after_prompt(
-          compressed, lengths, self.config.engram.max_ngram_size, self.hasher.pad_id)
+        compressed, lengths, self.config.engram.max_ngram_size, self.hasher.pad_id
+      )
       if tables is not None:
         # Depends on the tokens only: free to overlap the blocks before the first Engram layer.
         rows, _ = self.program_rows(tables, engram_ids)
@@ -406,16 +417,15 @@ class Decoder:
     bad = (tokens < 0) | (tokens >= self.vocab_limit)
     if bad.any():
       pos = tuple(int(i) for i in np.argwhere(bad)[0])
-      raise ValueError(f"token id {int(tokens[pos])} at {pos} is outside the vocabulary "
-                       f"[0, {self.vocab_limit})")
+      raise ValueError(f"token id {int(tokens[pos])} at {pos} is outside the vocabulary [0, {self.vocab_limit})")
     rows, window = None, None
     if self.decode_path == "host_python_loop":
       compressed = self.lut_np[tokens]
       rows = self.host_rows(compressed)
       window = EngramDecodeState.after_prompt(
-          compressed, lengths, self.config.engram.max_ngram_size, self.hasher.pad_id)
-    logits, state = self._prefill_jit(self.params, self.lut, tokens, lengths, rows,
-                                      max_len=max_len, tables=self.tables)
+        compressed, lengths, self.config.engram.max_ngram_size, self.hasher.pad_id
+      )
+    logits, state = self._prefill_jit(self.params, self.lut, tokens, lengths, rows, max_len=max_len, tables=self.tables)
     return logits, state if window is None else state.replace(engram=window)
 
   def host_step_rows(self, token, state: DecodeState) -> tuple[dict[int, jax.Array], DecodeState]:
@@ -434,19 +444,19 @@ class Decoder:
       raise ValueError(f"token must have shape [B] = {state.lengths.shape}, got {token_np.shape}")
     bad = (token_np < 0) | (token_np >= self.vocab_limit)
     if bad.any():
-      raise ValueError(f"token id {int(token_np[bad][0])} is outside the vocabulary "
-                       f"[0, {self.vocab_limit})")
+      raise ValueError(f"token id {int(token_np[bad][0])} is outside the vocabulary [0, {self.vocab_limit})")
     full = np.asarray(state.lengths) >= state.cache.kv[0].max_len
     if full.any():
-      raise ValueError(f"sequence {int(np.argmax(full))} fills its cache of "
-                       f"{state.cache.kv[0].max_len} slots: prefill with a larger max_len")
+      raise ValueError(
+        f"sequence {int(np.argmax(full))} fills its cache of "
+        f"{state.cache.kv[0].max_len} slots: prefill with a larger max_len"
+      )
     token = jnp.asarray(token_np, jnp.int32)
     if self.decode_path == "host_python_loop":
       rows, state = self.host_step_rows(token, state)
       logits, new = self._step_jit(self.params, self.lut, token, state.cache, None, rows)
       return logits, new.replace(engram=state.engram)
-    return self._step_jit(self.params, self.lut, token, state.cache, state.engram, None,
-                          tables=self.tables)
+    return self._step_jit(self.params, self.lut, token, state.cache, state.engram, None, tables=self.tables)
 
 
 __all__ = ["DECODE_PATHS", "HOST_DECODES", "TABLE_PLACEMENTS", "Decoder"]

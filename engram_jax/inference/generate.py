@@ -101,7 +101,7 @@ def _mask_vocab(logits: jax.Array, vocab_limit: int) -> jax.Array:
 def _truncate(row: np.ndarray, eos_id: int | None) -> list[int]:
   out = row.tolist()
   if eos_id is not None and eos_id in out:
-    out = out[:out.index(eos_id) + 1]
+    out = out[: out.index(eos_id) + 1]
   return out
 
 
@@ -118,36 +118,44 @@ class Generator:
       context the model was trained for; None = no limit (the cache is sized per call).
   """
 
-  def __init__(self, model: Transformer, hasher: NgramHasher | None = None,
-               compressor: TokenizerCompressor | None = None, *,
-               table_placement: str = "device",
-               host_tables: Mapping[int, HostTable] | None = None,
-               hot_caches: Mapping[int, HotRowCache] | None = None,
-               host_decode: str = "auto", miss_fraction: float = 0.5,
-               max_len: int | None = None):
+  def __init__(
+    self,
+    model: Transformer,
+    hasher: NgramHasher | None = None,
+    compressor: TokenizerCompressor | None = None,
+    *,
+    table_placement: str = "device",
+    host_tables: Mapping[int, HostTable] | None = None,
+    hot_caches: Mapping[int, HotRowCache] | None = None,
+    host_decode: str = "auto",
+    miss_fraction: float = 0.5,
+    max_len: int | None = None,
+  ):
     if max_len is not None and (not _is_int(max_len) or max_len < 2):
       raise ValueError(f"max_len must be None or an int >= 2, got {max_len!r}")
     self.max_len = max_len
-    self.decoder = Decoder(model, hasher, compressor, table_placement=table_placement,
-                           host_tables=host_tables, hot_caches=hot_caches,
-                           host_decode=host_decode, miss_fraction=miss_fraction)
+    self.decoder = Decoder(
+      model,
+      hasher,
+      compressor,
+      table_placement=table_placement,
+      host_tables=host_tables,
+      hot_caches=hot_caches,
+      host_decode=host_decode,
+      miss_fraction=miss_fraction,
+    )
     self._compiled: dict = {}
-    self._prefill = jax.jit(self._prefill_fn,
-                            static_argnames=("max_len", "sampling", "vocab_limit"))
-    self._loop = jax.jit(self._loop_fn,
-                         static_argnames=("steps", "sampling", "vocab_limit", "eos_id"))
-    self._step = jax.jit(self._step_fn, donate_argnames=("cache",),
-                         static_argnames=("sampling", "vocab_limit"))
+    self._prefill = jax.jit(self._prefill_fn, static_argnames=("max_len", "sampling", "vocab_limit"))
+    self._loop = jax.jit(self._loop_fn, static_argnames=("steps", "sampling", "vocab_limit", "eos_id"))
+    self._step = jax.jit(self._step_fn, donate_argnames=("cache",), static_argnames=("sampling", "vocab_limit"))
 
   @property
   def decode_path(self) -> str:
     return self.decoder.decode_path
 
   # ----------------------------------------------------------------------------- traced
-  def _prefill_fn(self, params, lut, tokens, lengths, rows, key, tables, *, max_len, sampling,
-                  vocab_limit):
-    logits, state = self.decoder.prefill_fn(params, lut, tokens, lengths, rows, max_len=max_len,
-                                            tables=tables)
+  def _prefill_fn(self, params, lut, tokens, lengths, rows, key, tables, *, max_len, sampling, vocab_limit):
+    logits, state = self.decoder.prefill_fn(params, lut, tokens, lengths, rows, max_len=max_len, tables=tables)
     last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
     token = sample(_mask_vocab(last, vocab_limit), jax.random.fold_in(key, 0), sampling)
     return token, state
@@ -157,8 +165,7 @@ class Generator:
     nxt = sample(_mask_vocab(logits, vocab_limit), jax.random.fold_in(key, index), sampling)
     return nxt, state.cache
 
-  def _loop_fn(self, params, lut, token, state: DecodeState, key, tables, *, steps, sampling,
-               vocab_limit, eos_id):
+  def _loop_fn(self, params, lut, token, state: DecodeState, key, tables, *, steps, sampling, vocab_limit, eos_id):
     """All decode steps in one program: out int32 [B, steps + 1] (column 0 = token), the
     number of columns filled and the summed host-read stats."""
     out = jnp.zeros((token.shape[0], steps + 1), jnp.int32).at[:, 0].set(token)
@@ -171,8 +178,7 @@ class Generator:
 
     def body(carry):
       i, token, state, out, done, totals = carry
-      logits, state, stats = self.decoder.step_core(params, lut, token, state.cache,
-                                                    state.engram, None, tables)
+      logits, state, stats = self.decoder.step_core(params, lut, token, state.cache, state.engram, None, tables)
       nxt = sample(_mask_vocab(logits, vocab_limit), jax.random.fold_in(key, i), sampling)
       nxt = jnp.where(done, token, nxt)
       out = out.at[:, i].set(nxt)
@@ -182,8 +188,7 @@ class Generator:
         totals = {k: totals[k] + stats[k] for k in totals}
       return i + 1, nxt, state, out, done, totals
 
-    i, _, _, out, _, totals = jax.lax.while_loop(
-        cond, body, (jnp.int32(1), token, state, out, done, zero))
+    i, _, _, out, _, totals = jax.lax.while_loop(cond, body, (jnp.int32(1), token, state, out, done, zero))
     return out, i, totals
 
   # ------------------------------------------------------------------------------- util
@@ -210,15 +215,23 @@ class Generator:
     if self.max_len is not None:
       longest = int(np.argmax(lengths))
       if int(lengths[longest]) + max_new_tokens > self.max_len:
-        raise ValueError(f"prompt {longest} has {int(lengths[longest])} tokens: with "
-                         f"max_new_tokens={max_new_tokens} it would reach "
-                         f"{int(lengths[longest]) + max_new_tokens} > max_len={self.max_len}")
+        raise ValueError(
+          f"prompt {longest} has {int(lengths[longest])} tokens: with "
+          f"max_new_tokens={max_new_tokens} it would reach "
+          f"{int(lengths[longest]) + max_new_tokens} > max_len={self.max_len}"
+        )
     return sampling
 
   # ----------------------------------------------------------------------------- public
-  def __call__(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-               sampling: SamplingConfig | None = None, seed: int = 0,
-               eos_id: int | None = None) -> GenerationResult:
+  def __call__(
+    self,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    sampling: SamplingConfig | None = None,
+    seed: int = 0,
+    eos_id: int | None = None,
+  ) -> GenerationResult:
     dec = self.decoder
     tokens, lengths = dec.pad_prompts(prompts)
     sampling = self._check_call(lengths, max_new_tokens, sampling, seed, eos_id)
@@ -237,12 +250,12 @@ class Generator:
     if python:
       compressed = dec.lut_np[tokens]
       rows = dec.host_rows(compressed)
-      window = EngramDecodeState.after_prompt(
-          compressed, lengths, dec.config.engram.max_ngram_size, dec.hasher.pad_id)
+      window = EngramDecodeState.after_prompt(compressed, lengths, dec.config.engram.max_ngram_size, dec.hasher.pad_id)
     host_seconds = time.perf_counter() - start
     args = (dec.params, dec.lut, tokens, lengths, rows, key, dec.tables)
-    prefill, compile_s = self._compile(("prefill", b, bucket, max_len, sampling), self._prefill,
-                                       *args, max_len=max_len, **statics)
+    prefill, compile_s = self._compile(
+      ("prefill", b, bucket, max_len, sampling), self._prefill, *args, max_len=max_len, **statics
+    )
     start = time.perf_counter()
     token, state = prefill(*args)
     token = jax.block_until_ready(token)
@@ -254,8 +267,9 @@ class Generator:
       out, used, decode_seconds = np.asarray(token)[:, None], 1, 0.0
     elif not python:
       args = (dec.params, dec.lut, token, state, key, dec.tables)
-      loop, c = self._compile(("loop", b, max_len, steps, sampling, eos_id), self._loop,
-                              *args, steps=steps, eos_id=eos_id, **statics)
+      loop, c = self._compile(
+        ("loop", b, max_len, steps, sampling, eos_id), self._loop, *args, steps=steps, eos_id=eos_id, **statics
+      )
       compile_s += c
       start = time.perf_counter()
       out, used, stats = jax.block_until_ready(loop(*args))
@@ -263,22 +277,27 @@ class Generator:
       out, used = np.asarray(out), int(used)
       totals = {k: int(v) for k, v in stats.items()}
     else:
-      out, used, decode_seconds, c = self._host_loop(token, state.replace(engram=window), key,
-                                                     steps, eos_id, statics)
+      out, used, decode_seconds, c = self._host_loop(token, state.replace(engram=window), key, steps, eos_id, statics)
       compile_s += c
       per_step = b * dec.config.engram.num_heads * len(dec.host_tables)
       totals["host_rows"] = (used - 1) * per_step
       totals["lookups"] = 0
     continuations = [_truncate(out[i, :used], eos_id) for i in range(b)]
     cached = bool(dec.hot_caches)
-    return GenerationResult(tokens=continuations, prompt_tokens=int(lengths.sum()),
-                            prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
-                            compile_seconds=compile_s, decode_steps=used - 1,
-                            decode_path=dec.decode_path, batch=b,
-                            host_rows_read=totals["host_rows"],
-                            cache_lookups=totals["lookups"] if cached else 0,
-                            cache_hits=totals["hits"] if cached else 0,
-                            row_bytes=dec.row_bytes)
+    return GenerationResult(
+      tokens=continuations,
+      prompt_tokens=int(lengths.sum()),
+      prefill_seconds=prefill_seconds,
+      decode_seconds=decode_seconds,
+      compile_seconds=compile_s,
+      decode_steps=used - 1,
+      decode_path=dec.decode_path,
+      batch=b,
+      host_rows_read=totals["host_rows"],
+      cache_lookups=totals["lookups"] if cached else 0,
+      cache_hits=totals["hits"] if cached else 0,
+      row_bytes=dec.row_bytes,
+    )
 
   def _host_loop(self, token, state: DecodeState, key, steps, eos_id, statics):
     """NumPy fallback: Python loop; rows of each new token hashed and gathered on the host."""
@@ -294,8 +313,9 @@ class Generator:
       args = (dec.params, dec.lut, token, state.cache, rows, key, np.int32(i))
       if i == 1:
         paused = time.perf_counter()
-        step, compile_s = self._compile(("step", token.shape[0], state.cache.kv[0].max_len,
-                                         statics["sampling"]), self._step, *args, **statics)
+        step, compile_s = self._compile(
+          ("step", token.shape[0], state.cache.kv[0].max_len, statics["sampling"]), self._step, *args, **statics
+        )
         start += time.perf_counter() - paused
       nxt, cache = step(*args)
       state = state.replace(cache=cache)
@@ -308,13 +328,21 @@ class Generator:
     return np.stack(out, axis=1), len(out), decode_seconds, compile_s
 
 
-def generate(model: Transformer, hasher: NgramHasher | None, compressor: TokenizerCompressor | None,
-             prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-             sampling: SamplingConfig | None = None, seed: int = 0,
-             eos_id: int | None = None, table_placement: str = "device",
-             host_tables: Mapping[int, HostTable] | None = None,
-             hot_caches: Mapping[int, HotRowCache] | None = None,
-             host_decode: str = "auto") -> GenerationResult:
+def generate(
+  model: Transformer,
+  hasher: NgramHasher | None,
+  compressor: TokenizerCompressor | None,
+  prompts: Sequence[Sequence[int]],
+  *,
+  max_new_tokens: int,
+  sampling: SamplingConfig | None = None,
+  seed: int = 0,
+  eos_id: int | None = None,
+  table_placement: str = "device",
+  host_tables: Mapping[int, HostTable] | None = None,
+  hot_caches: Mapping[int, HotRowCache] | None = None,
+  host_decode: str = "auto",
+) -> GenerationResult:
   """Continues a batch of prompts (raw token ids, any lengths >= 1).
 
   Args:
@@ -339,10 +367,16 @@ def generate(model: Transformer, hasher: NgramHasher | None, compressor: Tokeniz
     decode path that ran, host -> device rows).
   For repeated calls build a `Generator` once: it keeps its compiled functions.
   """
-  gen = Generator(model, hasher, compressor, table_placement=table_placement,
-                  host_tables=host_tables, hot_caches=hot_caches, host_decode=host_decode)
-  return gen(prompts, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
-             eos_id=eos_id)
+  gen = Generator(
+    model,
+    hasher,
+    compressor,
+    table_placement=table_placement,
+    host_tables=host_tables,
+    hot_caches=hot_caches,
+    host_decode=host_decode,
+  )
+  return gen(prompts, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, eos_id=eos_id)
 
 
 __all__ = ["PROMPT_BUCKET", "GenerationResult", "Generator", "generate"]

@@ -35,8 +35,7 @@ class SamplingConfig:
   def __post_init__(self):
     real = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
     if not real(self.temperature) or not 0 <= self.temperature < float("inf"):
-      raise ValueError(f"SamplingConfig.temperature must be a finite number >= 0, got "
-                       f"{self.temperature!r}")
+      raise ValueError(f"SamplingConfig.temperature must be a finite number >= 0, got {self.temperature!r}")
     if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
       raise ValueError(f"SamplingConfig.top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
     if not real(self.top_p) or not 0.0 < self.top_p <= 1.0:
@@ -70,11 +69,11 @@ def sample(logits: jax.Array, key: jax.Array, config: SamplingConfig) -> jax.Arr
   values, indices = jax.lax.top_k(logits, k)
   if config.top_p < 1.0:
     probs = jax.nn.softmax(values, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs          # exclusive prefix sum
+    mass_before = jnp.cumsum(probs, axis=-1) - probs  # exclusive prefix sum
     # Keep i while the tokens before it have not reached top_p: the smallest prefix with
     # mass >= top_p (the first token always stays).
     values = jnp.where(mass_before < config.top_p, values, -jnp.inf)
-  choice = jax.random.categorical(key, values, axis=-1)        # [B] in [0, k)
+  choice = jax.random.categorical(key, values, axis=-1)  # [B] in [0, k)
   return jnp.take_along_axis(indices, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 

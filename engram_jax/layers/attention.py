@@ -84,9 +84,7 @@ class Attention(nnx.Module):
       if value <= 0:
         raise ValueError(f"Attention {name} must be positive, got {value}")
     if num_heads % num_kv_heads:
-      raise ValueError(
-        f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})"
-      )
+      raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
     if head_dim % 2:
       raise ValueError(f"head_dim must be even for RoPE, got {head_dim}")
     self.hidden_size = hidden_size
@@ -99,9 +97,7 @@ class Attention(nnx.Module):
 
     def param(names, shape, in_axis, out_axis):
       # LeCun normal over the contracted (fan-in) axes.
-      init = nnx.initializers.variance_scaling(
-        1.0, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis
-      )
+      init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis)
       return annotated(init(rngs.params(), shape, param_dtype), names)
 
     d, h, k, dh = hidden_size, num_heads, num_kv_heads, head_dim
@@ -116,9 +112,7 @@ class Attention(nnx.Module):
       raise ValueError(f"init_cache needs positive batch and max_len, got {batch}, {max_len}")
     shape = (batch, max_len, self.num_kv_heads, self.head_dim)
     dtype = self.dtype if dtype is None else dtype
-    return KVCache(
-      k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32)
-    )
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32))
 
   def __call__(
     self,
@@ -160,9 +154,7 @@ class Attention(nnx.Module):
       mask = None
       if segment_ids is not None:
         mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B,1,T,T]
-      out = jax.nn.dot_product_attention(
-        q, k, v, mask=mask, is_causal=True, implementation=self.implementation
-      )
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=self.implementation)
       new_cache = None
     else:
       out, new_cache = self._attend_with_cache(q, k, v, segment_ids, cache)

@@ -65,8 +65,14 @@ def _debug_check_ids(valid: jax.Array, ids: jax.Array, sizes: jax.Array, where: 
   first = jnp.argmin(valid.reshape(-1))
   pos = jnp.unravel_index(first, valid.shape)
   position = ", ".join(["{}"] * len(pos))
-  checkify.debug_check(jnp.all(valid), f"row id {{}} at position ({position}) is outside head {{}}'s "
-                       f"table [0, {{}}) of {where}", ids.reshape(-1)[first], *pos, pos[-1], sizes[pos[-1]])
+  checkify.debug_check(
+    jnp.all(valid),
+    f"row id {{}} at position ({position}) is outside head {{}}'s table [0, {{}}) of {where}",
+    ids.reshape(-1)[first],
+    *pos,
+    pos[-1],
+    sizes[pos[-1]],
+  )
 
 
 class Engram(nnx.Module):
@@ -106,19 +112,34 @@ class Engram(nnx.Module):
       to the all_to_all). Make `row_multiple` a multiple of the devices it spreads over.
   """
 
-  def __init__(self, config: EngramConfig, layer_id: int, hidden_size: int, hc_mult: int = 1, *,
-               table_sizes: Sequence[int], dtype=jnp.float32, param_dtype=jnp.float32,
-               gate: GateKind = "reference", impl: Impl = "xla", table_init_std: float = 1.0,
-               gate_norm_eps: float | None = None, conv_norm_eps: float = 1e-5,
-               short_conv: bool = True, multi_branch: bool = True, fold_rows: int | None = None,
-               row_multiple: int = 1, sharded_lookup: ShardedLookup = "all_to_all",
-               table_sharding: TableSharding = "tensor", rngs: nnx.Rngs):
+  def __init__(
+    self,
+    config: EngramConfig,
+    layer_id: int,
+    hidden_size: int,
+    hc_mult: int = 1,
+    *,
+    table_sizes: Sequence[int],
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    gate: GateKind = "reference",
+    impl: Impl = "xla",
+    table_init_std: float = 1.0,
+    gate_norm_eps: float | None = None,
+    conv_norm_eps: float = 1e-5,
+    short_conv: bool = True,
+    multi_branch: bool = True,
+    fold_rows: int | None = None,
+    row_multiple: int = 1,
+    sharded_lookup: ShardedLookup = "all_to_all",
+    table_sharding: TableSharding = "tensor",
+    rngs: nnx.Rngs,
+  ):
     if layer_id not in config.layer_ids:
       raise ValueError(f"layer_id {layer_id} is not in EngramConfig.layer_ids {config.layer_ids}")
     if gate not in ("reference", "paper", "none"):
       raise ValueError(f"gate must be 'reference', 'paper' or 'none', got {gate!r}")
-    if fold_rows is not None and (isinstance(fold_rows, bool) or not isinstance(fold_rows, int)
-                                  or fold_rows < 1):
+    if fold_rows is not None and (isinstance(fold_rows, bool) or not isinstance(fold_rows, int) or fold_rows < 1):
       raise ValueError(f"fold_rows must be None or a positive int, got {fold_rows!r}")
     if impl not in ("xla", "pallas", "auto"):
       raise ValueError(f"impl must be 'xla', 'pallas' or 'auto', got {impl!r}")
@@ -130,8 +151,7 @@ class Engram(nnx.Module):
       raise ValueError(f"hidden_size and hc_mult must be positive, got {hidden_size}, {hc_mult}")
     sizes = np.asarray([int(s) for s in table_sizes], dtype=np.int64)
     if sizes.shape != (config.num_heads,) or (sizes < 1).any():
-      raise ValueError(
-          f"table_sizes must hold {config.num_heads} positive head sizes ((N-1)*K), got {sizes.tolist()}")
+      raise ValueError(f"table_sizes must hold {config.num_heads} positive head sizes ((N-1)*K), got {sizes.tolist()}")
     self.config = config
     self.layer_id = int(layer_id)
     self.hidden_size = hidden_size
@@ -163,23 +183,23 @@ class Engram(nnx.Module):
     k_table, k_v, k_k = jax.random.split(rngs.params(), 3)
     lecun = nnx.initializers.lecun_normal()
     self.table = annotated(
-        table_init_std * jax.random.normal(k_table, (self.num_rows, d_h), param_dtype),
-        (self.table_row_axis, "engram_dim"))
+      table_init_std * jax.random.normal(k_table, (self.num_rows, d_h), param_dtype),
+      (self.table_row_axis, "engram_dim"),
+    )
     self.value_kernel = annotated(lecun(k_v, (d_mem, d), param_dtype), ("engram_mem", "embed"))
     self.value_bias = annotated(jnp.zeros((d,), param_dtype), ("embed",))
     norm_kw = dict(leading=(g,), axis_names=("hc", "norm"), dtype=dtype, param_dtype=param_dtype)
     if gate != "none":
       self.key_kernel = annotated(
-          jax.vmap(lambda k: lecun(k, (d_mem, d), param_dtype))(jax.random.split(k_k, g)),
-          ("hc", "engram_mem", "embed"))
+        jax.vmap(lambda k: lecun(k, (d_mem, d), param_dtype))(jax.random.split(k_k, g)), ("hc", "engram_mem", "embed")
+      )
       self.key_bias = annotated(jnp.zeros((g, d), param_dtype), ("hc", "embed"))
-      self.key_norm = RMSNorm(d, eps=0.0, **norm_kw)    # eps resolved at call time
+      self.key_norm = RMSNorm(d, eps=0.0, **norm_kw)  # eps resolved at call time
       self.query_norm = RMSNorm(d, eps=0.0, **norm_kw)
     if self.short_conv_enabled:
       self.conv_norm = RMSNorm(d, eps=conv_norm_eps, **norm_kw)
       # Zero init (the paper): Y = u at the start of training.
-      self.conv_kernel = annotated(jnp.zeros((config.kernel_size, g, d), param_dtype),
-                                   ("conv_taps", "hc", "embed"))
+      self.conv_kernel = annotated(jnp.zeros((config.kernel_size, g, d), param_dtype), ("conv_taps", "hc", "embed"))
 
   # -- shapes ----------------------------------------------------------------------------------
   @property
@@ -193,8 +213,7 @@ class Engram(nnx.Module):
     return (self.config.kernel_size - 1) * self.config.conv_dilation
 
   def init_conv_state(self, batch: int, dtype=None) -> jax.Array:
-    return jnp.zeros((batch, self.conv_state_len, self.num_branches, self.hidden_size),
-                     dtype or self.dtype)
+    return jnp.zeros((batch, self.conv_state_len, self.num_branches, self.hidden_size), dtype or self.dtype)
 
   # -- lookup ------------------------------------------------------------------------------------
   def check_row_ids(self, engram_ids: jax.Array) -> None:
@@ -211,8 +230,9 @@ class Engram(nnx.Module):
     if bad.any():
       pos = tuple(int(i) for i in np.argwhere(bad)[0])
       raise ValueError(
-          f"row id {int(ids[pos])} at position {pos} is outside head {pos[-1]}'s table "
-          f"[0, {self.table_sizes[pos[-1]]}) of Engram layer {self.layer_id}")
+        f"row id {int(ids[pos])} at position {pos} is outside head {pos[-1]}'s table "
+        f"[0, {self.table_sizes[pos[-1]]}) of Engram layer {self.layer_id}"
+      )
 
   def row_sharding(self, ids_shape: Sequence[int]) -> dict | None:
     """Where the all_to_all lookup runs: None for a local gather (no active mesh, the
@@ -227,8 +247,9 @@ class Engram(nnx.Module):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty or not set(sharding.MESH_AXES) <= set(mesh.axis_names):
       return None
-    table_spec = sharding.logical_to_spec((self.table_row_axis, "engram_dim"), mesh,
-                                          (self.num_rows, self.config.head_dim))
+    table_spec = sharding.logical_to_spec(
+      (self.table_row_axis, "engram_dim"), mesh, (self.num_rows, self.config.head_dim)
+    )
     table_axes = sharding.axis_tuple(table_spec[0])
     if not table_axes:
       return None
@@ -248,7 +269,7 @@ class Engram(nnx.Module):
     engram_ids = engram_ids.astype(jnp.int32)
     sizes = jnp.asarray(self.table_sizes, jnp.int32)
     valid = (engram_ids >= 0) & (engram_ids < sizes)
-    if isinstance(engram_ids, jax.core.Tracer):   # concrete ids were checked by check_row_ids
+    if isinstance(engram_ids, jax.core.Tracer):  # concrete ids were checked by check_row_ids
       _debug_check_ids(valid, engram_ids, sizes, f"Engram layer {self.layer_id}")
     ids = jnp.where(valid, engram_ids, 0)
     if self.fold_rows is not None:
@@ -307,9 +328,14 @@ class Engram(nnx.Module):
       score = jnp.sign(score) * jnp.sqrt(jnp.maximum(jnp.abs(score), _GATE_FLOOR))
     return jax.nn.sigmoid(score).astype(self.dtype)
 
-  def short_conv(self, x: jax.Array, *, segment_ids: jax.Array | None = None,
-                 conv_state: jax.Array | None = None, lengths: jax.Array | None = None
-                 ) -> tuple[jax.Array, jax.Array]:
+  def short_conv(
+    self,
+    x: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    conv_state: jax.Array | None = None,
+    lengths: jax.Array | None = None,
+  ) -> tuple[jax.Array, jax.Array]:
     """SiLU(depthwise causal conv) of the normed input x [B, T, G, D].
 
     `conv_state` [B, S, G, D] holds the previous S = (kernel-1)*N normed inputs (zeros
@@ -321,12 +347,12 @@ class Engram(nnx.Module):
     s_len, dil = self.conv_state_len, self.config.conv_dilation
     if conv_state is None:
       conv_state = jnp.zeros((b, s_len) + x.shape[2:], x.dtype)
-    full = jnp.concatenate([conv_state.astype(x.dtype), x], axis=1)   # [B, S+T, G, D]
+    full = jnp.concatenate([conv_state.astype(x.dtype), x], axis=1)  # [B, S+T, G, D]
     w = self.conv_kernel[...].astype(jnp.float32)
     kernel = self.config.kernel_size
     y = jnp.zeros(x.shape, jnp.float32)
     for k in range(kernel):
-      lag = (kernel - 1 - k) * dil          # tap k reads x[t - lag]
+      lag = (kernel - 1 - k) * dil  # tap k reads x[t - lag]
       tap = jax.lax.dynamic_slice_in_dim(full, s_len - lag, t, axis=1).astype(jnp.float32)
       if segment_ids is not None and lag > 0:
         prev = jnp.pad(segment_ids, ((0, 0), (lag, 0)), constant_values=-1)[:, :t]
@@ -338,9 +364,15 @@ class Engram(nnx.Module):
       new_state = jax.vmap(lambda f, n: jax.lax.dynamic_slice_in_dim(f, n, s_len, 0))(full, lengths)
     return jax.nn.silu(y).astype(x.dtype), new_state
 
-  def fuse(self, hidden: jax.Array, engram_rows: jax.Array, *, segment_ids: jax.Array | None = None,
-           conv_state: jax.Array | None = None, lengths: jax.Array | None = None
-           ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  def fuse(
+    self,
+    hidden: jax.Array,
+    engram_rows: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    conv_state: jax.Array | None = None,
+    lengths: jax.Array | None = None,
+  ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Gate, value and short conv from pre-gathered rows.
 
     Args:
@@ -354,21 +386,20 @@ class Engram(nnx.Module):
     if rows.shape[-1] != self.config.memory_dim:
       raise ValueError(f"engram_rows must have width d_mem={self.config.memory_dim}, got shape {rows.shape}")
     streams = hidden.shape[2]
-    if not self.multi_branch:   # one gate from the mean stream; Y shared by every stream
+    if not self.multi_branch:  # one gate from the mean stream; Y shared by every stream
       hidden = jnp.mean(hidden.astype(jnp.float32), axis=2, keepdims=True).astype(hidden.dtype)
     alpha = self.gates(hidden, rows)
     value = rows @ self.value_kernel[...].astype(self.dtype) + self.value_bias[...].astype(self.dtype)
     u = alpha[..., None] * value[:, :, None, :]
-    return self._finish(u, alpha, streams, segment_ids=segment_ids, conv_state=conv_state,
-                        lengths=lengths)
+    return self._finish(u, alpha, streams, segment_ids=segment_ids, conv_state=conv_state, lengths=lengths)
 
-  def _finish(self, u: jax.Array, alpha: jax.Array, streams: int, *, segment_ids, conv_state,
-              lengths) -> tuple[jax.Array, jax.Array, jax.Array]:
+  def _finish(
+    self, u: jax.Array, alpha: jax.Array, streams: int, *, segment_ids, conv_state, lengths
+  ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Short conv on the gated value u [B, T, G', D]; Y and gates broadcast to `streams`."""
     if self.short_conv_enabled:
       conv_in = rms_norm(u, self.conv_norm.scale[...], self.conv_norm.eps)
-      conv_out, new_state = self.short_conv(conv_in, segment_ids=segment_ids,
-                                            conv_state=conv_state, lengths=lengths)
+      conv_out, new_state = self.short_conv(conv_in, segment_ids=segment_ids, conv_state=conv_state, lengths=lengths)
       y = u + conv_out
     else:
       y = u
@@ -378,8 +409,7 @@ class Engram(nnx.Module):
       alpha = jnp.broadcast_to(alpha, alpha.shape[:2] + (streams,))
     return y, alpha, new_state
 
-  def _fused_gather_gate(self, hidden: jax.Array, engram_ids: jax.Array, *, segment_ids
-                         ) -> tuple[jax.Array, jax.Array]:
+  def _fused_gather_gate(self, hidden: jax.Array, engram_ids: jax.Array, *, segment_ids) -> tuple[jax.Array, jax.Array]:
     """impl="pallas"/"auto": rows go from the table straight into the fused gather-gate op
     (`pallas_kernels.gather_gate`), never written out as a [B, T, d_mem] array."""
     from pallas_kernels import gather_gate  # kernels sit below layers
@@ -394,20 +424,42 @@ class Engram(nnx.Module):
     eps = self.gate_norm_eps if self.gate_norm_eps is not None else float(jnp.finfo(hidden.dtype).eps)
     query = rms_norm(hidden.astype(self.dtype), self.query_norm.scale[...], eps)
     u, alpha = gather_gate(
-        self.table[...], flat, self.value_kernel[...], self.value_bias[...], self.key_kernel[...],
-        self.key_bias[...], query.reshape(b * t, g, d), self.key_norm.scale[...], gate=self.gate,
-        norm_eps=eps, impl=self.impl, out_dtype=self.dtype)
+      self.table[...],
+      flat,
+      self.value_kernel[...],
+      self.value_bias[...],
+      self.key_kernel[...],
+      self.key_bias[...],
+      query.reshape(b * t, g, d),
+      self.key_norm.scale[...],
+      gate=self.gate,
+      norm_eps=eps,
+      impl=self.impl,
+      out_dtype=self.dtype,
+    )
     # The rows never leave the kernel: a token with an invalid id gets NaN u and gates.
     ok = jnp.all(valid, axis=-1).reshape(b * t, 1)
     u = jnp.where(ok[..., None], u, jnp.asarray(jnp.nan, u.dtype))
     alpha = jnp.where(ok, alpha, jnp.asarray(jnp.nan, alpha.dtype))
-    y, alpha, _ = self._finish(u.reshape(b, t, g, d), alpha.reshape(b, t, g).astype(self.dtype),
-                               streams, segment_ids=segment_ids, conv_state=None, lengths=None)
+    y, alpha, _ = self._finish(
+      u.reshape(b, t, g, d),
+      alpha.reshape(b, t, g).astype(self.dtype),
+      streams,
+      segment_ids=segment_ids,
+      conv_state=None,
+      lengths=None,
+    )
     return y, alpha
 
-  def __call__(self, hidden: jax.Array, engram_ids: jax.Array | None = None, *,
-               engram_rows: jax.Array | None = None, segment_ids: jax.Array | None = None,
-               return_gates: bool = False):
+  def __call__(
+    self,
+    hidden: jax.Array,
+    engram_ids: jax.Array | None = None,
+    *,
+    engram_rows: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    return_gates: bool = False,
+  ):
     """Y for hidden [B, T, G, D] (or [B, T, D] when G = 1) and hashed row ids engram_ids [B, T, H].
 
     Pass `engram_rows` [B, T, d_mem] instead of `engram_ids` to use rows gathered elsewhere
@@ -420,8 +472,7 @@ class Engram(nnx.Module):
         raise ValueError(f"hidden [B, T, D] is only accepted when hc_mult == 1 (got {self.hc_mult})")
       hidden = hidden[:, :, None, :]
     if hidden.ndim != 4 or hidden.shape[2:] != (self.hc_mult, self.hidden_size):
-      raise ValueError(
-          f"hidden must be [B, T, {self.hc_mult}, {self.hidden_size}], got shape {hidden.shape}")
+      raise ValueError(f"hidden must be [B, T, {self.hc_mult}, {self.hidden_size}], got shape {hidden.shape}")
     if (engram_ids is None) == (rows is None):
       raise ValueError("pass exactly one of engram_ids (to gather) or engram_rows (pre-gathered)")
     if rows is None:
@@ -451,13 +502,21 @@ class NgramInputAverage(nnx.Module):
   Engram's, so it joins the same optimizer group and holds the same memory parameters.
   """
 
-  def __init__(self, config: EngramConfig, layer_id: int, hidden_size: int, *,
-               table_sizes: Sequence[int], dtype=jnp.float32, param_dtype=jnp.float32,
-               table_init_std: float = 1.0, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    config: EngramConfig,
+    layer_id: int,
+    hidden_size: int,
+    *,
+    table_sizes: Sequence[int],
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    table_init_std: float = 1.0,
+    rngs: nnx.Rngs,
+  ):
     sizes = np.asarray([int(s) for s in table_sizes], dtype=np.int64)
     if sizes.shape != (config.num_heads,) or (sizes < 1).any():
-      raise ValueError(
-          f"table_sizes must hold {config.num_heads} positive head sizes ((N-1)*K), got {sizes.tolist()}")
+      raise ValueError(f"table_sizes must hold {config.num_heads} positive head sizes ((N-1)*K), got {sizes.tolist()}")
     if layer_id not in config.layer_ids:
       raise ValueError(f"layer_id {layer_id} is not in EngramConfig.layer_ids {config.layer_ids}")
     self.config, self.layer_id, self.dtype = config, int(layer_id), dtype
@@ -466,10 +525,11 @@ class NgramInputAverage(nnx.Module):
     d_h = config.head_dim
     k_table, k_proj = jax.random.split(rngs.params())
     self.table = annotated(
-        table_init_std * jax.random.normal(k_table, (int(sizes.sum()), d_h), param_dtype),
-        ("engram_rows", "engram_dim"))
-    self.proj_kernel = annotated(nnx.initializers.lecun_normal()(k_proj, (d_h, hidden_size), param_dtype),
-                                 ("engram_dim", "embed"))
+      table_init_std * jax.random.normal(k_table, (int(sizes.sum()), d_h), param_dtype), ("engram_rows", "engram_dim")
+    )
+    self.proj_kernel = annotated(
+      nnx.initializers.lecun_normal()(k_proj, (d_h, hidden_size), param_dtype), ("engram_dim", "embed")
+    )
     self.proj_bias = annotated(jnp.zeros((hidden_size,), param_dtype), ("embed",))
 
   def __call__(self, engram_ids: jax.Array) -> jax.Array:
@@ -479,14 +539,16 @@ class NgramInputAverage(nnx.Module):
       raise ValueError(f"engram_ids must be [B, T, {self.config.num_heads}], got shape {engram_ids.shape}")
     ids = engram_ids.astype(jnp.int32)
     sizes = jnp.asarray(self.table_sizes, jnp.int32)
-    valid = (ids >= 0) & (ids < sizes)   # per head, before the offset (as Engram.head_bounds)
+    valid = (ids >= 0) & (ids < sizes)  # per head, before the offset (as Engram.head_bounds)
     if isinstance(ids, jax.core.Tracer):
       _debug_check_ids(valid, ids, sizes, f"the n-gram input average of layer {self.layer_id}")
     elif not bool(jnp.all(valid)):
       pos = tuple(int(i) for i in np.argwhere(~np.asarray(valid))[0])
-      raise ValueError(f"row id {int(ids[pos])} at position {pos} is outside head {pos[-1]}'s table "
-                       f"[0, {self.table_sizes[pos[-1]]}) of the n-gram input average of layer {self.layer_id}")
+      raise ValueError(
+        f"row id {int(ids[pos])} at position {pos} is outside head {pos[-1]}'s table "
+        f"[0, {self.table_sizes[pos[-1]]}) of the n-gram input average of layer {self.layer_id}"
+      )
     flat = jnp.where(valid, ids + jnp.asarray(self.offsets, jnp.int32), self.table.shape[0])
     rows = jnp.take(self.table[...], flat, axis=0, mode="fill", fill_value=jnp.nan)
-    mean = jnp.mean(rows.astype(jnp.float32), axis=-2).astype(self.dtype)       # [B, T, d_h]
+    mean = jnp.mean(rows.astype(jnp.float32), axis=-2).astype(self.dtype)  # [B, T, d_h]
     return mean @ self.proj_kernel[...].astype(self.dtype) + self.proj_bias[...].astype(self.dtype)

@@ -38,9 +38,7 @@ class SwiGLU(nnx.Module):
     rngs: nnx.Rngs,
   ):
     if hidden_size <= 0 or ffn_hidden <= 0:
-      raise ValueError(
-        f"SwiGLU sizes must be positive, got hidden_size={hidden_size}, ffn_hidden={ffn_hidden}"
-      )
+      raise ValueError(f"SwiGLU sizes must be positive, got hidden_size={hidden_size}, ffn_hidden={ffn_hidden}")
     self.hidden_size = hidden_size
     self.ffn_hidden = ffn_hidden
     self.dtype = dtype

@@ -98,9 +98,7 @@ class HyperConnection(nnx.Module):
       return
     g, d = hc_mult, hidden_size
     n_mix = 2 * g + g * g  # pre [G] | post [G] | res [G*G]
-    phi = nnx.initializers.normal(stddev=1.0 / math.sqrt(g * d))(
-      rngs.params(), (g * d, n_mix), param_dtype
-    )
+    phi = nnx.initializers.normal(stddev=1.0 / math.sqrt(g * d))(rngs.params(), (g * d, n_mix), param_dtype)
     self.phi = annotated(phi, ("hc_embed", "hc_mix"))
     b_pre = jnp.full((g,), math.log(1.0 / (g - 1)), param_dtype)  # sigmoid(b) = 1/G
     b_post = jnp.zeros((g,), param_dtype)  # 2 sigmoid(b) = 1
@@ -117,9 +115,7 @@ class HyperConnection(nnx.Module):
     dyn = flat @ self.phi[...].astype(jnp.float32)  # [B,T,2G+G^2]
     alpha = self.alpha[...].astype(jnp.float32)
     bias = self.bias[...].astype(jnp.float32)
-    scale = jnp.concatenate(
-      [jnp.full((g,), alpha[0]), jnp.full((g,), alpha[1]), jnp.full((g * g,), alpha[2])]
-    )
+    scale = jnp.concatenate([jnp.full((g,), alpha[0]), jnp.full((g,), alpha[1]), jnp.full((g * g,), alpha[2])])
     logits = dyn * scale + bias
     h_pre = jax.nn.sigmoid(logits[..., :g])
     h_post = 2.0 * jax.nn.sigmoid(logits[..., g : 2 * g])
@@ -129,9 +125,7 @@ class HyperConnection(nnx.Module):
   def pre(self, x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """Streams [B,T,G,D] -> (sublayer input [B,T,D], mix state for `post`)."""
     if x.ndim != 4 or x.shape[2:] != (self.hc_mult, self.hidden_size):
-      raise ValueError(
-        f"HyperConnection expects streams [B, T, {self.hc_mult}, {self.hidden_size}], got {x.shape}"
-      )
+      raise ValueError(f"HyperConnection expects streams [B, T, {self.hc_mult}, {self.hidden_size}], got {x.shape}")
     if self.hc_mult == 1:
       return x[:, :, 0, :], None
     h_pre, h_post, h_res = self.mixing(x)

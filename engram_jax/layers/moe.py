@@ -63,17 +63,17 @@ class MoEConfig:
         raise ValueError(f"MoEConfig.{name} must be a positive int, got {value!r}")
     if isinstance(self.num_shared_experts, bool):
       raise ValueError(f"MoEConfig.num_shared_experts must be an int >= 0, got {self.num_shared_experts!r}")
-    for name, low_open in (("routed_scaling", True), ("capacity_factor", True), ("bias_update_rate", False),
-                           ("balance_loss_weight", False)):
+    for name, low_open in (
+      ("routed_scaling", True),
+      ("capacity_factor", True),
+      ("bias_update_rate", False),
+      ("balance_loss_weight", False),
+    ):
       check_float("MoEConfig", name, getattr(self, name), low=0.0, low_open=low_open)
     if not isinstance(self.num_shared_experts, int) or self.num_shared_experts < 0:
-      raise ValueError(
-        f"MoEConfig.num_shared_experts must be an int >= 0, got {self.num_shared_experts!r}"
-      )
+      raise ValueError(f"MoEConfig.num_shared_experts must be an int >= 0, got {self.num_shared_experts!r}")
     if self.top_k > self.num_experts:
-      raise ValueError(
-        f"MoEConfig.top_k ({self.top_k}) must be <= num_experts ({self.num_experts})"
-      )
+      raise ValueError(f"MoEConfig.top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
     if self.dispatch not in DISPATCH_MODES:
       raise ValueError(f"MoEConfig.dispatch must be one of {DISPATCH_MODES}, got {self.dispatch!r}")
     if not self.routed_scaling > 0:
@@ -83,9 +83,7 @@ class MoEConfig:
     if not self.bias_update_rate >= 0:
       raise ValueError(f"MoEConfig.bias_update_rate must be >= 0, got {self.bias_update_rate}")
     if not self.balance_loss_weight >= 0:
-      raise ValueError(
-        f"MoEConfig.balance_loss_weight must be >= 0, got {self.balance_loss_weight}"
-      )
+      raise ValueError(f"MoEConfig.balance_loss_weight must be >= 0, got {self.balance_loss_weight}")
 
   def capacity(self, num_tokens: int) -> int:
     """Per-expert capacity C = ceil(capacity_factor * num_tokens * top_k / E)."""
@@ -163,9 +161,7 @@ class MoE(nnx.Module):
 
     self.shared: SwiGLU | None = nnx.data(None)
     if config.num_shared_experts > 0:
-      self.shared = SwiGLU(
-        d, config.num_shared_experts * f, dtype=dtype, param_dtype=param_dtype, rngs=rngs
-      )
+      self.shared = SwiGLU(d, config.num_shared_experts * f, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Chooses experts for x [N, D].
@@ -216,9 +212,7 @@ class MoE(nnx.Module):
       "tokens_per_expert": tokens_per_expert,
       "load": tokens_per_expert.astype(jnp.float32) / (b * t * cfg.top_k),
       "dropped": dropped,
-      "balance_loss": self._balance_loss(
-        expert_ids.reshape(b, t, -1), affinities.reshape(b, t, -1)
-      ),
+      "balance_loss": self._balance_loss(expert_ids.reshape(b, t, -1), affinities.reshape(b, t, -1)),
     }
     return y.reshape(b, t, d), stats
 
@@ -234,9 +228,7 @@ class MoE(nnx.Module):
     group_sizes = jnp.bincount(flat_ids, length=self.config.num_experts).astype(jnp.int32)
     w_gate, w_up, w_down = self._expert_weights()
     xs = tokens[token_of]  # [N*k, D]
-    hidden = jax.nn.silu(grouped_matmul(xs, w_gate, group_sizes)) * grouped_matmul(
-      xs, w_up, group_sizes
-    )  # [N*k, F]
+    hidden = jax.nn.silu(grouped_matmul(xs, w_gate, group_sizes)) * grouped_matmul(xs, w_up, group_sizes)  # [N*k, F]
     ys = grouped_matmul(hidden, w_down, group_sizes)  # [N*k, D]
     ys = ys * gates.reshape(-1)[order][:, None]
     return jnp.zeros_like(tokens).at[token_of].add(ys)

@@ -30,9 +30,17 @@ class RMSNorm(nnx.Module):
       residual branch); `axis_names` must then name every axis of the scale.
   """
 
-  def __init__(self, dim: int, *, eps: float = 1e-6, leading: Sequence[int] = (),
-               axis_names: Sequence[str | None] | None = None, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+  def __init__(
+    self,
+    dim: int,
+    *,
+    eps: float = 1e-6,
+    leading: Sequence[int] = (),
+    axis_names: Sequence[str | None] | None = None,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs | None = None,
+  ):
     del rngs  # deterministic init; kept for a uniform constructor signature
     shape = tuple(leading) + (dim,)
     names = tuple(axis_names) if axis_names is not None else (None,) * len(leading) + ("norm",)

@@ -14,8 +14,7 @@ def mesh_is_active() -> bool:
   return mesh is not None and not mesh.empty
 
 
-def annotated(value: jax.Array, names: Sequence[str | None], *, kind: type = nnx.Param,
-              **metadata) -> nnx.Variable:
+def annotated(value: jax.Array, names: Sequence[str | None], *, kind: type = nnx.Param, **metadata) -> nnx.Variable:
   """Wraps `value` in `kind` with logical axis `names` as `out_sharding` metadata.
 
   Outside a mesh the names are only metadata (`engram_jax.sharding` maps them to a mesh

@@ -58,9 +58,7 @@ class ParamCounts:
   @property
   def sparse(self) -> int:
     """Inactive parameters: routed experts not chosen + Engram rows not looked up."""
-    return (self.routed_total - self.routed_active) + (
-      self.engram_table_total - self.engram_table_active
-    )
+    return (self.routed_total - self.routed_active) + (self.engram_table_total - self.engram_table_active)
 
   @property
   def rho(self) -> float:
@@ -120,9 +118,7 @@ def count_params(config: ModelConfig) -> ParamCounts:
     conv = e.kernel_size * ge * d if c.engram_short_conv else 0
     for lid in c.engram_layer_ids:
       rows = (
-        e.num_heads * c.engram_fold_rows
-        if c.engram_fold_rows is not None
-        else int(sum(int(s) for s in sizes[lid]))
+        e.num_heads * c.engram_fold_rows if c.engram_fold_rows is not None else int(sum(int(s) for s in sizes[lid]))
       )
       if c.engram_mode == "engram":
         rows = -(-rows // c.engram_row_multiple) * c.engram_row_multiple  # padding rows
@@ -133,32 +129,15 @@ def count_params(config: ModelConfig) -> ParamCounts:
         engram_fixed += e.head_dim * d + d
         continue
       engram_matmul += (1 + keys) * e.memory_dim * d + conv
-      engram_fixed += (
-        (1 + keys) * (e.memory_dim * d + d)
-        + 2 * keys * d
-        + (ge * d + conv if c.engram_short_conv else 0)
-      )
+      engram_fixed += (1 + keys) * (e.memory_dim * d + d) + 2 * keys * d + (ge * d + conv if c.engram_short_conv else 0)
     b["engram_table"] = table_total
     b["engram_other"] = engram_fixed
 
   total = sum(b.values())
-  dense_active = (
-    b["norms"]
-    + b["attention"]
-    + b["hyper_connections"]
-    + b["dense_ffn"]
-    + moe_active
-    + engram_fixed
-  )
+  dense_active = b["norms"] + b["attention"] + b["hyper_connections"] + b["dense_ffn"] + moe_active + engram_fixed
   active = d * v + dense_active + routed_active + table_active
   matmul_active = (
-    d * v
-    + b["attention"]
-    + hc_matmul * c.num_layers
-    + b["dense_ffn"]
-    + moe_active
-    + routed_active
-    + engram_matmul
+    d * v + b["attention"] + hc_matmul * c.num_layers + b["dense_ffn"] + moe_active + routed_active + engram_matmul
   )
   return ParamCounts(
     total=total,

@@ -123,17 +123,13 @@ class ModelConfig:
         raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
-        f"ModelConfig.num_heads ({self.num_heads}) must be divisible by num_kv_heads "
-        f"({self.num_kv_heads})"
+        f"ModelConfig.num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})"
       )
     if self.head_dim % 2:
       raise ValueError(f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}")
-    if not isinstance(self.num_dense_layers, int) or not (
-      0 <= self.num_dense_layers <= self.num_layers
-    ):
+    if not isinstance(self.num_dense_layers, int) or not (0 <= self.num_dense_layers <= self.num_layers):
       raise ValueError(
-        f"ModelConfig.num_dense_layers must be in [0, num_layers={self.num_layers}], got "
-        f"{self.num_dense_layers!r}"
+        f"ModelConfig.num_dense_layers must be in [0, num_layers={self.num_layers}], got {self.num_dense_layers!r}"
       )
     if self.moe is not None and not isinstance(self.moe, MoEConfig):
       raise ValueError(f"ModelConfig.moe must be a MoEConfig or None, got {self.moe!r}")
@@ -143,36 +139,26 @@ class ModelConfig:
       bad = [i for i in self.engram.layer_ids if i >= self.num_layers]
       if bad:
         raise ValueError(
-          f"ModelConfig.engram.layer_ids {self.engram.layer_ids} has ids {bad} >= "
-          f"num_layers={self.num_layers}"
+          f"ModelConfig.engram.layer_ids {self.engram.layer_ids} has ids {bad} >= num_layers={self.num_layers}"
         )
     if self.engram_compressed_vocab is not None and self.engram_compressed_vocab < 1:
       raise ValueError(
-        f"ModelConfig.engram_compressed_vocab must be positive or None, got "
-        f"{self.engram_compressed_vocab!r}"
+        f"ModelConfig.engram_compressed_vocab must be positive or None, got {self.engram_compressed_vocab!r}"
       )
     if self.engram_gate not in ENGRAM_GATES:
-      raise ValueError(
-        f"ModelConfig.engram_gate must be one of {ENGRAM_GATES}, got {self.engram_gate!r}"
-      )
+      raise ValueError(f"ModelConfig.engram_gate must be one of {ENGRAM_GATES}, got {self.engram_gate!r}")
     if self.engram_impl not in ENGRAM_IMPLS:
-      raise ValueError(
-        f"ModelConfig.engram_impl must be one of {ENGRAM_IMPLS}, got {self.engram_impl!r}"
-      )
+      raise ValueError(f"ModelConfig.engram_impl must be one of {ENGRAM_IMPLS}, got {self.engram_impl!r}")
     if self.engram_sharded_lookup not in ENGRAM_SHARDED_LOOKUPS:
       raise ValueError(
-        f"ModelConfig.engram_sharded_lookup must be one of {ENGRAM_SHARDED_LOOKUPS}, got "
-        f"{self.engram_sharded_lookup!r}"
+        f"ModelConfig.engram_sharded_lookup must be one of {ENGRAM_SHARDED_LOOKUPS}, got {self.engram_sharded_lookup!r}"
       )
     if self.engram_table_sharding not in ENGRAM_TABLE_SHARDINGS:
       raise ValueError(
-        f"ModelConfig.engram_table_sharding must be one of {ENGRAM_TABLE_SHARDINGS}, got "
-        f"{self.engram_table_sharding!r}"
+        f"ModelConfig.engram_table_sharding must be one of {ENGRAM_TABLE_SHARDINGS}, got {self.engram_table_sharding!r}"
       )
     if self.engram_mode not in ENGRAM_MODES:
-      raise ValueError(
-        f"ModelConfig.engram_mode must be one of {ENGRAM_MODES}, got {self.engram_mode!r}"
-      )
+      raise ValueError(f"ModelConfig.engram_mode must be one of {ENGRAM_MODES}, got {self.engram_mode!r}")
     for name in ("engram_short_conv", "engram_multi_branch"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
@@ -181,9 +167,7 @@ class ModelConfig:
       or not isinstance(self.engram_row_multiple, int)
       or self.engram_row_multiple < 1
     ):
-      raise ValueError(
-        f"ModelConfig.engram_row_multiple must be a positive int, got {self.engram_row_multiple!r}"
-      )
+      raise ValueError(f"ModelConfig.engram_row_multiple must be a positive int, got {self.engram_row_multiple!r}")
     std = self.engram_table_init_std
     if isinstance(std, bool) or not isinstance(std, (int, float)) or not 0 < std < float("inf"):
       raise ValueError(f"ModelConfig.engram_table_init_std must be a positive finite number, got {std!r}")
@@ -192,9 +176,7 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.engram_fold_rows must be None or a positive int, got {fold!r}")
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in DTYPES:
-        raise ValueError(
-          f"ModelConfig.{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}"
-        )
+        raise ValueError(f"ModelConfig.{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")
     check_float("ModelConfig", "norm_eps", self.norm_eps, low=0.0, low_open=True)
     check_float("ModelConfig", "rope_theta", self.rope_theta, low=0.0, low_open=True)
     check_bool("ModelConfig", "tie_embeddings", self.tie_embeddings)
@@ -223,9 +205,7 @@ class ModelConfig:
   @property
   def compressed_vocab(self) -> int:
     """Compressed vocabulary size for the `NgramHasher` (defaults to vocab_size)."""
-    return (
-      self.vocab_size if self.engram_compressed_vocab is None else (self.engram_compressed_vocab)
-    )
+    return self.vocab_size if self.engram_compressed_vocab is None else (self.engram_compressed_vocab)
 
   @property
   def jnp_dtype(self):

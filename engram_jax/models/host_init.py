@@ -60,15 +60,18 @@ def device_state_init(build: Callable[[], Transformer], host_layers) -> Callable
     tables, rest = nnx.split_state(nnx.state(build()), is_table, ...)
     placeholders = jax.tree.map(lambda x: jnp.zeros((0,) + x.shape[1:], x.dtype), tables)
     return nnx.merge_state(rest, placeholders)
+
   return init
 
 
-def compile_device_init(build: Callable[[], Transformer], host_layers, device: jax.Device
-                        ) -> jax.stages.Compiled:
+def compile_device_init(build: Callable[[], Transformer], host_layers, device: jax.Device) -> jax.stages.Compiled:
   """`device_state_init` compiled for `device` (its `memory_analysis()` shows what the
   device allocates: no host table)."""
-  return jax.jit(device_state_init(build, host_layers),
-                 out_shardings=jax.sharding.SingleDeviceSharding(device)).lower().compile()
+  return (
+    jax.jit(device_state_init(build, host_layers), out_shardings=jax.sharding.SingleDeviceSharding(device))
+    .lower()
+    .compile()
+  )
 
 
 def host_table_init(build: Callable[[], Transformer], layer: int) -> Callable[[], jax.Array]:
@@ -76,12 +79,14 @@ def host_table_init(build: Callable[[], Transformer], layer: int) -> Callable[[]
   return lambda: engram_table(build(), layer)[...]
 
 
-def build_offloaded(build: Callable[[], Transformer],
-                    placements: str | Mapping[int, TablePlacement], *,
-                    frequencies: Mapping[int, np.ndarray] | None = None,
-                    device: jax.Device | None = None,
-                    host_device: jax.Device | None = None
-                    ) -> tuple[Transformer, OffloadedEngram]:
+def build_offloaded(
+  build: Callable[[], Transformer],
+  placements: str | Mapping[int, TablePlacement],
+  *,
+  frequencies: Mapping[int, np.ndarray] | None = None,
+  device: jax.Device | None = None,
+  host_device: jax.Device | None = None,
+) -> tuple[Transformer, OffloadedEngram]:
   """Builds `build()` with its host / cached tables created in host memory only.
 
   Args:
@@ -104,8 +109,11 @@ def build_offloaded(build: Callable[[], Transformer],
 
   host_device = host_device or host_compute_device(device)
   if host_device is None:
-    log.warning("no CPU backend: host tables are initialised on %s and copied to its host "
-                "memory (each passes through device memory once)", device)
+    log.warning(
+      "no CPU backend: host tables are initialised on %s and copied to its host "
+      "memory (each passes through device memory once)",
+      device,
+    )
     out = sharding_for(host_memory_kind(device), device)
   else:
     out = jax.sharding.SingleDeviceSharding(host_device)

@@ -77,8 +77,7 @@ class OffloadedEngram:
     self._check_layers(engram_ids)
     return {l: flat_rows_np(np.asarray(engram_ids[l]), self.offsets[l]) for l in self.host_layers}
 
-  def gather(self, engram_ids: Mapping[int, Any], *, sharding: RowPlacement | None = None
-             ) -> dict[int, jax.Array]:
+  def gather(self, engram_ids: Mapping[int, Any], *, sharding: RowPlacement | None = None) -> dict[int, jax.Array]:
     """Synchronous gather: hashed per-head ids {layer: [B, T, H]} -> device rows [B, T, H*d_h]
     (placed by `sharding` when given, else on the table's device)."""
     out = {}
@@ -87,20 +86,25 @@ class OffloadedEngram:
       out[layer] = rows.reshape(rows.shape[:-2] + (-1,))
     return out
 
-  def prefetcher(self, batches: Iterable, *, depth: int = 1,
-                 row_ids: Callable[[Any], Mapping[int, Any]] = engram_row_ids,
-                 sources: Mapping[int, Any] | None = None,
-                 sharding: RowPlacement | None = None) -> RowPrefetcher:
+  def prefetcher(
+    self,
+    batches: Iterable,
+    *,
+    depth: int = 1,
+    row_ids: Callable[[Any], Mapping[int, Any]] = engram_row_ids,
+    sources: Mapping[int, Any] | None = None,
+    sharding: RowPlacement | None = None,
+  ) -> RowPrefetcher:
     """A `RowPrefetcher` over `batches` yielding (batch, {layer: rows [B, T, H*d_h]}).
 
     `sources` overrides the gather callables (e.g. instrumented ones in a benchmark);
     `sharding` places the rows (as for `gather`).
     """
     if sources is None and sharding is not None:
-      sources = {l: functools.partial(_gather, s, sharding=sharding)
-                 for l, s in self.sources.items()}
-    return RowPrefetcher(batches, dict(sources or self.sources), offsets=self.offsets,
-                         row_ids=row_ids, depth=depth, merge_heads=True)
+      sources = {l: functools.partial(_gather, s, sharding=sharding) for l, s in self.sources.items()}
+    return RowPrefetcher(
+      batches, dict(sources or self.sources), offsets=self.offsets, row_ids=row_ids, depth=depth, merge_heads=True
+    )
 
   def restore_into(self, model: Transformer) -> Transformer:
     """Puts the current host tables back into `model` as device arrays (in place)."""
@@ -112,12 +116,10 @@ class OffloadedEngram:
   def _check_layers(self, engram_ids: Mapping[int, Any]) -> None:
     missing = [l for l in self.host_layers if l not in engram_ids]
     if missing:
-      raise ValueError(f"row ids for host-placed Engram layers {missing} are missing; "
-                       f"got layers {sorted(engram_ids)}")
+      raise ValueError(f"row ids for host-placed Engram layers {missing} are missing; got layers {sorted(engram_ids)}")
 
 
-def _gather(source: RowSource, flat_ids: np.ndarray, sharding: RowPlacement | None = None
-            ) -> jax.Array:
+def _gather(source: RowSource, flat_ids: np.ndarray, sharding: RowPlacement | None = None) -> jax.Array:
   if sharding is None:
     return source.lookup(flat_ids) if isinstance(source, HotRowCache) else source.gather(flat_ids)
   table = source.table if isinstance(source, HotRowCache) else source
@@ -139,13 +141,14 @@ def check_host_placement(config: ModelConfig, host_layers: Iterable[int], where:
   the host decoder index the table with unfolded hashed ids, so they would read other rows)."""
   host_layers = sorted(int(l) for l in host_layers)
   if host_layers and config.engram_fold_rows is not None:
-    raise ValueError(f"{where} places Engram layers {host_layers} in host memory, which does not support "
-                     f"ModelConfig.engram_fold_rows={config.engram_fold_rows} (host gathers do not fold "
-                     "the hashed ids): keep those tables on the device")
+    raise ValueError(
+      f"{where} places Engram layers {host_layers} in host memory, which does not support "
+      f"ModelConfig.engram_fold_rows={config.engram_fold_rows} (host gathers do not fold "
+      "the hashed ids): keep those tables on the device"
+    )
 
 
-def resolve_placements(model: Transformer, placements: str | Mapping[int, TablePlacement]
-                       ) -> dict[int, TablePlacement]:
+def resolve_placements(model: Transformer, placements: str | Mapping[int, TablePlacement]) -> dict[int, TablePlacement]:
   """{layer: TablePlacement} for every Engram layer of `model` (unnamed layers: device)."""
   layer_ids = model.config.engram_layer_ids
   if not layer_ids:
@@ -157,13 +160,13 @@ def resolve_placements(model: Transformer, placements: str | Mapping[int, TableP
   unknown = sorted(set(placements) - set(layer_ids))
   if unknown:
     raise ValueError(f"placements name layers {unknown} that are not Engram layers {layer_ids}")
-  check_host_placement(model.config, [l for l, p in placements.items() if p.on_host],
-                       f"placements {spec!r}")
+  check_host_placement(model.config, [l for l, p in placements.items() if p.on_host], f"placements {spec!r}")
   return {l: placements.get(l, TablePlacement()) for l in layer_ids}
 
 
-def row_source(table: HostTable, layer: int, placement: TablePlacement,
-               frequencies: Mapping[int, np.ndarray]) -> RowSource:
+def row_source(
+  table: HostTable, layer: int, placement: TablePlacement, frequencies: Mapping[int, np.ndarray]
+) -> RowSource:
   """What a forward gathers layer `layer`'s rows from: a `HotRowCache` for "cached"."""
   if placement.kind != "cached":
     return table
@@ -172,14 +175,20 @@ def row_source(table: HostTable, layer: int, placement: TablePlacement,
   elif placement.frequency_file:
     counts = load_frequencies(placement.frequency_file, table.num_rows)
   else:
-    raise ValueError(f"Engram layer {layer} is placed 'cached' but has no row frequencies: "
-                     "pass frequencies={layer: counts} or set the placement's frequency_file")
+    raise ValueError(
+      f"Engram layer {layer} is placed 'cached' but has no row frequencies: "
+      "pass frequencies={layer: counts} or set the placement's frequency_file"
+    )
   return HotRowCache.from_frequencies(table, counts, fraction=placement.cache_fraction)
 
 
-def split_tables(model: Transformer, placements: str | Mapping[int, TablePlacement], *,
-                 frequencies: Mapping[int, np.ndarray] | None = None,
-                 device: jax.Device | None = None) -> tuple[Transformer, OffloadedEngram]:
+def split_tables(
+  model: Transformer,
+  placements: str | Mapping[int, TablePlacement],
+  *,
+  frequencies: Mapping[int, np.ndarray] | None = None,
+  device: jax.Device | None = None,
+) -> tuple[Transformer, OffloadedEngram]:
   """Moves the tables of host / cached Engram layers out of `model` (in place).
 
   The tables are on the device until then; to never put them there, build the model
@@ -208,8 +217,7 @@ def split_tables(model: Transformer, placements: str | Mapping[int, TablePlaceme
     value = var.get_value()
     if value.shape[0] == 0:
       raise ValueError(f"Engram layer {layer}'s table was already split off (shape {value.shape})")
-    table = HostTable(np.asarray(jax.device_get(value)), method=placement.host_gather,
-                      device=device)
+    table = HostTable(np.asarray(jax.device_get(value)), method=placement.host_gather, device=device)
     tables[layer] = table
     offsets[layer] = np.asarray(engram.offsets, np.int64)
     sources[layer] = row_source(table, layer, placement, frequencies)
@@ -224,8 +232,17 @@ def _device_row_ids(engram_ids, host_layers) -> dict[int, Any] | None:
   return ids or None
 
 
-def apply_offloaded(graphdef: nnx.GraphDef, state: nnx.State, tokens, engram_ids, engram_rows, *,
-                    positions=None, segment_ids=None, cache=None):
+def apply_offloaded(
+  graphdef: nnx.GraphDef,
+  state: nnx.State,
+  tokens,
+  engram_ids,
+  engram_rows,
+  *,
+  positions=None,
+  segment_ids=None,
+  cache=None,
+):
   """Pure forward: `Transformer` from (graphdef, state), host rows as `engram_rows`.
 
   Args:
@@ -235,17 +252,20 @@ def apply_offloaded(graphdef: nnx.GraphDef, state: nnx.State, tokens, engram_ids
     (logits [B, T, V], aux) as `Transformer.__call__`.
   """
   model = nnx.merge(graphdef, state)
-  return model(tokens, engram_ids, positions=positions, segment_ids=segment_ids,
-               engram_rows=engram_rows, cache=cache)
+  return model(tokens, engram_ids, positions=positions, segment_ids=segment_ids, engram_rows=engram_rows, cache=cache)
 
 
 _apply_jit = jax.jit(apply_offloaded, static_argnums=(0,))
 
 
-def forward_with_host_tables(model: Transformer, batch: Mapping[str, Any],
-                             tables: OffloadedEngram,
-                             engram_rows: Mapping[int, jax.Array] | None = None, *,
-                             cache=None):
+def forward_with_host_tables(
+  model: Transformer,
+  batch: Mapping[str, Any],
+  tables: OffloadedEngram,
+  engram_rows: Mapping[int, jax.Array] | None = None,
+  *,
+  cache=None,
+):
   """Jitted forward of a split model on one batch.
 
   Args:
@@ -265,7 +285,13 @@ def forward_with_host_tables(model: Transformer, batch: Mapping[str, Any],
   if missing:
     raise ValueError(f"engram_rows lacks host-placed Engram layers {missing}")
   graphdef, state = nnx.split(model)
-  return _apply_jit(graphdef, state, batch["tokens"],
-                    _device_row_ids(batch.get("engram_ids"), tables.host_layers),
-                    dict(engram_rows), positions=batch.get("positions"),
-                    segment_ids=batch.get("segment_ids"), cache=cache)
+  return _apply_jit(
+    graphdef,
+    state,
+    batch["tokens"],
+    _device_row_ids(batch.get("engram_ids"), tables.host_layers),
+    dict(engram_rows),
+    positions=batch.get("positions"),
+    segment_ids=batch.get("segment_ids"),
+    cache=cache,
+  )

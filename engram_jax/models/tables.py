@@ -44,6 +44,7 @@ def engram_table_filter(layers: Iterable[int] | None = None) -> Callable[[tuple,
   def is_table(path, _=None) -> bool:
     layer = engram_table_layer(path)
     return layer is not None and (layers is None or layer in layers)
+
   return is_table
 
 
@@ -52,8 +53,7 @@ def engram_table(model: Any, layer: int) -> nnx.Variable:
   block has none."""
   blocks = model.blocks
   if not 0 <= layer < len(blocks) or getattr(blocks[layer], "engram", None) is None:
-    raise ValueError(f"block {layer} has no Engram layer; Engram layers are "
-                     f"{model.config.engram_layer_ids}")
+    raise ValueError(f"block {layer} has no Engram layer; Engram layers are {model.config.engram_layer_ids}")
   return blocks[layer].engram.table
 
 

@@ -100,9 +100,7 @@ class Block(nnx.Module):
     hc_kw = dict(sinkhorn_iters=cfg.sinkhorn_iters, rngs=rngs, **kw)
     self.attn_hc = HyperConnection(d, g, **hc_kw)
     self.attn_norm = RMSNorm(d, eps=cfg.norm_eps, rngs=rngs, **kw)
-    self.attn = Attention(
-      d, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, rope_theta=cfg.rope_theta, rngs=rngs, **kw
-    )
+    self.attn = Attention(d, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, rope_theta=cfg.rope_theta, rngs=rngs, **kw)
     self.ffn_hc = HyperConnection(d, g, **hc_kw)
     self.ffn_norm = RMSNorm(d, eps=cfg.norm_eps, rngs=rngs, **kw)
     if self.is_moe:
@@ -118,12 +116,8 @@ class Block(nnx.Module):
       if kv_cache is None:
         y, gates, _ = self.engram.fuse(x, engram_rows, segment_ids=segment_ids)
       else:  # segment_ids mark right padding here: keep the state after the valid ones
-        lengths = (
-          None if segment_ids is None else jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32)
-        )
-        y, gates, conv_state = self.engram.fuse(
-          x, engram_rows, conv_state=conv_state, lengths=lengths
-        )
+        lengths = None if segment_ids is None else jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32)
+        y, gates, conv_state = self.engram.fuse(x, engram_rows, conv_state=conv_state, lengths=lengths)
       x = x + y.astype(x.dtype)
 
     h, mix = self.attn_hc.pre(x)
@@ -177,15 +171,11 @@ class Transformer(nnx.Module):
             for lid in cfg.engram.layer_ids
           ]
         )
-      self.final_norm = RMSNorm(
-        d, eps=cfg.norm_eps, dtype=cfg.jnp_dtype, param_dtype=pdtype, rngs=rngs
-      )
+      self.final_norm = RMSNorm(d, eps=cfg.norm_eps, dtype=cfg.jnp_dtype, param_dtype=pdtype, rngs=rngs)
       self.head = nnx.data(
         None
         if cfg.tie_embeddings
-        else annotated(
-          nnx.initializers.lecun_normal()(rngs.params(), (d, v), pdtype), ("embed", "vocab")
-        )
+        else annotated(nnx.initializers.lecun_normal()(rngs.params(), (d, v), pdtype), ("embed", "vocab"))
       )
 
   # ------------------------------------------------------------------------------ decoding
@@ -193,9 +183,7 @@ class Transformer(nnx.Module):
     """Empty generation state for `batch` sequences of up to `max_len` tokens."""
     dtype = self.config.jnp_dtype if dtype is None else dtype
     kv = tuple(b.attn.init_cache(batch, max_len, dtype) for b in self.blocks)
-    engram = {
-      b.layer: b.engram.init_conv_state(batch, dtype) for b in self.blocks if b.engram is not None
-    }
+    engram = {b.layer: b.engram.init_conv_state(batch, dtype) for b in self.blocks if b.engram is not None}
     return DecodeCache(kv=kv, engram=engram)
 
   # ------------------------------------------------------------------------------- forward
@@ -222,9 +210,7 @@ class Transformer(nnx.Module):
     for name, given in (("engram_ids", engram_ids), ("engram_rows", engram_rows)):
       extra = sorted(set(given or {}) - set(self.config.engram_layer_ids))
       if extra:
-        raise ValueError(
-          f"{name} has keys {extra} that are not Engram layers {self.config.engram_layer_ids}"
-        )
+        raise ValueError(f"{name} has keys {extra} that are not Engram layers {self.config.engram_layer_ids}")
     return rows
 
   def __call__(
@@ -264,11 +250,7 @@ class Transformer(nnx.Module):
     if cache is not None and len(cache.kv) != cfg.num_layers:
       raise ValueError(f"cache has {len(cache.kv)} layers, model has {cfg.num_layers}")
     if self.input_ngrams is not None:
-      missing = [
-        m.layer_id
-        for m in self.input_ngrams
-        if engram_ids is None or m.layer_id not in engram_ids
-      ]
+      missing = [m.layer_id for m in self.input_ngrams if engram_ids is None or m.layer_id not in engram_ids]
       if missing:
         raise ValueError(f"engram_mode='input_average' needs engram_ids for layers {missing}")
       input_ids = {m.layer_id: engram_ids[m.layer_id] for m in self.input_ngrams}
@@ -276,9 +258,7 @@ class Transformer(nnx.Module):
     rows = self._gathered_rows(engram_ids, engram_rows)
     for lid, r in rows.items():
       if r.shape != (b, t, cfg.engram.memory_dim):
-        raise ValueError(
-          f"Engram layer {lid} rows shape {r.shape} must be {(b, t, cfg.engram.memory_dim)}"
-        )
+        raise ValueError(f"Engram layer {lid} rows shape {r.shape} must be {(b, t, cfg.engram.memory_dim)}")
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
       if cache is not None:
@@ -309,9 +289,7 @@ class Transformer(nnx.Module):
       w = self.embed[...].astype(cfg.jnp_dtype).T / math.sqrt(cfg.hidden_size)
     else:
       w = self.head[...].astype(cfg.jnp_dtype)
-    logits = jnp.einsum(
-      "btd,dv->btv", h.astype(cfg.jnp_dtype), w, preferred_element_type=jnp.float32
-    )
+    logits = jnp.einsum("btd,dv->btv", h.astype(cfg.jnp_dtype), w, preferred_element_type=jnp.float32)
     logits = constrain(logits, ("batch", "sequence", "vocab"))
     balance = sum((s["balance_loss"] for s in router.values()), jnp.zeros((), jnp.float32))
     aux = {
@@ -340,9 +318,7 @@ def update_moe_biases(
     update_router_bias(moe, router_stats[layer]["load"], rate)
 
 
-def updated_router_biases(
-  state: nnx.State, router_stats: dict[int, dict[str, jax.Array]], rate: float
-) -> nnx.State:
+def updated_router_biases(state: nnx.State, router_stats: dict[int, dict[str, jax.Array]], rate: float) -> nnx.State:
   """Pure version for jitted train steps: `state` is `nnx.state(model, RouterBias)`;
   returns it with blocks[i].ffn.router_bias updated from router_stats[i]["load"]."""
 
@@ -352,14 +328,10 @@ def updated_router_biases(
       layer = int(keys[1])
       if layer not in router_stats:
         raise ValueError(f"router_stats lacks MoE block {layer}")
-      return variable.replace(
-        router_bias_update(variable.get_value(), router_stats[layer]["load"], rate)
-      )
+      return variable.replace(router_bias_update(variable.get_value(), router_stats[layer]["load"], rate))
     return variable
 
-  return jax.tree_util.tree_map_with_path(
-    update, state, is_leaf=lambda x: isinstance(x, nnx.Variable)
-  )
+  return jax.tree_util.tree_map_with_path(update, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 __all__ = [

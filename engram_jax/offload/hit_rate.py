@@ -29,8 +29,9 @@ def hit_rate_from_counts(rank_counts: np.ndarray, eval_counts: np.ndarray, capac
   return float(eval_counts[top_rows(rank_counts, capacity)].sum() / total)
 
 
-def _layer_counts(stream: Iterable, hasher, layer_id: int,
-                  compress: Callable[[np.ndarray], np.ndarray] | None) -> np.ndarray:
+def _layer_counts(
+  stream: Iterable, hasher, layer_id: int, compress: Callable[[np.ndarray], np.ndarray] | None
+) -> np.ndarray:
   num_rows = hasher.total_rows(layer_id)
   offsets = hasher.offsets[layer_id]
   counts = np.zeros(num_rows, np.int64)
@@ -44,10 +45,15 @@ def _layer_counts(stream: Iterable, hasher, layer_id: int,
   return counts
 
 
-def measure_hit_rate(token_stream: Iterable, hasher, cache_fractions: Sequence[float] | float, *,
-                     layer_id: int | None = None, eval_stream: Iterable | None = None,
-                     compressor: Callable[[np.ndarray], np.ndarray] | None = None
-                     ) -> dict[str, dict[float, float]]:
+def measure_hit_rate(
+  token_stream: Iterable,
+  hasher,
+  cache_fractions: Sequence[float] | float,
+  *,
+  layer_id: int | None = None,
+  eval_stream: Iterable | None = None,
+  compressor: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> dict[str, dict[float, float]]:
   """Hit rates of per-order caches: {"order 2": {fraction: rate}, ..., "all": {...}}.
 
   Args:
@@ -74,7 +80,7 @@ def measure_hit_rate(token_stream: Iterable, hasher, cache_fractions: Sequence[f
     first, last = (order - 2) * k, (order - 1) * k - 1
     lo, hi = int(offsets[first]), int(offsets[last] + sizes[last])
     out[f"order {order}"] = {
-        f: hit_rate_from_counts(rank[lo:hi], evals[lo:hi], max(1, round(f * (hi - lo))))
-        for f in fractions}
+      f: hit_rate_from_counts(rank[lo:hi], evals[lo:hi], max(1, round(f * (hi - lo)))) for f in fractions
+    }
   out["all"] = {f: hit_rate_from_counts(rank, evals, max(1, round(f * rank.size))) for f in fractions}
   return out

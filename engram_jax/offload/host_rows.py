@@ -43,8 +43,12 @@ def host_memory_table(table: HostTable) -> jax.Array:
     if kind in ("pinned_host", "unpinned_host"):
       return table.array
   kind = placement_lib.host_memory_kind(table.device)
-  log.info("copying a NumPy host table %s into %s memory for in-program gathers "
-           "(build HostTable(method='compute_on') to avoid the copy)", table.shape, kind)
+  log.info(
+    "copying a NumPy host table %s into %s memory for in-program gathers "
+    "(build HostTable(method='compute_on') to avoid the copy)",
+    table.shape,
+    kind,
+  )
   return jax.device_put(table.numpy(), placement_lib.sharding_for(kind, table.device))
 
 
@@ -59,21 +63,20 @@ def can_read_in_program(device: jax.Device | None = None) -> tuple[bool, str]:
 def gather_host_rows(table: jax.Array, flat_ids: jax.Array) -> jax.Array:
   """Traceable: host-memory table [R, d], device int32 ids [...] -> device rows [..., d]."""
   ids = jax.device_put(flat_ids.astype(jnp.int32), jax.memory.Space.Host)
-  rows = compute_on(_host_take, compute_type="device_host",
-                    out_memory_spaces=jax.memory.Space.Host)(table, ids)
+  rows = compute_on(_host_take, compute_type="device_host", out_memory_spaces=jax.memory.Space.Host)(table, ids)
   return jax.device_put(rows, jax.memory.Space.Device)
 
 
 def hot_arrays(cache: HotRowCache) -> tuple[jax.Array, jax.Array]:
   """(hot_ids int32 [C] ascending, hot_rows [C, d]) device arrays of a `HotRowCache`."""
   check_int32_rows(cache.table.num_rows, "a cached host table")
-  ids = jax.device_put(np.asarray(cache.hot_rows, np.int32),
-                       placement_lib.sharding_for("device", cache.table.device))
+  ids = jax.device_put(np.asarray(cache.hot_rows, np.int32), placement_lib.sharding_for("device", cache.table.device))
   return ids, cache.rows
 
 
-def gather_cached_rows(hot_ids: jax.Array, hot_rows: jax.Array, table: jax.Array,
-                       flat_ids: jax.Array, miss_capacity: int) -> tuple[jax.Array, dict]:
+def gather_cached_rows(
+  hot_ids: jax.Array, hot_rows: jax.Array, table: jax.Array, flat_ids: jax.Array, miss_capacity: int
+) -> tuple[jax.Array, dict]:
   """Traceable: rows [..., d] of flat ids [...], hits from the device cache, misses from host.
 
   At most `miss_capacity` distinct positions are read from the host per call (their ids
@@ -96,7 +99,7 @@ def gather_cached_rows(hot_ids: jax.Array, hot_rows: jax.Array, table: jax.Array
     from_host, read = gather_host_rows(table, ids), jnp.int32(n)
   else:
     miss = ~hit
-    where_miss = jnp.nonzero(miss, size=k, fill_value=0)[0]          # [k] positions
+    where_miss = jnp.nonzero(miss, size=k, fill_value=0)[0]  # [k] positions
     rank = jnp.clip(jnp.cumsum(miss, dtype=jnp.int32) - 1, 0, k - 1)  # [n] slot in the buffer
 
     def few():
@@ -113,5 +116,4 @@ def gather_cached_rows(hot_ids: jax.Array, hot_rows: jax.Array, table: jax.Array
   return rows.reshape(shape + (rows.shape[-1],)), stats
 
 
-__all__ = ["can_read_in_program", "gather_cached_rows", "gather_host_rows", "host_memory_table",
-           "hot_arrays"]
+__all__ = ["can_read_in_program", "gather_cached_rows", "gather_host_rows", "host_memory_table", "hot_arrays"]

@@ -39,8 +39,7 @@ def _host_take(table: jax.Array, ids: jax.Array) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("device",))
 def _compute_on_gather(table: jax.Array, ids: jax.Array, device) -> jax.Array:
   ids = jax.device_put(ids, jax.memory.Space.Host)
-  rows = compute_on(_host_take, compute_type="device_host",
-                    out_memory_spaces=jax.memory.Space.Host)(table, ids)
+  rows = compute_on(_host_take, compute_type="device_host", out_memory_spaces=jax.memory.Space.Host)(table, ids)
   return jax.device_put(rows, placement_lib.sharding_for("device", device))
 
 
@@ -55,11 +54,11 @@ class HostTable:
     device: the device that receives gathered rows.
   """
 
-  def __init__(self, table, *, method: str = "numpy", device: jax.Device | None = None,
-               check_ids: bool = True, copy: bool = True):
+  def __init__(
+    self, table, *, method: str = "numpy", device: jax.Device | None = None, check_ids: bool = True, copy: bool = True
+  ):
     if method not in placement_lib.HOST_GATHER_METHODS:
-      raise ValueError(f"HostTable method must be one of {placement_lib.HOST_GATHER_METHODS}, "
-                       f"got {method!r}")
+      raise ValueError(f"HostTable method must be one of {placement_lib.HOST_GATHER_METHODS}, got {method!r}")
     if table.ndim != 2:
       raise ValueError(f"HostTable needs a flat table [R, d], got shape {table.shape}")
     self.device = device or jax.devices()[0]
@@ -68,8 +67,10 @@ class HostTable:
     global _logged_cpu
     if self.device.platform == "cpu" and not _logged_cpu:
       _logged_cpu = True
-      log.info("HostTable on a CPU device: host and device memory are the same RAM; the host "
-               "path runs but moves rows with a memcpy only")
+      log.info(
+        "HostTable on a CPU device: host and device memory are the same RAM; the host "
+        "path runs but moves rows with a memcpy only"
+      )
     if method == "numpy":
       # an own, writable master; copy=False takes over a writable NumPy array as it is
       owned = not copy and isinstance(table, np.ndarray) and table.flags.writeable
@@ -118,16 +119,19 @@ class HostTable:
     sizes = np.asarray(head_sizes, np.int64)
     offsets = np.asarray(offsets, np.int64)
     if rows.ndim < 1 or rows.shape[-1] != sizes.shape[0] or offsets.shape != sizes.shape:
-      raise ValueError(f"head_rows of shape {rows.shape} must end in the {sizes.shape[0]} heads of "
-                       f"head_sizes, with one offset per head (got {offsets.shape[0]})")
+      raise ValueError(
+        f"head_rows of shape {rows.shape} must end in the {sizes.shape[0]} heads of "
+        f"head_sizes, with one offset per head (got {offsets.shape[0]})"
+      )
     if not np.issubdtype(rows.dtype, np.integer):
       raise ValueError(f"row ids must be integers, got dtype {rows.dtype}")
     rows = rows.astype(np.int64)
     bad = (rows < 0) | (rows >= sizes)
     if bad.any():
       pos = tuple(int(i) for i in np.argwhere(bad)[0])
-      raise ValueError(f"row id {int(rows[pos])} at position {pos} is outside head {pos[-1]}'s table "
-                       f"[0, {int(sizes[pos[-1]])})")
+      raise ValueError(
+        f"row id {int(rows[pos])} at position {pos} is outside head {pos[-1]}'s table [0, {int(sizes[pos[-1]])})"
+      )
     flat = rows + offsets
     if self.check_ids:
       self._validate(flat)
@@ -150,8 +154,7 @@ class HostTable:
     Ids may be NumPy (int64 allowed for method "numpy") or a JAX array.
     """
     if self.method == "numpy":
-      return jax.device_put(self.host_rows(flat_row_ids),
-                            placement_lib.sharding_for("device", self.device))
+      return jax.device_put(self.host_rows(flat_row_ids), placement_lib.sharding_for("device", self.device))
     if isinstance(flat_row_ids, np.ndarray) or self.check_ids:
       ids = np.asarray(flat_row_ids)
       if self.check_ids:
@@ -161,8 +164,7 @@ class HostTable:
 
   def apply_update(self, optimizer, state, unique_rows, summed_grads, count=None, **kwargs):
     """One `SparseRowAdam` step on this table; returns the new optimizer state."""
-    self.array, state = optimizer.apply(self.array, state, unique_rows, summed_grads, count,
-                                        **kwargs)
+    self.array, state = optimizer.apply(self.array, state, unique_rows, summed_grads, count, **kwargs)
     return state
 
   def to_device(self) -> jax.Array:

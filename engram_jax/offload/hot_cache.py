@@ -50,8 +50,7 @@ def load_frequencies(path, num_rows: int) -> np.ndarray:
     if rows.size and (rows.min() < 0 or rows.max() >= num_rows):
       raise ValueError(f"frequency file {path} names rows outside [0, {num_rows})")
     return np.bincount(rows, weights=cnt, minlength=num_rows).astype(np.int64)
-  raise ValueError(f"frequency file {path} must hold [R] counts or [n, 2] (row, count) pairs, "
-                   f"got shape {arr.shape}")
+  raise ValueError(f"frequency file {path} must hold [R] counts or [n, 2] (row, count) pairs, got shape {arr.shape}")
 
 
 def top_rows(counts: np.ndarray, capacity: int) -> np.ndarray:
@@ -106,8 +105,9 @@ class HotRowCache:
     self.hits = 0
 
   @classmethod
-  def from_frequencies(cls, table: HostTable, counts: np.ndarray, *, capacity: int | None = None,
-                       fraction: float | None = None, **kwargs) -> HotRowCache:
+  def from_frequencies(
+    cls, table: HostTable, counts: np.ndarray, *, capacity: int | None = None, fraction: float | None = None, **kwargs
+  ) -> HotRowCache:
     """Caches the top `capacity` rows (or `fraction` of all rows) by `counts`."""
     if (capacity is None) == (fraction is None):
       raise ValueError("give exactly one of capacity or fraction")
@@ -150,7 +150,7 @@ class HotRowCache:
     miss_index = np.zeros(ids.shape, np.int32)
     miss_index[~hit] = inverse.reshape(-1)
     padded = np.zeros(_bucket(missing.size, self.min_miss_bucket), np.int64)
-    padded[:missing.size] = missing  # padding reads row 0, never selected
+    padded[: missing.size] = missing  # padding reads row 0, never selected
     miss_rows = self.table.gather(padded)
     put = lambda x: jax.device_put(x, placement_lib.sharding_for("device", self.table.device))
     return _combine(self.rows, put(slot), put(hit), miss_rows, put(miss_index))
@@ -171,6 +171,6 @@ class HotRowCache:
     if slot.size == 0:
       return
     padded = np.full(_bucket(slot.size, self.min_miss_bucket), slot[0], np.int32)
-    padded[:slot.size] = slot  # repeats of slot[0] write the same row: harmless
+    padded[: slot.size] = slot  # repeats of slot[0] write the same row: harmless
     fresh = self.table.gather(self.hot_rows[padded])
     self.rows = _set_rows(self.rows, jax.device_put(padded, self.rows.sharding), fresh)

@@ -34,8 +34,9 @@ def check_int32_rows(num_rows: int, what: str = "table") -> None:
   """Raises ValueError if row ids of a `num_rows`-row table do not fit int32."""
   if num_rows - 1 > INT32_MAX:
     raise ValueError(
-        f"{what} has {num_rows} rows: flat row ids up to {num_rows - 1} do not fit int32 "
-        f"(max {INT32_MAX}); use a NumPy host table (int64 ids) or RowSharding local ids")
+      f"{what} has {num_rows} rows: flat row ids up to {num_rows - 1} do not fit int32 "
+      f"(max {INT32_MAX}); use a NumPy host table (int64 ids) or RowSharding local ids"
+    )
 
 
 def head_offsets(head_sizes: Sequence[int]) -> np.ndarray:
@@ -125,8 +126,9 @@ class RowSharding:
     bad = (rows < 0) | (rows >= self.head_sizes)
     if bad.any():
       pos = tuple(int(i) for i in np.argwhere(bad)[0])
-      raise ValueError(f"row {int(rows[pos])} at {pos} is outside head {pos[-1]}'s "
-                       f"[0, {int(self.head_sizes[pos[-1]])})")
+      raise ValueError(
+        f"row {int(rows[pos])} at {pos} is outside head {pos[-1]}'s [0, {int(self.head_sizes[pos[-1]])})"
+      )
 
   def locate_np(self, head_rows) -> tuple[np.ndarray, np.ndarray]:
     """Host reference (int64 arithmetic): per-head rows [..., H] -> (shard, local) int32."""

@@ -36,11 +36,14 @@ def host_memory_kind(device: jax.Device | None = None) -> str:
   if "pinned_host" in kinds:
     return "pinned_host"
   if "unpinned_host" in kinds:
-    log.warning("device %s has no pinned_host memory (kinds %s): host tables use unpinned_host, "
-                "host-to-device copies will be slower", device, kinds)
+    log.warning(
+      "device %s has no pinned_host memory (kinds %s): host tables use unpinned_host, "
+      "host-to-device copies will be slower",
+      device,
+      kinds,
+    )
     return "unpinned_host"
-  raise ValueError(f"device {device} exposes no host memory kind (has {kinds}); "
-                   "use placement='device'")
+  raise ValueError(f"device {device} exposes no host memory kind (has {kinds}); use placement='device'")
 
 
 def sharding_for(kind: str, device: jax.Device | None = None) -> jax.sharding.SingleDeviceSharding:

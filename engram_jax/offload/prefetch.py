@@ -72,7 +72,7 @@ def patch_updated_rows(rows: jax.Array, flat_ids, updated_rows, table: HostTable
   index = np.zeros(flat.shape, np.int32)
   index[stale] = inverse.reshape(-1)
   padded = np.full(_bucket(fresh_ids.size, 64), fresh_ids[0], np.int64)  # few shapes to compile
-  padded[:fresh_ids.size] = fresh_ids
+  padded[: fresh_ids.size] = fresh_ids
   # the fresh rows go to every device holding part of `rows` (a batch split over a mesh)
   fresh = table.host_rows(padded) if table.method == "numpy" else table.gather(padded)
   fresh = jax.device_put(fresh, _replicated(rows.sharding))
@@ -82,12 +82,10 @@ def patch_updated_rows(rows: jax.Array, flat_ids, updated_rows, table: HostTable
 
 def _replicated(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
   if isinstance(sharding, jax.sharding.NamedSharding):
-    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(),
-                                      memory_kind=sharding.memory_kind)
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(), memory_kind=sharding.memory_kind)
   if len(sharding.device_set) == 1:
     return sharding
-  raise ValueError(f"patch_updated_rows: rows with sharding {sharding} (a NamedSharding or one "
-                   "device expected)")
+  raise ValueError(f"patch_updated_rows: rows with sharding {sharding} (a NamedSharding or one device expected)")
 
 
 @jax.jit
@@ -117,10 +115,16 @@ class RowPrefetcher:
       [..., H, d].
   """
 
-  def __init__(self, batches: Iterable, sources: Mapping[int, Any], *,
-               offsets: Mapping[int, np.ndarray] | None = None,
-               row_ids: Callable[[Any], Mapping[int, np.ndarray]] = engram_row_ids,
-               depth: int = 1, merge_heads: bool = True):
+  def __init__(
+    self,
+    batches: Iterable,
+    sources: Mapping[int, Any],
+    *,
+    offsets: Mapping[int, np.ndarray] | None = None,
+    row_ids: Callable[[Any], Mapping[int, np.ndarray]] = engram_row_ids,
+    depth: int = 1,
+    merge_heads: bool = True,
+  ):
     if depth < 1:
       raise ValueError(f"RowPrefetcher depth must be >= 1, got {depth}")
     if offsets is not None and set(offsets) != set(sources):
@@ -133,8 +137,7 @@ class RowPrefetcher:
     self._slots = threading.Semaphore(depth)  # batches gathered and not yet taken
     self._stop = threading.Event()
     self._done = False
-    self._thread = threading.Thread(target=self._produce, args=(iter(batches),),
-                                    name="RowPrefetcher", daemon=True)
+    self._thread = threading.Thread(target=self._produce, args=(iter(batches),), name="RowPrefetcher", daemon=True)
     self._thread.start()
 
   def gather(self, batch) -> dict[int, jax.Array]:

@@ -42,8 +42,9 @@ class SparseRowState(NamedTuple):
   count: np.ndarray | jax.Array
 
 
-def sparse_grad(row_ids: jax.Array, row_grads: jax.Array, num_rows: int,
-                size: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+def sparse_grad(
+  row_ids: jax.Array, row_grads: jax.Array, num_rows: int, size: int | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Sums the gradients of repeated rows; jit-compatible (static `size`).
 
   Args:
@@ -104,10 +105,19 @@ def _repeat_last_valid(rows, g, n_valid):
   return jnp.where(keep, rows, rows[n_valid - 1]), jnp.where(keep[:, None], g, g[n_valid - 1])
 
 
-def apply_sparse_adam(table: jax.Array, state: SparseRowState, unique_rows: jax.Array,
-                      summed_grads: jax.Array, count: jax.Array, lr: jax.Array, *, b1: float,
-                      b2: float, eps: float, weight_decay: float = 0.0
-                      ) -> tuple[jax.Array, SparseRowState]:
+def apply_sparse_adam(
+  table: jax.Array,
+  state: SparseRowState,
+  unique_rows: jax.Array,
+  summed_grads: jax.Array,
+  count: jax.Array,
+  lr: jax.Array,
+  *,
+  b1: float,
+  b2: float,
+  eps: float,
+  weight_decay: float = 0.0,
+) -> tuple[jax.Array, SparseRowState]:
   """`SparseRowAdam.apply` as a traceable function, for a device table inside a jitted step.
 
   Args:
@@ -124,8 +134,7 @@ def apply_sparse_adam(table: jax.Array, state: SparseRowState, unique_rows: jax.
   return out[0], SparseRowState(*out[1:])
 
 
-@functools.partial(jax.jit, static_argnames=("b1", "b2", "eps", "wd", "on_host"),
-                   donate_argnums=(0, 1, 2, 3))
+@functools.partial(jax.jit, static_argnames=("b1", "b2", "eps", "wd", "on_host"), donate_argnums=(0, 1, 2, 3))
 def _apply_jax(p, m, v, c, rows, g, n_valid, lr, *, b1, b2, eps, wd, on_host):
   body = functools.partial(_apply_jax_body, b1=b1, b2=b2, eps=eps, wd=wd)
   rows, g = _repeat_last_valid(rows, g, n_valid)
@@ -143,8 +152,7 @@ class SparseRowAdam:
   (functional, buffers donated; host tables are updated under compute_on('device_host')).
   """
 
-  def __init__(self, lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-               weight_decay: float = 0.0):
+  def __init__(self, lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0):
     if lr <= 0:
       raise ValueError(f"SparseRowAdam lr must be > 0, got {lr}")
     if not (0 <= b1 < 1 and 0 <= b2 < 1):
@@ -157,16 +165,15 @@ class SparseRowAdam:
     """Zero state beside `table`: NumPy for a NumPy table, else the same memory kind."""
     if isinstance(table, np.ndarray):
       dt = np.float32 if table.dtype.itemsize < 4 else table.dtype
-      return SparseRowState(np.zeros(table.shape, dt), np.zeros(table.shape, dt),
-                            np.zeros(table.shape[0], np.int32))
+      return SparseRowState(np.zeros(table.shape, dt), np.zeros(table.shape, dt), np.zeros(table.shape[0], np.int32))
     check_int32_rows(table.shape[0], "SparseRowAdam jax table")
     dt = jnp.promote_types(table.dtype, jnp.float32)
     put = lambda x: jax.device_put(x, table.sharding)
-    return SparseRowState(put(jnp.zeros(table.shape, dt)), put(jnp.zeros(table.shape, dt)),
-                          put(jnp.zeros(table.shape[0], jnp.int32)))
+    return SparseRowState(
+      put(jnp.zeros(table.shape, dt)), put(jnp.zeros(table.shape, dt)), put(jnp.zeros(table.shape[0], jnp.int32))
+    )
 
-  def apply(self, table, state: SparseRowState, unique_rows, summed_grads, count=None,
-            *, lr: float | None = None):
+  def apply(self, table, state: SparseRowState, unique_rows, summed_grads, count=None, *, lr: float | None = None):
     """One step on the given rows.
 
     Args:
@@ -196,8 +203,19 @@ class SparseRowAdam:
     if n_valid > rows.shape[0]:
       raise ValueError(f"count={n_valid} exceeds the {rows.shape[0]} rows given")
     on_host = table.sharding.memory_kind not in (None, "device")
-    out = _apply_jax(table, *state, rows, grads, jnp.int32(n_valid), jnp.float32(lr), b1=self.b1,
-                     b2=self.b2, eps=self.eps, wd=self.weight_decay, on_host=on_host)
+    out = _apply_jax(
+      table,
+      *state,
+      rows,
+      grads,
+      jnp.int32(n_valid),
+      jnp.float32(lr),
+      b1=self.b1,
+      b2=self.b2,
+      eps=self.eps,
+      wd=self.weight_decay,
+      on_host=on_host,
+    )
     return out[0], SparseRowState(*out[1:])
 
   def _apply_numpy(self, table, state, unique_rows, summed_grads, count, lr):
@@ -217,7 +235,17 @@ class SparseRowAdam:
       raise ValueError("unique_rows has duplicates: sum their gradients first (sparse_grad)")
     m, v, c = state
     p_new, m_new, v_new, c_new = _adam_rows(
-        np, table[rows], m[rows], v[rows], c[rows], grads.astype(m.dtype), float(lr), self.b1,
-        self.b2, self.eps, self.weight_decay)  # Python floats: weak, like optax's constants
+      np,
+      table[rows],
+      m[rows],
+      v[rows],
+      c[rows],
+      grads.astype(m.dtype),
+      float(lr),
+      self.b1,
+      self.b2,
+      self.eps,
+      self.weight_decay,
+    )  # Python floats: weak, like optax's constants
     table[rows], m[rows], v[rows], c[rows] = p_new, m_new, v_new, c_new
     return table, state

@@ -9,6 +9,15 @@ from engram_jax.train.run_lock import RunLock, WorkdirLockedError
 # re-exported here: it needs the grain input pipeline, and the steps, state, optimizer and
 # checkpoints must import where grain is not installed (the GPU image: experiments.gpu_check).
 
-__all__ = ["CheckpointMismatchError", "Checkpointer", "CorruptCheckpointError", "RunLock",
-           "TrainConfig", "WorkdirLockedError", "compare_meta", "learning_rate_schedule", "make_optimizer",
-           "parameter_labels"]
+__all__ = [
+  "CheckpointMismatchError",
+  "Checkpointer",
+  "CorruptCheckpointError",
+  "RunLock",
+  "TrainConfig",
+  "WorkdirLockedError",
+  "compare_meta",
+  "learning_rate_schedule",
+  "make_optimizer",
+  "parameter_labels",
+]

@@ -54,16 +54,18 @@ class CorruptCheckpointError(ValueError):
 
 # The data fields that define the training stream: a resume with other values would read
 # other batches (or fail deep inside the iterator restore with a shape error).
-DATA_RESUME_FIELDS = ("sources", "seq_len", "batch_size", "seed", "max_documents", "max_bytes",
-                      "validation_fraction")
+DATA_RESUME_FIELDS = ("sources", "seq_len", "batch_size", "seed", "max_documents", "max_bytes", "validation_fraction")
 
 
 def compare_data(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
   """Differences of the data configuration that make a checkpoint's data position meaningless."""
   a, b = saved.get("data") or {}, current.get("data") or {}
   norm = lambda v: list(v) if isinstance(v, tuple | list) else v  # noqa: E731  JSON has lists
-  return [f"data config: {k}: checkpoint has {a.get(k, '<absent>')!r}, current run has {b.get(k, '<absent>')!r}"
-          for k in DATA_RESUME_FIELDS if k in a and norm(a.get(k)) != norm(b.get(k))]
+  return [
+    f"data config: {k}: checkpoint has {a.get(k, '<absent>')!r}, current run has {b.get(k, '<absent>')!r}"
+    for k in DATA_RESUME_FIELDS
+    if k in a and norm(a.get(k)) != norm(b.get(k))
+  ]
 
 
 def nonfinite_leaves(tree: Any, limit: int = 5) -> list[str]:
@@ -71,8 +73,11 @@ def nonfinite_leaves(tree: Any, limit: int = 5) -> list[str]:
 
   The jax leaves are checked in one jitted call (a few reductions, no copy to the host).
   """
-  named = [(_path_name(p) or "<root>", x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
-           if np.issubdtype(getattr(x, "dtype", np.int32), np.inexact) and getattr(x, "size", 1)]
+  named = [
+    (_path_name(p) or "<root>", x)
+    for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+    if np.issubdtype(getattr(x, "dtype", np.int32), np.inexact) and getattr(x, "size", 1)
+  ]
   on_device = [(n, x) for n, x in named if isinstance(x, jax.Array)]
   flags = dict(zip([n for n, _ in on_device], _finite_flags([x for _, x in on_device]), strict=True))
   bad = [n for n, x in named if not bool(flags[n] if n in flags else np.isfinite(x).all())]
@@ -99,10 +104,11 @@ def compare_meta(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
   """Differences that make a checkpoint unusable: hash constants, tokenizer, model shape."""
   problems = []
   if saved.get("tokenizer_fingerprint") != current.get("tokenizer_fingerprint"):
-    problems.append(f"tokenizer differs: checkpoint {saved.get('tokenizer_fingerprint')!r}, "
-                    f"current {current.get('tokenizer_fingerprint')!r}")
-  problems += _diff_dicts(saved.get("hash_constants") or {}, current.get("hash_constants") or {},
-                          "hash constants: ")
+    problems.append(
+      f"tokenizer differs: checkpoint {saved.get('tokenizer_fingerprint')!r}, "
+      f"current {current.get('tokenizer_fingerprint')!r}"
+    )
+  problems += _diff_dicts(saved.get("hash_constants") or {}, current.get("hash_constants") or {}, "hash constants: ")
   problems += _diff_dicts(saved.get("model") or {}, current.get("model") or {}, "model config: ")
   # Host and device tables keep different optimizer states (row-sparse vs dense Adam), so a
   # run resumes with the same layers in host memory; "host" <-> "cached" keeps the same state.
@@ -111,15 +117,18 @@ def compare_meta(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
   if saved_host != current_host:
     spec = lambda m: (m.get("train") or {}).get("table_placement", "device")
     problems.append(
-        f"Engram table placement differs: the checkpoint keeps the tables of layers {saved_host} "
-        f"in host memory (train.table_placement={spec(saved)!r}), the current run those of "
-        f"layers {current_host} ({spec(current)!r}); resume with the checkpoint's placement")
+      f"Engram table placement differs: the checkpoint keeps the tables of layers {saved_host} "
+      f"in host memory (train.table_placement={spec(saved)!r}), the current run those of "
+      f"layers {current_host} ({spec(current)!r}); resume with the checkpoint's placement"
+    )
   # device tables keep dense Adam m, v or row-sparse m, v, count; runs saved before the
   # field existed used dense Adam
   table_opt = lambda m: (m.get("train") or {}).get("table_optimizer", "dense_adam")  # noqa: E731
   if table_opt(saved) != table_opt(current):
-    problems.append(f"train.table_optimizer differs: checkpoint {table_opt(saved)!r}, current "
-                    f"{table_opt(current)!r}; resume with the checkpoint's table_optimizer")
+    problems.append(
+      f"train.table_optimizer differs: checkpoint {table_opt(saved)!r}, current "
+      f"{table_opt(current)!r}; resume with the checkpoint's table_optimizer"
+    )
   return problems
 
 
@@ -146,17 +155,24 @@ class Checkpointer:
     # `keep` best by that metric besides it.
     policies = [ocp_managers.LatestN(n=1 if best_by else keep)]
     if best_by:
-      policies.append(ocp_managers.BestN(get_metric_fn=lambda m: m[best_by], reverse=True, n=keep,
-                                         keep_checkpoints_without_metrics=False))
+      policies.append(
+        ocp_managers.BestN(
+          get_metric_fn=lambda m: m[best_by], reverse=True, n=keep, keep_checkpoints_without_metrics=False
+        )
+      )
     options = ocp.CheckpointManagerOptions(
-        create=True, preservation_policy=ocp_managers.AnyPreservationPolicy(policies),
-        enable_async_checkpointing=False)
+      create=True, preservation_policy=ocp_managers.AnyPreservationPolicy(policies), enable_async_checkpointing=False
+    )
     import grain.checkpoint as grain_checkpoint
 
     # Registered handlers make item metadata (saved shapes) readable before a restore.
-    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
-                "vocab": ocp.JsonCheckpointHandler(), "data": grain_checkpoint.CheckpointHandler(),
-                "host_tables": ocp.StandardCheckpointHandler()}
+    handlers = {
+      "state": ocp.StandardCheckpointHandler(),
+      "meta": ocp.JsonCheckpointHandler(),
+      "vocab": ocp.JsonCheckpointHandler(),
+      "data": grain_checkpoint.CheckpointHandler(),
+      "host_tables": ocp.StandardCheckpointHandler(),
+    }
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def latest_step(self) -> int | None:
@@ -165,14 +181,21 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
-  def save(self, step: int, state: Any, *, meta: dict[str, Any], vocab: dict[str, Any],
-           data_iterator: Any = None, metrics: dict[str, float] | None = None,
-           host_tables: dict[int, dict[str, np.ndarray]] | None = None) -> None:
+  def save(
+    self,
+    step: int,
+    state: Any,
+    *,
+    meta: dict[str, Any],
+    vocab: dict[str, Any],
+    data_iterator: Any = None,
+    metrics: dict[str, float] | None = None,
+    host_tables: dict[int, dict[str, np.ndarray]] | None = None,
+  ) -> None:
     """`host_tables`: {layer: {"table", "m", "v", "count"}} NumPy arrays (host placement)."""
     from engram_jax.data.pipeline import checkpoint_args  # data sits beside training
 
-    items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta),
-             "vocab": ocp.args.JsonSave(vocab)}
+    items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta), "vocab": ocp.args.JsonSave(vocab)}
     if data_iterator is not None:
       items["data"] = checkpoint_args(data_iterator)
     if host_tables:
@@ -186,8 +209,9 @@ class Checkpointer:
       for item in ("meta", "vocab"):
         if not (self.directory / str(step) / item).is_dir():
           raise FileNotFoundError(f"item {item!r} is missing")
-      restored = self.manager.restore(step, args=ocp.args.Composite(
-          meta=ocp.args.JsonRestore(), vocab=ocp.args.JsonRestore()))
+      restored = self.manager.restore(
+        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), vocab=ocp.args.JsonRestore())
+      )
       meta, vocab = restored["meta"], restored["vocab"]
       if not isinstance(meta, dict) or not isinstance(vocab, dict):
         raise ValueError("meta / vocab is not a JSON object")
@@ -202,8 +226,7 @@ class Checkpointer:
       raise
     except Exception as e:  # noqa: BLE001  orbax / TensorStore / JSON errors of a damaged step
       path = self.directory / str(step)
-      raise CorruptCheckpointError(
-          f"checkpoint {path} is unreadable ({what}): {_error_text(e)}", step, path) from e
+      raise CorruptCheckpointError(f"checkpoint {path} is unreadable ({what}): {_error_text(e)}", step, path) from e
 
   def steps_newest_first(self) -> list[int]:
     return sorted(self.all_steps(), reverse=True)
@@ -231,10 +254,12 @@ class Checkpointer:
     problems = compare_meta(meta, current_meta)
     if problems:
       raise CheckpointMismatchError(
-          f"checkpoint {self.directory}/{step} does not match this run:\n  " + "\n  ".join(problems))
+        f"checkpoint {self.directory}/{step} does not match this run:\n  " + "\n  ".join(problems)
+      )
 
-  def restore(self, abstract_state: Any, *, current_meta: dict[str, Any], step: int | None = None,
-              data_iterator: Any = None) -> tuple[Any, dict[str, Any]]:
+  def restore(
+    self, abstract_state: Any, *, current_meta: dict[str, Any], step: int | None = None, data_iterator: Any = None
+  ) -> tuple[Any, dict[str, Any]]:
     """Checks compatibility, then restores the state (and the data iterator, in place)."""
     from engram_jax.data.pipeline import checkpoint_args
 
@@ -246,13 +271,15 @@ class Checkpointer:
       wanted = _shape_tree(abstract_state)
       for path in sorted(set(saved_shapes) | set(wanted)):
         if saved_shapes.get(path) != wanted.get(path):
-          problems.append(f"parameter {path}: checkpoint shape {saved_shapes.get(path)}, "
-                          f"model shape {wanted.get(path)}")
+          problems.append(
+            f"parameter {path}: checkpoint shape {saved_shapes.get(path)}, model shape {wanted.get(path)}"
+          )
           if len(problems) > 20:
             break
     if problems:
       raise CheckpointMismatchError(
-          f"checkpoint {self.directory}/{step} does not match this run:\n  " + "\n  ".join(problems))
+        f"checkpoint {self.directory}/{step} does not match this run:\n  " + "\n  ".join(problems)
+      )
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       self._check_data_state(step)
@@ -261,8 +288,9 @@ class Checkpointer:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     return restored["state"], meta
 
-  def restore_host_tables(self, like: dict[int, dict[str, np.ndarray]], step: int | None = None
-                          ) -> dict[int, dict[str, np.ndarray]]:
+  def restore_host_tables(
+    self, like: dict[int, dict[str, np.ndarray]], step: int | None = None
+  ) -> dict[int, dict[str, np.ndarray]]:
     """The host-placed tables and their sparse Adam state, as NumPy arrays shaped like `like`.
 
     `like`: {layer: {"table", "m", "v", "count"}} arrays of the current run (e.g.
@@ -272,18 +300,24 @@ class Checkpointer:
     target = _host_tree(like)
     saved = self._saved_shapes(step, "host_tables")
     if saved is None and not (self.directory / str(step) / "host_tables").is_dir():
-      raise CheckpointMismatchError(f"checkpoint {self.directory}/{step} holds no host_tables item: "
-                                    "it was not saved with host-placed Engram tables")
+      raise CheckpointMismatchError(
+        f"checkpoint {self.directory}/{step} holds no host_tables item: it was not saved with host-placed Engram tables"
+      )
     if saved is not None:
       wanted = _shape_tree(target)
-      problems = [f"host table {p}: checkpoint shape {saved.get(p)}, run shape {wanted.get(p)}"
-                  for p in sorted(set(saved) | set(wanted)) if saved.get(p) != wanted.get(p)]
+      problems = [
+        f"host table {p}: checkpoint shape {saved.get(p)}, run shape {wanted.get(p)}"
+        for p in sorted(set(saved) | set(wanted))
+        if saved.get(p) != wanted.get(p)
+      ]
       if problems:
         raise CheckpointMismatchError(
-            f"checkpoint {self.directory}/{step} does not match this run:\n  " + "\n  ".join(problems))
+          f"checkpoint {self.directory}/{step} does not match this run:\n  " + "\n  ".join(problems)
+        )
     with self.reading(step, "host_tables"):
-      restored = self.manager.restore(step, args=ocp.args.Composite(
-          host_tables=ocp.args.StandardRestore(target)))["host_tables"]
+      restored = self.manager.restore(step, args=ocp.args.Composite(host_tables=ocp.args.StandardRestore(target)))[
+        "host_tables"
+      ]
     return {int(l): {k: np.asarray(v) for k, v in d.items()} for l, d in restored.items()}
 
   def _check_data_state(self, step: int) -> None:
@@ -293,9 +327,10 @@ class Checkpointer:
     if data_dir.is_dir() and not mine.exists():
       saved = sorted(p.name for p in data_dir.glob("process_*.json"))
       raise CheckpointMismatchError(
-          f"checkpoint {self.directory}/{step} holds data iterator states {saved}, none for process "
-          f"{jax.process_index()} of {jax.process_count()}: resume with the process count it was "
-          "saved with")
+        f"checkpoint {self.directory}/{step} holds data iterator states {saved}, none for process "
+        f"{jax.process_index()} of {jax.process_count()}: resume with the process count it was "
+        "saved with"
+      )
 
   def _saved_shapes(self, step: int, item: str = "state") -> dict[str, tuple] | None:
     try:
@@ -333,6 +368,8 @@ def _host_tree(host_tables: dict[int, dict[str, np.ndarray]]) -> dict[str, dict[
 
 def vocab_item(tokenizer: Any, compressor: Any) -> dict[str, Any]:
   """The tokenizer JSON and the compression table, stored with every checkpoint."""
-  return {"tokenizer_json": tokenizer.to_str(),
-          "compression_table": np.asarray(compressor.lookup_table).tolist(),
-          "num_compressed": int(compressor.num_compressed)}
+  return {
+    "tokenizer_json": tokenizer.to_str(),
+    "compression_table": np.asarray(compressor.lookup_table).tolist(),
+    "num_compressed": int(compressor.num_compressed),
+  }

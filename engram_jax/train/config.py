@@ -96,7 +96,9 @@ class TrainConfig:
       raise ValueError(f"TrainConfig.schedule must be 'cosine', 'step' or 'constant', got {self.schedule!r}")
     _check_float(self, "min_lr_ratio", 0.0, 1.0)
     if any(isinstance(b, bool) or not 0 < b < 1 for b in self.step_decay_boundaries):
-      raise ValueError(f"TrainConfig.step_decay_boundaries must be fractions in (0, 1), got {self.step_decay_boundaries}")
+      raise ValueError(
+        f"TrainConfig.step_decay_boundaries must be fractions in (0, 1), got {self.step_decay_boundaries}"
+      )
     if list(self.step_decay_boundaries) != sorted(self.step_decay_boundaries):
       raise ValueError(f"TrainConfig.step_decay_boundaries must be increasing, got {self.step_decay_boundaries}")
     _check_float(self, "step_decay_factor", 0.0, low_open=True)
@@ -127,7 +129,9 @@ class TrainConfig:
     _check_int(self, "max_rollbacks", 0)
     _check_table_placement(self.table_placement)
     if self.table_optimizer not in ("sparse_adam", "dense_adam"):
-      raise ValueError(f"TrainConfig.table_optimizer must be 'sparse_adam' or 'dense_adam', got {self.table_optimizer!r}")
+      raise ValueError(
+        f"TrainConfig.table_optimizer must be 'sparse_adam' or 'dense_adam', got {self.table_optimizer!r}"
+      )
 
   def replace(self, **changes: Any) -> TrainConfig:
     return dataclasses.replace(self, **changes)
@@ -146,19 +150,31 @@ class TrainConfig:
 def _check_int(cfg: TrainConfig, name: str, low: int, high: int | None = None) -> None:
   value = getattr(cfg, name)
   allowed = f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}"
-  if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low \
-      or (high is not None and value > high):
+  if (
+    isinstance(value, bool)
+    or not isinstance(value, int | np.integer)
+    or value < low
+    or (high is not None and value > high)
+  ):
     raise ValueError(f"TrainConfig.{name} must be {allowed}, got {value!r}")
 
 
-def _check_float(cfg: TrainConfig, name: str, low: float | None, high: float | None = None, *,
-                 low_open: bool = False, high_open: bool = False) -> None:
+def _check_float(
+  cfg: TrainConfig,
+  name: str,
+  low: float | None,
+  high: float | None = None,
+  *,
+  low_open: bool = False,
+  high_open: bool = False,
+) -> None:
   """A finite real number in the range [low, high] (open ends where said; None: unbounded)."""
   value = getattr(cfg, name)
   lo = "(-inf" if low is None else f"{'(' if low_open else '['}{low:g}"
   hi = "inf)" if high is None else f"{high:g}{')' if high_open else ']'}"
-  ok = not isinstance(value, bool) and isinstance(value, int | float | np.integer | np.floating) \
-      and math.isfinite(value)
+  ok = (
+    not isinstance(value, bool) and isinstance(value, int | float | np.integer | np.floating) and math.isfinite(value)
+  )
   if ok and low is not None:
     ok = value > low if low_open else value >= low
   if ok and high is not None:

@@ -37,12 +37,13 @@ def row_sums(logits: jax.Array, batch: dict) -> dict[str, jax.Array]:
   """float32 [B] per row: summed loss, scored tokens, correct argmaxes, target bytes."""
   mask = batch["loss_mask"].astype(jnp.float32)
   targets = batch["targets"]
-  out = {"loss_sum": jnp.sum(token_losses(logits, targets) * mask, axis=-1),
-         "tokens": jnp.sum(mask, axis=-1),
-         "correct": jnp.sum((jnp.argmax(logits, -1) == targets) * mask, axis=-1)}
+  out = {
+    "loss_sum": jnp.sum(token_losses(logits, targets) * mask, axis=-1),
+    "tokens": jnp.sum(mask, axis=-1),
+    "correct": jnp.sum((jnp.argmax(logits, -1) == targets) * mask, axis=-1),
+  }
   tb = batch.get("target_bytes")
-  out["bytes"] = (jnp.zeros_like(out["tokens"]) if tb is None
-                  else jnp.sum(tb * mask, axis=-1).astype(jnp.float32))
+  out["bytes"] = jnp.zeros_like(out["tokens"]) if tb is None else jnp.sum(tb * mask, axis=-1).astype(jnp.float32)
   return out
 
 
@@ -58,16 +59,22 @@ def make_row_eval_step(graphdef: nnx.GraphDef) -> Callable[[TrainState, dict], d
   return step
 
 
-def make_host_row_eval_step(graphdef: nnx.GraphDef, host_layers: tuple[int, ...]
-                            ) -> Callable[[TrainState, dict, dict], dict]:
+def make_host_row_eval_step(
+  graphdef: nnx.GraphDef, host_layers: tuple[int, ...]
+) -> Callable[[TrainState, dict, dict], dict]:
   """As `make_row_eval_step` with the `host_layers` rows gathered from host tables."""
 
   def step(state: TrainState, batch: dict, rows: dict):
     device_ids = {l: v for l, v in batch["engram_ids"].items() if l not in host_layers} or None
-    logits, _ = apply_offloaded(graphdef, nnx.merge_state(state.params, state.rest),
-                                batch["tokens"], device_ids, rows,
-                                positions=batch.get("positions"),
-                                segment_ids=batch.get("segment_ids"))
+    logits, _ = apply_offloaded(
+      graphdef,
+      nnx.merge_state(state.params, state.rest),
+      batch["tokens"],
+      device_ids,
+      rows,
+      positions=batch.get("positions"),
+      segment_ids=batch.get("segment_ids"),
+    )
     return row_sums(logits, batch)
 
   return step
@@ -75,17 +82,21 @@ def make_host_row_eval_step(graphdef: nnx.GraphDef, host_layers: tuple[int, ...]
 
 def concat_rows(parts: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
   """Per-batch row sums -> {key: float64 [num_rows]}."""
-  return {k: np.concatenate([np.asarray(p[k], np.float64).reshape(-1) for p in parts])
-          for k in ROW_KEYS}
+  return {k: np.concatenate([np.asarray(p[k], np.float64).reshape(-1) for p in parts]) for k in ROW_KEYS}
 
 
 def summarize_rows(rows: dict[str, np.ndarray]) -> dict[str, float]:
   """val_loss with val_loss_se (clustered by sequence), perplexity, accuracy, bits/byte."""
   loss, se = stats.clustered_mean_se(rows["loss_sum"], rows["tokens"])
   tokens = float(np.sum(rows["tokens"]))
-  out = {"val_loss": loss, "val_loss_se": se, "val_perplexity": math.exp(min(loss, 50.0)),
-         "val_accuracy": float(np.sum(rows["correct"])) / tokens, "val_tokens": tokens,
-         "val_sequences": float(np.sum(rows["tokens"] > 0))}
+  out = {
+    "val_loss": loss,
+    "val_loss_se": se,
+    "val_perplexity": math.exp(min(loss, 50.0)),
+    "val_accuracy": float(np.sum(rows["correct"])) / tokens,
+    "val_tokens": tokens,
+    "val_sequences": float(np.sum(rows["tokens"] > 0)),
+  }
   if float(np.sum(rows["bytes"])) > 0:
     out["val_bits_per_byte"] = float(np.sum(rows["loss_sum"])) / (math.log(2) * float(np.sum(rows["bytes"])))
   return out
@@ -103,8 +114,12 @@ def tokens_fingerprint(batches: Sequence[dict]) -> str:
 
 def save_rows(path: str | Path, rows: dict[str, np.ndarray], *, step: int, fingerprint: str) -> Path:
   path = Path(path)
-  np.savez(path, step=np.int64(step), fingerprint=np.asarray(fingerprint),
-           **{k: np.asarray(rows[k], np.float64) for k in ROW_KEYS})
+  np.savez(
+    path,
+    step=np.int64(step),
+    fingerprint=np.asarray(fingerprint),
+    **{k: np.asarray(rows[k], np.float64) for k in ROW_KEYS},
+  )
   return path
 
 
@@ -121,13 +136,16 @@ def load_rows(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   return rows, info
 
 
-def paired(rows_a: dict[str, np.ndarray], info_a: dict, rows_b: dict[str, np.ndarray], info_b: dict
-           ) -> tuple[float, float]:
+def paired(
+  rows_a: dict[str, np.ndarray], info_a: dict, rows_b: dict[str, np.ndarray], info_b: dict
+) -> tuple[float, float]:
   """(mean, SE) of loss(a) - loss(b), per token, clustered by sequence; both scored on the
   same tokens (checked by fingerprint)."""
   if info_a["fingerprint"] != info_b["fingerprint"]:
-    raise ValueError(f"the two runs were evaluated on different tokens (fingerprints "
-                     f"{info_a['fingerprint']} vs {info_b['fingerprint']}): no paired difference")
+    raise ValueError(
+      f"the two runs were evaluated on different tokens (fingerprints "
+      f"{info_a['fingerprint']} vs {info_b['fingerprint']}): no paired difference"
+    )
   if not np.array_equal(rows_a["tokens"], rows_b["tokens"]):
     raise ValueError("the two runs scored different token counts per sequence")
   return stats.paired_difference(rows_a["loss_sum"], rows_b["loss_sum"], rows_a["tokens"])
@@ -144,8 +162,7 @@ def evaluate_run_rows(run: Any, data_config: Any = None) -> tuple[dict[str, np.n
   parts = []
   if run.host_tables:
     tables = dict(run.host_tables)
-    placements = {l: TablePlacement("host" if l in tables else "device")
-                  for l in run.model_config.engram_layer_ids}
+    placements = {l: TablePlacement("host" if l in tables else "device") for l in run.model_config.engram_layer_ids}
     offsets = {l: np.asarray(run.model.blocks[l].engram.offsets, np.int64) for l in tables}
     offloaded = OffloadedEngram(placements, tables, dict(tables), offsets)
     step = jax.jit(make_host_row_eval_step(graphdef, tuple(sorted(tables))))

@@ -60,24 +60,28 @@ Batch = dict[str, Any]
 SparseGrads = dict[int, tuple[jax.Array, jax.Array, jax.Array]]
 
 
-def split_params(model: Transformer, host_layers: Iterable[int]
-                 ) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+def split_params(model: Transformer, host_layers: Iterable[int]) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
   """(graphdef, trainable params without host tables, rest incl. the size-0 placeholders)."""
   dense = nnx.All(nnx.Param, nnx.Not(engram_table_filter(host_layers)))
   return nnx.split(model, dense, ...)
 
 
-def dense_optimizer(cfg: TrainConfig, params: nnx.State
-                    ) -> tuple[optax.GradientTransformation, Callable]:
+def dense_optimizer(cfg: TrainConfig, params: nnx.State) -> tuple[optax.GradientTransformation, Callable]:
   """(optimizer, lr schedule) of the params without host tables: `make_optimizer` without
   its global-norm clip, which the step applies over dense + sparse grads together."""
   return make_optimizer(cfg.replace(grad_clip_norm=0.0), params)
 
 
-def make_host_table_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                               lr_schedule: Callable, offloaded: OffloadedEngram, *,
-                               grad_clip_norm: float, bias_update_rate: float = 0.0,
-                               sparse_size: int | None = None):
+def make_host_table_train_step(
+  graphdef: nnx.GraphDef,
+  tx: optax.GradientTransformation,
+  lr_schedule: Callable,
+  offloaded: OffloadedEngram,
+  *,
+  grad_clip_norm: float,
+  bias_update_rate: float = 0.0,
+  sparse_size: int | None = None,
+):
   """The device half of a step (jit it; donate the state).
 
   Args:
@@ -103,13 +107,19 @@ def make_host_table_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransfo
 
     def loss_fn(params, rows):
       model = nnx.merge(graphdef, params, state.rest)
-      logits, aux = model(batch["tokens"], device_ids, positions=batch.get("positions"),
-                          segment_ids=batch.get("segment_ids"), engram_rows=rows)
+      logits, aux = model(
+        batch["tokens"],
+        device_ids,
+        positions=batch.get("positions"),
+        segment_ids=batch.get("segment_ids"),
+        engram_rows=rows,
+      )
       lm_loss, sums = masked_lm_loss(logits, batch["targets"], batch["loss_mask"])
       return lm_loss + aux["balance_loss"], (lm_loss, sums, aux)
 
-    (total, (lm_loss, sums, aux)), (grads, row_grads) = jax.value_and_grad(
-        loss_fn, argnums=(0, 1), has_aux=True)(state.params, dict(rows))
+    (total, (lm_loss, sums, aux)), (grads, row_grads) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
+      state.params, dict(rows)
+    )
     sparse = {}
     for l in host_layers:
       flat = ids[l].astype(jnp.int32) + offsets[l]
@@ -121,11 +131,16 @@ def make_host_table_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransfo
     rest = state.rest
     if aux["router"]:
       rest = updated_router_biases(state.rest, aux["router"], bias_update_rate)
-    metrics = {"loss": lm_loss, "total_loss": total, "balance_loss": aux["balance_loss"],
-               "grad_norm": grad_norm, "lr": lr_schedule(state.step), "tokens": sums["tokens"]}
+    metrics = {
+      "loss": lm_loss,
+      "total_loss": total,
+      "balance_loss": aux["balance_loss"],
+      "grad_norm": grad_norm,
+      "lr": lr_schedule(state.step),
+      "tokens": sums["tokens"],
+    }
     if aux["engram_gates"]:
-      metrics["engram_gate_mean"] = jnp.mean(
-          jnp.stack([g.mean() for g in aux["engram_gates"].values()]))
+      metrics["engram_gate_mean"] = jnp.mean(jnp.stack([g.mean() for g in aux["engram_gates"].values()]))
     for l, s in sparse.items():  # flat scalars, as the trainer's MetricsWriter logs them
       metrics[f"engram_rows_touched_{l}"] = s[2]
     new_state = TrainState(step=state.step + 1, params=params, rest=rest, opt_state=opt_state)
@@ -146,10 +161,10 @@ class HostTableOptimizer:
     self.offloaded = offloaded
     self.multiplier = cfg.engram_lr_multiplier
     self.lr_schedule = lr_schedule
-    self.adam = SparseRowAdam(lr=cfg.learning_rate * cfg.engram_lr_multiplier, b1=cfg.b1,
-                              b2=cfg.b2, eps=cfg.eps, weight_decay=0.0)
-    self.states: dict[int, SparseRowState] = {
-        l: self.adam.init(t.array) for l, t in offloaded.tables.items()}
+    self.adam = SparseRowAdam(
+      lr=cfg.learning_rate * cfg.engram_lr_multiplier, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=0.0
+    )
+    self.states: dict[int, SparseRowState] = {l: self.adam.init(t.array) for l, t in offloaded.tables.items()}
 
   def lr(self, step: int) -> float:
     # float32 like the dense group's `engram_lr_multiplier * lr(count)` inside optax
@@ -162,11 +177,11 @@ class HostTableOptimizer:
     for layer, (unique, summed, count) in jax.device_get(sparse).items():
       count = int(count)
       if count > unique.shape[0]:
-        raise ValueError(f"Engram layer {layer}: {count} distinct rows overflow sparse_size="
-                         f"{unique.shape[0]}; raise sparse_size")
+        raise ValueError(
+          f"Engram layer {layer}: {count} distinct rows overflow sparse_size={unique.shape[0]}; raise sparse_size"
+        )
       table = self.offloaded.tables[layer]
-      self.states[layer] = table.apply_update(self.adam, self.states[layer], unique, summed,
-                                              count, lr=lr)
+      self.states[layer] = table.apply_update(self.adam, self.states[layer], unique, summed, count, lr=lr)
       updated[layer] = np.asarray(unique[:count])
       source = self.offloaded.sources[layer]
       if isinstance(source, HotRowCache):
@@ -197,11 +212,18 @@ class HostTableTrainer:
       device step): reuse its optimizer and compiled step instead of compiling again.
   """
 
-  def __init__(self, model: Transformer,
-               placements: str | Mapping[int, TablePlacement] | OffloadedEngram,
-               cfg: TrainConfig, *, frequencies: Mapping[int, np.ndarray] | None = None,
-               bias_update_rate: float = 0.0, sparse_size: int | None = None,
-               mesh: Mesh | None = None, reuse_step_of: HostTableTrainer | None = None):
+  def __init__(
+    self,
+    model: Transformer,
+    placements: str | Mapping[int, TablePlacement] | OffloadedEngram,
+    cfg: TrainConfig,
+    *,
+    frequencies: Mapping[int, np.ndarray] | None = None,
+    bias_update_rate: float = 0.0,
+    sparse_size: int | None = None,
+    mesh: Mesh | None = None,
+    reuse_step_of: HostTableTrainer | None = None,
+  ):
     check_data_parallel_mesh(mesh)
     self.mesh = mesh
     if isinstance(placements, OffloadedEngram):
@@ -215,23 +237,24 @@ class HostTableTrainer:
       if self.offloaded.tables[l].method != "numpy":
         # a jax.Array table is replaced (donated) by every update while the prefetch
         # thread may read it; the NumPy master is updated in place (see prefetch.py)
-        raise ValueError(f"training needs host_gather='numpy' tables; Engram layer {l} uses "
-                         f"{self.offloaded.tables[l].method!r}")
+        raise ValueError(
+          f"training needs host_gather='numpy' tables; Engram layer {l} uses {self.offloaded.tables[l].method!r}"
+        )
     self.graphdef, params, rest = split_params(self.model, self.offloaded.host_layers)
     # The step donates its state: own copies, so the arrays `model` (or a clone of it)
     # shares are not deleted under the caller. Drop `model` to free the originals.
     params, rest = jax.tree.map(jnp.copy, (params, rest))
-    self._step_key = (model.config, self.offloaded.host_layers, cfg, bias_update_rate,
-                      sparse_size, mesh)
+    self._step_key = (model.config, self.offloaded.host_layers, cfg, bias_update_rate, sparse_size, mesh)
     if reuse_step_of is not None:
       if reuse_step_of._step_key != self._step_key:
-        raise ValueError("reuse_step_of: the other trainer differs in model config, host layers, "
-                         "TrainConfig, bias_update_rate, sparse_size or mesh")
+        raise ValueError(
+          "reuse_step_of: the other trainer differs in model config, host layers, "
+          "TrainConfig, bias_update_rate, sparse_size or mesh"
+        )
       self.tx, self.lr_schedule = reuse_step_of.tx, reuse_step_of.lr_schedule
     else:
       self.tx, self.lr_schedule = dense_optimizer(cfg, params)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
-                       opt_state=self.tx.init(params))
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=self.tx.init(params))
     if mesh is None:
       # Committed to the rows' device like the step's outputs (else step 2 compiles again).
       self.state = jax.device_put(state, next(iter(self.offloaded.tables.values())).device)
@@ -247,9 +270,14 @@ class HostTableTrainer:
       self.train_step = reuse_step_of.train_step
     else:
       step_fn = make_host_table_train_step(
-          self.graphdef, self.tx, self.lr_schedule, self.offloaded,
-          grad_clip_norm=cfg.grad_clip_norm, bias_update_rate=bias_update_rate,
-          sparse_size=sparse_size)
+        self.graphdef,
+        self.tx,
+        self.lr_schedule,
+        self.offloaded,
+        grad_clip_norm=cfg.grad_clip_norm,
+        bias_update_rate=bias_update_rate,
+        sparse_size=sparse_size,
+      )
       jit_kwargs = {} if out_shardings is None else {"out_shardings": out_shardings}
       self.train_step = jax.jit(step_fn, donate_argnums=(0,), **jit_kwargs)
     self.host_optimizer = HostTableOptimizer(self.offloaded, cfg, self.lr_schedule)
@@ -278,8 +306,7 @@ class HostTableTrainer:
   def _row_placement(self):
     return None if self.mesh is None else self.row_sharding
 
-  def step(self, batch: Batch, rows: Mapping[int, jax.Array] | None = None
-           ) -> tuple[dict, dict[int, np.ndarray]]:
+  def step(self, batch: Batch, rows: Mapping[int, jax.Array] | None = None) -> tuple[dict, dict[int, np.ndarray]]:
     """One full step (device, then host update); returns (metrics, {layer: updated ids})."""
     if rows is None:
       rows = self.gather(batch["engram_ids"])
@@ -321,21 +348,23 @@ class HostTableTrainer:
 
   def host_state(self) -> dict[int, dict[str, np.ndarray]]:
     """{layer: {"table", "m", "v", "count"}} NumPy views for checkpointing the host half."""
-    return {l: {"table": self.offloaded.tables[l].numpy(), "m": s.m, "v": s.v, "count": s.count}
-            for l, s in self.host_optimizer.states.items()}
+    return {
+      l: {"table": self.offloaded.tables[l].numpy(), "m": s.m, "v": s.v, "count": s.count}
+      for l, s in self.host_optimizer.states.items()
+    }
 
   def load_host_state(self, saved: Mapping[int, Mapping[str, np.ndarray]]) -> None:
     """Restores what `host_state` returned (e.g. from a checkpoint); refreshes caches."""
     if sorted(saved) != list(self.offloaded.host_layers):
-      raise ValueError(f"host state for layers {sorted(saved)}, trainer has host layers "
-                       f"{list(self.offloaded.host_layers)}")
+      raise ValueError(
+        f"host state for layers {sorted(saved)}, trainer has host layers {list(self.offloaded.host_layers)}"
+      )
     for l, item in saved.items():
       table = self.offloaded.tables[l]
       if tuple(item["table"].shape) != table.shape:
         raise ValueError(f"Engram layer {l}: saved table {item['table'].shape} != {table.shape}")
       table.array = np.array(item["table"], dtype=table.dtype)  # NumPy master, owned
-      self.host_optimizer.states[l] = SparseRowState(
-          *(np.array(item[k]) for k in ("m", "v", "count")))
+      self.host_optimizer.states[l] = SparseRowState(*(np.array(item[k]) for k in ("m", "v", "count")))
       source = self.offloaded.sources[l]
       if isinstance(source, HotRowCache):
         source.refresh()
@@ -347,21 +376,25 @@ def check_data_parallel_mesh(mesh: Mesh | None) -> None:
     return
   if jax.process_count() != 1:
     raise NotImplementedError(
-        f"training with host-placed Engram tables runs in a single process; got "
-        f"{jax.process_count()} processes (each would need its own shard of the host tables). "
-        "Run one process over its local devices, or use table placement 'device'")
+      f"training with host-placed Engram tables runs in a single process; got "
+      f"{jax.process_count()} processes (each would need its own shard of the host tables). "
+      "Run one process over its local devices, or use table placement 'device'"
+    )
   model_axes = {a: n for a, n in mesh.shape.items() if a not in ("data", "fsdp") and n > 1}
   if model_axes:
     raise NotImplementedError(
-        f"training with host-placed Engram tables supports data-parallel meshes (data, fsdp) "
-        f"only; the mesh {dict(mesh.shape)} has model-parallel axes {model_axes}. Use a mesh "
-        "with tensor=expert=1, or table placement 'device'")
+      f"training with host-placed Engram tables supports data-parallel meshes (data, fsdp) "
+      f"only; the mesh {dict(mesh.shape)} has model-parallel axes {model_axes}. Use a mesh "
+      "with tensor=expert=1, or table placement 'device'"
+    )
 
 
 def _check_split(model: Transformer, offloaded: OffloadedEngram) -> None:
   for l in offloaded.host_layers:
     shape = tuple(engram_table(model, l).get_value().shape)
     if shape[0] != 0:
-      raise ValueError(f"Engram layer {l} is host-placed in the OffloadedEngram but the model "
-                       f"still holds its table {shape}: pass a model split by split_tables or "
-                       "build_offloaded")
+      raise ValueError(
+        f"Engram layer {l} is host-placed in the OffloadedEngram but the model "
+        f"still holds its table {shape}: pass a model split by split_tables or "
+        "build_offloaded"
+      )

@@ -14,8 +14,9 @@ def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
 
 
-def masked_lm_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array
-                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def masked_lm_loss(
+  logits: jax.Array, targets: jax.Array, loss_mask: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Mean cross-entropy over the tokens where loss_mask is 1, plus sums for logging."""
   mask = loss_mask.astype(jnp.float32)
   ce = token_losses(logits, targets) * mask
@@ -29,8 +30,12 @@ def summarize_eval(sums: dict[str, float]) -> dict[str, float]:
   """loss, perplexity, bits per byte and accuracy from summed eval statistics."""
   tokens = max(float(sums["tokens"]), 1.0)
   loss = float(sums["loss_sum"]) / tokens
-  out = {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)),
-         "val_accuracy": float(sums["correct"]) / tokens, "val_tokens": tokens}
+  out = {
+    "val_loss": loss,
+    "val_perplexity": math.exp(min(loss, 50.0)),
+    "val_accuracy": float(sums["correct"]) / tokens,
+    "val_tokens": tokens,
+  }
   if float(sums.get("bytes", 0.0)) > 0:
     out["val_bits_per_byte"] = float(sums["loss_sum"]) / (math.log(2) * float(sums["bytes"]))
   return out

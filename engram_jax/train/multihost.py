@@ -34,12 +34,12 @@ from engram_jax import sharding as sharding_lib
 class DataLayout:
   """This process's part of the global batch (see the module docstring)."""
 
-  global_batch: int      # G rows per step over all processes
-  process_rows: int      # rows this process feeds (DataConfig.batch_size)
-  group: int             # this process's data group
+  global_batch: int  # G rows per step over all processes
+  process_rows: int  # rows this process feeds (DataConfig.batch_size)
+  group: int  # this process's data group
   num_groups: int
-  num_shards: int        # S document shards
-  rows_per_shard: int    # G / S
+  num_shards: int  # S document shards
+  rows_per_shard: int  # G / S
 
   @property
   def shards(self) -> tuple[int, ...]:
@@ -65,34 +65,41 @@ def data_layout(mesh: Mesh, process_rows: int, data_shards: int | None = None) -
   axes = batch_axes(mesh)
   blocks = math.prod(mesh.shape[a] for a in axes)  # batch blocks over the mesh
   index_map = NamedSharding(mesh, PartitionSpec(axes or None)).devices_indices_map((blocks,))
-  local = sorted({index_map[d][0].start or 0 for d in mesh.devices.flat
-                  if d.process_index == jax.process_index()})
+  local = sorted({index_map[d][0].start or 0 for d in mesh.devices.flat if d.process_index == jax.process_index()})
   if not local:
     raise ValueError(f"process {jax.process_index()} owns no device of the mesh {dict(mesh.shape)}")
   k = len(local)
   if local != list(range(local[0], local[0] + k)) or local[0] % k:
-    raise ValueError(f"process {jax.process_index()} holds batch blocks {local} of {blocks}: the mesh "
-                     "interleaves processes along the batch axes; order mesh devices by process")
+    raise ValueError(
+      f"process {jax.process_index()} holds batch blocks {local} of {blocks}: the mesh "
+      "interleaves processes along the batch axes; order mesh devices by process"
+    )
   num_groups = blocks // k
   if process_rows % k:
-    raise ValueError(f"DataConfig.batch_size={process_rows} rows per process is not divisible by the "
-                     f"{k} batch blocks of this process's devices (mesh {dict(mesh.shape)})")
+    raise ValueError(
+      f"DataConfig.batch_size={process_rows} rows per process is not divisible by the "
+      f"{k} batch blocks of this process's devices (mesh {dict(mesh.shape)})"
+    )
   global_batch = process_rows * num_groups
-  return _check_shards(DataLayout(global_batch, process_rows, local[0] // k, num_groups,
-                                  num_groups, process_rows), data_shards)
+  return _check_shards(
+    DataLayout(global_batch, process_rows, local[0] // k, num_groups, num_groups, process_rows), data_shards
+  )
 
 
 def _check_shards(layout: DataLayout, data_shards: int | None) -> DataLayout:
   """`layout` drawing from `data_shards` document shards (None: one per data group)."""
   shards = layout.num_groups if data_shards is None else data_shards
-  if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1 \
-      or shards % layout.num_groups:
-    raise ValueError(f"data_shards={data_shards!r} must be a positive multiple of the "
-                     f"{layout.num_groups} data groups (processes holding different batch rows)")
+  if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1 or shards % layout.num_groups:
+    raise ValueError(
+      f"data_shards={data_shards!r} must be a positive multiple of the "
+      f"{layout.num_groups} data groups (processes holding different batch rows)"
+    )
   if layout.global_batch % shards:
-    raise ValueError(f"data_shards={shards} does not divide the global batch of "
-                     f"{layout.global_batch} rows ({layout.process_rows} per process x "
-                     f"{layout.num_groups} data groups)")
+    raise ValueError(
+      f"data_shards={shards} does not divide the global batch of "
+      f"{layout.global_batch} rows ({layout.process_rows} per process x "
+      f"{layout.num_groups} data groups)"
+    )
   return dataclasses.replace(layout, num_shards=shards, rows_per_shard=layout.global_batch // shards)
 
 
@@ -119,8 +126,9 @@ class ConcatBatchIterator:
   def set_state(self, state: bytes | dict) -> None:
     state = json.loads(state) if isinstance(state, (bytes, str)) else state
     if len(state["shards"]) != len(self.iterators):
-      raise ValueError(f"data iterator state holds {len(state['shards'])} shards, this process "
-                       f"reads {len(self.iterators)}")
+      raise ValueError(
+        f"data iterator state holds {len(state['shards'])} shards, this process reads {len(self.iterators)}"
+      )
     for it, s in zip(self.iterators, state["shards"]):
       it.set_state(s)
 
@@ -140,18 +148,21 @@ def put_process_batch(batch: dict[str, Any], shardings: Any, global_batch: int) 
   if jax.process_count() == 1:
     return jax.device_put(batch, shardings)
   return jax.tree.map(
-      lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x),
-                                                          (global_batch,) + x.shape[1:]),
-      batch, shardings)
+    lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x), (global_batch,) + x.shape[1:]),
+    batch,
+    shardings,
+  )
 
 
 def put_replicated_batch(batch: dict[str, Any], shardings: Any) -> Any:
   """A batch every process holds in full -> global arrays (each device takes its slice)."""
   if jax.process_count() == 1:
     return jax.device_put(batch, shardings)
+
   def put(x, s):
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+
   return jax.tree.map(put, batch, shardings)
 
 

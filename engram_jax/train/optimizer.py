@@ -41,7 +41,8 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
   elif cfg.schedule == "step":
     # boundaries are fractions of the whole run; the joined schedule counts from warmup's end
     after = optax.piecewise_constant_schedule(
-        peak, {max(1, int(b * total) - warm): cfg.step_decay_factor for b in cfg.step_decay_boundaries})
+      peak, {max(1, int(b * total) - warm): cfg.step_decay_factor for b in cfg.step_decay_boundaries}
+    )
   else:
     after = optax.constant_schedule(peak)
   if not warm:
@@ -63,8 +64,8 @@ def parameter_label(path: tuple[Any, ...], variable: nnx.Variable) -> str:
 def parameter_labels(params: nnx.State) -> Any:
   """A pytree of group labels matching `params` (an `nnx.State` of `nnx.Param`s)."""
   return jax.tree_util.tree_map_with_path(
-      lambda p, v: v.replace(parameter_label(p, v)), params,
-      is_leaf=lambda x: isinstance(x, nnx.Variable))
+    lambda p, v: v.replace(parameter_label(p, v)), params, is_leaf=lambda x: isinstance(x, nnx.Variable)
+  )
 
 
 def make_optimizer(cfg: TrainConfig, params: nnx.State) -> tuple[optax.GradientTransformation, Callable]:
@@ -73,22 +74,21 @@ def make_optimizer(cfg: TrainConfig, params: nnx.State) -> tuple[optax.GradientT
   engram_lr = lambda step: cfg.engram_lr_multiplier * lr(step)  # noqa: E731
   if cfg.optimizer == "muon":
     backbone = lambda wd: optax.contrib.muon(  # noqa: E731
-        lr, weight_decay=wd, adam_b1=cfg.b1, adam_b2=cfg.b2, eps=cfg.eps, adam_weight_decay=wd)
+      lr, weight_decay=wd, adam_b1=cfg.b1, adam_b2=cfg.b2, eps=cfg.eps, adam_weight_decay=wd
+    )
   else:
     backbone = lambda wd: optax.adamw(lr, cfg.b1, cfg.b2, cfg.eps, weight_decay=wd)  # noqa: E731
   groups = {
-      ENGRAM_TABLE: (optax.set_to_zero() if cfg.freeze_engram_tables
-                     else optax.adam(engram_lr, cfg.b1, cfg.b2, cfg.eps)),
-      NO_DECAY: backbone(0.0),
-      DECAY: backbone(cfg.weight_decay),
+    ENGRAM_TABLE: (optax.set_to_zero() if cfg.freeze_engram_tables else optax.adam(engram_lr, cfg.b1, cfg.b2, cfg.eps)),
+    NO_DECAY: backbone(0.0),
+    DECAY: backbone(cfg.weight_decay),
   }
   labels = parameter_labels(params)
   chain = []
   if cfg.freeze_engram_tables:
     # zero the table gradients before clipping, so they do not shrink the backbone's steps
     keep = optax.identity()
-    chain.append(optax.multi_transform(
-        {ENGRAM_TABLE: optax.set_to_zero(), NO_DECAY: keep, DECAY: keep}, labels))
+    chain.append(optax.multi_transform({ENGRAM_TABLE: optax.set_to_zero(), NO_DECAY: keep, DECAY: keep}, labels))
   if cfg.grad_clip_norm > 0:
     chain.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
   tx = optax.chain(*chain, optax.multi_transform(groups, labels))
@@ -140,22 +140,29 @@ class SparseTableOptimizer:
       return self.dense.init(dense), ()
     zeros = lambda t: jnp.zeros(t.shape, jnp.promote_types(t.dtype, jnp.float32))  # noqa: E731
     return self.dense.init(dense), tuple(
-        SparseRowState(zeros(t), zeros(t), jnp.zeros(t.shape[0], jnp.int32))
-        for t in self.tables(params).values())
+      SparseRowState(zeros(t), zeros(t), jnp.zeros(t.shape[0], jnp.int32)) for t in self.tables(params).values()
+    )
 
-  def apply_tables(self, tables: dict[int, jax.Array], states: tuple[SparseRowState, ...],
-                   sparse: dict[int, tuple[jax.Array, jax.Array, jax.Array]], lr: jax.Array
-                   ) -> tuple[dict[int, jax.Array], tuple[SparseRowState, ...]]:
+  def apply_tables(
+    self,
+    tables: dict[int, jax.Array],
+    states: tuple[SparseRowState, ...],
+    sparse: dict[int, tuple[jax.Array, jax.Array, jax.Array]],
+    lr: jax.Array,
+  ) -> tuple[dict[int, jax.Array], tuple[SparseRowState, ...]]:
     """One row-sparse Adam step per table; `sparse` {layer: `sparse_grad` output}, `lr` the
     backbone lr of this step."""
     lr = self.lr_multiplier * lr
-    out = {l: apply_sparse_adam(tables[l], s, *sparse[l], lr, b1=self.b1, b2=self.b2, eps=self.eps)
-           for l, s in zip(self.layers, states)}
+    out = {
+      l: apply_sparse_adam(tables[l], s, *sparse[l], lr, b1=self.b1, b2=self.b2, eps=self.eps)
+      for l, s in zip(self.layers, states)
+    }
     return {l: t for l, (t, _) in out.items()}, tuple(s for _, s in out.values())
 
 
-def make_table_optimizer(cfg: TrainConfig, params: nnx.State, mesh: Mesh | None = None
-                         ) -> tuple[optax.GradientTransformation | SparseTableOptimizer, Callable]:
+def make_table_optimizer(
+  cfg: TrainConfig, params: nnx.State, mesh: Mesh | None = None
+) -> tuple[optax.GradientTransformation | SparseTableOptimizer, Callable]:
   """(optimizer, backbone lr schedule) of a model with device-placed tables: `make_optimizer`
   for `cfg.table_optimizer="dense_adam"` (or a model without Engram tables), else a
   `SparseTableOptimizer`. Tables whose rows are split over `mesh` (engram_table_sharding /
@@ -169,13 +176,21 @@ def make_table_optimizer(cfg: TrainConfig, params: nnx.State, mesh: Mesh | None 
   if not layers:
     return dense_tx, lr
   if mesh is not None:
-    split = [path[1].key for path, sh in jax.tree_util.tree_flatten_with_path(
-        sharding_lib.state_shardings(tables, mesh))[0] if not sh.is_fully_replicated]
+    split = [
+      path[1].key
+      for path, sh in jax.tree_util.tree_flatten_with_path(sharding_lib.state_shardings(tables, mesh))[0]
+      if not sh.is_fully_replicated
+    ]
     if split:
-      log.warning("TrainConfig.table_optimizer='sparse_adam': the tables of Engram layers %s are "
-                  "split by rows over the mesh %s; they are trained with dense Adam instead "
-                  "(row-sparse updates cover replicated tables only)", split, dict(mesh.shape))
+      log.warning(
+        "TrainConfig.table_optimizer='sparse_adam': the tables of Engram layers %s are "
+        "split by rows over the mesh %s; they are trained with dense Adam instead "
+        "(row-sparse updates cover replicated tables only)",
+        split,
+        dict(mesh.shape),
+      )
       return dense_tx, lr
   dense_rest, _ = make_optimizer(cfg.replace(grad_clip_norm=0.0), rest)
-  return SparseTableOptimizer(dense_rest, layers, cfg.engram_lr_multiplier, cfg.b1, cfg.b2, cfg.eps,
-                              cfg.grad_clip_norm, cfg.freeze_engram_tables), lr
+  return SparseTableOptimizer(
+    dense_rest, layers, cfg.engram_lr_multiplier, cfg.b1, cfg.b2, cfg.eps, cfg.grad_clip_norm, cfg.freeze_engram_tables
+  ), lr

@@ -62,8 +62,7 @@ TABLE_LOCATIONS = ("device", "host")
 log = logging.getLogger(__name__)
 
 
-def load_run(path: str | Path, *, step: int | None = None, mesh=None,
-             tables: str = "device") -> LoadedRun:
+def load_run(path: str | Path, *, step: int | None = None, mesh=None, tables: str = "device") -> LoadedRun:
   """Loads a run directory (or its checkpoints/ folder); checks the stored constants.
 
   A run trained with host-placed tables (`TrainConfig.table_placement`; `host_table_layers`
@@ -88,8 +87,9 @@ def load_run(path: str | Path, *, step: int | None = None, mesh=None,
   try:
     if step is not None:
       if step not in ckpt.all_steps():
-        raise FileNotFoundError(f"load_run: no checkpoint of step {step} under {ckpt.directory} "
-                                f"(it holds steps {sorted(ckpt.all_steps())})")
+        raise FileNotFoundError(
+          f"load_run: no checkpoint of step {step} under {ckpt.directory} (it holds steps {sorted(ckpt.all_steps())})"
+        )
       return _load_step(ckpt, path, step, mesh, tables)
     candidates = sorted(ckpt.all_steps(), reverse=True)
     if not candidates:
@@ -99,8 +99,9 @@ def load_run(path: str | Path, *, step: int | None = None, mesh=None,
         return _load_step(ckpt, path, candidate, mesh, tables)
       except CorruptCheckpointError as e:
         if i + 1 == len(candidates):
-          raise CorruptCheckpointError(f"load_run: no intact checkpoint under {ckpt.directory}; the "
-                                       f"oldest: {e}", e.step, e.path) from e
+          raise CorruptCheckpointError(
+            f"load_run: no intact checkpoint under {ckpt.directory}; the oldest: {e}", e.step, e.path
+          ) from e
         log.warning("%s; falling back to the checkpoint of step %d", e, candidates[i + 1])
     raise AssertionError("unreachable")
   finally:
@@ -113,45 +114,69 @@ def _load_step(ckpt: Checkpointer, path: str | Path, step: int, mesh, tables: st
   tokenizer = Tokenizer.from_str(vocab["tokenizer_json"])
   if tokenizer_fingerprint(tokenizer) != meta["tokenizer_fingerprint"]:
     raise CheckpointMismatchError("stored tokenizer does not match its recorded fingerprint")
-  compressor = TokenizerCompressor(np.asarray(vocab["compression_table"], np.int64), vocab["num_compressed"],
-                                   tokenizer_fingerprint(tokenizer) if meta.get("compressed", True) else None)
+  compressor = TokenizerCompressor(
+    np.asarray(vocab["compression_table"], np.int64),
+    vocab["num_compressed"],
+    tokenizer_fingerprint(tokenizer) if meta.get("compressed", True) else None,
+  )
   model_config = ModelConfig.from_dict(meta["model"])
   hasher = None
   if meta.get("hash_constants"):
     hasher = NgramHasher.from_constants(meta["hash_constants"])  # re-derives and checks them
     if hasher.config != model_config.engram:
-      raise CheckpointMismatchError(f"stored hash constants are for {hasher.config}, the stored "
-                                    f"model's Engram config is {model_config.engram}")
+      raise CheckpointMismatchError(
+        f"stored hash constants are for {hasher.config}, the stored model's Engram config is {model_config.engram}"
+      )
   # runs saved before TrainConfig.table_optimizer existed trained their tables with dense Adam
   train_config = TrainConfig.from_dict({"table_optimizer": "dense_adam", **meta["train"]})
   mesh = mesh or sharding_lib.make_mesh(data=1, devices=jax.devices()[:1])
   host_layers = tuple(int(l) for l in meta.get("host_table_layers") or ())
   if tables == "host" and not host_layers:
     raise ValueError(
-        f"load_run(tables='host'): the run at {path} was trained with every Engram table on "
-        "the device (its checkpoint names no host_table_layers); load it with "
-        "tables='device' and move the tables with engram_jax.models.offloaded.split_tables(run.model, "
-        "'host')")
+      f"load_run(tables='host'): the run at {path} was trained with every Engram table on "
+      "the device (its checkpoint names no host_table_layers); load it with "
+      "tables='device' and move the tables with engram_jax.models.offloaded.split_tables(run.model, "
+      "'host')"
+    )
   if tables == "host":
     check_host_placement(model_config, host_layers, f"load_run(tables='host') of the run at {path}")
   host_tables = None
   if host_layers:
     model, loaded_step, host_tables = _load_host_placed(
-        ckpt, meta, model_config, train_config, step, mesh.devices.flat[0], host_layers,
-        keep_on_host=tables == "host")
+      ckpt, meta, model_config, train_config, step, mesh.devices.flat[0], host_layers, keep_on_host=tables == "host"
+    )
   else:
     graphdef, state, shardings, _ = create_train_state(
-        model_config, lambda p: make_table_optimizer(train_config, p, mesh), meta.get("seed", 0), mesh)
+      model_config, lambda p: make_table_optimizer(train_config, p, mesh), meta.get("seed", 0), mesh
+    )
     state, _ = ckpt.restore(abstract_like(state), current_meta=meta, step=step)
     model = nnx.merge(graphdef, state.params, state.rest)
     loaded_step = int(state.step)
-  return LoadedRun(model, model_config, DataConfig.from_dict(meta["data"]), tokenizer, compressor,
-                   hasher, meta, loaded_step, host_layers, host_tables)
+  return LoadedRun(
+    model,
+    model_config,
+    DataConfig.from_dict(meta["data"]),
+    tokenizer,
+    compressor,
+    hasher,
+    meta,
+    loaded_step,
+    host_layers,
+    host_tables,
+  )
 
 
-def _load_host_placed(ckpt: Checkpointer, meta: dict[str, Any], model_config: ModelConfig,
-                      train_config: TrainConfig, step: int | None, device: jax.Device,
-                      host_layers: tuple[int, ...], *, keep_on_host: bool = False):
+def _load_host_placed(
+  ckpt: Checkpointer,
+  meta: dict[str, Any],
+  model_config: ModelConfig,
+  train_config: TrainConfig,
+  step: int | None,
+  device: jax.Device,
+  host_layers: tuple[int, ...],
+  *,
+  keep_on_host: bool = False,
+):
   """A run trained with host-placed tables (`_HostPlacement`): its `state` item is the
   TrainState without the host tables, which are in the `host_tables` item. Nothing is
   initialised on the way.
@@ -164,16 +189,19 @@ def _load_host_placed(ckpt: Checkpointer, meta: dict[str, Any], model_config: Mo
   graphdef, params, rest = split_params(abstract, host_layers)
   tables, rest = nnx.split_state(rest, engram_table_filter(host_layers), ...)
   tx, _ = dense_optimizer(train_config, params)
-  target = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, rest=rest,
-                      opt_state=jax.eval_shape(tx.init, params))
+  target = TrainState(
+    step=jax.ShapeDtypeStruct((), jnp.int32), params=params, rest=rest, opt_state=jax.eval_shape(tx.init, params)
+  )
   sharding = jax.sharding.SingleDeviceSharding(device)
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                        target)
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), target)
   state, _ = ckpt.restore(target, current_meta=meta, step=step)
   wanted = {l: engram_table_value(tables, l).get_value() for l in host_layers}
-  saved = _restore_tables(ckpt, step, {
-      l: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=sharding) for l, t in wanted.items()},
-      as_numpy=keep_on_host)
+  saved = _restore_tables(
+    ckpt,
+    step,
+    {l: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=sharding) for l, t in wanted.items()},
+    as_numpy=keep_on_host,
+  )
   model = nnx.merge(graphdef, state.params, state.rest, tables)  # tables still abstract
   if not keep_on_host:
     for layer in host_layers:  # as `OffloadedEngram.restore_into`
@@ -183,13 +211,13 @@ def _load_host_placed(ckpt: Checkpointer, meta: dict[str, Any], model_config: Mo
   for layer in host_layers:  # as `split_tables` / `build_offloaded` leave the model
     host_tables[layer] = HostTable(saved[layer], method="numpy", device=device, copy=False)
     t = wanted[layer]
-    engram_table(model, layer).set_value(
-        jax.device_put(np.zeros((0,) + tuple(t.shape[1:]), t.dtype), sharding))
+    engram_table(model, layer).set_value(jax.device_put(np.zeros((0,) + tuple(t.shape[1:]), t.dtype), sharding))
   return model, int(state.step), host_tables
 
 
-def _restore_tables(ckpt: Checkpointer, step: int | None, targets: dict[int, jax.ShapeDtypeStruct],
-                    *, as_numpy: bool = False) -> dict[int, jax.Array | np.ndarray]:
+def _restore_tables(
+  ckpt: Checkpointer, step: int | None, targets: dict[int, jax.ShapeDtypeStruct], *, as_numpy: bool = False
+) -> dict[int, jax.Array | np.ndarray]:
   """The tables of the `host_tables` item read straight into `targets`' shardings (or,
   as_numpy, into host NumPy arrays: no device buffer of a table's size); their row-sparse
   Adam m, v and counts (twice the table) are not read."""
@@ -198,8 +226,12 @@ def _restore_tables(ckpt: Checkpointer, step: int | None, targets: dict[int, jax
   step = ckpt.latest_step() if step is None else step
   path = ckpt.directory / str(step) / "host_tables"
   if not path.is_dir():
-    raise CorruptCheckpointError(f"checkpoint {ckpt.directory}/{step} is incomplete: it holds no "
-                                 "host_tables item, but its meta names host_table_layers", step, path.parent)
+    raise CorruptCheckpointError(
+      f"checkpoint {ckpt.directory}/{step} is incomplete: it holds no "
+      "host_tables item, but its meta names host_table_layers",
+      step,
+      path.parent,
+    )
   with ckpt.reading(step, "host_tables metadata"):
     saved = ckpt.manager.item_metadata(step)["host_tables"]
   problems = []
@@ -207,20 +239,24 @@ def _restore_tables(ckpt: Checkpointer, step: int | None, targets: dict[int, jax
     item = (saved or {}).get(str(layer), {}).get("table")
     if item is None or tuple(item.shape) != target.shape or item.dtype != target.dtype:
       got = None if item is None else (tuple(item.shape), str(item.dtype))
-      problems.append(f"host table of Engram layer {layer}: checkpoint has {got}, the model "
-                      f"needs {(target.shape, str(target.dtype))}")
+      problems.append(
+        f"host table of Engram layer {layer}: checkpoint has {got}, the model needs {(target.shape, str(target.dtype))}"
+      )
   if problems:
-    raise CheckpointMismatchError(f"checkpoint {ckpt.directory}/{step} does not match its "
-                                  "model config:\n  " + "\n  ".join(problems))
+    raise CheckpointMismatchError(
+      f"checkpoint {ckpt.directory}/{step} does not match its model config:\n  " + "\n  ".join(problems)
+    )
   item = {str(l): {"table": t} for l, t in targets.items()}
   if as_numpy:
-    restore_args = {str(l): {"table": ocp.RestoreArgs(restore_type=np.ndarray, dtype=t.dtype)}
-                    for l, t in targets.items()}
+    restore_args = {
+      str(l): {"table": ocp.RestoreArgs(restore_type=np.ndarray, dtype=t.dtype)} for l, t in targets.items()
+    }
   else:
     restore_args = ocp.checkpoint_utils.construct_restore_args(item)
   with ckpt.reading(step, "host_tables"), ocp.PyTreeCheckpointer() as reader:
-    restored = reader.restore(path, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=restore_args, partial_restore=True))
+    restored = reader.restore(
+      path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+    )
   return {int(l): v["table"] for l, v in restored.items()}
 
 

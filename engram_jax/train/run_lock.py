@@ -34,7 +34,7 @@ def _start_time(pid: int) -> str | None:
   except OSError:
     return None
   # field 2 (comm) may hold spaces and parentheses: split after its closing ")"
-  fields = stat[stat.rindex(")") + 2:].split()
+  fields = stat[stat.rindex(")") + 2 :].split()
   return fields[19] if len(fields) > 19 else None
 
 
@@ -47,7 +47,7 @@ def _is_alive(pid: int, started: str | None) -> bool:
     return True
   try:  # a killed child not yet reaped by its parent still answers kill(0)
     state = Path(f"/proc/{pid}/stat").read_text()
-    if state[state.rindex(")") + 2:].split()[0] in ("Z", "X"):
+    if state[state.rindex(")") + 2 :].split()[0] in ("Z", "X"):
       return False
   except (OSError, ValueError):
     pass
@@ -110,14 +110,16 @@ class RunLock:
       pid, host = int(holder["pid"]), str(holder.get("host"))
       if host != me:
         raise WorkdirLockedError(
-            f"run directory {self.path.parent} is locked by pid {pid} on host {host!r} (lock file "
-            f"{self.path}); another trainer may be using it. If that process is gone, delete the file")
+          f"run directory {self.path.parent} is locked by pid {pid} on host {host!r} (lock file "
+          f"{self.path}); another trainer may be using it. If that process is gone, delete the file"
+        )
       if pid == os.getpid() or _is_alive(pid, holder.get("started")):
         raise WorkdirLockedError(
-            f"run directory {self.path.parent} is in use by another trainer: pid {pid} on host "
-            f"{host!r} holds {self.path}")
-      log.warning("taking over the stale lock %s of pid %d on host %r, which is no longer running",
-                  self.path, pid, host)
+          f"run directory {self.path.parent} is in use by another trainer: pid {pid} on host {host!r} holds {self.path}"
+        )
+      log.warning(
+        "taking over the stale lock %s of pid %d on host %r, which is no longer running", self.path, pid, host
+      )
     # rename first: of two processes clearing the same stale lock only one succeeds
     aside = self.path.with_name(f"{LOCK_NAME}.stale-{os.getpid()}")
     try:

@@ -43,8 +43,9 @@ def tree_shardings(tree: Any, mesh: Mesh) -> Any:
   return jax.tree.map(lambda x: x if isinstance(x, NamedSharding) else replicated, with_vars)
 
 
-def create_train_state(config: ModelConfig, tx_factory, seed: int, mesh: Mesh
-                       ) -> tuple[nnx.GraphDef, TrainState, Any, Any]:
+def create_train_state(
+  config: ModelConfig, tx_factory, seed: int, mesh: Mesh
+) -> tuple[nnx.GraphDef, TrainState, Any, Any]:
   """Builds model and optimizer state directly in their sharded layout.
 
   Args:
@@ -78,5 +79,4 @@ def num_params(state: TrainState) -> int:
 
 
 def optax_state_finite(opt_state: optax.OptState) -> bool:
-  return all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(opt_state)
-             if jnp.issubdtype(x.dtype, jnp.floating))
+  return all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(opt_state) if jnp.issubdtype(x.dtype, jnp.floating))

@@ -24,8 +24,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-CLAIM_SE = 2.0          # claim an effect only where |mean| > CLAIM_SE * SE
-MDE_SE = 2.0 + 0.84     # two-sided 2-SE test, 80% power: the effect must be ~2.84 SE
+CLAIM_SE = 2.0  # claim an effect only where |mean| > CLAIM_SE * SE
+MDE_SE = 2.0 + 0.84  # two-sided 2-SE test, 80% power: the effect must be ~2.84 SE
 
 
 def clustered_mean_se(loss_sums: np.ndarray, counts: np.ndarray) -> tuple[float, float]:
@@ -51,12 +51,11 @@ def clustered_mean_se(loss_sums: np.ndarray, counts: np.ndarray) -> tuple[float,
   if c < 2:
     return mean, float("nan")
   resid = loss_sums - mean * counts
-  se = math.sqrt(c / (c - 1) * float(np.sum(resid ** 2)) / total ** 2)
+  se = math.sqrt(c / (c - 1) * float(np.sum(resid**2)) / total**2)
   return mean, se
 
 
-def paired_difference(loss_sums_a: np.ndarray, loss_sums_b: np.ndarray, counts: np.ndarray
-                      ) -> tuple[float, float]:
+def paired_difference(loss_sums_a: np.ndarray, loss_sums_b: np.ndarray, counts: np.ndarray) -> tuple[float, float]:
   """(mean, SE) of loss(a) - loss(b) per token, two models scored on the same clusters.
 
   Args:
@@ -97,7 +96,7 @@ def fit_slope(xs: Sequence[float], ys: Sequence[float]) -> float | None:
   if x.size < 2 or np.ptp(x) == 0:
     return None
   xc = x - x.mean()
-  return float(np.sum(xc * (y - y.mean())) / np.sum(xc ** 2))
+  return float(np.sum(xc * (y - y.mean())) / np.sum(xc**2))
 
 
 def format_pm(mean: float, se: float, digits: int = 4) -> str:

@@ -22,20 +22,28 @@ Batch = dict[str, Any]
 
 def batch_shardings(batch: Batch, mesh: Mesh) -> Any:
   """Batch dimension over the data-parallel axes; everything else replicated."""
+
   def one(x):
     names = ("batch", "sequence") + (None,) * (len(x.shape) - 2)
     return NamedSharding(mesh, sharding_lib.logical_to_spec(names, mesh, x.shape))
+
   return jax.tree.map(one, batch)
 
 
 def model_inputs(batch: Batch) -> tuple[tuple, dict]:
   return (batch["tokens"], batch.get("engram_ids") or None), {
-      "positions": batch.get("positions"), "segment_ids": batch.get("segment_ids")}
+    "positions": batch.get("positions"),
+    "segment_ids": batch.get("segment_ids"),
+  }
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation | SparseTableOptimizer,
-                    lr_schedule: Callable, *, bias_update_rate: float = 0.0
-                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+def make_train_step(
+  graphdef: nnx.GraphDef,
+  tx: optax.GradientTransformation | SparseTableOptimizer,
+  lr_schedule: Callable,
+  *,
+  bias_update_rate: float = 0.0,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
   """One optimizer step: loss + MoE balance loss, clipped AdamW/Adam groups, then the
   auxiliary-loss-free router-bias update (outside the optimizer).
 
@@ -57,15 +65,22 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation | S
       rows = {l: model.blocks[l].engram.lookup(all_ids[l]) for l in sparse_tx.layers}
 
     def loss_fn(params, rows):
-      model = nnx.merge(graphdef, params, state.rest) if tables is None else \
-          nnx.merge(graphdef, params, tables, state.rest)
-      logits, aux = model(batch["tokens"], ids, positions=batch.get("positions"),
-                          segment_ids=batch.get("segment_ids"), engram_rows=rows or None)
+      model = (
+        nnx.merge(graphdef, params, state.rest) if tables is None else nnx.merge(graphdef, params, tables, state.rest)
+      )
+      logits, aux = model(
+        batch["tokens"],
+        ids,
+        positions=batch.get("positions"),
+        segment_ids=batch.get("segment_ids"),
+        engram_rows=rows or None,
+      )
       lm_loss, sums = masked_lm_loss(logits, batch["targets"], batch["loss_mask"])
       return lm_loss + aux["balance_loss"], (lm_loss, sums, aux)
 
-    (total, (lm_loss, sums, aux)), (grads, row_grads) = jax.value_and_grad(
-        loss_fn, argnums=(0, 1), has_aux=True)(params, rows)
+    (total, (lm_loss, sums, aux)), (grads, row_grads) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
+      params, rows
+    )
     lr = lr_schedule(state.step)
     metrics = {}
     if sparse_tx is None:
@@ -74,14 +89,21 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation | S
       params = optax.apply_updates(params, updates)
     else:
       params, opt_state, grad_norm = _sparse_table_update(
-          sparse_tx, state, tables, params, grads, flat, row_grads, lr, metrics)
+        sparse_tx, state, tables, params, grads, flat, row_grads, lr, metrics
+      )
     rest = state.rest
     if aux["router"]:
       rest = updated_router_biases(state.rest, aux["router"], bias_update_rate)
-    metrics.update({
-        "loss": lm_loss, "total_loss": total, "balance_loss": aux["balance_loss"],
-        "grad_norm": grad_norm, "lr": lr, "tokens": sums["tokens"],
-    })
+    metrics.update(
+      {
+        "loss": lm_loss,
+        "total_loss": total,
+        "balance_loss": aux["balance_loss"],
+        "grad_norm": grad_norm,
+        "lr": lr,
+        "tokens": sums["tokens"],
+      }
+    )
     if aux["router"]:
       loads = jnp.stack([s["load"] for s in aux["router"].values()])
       metrics["moe_max_load"] = jnp.max(loads) * loads.shape[-1]  # 1.0 = perfectly balanced
@@ -106,9 +128,17 @@ def clip_with_row_grads(grads: Any, sparse: dict, clip_norm: float) -> tuple[Any
   return grads, sparse, norm
 
 
-def _sparse_table_update(tx: SparseTableOptimizer, state: TrainState, tables: nnx.State,
-                         params: nnx.State, grads: nnx.State, flat: dict, row_grads: dict,
-                         lr: jax.Array, metrics: dict) -> tuple[nnx.State, Any, jax.Array]:
+def _sparse_table_update(
+  tx: SparseTableOptimizer,
+  state: TrainState,
+  tables: nnx.State,
+  params: nnx.State,
+  grads: nnx.State,
+  flat: dict,
+  row_grads: dict,
+  lr: jax.Array,
+  metrics: dict,
+) -> tuple[nnx.State, Any, jax.Array]:
   """The `SparseTableOptimizer` half of a step: (all params, opt state, grad norm)."""
   dense_state, table_states = state.opt_state
   table_values = tx.tables(state.params)
@@ -129,11 +159,15 @@ def _sparse_table_update(tx: SparseTableOptimizer, state: TrainState, tables: nn
   return nnx.merge_state(params, tables), (dense_state, table_states), grad_norm
 
 
-def compile_steps(graphdef, tx, lr_schedule, state_shardings, example_batch: Batch, mesh: Mesh,
-                  *, bias_update_rate: float = 0.0):
+def compile_steps(
+  graphdef, tx, lr_schedule, state_shardings, example_batch: Batch, mesh: Mesh, *, bias_update_rate: float = 0.0
+):
   """jit-compiled train step with explicit shardings (the state is donated), and the batch's shardings."""
   b_shard = batch_shardings(example_batch, mesh)
-  train = jax.jit(make_train_step(graphdef, tx, lr_schedule, bias_update_rate=bias_update_rate),
-                  in_shardings=(state_shardings, b_shard), out_shardings=(state_shardings, None),
-                  donate_argnums=(0,))
+  train = jax.jit(
+    make_train_step(graphdef, tx, lr_schedule, bias_update_rate=bias_update_rate),
+    in_shardings=(state_shardings, b_shard),
+    out_shardings=(state_shardings, None),
+    donate_argnums=(0,),
+  )
   return train, b_shard

@@ -93,28 +93,31 @@ class TrainingDivergedError(FloatingPointError):
 
 @dataclasses.dataclass
 class RunResult:
-  status: str                       # "completed" or "preempted"
-  step: int                         # steps done in total (including before a resume)
-  losses: dict[int, float]          # step -> train loss, for the steps run in this call
-  eval: dict[str, float] | None     # last validation metrics
-  tokens_per_second: float          # training throughput after compilation
+  status: str  # "completed" or "preempted"
+  step: int  # steps done in total (including before a resume)
+  losses: dict[int, float]  # step -> train loss, for the steps run in this call
+  eval: dict[str, float] | None  # last validation metrics
+  tokens_per_second: float  # training throughput after compilation
   workdir: Path
 
 
-def resolve_model_config(config: ModelConfig, tokenizer: Any, compressor: TokenizerCompressor
-                         ) -> ModelConfig:
+def resolve_model_config(config: ModelConfig, tokenizer: Any, compressor: TokenizerCompressor) -> ModelConfig:
   """Checks the model against the tokenizer and fills in the compressed vocabulary size."""
   vocab = tokenizer.get_vocab_size(with_added_tokens=True)
   if config.vocab_size != vocab:
-    raise ValueError(f"ModelConfig.vocab_size={config.vocab_size} but the tokenizer has {vocab} ids; "
-                     f"set the model's vocab_size to {vocab}")
+    raise ValueError(
+      f"ModelConfig.vocab_size={config.vocab_size} but the tokenizer has {vocab} ids; "
+      f"set the model's vocab_size to {vocab}"
+    )
   if config.engram is not None:
     pad = special_ids(tokenizer).pad
     if config.engram.pad_id != pad:
       raise ValueError(f"EngramConfig.pad_id={config.engram.pad_id} is not the tokenizer's pad id {pad}")
     if config.engram_compressed_vocab not in (None, compressor.num_compressed):
-      raise ValueError(f"ModelConfig.engram_compressed_vocab={config.engram_compressed_vocab} but the "
-                       f"tokenizer compresses to {compressor.num_compressed} ids")
+      raise ValueError(
+        f"ModelConfig.engram_compressed_vocab={config.engram_compressed_vocab} but the "
+        f"tokenizer compresses to {compressor.num_compressed} ids"
+      )
     config = config.replace(engram_compressed_vocab=compressor.num_compressed)
   return config
 
@@ -132,10 +135,19 @@ class _NoMetrics:
 class Trainer:
   """Trains one model on one data configuration in `workdir`."""
 
-  def __init__(self, model_config: ModelConfig, train_config: TrainConfig, data_config: DataConfig,
-               workdir: str | Path, *, seed: int = 0, mesh: jax.sharding.Mesh | None = None,
-               tokenizer: Tokenizer | None = None, compress_tokens: bool = True,
-               data_shards: int | None = None):
+  def __init__(
+    self,
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    data_config: DataConfig,
+    workdir: str | Path,
+    *,
+    seed: int = 0,
+    mesh: jax.sharding.Mesh | None = None,
+    tokenizer: Tokenizer | None = None,
+    compress_tokens: bool = True,
+    data_shards: int | None = None,
+  ):
     """`data_shards`: document streams the global batch is drawn from (default: one per data
     group of processes); fix it to reproduce a multi-process run's batches on fewer processes
     (see `engram_jax.train.multihost`). `mesh` defaults to all devices, or to
@@ -148,11 +160,13 @@ class Trainer:
     self.tokenizer = tokenizer or self._load_tokenizer()
     vocab = self.tokenizer.get_vocab_size(with_added_tokens=True)
     # compress_tokens=False is the "no tokenizer compression" ablation: identity table.
-    self.compressor = (TokenizerCompressor.from_tokenizer(self.tokenizer) if compress_tokens
-                       else TokenizerCompressor.identity(vocab))
+    self.compressor = (
+      TokenizerCompressor.from_tokenizer(self.tokenizer) if compress_tokens else TokenizerCompressor.identity(vocab)
+    )
     self.model_config = resolve_model_config(model_config, self.tokenizer, self.compressor)
-    self.row_hasher = EngramRowHasher.build(self.model_config.engram, self.tokenizer,
-                                            special_ids(self.tokenizer).pad, self.compressor)
+    self.row_hasher = EngramRowHasher.build(
+      self.model_config.engram, self.tokenizer, special_ids(self.tokenizer).pad, self.compressor
+    )
     self.placements, self.host_layers = _table_placements(self.model_config, train_config)
     if self.host_layers and mesh is None:
       mesh = sharding_lib.make_mesh(data=1, devices=jax.devices()[:1])
@@ -160,8 +174,9 @@ class Trainer:
     if self.host_layers:
       _check_host_placement_setup(self.mesh, train_config)
     self.layout = multihost.data_layout(self.mesh, data_config.batch_size, data_shards)
-    self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=train_config.keep_checkpoints,
-                                     best_by=train_config.keep_best_by)
+    self.checkpointer = Checkpointer(
+      self.workdir / "checkpoints", keep=train_config.keep_checkpoints, best_by=train_config.keep_best_by
+    )
     self._stop_signal: int | None = None
     # learning-rate multiplier left by divergence rollbacks (saved in the checkpoints' meta)
     self.lr_scale = 1.0
@@ -187,8 +202,10 @@ class Trainer:
     """This process's training batches: its document shards, concatenated along rows."""
     lay = self.layout
     config = self.data_config.replace(batch_size=lay.rows_per_shard)
-    iterators = [make_train_iterator(config, self.tokenizer, row_hasher=self.row_hasher,
-                                     shard=(i, lay.num_shards)) for i in lay.shards]
+    iterators = [
+      make_train_iterator(config, self.tokenizer, row_hasher=self.row_hasher, shard=(i, lay.num_shards))
+      for i in lay.shards
+    ]
     return iterators[0] if len(iterators) == 1 else multihost.ConcatBatchIterator(iterators)
 
   # -- metadata ----------------------------------------------------------------------------
@@ -196,25 +213,27 @@ class Trainer:
     hasher = self.row_hasher.hasher
     counts = count_params(self.model_config)
     return {
-        "model": self.model_config.to_dict(),
-        "train": self.train_config.to_dict(),
-        "data": self.data_config.to_dict(),
-        "seed": self.seed,
-        "hash_constants": None if hasher is None else hasher.constants(),
-        "tokenizer_fingerprint": tokenizer_fingerprint(self.tokenizer),
-        "compressed": self.compressor.fingerprint is not None,
-        "params": {"total": counts.total, "active": counts.active, "sparse": counts.sparse},
-        "flops_per_token": flops_per_token(self.model_config, self.data_config.seq_len),
-        "host_table_layers": list(self.host_layers),
+      "model": self.model_config.to_dict(),
+      "train": self.train_config.to_dict(),
+      "data": self.data_config.to_dict(),
+      "seed": self.seed,
+      "hash_constants": None if hasher is None else hasher.constants(),
+      "tokenizer_fingerprint": tokenizer_fingerprint(self.tokenizer),
+      "compressed": self.compressor.fingerprint is not None,
+      "params": {"total": counts.total, "active": counts.active, "sparse": counts.sparse},
+      "flops_per_token": flops_per_token(self.model_config, self.data_config.seq_len),
+      "host_table_layers": list(self.host_layers),
     }
 
   # -- signals -----------------------------------------------------------------------------
   def _install_signal_handlers(self):
     if threading.current_thread() is not threading.main_thread():
       return {}
+
     def handler(signum, frame):
       del frame
       self._stop_signal = signum
+
     return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
 
   # -- the loop ------------------------------------------------------------------------------
@@ -253,10 +272,8 @@ class Trainer:
 
     global_batch = self.layout.global_batch
     # Every process builds the same validation batches (rows default to the global batch).
-    eval_data = self.data_config.replace(
-        eval_batch_size=self.data_config.eval_batch_size or global_batch)
-    eval_batches = make_eval_batches(eval_data, self.tokenizer, row_hasher=self.row_hasher) \
-        if cfg.eval_every else []
+    eval_data = self.data_config.replace(eval_batch_size=self.data_config.eval_batch_size or global_batch)
+    eval_batches = make_eval_batches(eval_data, self.tokenizer, row_hasher=self.row_hasher) if cfg.eval_every else []
     eval_fingerprint = evaluation.tokens_fingerprint(eval_batches) if eval_batches else ""
 
     writer = MetricsWriter(self.workdir) if jax.process_index() == 0 else _NoMetrics()
@@ -266,8 +283,8 @@ class Trainer:
     bar = None
     if cfg.progress_bar and jax.process_index() == 0:
       from tqdm.auto import tqdm
-      bar = tqdm(total=cfg.total_steps, initial=start, unit="step", dynamic_ncols=True,
-                 desc=self.workdir.name)
+
+      bar = tqdm(total=cfg.total_steps, initial=start, unit="step", dynamic_ncols=True, desc=self.workdir.name)
     losses: dict[int, float] = {}
     last_eval, status = None, "completed"
     timed_tokens, timed_seconds = 0, 0.0
@@ -284,9 +301,12 @@ class Trainer:
         # train (e.g. a NaN gradient); go one checkpoint further back where there is one
         older = [s for s in self.checkpointer.all_steps() if s < good]
         good = max(older) if older else good
-      where = (f"The last good checkpoint (step {good}) under {self.checkpointer.directory} is intact "
-               "(its weights were checked finite when saved)" if good is not None else
-               "No checkpoint was saved yet")
+      where = (
+        f"The last good checkpoint (step {good}) under {self.checkpointer.directory} is intact "
+        "(its weights were checked finite when saved)"
+        if good is not None
+        else "No checkpoint was saved yet"
+      )
       if cfg.on_divergence != "rollback" or rollbacks >= cfg.max_rollbacks:
         for later in self.checkpointer.all_steps() if good is not None else ():
           if later > good:  # so that a plain rerun resumes from the checkpoint named here
@@ -300,19 +320,28 @@ class Trainer:
       if hasattr(data_iter, "close"):
         data_iter.close()
       scale = self.lr_scale * cfg.rollback_lr_factor
-      log.warning("%s; rollback %d of %d: resuming from %s at learning rate x%g", problem, rollbacks,
-                  cfg.max_rollbacks, f"step {good}" if good is not None else "the initial state", scale)
+      log.warning(
+        "%s; rollback %d of %d: resuming from %s at learning rate x%g",
+        problem,
+        rollbacks,
+        cfg.max_rollbacks,
+        f"step {good}" if good is not None else "the initial state",
+        scale,
+      )
       data_iter = self._train_iterator()
-      engine = self._build_engine(placement, meta, data_iter, rate or 0.0, good, lr_scale=scale,
-                                  later_to="diverged_checkpoints")
+      engine = self._build_engine(
+        placement, meta, data_iter, rate or 0.0, good, lr_scale=scale, later_to="diverged_checkpoints"
+      )
       context.enter_context(engine.context())
       rolled_back_to = step = engine.step
       if cfg.rollback_skip_batches:
         log.warning("skipping the %d batches of steps %d..%d", diverged_at - step, step + 1, diverged_at)
         engine.skip(diverged_at - step)
       meta["lr_scale"] = self.lr_scale
-      meta["rollbacks"] = [*meta.get("rollbacks", []), {"diverged_at": diverged_at, "resumed_from": step,
-                                                         "lr_scale": self.lr_scale, "problem": problem}]
+      meta["rollbacks"] = [
+        *meta.get("rollbacks", []),
+        {"diverged_at": diverged_at, "resumed_from": step, "lr_scale": self.lr_scale, "problem": problem},
+      ]
       losses = {k: v for k, v in losses.items() if k <= step}
       if jax.process_index() == 0:
         (self.workdir / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -353,12 +382,14 @@ class Trainer:
             last_eval = evaluation.summarize_rows(eval_rows)
             writer.write(step, last_eval, split="val")
             if jax.process_index() == 0:  # per-sequence sums: paired comparisons between runs
-              evaluation.save_rows(self.workdir / evaluation.ROWS_FILE, eval_rows, step=step,
-                                   fingerprint=eval_fingerprint)
+              evaluation.save_rows(
+                self.workdir / evaluation.ROWS_FILE, eval_rows, step=step, fingerprint=eval_fingerprint
+              )
           if multihost.any_process(self._stop_signal is not None):
             status = "preempted"
-            log.warning("signal %s: checkpointing at step %d and exiting",
-                        self._stop_signal or "on another process", step)
+            log.warning(
+              "signal %s: checkpointing at step %d and exiting", self._stop_signal or "on another process", step
+            )
             problem = self._save(engine, step, meta, last_eval)
             if problem:  # no rollback while stopping: the last good checkpoint stays the newest
               cfg = cfg.replace(on_divergence="stop")
@@ -391,8 +422,7 @@ class Trainer:
     metrics = None
     if self.train_config.keep_best_by:
       metrics = {"val_loss": float("inf") if last_eval is None else last_eval["val_loss"]}
-    engine.save(self.checkpointer, step, meta=meta,
-                vocab=vocab_item(self.tokenizer, self.compressor), metrics=metrics)
+    engine.save(self.checkpointer, step, meta=meta, vocab=vocab_item(self.tokenizer, self.compressor), metrics=metrics)
     return None
 
   # -- run safety: lock, resume point, fallback past corrupt checkpoints ---------------------
@@ -415,8 +445,17 @@ class Trainer:
     multihost.barrier(f"engram_jax.set_aside.{step}")
     self.checkpointer.manager.reload()
 
-  def _build_engine(self, placement, meta, data_iter, rate: float, resume_step: int | None, *,
-                    lr_scale: float | None = None, later_to: str = "superseded_checkpoints"):
+  def _build_engine(
+    self,
+    placement,
+    meta,
+    data_iter,
+    rate: float,
+    resume_step: int | None,
+    *,
+    lr_scale: float | None = None,
+    later_to: str = "superseded_checkpoints",
+  ):
     """The placement's engine, restored from the newest intact checkpoint (or `resume_step`).
 
     The optimizer's learning rate is scaled by `lr_scale`, by default the checkpoint's (that
@@ -431,8 +470,10 @@ class Trainer:
     candidates = ckpt.steps_newest_first()
     if resume_step is not None:
       if resume_step not in candidates:
-        raise ValueError(f"resume_step={resume_step}: no checkpoint of that step under {ckpt.directory} "
-                         f"(it holds steps {sorted(candidates)})")
+        raise ValueError(
+          f"resume_step={resume_step}: no checkpoint of that step under {ckpt.directory} "
+          f"(it holds steps {sorted(candidates)})"
+        )
       for s in candidates:
         if s > resume_step:
           self._set_aside(s, later_to, f"resuming from step {resume_step}")
@@ -447,7 +488,8 @@ class Trainer:
         problems = compare_meta(saved, meta) + compare_data(saved, meta)
         if problems:  # fail fast, before any compilation
           raise CheckpointMismatchError(
-              f"checkpoint {ckpt.directory}/{step} does not match this run:\n  " + "\n  ".join(problems))
+            f"checkpoint {ckpt.directory}/{step} does not match this run:\n  " + "\n  ".join(problems)
+          )
         self.lr_scale = float(saved.get("lr_scale", 1.0)) if lr_scale is None else lr_scale
         engine = placement(self, meta, data_iter, rate, step)
       except CorruptCheckpointError as e:
@@ -457,8 +499,9 @@ class Trainer:
           log.warning("falling back to the checkpoint of step %d", candidates[i + 1])
         continue
       if self.lr_scale != 1.0:
-        log.warning("the checkpoint of step %d was saved after divergence rollbacks: learning rate x%g",
-                    step, self.lr_scale)
+        log.warning(
+          "the checkpoint of step %d was saved after divergence rollbacks: learning rate x%g", step, self.lr_scale
+        )
       for e in unreadable:
         self._set_aside(e.step, "corrupt_checkpoints", "unreadable")
       if unreadable:
@@ -467,9 +510,12 @@ class Trainer:
     if resume_step is not None:
       raise unreadable[0]
     raise CorruptCheckpointError(
-        f"no intact checkpoint under {ckpt.directory}: " + "; ".join(str(e) for e in unreadable)
-        + ". Nothing was moved or deleted; remove the damaged steps to start afresh",
-        unreadable[0].step, unreadable[0].path)
+      f"no intact checkpoint under {ckpt.directory}: "
+      + "; ".join(str(e) for e in unreadable)
+      + ". Nothing was moved or deleted; remove the damaged steps to start afresh",
+      unreadable[0].step,
+      unreadable[0].path,
+    )
 
   def row_frequencies(self, model: Any, layers: tuple[int, ...]) -> dict[int, np.ndarray]:
     """Row counts {layer: np.int64 [R]} over the first `FREQUENCY_BATCHES` training batches.
@@ -501,9 +547,11 @@ class Trainer:
     Every process holds the same full validation batches; each device evaluates its rows
     (`eval_step` returns them replicated, so every process can read them).
     """
-    parts = [eval_step(state, multihost.put_replicated_batch(batch, batch_shardings(batch, mesh)))
-             for batch in eval_batches]
+    parts = [
+      eval_step(state, multihost.put_replicated_batch(batch, batch_shardings(batch, mesh))) for batch in eval_batches
+    ]
     return evaluation.concat_rows(jax.device_get(parts))
+
 
 def _divergence(loss: float, metrics: dict[str, Any], step: int) -> str | None:
   """Why step `step` diverged (a non-finite loss or gradient norm), or None."""
@@ -520,8 +568,9 @@ def _table_placements(model_config: ModelConfig, cfg: TrainConfig) -> tuple[dict
   """({layer: TablePlacement}, the layers placed "host" / "cached") of a run."""
   if model_config.engram is None:
     if cfg.table_placement.strip() not in ("", "device"):
-      raise ValueError(f"TrainConfig.table_placement={cfg.table_placement!r} needs a model with "
-                       "Engram layers; this model has none")
+      raise ValueError(
+        f"TrainConfig.table_placement={cfg.table_placement!r} needs a model with Engram layers; this model has none"
+      )
     return {}, ()
   placements = parse_placements(cfg.table_placement, model_config.engram_layer_ids)
   host_layers = tuple(sorted(l for l, p in placements.items() if p.on_host))
@@ -535,35 +584,40 @@ def _check_host_placement_setup(mesh: jax.sharding.Mesh, cfg: TrainConfig) -> No
   except NotImplementedError as e:
     raise NotImplementedError(f"TrainConfig.table_placement={cfg.table_placement!r}: {e}") from None
   if cfg.freeze_engram_tables:
-    raise ValueError(f"TrainConfig.freeze_engram_tables=True is not supported with "
-                     f"table_placement={cfg.table_placement!r} (the host optimizer always "
-                     "updates the tables); use table_placement='device'")
+    raise ValueError(
+      f"TrainConfig.freeze_engram_tables=True is not supported with "
+      f"table_placement={cfg.table_placement!r} (the host optimizer always "
+      "updates the tables); use table_placement='device'"
+    )
 
 
 class _DevicePlacement:
   """Every Engram table on the device: the whole state sharded on the mesh, one jitted step."""
 
-  def __init__(self, trainer: Trainer, meta: dict[str, Any], data_iter: Any, rate: float,
-               step: int | None):
+  def __init__(self, trainer: Trainer, meta: dict[str, Any], data_iter: Any, rate: float, step: int | None):
     cfg, mesh = trainer.optimizer_config(), trainer.mesh
     graphdef, state, state_sh, (tx, lr) = create_train_state(
-        trainer.model_config, lambda p: make_table_optimizer(cfg, p, mesh), trainer.seed, mesh)
+      trainer.model_config, lambda p: make_table_optimizer(cfg, p, mesh), trainer.seed, mesh
+    )
     if step is not None:
       abstract = abstract_like(state)
       del state
-      state, _ = trainer.checkpointer.restore(abstract, current_meta=meta, step=step,
-                                              data_iterator=data_iter)
+      state, _ = trainer.checkpointer.restore(abstract, current_meta=meta, step=step, data_iterator=data_iter)
     self.state, self.mesh, self.data_iter = state, mesh, data_iter
     self.global_batch = trainer.layout.global_batch
-    spec = batch_spec(trainer.data_config.replace(batch_size=self.global_batch),
-                      trainer.model_config.engram)
+    spec = batch_spec(trainer.data_config.replace(batch_size=self.global_batch), trainer.model_config.engram)
     example = jax.tree.map(lambda s: np.zeros(s[0], s[1]), spec, is_leaf=lambda x: isinstance(x, tuple))
     self.b_shard = batch_shardings(example, mesh)
-    self.train_step = jax.jit(make_train_step(graphdef, tx, lr, bias_update_rate=rate),
-                              in_shardings=(state_sh, self.b_shard), out_shardings=(state_sh, None),
-                              donate_argnums=(0,))
-    self.eval_step = jax.jit(evaluation.make_row_eval_step(graphdef),
-                             out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    self.train_step = jax.jit(
+      make_train_step(graphdef, tx, lr, bias_update_rate=rate),
+      in_shardings=(state_sh, self.b_shard),
+      out_shardings=(state_sh, None),
+      donate_argnums=(0,),
+    )
+    self.eval_step = jax.jit(
+      evaluation.make_row_eval_step(graphdef),
+      out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+    )
 
   @property
   def step(self) -> int:
@@ -648,27 +702,24 @@ class _HostPlacement:
   host table with its row-sparse Adam m, v and per-row count.
   """
 
-  def __init__(self, trainer: Trainer, meta: dict[str, Any], data_iter: Any, rate: float,
-               step: int | None):
+  def __init__(self, trainer: Trainer, meta: dict[str, Any], data_iter: Any, rate: float, step: int | None):
     # The host tables are initialised in host memory, never on the device.
     build = lambda: build_model(trainer.model_config, trainer.seed)  # noqa: E731
-    cached = tuple(l for l, p in trainer.placements.items()
-                   if p.kind == "cached" and not p.frequency_file)
+    cached = tuple(l for l, p in trainer.placements.items() if p.kind == "cached" and not p.frequency_file)
     frequencies = trainer.row_frequencies(nnx.eval_shape(build), cached) if cached else None
     # one device: the state and rows stay on it; a data-parallel mesh splits them over it
     mesh = trainer.mesh if trainer.mesh.size > 1 else None
-    model, offloaded = build_offloaded(build, trainer.placements, frequencies=frequencies,
-                                       device=trainer.mesh.devices.flat[0])
-    self.host = HostTableTrainer(model, offloaded, trainer.optimizer_config(), bias_update_rate=rate,
-                                 mesh=mesh)
+    model, offloaded = build_offloaded(
+      build, trainer.placements, frequencies=frequencies, device=trainer.mesh.devices.flat[0]
+    )
+    self.host = HostTableTrainer(model, offloaded, trainer.optimizer_config(), bias_update_rate=rate, mesh=mesh)
     del model
     self.layers = self.host.offloaded.host_layers
     self._is_placeholder = engram_table_filter(self.layers)
     ckpt = trainer.checkpointer
     if step is not None:
       saved = self._savable_state()
-      restored, _ = ckpt.restore(abstract_like(saved), current_meta=meta, step=step,
-                                 data_iterator=data_iter)
+      restored, _ = ckpt.restore(abstract_like(saved), current_meta=meta, step=step, data_iterator=data_iter)
       placeholders, _ = nnx.split_state(self.host.state.rest, self._is_placeholder, ...)
       self.host.state = restored.replace(rest=nnx.merge_state(restored.rest, placeholders))
       self.host.load_host_state(ckpt.restore_host_tables(self.host.host_state(), step=step))
@@ -710,8 +761,12 @@ class _HostPlacement:
   def verify(self) -> str | None:
     """Why the current state must not be checkpointed (non-finite values or loss), or None."""
     bad = nonfinite_leaves(self._savable_state())
-    bad += [f"host table of layer {l}: {k}" for l, d in self.host.host_state().items() for k, v in d.items()
-            if np.issubdtype(v.dtype, np.inexact) and not np.isfinite(v).all()]
+    bad += [
+      f"host table of layer {l}: {k}"
+      for l, d in self.host.host_state().items()
+      for k, v in d.items()
+      if np.issubdtype(v.dtype, np.inexact) and not np.isfinite(v).all()
+    ]
     if bad:
       return f"non-finite values in {bad[:5]}"
     loss = evaluation.summarize_rows(self.evaluate_rows([self.position.last_batch]))["val_loss"]
@@ -726,5 +781,6 @@ class _HostPlacement:
     return evaluation.concat_rows(parts)
 
   def save(self, checkpointer: Checkpointer, step: int, **kwargs) -> None:
-    checkpointer.save(step, self._savable_state(), data_iterator=self.position,
-                      host_tables=self.host.host_state(), **kwargs)
+    checkpointer.save(
+      step, self._savable_state(), data_iterator=self.position, host_tables=self.host.host_state(), **kwargs
+    )

@@ -62,25 +62,41 @@ _DTYPE = flags.DEFINE_string("dtype", "", "Activation dtype override (default: t
 @dataclasses.dataclass(frozen=True)
 class Preset:
   model: ModelConfig
-  train_batch: tuple[int, int]   # B, T
-  decode_batch: int              # sequences, one token each per step
+  train_batch: tuple[int, int]  # B, T
+  decode_batch: int  # sequences, one token each per step
   train_steps: int
   decode_steps: int
-  warmup: int                    # untimed steps (compilation)
+  warmup: int  # untimed steps (compilation)
 
 
 def _presets() -> dict[str, Preset]:
   tiny = ModelConfig.tiny("engram_moe")
   cpu = tiny.replace(engram=dataclasses.replace(tiny.engram, vocab_sizes=(4001, 4003)))
   # ~1.0B-parameter table: 16 heads x ~976k rows x d_h 64, float32 (4 GiB), at block 1.
-  engram = EngramConfig(vocab_sizes=(976_000, 976_000), max_ngram_size=3, n_embed_per_ngram=512,
-                        n_head_per_ngram=8, layer_ids=(1,), pad_id=0, seed=0)
+  engram = EngramConfig(
+    vocab_sizes=(976_000, 976_000),
+    max_ngram_size=3,
+    n_embed_per_ngram=512,
+    n_head_per_ngram=8,
+    layer_ids=(1,),
+    pad_id=0,
+    seed=0,
+  )
   moe = MoEConfig(num_experts=16, num_shared_experts=1, top_k=2, expert_hidden=704)
-  h200 = ModelConfig.engram_moe(moe, engram, vocab_size=32768, hidden_size=1024, num_layers=12,
-                                num_heads=16, num_kv_heads=4, head_dim=64, ffn_hidden=2816,
-                                num_dense_layers=1, dtype="bfloat16")
-  return {"cpu_tiny": Preset(cpu, (4, 64), 8, 10, 40, 3),
-          "h200": Preset(h200, (16, 512), 64, 20, 64, 3)}
+  h200 = ModelConfig.engram_moe(
+    moe,
+    engram,
+    vocab_size=32768,
+    hidden_size=1024,
+    num_layers=12,
+    num_heads=16,
+    num_kv_heads=4,
+    head_dim=64,
+    ffn_hidden=2816,
+    num_dense_layers=1,
+    dtype="bfloat16",
+  )
+  return {"cpu_tiny": Preset(cpu, (4, 64), 8, 10, 40, 3), "h200": Preset(h200, (16, 512), 64, 20, 64, 3)}
 
 
 TRAIN = TrainConfig(total_steps=1000, learning_rate=1e-3, warmup_steps=0, progress_bar=False)
@@ -99,8 +115,10 @@ class ZipfRows:
       self.perms.append(rng.permutation(s).astype(np.int32))
 
   def sample(self, rng, shape) -> np.ndarray:
-    heads = [perm[np.minimum(np.searchsorted(cdf, rng.random(shape)), perm.size - 1)]
-             for cdf, perm in zip(self.cdfs, self.perms)]
+    heads = [
+      perm[np.minimum(np.searchsorted(cdf, rng.random(shape)), perm.size - 1)]
+      for cdf, perm in zip(self.cdfs, self.perms)
+    ]
     return np.stack(heads, -1)
 
 
@@ -109,9 +127,14 @@ def _batches(cfg: ModelConfig, zipf: dict, n: int, b: int, t: int, seed: int) ->
   out = []
   for _ in range(n):
     tokens = rng.integers(0, cfg.vocab_size, (b, t + 1)).astype(np.int32)
-    out.append({"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
-                "loss_mask": np.ones((b, t), np.float32),
-                "engram_ids": {l: z.sample(rng, (b, t)) for l, z in zipf.items()}})
+    out.append(
+      {
+        "tokens": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "loss_mask": np.ones((b, t), np.float32),
+        "engram_ids": {l: z.sample(rng, (b, t)) for l, z in zipf.items()},
+      }
+    )
   return out
 
 
@@ -133,31 +156,35 @@ class Meter:
     """Wraps every host table's gather (bytes) and returns timed gather sources."""
     for table in offloaded.tables.values():
       raw = table.gather
+
       def counted(ids, raw=raw):
         rows = raw(ids)
         self.add(rows.nbytes)
         return rows
+
       table.gather = counted
     sources = {}
     for layer, src in offloaded.sources.items():
       fn = src.lookup if isinstance(src, HotRowCache) else src.gather
       index_bytes = 9 if isinstance(src, HotRowCache) else 0  # slot, hit, miss index per id
+
       def timed(ids, fn=fn, index_bytes=index_bytes):
         start = time.perf_counter()
         rows = jax.block_until_ready(fn(ids))
         self.add(np.asarray(ids).size * index_bytes, time.perf_counter() - start)
         return rows
+
       sources[layer] = timed
     return sources
 
 
 @dataclasses.dataclass
 class Result:
-  rate: float                  # steps/s
-  h2d: float = 0.0             # bytes per step
+  rate: float  # steps/s
+  h2d: float = 0.0  # bytes per step
   d2h: float = 0.0
   gather_ms: float = float("nan")  # per step, in the prefetch thread
-  wait_ms: float = float("nan")    # per step, the step loop waiting for rows
+  wait_ms: float = float("nan")  # per step, the step loop waiting for rows
   hit_rate: float = float("nan")
 
   @property
@@ -185,8 +212,7 @@ def train_device(model, batches, warmup: int, rate: float) -> Result:
   params, rest = jax.tree.map(jnp.copy, (params, rest))
   tx, lr = make_optimizer(TRAIN, params)
   step = jax.jit(make_train_step(graphdef, tx, lr, bias_update_rate=rate), donate_argnums=(0,))
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
-                     opt_state=tx.init(params))
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=tx.init(params))
   times = []
   for batch in batches:
     t0 = time.perf_counter()
@@ -196,10 +222,10 @@ def train_device(model, batches, warmup: int, rate: float) -> Result:
   return Result(_rate(times[warmup:]))
 
 
-def train_host(model, spec, batches, warmup: int, rate: float, freqs, depth: int,
-               reuse: list) -> Result:
-  trainer = HostTableTrainer(nnx.clone(model), spec, TRAIN, frequencies=freqs,
-                             bias_update_rate=rate, reuse_step_of=reuse[0] if reuse else None)
+def train_host(model, spec, batches, warmup: int, rate: float, freqs, depth: int, reuse: list) -> Result:
+  trainer = HostTableTrainer(
+    nnx.clone(model), spec, TRAIN, frequencies=freqs, bias_update_rate=rate, reuse_step_of=reuse[0] if reuse else None
+  )
   reuse[:] = [trainer]  # host and cached run the same compiled device step
   off = trainer.offloaded
   meter = Meter()
@@ -219,18 +245,22 @@ def train_host(model, spec, batches, warmup: int, rate: float, freqs, depth: int
       wait += time.perf_counter() - t0
       if recent:  # rows gathered before the last update landed: re-read those
         flat = off.flat_ids(batch["engram_ids"])
-        rows = {l: patch_updated_rows(rows[l], flat[l], np.concatenate([u[l] for u in recent]),
-                                      off.tables[l]) for l in off.host_layers}
+        rows = {
+          l: patch_updated_rows(rows[l], flat[l], np.concatenate([u[l] for u in recent]), off.tables[l])
+          for l in off.host_layers
+        }
       metrics, updated = trainer.step(batch, rows)
       float(metrics["loss"])
       recent.append(updated)
       times.append(time.perf_counter() - t0)
-      d2h += sum(4 + n * (4 + off.tables[l].dim * 4) for l, n in
-                 ((l, batch["engram_ids"][l].size) for l in off.host_layers))
+      d2h += sum(
+        4 + n * (4 + off.tables[l].dim * 4) for l, n in ((l, batch["engram_ids"][l].size) for l in off.host_layers)
+      )
   n = len(batches) - warmup
   gathered = meter.gather_s - g0
-  return Result(_rate(times[warmup:]), (meter.h2d - h2d0) / n, d2h / n, 1e3 * gathered / n,
-                1e3 * wait / n, _hit_rate(off))
+  return Result(
+    _rate(times[warmup:]), (meter.h2d - h2d0) / n, d2h / n, 1e3 * gathered / n, 1e3 * wait / n, _hit_rate(off)
+  )
 
 
 # ---------------------------------------------------------------------------------- decode
@@ -272,9 +302,14 @@ def decode(model, spec, steps, warmup: int, freqs, depth: int) -> Result:
       it.close()
   n = len(steps) - warmup
   gathered = meter.gather_s - g0
-  return Result(_rate(times[warmup:]), (meter.h2d - h2d0) / n, 0.0,
-                1e3 * gathered / n if off is not None else float("nan"), 1e3 * wait / n,
-                float("nan") if off is None else _hit_rate(off))
+  return Result(
+    _rate(times[warmup:]),
+    (meter.h2d - h2d0) / n,
+    0.0,
+    1e3 * gathered / n if off is not None else float("nan"),
+    1e3 * wait / n,
+    float("nan") if off is None else _hit_rate(off),
+  )
 
 
 # ------------------------------------------------------------------------------------ main
@@ -284,24 +319,29 @@ def _mib(n: float) -> str:
 
 def _report(title: str, unit: str, per_step: int, results: dict[str, Result]) -> None:
   print(f"\n== {title}")
-  print(f"  {'placement':16s} {unit:>12s} {'vs device':>9s} {'ms/step':>8s} {'H2D/step':>13s} "
-        f"{'D2H/step':>13s} {'gather ms':>9s} {'wait ms':>8s} {'overlap':>7s} {'hit rate':>8s}")
+  print(
+    f"  {'placement':16s} {unit:>12s} {'vs device':>9s} {'ms/step':>8s} {'H2D/step':>13s} "
+    f"{'D2H/step':>13s} {'gather ms':>9s} {'wait ms':>8s} {'overlap':>7s} {'hit rate':>8s}"
+  )
   base = results.get("device")
   for name, r in results.items():
     ratio = r.rate / base.rate if base else float("nan")
-    print(f"  {name:16s} {r.rate * per_step:12.1f} {ratio:9.3f} {1e3 / r.rate:8.2f} "
-          f"{_mib(r.h2d):>13s} {_mib(r.d2h):>13s} {r.gather_ms:9.3f} {r.wait_ms:8.3f} "
-          f"{r.overlap:7.2f} {r.hit_rate:8.1%}")
+    print(
+      f"  {name:16s} {r.rate * per_step:12.1f} {ratio:9.3f} {1e3 / r.rate:8.2f} "
+      f"{_mib(r.h2d):>13s} {_mib(r.d2h):>13s} {r.gather_ms:9.3f} {r.wait_ms:8.3f} "
+      f"{r.overlap:7.2f} {r.hit_rate:8.1%}"
+    )
 
 
 @dataclasses.dataclass
 class Setup:
   """What every placement runs on: one model (one seed) and the same Zipf row ids."""
+
   cfg: ModelConfig
   model: object
-  zipf: dict               # layer -> ZipfRows
-  freqs: dict              # layer -> row frequencies (from batches the timed runs never see)
-  rate: float              # MoE router-bias update rate
+  zipf: dict  # layer -> ZipfRows
+  freqs: dict  # layer -> row frequencies (from batches the timed runs never see)
+  rate: float  # MoE router-bias update rate
 
 
 def setup(cfg: ModelConfig, preset: Preset, zipf_exponent: float) -> Setup:
@@ -310,15 +350,19 @@ def setup(cfg: ModelConfig, preset: Preset, zipf_exponent: float) -> Setup:
   layers = cfg.engram_layer_ids
   sizes = {l: model.blocks[l].engram.table_sizes for l in layers}
   rows = sum(model.blocks[l].engram.num_rows for l in layers)
-  print(f"model built in {time.perf_counter() - start:.1f}s: Engram layers {layers}, "
-        f"{rows:,} table rows x d_h {cfg.engram.head_dim} = "
-        f"{rows * cfg.engram.head_dim / 1e6:,.1f}M table params")
+  print(
+    f"model built in {time.perf_counter() - start:.1f}s: Engram layers {layers}, "
+    f"{rows:,} table rows x d_h {cfg.engram.head_dim} = "
+    f"{rows * cfg.engram.head_dim / 1e6:,.1f}M table params"
+  )
   zipf = {l: ZipfRows(s, zipf_exponent, seed=l) for l, s in sizes.items()}
   offsets = {l: np.asarray(model.blocks[l].engram.offsets) for l in layers}
   b, t = preset.train_batch
   sample = _batches(cfg, zipf, 4, b, t, seed=99)  # frequencies come from other batches
-  freqs = {l: count_row_frequencies((x["engram_ids"][l] + offsets[l] for x in sample),
-                                    model.blocks[l].engram.num_rows) for l in layers}
+  freqs = {
+    l: count_row_frequencies((x["engram_ids"][l] + offsets[l] for x in sample), model.blocks[l].engram.num_rows)
+    for l in layers
+  }
   return Setup(cfg, model, zipf, freqs, cfg.moe.bias_update_rate if cfg.moe else 0.0)
 
 
@@ -335,8 +379,10 @@ def train_batches(s: Setup, preset: Preset, steps: int) -> list[dict]:
 
 def decode_inputs(s: Setup, preset: Preset, steps: int) -> list[dict]:
   """`steps` timed decode steps (one token per sequence) plus the warm-up ones."""
-  return [{"tokens": x["tokens"], "engram_ids": x["engram_ids"]}
-          for x in _batches(s.cfg, s.zipf, steps + preset.warmup, preset.decode_batch, 1, seed=2)]
+  return [
+    {"tokens": x["tokens"], "engram_ids": x["engram_ids"]}
+    for x in _batches(s.cfg, s.zipf, steps + preset.warmup, preset.decode_batch, 1, seed=2)
+  ]
 
 
 def main(argv):
@@ -346,8 +392,10 @@ def main(argv):
   cpu = jax.default_backend() == "cpu"
   print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}); preset {_PRESET.value}")
   if cpu:
-    print("NOTE: on CPU host and device memory are the same RAM: these figures show that the "
-          "paths work and their software overhead, NOT PCIe transfer behaviour.")
+    print(
+      "NOTE: on CPU host and device memory are the same RAM: these figures show that the "
+      "paths work and their software overhead, NOT PCIe transfer behaviour."
+    )
   start = time.perf_counter()
   s = setup(cfg, preset, _ZIPF.value)
   b, t = preset.train_batch
@@ -359,18 +407,24 @@ def main(argv):
     results, reuse = {}, []
     for p in _PLACEMENTS.value:
       spec = placement_spec(p, _CACHE_FRACTION.value)
-      results[name(p)] = (train_device(s.model, batches, warm, s.rate) if spec is None else
-                          train_host(s.model, spec, batches, warm, s.rate, s.freqs, depth, reuse))
+      results[name(p)] = (
+        train_device(s.model, batches, warm, s.rate)
+        if spec is None
+        else train_host(s.model, spec, batches, warm, s.rate, s.freqs, depth, reuse)
+      )
     _report(f"training: B={b} T={t}, {len(batches) - warm} timed steps", "tokens/s", b * t, results)
 
   if "decode" not in _SKIP.value:
     steps = decode_inputs(s, preset, _DECODE_STEPS.value or preset.decode_steps)
     results = {}
     for p in _PLACEMENTS.value:
-      results[name(p)] = decode(s.model, placement_spec(p, _CACHE_FRACTION.value), steps, warm,
-                                s.freqs, depth)
-    _report(f"decode: {preset.decode_batch} sequences x 1 token per step, {len(steps) - warm} "
-            "timed steps", "tokens/s", preset.decode_batch, results)
+      results[name(p)] = decode(s.model, placement_spec(p, _CACHE_FRACTION.value), steps, warm, s.freqs, depth)
+    _report(
+      f"decode: {preset.decode_batch} sequences x 1 token per step, {len(steps) - warm} timed steps",
+      "tokens/s",
+      preset.decode_batch,
+      results,
+    )
 
   print(f"\ntotal {time.perf_counter() - start:.1f}s")
   if cpu:

@@ -30,27 +30,26 @@ from engram_jax.offload.prefetch import RowPrefetcher
 
 _PRESET = flags.DEFINE_enum("preset", "cpu_tiny", ["cpu_tiny", "h200"], "Shape set to run.")
 _ITERS = flags.DEFINE_integer("iters", 0, "Timed iterations per measurement (0: preset).")
-_COMPUTE_MS = flags.DEFINE_float("compute_ms", 0.0,
-                                 "Synthetic compute step for the overlap test (0: preset).")
+_COMPUTE_MS = flags.DEFINE_float("compute_ms", 0.0, "Synthetic compute step for the overlap test (0: preset).")
 _DEPTH = flags.DEFINE_integer("prefetch_depth", 1, "RowPrefetcher depth (1: double buffering).")
 _ZIPF = flags.DEFINE_float("zipf", 1.05, "Zipf exponent of the synthetic row-id stream.")
-_CACHE_FRACTIONS = flags.DEFINE_list("cache_fractions", ["0.01", "0.05", "0.1"],
-                                     "Cached share of the rows.")
+_CACHE_FRACTIONS = flags.DEFINE_list("cache_fractions", ["0.01", "0.05", "0.1"], "Cached share of the rows.")
 _HIT_RATE = flags.DEFINE_bool("hit_rate", False, "Also measure hit rates on the stdlib corpus.")
 _CORPUS_BYTES = flags.DEFINE_integer("corpus_bytes", 4_000_000, "Corpus bytes for --hit_rate.")
 _BPE_VOCAB = flags.DEFINE_integer("bpe_vocab_size", 4096, "BPE vocabulary for --hit_rate.")
-_ENGRAM_VOCAB = flags.DEFINE_list("engram_vocab", ["20000", "200000"],
-                                  "Nominal rows per head for --hit_rate (one run each).")
+_ENGRAM_VOCAB = flags.DEFINE_list(
+  "engram_vocab", ["20000", "200000"], "Nominal rows per head for --hit_rate (one run each)."
+)
 _HEADS = flags.DEFINE_integer("n_head_per_ngram", 4, "Engram K for --hit_rate.")
 
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-  rows: int      # R, flat table rows
-  d: int         # row width
+  rows: int  # R, flat table rows
+  d: int  # row width
   dtype: str
-  tokens: int    # B * T per step
-  heads: int     # H
+  tokens: int  # B * T per step
+  heads: int  # H
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,13 +61,19 @@ class Preset:
 
 
 PRESETS = {
-    "cpu_tiny": Preset((Case(1 << 16, 32, "float32", 1024, 8),
-                        Case(1 << 18, 64, "float32", 2048, 16)), iters=10, compute_ms=20.0,
-                       prefetch_steps=40),
-    # Engram-27B-like rows (d_h = 80, bf16) on a 4M-row slice; 16k tokens x 16 heads per step.
-    "h200": Preset((Case(1 << 22, 80, "bfloat16", 16384, 16),
-                    Case(1 << 24, 80, "bfloat16", 16384, 16)), iters=20, compute_ms=50.0,
-                   prefetch_steps=30),
+  "cpu_tiny": Preset(
+    (Case(1 << 16, 32, "float32", 1024, 8), Case(1 << 18, 64, "float32", 2048, 16)),
+    iters=10,
+    compute_ms=20.0,
+    prefetch_steps=40,
+  ),
+  # Engram-27B-like rows (d_h = 80, bf16) on a 4M-row slice; 16k tokens x 16 heads per step.
+  "h200": Preset(
+    (Case(1 << 22, 80, "bfloat16", 16384, 16), Case(1 << 24, 80, "bfloat16", 16384, 16)),
+    iters=20,
+    compute_ms=50.0,
+    prefetch_steps=30,
+  ),
 }
 
 
@@ -88,8 +93,9 @@ def _zipf_ids(rng, case: Case, steps: int, exponent: float) -> list[np.ndarray]:
   ranks = np.arange(1, case.rows + 1, dtype=np.float64) ** -exponent
   cdf = np.cumsum(ranks / ranks.sum())
   perm = rng.permutation(case.rows)
-  return [perm[np.minimum(np.searchsorted(cdf, rng.random((case.tokens, case.heads))),
-                          case.rows - 1)] for _ in range(steps)]
+  return [
+    perm[np.minimum(np.searchsorted(cdf, rng.random((case.tokens, case.heads))), case.rows - 1)] for _ in range(steps)
+  ]
 
 
 def _mib(n: float) -> str:
@@ -104,8 +110,10 @@ def bench_case(case: Case, iters: int) -> None:
   ids = stream[-1]
   row_bytes = case.d * dtype.itemsize
   step_bytes = ids.size * row_bytes
-  print(f"\n== rows={case.rows} d={case.d} {case.dtype} tokens={case.tokens} heads={case.heads}: "
-        f"table {_mib(case.rows * row_bytes)}, rows per step {_mib(step_bytes)}")
+  print(
+    f"\n== rows={case.rows} d={case.d} {case.dtype} tokens={case.tokens} heads={case.heads}: "
+    f"table {_mib(case.rows * row_bytes)}, rows per step {_mib(step_bytes)}"
+  )
 
   dev_table = jax.device_put(table)
   ids_dev = jnp.asarray(ids, jnp.int32)
@@ -116,8 +124,10 @@ def bench_case(case: Case, iters: int) -> None:
   for method in ("numpy", "compute_on"):
     host = HostTable(table, method=method, check_ids=False)
     t = _time(lambda host=host: host.gather(ids), iters)
-    print(f"  host table [{method:10s}]    {t * 1e3:9.3f} ms   x{t / t_dev:6.2f}     H2D "
-          f"{_mib(step_bytes)} ({step_bytes / t / 1e9:6.2f} GB/s)  [{host.memory_kind}]")
+    print(
+      f"  host table [{method:10s}]    {t * 1e3:9.3f} ms   x{t / t_dev:6.2f}     H2D "
+      f"{_mib(step_bytes)} ({step_bytes / t / 1e9:6.2f} GB/s)  [{host.memory_kind}]"
+    )
 
   host = HostTable(table, method="numpy", check_ids=False)
   counts = count_row_frequencies(stream[:iters], case.rows)  # ranked on earlier steps
@@ -126,13 +136,15 @@ def bench_case(case: Case, iters: int) -> None:
     t = _time(lambda cache=cache: cache.lookup(ids), iters)
     cache.reset_stats()
     miss_bytes = []
-    for step_ids in stream[iters:2 * iters]:
+    for step_ids in stream[iters : 2 * iters]:
       _, hit = cache.remap(step_ids)
       misses = np.unique(step_ids[~hit]).size
       miss_bytes.append(misses * row_bytes + step_ids.size * 9)  # + slot/hit/index arrays
-    print(f"  cached {frac:5.1%} ({cache.capacity:8d} rows) {t * 1e3:9.3f} ms   x{t / t_dev:6.2f}"
-          f"     H2D {_mib(np.mean(miss_bytes))}  hit rate {cache.hit_rate:6.1%}"
-          f"  (cache {_mib(cache.capacity * row_bytes)} on device)")
+    print(
+      f"  cached {frac:5.1%} ({cache.capacity:8d} rows) {t * 1e3:9.3f} ms   x{t / t_dev:6.2f}"
+      f"     H2D {_mib(np.mean(miss_bytes))}  hit rate {cache.hit_rate:6.1%}"
+      f"  (cache {_mib(cache.capacity * row_bytes)} on device)"
+    )
 
 
 def bench_prefetch(case: Case, steps: int, compute_ms: float) -> None:
@@ -174,13 +186,19 @@ def bench_prefetch(case: Case, steps: int, compute_ms: float) -> None:
   t_pref = (time.perf_counter() - start) / (steps - 1)
   # Share of the serial loop's lookup cost (serial - compute alone) that prefetching hid.
   hidden = (t_serial - t_pref) / max(t_serial - t_compute, 1e-9)
-  print(f"\n== prefetch, rows={case.rows} tokens={case.tokens} heads={case.heads}, "
-        f"synthetic compute {compute_ms:.1f} ms/step (sleep), {steps} steps, depth {_DEPTH.value}")
-  print(f"  compute alone {t_compute * 1e3:8.3f} | gather alone {t_gather * 1e3:8.3f} | "
-        f"serial {t_serial * 1e3:8.3f} | prefetched {t_pref * 1e3:8.3f} ms/step "
-        f"(+ {t_fill * 1e3:.1f} ms once to fill the pipeline)")
-  print(f"  speedup over serial x{t_serial / t_pref:5.2f} | lookup cost hidden {hidden:6.1%} | "
-        f"prefetched step vs compute alone x{t_pref / t_compute:5.3f}")
+  print(
+    f"\n== prefetch, rows={case.rows} tokens={case.tokens} heads={case.heads}, "
+    f"synthetic compute {compute_ms:.1f} ms/step (sleep), {steps} steps, depth {_DEPTH.value}"
+  )
+  print(
+    f"  compute alone {t_compute * 1e3:8.3f} | gather alone {t_gather * 1e3:8.3f} | "
+    f"serial {t_serial * 1e3:8.3f} | prefetched {t_pref * 1e3:8.3f} ms/step "
+    f"(+ {t_fill * 1e3:.1f} ms once to fill the pipeline)"
+  )
+  print(
+    f"  speedup over serial x{t_serial / t_pref:5.2f} | lookup cost hidden {hidden:6.1%} | "
+    f"prefetched step vs compute alone x{t_pref / t_compute:5.3f}"
+  )
 
 
 def bench_hit_rate() -> None:
@@ -199,23 +217,27 @@ def bench_hit_rate() -> None:
   encode = lambda texts: [np.asarray(e.ids, np.int64) for e in tok.encode_batch(texts)]
   train_ids, valid_ids = encode(train_texts), encode(valid_texts)
   fractions = [float(f) for f in _CACHE_FRACTIONS.value]
-  print(f"\n== hit rate on the stdlib corpus: {len(train_texts)} train docs "
-        f"({sum(map(len, train_ids))} tokens), {len(valid_texts)} validation docs "
-        f"({sum(map(len, valid_ids))} tokens), BPE {_BPE_VOCAB.value} -> "
-        f"{compressor.num_compressed} compressed ids")
+  print(
+    f"\n== hit rate on the stdlib corpus: {len(train_texts)} train docs "
+    f"({sum(map(len, train_ids))} tokens), {len(valid_texts)} validation docs "
+    f"({sum(map(len, valid_ids))} tokens), BPE {_BPE_VOCAB.value} -> "
+    f"{compressor.num_compressed} compressed ids"
+  )
   for nominal in (int(v) for v in _ENGRAM_VOCAB.value):
-    config = EngramConfig(vocab_sizes=(nominal, nominal), max_ngram_size=3,
-                          n_embed_per_ngram=8 * _HEADS.value, n_head_per_ngram=_HEADS.value,
-                          layer_ids=(1,), pad_id=0)
+    config = EngramConfig(
+      vocab_sizes=(nominal, nominal),
+      max_ngram_size=3,
+      n_embed_per_ngram=8 * _HEADS.value,
+      n_head_per_ngram=_HEADS.value,
+      layer_ids=(1,),
+      pad_id=0,
+    )
     hasher = NgramHasher.from_compressor(config, compressor)
-    held_out = measure_hit_rate(train_ids, hasher, fractions, eval_stream=valid_ids,
-                                compressor=compressor)
+    held_out = measure_hit_rate(train_ids, hasher, fractions, eval_stream=valid_ids, compressor=compressor)
     in_sample = measure_hit_rate(train_ids, hasher, fractions, compressor=compressor)
-    print(f"  table: {nominal} nominal rows/head x {config.num_heads} heads = "
-          f"{hasher.total_rows(1)} rows")
+    print(f"  table: {nominal} nominal rows/head x {config.num_heads} heads = {hasher.total_rows(1)} rows")
     for key in held_out:
-      cells = "  ".join(f"{f:5.1%}: {held_out[key][f]:6.1%} ({in_sample[key][f]:6.1%})"
-                        for f in fractions)
+      cells = "  ".join(f"{f:5.1%}: {held_out[key][f]:6.1%} ({in_sample[key][f]:6.1%})" for f in fractions)
       print(f"    {key:8s} cached share -> hit rate validation (train): {cells}")
 
 
@@ -223,11 +245,15 @@ def main(argv):
   del argv
   preset = PRESETS[_PRESET.value]
   iters = _ITERS.value or preset.iters
-  print(f"backend={jax.default_backend()} device={jax.devices()[0]} "
-        f"memories={[m.kind for m in jax.devices()[0].addressable_memories()]}")
+  print(
+    f"backend={jax.default_backend()} device={jax.devices()[0]} "
+    f"memories={[m.kind for m in jax.devices()[0].addressable_memories()]}"
+  )
   if jax.default_backend() == "cpu":
-    print("NOTE: on CPU, host and device memory are the same RAM; these numbers only show the "
-          "paths work (and their software overhead), not PCIe transfer costs.")
+    print(
+      "NOTE: on CPU, host and device memory are the same RAM; these numbers only show the "
+      "paths work (and their software overhead), not PCIe transfer costs."
+    )
   for case in preset.cases:
     bench_case(case, iters)
   bench_prefetch(preset.cases[-1], preset.prefetch_steps, _COMPUTE_MS.value or preset.compute_ms)

@@ -23,11 +23,11 @@ from absl import app, flags
 
 from engram_jax.config import EngramConfig
 from engram_jax.data import (
-    DataConfig,
-    EngramRowHasher,
-    load_or_train_tokenizer,
-    make_train_iterator,
-    special_ids,
+  DataConfig,
+  EngramRowHasher,
+  load_or_train_tokenizer,
+  make_train_iterator,
+  special_ids,
 )
 
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Tokens per row.")
@@ -37,26 +37,32 @@ _BATCHES = flags.DEFINE_integer("batches", 300, "Timed batches per case.")
 _WARMUP = flags.DEFINE_integer("warmup", 10, "Untimed batches first (worker start-up).")
 _MAX_BYTES = flags.DEFINE_integer("max_bytes", None, "Cap on the training corpus.")
 _VOCAB = flags.DEFINE_integer("bpe_vocab_size", 4096, "Trained BPE vocabulary.")
-_TOKENIZER_DIR = flags.DEFINE_string("tokenizer_dir", "/tmp/engram_jax_bench_tokenizer",
-                                     "Tokenizer cache directory.")
+_TOKENIZER_DIR = flags.DEFINE_string("tokenizer_dir", "/tmp/engram_jax_bench_tokenizer", "Tokenizer cache directory.")
 _NGRAM = flags.DEFINE_integer("max_ngram_size", 3, "Engram N.")
 _HEADS = flags.DEFINE_integer("n_head_per_ngram", 4, "Engram K.")
 _LAYERS = flags.DEFINE_list("engram_layers", ["1", "2"], "Engram layer ids.")
 _TABLE = flags.DEFINE_integer("engram_vocab", 20_000, "Nominal rows per head.")
-_MIXING_BATCHES = flags.DEFINE_integer("mixing_batches", 200, "Batches of the tiny config counted for "
-                                       "documents per batch (0: skip).")
+_MIXING_BATCHES = flags.DEFINE_integer(
+  "mixing_batches", 200, "Batches of the tiny config counted for documents per batch (0: skip)."
+)
 _TRAIN_STEPS = flags.DEFINE_integer("train_steps", 10, "Timed train steps of the tiny model (0: skip).")
 
 
 def engram_config() -> EngramConfig:
   n = _NGRAM.value
-  return EngramConfig(vocab_sizes=(_TABLE.value,) * (n - 1), max_ngram_size=n,
-                      n_embed_per_ngram=8 * _HEADS.value, n_head_per_ngram=_HEADS.value,
-                      layer_ids=tuple(int(x) for x in _LAYERS.value), pad_id=0)
+  return EngramConfig(
+    vocab_sizes=(_TABLE.value,) * (n - 1),
+    max_ngram_size=n,
+    n_embed_per_ngram=8 * _HEADS.value,
+    n_head_per_ngram=_HEADS.value,
+    layer_ids=tuple(int(x) for x in _LAYERS.value),
+    pad_id=0,
+  )
 
 
-def pipeline_rate(config: DataConfig, tokenizer, engram: EngramConfig | None, *,
-                  batches: int, warmup: int, **kwargs) -> tuple[float, float]:
+def pipeline_rate(
+  config: DataConfig, tokenizer, engram: EngramConfig | None, *, batches: int, warmup: int, **kwargs
+) -> tuple[float, float]:
   """(batches/s, tokens/s) of the training iterator after `warmup` batches."""
   it = make_train_iterator(config, tokenizer, engram, **kwargs)
   try:
@@ -72,8 +78,7 @@ def pipeline_rate(config: DataConfig, tokenizer, engram: EngramConfig | None, *,
   return rate, rate * config.batch_size * config.seq_len
 
 
-def hashing_rates(config: DataConfig, tokenizer, engram: EngramConfig, *, batches: int
-                  ) -> tuple[float, float]:
+def hashing_rates(config: DataConfig, tokenizer, engram: EngramConfig, *, batches: int) -> tuple[float, float]:
   """Batches/s of the host hashing alone (compress + NgramHasher.hash + int32 cast), as the
   pipeline does it (one call per batch) and one call per row."""
   it = make_train_iterator(config.replace(num_workers=0, prefetch_buffer_size=0), tokenizer)
@@ -90,7 +95,7 @@ def hashing_rates(config: DataConfig, tokenizer, engram: EngramConfig, *, batche
   for i in range(batches):
     b = sample[i % len(sample)]
     for r in range(config.batch_size):
-      hasher.ids(b["tokens"][r:r + 1], b["segment_ids"][r:r + 1])
+      hasher.ids(b["tokens"][r : r + 1], b["segment_ids"][r : r + 1])
   per_row = batches / (time.perf_counter() - start)
   return per_batch, per_row
 
@@ -115,7 +120,8 @@ def train_step_rate(config: DataConfig, tokenizer, *, steps: int) -> float:
   train_config = common.train_config(run)
   mesh = sharding_lib.make_mesh(data=1, devices=jax.devices()[:1])
   graphdef, state, shardings, (tx, lr) = create_train_state(
-      model_config, lambda p: make_optimizer(train_config, p), 0, mesh)
+    model_config, lambda p: make_optimizer(train_config, p), 0, mesh
+  )
   step, batch_sh = compile_steps(graphdef, tx, lr, shardings, batch, mesh, bias_update_rate=1e-3)
   with jax.set_mesh(mesh):
     device_batch = jax.device_put(batch, batch_sh)
@@ -155,23 +161,34 @@ def tiny_mixing_report(batches: int) -> None:
     cfg = data.replace(rows_per_stream=rows)
     mean, low, rate = documents_per_batch(cfg, tokenizer, batches=batches)
     what = "one stream per row (default)" if rows == 1 else "one stream per batch (old packing)"
-    print(f"tiny config, {what:<36} {mean:6.2f} documents/batch (min {low}), {rate:7.1f} batches/s "
-          f"({cfg.batch_size // rows} streams x {rows} rows)", flush=True)
+    print(
+      f"tiny config, {what:<36} {mean:6.2f} documents/batch (min {low}), {rate:7.1f} batches/s "
+      f"({cfg.batch_size // rows} streams x {rows} rows)",
+      flush=True,
+    )
 
 
 def main(argv):
   del argv
   if _MIXING_BATCHES.value:
     tiny_mixing_report(_MIXING_BATCHES.value)
-  config = DataConfig(seq_len=_SEQ_LEN.value, batch_size=_BATCH.value, max_bytes=_MAX_BYTES.value,
-                      bpe_vocab_size=_VOCAB.value, tokenizer_dir=_TOKENIZER_DIR.value)
+  config = DataConfig(
+    seq_len=_SEQ_LEN.value,
+    batch_size=_BATCH.value,
+    max_bytes=_MAX_BYTES.value,
+    bpe_vocab_size=_VOCAB.value,
+    tokenizer_dir=_TOKENIZER_DIR.value,
+  )
   start = time.perf_counter()
   tokenizer = load_or_train_tokenizer(config)
-  print(f"tokenizer: {tokenizer.get_vocab_size()} ids ({time.perf_counter() - start:.1f} s, "
-        f"cache {_TOKENIZER_DIR.value})")
+  print(
+    f"tokenizer: {tokenizer.get_vocab_size()} ids ({time.perf_counter() - start:.1f} s, cache {_TOKENIZER_DIR.value})"
+  )
   engram = engram_config()
-  print(f"engram: N={engram.max_ngram_size} K={engram.n_head_per_ngram} "
-        f"layers={engram.layer_ids}; batch {config.batch_size} x {config.seq_len} tokens")
+  print(
+    f"engram: N={engram.max_ngram_size} K={engram.n_head_per_ngram} "
+    f"layers={engram.layer_ids}; batch {config.batch_size} x {config.seq_len} tokens"
+  )
   tokens_per_batch = config.batch_size * config.seq_len
   kw = {"batches": _BATCHES.value, "warmup": _WARMUP.value}
 
@@ -184,19 +201,23 @@ def main(argv):
     for name, eng in (("no hashing (dense/moe)", None), ("with Engram hashing", engram)):
       bps, tps = pipeline_rate(cfg, tokenizer, eng, **kw)
       rates[(workers, eng is not None)] = bps
-      print(f"workers={workers} pipeline, {name:<24} {bps:9.1f} batches/s {tps:12.0f} tokens/s",
-            flush=True)
+      print(f"workers={workers} pipeline, {name:<24} {bps:9.1f} batches/s {tps:12.0f} tokens/s", flush=True)
   print(f"hashing per batch is {per_batch / per_row:.1f}x faster than per row")
   if _TRAIN_STEPS.value:
     steps_per_s = train_step_rate(config, tokenizer, steps=_TRAIN_STEPS.value)
-    print(f"train step (tiny Engram+MoE config)          {steps_per_s:9.1f} batches/s "
-          f"{steps_per_s * tokens_per_batch:12.0f} tokens/s")
+    print(
+      f"train step (tiny Engram+MoE config)          {steps_per_s:9.1f} batches/s "
+      f"{steps_per_s * tokens_per_batch:12.0f} tokens/s"
+    )
     best = max(rates[(w, True)] for w in (int(w) for w in _WORKERS.value))
-    print(f"the pipeline with hashing produces batches {best / steps_per_s:.0f}x faster than "
-          "the train step consumes them")
+    print(
+      f"the pipeline with hashing produces batches {best / steps_per_s:.0f}x faster than the train step consumes them"
+    )
   for workers in (int(w) for w in _WORKERS.value):
-    print(f"workers={workers}: the pipeline with hashing runs at "
-          f"{rates[(workers, True)] / rates[(workers, False)]:.2f}x the rate without")
+    print(
+      f"workers={workers}: the pipeline with hashing runs at "
+      f"{rates[(workers, True)] / rates[(workers, False)]:.2f}x the rate without"
+    )
 
 
 if __name__ == "__main__":

@@ -52,16 +52,16 @@ def define_flags() -> dict:
   f = {}
   f["preset"] = flags.DEFINE_enum("preset", "cpu", list(PRESETS), "Model sizes and shapes.")
   f["backbones"] = flags.DEFINE_list("backbones", ["dense", "moe"], "Backbones to serve.")
-  f["placements"] = flags.DEFINE_list("placements", ["device", "host", "cached"],
-                                      "Table placements (device is the baseline).")
+  f["placements"] = flags.DEFINE_list(
+    "placements", ["device", "host", "cached"], "Table placements (device is the baseline)."
+  )
   f["num_sequences"] = flags.DEFINE_integer("num_sequences", 0, "N sequences (0: the preset's).")
   f["prompt_min"] = flags.DEFINE_integer("prompt_min", 0, "Shortest prompt (0: the preset's).")
   f["prompt_max"] = flags.DEFINE_integer("prompt_max", 0, "Longest prompt (0: the preset's).")
   f["new_tokens"] = flags.DEFINE_integer("new_tokens", 0, "M tokens per sequence (0: the preset's).")
   f["repeats"] = flags.DEFINE_integer("repeats", 0, "Timed repeats per placement (0: the preset's).")
   f["cache_fraction"] = flags.DEFINE_float("cache_fraction", 0.05, "Rows on the device for 'cached'.")
-  f["miss_fraction"] = flags.DEFINE_float("miss_fraction", 0.5,
-                                          "'cached': host rows per step <= this fraction of B*H.")
+  f["miss_fraction"] = flags.DEFINE_float("miss_fraction", 0.5, "'cached': host rows per step <= this fraction of B*H.")
   f["zipf"] = flags.DEFINE_float("zipf", 1.1, "Zipf exponent of the prompt tokens.")
   f["seed"] = flags.DEFINE_integer("seed", 0, "Seed of the model and the prompts.")
   f["dry_run"] = flags.DEFINE_bool("dry_run", False, "Print the configs and sizes, build nothing.")
@@ -79,7 +79,7 @@ class Options:
   seed: int = 0
 
 
-GOAL = {"gpu": 0.99, "cpu": 0.9}   # host / device decode tokens/s
+GOAL = {"gpu": 0.99, "cpu": 0.9}  # host / device decode tokens/s
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,50 +89,102 @@ class Preset:
   prompt_max: int
   new_tokens: int
   repeats: int
-  backbone: dict          # ModelConfig fields shared by both backbones
+  backbone: dict  # ModelConfig fields shared by both backbones
   moe: MoEConfig
   engram: EngramConfig
   dtype: str
 
 
 PRESETS = {
-    # ModelConfig.tiny's shapes (hidden 32, 3 blocks, vocab 128, Engram at block 1).
-    "tiny": Preset(
-        num_sequences=8, prompt_min=4, prompt_max=30, new_tokens=64, repeats=30,
-        backbone=dict(vocab_size=128, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2,
-                      head_dim=8, ffn_hidden=64, num_dense_layers=1),
-        moe=MoEConfig(num_experts=8, num_shared_experts=1, top_k=2, expert_hidden=16),
-        engram=EngramConfig(vocab_sizes=(61, 53), max_ngram_size=3, n_embed_per_ngram=16,
-                            n_head_per_ngram=2, layer_ids=(1,), pad_id=0, seed=0),
-        dtype="float32"),
-    # ~5.1M table parameters, 4 blocks of width 128: a few minutes on 2 loaded CPU cores.
-    "cpu": Preset(
-        num_sequences=16, prompt_min=16, prompt_max=64, new_tokens=48, repeats=16,
-        backbone=dict(vocab_size=2048, hidden_size=128, num_layers=4, num_heads=4,
-                      num_kv_heads=2, head_dim=32, ffn_hidden=256, num_dense_layers=1),
-        moe=MoEConfig(num_experts=8, num_shared_experts=1, top_k=2, expert_hidden=128),
-        engram=EngramConfig(vocab_sizes=(20_011, 20_011), max_ngram_size=3, n_embed_per_ngram=64,
-                            n_head_per_ngram=2, layer_ids=(1, 3), pad_id=0, seed=0),
-        dtype="float32"),
-    # 2 layers x 2 orders x 8 heads x ~4.9M rows x 64 = 10.0B table parameters (bf16:
-    # 20 GB in pinned host memory), a ~1B-parameter backbone, N=128, prompts U(100, 1024).
-    "h200": Preset(
-        num_sequences=128, prompt_min=100, prompt_max=1024, new_tokens=128, repeats=3,
-        backbone=dict(vocab_size=32768, hidden_size=2048, num_layers=12, num_heads=16,
-                      num_kv_heads=4, head_dim=128, ffn_hidden=5632, num_dense_layers=1),
-        moe=MoEConfig(num_experts=16, num_shared_experts=1, top_k=2, expert_hidden=1408),
-        engram=EngramConfig(vocab_sizes=(4_900_000, 4_900_000), max_ngram_size=3,
-                            n_embed_per_ngram=512, n_head_per_ngram=8, layer_ids=(1, 6),
-                            pad_id=0, seed=0),
-        dtype="bfloat16"),
+  # ModelConfig.tiny's shapes (hidden 32, 3 blocks, vocab 128, Engram at block 1).
+  "tiny": Preset(
+    num_sequences=8,
+    prompt_min=4,
+    prompt_max=30,
+    new_tokens=64,
+    repeats=30,
+    backbone=dict(
+      vocab_size=128,
+      hidden_size=32,
+      num_layers=3,
+      num_heads=4,
+      num_kv_heads=2,
+      head_dim=8,
+      ffn_hidden=64,
+      num_dense_layers=1,
+    ),
+    moe=MoEConfig(num_experts=8, num_shared_experts=1, top_k=2, expert_hidden=16),
+    engram=EngramConfig(
+      vocab_sizes=(61, 53), max_ngram_size=3, n_embed_per_ngram=16, n_head_per_ngram=2, layer_ids=(1,), pad_id=0, seed=0
+    ),
+    dtype="float32",
+  ),
+  # ~5.1M table parameters, 4 blocks of width 128: a few minutes on 2 loaded CPU cores.
+  "cpu": Preset(
+    num_sequences=16,
+    prompt_min=16,
+    prompt_max=64,
+    new_tokens=48,
+    repeats=16,
+    backbone=dict(
+      vocab_size=2048,
+      hidden_size=128,
+      num_layers=4,
+      num_heads=4,
+      num_kv_heads=2,
+      head_dim=32,
+      ffn_hidden=256,
+      num_dense_layers=1,
+    ),
+    moe=MoEConfig(num_experts=8, num_shared_experts=1, top_k=2, expert_hidden=128),
+    engram=EngramConfig(
+      vocab_sizes=(20_011, 20_011),
+      max_ngram_size=3,
+      n_embed_per_ngram=64,
+      n_head_per_ngram=2,
+      layer_ids=(1, 3),
+      pad_id=0,
+      seed=0,
+    ),
+    dtype="float32",
+  ),
+  # 2 layers x 2 orders x 8 heads x ~4.9M rows x 64 = 10.0B table parameters (bf16:
+  # 20 GB in pinned host memory), a ~1B-parameter backbone, N=128, prompts U(100, 1024).
+  "h200": Preset(
+    num_sequences=128,
+    prompt_min=100,
+    prompt_max=1024,
+    new_tokens=128,
+    repeats=3,
+    backbone=dict(
+      vocab_size=32768,
+      hidden_size=2048,
+      num_layers=12,
+      num_heads=16,
+      num_kv_heads=4,
+      head_dim=128,
+      ffn_hidden=5632,
+      num_dense_layers=1,
+    ),
+    moe=MoEConfig(num_experts=16, num_shared_experts=1, top_k=2, expert_hidden=1408),
+    engram=EngramConfig(
+      vocab_sizes=(4_900_000, 4_900_000),
+      max_ngram_size=3,
+      n_embed_per_ngram=512,
+      n_head_per_ngram=8,
+      layer_ids=(1, 6),
+      pad_id=0,
+      seed=0,
+    ),
+    dtype="bfloat16",
+  ),
 }
 
 
 def resolve(f: dict) -> tuple[Preset, Options]:
   """The preset with the flag overrides, and the options; app.UsageError on bad values."""
   p = PRESETS[f["preset"].value]
-  over = {k: f[k].value for k in ("num_sequences", "prompt_min", "prompt_max", "new_tokens",
-                                  "repeats")}
+  over = {k: f[k].value for k in ("num_sequences", "prompt_min", "prompt_max", "new_tokens", "repeats")}
   for name, value in over.items():
     if value < 0:
       raise app.UsageError(f"--{name} must be >= 0 (0 = the preset's), got {value}")
@@ -142,8 +194,9 @@ def resolve(f: dict) -> tuple[Preset, Options]:
   placements = tuple(f["placements"].value)
   bad = sorted(set(placements) - {"device", "host", "cached"})
   if bad or "device" not in placements:
-    raise app.UsageError(f"--placements must include device (the baseline) and only "
-                         f"device/host/cached, got {list(placements)}")
+    raise app.UsageError(
+      f"--placements must include device (the baseline) and only device/host/cached, got {list(placements)}"
+    )
   bad = sorted(set(f["backbones"].value) - {"dense", "moe"})
   if bad:
     raise app.UsageError(f"--backbones takes dense and/or moe, got {bad}")
@@ -151,9 +204,13 @@ def resolve(f: dict) -> tuple[Preset, Options]:
     raise app.UsageError(f"--cache_fraction must lie in (0, 1), got {f['cache_fraction'].value}")
   if not 0 < f["miss_fraction"].value <= 1:
     raise app.UsageError(f"--miss_fraction must lie in (0, 1], got {f['miss_fraction'].value}")
-  return p, Options(placements=placements, cache_fraction=f["cache_fraction"].value,
-                    miss_fraction=f["miss_fraction"].value, zipf=f["zipf"].value,
-                    seed=f["seed"].value)
+  return p, Options(
+    placements=placements,
+    cache_fraction=f["cache_fraction"].value,
+    miss_fraction=f["miss_fraction"].value,
+    zipf=f["zipf"].value,
+    seed=f["seed"].value,
+  )
 
 
 def model_config(p: Preset, backbone: str) -> ModelConfig:
@@ -161,14 +218,15 @@ def model_config(p: Preset, backbone: str) -> ModelConfig:
   kw = dict(p.backbone)
   if backbone == "dense":
     kw["num_dense_layers"] = kw["num_layers"]
-  return ModelConfig.make(family, moe=None if backbone == "dense" else p.moe, engram=p.engram,
-                          dtype=p.dtype, param_dtype=p.dtype, **kw)
+  return ModelConfig.make(
+    family, moe=None if backbone == "dense" else p.moe, engram=p.engram, dtype=p.dtype, param_dtype=p.dtype, **kw
+  )
 
 
 def zipf_tokens(rng: np.random.Generator, vocab: int, size: int, exponent: float) -> np.ndarray:
   weights = 1.0 / np.arange(1, vocab + 1) ** exponent
   ranks = rng.choice(vocab, size=size, p=weights / weights.sum())
-  return rng.permutation(vocab)[ranks]        # frequent ids spread over the vocabulary
+  return rng.permutation(vocab)[ranks]  # frequent ids spread over the vocabulary
 
 
 def mean_se(x) -> tuple[float, float]:
@@ -213,46 +271,52 @@ def serve_one(p: Preset, backbone: str, platform: str, opt: Options = Options())
   hosts = {}
   if {"host", "cached"} & set(opt.placements):
     # Straight from the device arrays into pinned host memory (no NumPy copy).
-    hosts = {b.layer: HostTable(b.engram.table.get_value(), method="compute_on")
-             for b in model.blocks if b.engram is not None}
+    hosts = {
+      b.layer: HostTable(b.engram.table.get_value(), method="compute_on") for b in model.blocks if b.engram is not None
+    }
   if "host" in opt.placements:
-    generators["host"] = Generator(model, hasher, compressor, table_placement="host",
-                                   host_tables=hosts, host_decode="in_loop")
+    generators["host"] = Generator(
+      model, hasher, compressor, table_placement="host", host_tables=hosts, host_decode="in_loop"
+    )
   hit_note = ""
   compile_s = {}
   if "cached" in opt.placements:
     # Row frequencies of the traffic: the prompts and what the device model generates from
     # them (a production cache learns from the requests it serves).
-    first = generators["device"](prompts, max_new_tokens=p.new_tokens,
-                                 sampling=SamplingConfig(greedy=True))
+    first = generators["device"](prompts, max_new_tokens=p.new_tokens, sampling=SamplingConfig(greedy=True))
     compile_s["device"], seen = first.compile_seconds, first.tokens
     caches = {}
     for lid, table in hosts.items():
-      stream = (hasher.hash(compressor(np.asarray(q + c)[None]))[lid] + hasher.offsets[lid]
-                for q, c in zip(prompts, seen))
+      stream = (
+        hasher.hash(compressor(np.asarray(q + c)[None]))[lid] + hasher.offsets[lid] for q, c in zip(prompts, seen)
+      )
       counts = count_row_frequencies(stream, table.num_rows)
       capacity = max(1, round(opt.cache_fraction * table.num_rows))
       caches[lid] = HotRowCache(table, top_rows(counts, capacity))
-    generators["cached"] = Generator(model, hasher, compressor, table_placement="cached",
-                                     hot_caches=caches, miss_fraction=opt.miss_fraction)
-    hit_note = (f" (cache: the {opt.cache_fraction:.0%} most frequent rows of the served "
-                f"traffic on the device)")
+    generators["cached"] = Generator(
+      model, hasher, compressor, table_placement="cached", hot_caches=caches, miss_fraction=opt.miss_fraction
+    )
+    hit_note = f" (cache: the {opt.cache_fraction:.0%} most frequent rows of the served traffic on the device)"
   build_s = time.perf_counter() - start
-  print(f"\n=== backbone {backbone}: {config.num_layers} blocks, hidden {config.hidden_size}, "
-        f"Engram layers {list(config.engram_layer_ids)}, table parameters {table_params:,} "
-        f"({table_params * np.dtype(config.jnp_param_dtype).itemsize / 2**30:.2f} GiB), "
-        f"built in {build_s:.0f} s")
-  print(f"N={p.num_sequences} prompts of U({p.prompt_min}, {p.prompt_max}) tokens "
-        f"(mean {lengths.mean():.0f}), {p.new_tokens} greedy tokens each{hit_note}")
+  print(
+    f"\n=== backbone {backbone}: {config.num_layers} blocks, hidden {config.hidden_size}, "
+    f"Engram layers {list(config.engram_layer_ids)}, table parameters {table_params:,} "
+    f"({table_params * np.dtype(config.jnp_param_dtype).itemsize / 2**30:.2f} GiB), "
+    f"built in {build_s:.0f} s"
+  )
+  print(
+    f"N={p.num_sequences} prompts of U({p.prompt_min}, {p.prompt_max}) tokens "
+    f"(mean {lengths.mean():.0f}), {p.new_tokens} greedy tokens each{hit_note}"
+  )
 
   greedy = SamplingConfig(greedy=True)
   kw = dict(max_new_tokens=p.new_tokens, sampling=greedy)
   results = {name: [] for name in generators}
-  for name, gen in generators.items():                 # compile and warm up
+  for name, gen in generators.items():  # compile and warm up
     compile_s[name] = compile_s.get(name, 0.0) + gen(prompts, **kw).compile_seconds
   names = list(generators)
   for rep in range(p.repeats):
-    for name in (names if rep % 2 == 0 else names[::-1]):   # alternate the order: load drifts
+    for name in names if rep % 2 == 0 else names[::-1]:  # alternate the order: load drifts
       results[name].append(generators[name](prompts, **kw))
   ref = results["device"][0].tokens
   for name, runs in results.items():
@@ -263,25 +327,31 @@ def serve_one(p: Preset, backbone: str, platform: str, opt: Options = Options())
   goal = GOAL["gpu" if platform == "gpu" else "cpu"]
   dev_s = np.asarray([r.decode_seconds for r in results["device"]])
   summary = {}
-  print(f"{'placement':<9} {'path':<17} {'decode tok/s':>17} {'paired ratio':>15} "
-        f"{'median':>6} {'best':>6} {'H->D B/token':>12} {'hit rate':>8} {'prefill s':>9} "
-        f"{'compile s':>9}")
+  print(
+    f"{'placement':<9} {'path':<17} {'decode tok/s':>17} {'paired ratio':>15} "
+    f"{'median':>6} {'best':>6} {'H->D B/token':>12} {'hit rate':>8} {'prefill s':>9} "
+    f"{'compile s':>9}"
+  )
   for name, runs in results.items():
     tps = np.asarray([r.tokens_per_second for r in runs])
     secs = np.asarray([r.decode_seconds for r in runs])
     m, se = mean_se(tps)
-    ratios = dev_s / secs                        # same tokens: time ratio = throughput ratio
+    ratios = dev_s / secs  # same tokens: time ratio = throughput ratio
     rm, rse = mean_se(ratios)
     best = dev_s.min() / secs.min()
     last = runs[-1]
     hit = "" if not last.cache_lookups else f"{last.cache_hit_rate:.1%}"
     pre = float(np.min([r.prefill_seconds for r in runs]))
-    print(f"{name:<9} {last.decode_path:<17} {m:>8,.0f} +- {se:>5,.0f} {rm:>7.3f} +- {rse:.3f} "
-          f"{np.median(ratios):>6.3f} {best:>6.3f} {last.host_bytes_per_token:>12,.0f} {hit:>8} "
-          f"{pre:>9.4f} {compile_s[name]:>9.1f}")
+    print(
+      f"{name:<9} {last.decode_path:<17} {m:>8,.0f} +- {se:>5,.0f} {rm:>7.3f} +- {rse:.3f} "
+      f"{np.median(ratios):>6.3f} {best:>6.3f} {last.host_bytes_per_token:>12,.0f} {hit:>8} "
+      f"{pre:>9.4f} {compile_s[name]:>9.1f}"
+    )
     summary[name] = (rm, rse, best)
-  print("(decode tok/s: mean +- SE over repeats; paired ratio: device time / placement time per "
-        "repeat, mean +- SE; median of those; best: ratio of the fastest runs; prefill: fastest)")
+  print(
+    "(decode tok/s: mean +- SE over repeats; paired ratio: device time / placement time per "
+    "repeat, mean +- SE; median of those; best: ratio of the fastest runs; prefill: fastest)"
+  )
   dev_pre = np.asarray([r.prefill_seconds for r in results["device"]])
   for name in [n for n in results if n != "device"]:
     alone = gather_alone_seconds(generators[name], prompts)
@@ -292,9 +362,11 @@ def serve_one(p: Preset, backbone: str, platform: str, opt: Options = Options())
       verdict = "not overlapped (the gather adds its own time)"
     else:
       verdict = "undecided (within 2 SE of half the gather)"
-    print(f"prefill {name}: {extra * 1e3:+.2f} +- {extra_se * 1e3:.2f} ms over device prefill "
-          f"(paired); the host gather of these prompts alone takes {alone * 1e3:.2f} ms -> "
-          f"{verdict}")
+    print(
+      f"prefill {name}: {extra * 1e3:+.2f} +- {extra_se * 1e3:.2f} ms over device prefill "
+      f"(paired); the host gather of these prompts alone takes {alone * 1e3:.2f} ms -> "
+      f"{verdict}"
+    )
   for name in [n for n in summary if n != "device"]:
     rm, rse, best = summary[name]
     if rm - 2 * rse >= goal:
@@ -303,8 +375,10 @@ def serve_one(p: Preset, backbone: str, platform: str, opt: Options = Options())
       verdict = "NOT MET"
     else:
       verdict = "UNDECIDED (goal within 2 SE)"
-    print(f"goal ({platform}): {name}/device decode >= {goal:.2f}: {verdict} "
-          f"(paired {rm:.3f} +- {rse:.3f}, best {best:.3f})")
+    print(
+      f"goal ({platform}): {name}/device decode >= {goal:.2f}: {verdict} "
+      f"(paired {rm:.3f} +- {rse:.3f}, best {best:.3f})"
+    )
   return summary
 
 
@@ -312,21 +386,26 @@ def main(argv, f: dict):
   del argv
   p, opt = resolve(f)
   platform = jax.devices()[0].platform
-  print(f"serve benchmark, preset {f['preset'].value}, device {jax.devices()[0].device_kind} "
-        f"({platform}), jax {jax.__version__}")
-  print(f"GPU goal: host-table decode within 1% of device-table decode (host/device >= "
-        f"{GOAL['gpu']}; the paper: -1.9% / -2.8% on H800). CPU goal: >= {GOAL['cpu']}.")
+  print(
+    f"serve benchmark, preset {f['preset'].value}, device {jax.devices()[0].device_kind} "
+    f"({platform}), jax {jax.__version__}"
+  )
+  print(
+    f"GPU goal: host-table decode within 1% of device-table decode (host/device >= "
+    f"{GOAL['gpu']}; the paper: -1.9% / -2.8% on H800). CPU goal: >= {GOAL['cpu']}."
+  )
   if platform == "cpu":
-    print("note: on CPU host and device memory are the same RAM; these figures measure "
-          "software overhead only.")
+    print("note: on CPU host and device memory are the same RAM; these figures measure software overhead only.")
   if f["dry_run"].value:
     for backbone in f["backbones"].value:
       c = model_config(p, backbone)
       hasher = NgramHasher(c.engram, c.vocab_size)
       rows = sum(hasher.total_rows(l) for l in c.engram_layer_ids)
-      print(f"{backbone}: {c.num_layers} blocks, hidden {c.hidden_size}, table parameters "
-            f"{rows * c.engram.head_dim:,} ({c.param_dtype}), N={p.num_sequences}, prompts "
-            f"U({p.prompt_min}, {p.prompt_max}), {p.new_tokens} new tokens, {p.repeats} repeats")
+      print(
+        f"{backbone}: {c.num_layers} blocks, hidden {c.hidden_size}, table parameters "
+        f"{rows * c.engram.head_dim:,} ({c.param_dtype}), N={p.num_sequences}, prompts "
+        f"U({p.prompt_min}, {p.prompt_max}), {p.new_tokens} new tokens, {p.repeats} repeats"
+      )
     return
   for backbone in f["backbones"].value:
     serve_one(p, backbone, platform, opt)

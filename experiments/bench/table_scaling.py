@@ -28,8 +28,9 @@ from engram_jax.train.state import TrainState, build_model, split_model
 from engram_jax.train.steps import make_train_step
 
 _SLOTS = flags.DEFINE_list("slots", ["1000", "30000", "300000", "1000000"], "Rows per head.")
-_OPTIMIZERS = flags.DEFINE_list("optimizers", ["dense_adam", "sparse_adam"],
-                                "TrainConfig.table_optimizer values to time.")
+_OPTIMIZERS = flags.DEFINE_list(
+  "optimizers", ["dense_adam", "sparse_adam"], "TrainConfig.table_optimizer values to time."
+)
 _BATCH = flags.DEFINE_integer("batch", 4, "Sequences per step.")
 _SEQ = flags.DEFINE_integer("seq_len", 64, "Tokens per sequence.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per setting and round.")
@@ -53,8 +54,14 @@ def batches(cfg: ModelConfig, sizes, n: int, seed: int = 0) -> list[dict]:
     tokens = rng.integers(0, cfg.vocab_size, (b, t + 1)).astype(np.int32)
     u = rng.random((b, t, len(sizes)))
     ids = (u * np.asarray(sizes)).astype(np.int32)
-    out.append({"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
-                "loss_mask": np.ones((b, t), np.float32), "engram_ids": {1: ids}})
+    out.append(
+      {
+        "tokens": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "loss_mask": np.ones((b, t), np.float32),
+        "engram_ids": {1: ids},
+      }
+    )
   return out
 
 
@@ -68,10 +75,9 @@ class Runner:
     graphdef, params, rest = split_model(model)
     tx, lr = make_table_optimizer(TRAIN.replace(table_optimizer=optimizer), params)
     self.step = jax.jit(make_train_step(graphdef, tx, lr), donate_argnums=(0,))
-    self.state = TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
-                            opt_state=tx.init(params))
+    self.state = TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=tx.init(params))
     self.batches = batches(cfg, model.blocks[1].engram.table_sizes, _WARMUP.value + _STEPS.value)
-    for batch in self.batches[:_WARMUP.value]:  # compiles
+    for batch in self.batches[: _WARMUP.value]:  # compiles
       self.run_one(batch)
 
   def run_one(self, batch) -> float:
@@ -81,29 +87,32 @@ class Runner:
     return time.perf_counter() - t0
 
   def time_round(self) -> list[float]:
-    return [self.run_one(b) for b in self.batches[_WARMUP.value:]]
+    return [self.run_one(b) for b in self.batches[_WARMUP.value :]]
 
 
 def main(argv):
   del argv
   slots = [int(s) for s in _SLOTS.value]
-  print(f"devices: {jax.devices()}; batch {_BATCH.value} x {_SEQ.value}, {_STEPS.value} timed steps "
-        f"x {_ROUNDS.value} rounds (interleaved) per setting")
+  print(
+    f"devices: {jax.devices()}; batch {_BATCH.value} x {_SEQ.value}, {_STEPS.value} timed steps "
+    f"x {_ROUNDS.value} rounds (interleaved) per setting"
+  )
   runners = {(o, s): Runner(o, s) for o in _OPTIMIZERS.value for s in slots}
   times: dict[tuple[str, int], list[float]] = {k: [] for k in runners}
   # rounds interleave the settings, so load on a shared machine hits all of them alike
   for _ in range(_ROUNDS.value):
     for key, runner in runners.items():
       times[key] += runner.time_round()
-  print(f"\n{'optimizer':<12} {'slots/head':>11} {'table rows':>11} {'step ms':>9} {'IQR ms':>13} "
-        f"{'vs smallest':>11}")
+  print(f"\n{'optimizer':<12} {'slots/head':>11} {'table rows':>11} {'step ms':>9} {'IQR ms':>13} {'vs smallest':>11}")
   for o in _OPTIMIZERS.value:
     base = float(np.median(times[(o, slots[0])]))
     for s in slots:
       t = np.asarray(times[(o, s)])
       med, lo, hi = np.median(t), np.percentile(t, 25), np.percentile(t, 75)
-      print(f"{o:<12} {s:>11,} {runners[(o, s)].num_rows:>11,} {1e3 * med:>9.2f} "
-            f"{1e3 * lo:>6.2f}-{1e3 * hi:<6.2f} {med / base:>11.2f}")
+      print(
+        f"{o:<12} {s:>11,} {runners[(o, s)].num_rows:>11,} {1e3 * med:>9.2f} "
+        f"{1e3 * lo:>6.2f}-{1e3 * hi:<6.2f} {med / base:>11.2f}"
+      )
   for o in _OPTIMIZERS.value:
     ratio = np.median(times[(o, slots[-1])]) / np.median(times[(o, slots[0])])
     print(f"ratio {o} {slots[-1]:,}/{slots[0]:,} slots: {ratio:.2f}")

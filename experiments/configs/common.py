@@ -66,7 +66,7 @@ class SequenceParser(tuple_parser.TupleParser):
 
   def parse(self, argument):
     if isinstance(argument, (list, tuple)) and not isinstance(argument, str):
-      if all(isinstance(a, str) for a in argument):    # repeated flags: every one parsed, joined
+      if all(isinstance(a, str) for a in argument):  # repeated flags: every one parsed, joined
         return tuple(item for a in argument for item in self.parse(a))
       return tuple(argument)
     if argument is None:
@@ -119,7 +119,7 @@ def _field_type(hint) -> type:
     return type(typing.get_args(hint)[0])
   if isinstance(hint, type) and hint in (int, float, str, bool):
     return hint
-  return object     # ml_collections' literal parser (Python literals, else the string)
+  return object  # ml_collections' literal parser (Python literals, else the string)
 
 
 def _defaults(cls, *, skip: tuple[str, ...] = (), **overrides) -> dict:
@@ -127,8 +127,9 @@ def _defaults(cls, *, skip: tuple[str, ...] = (), **overrides) -> dict:
   lists become tuples and None-valued fields typed placeholders, so that every field can be
   overridden from the command line."""
   hints = typing.get_type_hints(cls)
-  fields = {f.name: f.default for f in dataclasses.fields(cls)
-            if f.default is not dataclasses.MISSING and f.name not in skip}
+  fields = {
+    f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING and f.name not in skip
+  }
   fields.update(overrides)
   out = {}
   for name, value in fields.items():
@@ -146,11 +147,21 @@ def base_config(variant: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.variant = variant
   c.seed = 0
-  c.model = _defaults(ModelConfig, skip=_MODEL_BLOCK_FIELDS, vocab_size=2048, hidden_size=64,
-                      num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16, ffn_hidden=256)
+  c.model = _defaults(
+    ModelConfig,
+    skip=_MODEL_BLOCK_FIELDS,
+    vocab_size=2048,
+    hidden_size=64,
+    num_layers=4,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    ffn_hidden=256,
+  )
   c.moe = _defaults(MoEConfig, num_experts=16, num_shared_experts=1, top_k=2, expert_hidden=64)
-  c.engram = _defaults(EngramConfig, vocab_sizes=(1000, 1000), layer_ids=(1,), pad_id=0,
-                       n_embed_per_ngram=32, n_head_per_ngram=2)
+  c.engram = _defaults(
+    EngramConfig, vocab_sizes=(1000, 1000), layer_ids=(1,), pad_id=0, n_embed_per_ngram=32, n_head_per_ngram=2
+  )
   c.engram.compress_tokens = True
   c.allocation = dict(rho=0.8, active_rtol=0.05)
   c.data = _defaults(DataConfig)
@@ -210,8 +221,9 @@ def model_config(c) -> ModelConfig:
     return ModelConfig.dense(**{**backbone, "ffn_hidden": width, "num_dense_layers": backbone["num_layers"]})
   counts = count_params(moe_twin)
   base = ModelConfig.engram_moe(moe_config(c), engram_config(c), **backbone)
-  return allocate(base, counts.total, counts.active, float(c.allocation.rho),
-                  active_rtol=float(c.allocation.active_rtol)).config
+  return allocate(
+    base, counts.total, counts.active, float(c.allocation.rho), active_rtol=float(c.allocation.active_rtol)
+  ).config
 
 
 def data_config(c) -> DataConfig:
@@ -230,7 +242,7 @@ def mesh_axes(c, device_count: int) -> dict[str, int]:
   validate(c)
   axes = dict(c.mesh)
   fixed = axes["fsdp"] * axes["tensor"] * axes["expert"]
-  if axes["data"] == -1:   # -1: every device the other axes leave
+  if axes["data"] == -1:  # -1: every device the other axes leave
     if device_count % fixed:
       raise ValueError(f"mesh fsdp*tensor*expert={fixed} does not divide {device_count} devices")
     axes["data"] = device_count // fixed

@@ -23,19 +23,28 @@ def main(argv=None) -> int:
   p.add_argument("--steps", default=",".join(STEPS), help=f"Comma list, a subset of {STEPS}.")
   p.add_argument("--budget_scale", type=float, default=1.0, help="Multiplies every time budget.")
   p.add_argument("--total_s", type=float, default=None, help="Total budget (default: 335 s GPU).")
-  p.add_argument("--update_readme_from", type=Path, default=None,
-                 help="Do not run: rewrite README's GPU status block from this record directory.")
+  p.add_argument(
+    "--update_readme_from",
+    type=Path,
+    default=None,
+    help="Do not run: rewrite README's GPU status block from this record directory.",
+  )
   p.add_argument("--readme", type=Path, default=Path("README.md"))
-  p.add_argument("--compile_sm90", action="store_true",
-                 help="Do not run: compile the Mosaic GPU kernels for an H200 without a GPU "
-                      "(needs the CUDA plugin and ptxas; see `make gpu-compile`).")
-  p.add_argument("--compile_sm90_train", action="store_true",
-                 help="With --compile_sm90: also the small config's and the offload model's train "
-                      "steps (minutes each on a CPU).")
+  p.add_argument(
+    "--compile_sm90",
+    action="store_true",
+    help="Do not run: compile the Mosaic GPU kernels for an H200 without a GPU "
+    "(needs the CUDA plugin and ptxas; see `make gpu-compile`).",
+  )
+  p.add_argument(
+    "--compile_sm90_train",
+    action="store_true",
+    help="With --compile_sm90: also the small config's and the offload model's train steps (minutes each on a CPU).",
+  )
   p.add_argument("--_step", default=None, help=argparse.SUPPRESS)
   p.add_argument("--_deadline", type=float, default=None, help=argparse.SUPPRESS)
   a = p.parse_args(argv)
-  a.out = a.out.resolve()   # the steps run from the repository root
+  a.out = a.out.resolve()  # the steps run from the repository root
   if a._step:
     return run_step(a._step, a.out, a.smoke, a._deadline or time.time() + 600)
   if a.compile_sm90:

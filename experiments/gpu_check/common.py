@@ -67,8 +67,7 @@ class StepLog:
       entry.update(fn())
       entry.setdefault("status", "ok")
     except Exception as e:  # noqa: BLE001 - every failure is recorded and the next case runs
-      entry.update(status="failed", error=f"{type(e).__name__}: {e}"[:2000],
-                   traceback=traceback.format_exc()[-3000:])
+      entry.update(status="failed", error=f"{type(e).__name__}: {e}"[:2000], traceback=traceback.format_exc()[-3000:])
       print(f"[{name}] FAILED: {type(e).__name__}: {e}", flush=True)
     entry["seconds"] = round(time.perf_counter() - start, 3)
     print(f"[{name}] {entry['status']} in {entry['seconds']:.1f} s", flush=True)
@@ -94,6 +93,7 @@ def _json_default(x):
 def _stats(seconds) -> dict:
   """median, mean and standard error (ms) of per-call times."""
   import numpy as np
+
   t = np.asarray(seconds, np.float64) * 1e3
   se = float(t.std(ddof=1) / np.sqrt(t.size)) if t.size > 1 else float("nan")
   return {"median_ms": float(np.median(t)), "mean_ms": float(t.mean()), "se_ms": se, "n": int(t.size)}
@@ -101,6 +101,7 @@ def _stats(seconds) -> dict:
 
 def _time_calls(fn, *args, iters: int) -> list[float]:
   import jax
+
   jax.block_until_ready(fn(*args))
   times = []
   for _ in range(iters):

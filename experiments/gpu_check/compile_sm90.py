@@ -43,11 +43,9 @@ def parse_ptxas(text: str) -> list[dict]:
     if m := _PTXAS_ENTRY.search(line):
       out.append({"function": m.group(1), "arch": m.group(2)})
     elif out and (m := _PTXAS_SPILL.search(line)):
-      out[-1].update(stack_bytes=int(m.group(1)), spill_store_bytes=int(m.group(2)),
-                     spill_load_bytes=int(m.group(3)))
+      out[-1].update(stack_bytes=int(m.group(1)), spill_store_bytes=int(m.group(2)), spill_load_bytes=int(m.group(3)))
     elif out and (m := _PTXAS_USED.search(line)):
-      out[-1].update(registers=int(m.group(1)), barriers=int(m.group(2) or 0),
-                     static_smem_bytes=int(m.group(3) or 0))
+      out[-1].update(registers=int(m.group(1)), barriers=int(m.group(2) or 0), static_smem_bytes=int(m.group(3) or 0))
   return out
 
 
@@ -56,6 +54,7 @@ class _CaptureFds:
 
   def __enter__(self):
     import tempfile
+
     sys.stdout.flush()
     sys.stderr.flush()
     self.tmp = tempfile.TemporaryFile(mode="w+b")
@@ -82,38 +81,45 @@ def compile_sm90(out: Path, train_models: bool = False) -> dict:
   a GPU, at every correctness shape; records ptxas's registers, spills and smem per kernel.
   Needs the CUDA plugin (jax-cuda12-plugin + jax-cuda12-pjrt) and ptxas (nvidia-cuda-nvcc-cu12
   or a CUDA toolkit): `make gpu-compile` installs them into .gpu_compile/."""
-  os.environ["MOSAIC_GPU_DUMP_PTXAS"] = "1"   # read by the plugin when it runs ptxas
+  os.environ["MOSAIC_GPU_DUMP_PTXAS"] = "1"  # read by the plugin when it runs ptxas
   import jax
   from jax.experimental import topologies
   from jax.sharding import SingleDeviceSharding
 
   import pallas_kernels as pk
   from pallas_kernels import gather_gate_gpu
-  topo = topologies.get_topology_desc(platform="cuda", topology="1x1x1",
-                                      target_config=H200_TARGET_CONFIG)
+
+  topo = topologies.get_topology_desc(platform="cuda", topology="1x1x1", target_config=H200_TARGET_CONFIG)
   sharding = SingleDeviceSharding(topo.devices[0])
-  rec: dict[str, Any] = {"started": _now(), "jax": jax.__version__, "target": topo.devices[0].device_kind,
-                         "cases": []}
+  rec: dict[str, Any] = {"started": _now(), "jax": jax.__version__, "target": topo.devices[0].device_kind, "cases": []}
 
   def structs(case: KernelCase) -> dict:
     import jax.numpy as jnp
+
     dt = jnp.dtype(case.dtype)
     c, g, dim = case.heads * case.d, case.branches, case.dim
     shapes = {"table": (case.rows, case.d), "row_ids": (case.n, case.heads)}
     if dim:
-      shapes.update(w_value=(c, dim), b_value=(dim,), w_key=(g, c, dim), b_key=(g, dim),
-                    query_normed=(case.n, g, dim), key_norm_scale=(g, dim))
-    return {k: jax.ShapeDtypeStruct(v, jnp.int32 if k == "row_ids" else dt, sharding=sharding)
-            for k, v in shapes.items()}
+      shapes.update(
+        w_value=(c, dim),
+        b_value=(dim,),
+        w_key=(g, c, dim),
+        b_key=(g, dim),
+        query_normed=(case.n, g, dim),
+        key_norm_scale=(g, dim),
+      )
+    return {
+      k: jax.ShapeDtypeStruct(v, jnp.int32 if k == "row_ids" else dt, sharding=sharding) for k, v in shapes.items()
+    }
 
   for case in GPU_GATHER + GPU_FUSED:
     x = structs(case)
     if case.dim:
-      fn = lambda *a, case=case: pk.gather_gate(*a, gate=case.gate, impl="pallas", backend="gpu",
-                                                interpret=False)  # on CPU: no interpret mode
+      fn = lambda *a, case=case: pk.gather_gate(
+        *a, gate=case.gate, impl="pallas", backend="gpu", interpret=False
+      )  # on CPU: no interpret mode
       args = [x[k] for k in GATE_ARGS]
-      plan = gather_gate_gpu.fused_plan(x["table"], x["row_ids"], x["w_value"], x["w_key"],
-                                        x["query_normed"])
+      plan = gather_gate_gpu.fused_plan(x["table"], x["row_ids"], x["w_value"], x["w_key"], x["query_normed"])
       path = "fallback" if isinstance(plan, str) else "fused"
     else:
       fn = lambda t, i: pk.gather_rows(t, i, impl="pallas", backend="gpu", interpret=False)
@@ -135,32 +141,44 @@ def compile_sm90(out: Path, train_models: bool = False) -> dict:
     except Exception as e:  # noqa: BLE001 - a ptxas/Mosaic error is the finding; record it
       entry.update(status="failed", error=f"{type(e).__name__}: {e}"[:3000])
     entry["seconds"] = round(time.perf_counter() - start, 2)
-    ks = ", ".join(f"{k['function']} {k.get('arch')}: {k.get('registers')} regs, "
-                   f"{k.get('spill_store_bytes')}/{k.get('spill_load_bytes')} B spills" for k in entry.get("kernels", []))
-    print(f"[{entry['status']}] {case.name} ({path or 'gather'}): {ks or entry.get('error', '')[:300]}",
-          flush=True)
+    ks = ", ".join(
+      f"{k['function']} {k.get('arch')}: {k.get('registers')} regs, "
+      f"{k.get('spill_store_bytes')}/{k.get('spill_load_bytes')} B spills"
+      for k in entry.get("kernels", [])
+    )
+    print(f"[{entry['status']}] {case.name} ({path or 'gather'}): {ks or entry.get('error', '')[:300]}", flush=True)
     rec["cases"].append(entry)
     write_json(out / COMPILE_RECORD, rec)
   # Whole train steps: XLA's compile time and memory analysis for the H200 (what would not fit
   # shows here). The tiny model always; the small config and the offload model on request.
   from engram_jax.models.config import ModelConfig
+
   models = [("tiny engram_moe 2 x 32", ModelConfig.tiny("engram_moe"), 2, 32)]
   if train_models:
     from experiments.bench import offload
+
     p = offload._presets()["h200"]
-    models += [("small 16 x 1024", small_model_config(), *SMALL_BATCH),
-               ("small 32 x 1024 (configs/small.py)", small_model_config(), 32, 1024),
-               ("offload h200 preset, 4 blocks", p.model.replace(num_layers=4), *p.train_batch)]
+    models += [
+      ("small 16 x 1024", small_model_config(), *SMALL_BATCH),
+      ("small 32 x 1024 (configs/small.py)", small_model_config(), 32, 1024),
+      ("offload h200 preset, 4 blocks", p.model.replace(num_layers=4), *p.train_batch),
+    ]
   for name, cfg, b, t in models:
     entry = {"name": f"train step {name}"}
     try:
       entry.update(status="ok", **compile_train_step(cfg, b, t, sharding))
     except Exception as e:  # noqa: BLE001 - recorded
       entry.update(status="failed", error=f"{type(e).__name__}: {e}"[:3000])
-    print(f"[{entry['status']}] {entry['name']}: " + (
+    print(
+      f"[{entry['status']}] {entry['name']}: "
+      + (
         f"compile {entry['compile_s']:.0f} s, temp {entry['temp_bytes'] / 2**30:.1f} GiB, "
-        f"arguments {entry['argument_bytes'] / 2**30:.1f} GiB" if entry["status"] == "ok"
-        else entry["error"][:300]), flush=True)
+        f"arguments {entry['argument_bytes'] / 2**30:.1f} GiB"
+        if entry["status"] == "ok"
+        else entry["error"][:300]
+      ),
+      flush=True,
+    )
     rec.setdefault("train_steps", []).append(entry)
     write_json(out / COMPILE_RECORD, rec)
   rec["finished"] = _now()
@@ -178,24 +196,38 @@ def compile_train_step(cfg, batch: int, seq: int, sharding) -> dict:
   from engram_jax.train.optimizer import make_optimizer
   from engram_jax.train.state import TrainState, build_model, split_model
   from engram_jax.train.steps import make_train_step
+
   model = nnx.eval_shape(lambda: build_model(cfg, 0))
   graphdef, params, rest = split_model(model)
-  tx, lr = make_optimizer(TrainConfig(total_steps=1000, learning_rate=1e-3, warmup_steps=0,
-                                      progress_bar=False), params)
+  tx, lr = make_optimizer(TrainConfig(total_steps=1000, learning_rate=1e-3, warmup_steps=0, progress_bar=False), params)
   sds = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-  state = jax.tree.map(sds, TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                                       rest=rest, opt_state=jax.eval_shape(tx.init, params)))
+  state = jax.tree.map(
+    sds,
+    TrainState(
+      step=jax.ShapeDtypeStruct((), jnp.int32), params=params, rest=rest, opt_state=jax.eval_shape(tx.init, params)
+    ),
+  )
   tok = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=sharding)
-  batch_sds = {"tokens": tok, "targets": tok,
-               "loss_mask": jax.ShapeDtypeStruct((batch, seq), jnp.float32, sharding=sharding),
-               "engram_ids": {l: jax.ShapeDtypeStruct((batch, seq, cfg.engram.num_heads), jnp.int32,
-                                                       sharding=sharding) for l in cfg.engram_layer_ids}}
+  batch_sds = {
+    "tokens": tok,
+    "targets": tok,
+    "loss_mask": jax.ShapeDtypeStruct((batch, seq), jnp.float32, sharding=sharding),
+    "engram_ids": {
+      l: jax.ShapeDtypeStruct((batch, seq, cfg.engram.num_heads), jnp.int32, sharding=sharding)
+      for l in cfg.engram_layer_ids
+    },
+  }
   rate = cfg.moe.bias_update_rate if cfg.moe else 0.0
   step = jax.jit(make_train_step(graphdef, tx, lr, bias_update_rate=rate), donate_argnums=(0,))
   t0 = time.perf_counter()
   lowered = step.trace(state, batch_sds).lower()
   t1 = time.perf_counter()
   mem = lowered.compile().memory_analysis()
-  return {"batch": [batch, seq], "lower_s": t1 - t0, "compile_s": time.perf_counter() - t1,
-          "temp_bytes": mem.temp_size_in_bytes, "argument_bytes": mem.argument_size_in_bytes,
-          "output_bytes": mem.output_size_in_bytes}
+  return {
+    "batch": [batch, seq],
+    "lower_s": t1 - t0,
+    "compile_s": time.perf_counter() - t1,
+    "temp_bytes": mem.temp_size_in_bytes,
+    "argument_bytes": mem.argument_size_in_bytes,
+    "output_bytes": mem.output_size_in_bytes,
+  }

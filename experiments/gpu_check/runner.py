@@ -49,9 +49,14 @@ class Runner:
     self.total_s = total_s or (SMOKE_TOTAL_S if smoke else GPU_TOTAL_S) * budget_scale
     self.start = time.time()
     self.proc: subprocess.Popen | None = None
-    self.rec = {"mode": "smoke" if smoke else "gpu", "started": _now(), "finished": None,
-                "argv": sys.argv[1:], "total_budget_s": self.total_s,
-                "steps": [{"name": s, "status": "pending", "budget_s": self.budgets[s]} for s in steps]}
+    self.rec = {
+      "mode": "smoke" if smoke else "gpu",
+      "started": _now(),
+      "finished": None,
+      "argv": sys.argv[1:],
+      "total_budget_s": self.total_s,
+      "steps": [{"name": s, "status": "pending", "budget_s": self.budgets[s]} for s in steps],
+    }
 
   def write(self) -> None:
     self.rec["elapsed_s"] = round(time.time() - self.start, 1)
@@ -62,23 +67,30 @@ class Runner:
   def _child(self, st: dict, budget: float) -> None:
     name = st["name"]
     env = dict(os.environ)
-    repo = str(Path(__file__).resolve().parents[2])   # the repository root
+    repo = str(Path(__file__).resolve().parents[2])  # the repository root
     env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env["PYTHONUNBUFFERED"] = "1"   # the step's log is complete up to the moment it is killed
+    env["PYTHONUNBUFFERED"] = "1"  # the step's log is complete up to the moment it is killed
     if self.smoke:
       env.setdefault("JAX_PLATFORMS", "cpu")
     else:  # a rerun on the same machine reuses the compiled kernels
       env.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/engram_gpu_check_jax_cache")
     # Soft deadline for the step's own cases, a little before the hard kill.
     deadline = time.time() + budget - min(5.0, 0.1 * budget)
-    cmd = [sys.executable, "-m", "experiments.gpu_check", f"--out={self.out}", f"--_step={name}",
-           f"--_deadline={deadline}"] + (["--smoke"] if self.smoke else [])
+    cmd = [
+      sys.executable,
+      "-m",
+      "experiments.gpu_check",
+      f"--out={self.out}",
+      f"--_step={name}",
+      f"--_deadline={deadline}",
+    ] + (["--smoke"] if self.smoke else [])
     log_path = self.out / "steps" / f"{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with open(log_path, "w") as logf:
-      self.proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)
+      self.proc = subprocess.Popen(
+        cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+      )
       pump = threading.Thread(target=_pump, args=(self.proc.stdout, logf, name), daemon=True)
       pump.start()
       try:
@@ -112,7 +124,7 @@ class Runner:
   def _kill(self) -> None:
     if self.proc is not None and self.proc.poll() is None:
       try:
-        os.killpg(self.proc.pid, signal.SIGKILL)   # the step's own process group only
+        os.killpg(self.proc.pid, signal.SIGKILL)  # the step's own process group only
       except ProcessLookupError:
         pass
 

@@ -19,14 +19,13 @@ class Goal:
 
 
 GOALS = (
-    Goal("correctness", "GPU kernels and the Engram layer agree with the jnp reference",
-         "every check passes"),
-    Goal("gather_bw", "gather_rows bandwidth, rows >= 256 B", ">= 85% of copy bandwidth"),
-    Goal("fused_fwd", "fused gather_gate vs XLA, forward (paper shapes)", ">= 1.3x"),
-    Goal("fused_fwd_bwd", "fused gather_gate vs XLA, forward+backward", ">= 1.3x"),
-    Goal("host_decode", "host-resident tables vs device tables, decode", ">= 0.99x device"),
-    Goal("host_train", "host-resident tables vs device tables, training", ">= 0.97x device"),
-    Goal("small_train", "small config train step: tokens/s and MFU", "recorded"),
+  Goal("correctness", "GPU kernels and the Engram layer agree with the jnp reference", "every check passes"),
+  Goal("gather_bw", "gather_rows bandwidth, rows >= 256 B", ">= 85% of copy bandwidth"),
+  Goal("fused_fwd", "fused gather_gate vs XLA, forward (paper shapes)", ">= 1.3x"),
+  Goal("fused_fwd_bwd", "fused gather_gate vs XLA, forward+backward", ">= 1.3x"),
+  Goal("host_decode", "host-resident tables vs device tables, decode", ">= 0.99x device"),
+  Goal("host_train", "host-resident tables vs device tables, training", ">= 0.97x device"),
+  Goal("small_train", "small config train step: tokens/s and MFU", "recorded"),
 )
 
 
@@ -58,8 +57,7 @@ def evaluate_goals(rec: dict) -> list[dict]:
   def row(goal: Goal, status: str, figure: str):
     if not on_gpu and status in ("met", "missed"):
       status = "not measured (CPU)"
-    rows.append({"goal": goal.key, "text": goal.text, "target": goal.target, "status": status,
-                 "figure": figure})
+    rows.append({"goal": goal.key, "text": goal.text, "target": goal.target, "status": status, "figure": figure})
 
   g = {x.key: x for x in GOALS}
   # correctness
@@ -69,14 +67,20 @@ def evaluate_goals(rec: dict) -> list[dict]:
   ran = [c for c in checks if c.get("status") != "skipped"]
   if bad:
     worst = bad[0]
-    row(g["correctness"], "failed", f"{len(bad)}/{len(ran)} checks fail, e.g. {worst['name']}: "
-        + (worst.get("error") or json.dumps(worst.get("rel_err") or worst.get("grad_rel_err")))[:200])
+    row(
+      g["correctness"],
+      "failed",
+      f"{len(bad)}/{len(ran)} checks fail, e.g. {worst['name']}: "
+      + (worst.get("error") or json.dumps(worst.get("rel_err") or worst.get("grad_rel_err")))[:200],
+    )
   elif ran and corr.get("status") == "ok":
-    row(g["correctness"], "met", f"{len(ran)}/{len(ran)} checks pass"
-        + ("" if on_gpu else " (interpret mode)"))
+    row(g["correctness"], "met", f"{len(ran)}/{len(ran)} checks pass" + ("" if on_gpu else " (interpret mode)"))
   elif ran:
-    row(g["correctness"], "failed" if corr.get("status") in ("timed_out", "killed", "failed")
-        else "not measured", f"{len(ran)} checks pass, step {corr.get('status')}")
+    row(
+      g["correctness"],
+      "failed" if corr.get("status") in ("timed_out", "killed", "failed") else "not measured",
+      f"{len(ran)} checks pass, step {corr.get('status')}",
+    )
   else:
     row(g["correctness"], *_unmeasured(corr, "checks"))
   # gather bandwidth (rows of 256 B and more: the worst case counts)
@@ -85,8 +89,10 @@ def evaluate_goals(rec: dict) -> list[dict]:
   small = [c for c in _cases(look, "gather") if c.get("status") == "ok" and c.get("row_bytes", 0) < 256]
   if big:
     worst = min(big, key=lambda c: c["ratio_to_copy"])
-    fig = (f"worst {worst['ratio_to_copy']:.1%} ({worst['pallas_GBps']:.0f} GB/s, "
-           f"{worst['row_bytes']} B rows, R={worst['case']['rows']:,}) over {len(big)} cases")
+    fig = (
+      f"worst {worst['ratio_to_copy']:.1%} ({worst['pallas_GBps']:.0f} GB/s, "
+      f"{worst['row_bytes']} B rows, R={worst['case']['rows']:,}) over {len(big)} cases"
+    )
     if small:
       fig += "; 160 B rows: " + ", ".join(f"{c['ratio_to_copy']:.1%}" for c in small)
     row(g["gather_bw"], "met" if worst["ratio_to_copy"] >= 0.85 else "missed", fig)
@@ -94,19 +100,20 @@ def evaluate_goals(rec: dict) -> list[dict]:
     row(g["gather_bw"], *_unmeasured(look, "gather"))
   # fused vs XLA
   fused = [c for c in _cases(look, "fused") if c.get("status") == "ok"]
-  for key, field, label in (("fused_fwd", "speedup_fwd", "fwd"), ("fused_fwd_bwd", "speedup_fwd_bwd",
-                                                                  "fwd+bwd")):
+  for key, field, label in (("fused_fwd", "speedup_fwd", "fwd"), ("fused_fwd_bwd", "speedup_fwd_bwd", "fwd+bwd")):
     if fused:
       c = fused[0]
-      fig = (f"{c[field]:.2f}x (xla {1e3 * c[f'xla_{label}_s']:.2f} ms, pallas "
-             f"{1e3 * c[f'pallas_{label}_s']:.2f} ms, median; path {c.get('gpu_path') or 'n/a'})")
+      fig = (
+        f"{c[field]:.2f}x (xla {1e3 * c[f'xla_{label}_s']:.2f} ms, pallas "
+        f"{1e3 * c[f'pallas_{label}_s']:.2f} ms, median; path {c.get('gpu_path') or 'n/a'})"
+      )
       row(g[key], "met" if c[field] >= 1.3 else "missed", fig)
     else:
       row(g[key], *_unmeasured(look, "fused"))
   # host vs device
   off = _step(rec, "offload")
   serve = [c for c in _cases(off, "serve") if c.get("status") == "ok" and "host" in c.get("ratios", {})]
-  if serve:   # the compiled decode loop with host rows read in the program: paired ratios
+  if serve:  # the compiled decode loop with host rows read in the program: paired ratios
     r = serve[0]["ratios"]
     fig = f"host {r['host']['mean']:.3f} +- {r['host']['se']:.3f}x device (paired, serve.py dense)"
     if "cached" in r:
@@ -131,8 +138,10 @@ def evaluate_goals(rec: dict) -> list[dict]:
     figs = []
     for c in runs:
       mfu = c.get("mfu_nominal")
-      figs.append(f"{c['name']}: {c['tokens_per_s']:,.0f} +- {c['tokens_per_s_se']:,.0f} tokens/s, "
-                  f"{c['model_tflops']:.1f} TFLOP/s" + (f", MFU {mfu:.1%}" if mfu else ""))
+      figs.append(
+        f"{c['name']}: {c['tokens_per_s']:,.0f} +- {c['tokens_per_s_se']:,.0f} tokens/s, "
+        f"{c['model_tflops']:.1f} TFLOP/s" + (f", MFU {mfu:.1%}" if mfu else "")
+      )
     row(g["small_train"], "met", "; ".join(figs))
   else:
     row(g["small_train"], *_unmeasured(tr, "runs"))
@@ -153,28 +162,35 @@ def render_markdown(rec: dict) -> str:
   env = _step(rec, "env").get("results") or {}
   dev, ver = env.get("device") or {}, env.get("versions") or {}
   meas = {c["name"]: c for c in env.get("measures", []) if c.get("status") == "ok"}
-  lines = [f"# gpu_check ({rec.get('mode')}) started {rec.get('started')}, "
-           f"finished {rec.get('finished') or '(not finished)'}", ""]
+  lines = [
+    f"# gpu_check ({rec.get('mode')}) started {rec.get('started')}, finished {rec.get('finished') or '(not finished)'}",
+    "",
+  ]
   if dev:
     mem = dev.get("memory_bytes")
-    lines.append(f"Device: {dev.get('kind')} ({dev.get('backend')}, {dev.get('count')} device(s)"
-                 + (f", {mem / 2**30:.1f} GiB" if mem else "") + f"); jax {ver.get('jax')}, "
-                 f"jaxlib {ver.get('jaxlib')}" + "".join(f", {k} {v}" for k, v in ver.items()
-                                                         if k.startswith("jax-cuda")))
+    lines.append(
+      f"Device: {dev.get('kind')} ({dev.get('backend')}, {dev.get('count')} device(s)"
+      + (f", {mem / 2**30:.1f} GiB" if mem else "")
+      + f"); jax {ver.get('jax')}, "
+      f"jaxlib {ver.get('jaxlib')}" + "".join(f", {k} {v}" for k, v in ver.items() if k.startswith("jax-cuda"))
+    )
   if "hbm_copy_bandwidth" in meas:
     lines.append(f"Copy bandwidth {meas['hbm_copy_bandwidth']['copy_GBps']:.1f} GB/s; ")
   if "bf16_matmul" in meas:
     m = meas["bf16_matmul"]
-    lines.append(f"bf16 matmul {m['shape'][0]}^3: {m['tflops']:.1f} TFLOP/s "
-                 f"({m['median_ms']:.3f} ms median, mean {m['mean_ms']:.3f} +- {m['se_ms']:.3f} ms).")
+    lines.append(
+      f"bf16 matmul {m['shape'][0]}^3: {m['tflops']:.1f} TFLOP/s "
+      f"({m['median_ms']:.3f} ms median, mean {m['mean_ms']:.3f} +- {m['se_ms']:.3f} ms)."
+    )
   lines += ["", "## Goals", "", "| goal | target | status | figure |", "| --- | --- | --- | --- |"]
   for r in rec.get("goals") or evaluate_goals(rec):
     lines.append(f"| {r['text']} | {r['target']} | **{r['status']}** | {r['figure']} |")
   lines += ["", "## Steps", "", "| step | status | budget s | wall s | note |", "| --- | --- | --- | --- | --- |"]
   for st in rec["steps"]:
     note = (st.get("error") or "").replace("\n", " ").replace("|", "/")[:200]
-    lines.append(f"| {st['name']} | {st['status']} | {_fmt(st.get('budget_s'))} | "
-                 f"{_fmt(st.get('wall_s', ''))} | {note} |")
+    lines.append(
+      f"| {st['name']} | {st['status']} | {_fmt(st.get('budget_s'))} | {_fmt(st.get('wall_s', ''))} | {note} |"
+    )
   for st in rec["steps"]:
     res = st.get("results") or {}
     cases = [(k, c) for k, v in res.items() if isinstance(v, list) for c in v if isinstance(c, dict)]
@@ -183,8 +199,7 @@ def render_markdown(rec: dict) -> str:
     lines += ["", f"### {st['name']}", ""]
     for k, c in cases:
       keep = {kk: vv for kk, vv in c.items() if kk not in ("name", "status", "traceback", "case", "params")}
-      lines.append(f"- {k} / {c['name']}: **{c.get('status')}** "
-                   + json.dumps(keep, default=_json_default)[:600])
+      lines.append(f"- {k} / {c['name']}: **{c.get('status')}** " + json.dumps(keep, default=_json_default)[:600])
   return "\n".join(lines) + "\n"
 
 
@@ -193,9 +208,11 @@ def readme_block(rec: dict) -> str:
   dev = (_step(rec, "env").get("results") or {}).get("device") or {}
   ver = (_step(rec, "env").get("results") or {}).get("versions") or {}
   on_gpu = rec.get("mode") == "gpu" and dev.get("backend") == "gpu"
-  head = (f"Last check: {rec.get('started')}, {dev.get('kind', '?')}, jax {ver.get('jax', '?')}, "
-          f"`{'make gpu-check' if on_gpu else 'gpu_check --smoke (CPU, interpret mode)'}`"
-          f" ({rec.get('elapsed_s', '?')} s).")
+  head = (
+    f"Last check: {rec.get('started')}, {dev.get('kind', '?')}, jax {ver.get('jax', '?')}, "
+    f"`{'make gpu-check' if on_gpu else 'gpu_check --smoke (CPU, interpret mode)'}`"
+    f" ({rec.get('elapsed_s', '?')} s)."
+  )
   if not on_gpu:
     head += " No GPU goal has been measured on a GPU yet."
   lines = [README_BEGIN, head, "", "| goal | target | status | figure |", "| --- | --- | --- | --- |"]
@@ -209,6 +226,7 @@ def update_readme(readme: Path, rec: dict) -> None:
   text = readme.read_text()
   pattern = re.compile(re.escape(README_BEGIN) + r".*?" + re.escape(README_END), re.S)
   if len(pattern.findall(text)) != 1:
-    raise ValueError(f"{readme}: expected one block between {README_BEGIN!r} and {README_END!r}, "
-                     f"found {len(pattern.findall(text))}")
+    raise ValueError(
+      f"{readme}: expected one block between {README_BEGIN!r} and {README_END!r}, found {len(pattern.findall(text))}"
+    )
   readme.write_text(pattern.sub(lambda m: readme_block(rec), text))
