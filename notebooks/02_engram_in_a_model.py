@@ -198,9 +198,9 @@ word = re.compile(r"\w")
 def word_position(tokens: np.ndarray) -> np.ndarray:
   """Category per token of tokens [T]: 0 other, 1 whole, 2 first, 3 inside, 4 end."""
   texts = piece_of[tokens]
-  starts_w = np.array([bool(t) and bool(word.match(t[0])) for t in texts])
-  ends_w = np.array([bool(t) and bool(word.match(t[-1])) for t in texts])
-  all_w = np.array([bool(t) and all(word.match(c) for c in t) for t in texts])
+  starts_w = np.array([bool(t) and bool(word.match(t[0])) for t in texts], dtype=bool)
+  ends_w = np.array([bool(t) and bool(word.match(t[-1])) for t in texts], dtype=bool)
+  all_w = np.array([bool(t) and all(word.match(c) for c in t) for t in texts], dtype=bool)
   joined_prev = np.concatenate([[False], ends_w[:-1]]) & starts_w     # continues a word
   joined_next = np.concatenate([ends_w[:-1] & starts_w[1:], [False]])  # word goes on
   cat = np.zeros(len(tokens), np.int8)
