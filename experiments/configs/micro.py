@@ -12,8 +12,6 @@ tokens drawn from every validation file (`DataConfig.eval_set="chunks"`), the sa
 every model. 256 planted facts (plus 256 held out) for the fact-recall probe.
 """
 
-from ml_collections.config_dict import placeholder
-
 from experiments.configs import common
 
 
@@ -40,7 +38,6 @@ def get_config(variant: str = "engram"):
     bpe_vocab_size=1024,
     tokenizer_train_bytes=2_000_000,
     max_bytes=6_000_000,
-    num_eval_batches=None,
     eval_tokens=131_072,
     tokenizer_dir="runs/tokenizers/micro",
     num_facts=256,
@@ -50,9 +47,6 @@ def get_config(variant: str = "engram"):
   # the micro pilot in docs/RESULTS.md (paired, -0.064 +/- 0.003 nats against the reference values).
   c.model.engram_table_init_std = 0.1
   c.train.engram_lr_multiplier = 20.0
-  # None-valued fields as typed placeholders, so --config.data.<field>=N can set them
-  c.data.num_eval_batches = placeholder(int)
-  c.data.held_out_facts = placeholder(int)
   c.seed = 0  # model init
   c.data.seed = 0  # training-data order
   c.train.update(

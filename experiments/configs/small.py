@@ -5,8 +5,6 @@ leading dense block, DeepSeek-V3 MoE (2 shared + top-6 routed), 4 hyper-connecti
 branches, Engram at blocks 1 and 5 with orders 2-3.
 """
 
-from ml_collections.config_dict import placeholder
-
 from experiments.configs import common
 
 
@@ -41,9 +39,6 @@ def get_config(variant: str = "engram"):
     eval_tokens=1_048_576,
   )
   c.model.engram_table_init_std = 1.0  # the reference value (not piloted at this scale)
-  # None-valued fields as typed placeholders, so --config.data.<field>=N can set them
-  c.data.num_eval_batches = placeholder(int)
-  c.data.held_out_facts = placeholder(int)
   c.seed = 0  # model init
   c.data.seed = 0  # training-data order
   c.train.update(

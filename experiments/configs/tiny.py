@@ -11,8 +11,6 @@ settings; `make train` pairs the two variants on both). Validation: 128k scored 
 drawn from every validation file, the same for every model.
 """
 
-from ml_collections.config_dict import placeholder
-
 from experiments.configs import common
 
 
@@ -39,7 +37,6 @@ def get_config(variant: str = "engram"):
     bpe_vocab_size=2048,
     tokenizer_train_bytes=3_000_000,
     max_bytes=12_000_000,
-    num_eval_batches=None,
     eval_tokens=131_072,
     tokenizer_dir="runs/tokenizers/tiny",
   )
@@ -47,9 +44,6 @@ def get_config(variant: str = "engram"):
   # the micro pilot in docs/RESULTS.md (paired, -0.064 +/- 0.003 nats against the reference values).
   c.model.engram_table_init_std = 0.1
   c.train.engram_lr_multiplier = 20.0
-  # None-valued fields as typed placeholders, so --config.data.<field>=N can set them
-  c.data.num_eval_batches = placeholder(int)
-  c.data.held_out_facts = placeholder(int)
   c.seed = 0  # model init
   c.data.seed = 0  # training-data order
   c.train.update(
