@@ -1,0 +1,5 @@
+"""Placeholder (filled below)."""
+
+
+def setup(app):
+  return {"parallel_read_safe": True}
