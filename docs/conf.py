@@ -46,6 +46,11 @@ nitpick_ignore_regex = [
   ("py:.*", r"(Path|Callable|Iterator|Iterable|Sequence|Mapping|MutableMapping|Literal|Any|Self|TypeAlias|NamedTuple)"),
   ("py:.*", r"(np\.|numpy\.|jax\.|nnx\.).*"),
   ("py:class", r"[A-Z][A-Za-z]*Kind|[A-Z][A-Za-z]*Impl|ShardedLookup|TableSharding|GateKind"),
+  # Type variables of PEP 695 generics (`def shard_state[A](state: A, ...) -> A`) and type
+  # aliases (`engram_jax.sharding.MeshAxes = str | tuple[str, ...] | None`): not objects.
+  ("py:class", r"A|MeshAxes"),
+  # In a public signature (`engram_jax.data.build_corpus`) but not exported by engram_jax.data.
+  ("py:class", r"engram_jax\.data\.sources\.DocumentSet"),
 ]
 myst_heading_anchors = 3
 myst_enable_extensions = ["colon_fence", "dollarmath", "deflist"]

@@ -29,11 +29,14 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+#: The four mesh axes, in mesh order: data parallel, fully sharded data parallel, tensor
+#: (model) parallel and expert parallel.
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor", "expert")
 
 MeshAxes = str | tuple[str, ...] | None
 
-# logical name -> mesh axis / axes (tried in order) / None (replicated).
+#: The one set of logical-axis rules: logical name -> mesh axis, axes (tried in order) or None
+#: (replicated). Every parameter and activation annotation of the library uses these names.
 LOGICAL_AXIS_RULES: dict[str, MeshAxes] = {
   # activations
   "batch": ("data", "fsdp"),

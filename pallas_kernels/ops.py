@@ -27,10 +27,13 @@ import numpy as np
 from pallas_kernels import reference
 from pallas_kernels.sparse_grad import SparseRowGrad, sparse_row_grad
 
+#: The `impl=` values of every op: "xla" (the pure-jnp reference), "pallas" (the kernels) and
+#: "auto" (Pallas on GPU and TPU, XLA elsewhere).
 IMPLS = ("auto", "xla", "pallas")
 
 
 def resolve_impl(impl: str) -> str:
+  """The implementation `impl` selects here: "xla" or "pallas" ("auto" by backend); ValueError otherwise."""
   if impl not in IMPLS:
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
   if impl == "auto":

@@ -197,7 +197,9 @@ def docstring_problems(modules: tuple[str, ...] = API_MODULES, pending: set[str]
 
 # -- Sphinx ----------------------------------------------------------------------------------
 def _rst_escape(text: str) -> str:
-  return text.replace("*", r"\*").replace("|", r"\|")
+  from docstring_format import literal_blocks
+
+  return literal_blocks([text.replace("*", r"\*").replace("|", r"\|")])[0]
 
 
 def module_rst(modname: str) -> list[str]:

@@ -102,10 +102,12 @@ class NgramHasher:
   # -- shapes -----------------------------------------------------------------------------
   @property
   def layer_ids(self) -> tuple[int, ...]:
+    """The Engram layers (block indices) this hasher serves, ascending: `config.layer_ids`."""
     return self.config.layer_ids
 
   @property
   def num_heads(self) -> int:
+    """H = (N-1)*K hash heads per layer: the last axis of `hash` output."""
     return self.config.num_heads
 
   def total_rows(self, layer_id: int) -> int:

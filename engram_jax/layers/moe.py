@@ -39,6 +39,8 @@ from engram_jax.config import check_float
 from engram_jax.layers.ffn import SwiGLU
 from engram_jax.layers.params import annotated
 
+#: `MoEConfig.dispatch` values: "dropless" (sorted grouped matmuls, nothing dropped) and
+#: "capacity" (at most C assignments per expert; see the module docstring).
 DISPATCH_MODES = ("dropless", "capacity")
 
 
