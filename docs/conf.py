@@ -57,6 +57,14 @@ myst_enable_extensions = ["colon_fence", "dollarmath", "deflist"]
 suppress_warnings = ["myst.header"]  # guides start at "##" headings moved from the README
 
 # -- autodoc ---------------------------------------------------------------------------------
+# Flax NNX modules are built by a metaclass whose __call__(*args, **kwargs) would stand in for
+# every module's __init__ signature; skip it the way autodoc skips enum's (Sphinx 9.1 pinned).
+from sphinx.ext.autodoc._dynamic import _signatures  # noqa: E402
+
+_signatures._METACLASS_CALL_BLACKLIST = _signatures._METACLASS_CALL_BLACKLIST | {
+  "flax.nnx.pytreelib.PytreeMeta.__call__"
+}
+
 autodoc_default_options = {"members": True, "undoc-members": False, "show-inheritance": False}
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
@@ -75,6 +83,9 @@ napoleon_custom_sections = ["Returns", "Raises", "Yields", ("Attributes", "param
 default_role = "literal"
 add_module_names = False
 python_use_unqualified_type_names = True
+
+# Literal blocks of the docstrings are formulas and tables, not Python.
+highlight_language = "text"
 
 # -- notebooks (myst-nb) ---------------------------------------------------------------------
 nb_execution_mode = "off"

@@ -107,8 +107,21 @@ def class_members(cls: type) -> list[str]:
 
 
 def _summary(doc: str | None) -> str:
+  """The first line of a docstring (what the check requires: a one-line summary)."""
   lines = (doc or "").strip().splitlines()
   return lines[0].strip() if lines else ""
+
+
+def _table_summary(doc: str | None) -> str:
+  """The summary shown in a module's table: the first sentence of the first paragraph."""
+  paragraph = []
+  for line in (doc or "").strip().splitlines():
+    if not line.strip() or (paragraph and line.startswith(" ")):
+      break
+    paragraph.append(line.strip())
+  text = " ".join(paragraph)
+  m = re.search(r"(?<=[.!?])\s", text)
+  return text[: m.start()] if m else text
 
 
 def _attr_doc(modname: str, name: str) -> list[str] | None:
@@ -212,10 +225,10 @@ def module_rst(modname: str) -> list[str]:
     for name in names:
       obj = getattr(module, name)
       if inspect.isclass(obj) or callable(obj):
-        summary = _summary(obj.__doc__)
+        summary = _table_summary(obj.__doc__)
       else:
         found = constant_doc(modname, name)
-        summary = _summary("\n".join(found[1])) if found else ""
+        summary = _table_summary("\n".join(found[1])) if found else ""
       lines += [f"   * - :py:obj:`~{modname}.{name}`", f"     - {_rst_escape(summary) or ' '}"]
     lines.append("")
   for name in names:

@@ -53,6 +53,8 @@ LINKS: list[tuple[str, str]] = [
 
 # Appended to a guide after its moved sections.
 EXTRA = {
+  "distributed.md": ["", "```{toctree}", ":maxdepth: 1", "", "../DISTRIBUTED", "```"],
+  "results.md": ["", "```{toctree}", ":maxdepth: 1", "", "../RESULTS", "```"],
   "kernels.md": [
     "",
     "## The kernel package (`pallas_kernels/README.md`)",
