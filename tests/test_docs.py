@@ -186,3 +186,38 @@ def test_notebooks_render_the_executed_copy_only_when_its_cells_match(tmp_path, 
   target = tmp_path / "site"
   assert notebook_sources.write_notebooks(target, executed) == ([], ["01_probe"])
   assert [p.name for p in target.glob("*.ipynb")] == ["01_probe.ipynb"]
+
+
+def _landing_page() -> Path:
+  """The landing page draft until it replaces README.md, then README.md."""
+  draft = DOCS / "README_landing.md"
+  return draft if draft.exists() else ROOT / "README.md"
+
+
+def test_landing_page_flax_quick_start_runs():
+  import math
+  import re
+
+  import numpy as np
+
+  text = _landing_page().read_text()
+  blocks = re.findall(r"^```python\n(.*?)^```", text, flags=re.M | re.S)
+  (code,) = [b for b in blocks if "class MyLM" in b]
+  namespace: dict = {}
+  exec(compile(code, "README quick start", "exec"), namespace)  # noqa: S102 -- the README's own code
+  loss = float(namespace["loss"])
+  assert abs(loss - math.log(256)) < 0.5, loss  # an untrained 256-way softmax
+  table_grad = np.asarray(namespace["grads"]["engram"]["table"][...])
+  assert np.abs(table_grad).sum() > 0, "the Engram table got no gradient"
+  assert namespace["ids"].shape == (4, 33, namespace["cfg"].num_heads)
+
+
+def test_landing_page_links_resolve():
+  import re
+
+  page = _landing_page()
+  links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text())
+  assert links
+  # Written for the repository root, where it will be README.md.
+  missing = [link for link in links if "://" not in link and not (ROOT / link).exists()]
+  assert not missing, f"{page.name} links to missing files: {missing}"
