@@ -21,15 +21,15 @@ experiments: venv
 
 # One formatter (ruff format: 2-space indent, line length 120, pyproject.toml) and the linters.
 lint: venv
-	$(PY) -m ruff format --check engram_jax pallas_kernels experiments tests
-	$(PY) -m ruff check engram_jax pallas_kernels experiments tests
+	$(PY) -m ruff format --check engram_jax pallas_kernels experiments tests docs/conf.py docs/_ext docs/_tools
+	$(PY) -m ruff check engram_jax pallas_kernels experiments tests docs/conf.py docs/_ext docs/_tools
 	$(VENV)/bin/lint-imports
 
 # The documentation site (Sphinx + MyST + myst-nb) into docs/_build/html. Strict: any warning
 # (a broken cross-reference, a public name without a docstring, a dead internal link) fails
 # it. -E: a fresh environment every time, so no warning hides in a cached page. Notebooks are
 # shown with the outputs of their last test run (runs/notebooks/); docs-notebooks reruns them.
-DOCS_FLAGS ?= -b html -n -W --keep-going -E -j 1 -q
+DOCS_FLAGS ?= -b html -n -W --keep-going -E -j 1
 docs: venv
 	JAX_PLATFORMS=cpu $(PY) -m sphinx $(DOCS_FLAGS) -d docs/_build/doctrees docs docs/_build/html
 	@echo "site: docs/_build/html/index.html"
