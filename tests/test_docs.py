@@ -180,7 +180,9 @@ def test_notebooks_render_the_executed_copy_only_when_its_cells_match(tmp_path, 
 
   source.write_text("# %% [markdown]\n# # Probe\n\n# %%\nprint(2 + 2)\n")  # edited since the run
   nb, with_outputs = notebook_sources.notebook_for(source, executed)
-  assert not with_outputs and not nb.cells[1].get("outputs")
+  assert not with_outputs and not any(c.get("outputs") for c in nb.cells)
+  assert nb.cells[1].source == notebook_sources.NO_OUTPUTS_NOTE  # says so under the title
+  assert nb.cells[2].source == "print(2 + 2)"
 
   monkeypatch.setattr(notebook_sources, "SOURCES", source.parent)
   target = tmp_path / "site"

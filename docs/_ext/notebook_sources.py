@@ -7,8 +7,9 @@ docs/notebooks/NN_name.ipynb (git-ignored) for every source:
 
 - the executed copy, when there is one and its cells are exactly the source's cells (same
   order, same text): the page shows the outputs of that run;
-- else the converted source without outputs, and the build log says which notebooks have no
-  outputs and how to get them (`make docs-notebooks`, which runs the notebook tests first).
+- else the converted source without outputs, with a note under its title, and the build log
+  says which notebooks have no outputs and how to get them (`make docs-notebooks`, which runs
+  the notebook tests first).
 
 myst-nb renders them with `nb_execution_mode = "off"`: the docs build executes nothing.
 """
@@ -38,7 +39,18 @@ def notebook_for(source: Path, executed_dir: Path = EXECUTED):
     ran = nbformat.read(executed, as_version=4)
     if _cells(ran) == _cells(nb):
       return ran, True
+  nb.cells.insert(1, nbformat.v4.new_markdown_cell(NO_OUTPUTS_NOTE))
   return nb, False
+
+
+#: Shown under the title of a notebook rendered without outputs.
+NO_OUTPUTS_NOTE = (
+  "```{note}\n"
+  "This page shows the notebook without its outputs: it has not run since its source last "
+  "changed (`tests/test_notebooks.py` writes the executed copies the site shows; "
+  "`make docs-notebooks` runs the notebooks and rebuilds the site).\n"
+  "```"
+)
 
 
 def write_notebooks(target: Path = TARGET, executed_dir: Path = EXECUTED) -> tuple[list[str], list[str]]:
