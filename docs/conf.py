@@ -90,7 +90,7 @@ highlight_language = "text"
 # -- notebooks (myst-nb) ---------------------------------------------------------------------
 nb_execution_mode = "off"
 nb_merge_streams = True
-nb_output_stderr = "remove-warn"
+nb_output_stderr = "remove"  # log noise of the run (absl, orbax, JAX warnings); a failing cell fails the test instead
 
 # -- HTML -----------------------------------------------------------------------------------
 html_theme = "sphinx_book_theme"

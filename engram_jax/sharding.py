@@ -256,7 +256,7 @@ def shard_module[A](module: A, mesh: Mesh, rules: Mapping[str, MeshAxes] = LOGIC
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-  """Sharding constraint for an activation, by logical axis names.
+  """Sharding constraint for an activation, by logical axis names (one per dimension of x; same shape out).
 
   A no-op without an active mesh (``jax.set_mesh``) or on a single-device mesh, so layers
   can call it unconditionally.

@@ -62,7 +62,7 @@ def _resolve_interpret(interpret, backend):
 
 
 def check_row_ids(row_ids, num_rows: int, heads: int | None = None) -> None:
-  """Validates dtype and rank; range too when the ids are concrete (not traced).
+  """Validates row_ids [N, H] (dtype, rank, heads); the range [0, num_rows) too when concrete (not traced).
 
   Under jit the range is not checked: see README.md for what each impl does.
   """

@@ -102,7 +102,7 @@ def gather_gate(
   norm_eps: float = 1e-6,
   out_dtype=None,
 ):
-  """Unfused composition: gather_rows then gate_from_rows. -> (u, gates)."""
+  """Unfused composition: gather_rows then gate_from_rows: row_ids [N, H] -> (u [N, G, D], gates [N, G] f32)."""
   rows = gather_rows(table, row_ids)
   return gate_from_rows(
     rows,
