@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv test train experiments lint clean gpu-check gpu-compile
+.PHONY: venv test train experiments lint clean gpu-check gpu-compile docs docs-notebooks
 
 venv:
 	@bash scripts/bootstrap_venv.sh
@@ -21,9 +21,22 @@ experiments: venv
 
 # One formatter (ruff format: 2-space indent, line length 120, pyproject.toml) and the linters.
 lint: venv
-	$(PY) -m ruff format --check engram_jax pallas_kernels experiments tests
-	$(PY) -m ruff check engram_jax pallas_kernels experiments tests
+	$(PY) -m ruff format --check engram_jax pallas_kernels experiments tests docs/conf.py docs/_ext docs/_tools
+	$(PY) -m ruff check engram_jax pallas_kernels experiments tests docs/conf.py docs/_ext docs/_tools
 	$(VENV)/bin/lint-imports
+
+# The documentation site (Sphinx + MyST + myst-nb) into docs/_build/html. Strict: any warning
+# (a broken cross-reference, a public name without a docstring, a dead internal link) fails
+# it. -E: a fresh environment every time, so no warning hides in a cached page. Notebooks are
+# shown with the outputs of their last test run (runs/notebooks/); docs-notebooks reruns them.
+DOCS_FLAGS ?= -b html -n -W --keep-going -E -j 1
+docs: venv
+	JAX_PLATFORMS=cpu $(PY) -m sphinx $(DOCS_FLAGS) -d docs/_build/doctrees docs docs/_build/html
+	@echo "site: docs/_build/html/index.html"
+
+docs-notebooks: venv
+	JAX_PLATFORMS=cpu $(PY) -m pytest -p no:xdist tests/test_notebooks.py
+	$(MAKE) docs
 
 # On a machine with one GPU (< 6 min on an H200). Uses .venv when there is one, else the
 # system python3 (the GPU image as is: no venv is created); override with GPU_PY=...
@@ -42,4 +55,4 @@ gpu-compile: venv
 	    tests/test_gpu_check.py -k "compile_sm90 or parse_ptxas"
 
 clean:
-	rm -rf $(VENV) runs .jax_cache
+	rm -rf $(VENV) runs .jax_cache docs/_build docs/notebooks/*.ipynb

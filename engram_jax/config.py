@@ -91,6 +91,7 @@ class EngramConfig:
 
   @property
   def num_orders(self) -> int:
+    """N-gram orders per layer: 2..N, so N - 1."""
     return self.max_ngram_size - 1
 
   @property
@@ -110,12 +111,15 @@ class EngramConfig:
 
   @property
   def conv_dilation(self) -> int:
+    """Dilation of the short causal conv: N (`max_ngram_size`), as in the reference."""
     return self.max_ngram_size
 
   def replace(self, **changes: Any) -> "EngramConfig":
+    """A copy with `changes` applied, checked like a new config."""
     return dataclasses.replace(self, **changes)
 
   def to_dict(self) -> dict[str, Any]:
+    """The fields as JSON-able data (tuples as lists); `from_dict` inverts it."""
     d = dataclasses.asdict(self)
     d["vocab_sizes"] = list(self.vocab_sizes)
     d["layer_ids"] = list(self.layer_ids)
@@ -123,6 +127,7 @@ class EngramConfig:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "EngramConfig":
+    """A config from `to_dict` output; ValueError naming any unknown field."""
     check_known_fields(cls, d)
     return cls(**d)
 
@@ -177,11 +182,13 @@ def check_float(
 
 
 def check_bool(owner: str, name: str, value: Any) -> None:
+  """ValueError naming `owner.name` unless `value` is a bool (1 and "yes" are refused)."""
   if not isinstance(value, bool):
     raise ValueError(f"{owner}.{name} must be True or False, got {value!r}")
 
 
 def check_choice(owner: str, name: str, value: Any, choices: Sequence[Any]) -> None:
+  """ValueError naming `owner.name`, the value and the allowed `choices` unless it is one of them."""
   if value not in tuple(choices):
     raise ValueError(f"{owner}.{name} must be one of {tuple(choices)}, got {value!r}")
 
@@ -205,4 +212,5 @@ def check_known_fields(cls: type, d: dict[str, Any]) -> None:
 
 
 def as_tuple(x: Sequence[int]) -> tuple[int, ...]:
+  """`x` as a tuple of Python ints (no checks; see `int_tuple` for a checked field)."""
   return tuple(int(v) for v in x)

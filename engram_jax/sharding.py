@@ -29,11 +29,14 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+#: The four mesh axes, in mesh order: data parallel, fully sharded data parallel, tensor
+#: (model) parallel and expert parallel.
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor", "expert")
 
 MeshAxes = str | tuple[str, ...] | None
 
-# logical name -> mesh axis / axes (tried in order) / None (replicated).
+#: The one set of logical-axis rules: logical name -> mesh axis, axes (tried in order) or None
+#: (replicated). Every parameter and activation annotation of the library uses these names.
 LOGICAL_AXIS_RULES: dict[str, MeshAxes] = {
   # activations
   "batch": ("data", "fsdp"),
@@ -253,7 +256,7 @@ def shard_module[A](module: A, mesh: Mesh, rules: Mapping[str, MeshAxes] = LOGIC
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-  """Sharding constraint for an activation, by logical axis names.
+  """Sharding constraint for an activation, by logical axis names (one per dimension of x; same shape out).
 
   A no-op without an active mesh (``jax.set_mesh``) or on a single-device mesh, so layers
   can call it unconditionally.

@@ -27,10 +27,13 @@ import numpy as np
 from pallas_kernels import reference
 from pallas_kernels.sparse_grad import SparseRowGrad, sparse_row_grad
 
+#: The `impl=` values of every op: "xla" (the pure-jnp reference), "pallas" (the kernels) and
+#: "auto" (Pallas on GPU and TPU, XLA elsewhere).
 IMPLS = ("auto", "xla", "pallas")
 
 
 def resolve_impl(impl: str) -> str:
+  """The implementation `impl` selects here: "xla" or "pallas" ("auto" by backend); ValueError otherwise."""
   if impl not in IMPLS:
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
   if impl == "auto":
@@ -59,7 +62,7 @@ def _resolve_interpret(interpret, backend):
 
 
 def check_row_ids(row_ids, num_rows: int, heads: int | None = None) -> None:
-  """Validates dtype and rank; range too when the ids are concrete (not traced).
+  """Validates row_ids [N, H] (dtype, rank, heads); the range [0, num_rows) too when concrete (not traced).
 
   Under jit the range is not checked: see README.md for what each impl does.
   """

@@ -19,7 +19,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+#: Gate kinds of `gather_gate`: "reference" (the demo's sigmoid of the signed square root of
+#: the score) and "paper" (sigmoid of the score).
 GATES = ("reference", "paper")
+#: Floor of `abs(s)` inside the "reference" gate's square root (keeps its gradient finite).
 SIGNED_SQRT_FLOOR = 1e-6
 
 
@@ -48,7 +51,7 @@ def scatter_add_rows(d_rows: jax.Array, row_ids: jax.Array, num_rows: int, dtype
 
 
 def signed_sqrt(s: jax.Array) -> jax.Array:
-  """The reference demo's gate shaping: sign(s) * sqrt(max(|s|, 1e-6))."""
+  """The reference demo's gate shaping: `sign(s) * sqrt(max(abs(s), 1e-6))`, elementwise, any shape."""
   return jnp.sign(s) * jnp.sqrt(jnp.maximum(jnp.abs(s), SIGNED_SQRT_FLOOR))
 
 
@@ -99,7 +102,7 @@ def gather_gate(
   norm_eps: float = 1e-6,
   out_dtype=None,
 ):
-  """Unfused composition: gather_rows then gate_from_rows. -> (u, gates)."""
+  """Unfused composition: gather_rows then gate_from_rows: row_ids [N, H] -> (u [N, G, D], gates [N, G] f32)."""
   rows = gather_rows(table, row_ids)
   return gate_from_rows(
     rows,

@@ -20,6 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.py"))
 CELL_TIMEOUT_S = 600  # a hung cell fails the test; the notebooks aim at < 60 s in all
+# Executed copies (outputs included) for the documentation site: docs/_ext/notebook_sources.py
+# renders them when their cells match the source's. runs/ is git-ignored.
+EXECUTED_DIR = ROOT / "runs" / "notebooks"
 
 jupytext = pytest.importorskip("jupytext", reason="jupytext is not installed (pip install -e .[notebooks])")
 nbclient = pytest.importorskip("nbclient", reason="nbclient is not installed (pip install -e .[notebooks])")
@@ -85,6 +88,20 @@ def _cpu_seconds_cell():
   )
 
 
+def save_executed(nb, target: Path) -> None:
+  """Writes the executed notebook without the two cells this test added (first and last)."""
+  import copy
+
+  import nbformat
+
+  out = copy.deepcopy(nb)
+  out.cells = out.cells[1:-1]
+  target.parent.mkdir(parents=True, exist_ok=True)
+  tmp = target.with_suffix(".ipynb.tmp")
+  nbformat.write(out, tmp)
+  tmp.replace(target)  # atomic: a docs build never reads half a notebook
+
+
 def test_notebooks_exist_as_jupytext_sources_only():
   assert [p.stem for p in NOTEBOOKS] == [
     "01_hashing_and_compression",
@@ -131,6 +148,7 @@ def test_notebook_runs(path: Path, kernel_available):
   assert all(cell.get("execution_count") for cell in code), "a code cell did not run"
   errors = [o for cell in code for o in cell.get("outputs", []) if o.output_type == "error"]
   assert not errors, errors
+  save_executed(nb, EXECUTED_DIR / f"{path.stem}.ipynb")
   # Every notebook shows what it computed (printed figures or plots), not just silence.
   shown = [
     o for cell in code for o in cell.get("outputs", []) if o.output_type in ("stream", "display_data", "execute_result")

@@ -174,16 +174,20 @@ class DataConfig:
 
   @property
   def num_held_out_facts(self) -> int:
+    """Facts generated but never trained on: `held_out_facts`, or `num_facts` when None."""
     return self.num_facts if self.held_out_facts is None else self.held_out_facts
 
   @property
   def eval_rows(self) -> int:
+    """Rows per validation batch: `eval_batch_size`, or `batch_size` when None."""
     return self.eval_batch_size or self.batch_size
 
   def replace(self, **changes: Any) -> DataConfig:
+    """A copy with `changes` applied, checked like a new config."""
     return dataclasses.replace(self, **changes)
 
   def to_dict(self) -> dict[str, Any]:
+    """The fields as JSON-able data (tuples as lists); `from_dict` inverts it."""
     d = dataclasses.asdict(self)
     d["sources"] = list(self.sources)
     d["eval_sources"] = None if self.eval_sources is None else list(self.eval_sources)
@@ -191,5 +195,6 @@ class DataConfig:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> DataConfig:
+    """A config from `to_dict` output; ValueError naming any unknown field."""
     check_known_fields(cls, d)
     return cls(**d)

@@ -13,7 +13,9 @@ import os
 import sysconfig
 from pathlib import Path
 
+#: Name of the training split (`split_of` assigns every document to one split).
 TRAIN = "train"
+#: Name of the validation split.
 VALIDATION = "validation"
 SPLITS = (TRAIN, VALIDATION)
 

@@ -24,6 +24,7 @@ from typing import Any
 import grain
 import numpy as np
 
+#: The keys of every example (and batch) the pipeline yields; shapes in the module docstring.
 EXAMPLE_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions", "target_bytes")
 
 

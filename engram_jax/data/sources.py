@@ -477,9 +477,11 @@ class Corpus:
     return self.sets[self.set_index[index]].read(int(self.doc_index[index]))
 
   def key(self, index: int) -> str:
+    """The stable key (source path or record id) of document `index`: what splits and seeds hash."""
     return self.sets[self.set_index[index]].keys[int(self.doc_index[index])]
 
   def keys(self) -> list[str]:
+    """The keys of all documents, in index order."""
     return [self.key(i) for i in range(len(self))]
 
   def __repr__(self) -> str:

@@ -28,17 +28,19 @@ class TableConfig:
 
   @property
   def rows_per_layer(self) -> int:
+    """Rows of one layer's table: heads * rows_per_head."""
     return self.heads * self.rows_per_head
 
   @property
   def num_params(self) -> int:
+    """Table entries over all layers: layers * rows_per_layer * head_dim."""
     return self.layers * self.rows_per_layer * self.head_dim
 
 
-# ENGRAM_SPEC.md §5: Engram-27B has orders {2, 3} x 8 heads, d_mem 1280 (d_h = 80),
-# 2,262,400 nominal rows per head, Engram at 2 layers: 5.79e9 entries (paper: "5.7B").
-# §7: the 100B-parameter table of the host-offload experiment; its layout is not given,
-# so it uses the 27B layout with more rows per head (100e9 / (2 * 16 * 80)).
+#: The paper's tables. ENGRAM_SPEC.md §5: Engram-27B has orders {2, 3} x 8 heads, d_mem 1280
+#: (d_h = 80), 2,262,400 nominal rows per head, Engram at 2 layers: 5.79e9 entries (paper:
+#: "5.7B"). §7: the 100B-parameter table of the host-offload experiment; its layout is not
+#: given, so it uses the 27B layout with more rows per head (100e9 / (2 * 16 * 80)).
 PAPER_TABLES: tuple[TableConfig, ...] = (
   TableConfig("Engram-27B", layers=2, heads=16, rows_per_head=2_262_400, head_dim=80),
   TableConfig("Engram-100B", layers=2, heads=16, rows_per_head=39_062_500, head_dim=80),

@@ -73,11 +73,15 @@ from jax.sharding import PartitionSpec as P
 from engram_jax.distributed.routing import bucket_by_owner
 
 Method = Literal["all_to_all", "xla"]
+#: Lookup methods of a row-sharded table: "all_to_all" (route each id to the shard that owns
+#: its row and the row back) and "xla" (a plain gather left to XLA's partitioner).
 METHODS: tuple[str, ...] = ("all_to_all", "xla")
-# Chosen with experiments/bench/sharded_lookup.py and the traffic each method implies; see
-# the README's "Distributed memory". The capped buckets fall back to exact ones on overflow,
-# so the default is exact for any ids.
+#: The default method, chosen with experiments/bench/sharded_lookup.py and the traffic each
+#: method implies (see the distributed guide).
 DEFAULT_METHOD: Method = "all_to_all"
+#: Bucket capacity per destination shard, as a multiple of the even share of ids (None: exact
+#: buckets). A batch whose buckets overflow falls back to exact buckets, so the result is exact
+#: for any ids.
 DEFAULT_CAPACITY_FACTOR: float | None = 1.25
 
 LocalGather = Callable[[jax.Array, jax.Array], jax.Array]

@@ -145,6 +145,7 @@ class TokenizerCompressor:
   # -- use --------------------------------------------------------------------------------
   @property
   def vocab_size(self) -> int:
+    """V, the raw tokenizer vocabulary size: ids in [0, V) can be compressed."""
     return int(self.lookup_table.shape[0])
 
   @property

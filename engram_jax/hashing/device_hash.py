@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
-# Row id given to every head whose n-gram reads an out-of-vocabulary id under jit: outside
-# every table, so `Engram.lookup` reads NaN for it instead of an ordinary row.
+#: Row id given to every head whose n-gram reads an out-of-vocabulary id under jit: outside
+#: every table, so `Engram.lookup` reads NaN for it instead of an ordinary row.
 INVALID_ROW = -1
 
 _MASK16 = np.uint32(0xFFFF)

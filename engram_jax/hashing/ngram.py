@@ -24,7 +24,7 @@ _LAYER_SEED_STRIDE = 10007  # the reference's PRIME_1
 
 
 def layer_multipliers(seed: int, layer_id: int, max_ngram_size: int, compressed_vocab_size: int) -> np.ndarray:
-  """Odd multipliers m_0..m_{N-1} of one layer, int64 (reference: default_rng per layer)."""
+  """Odd multipliers m_0..m_{N-1} of one layer, np.int64 [N] (reference: default_rng per layer)."""
   half = max(1, (_INT64_MAX // compressed_vocab_size) // 2)
   rng = np.random.default_rng(int(seed + _LAYER_SEED_STRIDE * int(layer_id)))
   r = rng.integers(low=0, high=half, size=(max_ngram_size,), dtype=np.int64)
@@ -32,7 +32,7 @@ def layer_multipliers(seed: int, layer_id: int, max_ngram_size: int, compressed_
 
 
 def layer_table_sizes(config: EngramConfig) -> dict[int, np.ndarray]:
-  """Distinct primes per head: layers in order, then orders 2..N, then heads."""
+  """Distinct primes per head, {layer_id: np.int64 [(N-1)*K]}: layers in order, then orders 2..N, then heads."""
   taken: set[int] = set()
   sizes: dict[int, np.ndarray] = {}
   for layer_id in config.layer_ids:
@@ -102,10 +102,12 @@ class NgramHasher:
   # -- shapes -----------------------------------------------------------------------------
   @property
   def layer_ids(self) -> tuple[int, ...]:
+    """The Engram layers (block indices) this hasher serves, ascending: `config.layer_ids`."""
     return self.config.layer_ids
 
   @property
   def num_heads(self) -> int:
+    """H = (N-1)*K hash heads per layer: the last axis of `hash` output."""
     return self.config.num_heads
 
   def total_rows(self, layer_id: int) -> int:
@@ -175,7 +177,8 @@ class NgramHasher:
   def hash_jax(self, compressed_ids: Any, segment_ids: Any = None) -> dict[int, Any]:
     """Same as `hash`, on device and jit-able, exact without 64-bit mode: int32 rows.
 
-    See `engram_jax.hashing.device_hash` for the 32-bit limb method.
+    Returns {layer_id: int32 jax.Array [B, T, (N-1)*K]}, equal to `hash`'s rows. See
+    `engram_jax.hashing.device_hash` for the 32-bit limb method.
     """
     from engram_jax.hashing import device_hash  # JAX only where the device path is used
 

@@ -37,6 +37,7 @@ class KVCache:
 
   @property
   def max_len(self) -> int:
+    """S, the slots per sequence (the second axis of `k` and `v`)."""
     return self.k.shape[1]
 
 

@@ -49,9 +49,11 @@ from engram_jax.layers.params import annotated
 GateKind = Literal["reference", "paper", "none"]
 Impl = Literal["xla", "pallas", "auto"]
 ShardedLookup = Literal["all_to_all", "xla"]
+#: The `sharded_lookup=` values of `Engram` (see `engram_jax.distributed.METHODS`).
 SHARDED_LOOKUPS: tuple[str, ...] = ("all_to_all", "xla")
 TableSharding = Literal["tensor", "all"]
-# Logical name of the table's row dimension for each layout (rules in engram_jax.sharding).
+#: Logical name of the table's row dimension for each `table_sharding=` layout (the rules
+#: that map them to mesh axes are in `engram_jax.sharding`).
 TABLE_ROW_AXES: dict[str, str] = {"tensor": "engram_rows", "all": "engram_rows_all"}
 _GATE_FLOOR = 1e-6
 
@@ -213,6 +215,7 @@ class Engram(nnx.Module):
     return (self.config.kernel_size - 1) * self.config.conv_dilation
 
   def init_conv_state(self, batch: int, dtype=None) -> jax.Array:
+    """Zeros for the decoder's conv history: [batch, conv_state_len, G, D] (dtype: the layer's)."""
     return jnp.zeros((batch, self.conv_state_len, self.num_branches, self.hidden_size), dtype or self.dtype)
 
   # -- lookup ------------------------------------------------------------------------------------

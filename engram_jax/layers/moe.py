@@ -39,6 +39,8 @@ from engram_jax.config import check_float
 from engram_jax.layers.ffn import SwiGLU
 from engram_jax.layers.params import annotated
 
+#: `MoEConfig.dispatch` values: "dropless" (sorted grouped matmuls, nothing dropped) and
+#: "capacity" (at most C assignments per expert; see the module docstring).
 DISPATCH_MODES = ("dropless", "capacity")
 
 
@@ -95,7 +97,7 @@ class RouterBias(nnx.Variable):
 
 
 def router_bias_update(bias: jax.Array, load: jax.Array, rate: float) -> jax.Array:
-  """Auxiliary-loss-free update: bias + rate * sign(mean(load) - load).
+  """Auxiliary-loss-free update: bias + rate * sign(mean(load) - load), bias and load [E].
 
   Under-loaded experts get a larger bias (chosen more often). `load` may be
   fractions or counts per expert (only its sign relative to the mean matters).
@@ -109,7 +111,7 @@ def router_bias_update(bias: jax.Array, load: jax.Array, rate: float) -> jax.Arr
 
 
 def update_router_bias(moe: MoE, load: jax.Array, rate: float | None = None) -> None:
-  """In-place `router_bias_update` of moe.router_bias (rate defaults to the config's)."""
+  """In-place `router_bias_update` of moe.router_bias [E] from load [E] (rate defaults to the config's)."""
   rate = moe.config.bias_update_rate if rate is None else rate
   moe.router_bias.set_value(router_bias_update(moe.router_bias.get_value(), load, rate))
 

@@ -51,4 +51,5 @@ class RMSNorm(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    """x [..., dim] (leading axes ending in the scale's `leading` shape) -> the same shape, layer dtype."""
     return rms_norm(x, self.scale[...], self.eps).astype(self.dtype)
