@@ -1,0 +1,93 @@
+"""One process of tests/test_host_shards.py's 2-process run (and the one-process reference).
+
+    python -m tests.host_shards_worker PORT PROCESS_ID OUTDIR
+
+Trains the tiny Engram model (tests/test_offload_model.py's CONFIG, every Engram layer
+host-placed) with `ShardedHostTableTrainer` on its half of every global batch, then writes
+OUTDIR/result.{i}.json (metrics, the rows it holds), its table shards and a collective
+checkpoint of them (OUTDIR/ckpt), which it reloads and compares.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+STEPS, B, T = 4, 4, 16
+
+
+def global_batches(model, steps=STEPS, seed=0):
+  """The same global batches [B, T] on every process: random tokens and hashed ids."""
+  from tests.test_offload_model import CONFIG
+
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(steps):
+    ids = {
+      l: np.stack([rng.integers(0, s, (B, T)) for s in model.blocks[l].engram.table_sizes], -1).astype(np.int32)
+      for l in CONFIG.engram_layer_ids
+    }
+    tokens = rng.integers(0, CONFIG.vocab_size, (B, T + 1)).astype(np.int32)
+    out.append(
+      {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "engram_ids": ids, "loss_mask": np.ones((B, T), np.float32)}
+    )
+  return out
+
+
+def _floats(metrics):
+  return {k: float(np.asarray(v)) for k, v in metrics.items()}
+
+
+def reference_run():
+  """The one-process host run (`HostTableTrainer`, one device) on the global batches."""
+  import jax
+
+  from engram_jax.train.host_trainer import HostTableTrainer
+  from tests.test_offload_model import fresh_model
+  from tests.test_offload_training import RATE, TRAIN
+
+  model = fresh_model()
+  batches = global_batches(model)
+  trainer = HostTableTrainer(model, "host", TRAIN, bias_update_rate=RATE)
+  history = [_floats(jax.device_get(trainer.step(b)[0])) for b in batches]
+  tables = {str(l): t.numpy().copy() for l, t in trainer.offloaded.tables.items()}
+  return {"history": history, "tables": tables, "num_rows": {l: t.shape[0] for l, t in tables.items()}}
+
+
+def main(port: int, process_id: int, outdir: Path) -> None:
+  import jax
+
+  jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2, process_id=process_id)
+  from engram_jax import sharding as sharding_lib
+  from engram_jax.distributed import host_shards
+  from engram_jax.train.sharded_host_trainer import ShardedHostTableTrainer
+  from tests.test_offload_model import fresh_model
+  from tests.test_offload_training import RATE, TRAIN
+
+  mesh = sharding_lib.make_mesh(data=2)
+  model = fresh_model()
+  batches = global_batches(model)
+  trainer = ShardedHostTableTrainer(model, TRAIN, mesh, bias_update_rate=RATE)
+  rows = slice(process_id * B // 2, (process_id + 1) * B // 2)
+  local = [
+    {k: ({l: v[rows] for l, v in x.items()} if k == "engram_ids" else x[rows]) for k, x in b.items()} for b in batches
+  ]
+  history = [_floats(m) for m in trainer.train(local)]
+  shards = {}
+  for l, t in trainer.tables.items():
+    assert t.state.m.shape == t.state.v.shape == t.table.shape and t.state.count.shape == t.table.shape[:1]
+    shards[str(l)] = (t.lo, t.hi, int(t.table.shape[0]), t.plan.num_rows)
+    np.save(outdir / f"table.{l}.p{process_id}.npy", t.table)
+  trainer.save_tables(outdir / "ckpt")
+  back = host_shards.load_shards(outdir / "ckpt", trainer.plans)
+  equal = all(
+    all(np.array_equal(a, b) for a, b in zip((back[l].table, *back[l].state), (t.table, *t.state)))
+    for l, t in trainer.tables.items()
+  )
+  result = {"history": history, "shards": shards, "reloaded_equal": equal, "host_bytes": trainer.host_bytes()}
+  (outdir / f"result.{process_id}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+  main(int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]))
