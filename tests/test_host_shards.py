@@ -174,10 +174,15 @@ def test_two_processes_train_to_the_one_process_host_losses(tmp_path):
       h[f"engram_rows_touched_{l}"] for h in ref["history"]
     ]
   assert ref["history"][-1]["loss"] < ref["history"][0]["loss"]  # it trained
-  # the tables after training: the two halves are the one-process table
+  # The tables after training: the two halves are the one-process table. Adam divides by
+  # sqrt(v): for a row whose gradient is ~0 the summation-order rounding of g changes its
+  # step by up to ~1e-5 (lr 1e-2; measured 1.1e-5 on 3 of 1920 entries); atol 5e-5 = 0.5% of
+  # one step, rtol 2e-5 for all other entries.
   for layer, want in ref["tables"].items():
     got = np.concatenate([np.load(tmp_path / f"table.{layer}.p{i}.npy") for i in range(2)])
-    np.testing.assert_allclose(got, np.asarray(want), rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(got, np.asarray(want), rtol=2e-5, atol=5e-5)
+    close = np.isclose(got, np.asarray(want), rtol=2e-5, atol=2e-6)
+    assert close.mean() > 0.99
   # the collective checkpoint: reloaded by both processes (checked by the workers) and here by
   # one process (resharded)
   assert all(o["reloaded_equal"] for o in out)

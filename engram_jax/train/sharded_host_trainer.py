@@ -60,10 +60,12 @@ def put_global(tree: Any, shardings: Any) -> Any:
   """A tree every process holds in full (same values) -> global arrays on `shardings`."""
 
   def put(x, s):
+    if isinstance(x, optax.MaskedNode):  # an empty optimizer slot (its sharding is unused)
+      return x
     x = np.asarray(jax.device_get(x))
     return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
 
-  return jax.tree.map(put, tree, shardings)
+  return jax.tree.map(put, tree, shardings, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
 
 
 def local_value(x: jax.Array) -> np.ndarray:
