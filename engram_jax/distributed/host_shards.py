@@ -49,6 +49,7 @@ import math
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -58,10 +59,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from engram_jax.distributed.routing import bucket_by_owner
-from engram_jax.offload.indexing import check_int32_rows
-from engram_jax.offload.sparse_adam import SparseRowAdam, SparseRowState
 
 MANIFEST = "manifest.json"
+INT32_MAX = int(np.iinfo(np.int32).max)
 ARRAYS = ("table", "m", "v", "count")
 
 
@@ -95,7 +95,8 @@ class HostShardPlan:
       )
     if self.num_rows < 1:
       raise ValueError(f"HostShardPlan.num_rows must be >= 1, got {self.num_rows}")
-    check_int32_rows(self.num_rows + 1, "a process-sharded host table (device ids are int32)")
+    if self.num_rows > INT32_MAX:  # the padding id R must fit int32 too
+      raise ValueError(f"a process-sharded host table of {self.num_rows} rows: device row ids are int32")
     if self.capacity_factor is not None and not self.capacity_factor > 0:
       raise ValueError(f"capacity_factor must be positive or None, got {self.capacity_factor!r}")
     self.process_range(jax.process_index())  # checks the device order
@@ -144,6 +145,21 @@ class HostShardPlan:
     if self.capacity_factor is None or self.num_devices == 1:
       return per_device
     return max(1, min(per_device, math.ceil(self.capacity_factor * per_device / self.num_devices)))
+
+
+class RowState(NamedTuple):
+  """Row-sparse Adam state of a shard: m, v [rows, d], count int32 [rows] (the layout of
+  `engram_jax.offload.sparse_adam.SparseRowState`, which `SparseRowAdam.apply` updates)."""
+
+  m: np.ndarray
+  v: np.ndarray
+  count: np.ndarray
+
+
+class RowOptimizer(Protocol):
+  """What `apply_update` needs: `engram_jax.offload.sparse_adam.SparseRowAdam`."""
+
+  def apply(self, table, state, unique_rows, summed_grads, count=None, *, lr=None): ...
 
 
 @functools.partial(
@@ -275,11 +291,11 @@ class ShardedHostTable:
 
   Attributes:
     plan: the `HostShardPlan`.
-    lo, hi: the process's rows; `table` [hi - lo, d] NumPy; `state` SparseRowState
+    lo, hi: the process's rows; `table` [hi - lo, d] NumPy; `state` a `RowState`
       (m, v [hi - lo, d], count int32 [hi - lo]).
   """
 
-  def __init__(self, plan: HostShardPlan, table: np.ndarray, state: SparseRowState | None = None):
+  def __init__(self, plan: HostShardPlan, table: np.ndarray, state: RowState | None = None):
     self.plan = plan
     self.lo, self.hi = plan.process_range(jax.process_index())
     if table.ndim != 2 or table.shape[0] != self.hi - self.lo:
@@ -290,7 +306,7 @@ class ShardedHostTable:
     self.table = table
     if state is None:  # zero state, as `SparseRowAdam.init` makes for a NumPy table
       dt = np.float32 if table.dtype.itemsize < 4 else table.dtype
-      state = SparseRowState(np.zeros(table.shape, dt), np.zeros(table.shape, dt), np.zeros(table.shape[0], np.int32))
+      state = RowState(np.zeros(table.shape, dt), np.zeros(table.shape, dt), np.zeros(table.shape[0], np.int32))
     if tuple(state.m.shape) != table.shape or tuple(state.count.shape) != table.shape[:1]:
       raise ValueError(
         f"optimizer state m {state.m.shape} / count {state.count.shape} does not fit the shard {table.shape}"
@@ -342,7 +358,7 @@ class ShardedHostTable:
       start += u.shape[0]
     return np.concatenate(rows), picks
 
-  def apply_update(self, adam: SparseRowAdam, unique: jax.Array, summed: jax.Array, count: jax.Array, lr: float):
+  def apply_update(self, adam: RowOptimizer, unique: jax.Array, summed: jax.Array, count: jax.Array, lr: float):
     """Step 5: `SparseRowAdam` on this process's rows; returns the updated global row ids."""
     rows, picks = self._rows(unique, count)
     grads = np.concatenate([g for _, g in _local_blocks(self.plan, summed)])
@@ -457,7 +473,7 @@ def load_shards(
       arrays = [np.load(sub / _name(w, p, n)) for w in ARRAYS]
     else:
       arrays = _reshard_read(sub, old_n, lo, hi)
-    out[layer] = ShardedHostTable(plan, arrays[0], SparseRowState(*arrays[1:]))
+    out[layer] = ShardedHostTable(plan, arrays[0], RowState(*arrays[1:]))
   return out
 
 
@@ -480,7 +496,9 @@ def _reshard_read(sub: Path, old_n: int, lo: int, hi: int) -> list[np.ndarray]:
 
 __all__ = [
   "HostShardPlan",
+  "RowOptimizer",
   "RowRequests",
+  "RowState",
   "ShardedHostTable",
   "exchange_bytes",
   "global_ids",
