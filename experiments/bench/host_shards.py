@@ -5,8 +5,9 @@ global batches (Zipf row ids, exponent --zipf) are trained
   one  1 process, 1 CPU device: `HostTableTrainer` (the whole tables + Adam m, v in its RAM);
   two  2 processes x 1 CPU device (jax.distributed over localhost, gloo collectives):
        `ShardedHostTableTrainer` (each process holds half of every table and of m, v);
-  two_dp  the same 2 processes with the tables on the devices, replicated, dense Adam (the
-       existing multi-process path): isolates the cost of the 2-process data parallelism itself.
+and, in the same 2 processes after the memory was read, --pairs steps alternating with the
+existing multi-process path (tables on the devices, replicated, dense Adam): a paired
+tokens/s ratio that isolates the cost of the 2-process data parallelism itself.
 Printed per run: tokens/s (global batch tokens / mean step time over the timed steps,
 ± SE), bytes exchanged per step (the all_to_all buffers of ids, rows and row gradients
 one device sends; the part addressed to the other process), each process's host-table
@@ -41,6 +42,9 @@ _SEQ = flags.DEFINE_integer("seq", 64, "Sequence length.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after 2 warm-up steps).")
 _ZIPF = flags.DEFINE_float("zipf", 1.05, "Zipf exponent of the row ids.")
 _CAPACITY = flags.DEFINE_float("capacity_factor", 1.25, "Request bucket capacity factor (0: exact).")
+_PAIRS = flags.DEFINE_integer(
+  "pairs", 10, "Paired steps sharded-host / replicated-device in the 2-process run (0: none)."
+)
 WARMUP = 2
 
 
@@ -95,15 +99,58 @@ def _timed(step, batches) -> list[float]:
   return times
 
 
+def _initialize() -> None:
+  import jax
+
+  jax.distributed.initialize(coordinator_address=f"localhost:{_PORT.value}", num_processes=2, process_id=_PROCESS.value)
+
+
+def _local(batch: dict) -> dict:
+  """This process's half of a global batch."""
+  half = slice(_PROCESS.value * _BATCH.value // 2, (_PROCESS.value + 1) * _BATCH.value // 2)
+  return {k: ({l: v[half] for l, v in x.items()} if k == "engram_ids" else x[half]) for k, x in batch.items()}
+
+
+def _dp_stepper(cfg, rate):
+  """The existing 2-process path: tables on the devices (replicated), dense Adam; a
+  function running one step on this process's half of a global batch."""
+  import jax
+
+  from engram_jax import sharding as sharding_lib
+  from engram_jax.train import multihost
+  from engram_jax.train.optimizer import make_optimizer
+  from engram_jax.train.sharded_host_trainer import put_global
+  from engram_jax.train.state import TrainState, build_model, split_model, tree_shardings
+  from engram_jax.train.steps import batch_shardings, make_train_step
+
+  mesh = sharding_lib.make_mesh(data=2)
+  graphdef, params, rest = split_model(build_model(_config(), 0))
+  tx, lr = make_optimizer(cfg, params)
+  state = TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params, rest=rest, opt_state=tx.init(params))
+  state = [put_global(state, tree_shardings(state, mesh))]
+  del params, rest
+  step_fn = jax.jit(make_train_step(graphdef, tx, lr, bias_update_rate=rate), donate_argnums=(0,))
+
+  def one_step(batch):
+    local = _local(batch)
+    put = multihost.put_process_batch(local, batch_shardings(local, mesh), _BATCH.value)
+    with jax.set_mesh(mesh):
+      state[0], metrics = step_fn(state[0], put)
+    jax.block_until_ready(metrics)
+
+  return one_step
+
+
 def _worker(kind: str) -> None:
   import jax
 
   from engram_jax.train.config import TrainConfig
   from engram_jax.train.state import build_model
 
-  cfg = TrainConfig(total_steps=100, learning_rate=1e-3, warmup_steps=1, progress_bar=False)
+  cfg = TrainConfig(total_steps=1000, learning_rate=1e-3, warmup_steps=1, progress_bar=False)
   rate = _config().moe.bias_update_rate
   n = WARMUP + _STEPS.value
+  paired = {}
   if kind == "one":
     from engram_jax.train.host_trainer import HostTableTrainer
 
@@ -116,48 +163,62 @@ def _worker(kind: str) -> None:
       for t, s in zip(trainer.offloaded.tables.values(), trainer.host_optimizer.states.values())
     )
     times = _timed(lambda b: jax.block_until_ready(trainer.step(b)[0]), batches)
-    per_row = sum(b["engram_ids"][l][..., :].size for b in batches[:1] for l in b["engram_ids"])
+    ids = sum(x.size for x in batches[0]["engram_ids"].values())
     d = next(iter(trainer.offloaded.tables.values())).dim
-    exchanged = {"rows_to_device": per_row * d * 4, "cross_process": 0}
-  else:
-    jax.distributed.initialize(
-      coordinator_address=f"localhost:{_PORT.value}", num_processes=2, process_id=_PROCESS.value
-    )
+    exchanged = {"rows_to_device": ids * d * 4}
+    memory = _memory()
+  elif kind == "two":
+    _initialize()
     from engram_jax import sharding as sharding_lib
     from engram_jax.distributed import host_shards
     from engram_jax.train.sharded_host_trainer import ShardedHostTableTrainer
 
     mesh = sharding_lib.make_mesh(data=2)
     model = build_model(_config(), 0)
-    batches = _batches(model, n)
-    capacity = _CAPACITY.value or None
-    trainer = ShardedHostTableTrainer(model, cfg, mesh, bias_update_rate=rate, capacity_factor=capacity)
+    batches = _batches(model, n + 2 * _PAIRS.value)
+    trainer = ShardedHostTableTrainer(model, cfg, mesh, bias_update_rate=rate, capacity_factor=_CAPACITY.value or None)
     del model
-    half = slice(_PROCESS.value * _BATCH.value // 2, (_PROCESS.value + 1) * _BATCH.value // 2)
-    local = [
-      {k: ({l: v[half] for l, v in x.items()} if k == "engram_ids" else x[half]) for k, x in b.items()} for b in batches
-    ]
     host_bytes = trainer.host_bytes()
-    times = _timed(trainer.step, local)
-    req = trainer.request(local[-1])
+    times = _timed(lambda b: trainer.step(_local(b)), batches[:n])
+    memory = _memory()  # before the baseline below allocates its replicated tables
+    req = trainer.request(_local(batches[0]))
     per = [
       host_shards.exchange_bytes(trainer.plans[l], r, trainer.tables[l].dim, trainer.tables[l].table.itemsize)
       for l, r in req.items()
     ]
     exchanged = {"all_to_all_sent": sum(p["total"] for p in per), "cross_process": sum(p["cross_device"] for p in per)}
     exchanged["capacity"] = {str(l): r.capacity for l, r in req.items()}
+    if _PAIRS.value:  # paired: alternate a sharded-host step and a replicated-device step
+      dp_step = _dp_stepper(cfg, rate)
+      for b in batches[:WARMUP]:
+        dp_step(b)
+      ratios = []
+      for i in range(_PAIRS.value):
+        t0 = time.perf_counter()
+        trainer.step(_local(batches[n + 2 * i]))
+        t1 = time.perf_counter()
+        dp_step(batches[n + 2 * i + 1])
+        ratios.append((time.perf_counter() - t1) / (t1 - t0))  # tokens/s sharded / replicated
+      paired = {"speed_vs_dp_mean": float(np.mean(ratios)), "speed_vs_dp_se": _se(ratios), "pairs": len(ratios)}
+  else:
+    raise ValueError(f"unknown worker kind {kind!r}")
   tokens = _BATCH.value * _SEQ.value
   result = {
     "kind": kind,
     "process": _PROCESS.value,
     "tokens_per_s": tokens / float(np.mean(times)),
     "step_s_mean": float(np.mean(times)),
-    "step_s_se": float(np.std(times, ddof=1) / np.sqrt(len(times))),
+    "step_s_se": _se(times),
     "host_table_bytes": int(host_bytes),
     "exchanged_per_step": exchanged,
-    **_memory(),
+    **paired,
+    **memory,
   }
   print("RESULT " + json.dumps(result), flush=True)
+
+
+def _se(values) -> float:
+  return float(np.std(values, ddof=1) / np.sqrt(len(values)))
 
 
 def _run(kind: str, processes: int) -> list[dict]:
@@ -166,7 +227,7 @@ def _run(kind: str, processes: int) -> list[dict]:
   port = portpicker.pick_unused_port()
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
   flags_ = [f"--vocab={_VOCAB.value}", f"--batch={_BATCH.value}", f"--seq={_SEQ.value}", f"--steps={_STEPS.value}"]
-  flags_ += [f"--zipf={_ZIPF.value}", f"--capacity_factor={_CAPACITY.value}"]
+  flags_ += [f"--zipf={_ZIPF.value}", f"--capacity_factor={_CAPACITY.value}", f"--pairs={_PAIRS.value}"]
   cmd = [sys.executable, "-m", "experiments.bench.host_shards", f"--worker={kind}", f"--port={port}", *flags_]
   procs = [
     subprocess.Popen(cmd + [f"--process_id={i}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -194,7 +255,6 @@ def main(argv) -> None:
     return
   [one] = _run("one", 1)
   two = _run("two", 2)
-  dp = _run("two_dp", 2)
   mib = 2**20
   print(
     f"model: tiny MoE + 2 Engram layers, {_VOCAB.value} nominal rows x 4 heads each, d_head 32, float32; "
@@ -202,7 +262,7 @@ def main(argv) -> None:
   )
   print("| run | process | tokens/s | step ms (mean ± SE) | host tables MiB | VmRSS MiB | VmHWM MiB | sent/step |")
   print("|---|---|---|---|---|---|---|---|")
-  for r in [one, *two, *dp]:
+  for r in [one, *two]:
     ex = r["exchanged_per_step"]
     sent = (
       "dense grads all-reduce only"
@@ -219,10 +279,11 @@ def main(argv) -> None:
       f"{r['VmHWM'] / mib:.0f} | {sent} |"
     )
   print(f"tokens/s ratio two / one: {two[0]['tokens_per_s'] / one['tokens_per_s']:.2f}")
-  print(
-    f"tokens/s ratio two / two_dp (same 2-process data parallelism, tables replicated on the devices): "
-    f"{two[0]['tokens_per_s'] / dp[0]['tokens_per_s']:.2f}"
-  )
+  if "pairs" in two[0]:
+    print(
+      f"tokens/s ratio two / replicated device tables in the same 2 processes (paired, {two[0]['pairs']} pairs): "
+      f"{two[0]['speed_vs_dp_mean']:.2f} ± {two[0]['speed_vs_dp_se']:.2f}"
+    )
   for r in two:
     print(
       f"process {r['process']}: host-table bytes / one-process = {r['host_table_bytes'] / one['host_table_bytes']:.3f}, "
