@@ -5,7 +5,8 @@
 Trains the tiny Engram model (tests/test_offload_model.py's CONFIG, every Engram layer
 host-placed) with `ShardedHostTableTrainer` on its half of every global batch, then writes
 OUTDIR/result.{i}.json (metrics, the rows it holds), its table shards and a collective
-checkpoint of them (OUTDIR/ckpt), which it reloads and compares.
+checkpoint after step 2 (OUTDIR/ckpt: dense state + table shards), from which a new
+trainer resumes and must repeat steps 3-4 exactly.
 """
 
 import json
@@ -60,7 +61,6 @@ def main(port: int, process_id: int, outdir: Path) -> None:
 
   jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2, process_id=process_id)
   from engram_jax import sharding as sharding_lib
-  from engram_jax.distributed import host_shards
   from engram_jax.train.sharded_host_trainer import ShardedHostTableTrainer
   from tests.test_offload_model import fresh_model
   from tests.test_offload_training import RATE, TRAIN
@@ -73,19 +73,24 @@ def main(port: int, process_id: int, outdir: Path) -> None:
   local = [
     {k: ({l: v[rows] for l, v in x.items()} if k == "engram_ids" else x[rows]) for k, x in b.items()} for b in batches
   ]
-  history = [_floats(m) for m in trainer.train(local)]
+  half = STEPS // 2
+  history = [_floats(m) for m in trainer.train(local[:half])]
+  trainer.save(outdir / "ckpt")  # a collective checkpoint after step 2, then steps 3-4
+  history += [_floats(m) for m in trainer.train(local[half:])]
   shards = {}
   for l, t in trainer.tables.items():
     assert t.state.m.shape == t.state.v.shape == t.table.shape and t.state.count.shape == t.table.shape[:1]
     shards[str(l)] = (t.lo, t.hi, int(t.table.shape[0]), t.plan.num_rows)
     np.save(outdir / f"table.{l}.p{process_id}.npy", t.table)
-  trainer.save_tables(outdir / "ckpt")
-  back = host_shards.load_shards(outdir / "ckpt", trainer.plans)
-  equal = all(
-    all(np.array_equal(a, b) for a, b in zip((back[l].table, *back[l].state), (t.table, *t.state)))
+  # resume: a new trainer restored from the checkpoint repeats steps 3-4 exactly
+  resumed = ShardedHostTableTrainer(fresh_model(), TRAIN, mesh, bias_update_rate=RATE)
+  resumed.restore(outdir / "ckpt")
+  again = [_floats(m) for m in resumed.train(local[half:])]
+  equal = again == history[half:] and all(
+    all(np.array_equal(a, b) for a, b in zip((resumed.tables[l].table, *resumed.tables[l].state), (t.table, *t.state)))
     for l, t in trainer.tables.items()
   )
-  result = {"history": history, "shards": shards, "reloaded_equal": equal, "host_bytes": trainer.host_bytes()}
+  result = {"history": history, "shards": shards, "resumed_equal": equal, "host_bytes": trainer.host_bytes()}
   (outdir / f"result.{process_id}.json").write_text(json.dumps(result))
 
 

@@ -32,17 +32,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from engram_jax.distributed import host_shards
 from engram_jax.distributed.host_shards import HostShardPlan, RowRequests, ShardedHostTable
+from engram_jax.models import engram_table_filter
 from engram_jax.models.offloaded import split_tables
 from engram_jax.models.transformer import Transformer, updated_router_biases
 from engram_jax.offload.sparse_adam import SparseRowAdam
@@ -50,7 +53,7 @@ from engram_jax.train import multihost
 from engram_jax.train.config import TrainConfig
 from engram_jax.train.host_trainer import dense_optimizer, split_params
 from engram_jax.train.loss import masked_lm_loss
-from engram_jax.train.state import TrainState, tree_shardings
+from engram_jax.train.state import TrainState, abstract_like, tree_shardings
 from engram_jax.train.steps import batch_shardings, clip_with_row_grads
 
 Batch = dict[str, Any]
@@ -233,10 +236,30 @@ class ShardedHostTableTrainer:
     """Host bytes of this process's table shards and their optimizer state."""
     return sum(t.nbytes() for t in self.tables.values())
 
-  def save_tables(self, directory: str | os.PathLike) -> None:
-    """Collective checkpoint of every process's table shards (see `host_shards.save_shards`)."""
-    host_shards.save_shards(directory, self.tables, step=int(local_value(self.state.step)))
+  def save(self, directory: str | os.PathLike) -> Path:
+    """Collective checkpoint (every process calls it): directory/state, the dense state
+    (orbax, each process writes its shards), and directory/host_tables, every process's
+    table shards with their Adam state (`host_shards.save_shards`)."""
+    root = Path(directory).absolute()
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(root / "state", self._savable_state())
+    checkpointer.wait_until_finished()
+    host_shards.save_shards(root / "host_tables", self.tables, step=int(local_value(self.state.step)))
+    return root
 
-  def load_tables(self, directory: str | os.PathLike) -> None:
-    """Restores the table shards (resharding when saved by another process count)."""
-    self.tables = host_shards.load_shards(directory, self.plans)
+  def _savable_state(self) -> TrainState:
+    # orbax cannot write the size-0 table placeholders; they carry nothing
+    _, rest = nnx.split_state(self.state.rest, engram_table_filter(self.host_layers), ...)
+    return self.state.replace(rest=rest)
+
+  def restore(self, directory: str | os.PathLike) -> None:
+    """Restores what `save` wrote; the table shards reshard when saved by another process
+    count (the dense state is orbax's, restored onto this trainer's mesh)."""
+    root = Path(directory).absolute()
+    step = host_shards.read_manifest(root / "host_tables")["step"]
+    restored = ocp.StandardCheckpointer().restore(root / "state", abstract_like(self._savable_state()))
+    placeholders, _ = nnx.split_state(self.state.rest, engram_table_filter(self.host_layers), ...)
+    self.state = restored.replace(rest=nnx.merge_state(restored.rest, placeholders))
+    if int(local_value(self.state.step)) != step:
+      raise ValueError(f"{root}: dense state at step {int(local_value(self.state.step))}, host tables at step {step}")
+    self.tables = host_shards.load_shards(root / "host_tables", self.plans)
