@@ -222,19 +222,41 @@ def global_ids(plan: HostShardPlan, local_flat_ids: np.ndarray) -> jax.Array:
   return jax.make_array_from_process_local_data(plan.sharding, ids.astype(np.int32), shape)
 
 
+@dataclasses.dataclass
+class PendingRoute:
+  """A dispatched `route_requests` whose overflow flag is not read yet (`resolve` reads it)."""
+
+  plan: HostShardPlan
+  ids: jax.Array
+  capacity: int
+  outputs: tuple[jax.Array, jax.Array, jax.Array]
+
+  def resolve(self) -> RowRequests:
+    """The routed requests; routes again with exact buckets (C = m) if any bucket of any
+    device overflowed (a collective then: every process resolves in the same order)."""
+    per_device = math.prod(self.ids.shape) // self.plan.num_devices
+    slot, requests, overflow = self.outputs
+    capacity = self.capacity
+    if capacity < per_device and int(np.asarray(overflow.addressable_data(0))):
+      capacity = per_device
+      slot, requests, _ = _route_fn(self.plan, capacity)(self.ids)
+    return RowRequests(slot, requests, capacity, tuple(self.ids.shape))
+
+
+def dispatch_route(plan: HostShardPlan, local_flat_ids: np.ndarray) -> PendingRoute:
+  """Step 1 without waiting: dispatches the routing of this process's flat ids [b_p, T, H]
+  (a collective: every process calls it) with capped buckets (`plan.capacity`)."""
+  ids = global_ids(plan, local_flat_ids)
+  capacity = plan.capacity(math.prod(ids.shape) // plan.num_devices)
+  return PendingRoute(plan, ids, capacity, _route_fn(plan, capacity)(ids))
+
+
 def route_requests(plan: HostShardPlan, local_flat_ids: np.ndarray) -> RowRequests:
   """Step 1: routes this process's flat ids [b_p, T, H] (a collective: every process calls it).
 
   Uses capped buckets (`plan.capacity`) and routes again with exact ones when any bucket of
   any device overflowed, so the result is exact for any ids."""
-  ids = global_ids(plan, local_flat_ids)
-  per_device = math.prod(ids.shape) // plan.num_devices
-  capacity = plan.capacity(per_device)
-  slot, requests, overflow = _route_fn(plan, capacity)(ids)
-  if capacity < per_device and int(np.asarray(overflow.addressable_data(0))):
-    capacity = per_device
-    slot, requests, _ = _route_fn(plan, capacity)(ids)
-  return RowRequests(slot, requests, capacity, tuple(ids.shape))
+  return dispatch_route(plan, local_flat_ids).resolve()
 
 
 # -- 3. / 4. inside the step (traceable) --------------------------------------------------------
@@ -496,12 +518,14 @@ def _reshard_read(sub: Path, old_n: int, lo: int, hi: int) -> list[np.ndarray]:
 
 __all__ = [
   "HostShardPlan",
+  "PendingRoute",
   "RowOptimizer",
   "RowRequests",
   "RowState",
   "ShardedHostTable",
   "exchange_bytes",
   "global_ids",
+  "dispatch_route",
   "load_shards",
   "read_manifest",
   "receive_rows",

@@ -8,8 +8,9 @@ global mesh and feeds its rows of the global batch (`DataConfig.batch_size` per 
 Each host-placed table lives as a `ShardedHostTable`: process p keeps rows [lo_p, hi_p)
 and their row-sparse Adam state only (`engram_jax.distributed.host_shards` gives the
 protocol). Per step t:
-  - (one step ahead) the ids of step t+1 are routed to their owners (`route_requests`)
-    while step t's program runs: they come from the data pipeline, not from the step;
+  - (one step ahead) the ids of step t+1 are routed to their owners (`dispatch_route`,
+    dispatched before step t, resolved after its update): they come from the data
+    pipeline, not from the step;
   - after step t's host update, each process gathers the rows of step t+1 asked of it
     (`serve`: rows read after the update, so never stale);
   - the jitted step moves the rows to their users (`receive_rows`), computes loss and
@@ -150,25 +151,32 @@ class ShardedHostTableTrainer:
     return {k: local_value(v) for k, v in metrics.items()}
 
   def train(self, batches: Iterable[Batch]) -> list[dict]:
-    """Steps over this process's batches; the ids of step t+1 are routed during step t."""
+    """Steps over this process's batches, one step ahead: the routing of step t+1's ids is
+    dispatched before step t (the device runs it first, without a host sync) and resolved
+    after step t's table update; the rows of t+1 are then read from the updated shards."""
     it = iter(batches)
     batch = next(it, None)
     requests = None if batch is None else self.request(batch)
     history = []
     while batch is not None:
       answers = {l: self.tables[l].serve(r) for l, r in requests.items()}
+      following = next(it, None)
+      pending = None if following is None else self._dispatch(following)
       step = int(local_value(self.state.step))
       self.state, metrics, sparse = self._compiled(requests)(
         self.state, self._device_batch(batch), answers, dict(requests)
       )
-      batch = next(it, None)
-      if batch is not None:  # dispatched while the step runs: ids do not depend on it
-        requests = self.request(batch)
       lr = self.lr(step)
       for l, (unique, summed, count) in sparse.items():
         self.tables[l].apply_update(self.adam, unique, summed, count, lr)
       history.append({k: local_value(v) for k, v in metrics.items()})
+      batch = following
+      if pending is not None:
+        requests = {l: p.resolve() for l, p in pending.items()}
     return history
+
+  def _dispatch(self, batch: Batch) -> dict[int, host_shards.PendingRoute]:
+    return {l: host_shards.dispatch_route(self.plans[l], ids) for l, ids in self.flat_ids(batch).items()}
 
   def _device_batch(self, batch: Batch) -> Batch:
     device = {k: v for k, v in batch.items() if k != "engram_ids"}
