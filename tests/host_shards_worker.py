@@ -62,13 +62,15 @@ def main(port: int, process_id: int, outdir: Path) -> None:
   jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2, process_id=process_id)
   from engram_jax import sharding as sharding_lib
   from engram_jax.train.sharded_host_trainer import ShardedHostTableTrainer
-  from tests.test_offload_model import fresh_model
+  from engram_jax.train.state import build_model
+  from tests.test_offload_model import CONFIG, fresh_model
   from tests.test_offload_training import RATE, TRAIN
 
   mesh = sharding_lib.make_mesh(data=2)
   model = fresh_model()
   batches = global_batches(model)
-  trainer = ShardedHostTableTrainer(model, TRAIN, mesh, bias_update_rate=RATE)
+  # from a build function: each device initialises its rows of the tables (never whole)
+  trainer = ShardedHostTableTrainer(lambda: build_model(CONFIG, 0), TRAIN, mesh, bias_update_rate=RATE)
   rows = slice(process_id * B // 2, (process_id + 1) * B // 2)
   local = [
     {k: ({l: v[rows] for l, v in x.items()} if k == "engram_ids" else x[rows]) for k, x in b.items()} for b in batches
@@ -82,7 +84,8 @@ def main(port: int, process_id: int, outdir: Path) -> None:
     assert t.state.m.shape == t.state.v.shape == t.table.shape and t.state.count.shape == t.table.shape[:1]
     shards[str(l)] = (t.lo, t.hi, int(t.table.shape[0]), t.plan.num_rows)
     np.save(outdir / f"table.{l}.p{process_id}.npy", t.table)
-  # resume: a new trainer restored from the checkpoint repeats steps 3-4 exactly
+  # resume: a new trainer (from a built model this time) restored from the checkpoint
+  # repeats steps 3-4 exactly
   resumed = ShardedHostTableTrainer(fresh_model(), TRAIN, mesh, bias_update_rate=RATE)
   resumed.restore(outdir / "ckpt")
   again = [_floats(m) for m in resumed.train(local[half:])]

@@ -193,3 +193,26 @@ def test_two_processes_train_to_the_one_process_host_losses(tmp_path):
     assert (table.lo, table.hi) == (0, ref["num_rows"][str(layer)])
     assert table.state.count.max() == worker.STEPS // 2  # Adam counts of the first 2 steps
     assert ((table.state.count > 0) == (np.abs(table.state.m).sum(1) > 0)).all()
+
+
+def test_tables_initialised_shard_by_shard_equal_the_whole_tables():
+  from engram_jax.models import engram_table
+  from engram_jax.train.sharded_host_trainer import ShardedHostTableTrainer
+  from engram_jax.train.state import build_model
+  from tests.test_offload_model import CONFIG, fresh_model
+  from tests.test_offload_training import TRAIN
+
+  trainer = ShardedHostTableTrainer(lambda: build_model(CONFIG, 0), TRAIN, _mesh(4))
+  whole = fresh_model()
+  rows = []
+  for l in CONFIG.engram_layer_ids:
+    want = np.asarray(engram_table(whole, l).get_value())
+    rows.append(want.shape[0])
+    np.testing.assert_array_equal(trainer.tables[l].table, want)  # 4 device blocks, joined
+  assert any(r % 4 for r in rows)  # an uneven split is among them
+  dense = jax.tree.map(np.asarray, trainer.state.params)
+  from engram_jax.models.offloaded import split_tables
+  from engram_jax.train.host_trainer import split_params
+
+  _, want_params, _ = split_params(split_tables(fresh_model(), "host")[0], CONFIG.engram_layer_ids)
+  jax.tree.map(np.testing.assert_array_equal, dense, jax.tree.map(np.asarray, want_params))

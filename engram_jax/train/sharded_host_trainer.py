@@ -24,15 +24,15 @@ summation order (tested with 2 processes in tests/test_host_shards.py).
 
 Limits: every Engram layer must be host-placed here ("host"; "cached" and mixed
 placements are the one-process `HostTableTrainer`'s); the mesh may split the batch only
-(data / fsdp); each process initialises the whole table and keeps its rows (the
-initialiser is not sharded); evaluation and the `Trainer`/`experiments.train` integration
-are not wired to it yet.
+(data / fsdp); evaluation and the `Trainer`/`experiments.train` integration are not wired
+to it yet. Built from a `build` callable the tables are initialised shard by shard (each
+device its rows); given a built model, each process copies its rows out of the whole table.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +46,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from engram_jax.distributed import host_shards
 from engram_jax.distributed.host_shards import HostShardPlan, RowRequests, ShardedHostTable
-from engram_jax.models import engram_table_filter
-from engram_jax.models.offloaded import split_tables
+from engram_jax.models import engram_table, engram_table_filter
+from engram_jax.models.host_init import compile_device_init, host_table_init
+from engram_jax.models.offloaded import resolve_placements, split_tables
 from engram_jax.models.transformer import Transformer, updated_router_biases
 from engram_jax.offload.sparse_adam import SparseRowAdam
 from engram_jax.train import multihost
@@ -82,7 +83,9 @@ class ShardedHostTableTrainer:
 
   Args:
     model: a `Transformer` with Engram layers, identical on every process (same seed); its
-      tables are split off in place (`split_tables`) and each process keeps its rows.
+      tables are split off in place (`split_tables`) and each process keeps its rows. Or
+      `build` () -> Transformer (e.g. `lambda: build_model(config, seed)`): the tables are
+      then never whole anywhere, each device initialises its rows (see `_build_sharded`).
     cfg: the run's TrainConfig.
     mesh: the global mesh, devices ordered by process, only batch axes (data, fsdp) > 1.
     bias_update_rate: MoE router bias step.
@@ -91,7 +94,7 @@ class ShardedHostTableTrainer:
 
   def __init__(
     self,
-    model: Transformer,
+    model: Transformer | Callable[[], Transformer],
     cfg: TrainConfig,
     mesh: Mesh,
     *,
@@ -100,12 +103,17 @@ class ShardedHostTableTrainer:
   ):
     self.mesh = mesh
     axes = multihost.batch_axes(mesh) or ("data",)
-    model, offloaded = split_tables(model, "host")
-    self.host_layers = offloaded.host_layers
-    self.offsets = dict(offloaded.offsets)
-    self.plans = {l: HostShardPlan(mesh, axes, offloaded.num_rows(l), capacity_factor) for l in self.host_layers}
-    self.tables = {l: ShardedHostTable.from_full(self.plans[l], offloaded.tables[l].numpy()) for l in self.host_layers}
-    del offloaded  # the full tables go with it: each process keeps its rows only
+    if isinstance(model, Transformer):
+      model, offloaded = split_tables(model, "host")
+      self.host_layers = offloaded.host_layers
+      self.offsets = dict(offloaded.offsets)
+      self.plans = {l: HostShardPlan(mesh, axes, offloaded.num_rows(l), capacity_factor) for l in self.host_layers}
+      self.tables = {
+        l: ShardedHostTable.from_full(self.plans[l], offloaded.tables[l].numpy()) for l in self.host_layers
+      }
+      del offloaded  # the full tables go with it: each process keeps its rows only
+    else:
+      model = self._build_sharded(model, axes, capacity_factor)
     self.graphdef, params, rest = split_params(model, self.host_layers)
     self.tx, self.lr_schedule = dense_optimizer(cfg, params)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=self.tx.init(params))
@@ -119,6 +127,31 @@ class ShardedHostTableTrainer:
     self.bias_update_rate = bias_update_rate
     self.grad_clip_norm = cfg.grad_clip_norm
     self._steps = {}  # (shapes) -> jitted step
+
+  def _build_sharded(self, build: Callable[[], Transformer], axes: tuple[str, ...], capacity_factor) -> Transformer:
+    """The model from `build` without its tables (`device_state_init`), and each table's
+    rows [lo, hi) initialised by a program partitioned over the mesh: every device computes
+    its block only (threefry is partitionable, so the values equal `build()`'s; tested),
+    which this process copies to its host shard."""
+    abstract = nnx.eval_shape(build)
+    placements = resolve_placements(abstract, "host")
+    self.host_layers = tuple(sorted(l for l, p in placements.items() if p.on_host))
+    self.offsets = {l: np.asarray(abstract.blocks[l].engram.offsets, np.int64) for l in self.host_layers}
+    device = jax.local_devices()[0]
+    model = nnx.merge(nnx.graphdef(abstract), compile_device_init(build, self.host_layers, device)())
+    self.plans, self.tables = {}, {}
+    for l in self.host_layers:
+      shape = engram_table(abstract, l).get_value().shape
+      plan = self.plans[l] = HostShardPlan(self.mesh, axes, shape[0], capacity_factor)
+      rows = NamedSharding(self.mesh, PartitionSpec(plan.spec[0], None))
+      init, extra = host_table_init(build, l), plan.num_devices * plan.rows_per_device - shape[0]
+      value = jax.jit(lambda: jnp.pad(init(), ((0, extra), (0, 0))), out_shardings=rows)()  # even blocks
+      pos = plan.device_positions()
+      blocks = sorted((pos[s.device], np.asarray(s.data)) for s in value.addressable_shards)
+      lo, hi = plan.process_range(jax.process_index())
+      self.tables[l] = ShardedHostTable(plan, np.concatenate([b for _, b in blocks])[: hi - lo].copy())
+      value.delete()
+    return model
 
   # -- the host side of a step ------------------------------------------------------------------
   def flat_ids(self, batch: Batch) -> dict[int, np.ndarray]:
