@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 from absl import app, flags
+from flax import nnx
 
 _WORKER = flags.DEFINE_string("worker", "", "Internal: 'one' or 'two' (run one process of the benchmark).")
 _PORT = flags.DEFINE_integer("port", 0, "Internal: coordinator port.")
@@ -152,12 +153,14 @@ def _worker(kind: str) -> None:
   n = WARMUP + _STEPS.value
   paired = {}
   if kind == "one":
+    from engram_jax.models.host_init import build_offloaded
     from engram_jax.train.host_trainer import HostTableTrainer
 
-    model = build_model(_config(), 0)
+    # the tables initialised in host memory (never on the device), as the sharded run
+    model, offloaded = build_offloaded(lambda: build_model(_config(), 0), "host")
     batches = _batches(model, n)
-    trainer = HostTableTrainer(model, "host", cfg, bias_update_rate=rate)
-    del model
+    trainer = HostTableTrainer(model, offloaded, cfg, bias_update_rate=rate)
+    del model, offloaded
     host_bytes = sum(
       t.numpy().nbytes + s.m.nbytes + s.v.nbytes + s.count.nbytes
       for t, s in zip(trainer.offloaded.tables.values(), trainer.host_optimizer.states.values())
@@ -174,10 +177,10 @@ def _worker(kind: str) -> None:
     from engram_jax.train.sharded_host_trainer import ShardedHostTableTrainer
 
     mesh = sharding_lib.make_mesh(data=2)
-    model = build_model(_config(), 0)
-    batches = _batches(model, n + 2 * _PAIRS.value)
-    trainer = ShardedHostTableTrainer(model, cfg, mesh, bias_update_rate=rate, capacity_factor=_CAPACITY.value or None)
-    del model
+    build = lambda: build_model(_config(), 0)  # noqa: E731
+    batches = _batches(nnx.eval_shape(build), n + 2 * _PAIRS.value)
+    # each device initialises its rows of the tables: they are never whole in a process
+    trainer = ShardedHostTableTrainer(build, cfg, mesh, bias_update_rate=rate, capacity_factor=_CAPACITY.value or None)
     host_bytes = trainer.host_bytes()
     times = _timed(lambda b: trainer.step(_local(b)), batches[:n])
     memory = _memory()  # before the baseline below allocates its replicated tables
