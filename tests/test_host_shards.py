@@ -193,6 +193,17 @@ def test_two_processes_train_to_the_one_process_host_losses(tmp_path):
     assert (table.lo, table.hi) == (0, ref["num_rows"][str(layer)])
     assert table.state.count.max() == worker.STEPS // 2  # Adam counts of the first 2 steps
     assert ((table.state.count > 0) == (np.abs(table.state.m).sum(1) > 0)).all()
+  # ... and a 1-process trainer (one device) resumes from it: steps 3-4 as the 2 processes ran them
+  from engram_jax.train.sharded_host_trainer import ShardedHostTableTrainer
+  from tests.test_offload_model import fresh_model
+  from tests.test_offload_training import RATE, TRAIN
+
+  one = ShardedHostTableTrainer(fresh_model(), TRAIN, _mesh(1), bias_update_rate=RATE)
+  one.restore(tmp_path / "ckpt")
+  half = worker.STEPS // 2
+  again = one.train(worker.global_batches(fresh_model())[half:])
+  for key in ("loss", "grad_norm"):
+    np.testing.assert_allclose([float(h[key]) for h in again], [h[key] for h in out[0]["history"][half:]], rtol=2e-5)
 
 
 def test_tables_initialised_shard_by_shard_equal_the_whole_tables():
