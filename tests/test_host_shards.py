@@ -227,3 +227,20 @@ def test_tables_initialised_shard_by_shard_equal_the_whole_tables():
 
   _, want_params, _ = split_params(split_tables(fresh_model(), "host")[0], CONFIG.engram_layer_ids)
   jax.tree.map(np.testing.assert_array_equal, dense, jax.tree.map(np.asarray, want_params))
+
+
+def test_a_repeated_row_travels_once_per_device():
+  full = np.arange(R * D_ROW, dtype=np.float32).reshape(R, D_ROW)
+  plan = HostShardPlan(_mesh(), ("data",), R, capacity_factor=0.3)
+  table = ShardedHostTable.from_full(plan, full)
+  ids = np.full((4, 5, H), 12)  # row 12 (device 1's) 10 times on every device
+  req = host_shards.route_requests(plan, ids)
+  assert req.capacity == 1  # 1 slot per owner suffices: no fallback to exact buckets
+  requests = np.asarray(req.requests).reshape(4, 4, 1)  # [owner, sender, slot]
+  assert (requests[1] == 2).all() and (np.delete(requests, 1, 0) == -1).all()  # local row 2 of device 1
+  rows = jax.jit(lambda a, r: host_shards.receive_rows(plan, a, r))(table.serve(req), req)
+  np.testing.assert_array_equal(np.asarray(rows), np.broadcast_to(np.tile(full[12], H), (4, 5, H * D_ROW)))
+  g = np.ones((4, 5, H * D_ROW), np.float32)
+  unique, summed, count = jax.jit(lambda g, r: host_shards.return_grads(plan, g, r))(g, req)
+  assert np.asarray(count).tolist() == [0, 1, 0, 0]
+  np.testing.assert_array_equal(np.asarray(summed).reshape(4, 4, D_ROW)[1, 0], [40.0] * D_ROW)  # 4 devices x 10

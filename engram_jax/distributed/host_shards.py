@@ -13,24 +13,28 @@ other mesh axis of size 1); device i (in shard order) owns the rows
 must be consecutive in shard order (order the mesh's devices by process), so its rows are
 one range [lo, hi). Device i's ids [m] (its b rows of the batch [B, T, H], m = b*T*H):
 
-  1. `route_requests` (device, jit; one step ahead): bucket the m ids by owner device into
-     D buckets of C slots (`bucket_by_owner`), all_to_all them: each device receives
-     requests [D*C] (local rows of its own range, -1 = empty slot) and keeps slot [m]
-     (where each of its ids went). A flag says whether a bucket overflowed (then the
-     caller routes again with exact buckets, C = m: results never depend on C).
+  1. `route_requests` (device, jit; one step ahead): de-duplicate the m ids, bucket the
+     distinct ones by owner device into D buckets of C slots (`bucket_by_owner`),
+     all_to_all them: each device receives requests [D*C] (local rows of its own range,
+     -1 = empty slot) and keeps slot [m] (where each of its ids went; repeats share a
+     slot). A flag says whether a bucket overflowed (then the caller routes again with
+     exact buckets, C = m: results never depend on C).
   2. `ShardedHostTable.serve` (host): each process reads its devices' requests and gathers
      the rows from its NumPy shard: answers [D*C, d] per device.
   3. `receive_rows` (traceable, in the step): all_to_all the answers back; each device
      takes its rows by slot -> rows [B, T, H*d] sharded over the batch like the ids.
-  4. `return_grads` (traceable, in the step): the rows' gradients [B, T, H*d] go back over
-     the reverse all_to_all (same slots); each owner sums the gradients of repeated rows
+  4. `return_grads` (traceable, in the step): the rows' gradients [B, T, H*d], summed over
+     a device's repeats of an id, go back over the reverse all_to_all (same slots); each
+     owner sums the gradients of a row requested by several devices
      -> (unique local rows [D*C] padded with Rs, summed [D*C, d], count [1]) per device.
   5. `ShardedHostTable.apply_update` (host): each process applies `SparseRowAdam` to its
      rows with its devices' sums.
 
 Traffic per step and device: C*D ids (int32) out, C*D rows in, C*D row gradients out, of
 which the (D-1)/D not addressed to the device itself cross devices (`exchange_bytes`).
-Each occurrence of a row travels (no de-duplication before sending).
+A row travels once per device that needs it, whatever its repeats; with the repeats of
+Zipf-distributed n-grams a `capacity_factor` below 1 then usually fits (an overflowing step
+falls back to exact buckets), which is what bounds the bytes.
 
 Checkpoints (`save_shards` / `load_shards`): every process writes its own shard files
 (one .npy per array: table, m, v, count) and process 0 a manifest once all have written;
@@ -191,13 +195,15 @@ def _route_fn(plan: HostShardPlan, capacity: int):
 
   def body(ids):
     flat = ids.reshape(-1)
-    valid = (flat >= 0) & (flat < plan.num_rows)
+    # each distinct id is requested once per device; its repeats share its slot
+    unique, inverse = jnp.unique(flat, size=flat.shape[0], fill_value=plan.num_rows, return_inverse=True)
+    valid = (unique >= 0) & (unique < plan.num_rows)
     buckets = bucket_by_owner(
-      flat, valid, rows_per_shard=plan.rows_per_device, num_shards=plan.num_devices, capacity=capacity
+      unique, valid, rows_per_shard=plan.rows_per_device, num_shards=plan.num_devices, capacity=capacity
     )
     requests = lax.all_to_all(buckets.send_ids, axes, 0, 0, tiled=True)
     overflow = lax.pmax(buckets.overflow(capacity).astype(jnp.int32), axes)
-    return buckets.slot, requests, overflow
+    return buckets.slot[inverse.reshape(-1)], requests, overflow
 
   return jax.jit(
     jax.shard_map(body, mesh=plan.mesh, in_specs=(plan.spec,), out_specs=(plan.spec, plan.spec, P()), check_vma=True)
@@ -287,7 +293,8 @@ def return_grads(plan: HostShardPlan, row_grads: jax.Array, req: RowRequests) ->
   def body(g_block, slot_block, requests_block):
     d = g_block.shape[-1] // h
     g = g_block.reshape(-1, d)
-    send = jnp.zeros((requests_block.shape[0], d), g.dtype).at[slot_block].set(g, mode="drop")
+    # repeats of an id share its slot: their gradients are summed before they travel
+    send = jnp.zeros((requests_block.shape[0], d), g.dtype).at[slot_block].add(g, mode="drop")
     received = lax.all_to_all(send, plan.axes, 0, 0, tiled=True)  # [D*C, d], aligned with requests
     target = jnp.where(requests_block >= 0, requests_block, rs)
     unique, inverse = jnp.unique(target, size=target.shape[0], fill_value=rs, return_inverse=True)
