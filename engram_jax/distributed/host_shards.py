@@ -124,6 +124,10 @@ class HostShardPlan:
 
   def device_positions(self) -> dict[jax.Device, int]:
     """{device: its shard position in [0, D)}."""
+    return dict(self._positions)
+
+  @functools.cached_property
+  def _positions(self) -> dict[jax.Device, int]:
     index_map = self.sharding.devices_indices_map((self.num_devices,))
     return {d: idx[0].start or 0 for d, idx in index_map.items()}
 
