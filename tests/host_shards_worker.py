@@ -43,8 +43,11 @@ def _floats(metrics):
 def reference_run():
   """The one-process host run (`HostTableTrainer`, one device) on the global batches."""
   import jax
+  from flax import nnx
 
+  from engram_jax.models.offloaded import forward_with_host_tables
   from engram_jax.train.host_trainer import HostTableTrainer
+  from engram_jax.train.loss import masked_lm_loss, summarize_eval
   from tests.test_offload_model import fresh_model
   from tests.test_offload_training import RATE, TRAIN
 
@@ -53,7 +56,14 @@ def reference_run():
   trainer = HostTableTrainer(model, "host", TRAIN, bias_update_rate=RATE)
   history = [_floats(jax.device_get(trainer.step(b)[0])) for b in batches]
   tables = {str(l): t.numpy().copy() for l, t in trainer.offloaded.tables.items()}
-  return {"history": history, "tables": tables, "num_rows": {l: t.shape[0] for l, t in tables.items()}}
+  # validation loss of the trained model on the first 2 global batches
+  trained = nnx.merge(trainer.graphdef, trainer.state.params, trainer.state.rest)
+  sums = [
+    masked_lm_loss(forward_with_host_tables(trained, b, trainer.offloaded)[0], b["targets"], b["loss_mask"])[1]
+    for b in batches[:2]
+  ]
+  val = summarize_eval({k: sum(float(x[k]) for x in sums) for k in sums[0]})
+  return {"history": history, "tables": tables, "num_rows": {l: t.shape[0] for l, t in tables.items()}, "eval": val}
 
 
 def main(port: int, process_id: int, outdir: Path) -> None:
@@ -79,6 +89,7 @@ def main(port: int, process_id: int, outdir: Path) -> None:
   history = [_floats(m) for m in trainer.train(local[:half])]
   trainer.save(outdir / "ckpt")  # a collective checkpoint after step 2, then steps 3-4
   history += [_floats(m) for m in trainer.train(local[half:])]
+  val = trainer.evaluate(local[:2])  # the trained model on its rows of 2 global batches
   shards = {}
   for l, t in trainer.tables.items():
     assert t.state.m.shape == t.state.v.shape == t.table.shape and t.state.count.shape == t.table.shape[:1]
@@ -93,7 +104,13 @@ def main(port: int, process_id: int, outdir: Path) -> None:
     all(np.array_equal(a, b) for a, b in zip((resumed.tables[l].table, *resumed.tables[l].state), (t.table, *t.state)))
     for l, t in trainer.tables.items()
   )
-  result = {"history": history, "shards": shards, "resumed_equal": equal, "host_bytes": trainer.host_bytes()}
+  result = {
+    "history": history,
+    "shards": shards,
+    "resumed_equal": equal,
+    "eval": val,
+    "host_bytes": trainer.host_bytes(),
+  }
   (outdir / f"result.{process_id}.json").write_text(json.dumps(result))
 
 

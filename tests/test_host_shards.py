@@ -174,6 +174,9 @@ def test_two_processes_train_to_the_one_process_host_losses(tmp_path):
       h[f"engram_rows_touched_{l}"] for h in ref["history"]
     ]
   assert ref["history"][-1]["loss"] < ref["history"][0]["loss"]  # it trained
+  for o in out:  # evaluation (no update) of the trained model: global sums on every process
+    assert o["eval"]["val_tokens"] == ref["eval"]["val_tokens"] == 2 * worker.B * worker.T
+    np.testing.assert_allclose(o["eval"]["val_loss"], ref["eval"]["val_loss"], rtol=2e-5)
   # The tables after training: the two halves are the one-process table. Adam divides by
   # sqrt(v): for a row whose gradient is ~0 the summation-order rounding of g changes its
   # step by up to ~1e-5 (lr 1e-2; measured 1.1e-5 on 3 of 1920 entries); atol 5e-5 = 0.5% of

@@ -24,8 +24,7 @@ summation order (tested with 2 processes in tests/test_host_shards.py).
 
 Limits: every Engram layer must be host-placed here ("host"; "cached" and mixed
 placements are the one-process `HostTableTrainer`'s); the mesh may split the batch only
-(data / fsdp); evaluation and the `Trainer`/`experiments.train` integration are not wired
-to it yet. Built from a `build` callable the tables are initialised shard by shard (each
+(data / fsdp); the `Trainer`/`experiments.train` integration is not wired to it yet. Built from a `build` callable the tables are initialised shard by shard (each
 device its rows); given a built model, each process copies its rows out of the whole table.
 """
 
@@ -54,7 +53,7 @@ from engram_jax.offload.sparse_adam import SparseRowAdam
 from engram_jax.train import multihost
 from engram_jax.train.config import TrainConfig
 from engram_jax.train.host_trainer import dense_optimizer, split_params
-from engram_jax.train.loss import masked_lm_loss
+from engram_jax.train.loss import masked_lm_loss, summarize_eval
 from engram_jax.train.state import TrainState, abstract_like, tree_shardings
 from engram_jax.train.steps import batch_shardings, clip_with_row_grads
 
@@ -127,6 +126,7 @@ class ShardedHostTableTrainer:
     self.bias_update_rate = bias_update_rate
     self.grad_clip_norm = cfg.grad_clip_norm
     self._steps = {}  # (shapes) -> jitted step
+    self._eval = None
 
   def _build_sharded(self, build: Callable[[], Transformer], axes: tuple[str, ...], capacity_factor) -> Transformer:
     """The model from `build` without its tables (`device_state_init`), and each table's
@@ -271,6 +271,34 @@ class ShardedHostTableTrainer:
       return TrainState(step=state.step + 1, params=params, rest=rest, opt_state=opt_state), metrics, sparse
 
     return step
+
+  def evaluate(self, batches: Iterable[Batch]) -> dict[str, float]:
+    """Loss sums over this process's rows of each global eval batch (no update; every
+    process calls it) -> `summarize_eval` of the global sums (val_loss, ...)."""
+    if self._eval is None:
+      graphdef, plans = self.graphdef, self.plans
+
+      def eval_step(state: TrainState, batch: Batch, answers, reqs):
+        rows = {l: host_shards.receive_rows(plans[l], answers[l], reqs[l]) for l in plans}
+        model = nnx.merge(graphdef, state.params, state.rest)
+        logits, _ = model(
+          batch["tokens"],
+          None,
+          positions=batch.get("positions"),
+          segment_ids=batch.get("segment_ids"),
+          engram_rows=rows,
+        )
+        return masked_lm_loss(logits, batch["targets"], batch["loss_mask"])[1]
+
+      self._eval = jax.jit(eval_step, out_shardings=NamedSharding(self.mesh, PartitionSpec()))
+    totals: dict[str, float] = {}
+    for batch in batches:
+      requests = self.request(batch)
+      answers = {l: self.tables[l].serve(r) for l, r in requests.items()}
+      sums = self._eval(self.state, self._device_batch(batch), answers, dict(requests))
+      for k, v in sums.items():
+        totals[k] = totals.get(k, 0.0) + float(local_value(v))
+    return summarize_eval(totals)
 
   # -- state ----------------------------------------------------------------------------------------
   def host_bytes(self) -> int:
