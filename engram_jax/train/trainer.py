@@ -695,8 +695,11 @@ class _Engine:
     ]
     if bad:
       return f"non-finite values in {bad[:5]}"
-    last = self.position.last_batch if self.host is not None else self.last_batch
-    loss = evaluation.summarize_rows(self.evaluate_rows([last]))["val_loss"]
+    if self.host is None:  # the step's batch, already placed on the mesh
+      rows = evaluation.concat_rows([jax.device_get(self.eval_step(self.state, self.last_batch, None))])
+    else:
+      rows = self.evaluate_rows([self.position.last_batch])
+    loss = evaluation.summarize_rows(rows)["val_loss"]
     return None if math.isfinite(loss) else f"its weights give loss {loss} on the step's batch"
 
   def evaluate_rows(self, eval_batches) -> dict[str, np.ndarray]:
