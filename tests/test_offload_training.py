@@ -116,7 +116,7 @@ def test_host_placement_equals_dense_adam_when_every_row_is_touched(runs):
   np.testing.assert_allclose([h["loss"] for h in history], want_losses, rtol=1e-5)
   for h in history[:3]:
     for l in LAYERS:
-      assert int(h[f"engram_rows_touched_{l}"]) == trainer.offloaded.num_rows(l)
+      assert int(h[f"engram_rows_touched_{l}"]) == trainer.offloaded.stores[l].index.num_rows
   got = snaps[2]["params"]  # after 3 steps: all parameters, tables included
   assert jax.tree.structure(got) == jax.tree.structure(want[2].params)
   _assert_trees_close(got, want[2].params, **TOL)

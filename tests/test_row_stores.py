@@ -120,7 +120,7 @@ def test_placement_trains_evaluates_and_decodes_like_device_tables(case):
 
   # evaluate: the one row eval step, rows gathered from the stores
   batch = batches[0]
-  host_eval = jax.jit(evaluation.make_row_eval_step(trainer.graphdef, host_layers))
+  host_eval = jax.jit(evaluation.make_row_eval_step(trainer.graphdef))
   device_eval = jax.jit(evaluation.make_row_eval_step(graphdef))
   got_rows = jax.device_get(host_eval(trainer.state, batch, trainer.gather(batch["engram_ids"])))
   want_rows = jax.device_get(device_eval(want_state, batch))

@@ -168,9 +168,7 @@ def test_load_run_keeps_the_host_tables_on_the_host(straight):
   assert abs(evaluate_run(run)["val_loss"] - result.eval["val_loss"]) < 1e-5
   prompt = run.tokenizer.encode("def main(", add_special_tokens=False).ids
   greedy = {"max_new_tokens": 4, "sampling": SamplingConfig(greedy=True)}
-  host = Generator(run.model, run.hasher, run.compressor, stores=run.stores)(
-    [prompt], **greedy
-  )
+  host = Generator(run.model, run.hasher, run.compressor, stores=run.stores)([prompt], **greedy)
   device = Generator(on_device.model, on_device.hasher, on_device.compressor)([prompt], **greedy)
   assert len(host.tokens[0]) == 4 and host.tokens == device.tokens
   with pytest.raises(ValueError, match=r"layers \[1\] are size-0 placeholders"):

@@ -140,8 +140,6 @@ class Engram(nnx.Module):
       raise ValueError(f"layer_id {layer_id} is not in EngramConfig.layer_ids {config.layer_ids}")
     if gate not in ("reference", "paper", "none"):
       raise ValueError(f"gate must be 'reference', 'paper' or 'none', got {gate!r}")
-    if fold_rows is not None and (isinstance(fold_rows, bool) or not isinstance(fold_rows, int) or fold_rows < 1):
-      raise ValueError(f"fold_rows must be None or a positive int, got {fold_rows!r}")
     if impl not in ("xla", "pallas", "auto"):
       raise ValueError(f"impl must be 'xla', 'pallas' or 'auto', got {impl!r}")
     if sharded_lookup not in SHARDED_LOOKUPS:

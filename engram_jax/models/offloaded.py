@@ -38,7 +38,7 @@ from engram_jax.models.transformer import Transformer
 from engram_jax.offload.host_table import HostTable
 from engram_jax.offload.placement import TablePlacement, parse_placements
 from engram_jax.offload.prefetch import RowPrefetcher, engram_row_ids
-from engram_jax.offload.row_store import HostRowStore, RowPlacement, RowStore, as_stores, host_layers, row_stores
+from engram_jax.offload.row_store import HostRowStore, RowPlacement, RowStore, as_stores, row_stores
 
 
 @dataclasses.dataclass
@@ -54,23 +54,16 @@ class OffloadedEngram:
 
   @property
   def host_layers(self) -> tuple[int, ...]:
-    return host_layers(self.stores)
+    return tuple(sorted(l for l, s in self.stores.items() if s.on_host))
 
   @property
   def host_stores(self) -> dict[int, HostRowStore]:
     return {l: self.stores[l] for l in self.host_layers}
 
   @property
-  def placements(self) -> dict[int, TablePlacement]:
-    return {l: s.placement for l, s in self.stores.items()}
-
-  @property
   def tables(self) -> dict[int, HostTable]:
     """{layer: HostTable}, the master copy [R, d_h] of each host / cached layer."""
     return {l: s.table for l, s in self.host_stores.items()}
-
-  def num_rows(self, layer: int) -> int:
-    return self.stores[layer].index.num_rows
 
   def flat_ids(self, engram_ids: Mapping[int, Any]) -> dict[int, np.ndarray]:
     """Hashed per-head ids {layer: [..., H]} -> flat host-table ids {layer: np.int64 [..., H]}."""
@@ -196,11 +189,6 @@ def split_tables(
   return model, OffloadedEngram(row_stores(placements, row_indexes(model), host_table, frequencies))
 
 
-def _device_row_ids(engram_ids, host_layers) -> dict[int, Any] | None:
-  ids = {l: v for l, v in (engram_ids or {}).items() if l not in host_layers}
-  return ids or None
-
-
 def apply_offloaded(
   graphdef: nnx.GraphDef,
   state: nnx.State,
@@ -215,7 +203,8 @@ def apply_offloaded(
   """Pure forward: `Transformer` from (graphdef, state), host rows as `engram_rows`.
 
   Args:
-    engram_ids: {layer: [B, T, H]} hashed ids of the DEVICE-placed layers only (or None).
+    engram_ids: {layer: [B, T, H]} hashed ids (or None); a layer's `engram_rows` take
+      precedence over its ids.
     engram_rows: {layer: [B, T, H*d_h]} gathered rows of the host-placed layers.
   Returns:
     (logits [B, T, V], aux) as `Transformer.__call__`.
@@ -258,7 +247,7 @@ def forward_with_host_tables(
     graphdef,
     state,
     batch["tokens"],
-    _device_row_ids(batch.get("engram_ids"), tables.host_layers),
+    batch.get("engram_ids"),
     dict(engram_rows),
     positions=batch.get("positions"),
     segment_ids=batch.get("segment_ids"),

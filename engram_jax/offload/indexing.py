@@ -80,10 +80,11 @@ class RowIndex:
     if not sizes or min(sizes) < 1:
       raise ValueError(f"table_sizes must be a non-empty list of positive ints, got {list(self.table_sizes)}")
     object.__setattr__(self, "table_sizes", sizes)
-    if self.fold_rows is not None and (isinstance(self.fold_rows, bool) or int(self.fold_rows) < 1):
-      raise ValueError(f"fold_rows must be None or a positive int, got {self.fold_rows!r}")
-    if isinstance(self.row_multiple, bool) or not isinstance(self.row_multiple, int) or self.row_multiple < 1:
-      raise ValueError(f"row_multiple must be a positive int, got {self.row_multiple!r}")
+    for name, value in (("fold_rows", self.fold_rows), ("row_multiple", self.row_multiple)):
+      if (value is not None or name == "row_multiple") and (
+        isinstance(value, bool) or not isinstance(value, int) or value < 1
+      ):
+        raise ValueError(f"{name} must be {'None or ' if name == 'fold_rows' else ''}a positive int, got {value!r}")
 
   @property
   def num_heads(self) -> int:

@@ -16,7 +16,7 @@ function for fold, offsets, padding). A host store holds any table with `HostTab
 interface (`gather`, `host_rows`, `numpy`, `apply_update`, `num_rows`, `dim`, `dtype`,
 `method`, `array`), so another backing (e.g. a memory-mapped file) plugs in unchanged.
 `row_stores` is the one place that turns `{layer: TablePlacement}` (from
-`placement.parse_placements`) and the layers' tables into `{layer: store}`.
+`placement.parse_placements`, the one parser of placement flags) into `{layer: store}`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from engram_jax.offload.sparse_adam import SparseRowAdam, SparseRowState
 # rows' shape [..., H, d_h] -> where the gathered rows go (e.g. split over the batch on a
 # data-parallel mesh); None: the table's device
 RowPlacement = Callable[[tuple[int, ...]], jax.sharding.Sharding]
-STATE_KEYS = ("table", "m", "v", "count")
 
 
 class DeviceRowStore:
@@ -117,7 +116,7 @@ class HostRowStore:
     if tuple(saved["table"].shape) != self.table.shape:
       raise ValueError(f"Engram layer {self.layer}: saved table {saved['table'].shape} != {self.table.shape}")
     self.table.array = np.array(saved["table"], dtype=self.table.dtype)  # NumPy master, owned
-    self.opt_state = SparseRowState(*(np.array(saved[k]) for k in STATE_KEYS[1:]))
+    self.opt_state = SparseRowState(*(np.array(saved[k]) for k in ("m", "v", "count")))
 
 
 class CachedRowStore(HostRowStore):
@@ -144,66 +143,47 @@ class CachedRowStore(HostRowStore):
 RowStore = DeviceRowStore | HostRowStore
 
 
-def host_store(
-  layer: int,
-  table: HostTable,
-  index: RowIndex,
-  placement: TablePlacement,
-  frequencies: Mapping[int, np.ndarray] | None = None,
-) -> HostRowStore:
-  """The store of a "host" / "cached" layer over `table` ("cached": the top rows by
-  `frequencies[layer]` or the placement's frequency_file)."""
-  if placement.kind != "cached":
-    return HostRowStore(layer, table, index, placement)
-  if frequencies and layer in frequencies:
-    counts = np.asarray(frequencies[layer], np.int64)
-  elif placement.frequency_file:
-    counts = load_frequencies(placement.frequency_file, table.num_rows)
-  else:
-    raise ValueError(
-      f"Engram layer {layer} is placed 'cached' but has no row frequencies: "
-      "pass frequencies={layer: counts} or set the placement's frequency_file"
-    )
-  return CachedRowStore(
-    layer, HotRowCache.from_frequencies(table, counts, fraction=placement.cache_fraction), index, placement
-  )
-
-
 def row_stores(
   placements: Mapping[int, TablePlacement],
   indexes: Mapping[int, RowIndex],
   host_table: Callable[[int, TablePlacement], Any],
   frequencies: Mapping[int, np.ndarray] | None = None,
 ) -> dict[int, RowStore]:
-  """{layer: store} for every Engram layer: `DeviceRowStore` for device layers, else a
-  host / cached store over `host_table(layer, placement)` (called once per host layer)."""
-  return {
-    l: host_store(l, host_table(l, p), indexes[l], p, frequencies) if p.on_host else DeviceRowStore(l, indexes[l], p)
-    for l, p in sorted(placements.items())
-  }
+  """{layer: store} for every Engram layer of `placements` (from `parse_placements`): a
+  `DeviceRowStore` for device layers, else a host store over `host_table(layer, placement)`
+  (called once per host layer); "cached" caches the top rows by `frequencies[layer]` or
+  the placement's frequency_file."""
+  out: dict[int, RowStore] = {}
+  for l, p in sorted(placements.items()):
+    if not p.on_host:
+      out[l] = DeviceRowStore(l, indexes[l], p)
+      continue
+    table = host_table(l, p)
+    if p.kind != "cached":
+      out[l] = HostRowStore(l, table, indexes[l], p)
+      continue
+    if frequencies and l in frequencies:
+      counts = np.asarray(frequencies[l], np.int64)
+    elif p.frequency_file:
+      counts = load_frequencies(p.frequency_file, table.num_rows)
+    else:
+      raise ValueError(
+        f"Engram layer {l} is placed 'cached' but has no row frequencies: "
+        "pass frequencies={layer: counts} or set the placement's frequency_file"
+      )
+    out[l] = CachedRowStore(l, HotRowCache.from_frequencies(table, counts, fraction=p.cache_fraction), indexes[l], p)
+  return out
 
 
-def host_layers(stores: Mapping[int, Any]) -> tuple[int, ...]:
-  """The layers of `stores` whose rows live in host memory, ascending."""
-  return tuple(sorted(l for l, s in stores.items() if s.on_host))
-
-
-def as_stores(
-  tables: Mapping[int, Any], indexes: Mapping[int, RowIndex], placements: Mapping[int, TablePlacement] | None = None
-) -> dict[int, RowStore]:
-  """{layer: store} from already-built tables / caches ({layer: HostTable | HotRowCache |
-  store}); Engram layers of `indexes` not in `tables` are device stores."""
+def as_stores(tables: Mapping[int, Any], indexes: Mapping[int, RowIndex]) -> dict[int, RowStore]:
+  """{layer: store} over already-built tables ({layer: HostTable (or its interface) |
+  HotRowCache}); the Engram layers of `indexes` not in `tables` get device stores."""
   out: dict[int, RowStore] = {}
   for l, index in sorted(indexes.items()):
     t = tables.get(l)
-    p = (placements or {}).get(l)
-    if t is None:
-      out[l] = DeviceRowStore(l, index, p)
-    elif isinstance(t, (DeviceRowStore, HostRowStore)):
-      out[l] = t
-    elif isinstance(t, HotRowCache):
+    if isinstance(t, HotRowCache):
       fraction = min(t.capacity / t.table.num_rows, 0.999)  # what TablePlacement accepts
-      out[l] = CachedRowStore(l, t, index, p or TablePlacement("cached", cache_fraction=fraction))
+      out[l] = CachedRowStore(l, t, index, TablePlacement("cached", cache_fraction=fraction))
     else:
-      out[l] = HostRowStore(l, t, index, p)
+      out[l] = DeviceRowStore(l, index) if t is None else HostRowStore(l, t, index)
   return out

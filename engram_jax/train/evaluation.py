@@ -45,20 +45,17 @@ def row_sums(logits: jax.Array, batch: dict) -> dict[str, jax.Array]:
   return out
 
 
-def make_row_eval_step(
-  graphdef: nnx.GraphDef, store_layers: Sequence[int] = ()
-) -> Callable[[TrainState, dict, dict | None], dict]:
-  """(state, batch, engram_rows) -> `row_sums` of the model's logits; `engram_rows`
-  {layer: [B, T, H*d_h]} holds the gathered rows of the `store_layers` (host / cached row
-  stores; None without any)."""
+def make_row_eval_step(graphdef: nnx.GraphDef) -> Callable[[TrainState, dict, dict | None], dict]:
+  """(state, batch, engram_rows=None) -> `row_sums` of the model's logits; `engram_rows`
+  {layer: [B, T, H*d_h]} holds the rows gathered from host / cached row stores (they take
+  precedence over the batch's ids of those layers)."""
 
   def step(state: TrainState, batch: dict, engram_rows: dict | None = None):
-    ids = {l: v for l, v in (batch.get("engram_ids") or {}).items() if l not in store_layers} or None
     logits, _ = apply_offloaded(
       graphdef,
       nnx.merge_state(state.params, state.rest),
       batch["tokens"],
-      ids,
+      batch.get("engram_ids") or None,
       engram_rows or None,
       positions=batch.get("positions"),
       segment_ids=batch.get("segment_ids"),
@@ -148,6 +145,6 @@ def evaluate_run_rows(run: Any, data_config: Any = None) -> tuple[dict[str, np.n
   graphdef, params, rest = nnx.split(run.model, nnx.Param, ...)
   state = TrainState(step=np.int32(run.step), params=params, rest=rest, opt_state=None)
   offloaded = OffloadedEngram(dict(run.stores))
-  step = jax.jit(make_row_eval_step(graphdef, offloaded.host_layers))
+  step = jax.jit(make_row_eval_step(graphdef))
   parts = [jax.device_get(step(state, b, offloaded.gather(b.get("engram_ids") or {}) or None)) for b in batches]
   return concat_rows(parts), tokens_fingerprint(batches)

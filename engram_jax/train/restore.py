@@ -184,7 +184,7 @@ def _load_host_placed(
   *,
   keep_on_host: bool = False,
 ):
-  """A run trained with host-placed tables (`_HostPlacement`): its `state` item is the
+  """A run trained with host-placed tables (`trainer._Engine` with host row stores): its `state` item is the
   TrainState without the host tables, which are in the `host_tables` item. Nothing is
   initialised on the way.
 

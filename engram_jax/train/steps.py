@@ -85,13 +85,12 @@ def make_train_step(
       for l in sparse_tx.layers:
         flat[l] = model.blocks[l].engram.flat_row_ids(all_ids[l])
         rows[l] = model.blocks[l].engram.lookup(all_ids[l])
-    ids = {l: v for l, v in all_ids.items() if l not in rows} or None
 
     def loss_fn(params, rows):
       parts = (params, state.rest) if tables is None else (params, tables, state.rest)
-      logits, aux = nnx.merge(graphdef, *parts)(
+      logits, aux = nnx.merge(graphdef, *parts)(  # rows take precedence over their ids
         batch["tokens"],
-        ids,
+        all_ids or None,
         positions=batch.get("positions"),
         segment_ids=batch.get("segment_ids"),
         engram_rows=rows or None,

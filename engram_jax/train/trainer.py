@@ -621,7 +621,7 @@ class _Engine:
         donate_argnums=(0,),
       )
       out = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    self.eval_step = jax.jit(evaluation.make_row_eval_step(graphdef, layers), out_shardings=out)
+    self.eval_step = jax.jit(evaluation.make_row_eval_step(graphdef), out_shardings=out)
     if step is None:
       return
     ckpt, target = trainer.checkpointer, abstract_like(self._savable_state())

@@ -361,12 +361,11 @@ def setup(cfg: ModelConfig, preset: Preset, zipf_exponent: float) -> Setup:
     f"{rows * cfg.engram.head_dim / 1e6:,.1f}M table params"
   )
   zipf = {l: ZipfRows(s, zipf_exponent, seed=l) for l, s in sizes.items()}
-  offsets = {l: np.asarray(model.blocks[l].engram.offsets) for l in layers}
+  index = {l: model.blocks[l].engram.row_index for l in layers}
   b, t = preset.train_batch
   sample = _batches(cfg, zipf, 4, b, t, seed=99)  # frequencies come from other batches
   freqs = {
-    l: count_row_frequencies((x["engram_ids"][l] + offsets[l] for x in sample), model.blocks[l].engram.num_rows)
-    for l in layers
+    l: count_row_frequencies((i.flat_np(x["engram_ids"][l]) for x in sample), i.num_rows) for l, i in index.items()
   }
   return Setup(cfg, model, zipf, freqs, cfg.moe.bias_update_rate if cfg.moe else 0.0)
 
