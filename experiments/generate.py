@@ -88,6 +88,7 @@ def main(argv):
   )
   from engram_jax.data import special_ids
   from engram_jax.inference import Generator, SamplingConfig
+  from engram_jax.models.offloaded import split_tables
   from engram_jax.train.restore import load_run
 
   placement = _PLACEMENT.value
@@ -110,14 +111,10 @@ def main(argv):
   )
   has_engram = run.hasher is not None
   extra = {"host_decode": _HOST_DECODE.value} if placement == "host" else {}
-  generator = Generator(
-    run.model,
-    run.hasher,
-    run.compressor if has_engram else None,
-    table_placement=placement,
-    host_tables=run.host_tables,
-    **extra,
-  )
+  stores = run.stores
+  if placement == "host" and not run.host_tables:  # a device run's tables, copied to host memory
+    stores = split_tables(run.model, "host")[1].stores
+  generator = Generator(run.model, run.hasher, run.compressor if has_engram else None, stores=stores, **extra)
   compile_seconds = 0.0
   for _ in range(_REPEAT.value):
     result = generator(

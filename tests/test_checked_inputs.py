@@ -168,17 +168,20 @@ def test_hash_jax_checkify_raises_with_position():
     HASHER.hash_jax(x)
 
 
-def test_host_table_checks_row_ids_per_head():
+def test_host_row_store_checks_row_ids_per_head():
   from engram_jax.offload import HostTable
+  from engram_jax.offload.indexing import RowIndex
+  from engram_jax.offload.row_store import HostRowStore
 
   flat_sizes = int(SIZES.sum())
   table = HostTable(np.arange(flat_sizes * 2, dtype=np.float32).reshape(flat_sizes, 2))
+  store = HostRowStore(1, table, RowIndex(tuple(SIZES)))
   offsets = HASHER.offsets[1]
   ids, _ = _boundary_ids()
   with pytest.raises(ValueError, match=r"row id 37 at position \(0, 1, 0\) is outside head 0's table \[0, 37\)"):
-    table.gather_heads(ids, offsets, SIZES)
+    store.flat_ids(ids)
   good = np.where(ids < 0, 0, ids) % SIZES
-  np.testing.assert_array_equal(np.asarray(table.gather_heads(good, offsets, SIZES)), table.numpy()[good + offsets])
+  np.testing.assert_array_equal(np.asarray(store.gather(store.flat_ids(good))), table.numpy()[good + offsets])
 
 
 # ------------------------------------------------------------------ defect 5: data files

@@ -20,6 +20,7 @@ from engram_jax.inference import (
   generate,
 )
 from engram_jax.models.config import ModelConfig
+from engram_jax.models.offloaded import model_stores
 from engram_jax.models.transformer import Transformer
 from engram_jax.offload import HostTable, HotRowCache
 
@@ -90,6 +91,10 @@ PLACEMENTS = ("device", "host", "cached", "host_python")
 PATHS = {"device": "device_loop", "host": "host_in_loop", "cached": "cached_in_loop", "host_python": "host_python_loop"}
 
 
+def table_of(model, layer=1):
+  return np.asarray(model.blocks[layer].engram.table[...])
+
+
 def placement_kwargs(model, placement):
   """Decoder / Generator keyword arguments of a test placement: "host" reads a
   HostTable(method="compute_on") in place, "cached" keeps every third row on the device
@@ -98,12 +103,12 @@ def placement_kwargs(model, placement):
     return {}
   table = np.asarray(model.blocks[1].engram.table[...])
   if placement == "host_python":
-    return {"table_placement": "host", "host_decode": "python", "host_tables": {1: HostTable(table)}}
+    return {"stores": model_stores(model, {1: HostTable(table)}), "host_decode": "python"}
   host = HostTable(table, method="compute_on")
   if placement == "host":
-    return {"table_placement": "host", "host_decode": "in_loop", "host_tables": {1: host}}
+    return {"stores": model_stores(model, {1: host}), "host_decode": "in_loop"}
   cache = HotRowCache(host, np.arange(0, table.shape[0], 3))
-  return {"table_placement": "cached", "hot_caches": {1: cache}, "miss_fraction": 0.75}
+  return {"stores": model_stores(model, {1: cache}), "miss_fraction": 0.75}
 
 
 def decoder_for(hc_mult, placement):
@@ -162,14 +167,8 @@ def test_host_tables_are_used_and_model_copy_holds_no_table(placement):
   finally:
     restore()
   np.testing.assert_allclose(teacher_forced_logits(decoder, tokens), full, atol=1e-4, rtol=1e-4)
-  with pytest.raises(ValueError, match="host table of layer 1 has shape"):
-    Decoder(
-      model,
-      hasher,
-      compressor,
-      table_placement="host",
-      host_tables={1: HostTable(np.asarray(model.blocks[1].engram.table[...])[:-1])},
-    )
+  with pytest.raises(ValueError, match=r"host table of Engram layer 1 has \d+ rows, its row index \d+"):
+    Decoder(model, hasher, compressor, stores=model_stores(model, {1: HostTable(table_of(model)[:-1])}))
 
 
 def test_in_loop_decode_is_one_program_reading_host_memory():
@@ -357,16 +356,10 @@ def test_generate_rejects_bad_input():
     decoder.step(np.asarray([120]), state)
   with pytest.raises(ValueError, match="NgramHasher and TokenizerCompressor"):
     Decoder(model)
-  with pytest.raises(ValueError, match="table_placement"):
-    Decoder(model, hasher, compressor, table_placement="disk")
+  with pytest.raises(ValueError, match=r"stores has layers \[5\] that are not the model's Engram layers"):
+    Decoder(model, hasher, compressor, stores={5: model_stores(model, {1: HostTable(table_of(model))})[1]})
   with pytest.raises(ValueError, match="host_decode must be one of"):
-    Decoder(model, hasher, compressor, table_placement="host", host_decode="gpu")
-  with pytest.raises(ValueError, match="table_placement='cached' needs hot_caches"):
-    Decoder(model, hasher, compressor, table_placement="cached")
-  with pytest.raises(ValueError, match="hot_caches are only used with table_placement='cached'"):
-    Decoder(
-      model, hasher, compressor, table_placement="host", hot_caches=placement_kwargs(model, "cached")["hot_caches"]
-    )
+    Decoder(model, hasher, compressor, host_decode="gpu", stores=placement_kwargs(model, "host")["stores"])
   with pytest.raises(ValueError, match="host_decode='python' is for table_placement='host'"):
     Decoder(model, hasher, compressor, host_decode="python", **placement_kwargs(model, "cached"))
   with pytest.raises(ValueError, match="not the model's"):
@@ -382,8 +375,8 @@ def test_generate_without_engram():
   logits = np.asarray(model(seqs)[0])  # right padding never reaches earlier positions
   for i, (prompt, cont) in enumerate(zip(prompts, result.tokens)):
     np.testing.assert_array_equal(logits[i, len(prompt) - 1 : len(prompt) + 2].argmax(-1), cont)
-  with pytest.raises(ValueError, match="needs a model with Engram"):
-    Decoder(model, table_placement="host")
+  with pytest.raises(ValueError, match=r"stores has layers \[1\] that are not the model's Engram layers \[\]"):
+    Decoder(model, stores={1: None})
 
 
 def _variant_setup(**overrides):
@@ -408,12 +401,13 @@ def test_host_decoding_with_row_multiple_matches_device_tables(placement):
   np.testing.assert_allclose(teacher_forced_logits(decoder, tokens), full, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("placement", ["host", "cached"])
-def test_host_decoding_refuses_fold_rows(placement):
-  """The host gathers index with unfolded hashed ids, so engram_fold_rows is refused by
-  name (Decoder and Generator), before any table is read."""
-  _, model, compressor, hasher = _variant_setup(engram_fold_rows=3)
-  for cls in (Decoder, Generator):
-    with pytest.raises(ValueError, match=r"does not support ModelConfig.engram_fold_rows=3"):
-      cls(model, hasher, compressor, **placement_kwargs(model, placement))
-  Decoder(model, hasher, compressor)  # the device placement folds on device: supported
+def test_numpy_decoding_with_fold_rows_matches_device_tables(placement="host_python"):
+  """engram_fold_rows: the NumPy decode path maps hashed ids through the layer's `RowIndex`
+  (fold, offsets) as the in-loop paths do (tests/test_row_stores.py), so it decodes exactly
+  as the device tables."""
+  config, model, compressor, hasher = _variant_setup(engram_fold_rows=3)
+  tokens = np.random.default_rng(6).integers(0, KNOWN_IDS, (3, T)).astype(np.int32)
+  rows = {l: r.astype(np.int32) for l, r in hasher.hash(compressor(tokens)).items()}
+  full = np.asarray(_forward(model, tokens, rows))
+  decoder = Decoder(model, hasher, compressor, **placement_kwargs(model, placement))
+  np.testing.assert_allclose(teacher_forced_logits(decoder, tokens), full, atol=1e-4, rtol=1e-4)

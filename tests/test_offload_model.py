@@ -15,7 +15,7 @@ from engram_jax.models import host_init
 from engram_jax.models.config import ModelConfig
 from engram_jax.models.offloaded import forward_with_host_tables, split_tables
 from engram_jax.offload import TablePlacement, count_row_frequencies
-from engram_jax.offload.hot_cache import HotRowCache
+from engram_jax.offload.row_store import CachedRowStore
 from engram_jax.train.state import build_model
 
 _BASE = ModelConfig.tiny("engram_moe")
@@ -94,7 +94,7 @@ def test_host_placed_logits_equal_device_table_model(name, reference):
     assert shape == ((0, tables[l].shape[1]) if on_host else tables[l].shape)
     if on_host:  # the master copy is the original table
       np.testing.assert_array_equal(off.tables[l].numpy(), tables[l])
-  assert any(isinstance(s, HotRowCache) for s in off.sources.values()) == ("cached" in name)
+  assert any(isinstance(s, CachedRowStore) for s in off.stores.values()) == ("cached" in name)
 
   got = np.asarray(forward_with_host_tables(model, batches[0], off)[0])
   np.testing.assert_array_equal(got, want[0])
@@ -106,9 +106,9 @@ def test_host_placed_logits_equal_device_table_model(name, reference):
       np.testing.assert_array_equal(got, want[i])
       seen += 1
   assert seen == len(batches)
-  for s in off.sources.values():
-    if isinstance(s, HotRowCache):
-      assert 0 < s.hits < s.lookups  # both paths of the cache were exercised
+  for s in off.stores.values():
+    if isinstance(s, CachedRowStore):
+      assert 0 < s.cache.hits < s.cache.lookups  # both paths of the cache were exercised
 
 
 def test_decode_with_host_tables_equals_device_decode():
@@ -151,21 +151,6 @@ def test_bad_placements_are_rejected():
   batch = _batches(model, 1)[0]
   with pytest.raises(ValueError, match=r"missing"):
     forward_with_host_tables(model, {"tokens": batch["tokens"], "engram_ids": {1: batch["engram_ids"][1]}}, off)
-
-
-def test_host_placements_refuse_fold_rows():
-  """Host gathers index the table with unfolded hashed ids: a model with engram_fold_rows
-  is refused by name when a layer goes to the host (split_tables, build_offloaded), before
-  any table moves; its device placement is untouched."""
-  config = CONFIG.replace(engram_fold_rows=3)
-  model = build_model(config, 0)
-  for spec in ("host", "2:cached@0.5", {1: TablePlacement("host")}):
-    with pytest.raises(ValueError, match=r"places Engram layers \[\d.*ModelConfig.engram_fold_rows=3"):
-      split_tables(model, spec)
-  with pytest.raises(ValueError, match=r"placements 'host' places Engram layers \[1, 2\]"):
-    host_init.build_offloaded(lambda: build_model(config, 0), "host")
-  assert model.blocks[1].engram.table.get_value().shape[0] == 3 * config.engram.num_heads
-  assert split_tables(model, "device")[1].host_layers == ()
 
 
 def _live_bytes(device) -> tuple[int, int]:

@@ -54,7 +54,7 @@ def _device_run(batches):
   state = TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params, rest=rest, opt_state=tx.init(params))
   states, losses = [], []
   for batch in batches:
-    state, metrics = step(state, batch)
+    state, metrics, _ = step(state, batch)
     states.append(state)
     losses.append(float(metrics["loss"]))
   return states, losses
@@ -116,7 +116,7 @@ def test_host_placement_equals_dense_adam_when_every_row_is_touched(runs):
   np.testing.assert_allclose([h["loss"] for h in history], want_losses, rtol=1e-5)
   for h in history[:3]:
     for l in LAYERS:
-      assert int(h[f"engram_rows_touched_{l}"]) == trainer.offloaded.num_rows(l)
+      assert int(h[f"engram_rows_touched_{l}"]) == trainer.offloaded.stores[l].index.num_rows
   got = snaps[2]["params"]  # after 3 steps: all parameters, tables included
   assert jax.tree.structure(got) == jax.tree.structure(want[2].params)
   _assert_trees_close(got, want[2].params, **TOL)
@@ -124,7 +124,7 @@ def test_host_placement_equals_dense_adam_when_every_row_is_touched(runs):
   initial = split_model(fresh_model())[1]
   for l in LAYERS:  # the tables really trained
     assert not np.allclose(_table(got, l), _table(initial, l))
-  cache = trainer.offloaded.sources[2]  # the device cache follows the host table
+  cache = trainer.offloaded.stores[2].cache  # the device cache follows the host table
   np.testing.assert_array_equal(np.asarray(cache.rows), trainer.offloaded.tables[2].numpy()[cache.hot_rows])
 
 
@@ -177,7 +177,7 @@ def test_host_state_round_trip(runs):
   for l in LAYERS:
     for key, value in snaps[2]["host"][l].items():
       np.testing.assert_array_equal(trainer.host_state()[l][key], value)
-  cache = trainer.offloaded.sources[2]
+  cache = trainer.offloaded.stores[2].cache
   np.testing.assert_array_equal(np.asarray(cache.rows), snaps[2]["host"][2]["table"][cache.hot_rows])
   trainer.load_host_state(saved)
   with pytest.raises(ValueError, match="host state for layers"):

@@ -159,13 +159,13 @@ def test_non_finite_weights_are_never_checkpointed(data_config, tmp_path, monkey
   def poisoned(*args, **kwargs):
     step_fn = real(*args, **kwargs)
 
-    def wrapped(state, batch):
-      new_state, metrics = step_fn(state, batch)
+    def wrapped(state, batch, *rows):
+      new_state, metrics, row_grads = step_fn(state, batch, *rows)
       bad = jnp.where(state.step == 1, jnp.inf, 0.0)
       params = jax.tree_util.tree_map_with_path(
         lambda path, x: x + bad if "embed" in jax.tree_util.keystr(path) else x, new_state.params
       )
-      return new_state.replace(params=params), metrics
+      return new_state.replace(params=params), metrics, row_grads
 
     return wrapped
 

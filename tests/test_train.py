@@ -122,10 +122,10 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(data_config, tmp_pat
   def poisoned(*args, **kwargs):
     step_fn = real(*args, **kwargs)
 
-    def wrapped(state, batch):
-      new_state, metrics = step_fn(state, batch)
+    def wrapped(state, batch, *rows):
+      new_state, metrics, row_grads = step_fn(state, batch, *rows)
       bad = jnp.where(state.step == 4, jnp.nan, 0.0)
-      return new_state, {**metrics, "loss": metrics["loss"] + bad}
+      return new_state, {**metrics, "loss": metrics["loss"] + bad}, row_grads
 
     return wrapped
 

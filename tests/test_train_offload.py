@@ -4,7 +4,6 @@ exact resume from checkpoints holding the host tables and their sparse Adam stat
 
 import json
 import math
-import re
 import shutil
 
 import jax
@@ -169,9 +168,7 @@ def test_load_run_keeps_the_host_tables_on_the_host(straight):
   assert abs(evaluate_run(run)["val_loss"] - result.eval["val_loss"]) < 1e-5
   prompt = run.tokenizer.encode("def main(", add_special_tokens=False).ids
   greedy = {"max_new_tokens": 4, "sampling": SamplingConfig(greedy=True)}
-  host = Generator(run.model, run.hasher, run.compressor, table_placement="host", host_tables=run.host_tables)(
-    [prompt], **greedy
-  )
+  host = Generator(run.model, run.hasher, run.compressor, stores=run.stores)([prompt], **greedy)
   device = Generator(on_device.model, on_device.hasher, on_device.compressor)([prompt], **greedy)
   assert len(host.tokens[0]) == 4 and host.tokens == device.tokens
   with pytest.raises(ValueError, match=r"layers \[1\] are size-0 placeholders"):
@@ -215,23 +212,6 @@ def test_load_run_refuses_tampered_hash_constants(straight, tmp_path):
     load_run(workdir)
 
 
-def test_host_placement_refuses_fold_rows(straight, data_config, tmp_path):
-  """Host gathers index with unfolded hashed ids: engram_fold_rows with a host / cached
-  placement is refused by name in training and by load_run(tables='host')."""
-  folded = tiny_model().replace(engram_fold_rows=3)
-  for i, placement in enumerate(("host", f"{LAYER}:cached@0.05")):
-    with pytest.raises(
-      ValueError,
-      match=rf"TrainConfig.table_placement='{re.escape(placement)}' places "
-      r"Engram layers \[1\].*ModelConfig.engram_fold_rows=3",
-    ):
-      Trainer(folded, HOST.replace(table_placement=placement), data_config, tmp_path / str(i))
-  trainer, _ = straight
-  workdir = _copy_with_edited_meta(trainer, tmp_path / "folded", lambda meta: meta["model"].update(engram_fold_rows=3))
-  with pytest.raises(ValueError, match=r"load_run\(tables='host'\).*ModelConfig.engram_fold_rows=3"):
-    load_run(workdir, tables="host")
-
-
 def test_cached_placement_trains_like_host(straight, data_config, tmp_path):
   """The hot rows come from the first FREQUENCY_BATCHES batches of a separate iterator:
   training still sees batch 1 first, and the rows (so the losses) equal the host run's."""
@@ -240,7 +220,7 @@ def test_cached_placement_trains_like_host(straight, data_config, tmp_path):
   trainer = Trainer(tiny_model(), config, data_config, tmp_path / "cached")
   cached = trainer.run(stop_after=2)
   assert cached.losses == {1: result.losses[1], 2: result.losses[2]}
-  cache = trainer.host_trainer.offloaded.sources[LAYER]
+  cache = trainer.host_trainer.offloaded.stores[LAYER].cache
   assert isinstance(cache, HotRowCache)
   counts = trainer.row_frequencies(trainer.host_trainer.model, (LAYER,))[LAYER]
   assert counts.sum() > 0
@@ -291,7 +271,7 @@ def test_data_parallel_host_placement_equals_one_device(straight, data_config, t
   host = trainer.host_trainer
   assert host.mesh is mesh and host.train_step._cache_size() == 1
   assert trainer.state.step.sharding.device_set == set(mesh.devices.flat)
-  heads = len(host.offloaded.offsets[LAYER])
+  heads = host.offloaded.stores[LAYER].index.num_heads
   rows = host.gather({LAYER: np.zeros((4, data_config.seq_len, heads), np.int64)})[LAYER]
   assert sharding_lib.num_shards(rows) == 2  # each device gets its half of the batch's rows
   assert sorted(got.losses) == [1, 2, 3, 4]

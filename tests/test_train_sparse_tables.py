@@ -42,7 +42,7 @@ def _run(cfg: TrainConfig, batches):
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=tx.init(params))
   states, metrics = [], []
   for batch in batches:
-    state, m = step(state, batch)
+    state, m, _ = step(state, batch)
     states.append(jax.device_get(state))
     metrics.append(jax.device_get(m))
   return tx, states, metrics
@@ -144,11 +144,11 @@ def _mesh_run(mesh, cfg, batches):
   step = jax.jit(
     make_train_step(graphdef, tx, lr, bias_update_rate=RATE),
     in_shardings=(state_sh, None),
-    out_shardings=(state_sh, None),
+    out_shardings=(state_sh, None, None),
   )
   with jax.set_mesh(mesh):
     for batch in batches:
-      state, _ = step(state, batch)
+      state, _, _ = step(state, batch)
   return tx, jax.device_get(state)
 
 

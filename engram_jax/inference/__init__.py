@@ -3,14 +3,13 @@ and read from device tables, tables in host memory or a hot-row cache (inside th
 decode loop), and sampling."""
 
 from engram_jax.inference.decode_state import DecodeState, EngramDecodeState
-from engram_jax.inference.decoder import DECODE_PATHS, HOST_DECODES, TABLE_PLACEMENTS, Decoder
+from engram_jax.inference.decoder import DECODE_PATHS, HOST_DECODES, Decoder
 from engram_jax.inference.generate import GenerationResult, Generator, generate
 from engram_jax.inference.sampling import SamplingConfig, sample
 
 __all__ = [
   "DECODE_PATHS",
   "HOST_DECODES",
-  "TABLE_PLACEMENTS",
   "DecodeState",
   "Decoder",
   "EngramDecodeState",

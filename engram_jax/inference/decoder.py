@@ -8,7 +8,8 @@ d_h head width, S cache slots):
   token     int [B]    the token fed at each sequence's next position
   logits    float32 [B, P, V] (prefill) / [B, V] (step)
 
-Table placements (`table_placement`) and the decode path each one runs (`decode_path`):
+Table placements (from the row stores, `Decoder(stores=)`) and the decode path each one
+runs (`decode_path`):
   "device"  -> "device_loop". Everything stays on the accelerator. The raw -> compressed id
             table (int32 [V]) is a device array; a step compresses the new token, appends
             it to the `EngramDecodeState` window and hashes the [B, N] row with
@@ -48,15 +49,14 @@ from flax import nnx
 from engram_jax.hashing import NgramHasher, TokenizerCompressor
 from engram_jax.inference.decode_state import DecodeState, EngramDecodeState
 from engram_jax.models import engram_table_layer
-from engram_jax.models.offloaded import check_host_placement
 from engram_jax.models.transformer import DecodeCache, Transformer
-from engram_jax.offload import HostTable, HotRowCache
+from engram_jax.offload import HostTable
 from engram_jax.offload import host_rows as host_rows_lib
 from engram_jax.offload.indexing import INT32_MAX
+from engram_jax.offload.row_store import CachedRowStore, RowStore
 
 log = logging.getLogger(__name__)
 
-TABLE_PLACEMENTS = ("device", "host", "cached")
 HOST_DECODES = ("auto", "in_loop", "python")
 DECODE_PATHS = ("device_loop", "host_in_loop", "cached_in_loop", "host_python_loop")
 
@@ -72,15 +72,15 @@ class Decoder:
     model: the `Transformer` (read once: later changes to it are not seen).
     hasher: the model's `NgramHasher` (required iff the model has Engram layers).
     compressor: the `TokenizerCompressor` the hasher was built for.
-    table_placement: "device", "host" or "cached" (see the module docstring).
-    host_tables: {layer_id: HostTable} for "host" / "cached"; Engram layers not named get a
-      copy of the model's table; all of them by default. A layer named here may have a
-      size-0 placeholder table in `model` (`split_tables`, `build_offloaded`,
-      `load_run(tables="host")`); "device" refuses such a model. For the in-loop paths a
+    stores: {layer: row store} (`engram_jax.offload.row_store`; e.g. `OffloadedEngram.stores`,
+      `LoadedRun.stores`, or `models.offloaded.model_stores(model, {layer: HostTable |
+      HotRowCache})`). None or only device stores: "device" placement. Host stores:
+      "host", with any cached store: "cached" (the other layers read their host table
+      only); a device layer of such a decoder reads a host copy of the model's table. A
+      host layer may have a size-0 placeholder table in `model` (`split_tables`,
+      `build_offloaded`, `load_run(tables="host")`). For the in-loop paths a
       HostTable(method="compute_on") is read in place; a NumPy one is copied once into
       host memory.
-    hot_caches: {layer_id: HotRowCache} for "cached" (at least one layer; the others read
-      their host table only). The cache's table is that layer's host table.
     host_decode: "auto" (the in-loop path when the device has a host memory kind and
       every table's row ids fit int32, else the NumPy path, logged), "in_loop" or
       "python" (the NumPy per-token fallback; "host" only). `decode_path` says which runs.
@@ -94,40 +94,37 @@ class Decoder:
     hasher: NgramHasher | None = None,
     compressor: TokenizerCompressor | None = None,
     *,
-    table_placement: str = "device",
-    host_tables: Mapping[int, HostTable] | None = None,
-    hot_caches: Mapping[int, HotRowCache] | None = None,
+    stores: Mapping[int, RowStore] | None = None,
     host_decode: str = "auto",
     miss_fraction: float = 0.5,
   ):
     if not isinstance(model, Transformer):
       raise TypeError(f"Decoder needs a Transformer, got {type(model).__name__}")
-    if table_placement not in TABLE_PLACEMENTS:
-      raise ValueError(f"table_placement must be one of {TABLE_PLACEMENTS}, got {table_placement!r}")
     if host_decode not in HOST_DECODES:
       raise ValueError(f"host_decode must be one of {HOST_DECODES}, got {host_decode!r}")
     if not isinstance(miss_fraction, (int, float)) or not 0.0 < miss_fraction <= 1.0:
       raise ValueError(f"miss_fraction must lie in (0, 1], got {miss_fraction!r}")
     config = model.config
     self.config = config
-    self.table_placement = table_placement
     self.hasher = hasher
     self.compressor = compressor
     self.layer_ids = config.engram_layer_ids
     self.miss_fraction = float(miss_fraction)
+    stores = dict(stores or {})
+    unknown = sorted(set(stores) - set(self.layer_ids))
+    if unknown:
+      raise ValueError(f"stores has layers {unknown} that are not the model's Engram layers {list(self.layer_ids)}")
     graphdef, params = nnx.split(model)
     self.graphdef = graphdef
     self.host_tables: dict[int, HostTable] = {}
-    self.hot_caches: dict[int, HotRowCache] = {}
+    self.hot_caches = {l: s.cache for l, s in stores.items() if isinstance(s, CachedRowStore)}
+    on_host = sorted(l for l, s in stores.items() if s.on_host)
+    self.table_placement = "cached" if self.hot_caches else "host" if on_host else "device"
     # In-program operands of the in-loop paths: {layer: {"host": table in host memory,
     # and for cached layers "hot_ids" int32 [C], "hot_rows" [C, d_h] on the device}}.
     self.tables: dict[int, dict[str, jax.Array]] | None = None
     self.decode_path = "device_loop"
     if config.engram is None:
-      if table_placement != "device":
-        raise ValueError(f"table_placement={table_placement!r} needs a model with Engram layers")
-      if host_tables or hot_caches:
-        raise ValueError("host_tables / hot_caches given for a model without Engram layers")
       self.lut = None
       self.lut_np = None
     else:
@@ -138,15 +135,12 @@ class Decoder:
       lut[: compressor.vocab_size] = compressor.lookup_table
       self.lut_np = lut
       self.lut = jnp.asarray(lut)
-      if table_placement == "device":
-        if host_tables or hot_caches:
-          raise ValueError("host_tables / hot_caches are only used with table_placement='host' or 'cached'")
+      self.row_index = {b.layer: b.engram.row_index for b in model.blocks if b.engram is not None}
+      if not on_host:
         self._check_device_tables(model)
       else:
-        check_host_placement(config, self.layer_ids, f"Decoder(table_placement={table_placement!r})")
-        host_tables = self._cached_tables(table_placement, host_tables, hot_caches)
-        self.host_tables = self._host_tables(model, host_tables)
-        self.decode_path = self._choose_path(table_placement, host_decode)
+        self.host_tables = self._host_tables(model, {l: stores[l].table for l in on_host})
+        self.decode_path = self._choose_path(self.table_placement, host_decode)
         if self.decode_path != "host_python_loop":
           self.tables = self._program_tables()
         # The device copy of the model keeps a [1, d_h] stand-in for every table: the
@@ -156,7 +150,7 @@ class Decoder:
           params,
           is_leaf=lambda x: isinstance(x, nnx.Variable),
         )
-    log.info("Decoder: table_placement=%s, decode path %s", table_placement, self.decode_path)
+    log.info("Decoder: table placement %s, decode path %s", self.table_placement, self.decode_path)
     self.params = params
     self._prefill_jit = jax.jit(self.prefill_fn, static_argnames=("max_len",))
     self._step_jit = jax.jit(self.step_fn, donate_argnames=("cache",))
@@ -182,57 +176,20 @@ class Decoder:
     if split:
       raise ValueError(
         f"the model's Engram tables of layers {split} are size-0 placeholders "
-        "(the tables are in host memory): use table_placement='host' with "
-        "host_tables={layer: HostTable}"
+        "(the tables are in host memory): pass their host row stores, stores={layer: store}"
       )
 
-  def _cached_tables(self, placement, host_tables, hot_caches) -> dict[int, HostTable]:
-    """host_tables plus the tables behind hot_caches (which must not contradict them)."""
-    tables = dict(host_tables or {})
-    if placement != "cached":
-      if hot_caches:
-        raise ValueError(f"hot_caches are only used with table_placement='cached', got {placement!r}")
-      return tables
-    if not hot_caches:
-      raise ValueError("table_placement='cached' needs hot_caches={layer: HotRowCache}")
-    unknown = sorted(set(hot_caches) - set(self.layer_ids))
-    if unknown:
-      raise ValueError(f"hot_caches has layers {unknown} that are not the model's Engram layers {list(self.layer_ids)}")
-    for lid, cache in hot_caches.items():
-      if not isinstance(cache, HotRowCache):
-        raise TypeError(f"hot_caches[{lid}] must be a HotRowCache, got {type(cache).__name__}")
-      if lid in tables and tables[lid] is not cache.table:
-        raise ValueError(f"host_tables[{lid}] is not the table behind hot_caches[{lid}]")
-      tables[lid] = cache.table
-    self.hot_caches = dict(hot_caches)
-    return tables
-
-  def _host_tables(self, model, host_tables) -> dict[int, HostTable]:
-    tables = dict(host_tables or {})
-    unknown = sorted(set(tables) - set(self.layer_ids))
-    if unknown:
-      raise ValueError(
-        f"host_tables has layers {unknown} that are not the model's Engram layers {list(self.layer_ids)}"
-      )
+  def _host_tables(self, model, tables: dict[int, HostTable]) -> dict[int, HostTable]:
+    """The host stores' tables plus a host copy of every device layer's table."""
     for b in model.blocks:
       if b.engram is None or b.layer in tables:
         continue
       value = b.engram.table.get_value()
       if value.shape[0] == 0:
         raise ValueError(
-          f"Engram layer {b.layer}'s table in the model is a size-0 placeholder: pass its HostTable in host_tables"
+          f"Engram layer {b.layer}'s table in the model is a size-0 placeholder: pass its host row store"
         )
       tables[b.layer] = HostTable(np.asarray(value))
-    for lid, table in tables.items():
-      # The hashed rows, or the model's table padded to engram_row_multiple (padding rows
-      # are never addressed, so both gather the same rows).
-      rows = sorted({self.hasher.total_rows(lid), model.blocks[lid].engram.num_rows})
-      want = " or ".join(str((r, self.config.engram.head_dim)) for r in rows)
-      if table.shape[0] not in rows or table.shape[1] != self.config.engram.head_dim:
-        raise ValueError(
-          f"host table of layer {lid} has shape {table.shape}, expected {want} "
-          f"(ModelConfig.engram_row_multiple={self.config.engram_row_multiple})"
-        )
     return tables
 
   def _choose_path(self, placement: str, host_decode: str) -> str:
@@ -320,8 +277,8 @@ class Decoder:
     """
     hashed = self.hasher.hash(compressed)
     return {
-      lid: self.host_tables[lid].gather_heads(rows, self.hasher.offsets[lid], self.hasher.table_sizes[lid])
-      for lid, rows in hashed.items()
+      lid: self.host_tables[lid].gather(self.row_index[lid].flat_np(ids, f"Engram layer {lid}"))
+      for lid, ids in hashed.items()
     }
 
   def program_rows(self, tables, engram_ids: dict[int, jax.Array]) -> tuple[dict[int, jax.Array], dict[str, jax.Array]]:
@@ -331,12 +288,10 @@ class Decoder:
     rows, stats = {}, _zero_stats()
     for lid, ids in engram_ids.items():
       t = tables[lid]
-      # Per-head bounds before the offset (as `Engram.head_bounds`): an invalid id (-1 from
-      # `hash_jax` for an out-of-vocabulary window) reads row 0 and its head's rows become NaN,
-      # never a neighbouring head's row. offsets < 2^31: in-loop row ids were checked to fit int32.
-      ids = ids.astype(jnp.int32)
-      valid = (ids >= 0) & (ids < jnp.asarray(self.hasher.table_sizes[lid], jnp.int32))
-      flat = jnp.where(valid, ids, 0) + jnp.asarray(self.hasher.offsets[lid], jnp.int32)
+      # Per-head bounds before the offset (`RowIndex.flat_jnp`, as the layer's): an invalid id
+      # (-1 from `hash_jax` for an out-of-vocabulary window) reads row 0 and its head's rows
+      # become NaN, never a neighbouring head's row. In-loop row ids were checked to fit int32.
+      flat, valid = self.row_index[lid].flat_jnp(ids)
       if "hot_ids" in t:
         capacity = max(1, int(np.ceil(self.miss_fraction * flat.size)))
         r, s = host_rows_lib.gather_cached_rows(t["hot_ids"], t["hot_rows"], t["host"], flat, capacity)
@@ -459,4 +414,4 @@ class Decoder:
     return self._step_jit(self.params, self.lut, token, state.cache, state.engram, None, tables=self.tables)
 
 
-__all__ = ["DECODE_PATHS", "HOST_DECODES", "TABLE_PLACEMENTS", "Decoder"]
+__all__ = ["DECODE_PATHS", "HOST_DECODES", "Decoder"]

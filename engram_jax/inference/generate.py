@@ -5,7 +5,7 @@ together, so each sequence's KV cache and Engram conv state end at its own promp
 every decode step then writes each sequence at its own next position. Finished sequences
 stay in the batch (static shapes) until all are done or `max_new_tokens` is reached.
 
-Every placement ("device", "host", "cached") runs all decode steps in one jitted
+Every placement (device, host or cached row stores) runs all decode steps in one jitted
 `lax.while_loop` (host rows are read inside it, see `engram_jax.inference.decoder`); only
 the NumPy fallback (`decode_path == "host_python_loop"`) runs a Python loop over a jitted
 step. All draw step i's token with `fold_in(key(seed), i)`, so they sample the same tokens
@@ -27,7 +27,7 @@ from engram_jax.inference.decode_state import DecodeState, EngramDecodeState
 from engram_jax.inference.decoder import Decoder
 from engram_jax.inference.sampling import SamplingConfig, sample
 from engram_jax.models.transformer import Transformer
-from engram_jax.offload import HostTable, HotRowCache
+from engram_jax.offload.row_store import RowStore
 
 PROMPT_BUCKET = 16  # padded prompt lengths are multiples of this: fewer compilations
 
@@ -112,8 +112,7 @@ def _is_int(x) -> bool:
 class Generator:
   """Reusable generation for one model (compiled functions are kept between calls).
 
-  Args: as `generate` (model, hasher, compressor, table_placement, host_tables,
-    hot_caches, host_decode, miss_fraction), plus
+  Args: as `generate` (model, hasher, compressor, stores, host_decode, miss_fraction), plus
     max_len: the longest sequence (prompt + new tokens) a call may produce, e.g. the
       context the model was trained for; None = no limit (the cache is sized per call).
   """
@@ -124,9 +123,7 @@ class Generator:
     hasher: NgramHasher | None = None,
     compressor: TokenizerCompressor | None = None,
     *,
-    table_placement: str = "device",
-    host_tables: Mapping[int, HostTable] | None = None,
-    hot_caches: Mapping[int, HotRowCache] | None = None,
+    stores: Mapping[int, RowStore] | None = None,
     host_decode: str = "auto",
     miss_fraction: float = 0.5,
     max_len: int | None = None,
@@ -138,9 +135,7 @@ class Generator:
       model,
       hasher,
       compressor,
-      table_placement=table_placement,
-      host_tables=host_tables,
-      hot_caches=hot_caches,
+      stores=stores,
       host_decode=host_decode,
       miss_fraction=miss_fraction,
     )
@@ -338,9 +333,7 @@ def generate(
   sampling: SamplingConfig | None = None,
   seed: int = 0,
   eos_id: int | None = None,
-  table_placement: str = "device",
-  host_tables: Mapping[int, HostTable] | None = None,
-  hot_caches: Mapping[int, HotRowCache] | None = None,
+  stores: Mapping[int, RowStore] | None = None,
   host_decode: str = "auto",
 ) -> GenerationResult:
   """Continues a batch of prompts (raw token ids, any lengths >= 1).
@@ -354,13 +347,10 @@ def generate(
       sampling at temperature 1).
     seed: sampling seed (step i uses fold_in(key(seed), i)).
     eos_id: a sequence stops after producing it (it is kept as its last token).
-    table_placement: "device" (tables on the accelerator), "host" (tables in host memory,
-      rows read inside the compiled loop) or "cached" (hot rows on the device, misses from
-      host memory); see `engram_jax.inference.decoder`.
-    host_tables: {layer: HostTable} for "host" / "cached" (layers not named: the model's
-      tables copied; a named layer may hold a size-0 placeholder in `model`, e.g. a
-      `load_run(path, tables="host")` run's `run.host_tables`).
-    hot_caches: {layer: HotRowCache} for "cached".
+    stores: {layer: row store}: None / device stores (tables on the accelerator), host
+      stores (tables in host memory, rows read inside the compiled loop) or cached stores
+      (hot rows on the device, misses from host memory); e.g. a `load_run(path,
+      tables="host")` run's `run.stores`; see `engram_jax.inference.decoder`.
     host_decode: "auto", "in_loop" or "python" (the per-token NumPy fallback).
   Returns:
     `GenerationResult` (continuations, prefill / decode / compile times, tokens/s, the
@@ -371,9 +361,7 @@ def generate(
     model,
     hasher,
     compressor,
-    table_placement=table_placement,
-    host_tables=host_tables,
-    hot_caches=hot_caches,
+    stores=stores,
     host_decode=host_decode,
   )
   return gen(prompts, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, eos_id=eos_id)

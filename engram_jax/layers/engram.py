@@ -45,6 +45,7 @@ from engram_jax.config import EngramConfig
 from engram_jax.distributed import pallas_local_gather, sharded_gather  # lookup level, below layers
 from engram_jax.layers.norms import RMSNorm, rms_norm
 from engram_jax.layers.params import annotated
+from engram_jax.offload.indexing import RowIndex  # lookup level, below layers
 
 GateKind = Literal["reference", "paper", "none"]
 Impl = Literal["xla", "pallas", "auto"]
@@ -141,8 +142,6 @@ class Engram(nnx.Module):
       raise ValueError(f"layer_id {layer_id} is not in EngramConfig.layer_ids {config.layer_ids}")
     if gate not in ("reference", "paper", "none"):
       raise ValueError(f"gate must be 'reference', 'paper' or 'none', got {gate!r}")
-    if fold_rows is not None and (isinstance(fold_rows, bool) or not isinstance(fold_rows, int) or fold_rows < 1):
-      raise ValueError(f"fold_rows must be None or a positive int, got {fold_rows!r}")
     if impl not in ("xla", "pallas", "auto"):
       raise ValueError(f"impl must be 'xla', 'pallas' or 'auto', got {impl!r}")
     if sharded_lookup not in SHARDED_LOOKUPS:
@@ -167,17 +166,15 @@ class Engram(nnx.Module):
     self.short_conv_enabled = bool(short_conv)
     self.multi_branch = bool(multi_branch)
     self.fold_rows = fold_rows
-    # table_sizes: the hashed range of each head's ids (the input contract); stored_sizes:
-    # the rows each head really holds (equal unless fold_rows is set).
-    self.table_sizes = tuple(int(s) for s in sizes)
-    stored = sizes if fold_rows is None else np.full_like(sizes, fold_rows)
-    self.stored_sizes = tuple(int(s) for s in stored)
-    self.offsets = tuple(int(o) for o in np.concatenate([[0], np.cumsum(stored)[:-1]]))
-    if isinstance(row_multiple, bool) or not isinstance(row_multiple, int) or row_multiple < 1:
-      raise ValueError(f"row_multiple must be a positive int, got {row_multiple!r}")
-    # Padding rows (never addressed) make the row count divisible by the model-parallel
-    # axis, so the table really is split by rows instead of silently replicated.
-    self.num_rows = -(-int(stored.sum()) // row_multiple) * row_multiple
+    # The one mapping of hashed ids to flat table rows (fold, offsets, padding rows, which
+    # make the row count divisible by the model-parallel axis so the table really is split
+    # by rows). table_sizes: the hashed range of each head's ids (the input contract);
+    # stored_sizes: the rows each head really holds (equal unless fold_rows is set).
+    self.row_index = RowIndex(tuple(int(s) for s in sizes), fold_rows, row_multiple)
+    self.table_sizes = self.row_index.table_sizes
+    self.stored_sizes = self.row_index.stored_sizes
+    self.offsets = tuple(int(o) for o in self.row_index.offsets)
+    self.num_rows = self.row_index.num_rows
 
     # g: branches with their own gate / conv parameters (1 in the single-branch ablation)
     d_h, d_mem, d = config.head_dim, config.memory_dim, hidden_size
@@ -228,14 +225,7 @@ class Engram(nnx.Module):
       raise ValueError(f"engram_ids must be integers, got dtype {engram_ids.dtype}")
     if isinstance(engram_ids, jax.core.Tracer):
       return
-    ids = np.asarray(engram_ids)
-    bad = (ids < 0) | (ids >= np.asarray(self.table_sizes))
-    if bad.any():
-      pos = tuple(int(i) for i in np.argwhere(bad)[0])
-      raise ValueError(
-        f"row id {int(ids[pos])} at position {pos} is outside head {pos[-1]}'s table "
-        f"[0, {self.table_sizes[pos[-1]]}) of Engram layer {self.layer_id}"
-      )
+    self.row_index.flat_np(engram_ids, f"Engram layer {self.layer_id}")
 
   def row_sharding(self, ids_shape: Sequence[int]) -> dict | None:
     """Where the all_to_all lookup runs: None for a local gather (no active mesh, the
@@ -269,15 +259,10 @@ class Engram(nnx.Module):
     `checkify.user_checks`) an invalid id raises with its value and position; without
     checkify the check is free (a `checkify.debug_check`).
     """
-    engram_ids = engram_ids.astype(jnp.int32)
-    sizes = jnp.asarray(self.table_sizes, jnp.int32)
-    valid = (engram_ids >= 0) & (engram_ids < sizes)
+    flat, valid = self.row_index.flat_jnp(engram_ids)
     if isinstance(engram_ids, jax.core.Tracer):  # concrete ids were checked by check_row_ids
-      _debug_check_ids(valid, engram_ids, sizes, f"Engram layer {self.layer_id}")
-    ids = jnp.where(valid, engram_ids, 0)
-    if self.fold_rows is not None:
-      ids = ids % self.fold_rows
-    return ids + jnp.asarray(self.offsets, jnp.int32), valid
+      _debug_check_ids(valid, engram_ids, jnp.asarray(self.table_sizes, jnp.int32), f"Engram layer {self.layer_id}")
+    return flat, valid
 
   def flat_row_ids(self, engram_ids: jax.Array) -> jax.Array:
     """Per-head row ids [..., H] -> int32 rows of the flat table [..., H] (per-head bounds,
@@ -523,8 +508,9 @@ class NgramInputAverage(nnx.Module):
     if layer_id not in config.layer_ids:
       raise ValueError(f"layer_id {layer_id} is not in EngramConfig.layer_ids {config.layer_ids}")
     self.config, self.layer_id, self.dtype = config, int(layer_id), dtype
-    self.table_sizes = tuple(int(s) for s in sizes)
-    self.offsets = tuple(int(o) for o in np.concatenate([[0], np.cumsum(sizes)[:-1]]))
+    self.row_index = RowIndex(tuple(int(s) for s in sizes))
+    self.table_sizes = self.row_index.table_sizes
+    self.offsets = tuple(int(o) for o in self.row_index.offsets)
     d_h = config.head_dim
     k_table, k_proj = jax.random.split(rngs.params())
     self.table = annotated(
@@ -540,18 +526,12 @@ class NgramInputAverage(nnx.Module):
     engram_ids = jnp.asarray(engram_ids)
     if engram_ids.ndim != 3 or engram_ids.shape[-1] != self.config.num_heads:
       raise ValueError(f"engram_ids must be [B, T, {self.config.num_heads}], got shape {engram_ids.shape}")
-    ids = engram_ids.astype(jnp.int32)
-    sizes = jnp.asarray(self.table_sizes, jnp.int32)
-    valid = (ids >= 0) & (ids < sizes)  # per head, before the offset (as Engram.head_bounds)
-    if isinstance(ids, jax.core.Tracer):
-      _debug_check_ids(valid, ids, sizes, f"the n-gram input average of layer {self.layer_id}")
-    elif not bool(jnp.all(valid)):
-      pos = tuple(int(i) for i in np.argwhere(~np.asarray(valid))[0])
-      raise ValueError(
-        f"row id {int(ids[pos])} at position {pos} is outside head {pos[-1]}'s table "
-        f"[0, {self.table_sizes[pos[-1]]}) of the n-gram input average of layer {self.layer_id}"
-      )
-    flat = jnp.where(valid, ids + jnp.asarray(self.offsets, jnp.int32), self.table.shape[0])
-    rows = jnp.take(self.table[...], flat, axis=0, mode="fill", fill_value=jnp.nan)
+    where = f"the n-gram input average of layer {self.layer_id}"
+    flat, valid = self.row_index.flat_jnp(engram_ids)  # per head, before the offset
+    if isinstance(engram_ids, jax.core.Tracer):
+      _debug_check_ids(valid, engram_ids, jnp.asarray(self.table_sizes, jnp.int32), where)
+    else:
+      self.row_index.flat_np(engram_ids, where)
+    rows = jnp.where(valid[..., None], jnp.take(self.table[...], flat, axis=0), jnp.nan)
     mean = jnp.mean(rows.astype(jnp.float32), axis=-2).astype(self.dtype)  # [B, T, d_h]
     return mean @ self.proj_kernel[...].astype(self.dtype) + self.proj_bias[...].astype(self.dtype)

@@ -31,11 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from engram_jax.models.offloaded import OffloadedEngram, resolve_placements, row_source
+from engram_jax.models.offloaded import OffloadedEngram, resolve_placements, row_indexes
 from engram_jax.models.tables import engram_table, engram_table_filter
 from engram_jax.models.transformer import Transformer
 from engram_jax.offload.host_table import HostTable
 from engram_jax.offload.placement import TablePlacement, host_memory_kind, sharding_for
+from engram_jax.offload.row_store import row_stores
 
 log = logging.getLogger(__name__)
 
@@ -117,15 +118,11 @@ def build_offloaded(
     out = sharding_for(host_memory_kind(device), device)
   else:
     out = jax.sharding.SingleDeviceSharding(host_device)
-  frequencies = dict(frequencies or {})
-  tables, sources, offsets = {}, {}, {}
-  for layer in host_layers:
-    placement = placements[layer]
+
+  def host_table(layer: int, placement: TablePlacement) -> HostTable:
     value = jax.jit(host_table_init(build, layer), out_shardings=out)()
     array = np.array(value)  # owned, writable NumPy master (SparseRowAdam updates in place)
     value.delete()
-    del value
-    tables[layer] = HostTable(array, method=placement.host_gather, device=device, copy=False)
-    offsets[layer] = np.asarray(abstract.blocks[layer].engram.offsets, np.int64)
-    sources[layer] = row_source(tables[layer], layer, placement, frequencies)
-  return model, OffloadedEngram(placements, tables, sources, offsets)
+    return HostTable(array, method=placement.host_gather, device=device, copy=False)
+
+  return model, OffloadedEngram(row_stores(placements, row_indexes(abstract), host_table, frequencies))

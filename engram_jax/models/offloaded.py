@@ -33,56 +33,49 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from engram_jax.models.config import ModelConfig
 from engram_jax.models.tables import engram_table
 from engram_jax.models.transformer import Transformer
 from engram_jax.offload.host_table import HostTable
-from engram_jax.offload.hot_cache import HotRowCache, load_frequencies
-from engram_jax.offload.indexing import flat_rows_np
 from engram_jax.offload.placement import TablePlacement, parse_placements
 from engram_jax.offload.prefetch import RowPrefetcher, engram_row_ids
-
-RowSource = HostTable | HotRowCache
-# rows' shape [..., H, d_h] -> where the gathered rows go (e.g. split over the batch on a
-# data-parallel mesh); None: the table's device
-RowPlacement = Callable[[tuple[int, ...]], jax.sharding.Sharding]
+from engram_jax.offload.row_store import HostRowStore, RowPlacement, RowStore, as_stores, row_stores
 
 
 @dataclasses.dataclass
 class OffloadedEngram:
-  """The host-resident tables of a model's host-placed Engram layers.
+  """The row stores of a model's Engram layers: {layer: store} for every layer
+  (`engram_jax.offload.row_store`; device layers are `DeviceRowStore`s).
 
   Attributes:
-    placements: {layer: TablePlacement} for every Engram layer (device ones included).
-    tables: {layer: HostTable}, the master copy [R, d_h] of each host / cached layer.
-    sources: {layer: HostTable | HotRowCache}: what a forward gathers from (the cache for
-      "cached", else the table).
-    offsets: {layer: np.int64 [H]} first flat row of every head.
+    stores: {layer: DeviceRowStore | HostRowStore | CachedRowStore}.
   """
 
-  placements: dict[int, TablePlacement]
-  tables: dict[int, HostTable]
-  sources: dict[int, RowSource]
-  offsets: dict[int, np.ndarray]
+  stores: dict[int, RowStore]
 
   @property
   def host_layers(self) -> tuple[int, ...]:
-    return tuple(sorted(self.tables))
+    return tuple(sorted(l for l, s in self.stores.items() if s.on_host))
 
-  def num_rows(self, layer: int) -> int:
-    return self.tables[layer].num_rows
+  @property
+  def host_stores(self) -> dict[int, HostRowStore]:
+    return {l: self.stores[l] for l in self.host_layers}
+
+  @property
+  def tables(self) -> dict[int, HostTable]:
+    """{layer: HostTable}, the master copy [R, d_h] of each host / cached layer."""
+    return {l: s.table for l, s in self.host_stores.items()}
 
   def flat_ids(self, engram_ids: Mapping[int, Any]) -> dict[int, np.ndarray]:
     """Hashed per-head ids {layer: [..., H]} -> flat host-table ids {layer: np.int64 [..., H]}."""
     self._check_layers(engram_ids)
-    return {l: flat_rows_np(np.asarray(engram_ids[l]), self.offsets[l]) for l in self.host_layers}
+    return {l: s.flat_ids(engram_ids[l]) for l, s in self.host_stores.items()}
 
   def gather(self, engram_ids: Mapping[int, Any], *, sharding: RowPlacement | None = None) -> dict[int, jax.Array]:
     """Synchronous gather: hashed per-head ids {layer: [B, T, H]} -> device rows [B, T, H*d_h]
     (placed by `sharding` when given, else on the table's device)."""
     out = {}
     for layer, ids in self.flat_ids(engram_ids).items():
-      rows = _gather(self.sources[layer], ids, sharding)
+      rows = self.stores[layer].gather(ids, sharding)
       out[layer] = rows.reshape(rows.shape[:-2] + (-1,))
     return out
 
@@ -97,20 +90,23 @@ class OffloadedEngram:
   ) -> RowPrefetcher:
     """A `RowPrefetcher` over `batches` yielding (batch, {layer: rows [B, T, H*d_h]}).
 
-    `sources` overrides the gather callables (e.g. instrumented ones in a benchmark);
-    `sharding` places the rows (as for `gather`).
+    `sources` overrides the gathers ({layer: callable(flat ids) -> rows}, e.g. instrumented
+    ones in a benchmark); `sharding` places the rows (as for `gather`).
     """
-    if sources is None and sharding is not None:
-      sources = {l: functools.partial(_gather, s, sharding=sharding) for l, s in self.sources.items()}
+    stores = self.host_stores
+    sources = dict(sources or {l: functools.partial(s.gather, sharding=sharding) for l, s in stores.items()})
     return RowPrefetcher(
-      batches, dict(sources or self.sources), offsets=self.offsets, row_ids=row_ids, depth=depth, merge_heads=True
+      batches,
+      {l: _per_head(stores[l], sources[l]) for l in sources},
+      row_ids=row_ids,
+      depth=depth,
+      merge_heads=True,
     )
 
   def restore_into(self, model: Transformer) -> Transformer:
     """Puts the current host tables back into `model` as device arrays (in place)."""
-    for layer in self.host_layers:
-      var = engram_table(model, layer)
-      var.set_value(jnp.asarray(self.tables[layer].numpy()))
+    for layer, table in self.tables.items():
+      engram_table(model, layer).set_value(jnp.asarray(table.numpy()))
     return model
 
   def _check_layers(self, engram_ids: Mapping[int, Any]) -> None:
@@ -119,15 +115,9 @@ class OffloadedEngram:
       raise ValueError(f"row ids for host-placed Engram layers {missing} are missing; got layers {sorted(engram_ids)}")
 
 
-def _gather(source: RowSource, flat_ids: np.ndarray, sharding: RowPlacement | None = None) -> jax.Array:
-  if sharding is None:
-    return source.lookup(flat_ids) if isinstance(source, HotRowCache) else source.gather(flat_ids)
-  table = source.table if isinstance(source, HotRowCache) else source
-  target = sharding(tuple(np.shape(flat_ids)) + (table.dim,))
-  if isinstance(source, HostTable) and source.method == "numpy":
-    return jax.device_put(source.host_rows(flat_ids), target)  # each device takes its part
-  # the cache's combine (or the compute_on gather) runs on the table's device; then moved
-  return jax.device_put(_gather(source, flat_ids), target)
+def _per_head(store: HostRowStore, gather: Callable) -> Callable:
+  """A gather of flat ids as one of hashed per-head ids (`store`'s row index)."""
+  return lambda engram_ids: gather(store.flat_ids(engram_ids))
 
 
 def _engram(model: Transformer, layer: int):
@@ -135,51 +125,30 @@ def _engram(model: Transformer, layer: int):
   return model.blocks[layer].engram
 
 
-def check_host_placement(config: ModelConfig, host_layers: Iterable[int], where: str) -> None:
-  """Refuses model settings that host / cached tables do not support (`where` names the
-  placement field in the message): `engram_fold_rows` (the host gather, the prefetcher and
-  the host decoder index the table with unfolded hashed ids, so they would read other rows)."""
-  host_layers = sorted(int(l) for l in host_layers)
-  if host_layers and config.engram_fold_rows is not None:
-    raise ValueError(
-      f"{where} places Engram layers {host_layers} in host memory, which does not support "
-      f"ModelConfig.engram_fold_rows={config.engram_fold_rows} (host gathers do not fold "
-      "the hashed ids): keep those tables on the device"
-    )
-
-
 def resolve_placements(model: Transformer, placements: str | Mapping[int, TablePlacement]) -> dict[int, TablePlacement]:
   """{layer: TablePlacement} for every Engram layer of `model` (unnamed layers: device)."""
   layer_ids = model.config.engram_layer_ids
   if not layer_ids:
     raise ValueError("host placement needs a model with Engram layers (config.engram is None)")
-  spec = placements
   if isinstance(placements, str):
     placements = parse_placements(placements, layer_ids)
   placements = {int(l): p for l, p in placements.items()}
   unknown = sorted(set(placements) - set(layer_ids))
   if unknown:
     raise ValueError(f"placements name layers {unknown} that are not Engram layers {layer_ids}")
-  check_host_placement(model.config, [l for l, p in placements.items() if p.on_host], f"placements {spec!r}")
   return {l: placements.get(l, TablePlacement()) for l in layer_ids}
 
 
-def row_source(
-  table: HostTable, layer: int, placement: TablePlacement, frequencies: Mapping[int, np.ndarray]
-) -> RowSource:
-  """What a forward gathers layer `layer`'s rows from: a `HotRowCache` for "cached"."""
-  if placement.kind != "cached":
-    return table
-  if layer in frequencies:
-    counts = np.asarray(frequencies[layer], np.int64)
-  elif placement.frequency_file:
-    counts = load_frequencies(placement.frequency_file, table.num_rows)
-  else:
-    raise ValueError(
-      f"Engram layer {layer} is placed 'cached' but has no row frequencies: "
-      "pass frequencies={layer: counts} or set the placement's frequency_file"
-    )
-  return HotRowCache.from_frequencies(table, counts, fraction=placement.cache_fraction)
+def row_indexes(model: Transformer) -> dict[int, Any]:
+  """{layer: RowIndex} of every Engram layer of `model` (abstract models too)."""
+  return {l: _engram(model, l).row_index for l in model.config.engram_layer_ids}
+
+
+def model_stores(model: Transformer, tables: Mapping[int, Any] | None = None) -> dict[int, RowStore]:
+  """{layer: row store} of every Engram layer of `model`: a host store over each table of
+  `tables` ({layer: HostTable (or its interface) | HotRowCache | store}), a device store
+  for the others (`row_store.as_stores` with the model's row indexes)."""
+  return as_stores(dict(tables or {}), row_indexes(model))
 
 
 def split_tables(
@@ -206,30 +175,18 @@ def split_tables(
     size-0 placeholders (see the module docstring), and the host tables.
   """
   placements = resolve_placements(model, placements)
-  frequencies = dict(frequencies or {})
 
-  tables, sources, offsets = {}, {}, {}
-  for layer, placement in placements.items():
-    if not placement.on_host:
-      continue
-    engram = _engram(model, layer)
-    var = engram.table
+  def host_table(layer: int, placement: TablePlacement) -> HostTable:
+    var = _engram(model, layer).table
     value = var.get_value()
     if value.shape[0] == 0:
       raise ValueError(f"Engram layer {layer}'s table was already split off (shape {value.shape})")
     table = HostTable(np.asarray(jax.device_get(value)), method=placement.host_gather, device=device)
-    tables[layer] = table
-    offsets[layer] = np.asarray(engram.offsets, np.int64)
-    sources[layer] = row_source(table, layer, placement, frequencies)
     # Same dtype and metadata (logical axes), no rows: the device buffer can be freed.
     var.set_value(jnp.zeros((0,) + tuple(value.shape[1:]), value.dtype))
-    del value
-  return model, OffloadedEngram(placements, tables, sources, offsets)
+    return table
 
-
-def _device_row_ids(engram_ids, host_layers) -> dict[int, Any] | None:
-  ids = {l: v for l, v in (engram_ids or {}).items() if l not in host_layers}
-  return ids or None
+  return model, OffloadedEngram(row_stores(placements, row_indexes(model), host_table, frequencies))
 
 
 def apply_offloaded(
@@ -246,7 +203,8 @@ def apply_offloaded(
   """Pure forward: `Transformer` from (graphdef, state), host rows as `engram_rows`.
 
   Args:
-    engram_ids: {layer: [B, T, H]} hashed ids of the DEVICE-placed layers only (or None).
+    engram_ids: {layer: [B, T, H]} hashed ids (or None); a layer's `engram_rows` take
+      precedence over its ids.
     engram_rows: {layer: [B, T, H*d_h]} gathered rows of the host-placed layers.
   Returns:
     (logits [B, T, V], aux) as `Transformer.__call__`.
@@ -289,7 +247,7 @@ def forward_with_host_tables(
     graphdef,
     state,
     batch["tokens"],
-    _device_row_ids(batch.get("engram_ids"), tables.host_layers),
+    batch.get("engram_ids"),
     dict(engram_rows),
     positions=batch.get("positions"),
     segment_ids=batch.get("segment_ids"),

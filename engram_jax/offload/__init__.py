@@ -1,4 +1,6 @@
-"""Host-resident Engram tables: placement, host gathers, prefetching, sparse Adam, hot-row cache.
+"""Where Engram rows live and how they are updated: row stores (device / host / cached,
+`row_store`), the one id -> flat row mapping (`RowIndex`), placements, host gathers,
+prefetching, sparse Adam, hot-row cache.
 
 Layering: kernel level (JAX + NumPy, no flax, no model); it imports nothing above itself.
 The model-level parts live above it: `engram_jax.models.offloaded` (split a model's tables
@@ -20,6 +22,7 @@ from engram_jax.offload.hot_cache import (
   top_rows,
 )
 from engram_jax.offload.indexing import (
+  RowIndex,
   RowSharding,
   check_int32_rows,
   flat_rows_np,
@@ -40,10 +43,18 @@ from engram_jax.offload.prefetch import (
   engram_row_ids,
   patch_updated_rows,
 )
+from engram_jax.offload.row_store import CachedRowStore, DeviceRowStore, HostRowStore, RowStore, as_stores, row_stores
 from engram_jax.offload.sparse_adam import SparseRowAdam, SparseRowState, apply_sparse_adam, sparse_grad
 
 __all__ = [
   "PLACEMENTS",
+  "CachedRowStore",
+  "DeviceRowStore",
+  "HostRowStore",
+  "RowIndex",
+  "RowStore",
+  "as_stores",
+  "row_stores",
   "HostTable",
   "HotRowCache",
   "RowPrefetcher",

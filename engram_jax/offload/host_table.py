@@ -108,39 +108,6 @@ class HostTable:
       bad = ids[(ids < 0) | (ids >= self.num_rows)].ravel()[0]
       raise ValueError(f"row id {int(bad)} outside the host table's [0, {self.num_rows})")
 
-  def flat_rows(self, head_rows, offsets, head_sizes) -> np.ndarray:
-    """Per-head row ids [..., H] -> flat rows np.int64 [..., H] (offsets added), checked per head.
-
-    Head h's id must lie in [0, head_sizes[h]): it is checked BEFORE `offsets[h]` is added, so
-    an id past its head's block (or a -1 from `hash_jax` for an out-of-vocabulary n-gram) is
-    refused with its position instead of reading a neighbouring head's row.
-    """
-    rows = np.asarray(head_rows)
-    sizes = np.asarray(head_sizes, np.int64)
-    offsets = np.asarray(offsets, np.int64)
-    if rows.ndim < 1 or rows.shape[-1] != sizes.shape[0] or offsets.shape != sizes.shape:
-      raise ValueError(
-        f"head_rows of shape {rows.shape} must end in the {sizes.shape[0]} heads of "
-        f"head_sizes, with one offset per head (got {offsets.shape[0]})"
-      )
-    if not np.issubdtype(rows.dtype, np.integer):
-      raise ValueError(f"row ids must be integers, got dtype {rows.dtype}")
-    rows = rows.astype(np.int64)
-    bad = (rows < 0) | (rows >= sizes)
-    if bad.any():
-      pos = tuple(int(i) for i in np.argwhere(bad)[0])
-      raise ValueError(
-        f"row id {int(rows[pos])} at position {pos} is outside head {pos[-1]}'s table [0, {int(sizes[pos[-1]])})"
-      )
-    flat = rows + offsets
-    if self.check_ids:
-      self._validate(flat)
-    return flat
-
-  def gather_heads(self, head_rows, offsets, head_sizes) -> jax.Array:
-    """`gather` of per-head row ids [..., H] checked per head (`flat_rows`) -> [..., H, d]."""
-    return self.gather(self.flat_rows(head_rows, offsets, head_sizes))
-
   def host_rows(self, flat_row_ids) -> np.ndarray:
     """NumPy gather on the host: ids [...] -> rows np [..., d] (no transfer)."""
     ids = np.asarray(flat_row_ids)

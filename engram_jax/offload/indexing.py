@@ -58,6 +58,89 @@ def flat_rows_np(head_rows, offsets) -> np.ndarray:
   return rows.astype(np.int64) + offsets
 
 
+@dataclasses.dataclass(frozen=True)
+class RowIndex:
+  """How one Engram layer's hashed per-head ids map to rows of its flat table: the one
+  place that computes flat row ids (per-head bounds, fold, head offsets, padding), on the
+  host (`flat_np`, int64, exact) and on the device (`flat_jnp`, int32, traceable).
+
+  Attributes:
+    table_sizes: the hashed range of every head's ids, [H] (the input contract).
+    fold_rows: None, or the rows every head's table holds (ids are reduced mod it).
+    row_multiple: the table's row count is rounded up to a multiple of this (padding rows,
+      never addressed).
+  """
+
+  table_sizes: tuple[int, ...]
+  fold_rows: int | None = None
+  row_multiple: int = 1
+
+  def __post_init__(self):
+    sizes = tuple(int(s) for s in self.table_sizes)
+    if not sizes or min(sizes) < 1:
+      raise ValueError(f"table_sizes must be a non-empty list of positive ints, got {list(self.table_sizes)}")
+    object.__setattr__(self, "table_sizes", sizes)
+    for name, value in (("fold_rows", self.fold_rows), ("row_multiple", self.row_multiple)):
+      if (value is not None or name == "row_multiple") and (
+        isinstance(value, bool) or not isinstance(value, int) or value < 1
+      ):
+        raise ValueError(f"{name} must be {'None or ' if name == 'fold_rows' else ''}a positive int, got {value!r}")
+
+  @property
+  def num_heads(self) -> int:
+    return len(self.table_sizes)
+
+  @property
+  def stored_sizes(self) -> tuple[int, ...]:
+    """Rows each head really holds (`table_sizes`, or `fold_rows` each)."""
+    return self.table_sizes if self.fold_rows is None else (int(self.fold_rows),) * self.num_heads
+
+  @property
+  def offsets(self) -> np.ndarray:
+    """First flat row of every head: np.int64 [H]."""
+    return head_offsets(self.stored_sizes)
+
+  @property
+  def num_rows(self) -> int:
+    """Rows of the flat table, padding included."""
+    m = self.row_multiple
+    return -(-sum(self.stored_sizes) // m) * m
+
+  def flat_np(self, engram_ids, where: str = "the Engram table") -> np.ndarray:
+    """Host: hashed per-head ids [..., H] -> flat rows np.int64 [..., H]; an id outside its
+    head's [0, table_sizes[h]) raises ValueError with its value and position (checked
+    BEFORE the offset is added, so it can never read a neighbouring head's row)."""
+    ids = np.asarray(engram_ids)
+    if ids.ndim < 1 or ids.shape[-1] != self.num_heads:
+      raise ValueError(f"engram_ids of shape {ids.shape} must end in the {self.num_heads} heads of {where}")
+    if not np.issubdtype(ids.dtype, np.integer):
+      raise ValueError(f"engram_ids must be integers, got dtype {ids.dtype}")
+    ids = ids.astype(np.int64)
+    sizes = np.asarray(self.table_sizes, np.int64)
+    bad = (ids < 0) | (ids >= sizes)
+    if bad.any():
+      pos = tuple(int(i) for i in np.argwhere(bad)[0])
+      raise ValueError(
+        f"row id {int(ids[pos])} at position {pos} is outside head {pos[-1]}'s table [0, {int(sizes[pos[-1]])}) "
+        f"of {where}"
+      )
+    if self.fold_rows is not None:
+      ids = ids % int(self.fold_rows)
+    return ids + self.offsets
+
+  def flat_jnp(self, engram_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Device (traceable): hashed per-head ids [..., H] -> (flat rows int32 [..., H], valid
+    bool [..., H]). An invalid id (outside its head's range) maps to its head's row 0 (always
+    in range, so no kernel reads out of bounds); the caller turns its row into NaN. The
+    table's row ids must fit int32 (`check_int32_rows`)."""
+    ids = jnp.asarray(engram_ids).astype(jnp.int32)
+    valid = (ids >= 0) & (ids < jnp.asarray(self.table_sizes, jnp.int32))
+    ids = jnp.where(valid, ids, 0)
+    if self.fold_rows is not None:
+      ids = ids % int(self.fold_rows)
+    return ids + jnp.asarray(self.offsets, jnp.int32), valid
+
+
 def split_hi_lo(flat_rows) -> tuple[np.ndarray, np.ndarray]:
   """int64 ids (>= 0, < 2^62) -> (hi, lo) int32 with id = hi * 2^31 + lo, lo in [0, 2^31)."""
   flat = np.asarray(flat_rows, dtype=np.int64)

@@ -23,11 +23,9 @@ from flax import nnx
 
 from engram_jax.data import make_eval_batches
 from engram_jax.models.offloaded import OffloadedEngram, apply_offloaded
-from engram_jax.offload import TablePlacement
 from engram_jax.train import stats
 from engram_jax.train.loss import token_losses
 from engram_jax.train.state import TrainState
-from engram_jax.train.steps import model_inputs
 
 ROWS_FILE = "val_rows.npz"
 ROW_KEYS = ("loss_sum", "tokens", "correct", "bytes")
@@ -47,31 +45,18 @@ def row_sums(logits: jax.Array, batch: dict) -> dict[str, jax.Array]:
   return out
 
 
-def make_row_eval_step(graphdef: nnx.GraphDef) -> Callable[[TrainState, dict], dict]:
-  """(state, batch) -> `row_sums` of the model's logits."""
+def make_row_eval_step(graphdef: nnx.GraphDef) -> Callable[[TrainState, dict, dict | None], dict]:
+  """(state, batch, engram_rows=None) -> `row_sums` of the model's logits; `engram_rows`
+  {layer: [B, T, H*d_h]} holds the rows gathered from host / cached row stores (they take
+  precedence over the batch's ids of those layers)."""
 
-  def step(state: TrainState, batch: dict):
-    model = nnx.merge(graphdef, state.params, state.rest)
-    args, kwargs = model_inputs(batch)
-    logits, _ = model(*args, **kwargs)
-    return row_sums(logits, batch)
-
-  return step
-
-
-def make_host_row_eval_step(
-  graphdef: nnx.GraphDef, host_layers: tuple[int, ...]
-) -> Callable[[TrainState, dict, dict], dict]:
-  """As `make_row_eval_step` with the `host_layers` rows gathered from host tables."""
-
-  def step(state: TrainState, batch: dict, rows: dict):
-    device_ids = {l: v for l, v in batch["engram_ids"].items() if l not in host_layers} or None
+  def step(state: TrainState, batch: dict, engram_rows: dict | None = None):
     logits, _ = apply_offloaded(
       graphdef,
       nnx.merge_state(state.params, state.rest),
       batch["tokens"],
-      device_ids,
-      rows,
+      batch.get("engram_ids") or None,
+      engram_rows or None,
       positions=batch.get("positions"),
       segment_ids=batch.get("segment_ids"),
     )
@@ -153,23 +138,13 @@ def paired(
 
 def evaluate_run_rows(run: Any, data_config: Any = None) -> tuple[dict[str, np.ndarray], str]:
   """(per-sequence sums, tokens fingerprint) of a loaded run (`train.restore.LoadedRun`) on
-  its validation set (or `data_config`'s); host tables (load_run(tables="host")) are
-  gathered on the host (`restore.evaluate_run` summarizes these)."""
+  its validation set (or `data_config`'s); the rows of its host row stores
+  (load_run(tables="host")) are gathered on the host (`restore.evaluate_run` summarizes these)."""
   data_config = data_config or run.data_config
   batches = make_eval_batches(data_config, run.tokenizer, row_hasher=run.row_hasher)
   graphdef, params, rest = nnx.split(run.model, nnx.Param, ...)
   state = TrainState(step=np.int32(run.step), params=params, rest=rest, opt_state=None)
-  parts = []
-  if run.host_tables:
-    tables = dict(run.host_tables)
-    placements = {l: TablePlacement("host" if l in tables else "device") for l in run.model_config.engram_layer_ids}
-    offsets = {l: np.asarray(run.model.blocks[l].engram.offsets, np.int64) for l in tables}
-    offloaded = OffloadedEngram(placements, tables, dict(tables), offsets)
-    step = jax.jit(make_host_row_eval_step(graphdef, tuple(sorted(tables))))
-    for batch in batches:
-      parts.append(jax.device_get(step(state, batch, offloaded.gather(batch["engram_ids"]))))
-  else:
-    step = jax.jit(make_row_eval_step(graphdef))
-    for batch in batches:
-      parts.append(jax.device_get(step(state, batch)))
+  offloaded = OffloadedEngram(dict(run.stores))
+  step = jax.jit(make_row_eval_step(graphdef))
+  parts = [jax.device_get(step(state, b, offloaded.gather(b.get("engram_ids") or {}) or None)) for b in batches]
   return concat_rows(parts), tokens_fingerprint(batches)

@@ -1,16 +1,17 @@
-"""Training with host-placed Engram tables: a jitted step with row-sparse table gradients.
+"""Training with host-placed Engram tables: the one train step with row stores outside it.
 
 Per step:
-  1. (host, overlapped) the rows of the batch are gathered from the host tables
+  1. (host, overlapped) the rows of the batch are gathered from the layers' row stores
      (`OffloadedEngram.prefetcher`); they enter the model as `engram_rows`.
-  2. (device, jit) loss and grads w.r.t. the dense params AND the gathered rows; each host
-     layer's row grads [B, T, H, d_h] are reduced by `sparse_grad` to (unique flat rows,
-     summed grads, count); the global-norm clip covers dense + sparse grads together (the
-     same norm as the dense table gradient's); the dense optimizer
+  2. (device, jit) `steps.make_train_step(store_rows=...)`: loss and grads w.r.t. the dense
+     params AND the gathered rows; each host layer's row grads are reduced by `sparse_grad`
+     to (unique flat rows, summed grads, count); the global-norm clip covers dense + sparse
+     grads together (the same norm as the dense table gradient's); the dense optimizer
      (`make_optimizer` without the host tables and without its own clip) updates the rest.
-  3. (host) `SparseRowAdam` applies the sparse grads to each host table and its m, v,
-     count (NumPy, in place) at lr = engram_lr_multiplier * schedule(step), with the
-     TrainConfig's b1, b2, eps and no weight decay; cached rows are refreshed.
+  3. (host) each store applies its row grads (`HostRowStore.apply`: `SparseRowAdam` on the
+     table and its m, v, count, NumPy, in place) at lr = engram_lr_multiplier *
+     schedule(step), with the TrainConfig's b1, b2, eps and no weight decay; cached rows
+     are refreshed.
 
 Data parallelism (`HostTableTrainer(..., mesh=)`, one process, a mesh with only the data /
 fsdp axes > 1): the dense state is placed on the mesh by the logical rules, each batch and
@@ -37,27 +38,22 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from engram_jax import sharding as sharding_lib
 from engram_jax.models import engram_table, engram_table_filter
 from engram_jax.models.offloaded import OffloadedEngram, split_tables
-from engram_jax.models.transformer import Transformer, updated_router_biases
-from engram_jax.offload.hot_cache import HotRowCache
-from engram_jax.offload.indexing import check_int32_rows
+from engram_jax.models.transformer import Transformer
 from engram_jax.offload.placement import TablePlacement
 from engram_jax.offload.prefetch import patch_updated_rows
-from engram_jax.offload.sparse_adam import SparseRowAdam, SparseRowState, sparse_grad
+from engram_jax.offload.sparse_adam import SparseRowAdam
 from engram_jax.train.config import TrainConfig
-from engram_jax.train.loss import masked_lm_loss
-from engram_jax.train.optimizer import make_optimizer
+from engram_jax.train.optimizer import make_table_optimizer
 from engram_jax.train.state import TrainState, tree_shardings
-from engram_jax.train.steps import batch_shardings, clip_with_row_grads
+from engram_jax.train.steps import batch_shardings, make_train_step
 
 Batch = dict[str, Any]
-SparseGrads = dict[int, tuple[jax.Array, jax.Array, jax.Array]]
 
 
 def split_params(model: Transformer, host_layers: Iterable[int]) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
@@ -66,127 +62,22 @@ def split_params(model: Transformer, host_layers: Iterable[int]) -> tuple[nnx.Gr
   return nnx.split(model, dense, ...)
 
 
-def dense_optimizer(cfg: TrainConfig, params: nnx.State) -> tuple[optax.GradientTransformation, Callable]:
-  """(optimizer, lr schedule) of the params without host tables: `make_optimizer` without
-  its global-norm clip, which the step applies over dense + sparse grads together."""
-  return make_optimizer(cfg.replace(grad_clip_norm=0.0), params)
+def dense_optimizer(cfg: TrainConfig, params: nnx.State) -> tuple[Any, Callable]:
+  """(optimizer, lr schedule) of the params without host tables: `make_table_optimizer`
+  (so device tables beside host ones get `cfg.table_optimizer` too) without its global-norm
+  clip, which the step applies over dense + row grads together."""
+  return make_table_optimizer(cfg.replace(grad_clip_norm=0.0), params)
 
 
-def make_host_table_train_step(
-  graphdef: nnx.GraphDef,
-  tx: optax.GradientTransformation,
-  lr_schedule: Callable,
-  offloaded: OffloadedEngram,
-  *,
-  grad_clip_norm: float,
-  bias_update_rate: float = 0.0,
-  sparse_size: int | None = None,
-):
-  """The device half of a step (jit it; donate the state).
-
-  Args:
-    tx: the dense optimizer for the params WITHOUT host tables and WITHOUT a global-norm
-      clip (`make_optimizer(cfg.replace(grad_clip_norm=0), params)`): the clip here also
-      counts the sparse table grads.
-    offloaded: gives each host layer's rows and head offsets.
-    grad_clip_norm: global-norm clip over dense + sparse grads (<= 0: none).
-    sparse_size: slots of each `sparse_grad` output (default B*T*H, never overflows).
-  Returns:
-    step(state, batch, rows {layer: [B, T, H*d_h]}) -> (state, metrics, sparse grads
-    {layer: (unique int32 [S], summed [S, d_h], count int32 [])}).
-  """
-  host_layers = offloaded.host_layers
-  num_rows = {l: offloaded.num_rows(l) for l in host_layers}
-  for l, r in num_rows.items():
-    check_int32_rows(r + 1, f"host table of Engram layer {l} (device ids are int32)")
-  offsets = {l: np.asarray(offloaded.offsets[l], np.int32) for l in host_layers}
-
-  def step(state: TrainState, batch: Batch, rows: Mapping[int, jax.Array]):
-    ids = batch["engram_ids"]
-    device_ids = {l: v for l, v in ids.items() if l not in host_layers} or None
-
-    def loss_fn(params, rows):
-      model = nnx.merge(graphdef, params, state.rest)
-      logits, aux = model(
-        batch["tokens"],
-        device_ids,
-        positions=batch.get("positions"),
-        segment_ids=batch.get("segment_ids"),
-        engram_rows=rows,
-      )
-      lm_loss, sums = masked_lm_loss(logits, batch["targets"], batch["loss_mask"])
-      return lm_loss + aux["balance_loss"], (lm_loss, sums, aux)
-
-    (total, (lm_loss, sums, aux)), (grads, row_grads) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
-      state.params, dict(rows)
-    )
-    sparse = {}
-    for l in host_layers:
-      flat = ids[l].astype(jnp.int32) + offsets[l]
-      g = row_grads[l].reshape(flat.shape + (-1,))
-      sparse[l] = sparse_grad(flat, g, num_rows[l], sparse_size)
-    grads, sparse, grad_norm = clip_with_row_grads(grads, sparse, grad_clip_norm)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    rest = state.rest
-    if aux["router"]:
-      rest = updated_router_biases(state.rest, aux["router"], bias_update_rate)
-    metrics = {
-      "loss": lm_loss,
-      "total_loss": total,
-      "balance_loss": aux["balance_loss"],
-      "grad_norm": grad_norm,
-      "lr": lr_schedule(state.step),
-      "tokens": sums["tokens"],
-    }
-    if aux["engram_gates"]:
-      metrics["engram_gate_mean"] = jnp.mean(jnp.stack([g.mean() for g in aux["engram_gates"].values()]))
-    for l, s in sparse.items():  # flat scalars, as the trainer's MetricsWriter logs them
-      metrics[f"engram_rows_touched_{l}"] = s[2]
-    new_state = TrainState(step=state.step + 1, params=params, rest=rest, opt_state=opt_state)
-    return new_state, metrics, sparse
-
-  return step
+def table_lr(cfg: TrainConfig, lr_schedule: Callable, step: int) -> float:
+  """The host tables' learning rate at `step`: float32 like the dense group's
+  `engram_lr_multiplier * lr(count)` inside optax."""
+  return float(jnp.float32(cfg.engram_lr_multiplier) * lr_schedule(jnp.int32(step)))
 
 
-class HostTableOptimizer:
-  """The host half of a step: `SparseRowAdam` on every host table (state in host RAM).
-
-  Attributes:
-    adam: the `SparseRowAdam` (b1, b2, eps of the TrainConfig, weight decay 0).
-    states: {layer: SparseRowState} NumPy m, v [R, d_h] and count [R].
-  """
-
-  def __init__(self, offloaded: OffloadedEngram, cfg: TrainConfig, lr_schedule: Callable):
-    self.offloaded = offloaded
-    self.multiplier = cfg.engram_lr_multiplier
-    self.lr_schedule = lr_schedule
-    self.adam = SparseRowAdam(
-      lr=cfg.learning_rate * cfg.engram_lr_multiplier, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=0.0
-    )
-    self.states: dict[int, SparseRowState] = {l: self.adam.init(t.array) for l, t in offloaded.tables.items()}
-
-  def lr(self, step: int) -> float:
-    # float32 like the dense group's `engram_lr_multiplier * lr(count)` inside optax
-    return float(jnp.float32(self.multiplier) * self.lr_schedule(jnp.int32(step)))
-
-  def apply(self, step: int, sparse: SparseGrads) -> dict[int, np.ndarray]:
-    """Updates the tables with step `step`'s sparse grads; returns {layer: updated ids}."""
-    lr = self.lr(step)
-    updated = {}
-    for layer, (unique, summed, count) in jax.device_get(sparse).items():
-      count = int(count)
-      if count > unique.shape[0]:
-        raise ValueError(
-          f"Engram layer {layer}: {count} distinct rows overflow sparse_size={unique.shape[0]}; raise sparse_size"
-        )
-      table = self.offloaded.tables[layer]
-      self.states[layer] = table.apply_update(self.adam, self.states[layer], unique, summed, count, lr=lr)
-      updated[layer] = np.asarray(unique[:count])
-      source = self.offloaded.sources[layer]
-      if isinstance(source, HotRowCache):
-        source.refresh(updated[layer])
-    return updated
+def table_adam(cfg: TrainConfig) -> SparseRowAdam:
+  """The host tables' `SparseRowAdam`: b1, b2, eps of `cfg`, no weight decay."""
+  return SparseRowAdam(lr=cfg.learning_rate * cfg.engram_lr_multiplier, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
 
 
 class HostTableTrainer:
@@ -204,7 +95,7 @@ class HostTableTrainer:
       `OffloadedEngram` (frequencies are then unused).
     cfg: the run's TrainConfig (dense groups and the table lr / b1 / b2 / eps).
     bias_update_rate: MoE router bias step, as for `make_train_step`.
-    sparse_size: see `make_host_table_train_step`.
+    sparse_size: see `make_train_step`.
     mesh: a single-process data-parallel mesh (axes other than data / fsdp of size 1) to
       train on (see the module docstring); None: the tables' device alone.
     reuse_step_of: another trainer of the same model config, host layers, TrainConfig,
@@ -233,13 +124,10 @@ class HostTableTrainer:
       self.model, self.offloaded = split_tables(model, placements, frequencies=frequencies)
     if not self.offloaded.host_layers:
       raise ValueError("HostTableTrainer needs at least one 'host' or 'cached' Engram layer")
-    for l in self.offloaded.host_layers:
-      if self.offloaded.tables[l].method != "numpy":
-        # a jax.Array table is replaced (donated) by every update while the prefetch
-        # thread may read it; the NumPy master is updated in place (see prefetch.py)
-        raise ValueError(
-          f"training needs host_gather='numpy' tables; Engram layer {l} uses {self.offloaded.tables[l].method!r}"
-        )
+    self.cfg = cfg
+    adam = table_adam(cfg)
+    for store in self.offloaded.host_stores.values():
+      store.init_optimizer(adam)
     self.graphdef, params, rest = split_params(self.model, self.offloaded.host_layers)
     # The step donates its state: own copies, so the arrays `model` (or a clone of it)
     # shares are not deleted under the caller. Drop `model` to free the originals.
@@ -269,18 +157,17 @@ class HostTableTrainer:
     if reuse_step_of is not None:
       self.train_step = reuse_step_of.train_step
     else:
-      step_fn = make_host_table_train_step(
+      step_fn = make_train_step(
         self.graphdef,
         self.tx,
         self.lr_schedule,
-        self.offloaded,
-        grad_clip_norm=cfg.grad_clip_norm,
         bias_update_rate=bias_update_rate,
+        store_rows={l: s.index for l, s in self.offloaded.host_stores.items()},
+        grad_clip_norm=cfg.grad_clip_norm,
         sparse_size=sparse_size,
       )
       jit_kwargs = {} if out_shardings is None else {"out_shardings": out_shardings}
       self.train_step = jax.jit(step_fn, donate_argnums=(0,), **jit_kwargs)
-    self.host_optimizer = HostTableOptimizer(self.offloaded, cfg, self.lr_schedule)
 
   def context(self):
     """`jax.set_mesh(mesh)` (activation sharding constraints) or nothing without a mesh."""
@@ -313,7 +200,9 @@ class HostTableTrainer:
     step = int(self.state.step)
     with self.context():
       self.state, metrics, sparse = self.train_step(self.state, self.put_batch(batch), rows)
-    return metrics, self.host_optimizer.apply(step, sparse)
+    lr = table_lr(self.cfg, self.lr_schedule, step)
+    stores = self.offloaded.stores
+    return metrics, {l: stores[l].apply(*g, lr) for l, g in jax.device_get(sparse).items()}
 
   def iterate(self, batches: Iterable[Batch], *, depth: int = 1) -> Iterator[dict]:
     """Steps over `batches`, the host gather of the next batch overlapping this step.
@@ -348,10 +237,7 @@ class HostTableTrainer:
 
   def host_state(self) -> dict[int, dict[str, np.ndarray]]:
     """{layer: {"table", "m", "v", "count"}} NumPy views for checkpointing the host half."""
-    return {
-      l: {"table": self.offloaded.tables[l].numpy(), "m": s.m, "v": s.v, "count": s.count}
-      for l, s in self.host_optimizer.states.items()
-    }
+    return {l: s.state_dict() for l, s in self.offloaded.host_stores.items()}
 
   def load_host_state(self, saved: Mapping[int, Mapping[str, np.ndarray]]) -> None:
     """Restores what `host_state` returned (e.g. from a checkpoint); refreshes caches."""
@@ -360,14 +246,7 @@ class HostTableTrainer:
         f"host state for layers {sorted(saved)}, trainer has host layers {list(self.offloaded.host_layers)}"
       )
     for l, item in saved.items():
-      table = self.offloaded.tables[l]
-      if tuple(item["table"].shape) != table.shape:
-        raise ValueError(f"Engram layer {l}: saved table {item['table'].shape} != {table.shape}")
-      table.array = np.array(item["table"], dtype=table.dtype)  # NumPy master, owned
-      self.host_optimizer.states[l] = SparseRowState(*(np.array(item[k]) for k in ("m", "v", "count")))
-      source = self.offloaded.sources[l]
-      if isinstance(source, HotRowCache):
-        source.refresh()
+      self.offloaded.stores[l].load_state_dict(item)
 
 
 def check_data_parallel_mesh(mesh: Mesh | None) -> None:

@@ -18,9 +18,10 @@ from engram_jax.data import DataConfig, EngramRowHasher, special_ids
 from engram_jax.hashing import NgramHasher, TokenizerCompressor, tokenizer_fingerprint
 from engram_jax.models import engram_table, engram_table_filter, engram_table_value
 from engram_jax.models.config import ModelConfig
-from engram_jax.models.offloaded import check_host_placement
+from engram_jax.models.offloaded import row_indexes
 from engram_jax.models.transformer import Transformer
 from engram_jax.offload import HostTable
+from engram_jax.offload.row_store import RowStore, as_stores
 from engram_jax.train import evaluation
 from engram_jax.train.checkpoint import Checkpointer, CheckpointMismatchError, CorruptCheckpointError
 from engram_jax.train.config import TrainConfig
@@ -43,13 +44,20 @@ class LoadedRun:
   step: int
   # Engram layers trained with their tables in host memory. With load_run(tables="device")
   # `model` holds their tables; with tables="host" the model keeps size-0 placeholders
-  # for them and `host_tables` holds the tables.
+  # for them and `stores` holds them as host row stores.
   host_table_layers: tuple[int, ...] = ()
-  host_tables: dict[int, Any] | None = None  # {layer: engram_jax.offload.HostTable}
+  # {layer: row store} of every Engram layer (`engram_jax.offload.row_store`): what
+  # `evaluate_run`, `Decoder(stores=)` and `Generator(stores=)` take
+  stores: dict[int, RowStore] = dataclasses.field(default_factory=dict)
 
   @property
   def row_hasher(self) -> EngramRowHasher:
     return EngramRowHasher(self.hasher, self.compressor if self.hasher is not None else None)
+
+  @property
+  def host_tables(self) -> dict[int, Any] | None:
+    """{layer: HostTable} of the host row stores (None with every table on the device)."""
+    return {l: s.table for l, s in self.stores.items() if s.on_host} or None
 
 
 def _checkpoint_dir(path: str | Path) -> Path:
@@ -71,8 +79,8 @@ def load_run(path: str | Path, *, step: int | None = None, mesh=None, tables: st
     tables="host": with those layers' tables read from the checkpoint straight into host
       memory (`run.host_tables`, {layer: HostTable}, NumPy gather), never as device arrays;
       the model keeps size-0 placeholders for them, as the trainer's does. For tables
-      larger than device memory. `evaluate_run` and `Generator(..., table_placement="host",
-      host_tables=run.host_tables)` take such a run.
+      larger than device memory. `evaluate_run` and `Generator(..., stores=run.stores)`
+      take such a run.
   tables="host" is refused (ValueError) for a run trained with every table on the device:
   its checkpoint holds the tables inside the device state. Load it with tables="device"
   and move them with `engram_jax.models.offloaded.split_tables(run.model, "host")`.
@@ -138,8 +146,6 @@ def _load_step(ckpt: Checkpointer, path: str | Path, step: int, mesh, tables: st
       "tables='device' and move the tables with engram_jax.models.offloaded.split_tables(run.model, "
       "'host')"
     )
-  if tables == "host":
-    check_host_placement(model_config, host_layers, f"load_run(tables='host') of the run at {path}")
   host_tables = None
   if host_layers:
     model, loaded_step, host_tables = _load_host_placed(
@@ -152,6 +158,7 @@ def _load_step(ckpt: Checkpointer, path: str | Path, step: int, mesh, tables: st
     state, _ = ckpt.restore(abstract_like(state), current_meta=meta, step=step)
     model = nnx.merge(graphdef, state.params, state.rest)
     loaded_step = int(state.step)
+  stores = as_stores(host_tables or {}, row_indexes(model)) if model_config.engram is not None else {}
   return LoadedRun(
     model,
     model_config,
@@ -162,7 +169,7 @@ def _load_step(ckpt: Checkpointer, path: str | Path, step: int, mesh, tables: st
     meta,
     loaded_step,
     host_layers,
-    host_tables,
+    stores,
   )
 
 
@@ -177,7 +184,7 @@ def _load_host_placed(
   *,
   keep_on_host: bool = False,
 ):
-  """A run trained with host-placed tables (`_HostPlacement`): its `state` item is the
+  """A run trained with host-placed tables (`trainer._Engine` with host row stores): its `state` item is the
   TrainState without the host tables, which are in the `host_tables` item. Nothing is
   initialised on the way.
 
@@ -263,7 +270,7 @@ def _restore_tables(
 def evaluate_run(run: LoadedRun, data_config: DataConfig | None = None) -> dict[str, float]:
   """Validation loss with its SE (clustered by sequence), perplexity, accuracy and bits per
   byte of a loaded run on its validation set (or `data_config`'s): the trainer's evaluation
-  (`engram_jax.train.evaluation`). With `run.host_tables` (load_run(tables="host")) the host
+  (`engram_jax.train.evaluation`). With host row stores (load_run(tables="host")) the host
   layers' rows are gathered from them each batch, as the trainer evaluates."""
   return evaluation.summarize_rows(evaluation.evaluate_run_rows(run, data_config)[0])
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from engram_jax import sharding as sharding_lib
 from engram_jax.models.transformer import updated_router_biases
+from engram_jax.offload.indexing import RowIndex, check_int32_rows
 from engram_jax.offload.sparse_adam import sparse_grad
 from engram_jax.train.loss import masked_lm_loss
 from engram_jax.train.optimizer import SparseTableOptimizer
@@ -30,47 +32,65 @@ def batch_shardings(batch: Batch, mesh: Mesh) -> Any:
   return jax.tree.map(one, batch)
 
 
-def model_inputs(batch: Batch) -> tuple[tuple, dict]:
-  return (batch["tokens"], batch.get("engram_ids") or None), {
-    "positions": batch.get("positions"),
-    "segment_ids": batch.get("segment_ids"),
-  }
-
-
 def make_train_step(
   graphdef: nnx.GraphDef,
   tx: optax.GradientTransformation | SparseTableOptimizer,
   lr_schedule: Callable,
   *,
   bias_update_rate: float = 0.0,
-) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-  """One optimizer step: loss + MoE balance loss, clipped AdamW/Adam groups, then the
-  auxiliary-loss-free router-bias update (outside the optimizer).
+  store_rows: Mapping[int, RowIndex] | None = None,
+  grad_clip_norm: float | None = None,
+  sparse_size: int | None = None,
+) -> Callable[..., tuple[TrainState, dict, dict]]:
+  """The one optimizer step of every table placement: loss + MoE balance loss, clipped
+  AdamW/Adam groups, then the auxiliary-loss-free router-bias update (outside the optimizer).
 
-  `tx` from `make_table_optimizer`: an optax transformation over every param (dense Adam on
-  the tables), or a `SparseTableOptimizer`: its tables' rows are gathered here, the loss is
-  differentiated w.r.t. those rows and the tables get row-sparse Adam (O(tokens), not
-  O(table rows); metrics add `engram_rows_touched_<layer>`)."""
+      step(state, batch, engram_rows=None) -> (state, metrics, row_grads)
+
+  Tables whose rows live in the model (device row stores) are updated here by `tx`, from
+  `make_table_optimizer`: an optax transformation over every param (dense Adam on the
+  tables, the reference), or a `SparseTableOptimizer`: its tables' rows are gathered here,
+  the loss is differentiated w.r.t. those rows and the tables get row-sparse Adam
+  (O(tokens), not O(table rows)).
+
+  `store_rows` {layer: RowIndex} names the layers whose rows come from a row store outside
+  the model (host / cached): their gathered rows enter as `engram_rows` {layer: [B, T,
+  H*d_h]}, and their row gradients come back in `row_grads` {layer: `sparse_grad` output
+  (unique int32 [S], summed [S, d_h], count int32 [])} for the store to apply; `tx` then
+  holds no global-norm clip (`make_table_optimizer(cfg.replace(grad_clip_norm=0), ...)`)
+  and `grad_clip_norm` clips dense and row grads together (the norm of the dense table
+  gradient). `sparse_size`: slots of each store layer's `sparse_grad` (default B*T*H).
+  `row_grads` is {} without store layers. Metrics add `engram_rows_touched_<layer>` for
+  every row-sparse layer, and `moe_max_load` / `moe_dropped` for MoE models."""
   sparse_tx = tx if isinstance(tx, SparseTableOptimizer) else None
+  store_rows = dict(store_rows or {})
+  if store_rows and sparse_tx is None and grad_clip_norm is None:
+    raise ValueError("make_train_step: store_rows needs grad_clip_norm (the clip over dense and row grads)")
+  if grad_clip_norm is None:  # without store rows: the clip of the SparseTableOptimizer (or inside tx)
+    grad_clip_norm = sparse_tx.grad_clip_norm if sparse_tx is not None else 0.0
+  for l, index in store_rows.items():
+    check_int32_rows(index.num_rows + 1, f"row store of Engram layer {l} (device ids are int32)")
 
-  def step(state: TrainState, batch: Batch):
-    if sparse_tx is None:
-      params, tables, ids, rows = state.params, None, batch.get("engram_ids") or None, {}
-    else:
+  def step(state: TrainState, batch: Batch, engram_rows: Mapping[int, jax.Array] | None = None):
+    all_ids = batch.get("engram_ids") or {}
+    rows = dict(engram_rows or {})
+    missing = sorted(set(store_rows) - set(rows))
+    if missing:
+      raise ValueError(f"engram_rows lacks the row-store Engram layers {missing}")
+    flat = {l: index.flat_jnp(all_ids[l])[0] for l, index in store_rows.items()}
+    params, tables = state.params, None
+    if sparse_tx is not None:
       tables, params = sparse_tx.split(state.params)
       model = nnx.merge(graphdef, state.params, state.rest)
-      all_ids = batch["engram_ids"]
-      ids = {l: v for l, v in all_ids.items() if l not in sparse_tx.layers} or None
-      flat = {l: model.blocks[l].engram.flat_row_ids(all_ids[l]) for l in sparse_tx.layers}
-      rows = {l: model.blocks[l].engram.lookup(all_ids[l]) for l in sparse_tx.layers}
+      for l in sparse_tx.layers:
+        flat[l] = model.blocks[l].engram.flat_row_ids(all_ids[l])
+        rows[l] = model.blocks[l].engram.lookup(all_ids[l])
 
     def loss_fn(params, rows):
-      model = (
-        nnx.merge(graphdef, params, state.rest) if tables is None else nnx.merge(graphdef, params, tables, state.rest)
-      )
-      logits, aux = model(
+      parts = (params, state.rest) if tables is None else (params, tables, state.rest)
+      logits, aux = nnx.merge(graphdef, *parts)(  # rows take precedence over their ids
         batch["tokens"],
-        ids,
+        all_ids or None,
         positions=batch.get("positions"),
         segment_ids=batch.get("segment_ids"),
         engram_rows=rows or None,
@@ -82,15 +102,28 @@ def make_train_step(
       params, rows
     )
     lr = lr_schedule(state.step)
-    metrics = {}
-    if sparse_tx is None:
+    metrics, sparse = {}, {}
+    for l in flat:  # summed in the table's dtype, as the dense gradient's scatter-add is
+      g = row_grads[l].reshape(flat[l].shape + (-1,))
+      if l in store_rows:
+        sparse[l] = sparse_grad(flat[l], g, store_rows[l].num_rows, sparse_size)
+      else:
+        table = sparse_tx.tables(state.params)[l]
+        sparse[l] = sparse_grad(flat[l], g.astype(table.dtype), table.shape[0])
+      metrics[f"engram_rows_touched_{l}"] = sparse[l][2]
+    if not sparse:
       grad_norm = optax.global_norm(grads)
       updates, opt_state = tx.update(grads, state.opt_state, params)
       params = optax.apply_updates(params, updates)
     else:
-      params, opt_state, grad_norm = _sparse_table_update(
-        sparse_tx, state, tables, params, grads, flat, row_grads, lr, metrics
-      )
+      if sparse_tx is not None and sparse_tx.frozen:  # as make_optimizer zeroes frozen table grads
+        sparse = {l: s for l, s in sparse.items() if l in store_rows}
+      grads, sparse, grad_norm = clip_with_row_grads(grads, sparse, grad_clip_norm)
+      dense_tx, dense_state = (tx, state.opt_state) if sparse_tx is None else (sparse_tx.dense, state.opt_state[0])
+      updates, opt_state = dense_tx.update(grads, dense_state, params)
+      params = optax.apply_updates(params, updates)
+      if sparse_tx is not None:
+        params, opt_state = _device_table_update(sparse_tx, state, tables, params, opt_state, sparse, lr)
     rest = state.rest
     if aux["router"]:
       rest = updated_router_biases(state.rest, aux["router"], bias_update_rate)
@@ -111,7 +144,7 @@ def make_train_step(
     if aux["engram_gates"]:
       metrics["engram_gate_mean"] = jnp.mean(jnp.stack([g.mean() for g in aux["engram_gates"].values()]))
     new_state = TrainState(step=state.step + 1, params=params, rest=rest, opt_state=opt_state)
-    return new_state, metrics
+    return new_state, metrics, {l: sparse[l] for l in store_rows}
 
   return step
 
@@ -128,46 +161,12 @@ def clip_with_row_grads(grads: Any, sparse: dict, clip_norm: float) -> tuple[Any
   return grads, sparse, norm
 
 
-def _sparse_table_update(
-  tx: SparseTableOptimizer,
-  state: TrainState,
-  tables: nnx.State,
-  params: nnx.State,
-  grads: nnx.State,
-  flat: dict,
-  row_grads: dict,
-  lr: jax.Array,
-  metrics: dict,
-) -> tuple[nnx.State, Any, jax.Array]:
-  """The `SparseTableOptimizer` half of a step: (all params, opt state, grad norm)."""
-  dense_state, table_states = state.opt_state
-  table_values = tx.tables(state.params)
-  sparse = {}
-  for l in tx.layers:
-    # summed in the table's dtype, as the dense gradient's scatter-add is
-    g = row_grads[l].reshape(flat[l].shape + (-1,)).astype(table_values[l].dtype)
-    sparse[l] = sparse_grad(flat[l], g, table_values[l].shape[0])
-    metrics[f"engram_rows_touched_{l}"] = sparse[l][2]
-  if tx.frozen:
-    sparse = {}  # as make_optimizer zeroes frozen table grads before its clip
-  grads, sparse, grad_norm = clip_with_row_grads(grads, sparse, tx.grad_clip_norm)
-  updates, dense_state = tx.dense.update(grads, dense_state, params)
-  params = optax.apply_updates(params, updates)
+def _device_table_update(
+  tx: SparseTableOptimizer, state: TrainState, tables: nnx.State, params: nnx.State, dense_state, sparse: dict, lr
+) -> tuple[nnx.State, Any]:
+  """Row-sparse Adam on the device tables of `tx`: (all params, opt state)."""
+  table_states = state.opt_state[1]
   if not tx.frozen:
-    new_tables, table_states = tx.apply_tables(table_values, table_states, sparse, lr)
+    new_tables, table_states = tx.apply_tables(tx.tables(state.params), table_states, sparse, lr)
     tables = jax.tree_util.tree_map_with_path(lambda path, x: new_tables[path[1].key], tables)
-  return nnx.merge_state(params, tables), (dense_state, table_states), grad_norm
-
-
-def compile_steps(
-  graphdef, tx, lr_schedule, state_shardings, example_batch: Batch, mesh: Mesh, *, bias_update_rate: float = 0.0
-):
-  """jit-compiled train step with explicit shardings (the state is donated), and the batch's shardings."""
-  b_shard = batch_shardings(example_batch, mesh)
-  train = jax.jit(
-    make_train_step(graphdef, tx, lr_schedule, bias_update_rate=bias_update_rate),
-    in_shardings=(state_shardings, b_shard),
-    out_shardings=(state_shardings, None),
-    donate_argnums=(0,),
-  )
-  return train, b_shard
+  return nnx.merge_state(params, tables), (dense_state, table_states)

@@ -12,9 +12,11 @@ learning rate. A run holds `workdir/run.lock` (`run_lock.RunLock`); a corrupt ne
 checkpoint is reported and set aside, and the run resumes from the newest intact one.
 
 Engram tables in host memory (`TrainConfig.table_placement`, e.g. "host", "cached@0.05",
-"1:host"): `engram_jax.train.host_trainer.HostTableTrainer` runs the steps (rows of step t+1 gathered
-on the host during step t, row-sparse Adam on the host tables); checkpoints add the host
-tables and their Adam state (item "host_tables"); evaluation feeds the gathered rows.
+"1:host", parsed once by `offload.parse_placements`): the same train step runs with row
+stores outside it (`_Engine`, `engram_jax.train.host_trainer.HostTableTrainer`: rows of step
+t+1 gathered on the host during step t, row-sparse Adam applied by the stores); checkpoints
+add the host tables and their Adam state (item "host_tables"); evaluation feeds the
+gathered rows.
 Single process only: by default on jax.devices()[0], or data-parallel over a given mesh
 whose tensor / expert axes are 1 (batch and rows split over its devices). "cached" layers
 keep the rows most frequent in the first `FREQUENCY_BATCHES` training batches on the device.
@@ -60,8 +62,7 @@ from engram_jax.models import engram_table_filter
 from engram_jax.models.accounting import count_params, flops_per_token
 from engram_jax.models.config import ModelConfig
 from engram_jax.models.host_init import build_offloaded
-from engram_jax.models.offloaded import check_host_placement
-from engram_jax.offload import count_row_frequencies, flat_rows_np, parse_placements
+from engram_jax.offload import count_row_frequencies, parse_placements
 from engram_jax.train import evaluation, multihost
 from engram_jax.train.checkpoint import (
   Checkpointer,
@@ -258,8 +259,7 @@ class Trainer:
     rate = cfg.moe_bias_update_rate
     if rate is None and self.model_config.moe is not None:
       rate = self.model_config.moe.bias_update_rate
-    placement = _HostPlacement if self.host_layers else _DevicePlacement
-    engine = self._build_engine(placement, meta, data_iter, rate or 0.0, resume_step)
+    engine = self._build_engine(meta, data_iter, rate or 0.0, resume_step)
     start = engine.step
     if start:
       log.info("resumed from step %d", start)
@@ -329,9 +329,7 @@ class Trainer:
         scale,
       )
       data_iter = self._train_iterator()
-      engine = self._build_engine(
-        placement, meta, data_iter, rate or 0.0, good, lr_scale=scale, later_to="diverged_checkpoints"
-      )
+      engine = self._build_engine(meta, data_iter, rate or 0.0, good, lr_scale=scale, later_to="diverged_checkpoints")
       context.enter_context(engine.context())
       rolled_back_to = step = engine.step
       if cfg.rollback_skip_batches:
@@ -447,7 +445,6 @@ class Trainer:
 
   def _build_engine(
     self,
-    placement,
     meta,
     data_iter,
     rate: float,
@@ -456,7 +453,7 @@ class Trainer:
     lr_scale: float | None = None,
     later_to: str = "superseded_checkpoints",
   ):
-    """The placement's engine, restored from the newest intact checkpoint (or `resume_step`).
+    """The run's `_Engine`, restored from the newest intact checkpoint (or `resume_step`).
 
     The optimizer's learning rate is scaled by `lr_scale`, by default the checkpoint's (that
     divergence rollbacks left), else 1.
@@ -480,7 +477,7 @@ class Trainer:
       candidates = [resume_step]
     if not candidates:
       self.lr_scale = 1.0 if lr_scale is None else lr_scale
-      return placement(self, meta, data_iter, rate, None)
+      return _Engine(self, meta, data_iter, rate, None)
     unreadable: list[CorruptCheckpointError] = []
     for i, step in enumerate(candidates):
       try:
@@ -491,7 +488,7 @@ class Trainer:
             f"checkpoint {ckpt.directory}/{step} does not match this run:\n  " + "\n  ".join(problems)
           )
         self.lr_scale = float(saved.get("lr_scale", 1.0)) if lr_scale is None else lr_scale
-        engine = placement(self, meta, data_iter, rate, step)
+        engine = _Engine(self, meta, data_iter, rate, step)
       except CorruptCheckpointError as e:
         log.error("%s", e)
         unreadable.append(e)
@@ -523,8 +520,8 @@ class Trainer:
     Read from a separate iterator over the same stream, so the training iterator loses no
     batch; the counts (and so the hot rows of "cached" tables) are the same on resume.
     """
-    counts = {l: np.zeros(model.blocks[l].engram.num_rows, np.int64) for l in layers}
-    offsets = {l: np.asarray(model.blocks[l].engram.offsets, np.int64) for l in layers}
+    index = {l: model.blocks[l].engram.row_index for l in layers}
+    counts = {l: np.zeros(index[l].num_rows, np.int64) for l in layers}
     it = self._train_iterator()
     try:
       for _ in range(FREQUENCY_BATCHES):
@@ -533,24 +530,12 @@ class Trainer:
         except StopIteration:
           break
         for l in layers:
-          flat = flat_rows_np(np.asarray(batch["engram_ids"][l]), offsets[l])
+          flat = index[l].flat_np(batch["engram_ids"][l], f"Engram layer {l}")
           counts[l] += count_row_frequencies([flat], counts[l].shape[0])
     finally:
       if hasattr(it, "close"):
         it.close()
     return counts
-
-  @staticmethod
-  def evaluate_rows(eval_step, state, eval_batches, mesh) -> dict[str, np.ndarray]:
-    """Per-sequence sums (`evaluation.row_sums`) over the fixed validation batches.
-
-    Every process holds the same full validation batches; each device evaluates its rows
-    (`eval_step` returns them replicated, so every process can read them).
-    """
-    parts = [
-      eval_step(state, multihost.put_replicated_batch(batch, batch_shardings(batch, mesh))) for batch in eval_batches
-    ]
-    return evaluation.concat_rows(jax.device_get(parts))
 
 
 def _divergence(loss: float, metrics: dict[str, Any], step: int) -> str | None:
@@ -573,9 +558,7 @@ def _table_placements(model_config: ModelConfig, cfg: TrainConfig) -> tuple[dict
       )
     return {}, ()
   placements = parse_placements(cfg.table_placement, model_config.engram_layer_ids)
-  host_layers = tuple(sorted(l for l, p in placements.items() if p.on_host))
-  check_host_placement(model_config, host_layers, f"TrainConfig.table_placement={cfg.table_placement!r}")
-  return placements, host_layers
+  return placements, tuple(sorted(l for l, p in placements.items() if p.on_host))
 
 
 def _check_host_placement_setup(mesh: jax.sharding.Mesh, cfg: TrainConfig) -> None:
@@ -591,70 +574,153 @@ def _check_host_placement_setup(mesh: jax.sharding.Mesh, cfg: TrainConfig) -> No
     )
 
 
-class _DevicePlacement:
-  """Every Engram table on the device: the whole state sharded on the mesh, one jitted step."""
+class _Engine:
+  """A run's state, row stores and the one jitted step (`steps.make_train_step`), for every
+  table placement.
+
+  Device row stores: their tables are in the TrainState, sharded on the mesh with the rest,
+  and the step updates them (dense or row-sparse Adam, `make_table_optimizer`). With host /
+  cached stores a `HostTableTrainer` holds the state: their tables are initialised in host
+  memory (`build_offloaded`, never on the device, which keeps size-0 placeholders), the
+  rows of step t+1 are gathered during step t and the stores apply the step's row grads.
+
+  The checkpoint's `state` item is the TrainState without the size-0 placeholders;
+  `host_tables` holds each host store's `state_dict` (table, row-sparse Adam m, v, count).
+  """
 
   def __init__(self, trainer: Trainer, meta: dict[str, Any], data_iter: Any, rate: float, step: int | None):
     cfg, mesh = trainer.optimizer_config(), trainer.mesh
-    graphdef, state, state_sh, (tx, lr) = create_train_state(
-      trainer.model_config, lambda p: make_table_optimizer(cfg, p, mesh), trainer.seed, mesh
-    )
-    if step is not None:
-      abstract = abstract_like(state)
-      del state
-      state, _ = trainer.checkpointer.restore(abstract, current_meta=meta, step=step, data_iterator=data_iter)
-    self.state, self.mesh, self.data_iter = state, mesh, data_iter
-    self.global_batch = trainer.layout.global_batch
-    spec = batch_spec(trainer.data_config.replace(batch_size=self.global_batch), trainer.model_config.engram)
-    example = jax.tree.map(lambda s: np.zeros(s[0], s[1]), spec, is_leaf=lambda x: isinstance(x, tuple))
-    self.b_shard = batch_shardings(example, mesh)
-    self.train_step = jax.jit(
-      make_train_step(graphdef, tx, lr, bias_update_rate=rate),
-      in_shardings=(state_sh, self.b_shard),
-      out_shardings=(state_sh, None),
-      donate_argnums=(0,),
-    )
-    self.eval_step = jax.jit(
-      evaluation.make_row_eval_step(graphdef),
-      out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
-    )
+    self.host, self.data_iter, self.global_batch = None, data_iter, trainer.layout.global_batch
+    layers = trainer.host_layers
+    self._is_placeholder = engram_table_filter(layers)
+    if layers:
+      build = lambda: build_model(trainer.model_config, trainer.seed)  # noqa: E731
+      cached = tuple(l for l, p in trainer.placements.items() if p.kind == "cached" and not p.frequency_file)
+      frequencies = trainer.row_frequencies(nnx.eval_shape(build), cached) if cached else None
+      model, offloaded = build_offloaded(
+        build, trainer.placements, frequencies=frequencies, device=mesh.devices.flat[0]
+      )
+      # one device: the state and rows stay on it; a data-parallel mesh splits them over it
+      self.host = HostTableTrainer(model, offloaded, cfg, bias_update_rate=rate, mesh=mesh if mesh.size > 1 else None)
+      del model
+      graphdef, self.mesh = self.host.graphdef, self.host.mesh
+      self.position = _ConsumedPosition(data_iter)
+      out = None
+    else:
+      graphdef, self._state, state_sh, (tx, lr) = create_train_state(
+        trainer.model_config, lambda p: make_table_optimizer(cfg, p, mesh), trainer.seed, mesh
+      )
+      self.mesh, self.position = mesh, data_iter
+      spec = batch_spec(trainer.data_config.replace(batch_size=self.global_batch), trainer.model_config.engram)
+      example = jax.tree.map(lambda s: np.zeros(s[0], s[1]), spec, is_leaf=lambda x: isinstance(x, tuple))
+      self.b_shard = batch_shardings(example, mesh)
+      self.train_step = jax.jit(
+        make_train_step(graphdef, tx, lr, bias_update_rate=rate),
+        in_shardings=(state_sh, self.b_shard),
+        out_shardings=(state_sh, None, None),
+        donate_argnums=(0,),
+      )
+      out = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    self.eval_step = jax.jit(evaluation.make_row_eval_step(graphdef), out_shardings=out)
+    if step is None:
+      return
+    ckpt, target = trainer.checkpointer, abstract_like(self._savable_state())
+    if self.host is None:
+      del self._state  # freed before the restored copy arrives
+      self._state, _ = ckpt.restore(target, current_meta=meta, step=step, data_iterator=data_iter)
+      return
+    restored, _ = ckpt.restore(target, current_meta=meta, step=step, data_iterator=data_iter)
+    placeholders, _ = nnx.split_state(self.state.rest, self._is_placeholder, ...)
+    self.state = restored.replace(rest=nnx.merge_state(restored.rest, placeholders))
+    self.host.load_host_state(ckpt.restore_host_tables(self.host.host_state(), step=step))
+
+  @property
+  def state(self):
+    return self._state if self.host is None else self.host.state
+
+  @state.setter
+  def state(self, value) -> None:
+    if self.host is None:
+      self._state = value
+    else:
+      self.host.state = value
 
   @property
   def step(self) -> int:
     return int(self.state.step)
 
   def context(self):
-    return jax.set_mesh(self.mesh)
+    # Host stores: no mesh around the loop. With one device the state lives on it (under
+    # jax.set_mesh the step's outputs would carry the mesh and recompile the next step);
+    # with a mesh the host trainer enters it around its steps only, as the hot-row caches
+    # of "cached" layers stay on one device.
+    return contextlib.nullcontext() if self.host is not None else jax.set_mesh(self.mesh)
+
+  def _savable_state(self):
+    # orbax cannot write the size-0 table placeholders; they carry nothing
+    _, rest = nnx.split_state(self.state.rest, self._is_placeholder, ...)
+    return self.state.replace(rest=rest)
 
   def steps(self, data_iter):
-    """Yields each step's metrics; one batch is read per step."""
+    """Yields each step's metrics (row-store updates applied); host rows prefetched one step ahead."""
+    if self.host is not None:
+      for metrics in self.host.iterate(self.position):
+        self.position.consumed()
+        yield metrics
+      return
     while True:
       try:
         batch = next(data_iter)
       except StopIteration:
         return
       batch = multihost.put_process_batch(batch, self.b_shard, self.global_batch)
-      self.state, metrics = self.train_step(self.state, batch)
+      self.state, metrics, _ = self.train_step(self.state, batch)
       self.last_batch = batch  # what `verify` evaluates the new weights on
       yield metrics
 
   def skip(self, n: int) -> None:
     for _ in range(n):
-      next(self.data_iter)
+      next(self.position)
+      if self.host is not None:
+        self.position.consumed()
 
   def verify(self) -> str | None:
     """Why the current state must not be checkpointed (non-finite values or loss), or None."""
-    bad = nonfinite_leaves(self.state)
+    bad = nonfinite_leaves(self._savable_state())
+    bad += [
+      f"host table of layer {l}: {k}"
+      for l, d in (self.host.host_state() if self.host is not None else {}).items()
+      for k, v in d.items()
+      if np.issubdtype(v.dtype, np.inexact) and not np.isfinite(v).all()
+    ]
     if bad:
-      return f"non-finite values in {bad}"
-    loss = evaluation.summarize_rows(jax.device_get(self.eval_step(self.state, self.last_batch)))["val_loss"]
+      return f"non-finite values in {bad[:5]}"
+    if self.host is None:  # the step's batch, already placed on the mesh
+      rows = evaluation.concat_rows([jax.device_get(self.eval_step(self.state, self.last_batch, None))])
+    else:
+      rows = self.evaluate_rows([self.position.last_batch])
+    loss = evaluation.summarize_rows(rows)["val_loss"]
     return None if math.isfinite(loss) else f"its weights give loss {loss} on the step's batch"
 
   def evaluate_rows(self, eval_batches) -> dict[str, np.ndarray]:
-    return Trainer.evaluate_rows(self.eval_step, self.state, eval_batches, self.mesh)
+    """Per-sequence sums (`evaluation.row_sums`) over the validation batches. Without host
+    stores every process holds the same full batches and each device evaluates its rows
+    (returned replicated, so every process can read them)."""
+    parts = []
+    for batch in eval_batches:
+      if self.host is None:
+        batch = multihost.put_replicated_batch(batch, batch_shardings(batch, self.mesh))
+        parts.append(self.eval_step(self.state, batch, None))
+        continue
+      rows = self.host.gather(batch["engram_ids"])
+      with self.host.context():
+        parts.append(self.eval_step(self.state, self.host.put_batch(batch), rows))
+    return evaluation.concat_rows(jax.device_get(parts))
 
   def save(self, checkpointer: Checkpointer, step: int, **kwargs) -> None:
-    checkpointer.save(step, self.state, data_iterator=self.data_iter, **kwargs)
+    if self.host is not None:
+      kwargs["host_tables"] = self.host.host_state()
+    checkpointer.save(step, self._savable_state(), data_iterator=self.position, **kwargs)
 
 
 class _ConsumedPosition:
@@ -689,98 +755,3 @@ class _ConsumedPosition:
 
   def get_state(self) -> bytes:
     return self._state
-
-
-class _HostPlacement:
-  """Host / cached Engram tables: `HostTableTrainer` steps, tables checkpointed beside the state.
-
-  The tables are initialised in host memory (`build_offloaded`); the device holds only the
-  rest of the model and the tables' size-0 placeholders.
-
-  The checkpoint's `state` item is the trainer's TrainState (dense params, rest, dense
-  optimizer state) without the tables' size-0 placeholders; `host_tables` holds each
-  host table with its row-sparse Adam m, v and per-row count.
-  """
-
-  def __init__(self, trainer: Trainer, meta: dict[str, Any], data_iter: Any, rate: float, step: int | None):
-    # The host tables are initialised in host memory, never on the device.
-    build = lambda: build_model(trainer.model_config, trainer.seed)  # noqa: E731
-    cached = tuple(l for l, p in trainer.placements.items() if p.kind == "cached" and not p.frequency_file)
-    frequencies = trainer.row_frequencies(nnx.eval_shape(build), cached) if cached else None
-    # one device: the state and rows stay on it; a data-parallel mesh splits them over it
-    mesh = trainer.mesh if trainer.mesh.size > 1 else None
-    model, offloaded = build_offloaded(
-      build, trainer.placements, frequencies=frequencies, device=trainer.mesh.devices.flat[0]
-    )
-    self.host = HostTableTrainer(model, offloaded, trainer.optimizer_config(), bias_update_rate=rate, mesh=mesh)
-    del model
-    self.layers = self.host.offloaded.host_layers
-    self._is_placeholder = engram_table_filter(self.layers)
-    ckpt = trainer.checkpointer
-    if step is not None:
-      saved = self._savable_state()
-      restored, _ = ckpt.restore(abstract_like(saved), current_meta=meta, step=step, data_iterator=data_iter)
-      placeholders, _ = nnx.split_state(self.host.state.rest, self._is_placeholder, ...)
-      self.host.state = restored.replace(rest=nnx.merge_state(restored.rest, placeholders))
-      self.host.load_host_state(ckpt.restore_host_tables(self.host.host_state(), step=step))
-    self.position = _ConsumedPosition(data_iter)
-    self.eval_step = jax.jit(evaluation.make_host_row_eval_step(self.host.graphdef, self.layers))
-
-  @property
-  def state(self):
-    return self.host.state
-
-  @property
-  def step(self) -> int:
-    return int(self.host.state.step)
-
-  def context(self):
-    # No mesh around the loop: with one device the state lives on it (under jax.set_mesh
-    # the step's outputs would carry the mesh and recompile the next step); with a mesh the
-    # host trainer enters it around its steps only, as the hot-row caches of "cached"
-    # layers stay on one device.
-    return contextlib.nullcontext()
-
-  def _savable_state(self):
-    # orbax cannot write the size-0 table placeholders; they carry nothing
-    _, rest = nnx.split_state(self.host.state.rest, self._is_placeholder, ...)
-    return self.host.state.replace(rest=rest)
-
-  def steps(self, data_iter):
-    """Yields each step's metrics (the table update applied); rows prefetched one step ahead."""
-    del data_iter  # read through self.position
-    for metrics in self.host.iterate(self.position):
-      self.position.consumed()
-      yield metrics
-
-  def skip(self, n: int) -> None:
-    for _ in range(n):
-      next(self.position)
-      self.position.consumed()
-
-  def verify(self) -> str | None:
-    """Why the current state must not be checkpointed (non-finite values or loss), or None."""
-    bad = nonfinite_leaves(self._savable_state())
-    bad += [
-      f"host table of layer {l}: {k}"
-      for l, d in self.host.host_state().items()
-      for k, v in d.items()
-      if np.issubdtype(v.dtype, np.inexact) and not np.isfinite(v).all()
-    ]
-    if bad:
-      return f"non-finite values in {bad[:5]}"
-    loss = evaluation.summarize_rows(self.evaluate_rows([self.position.last_batch]))["val_loss"]
-    return None if math.isfinite(loss) else f"its weights give loss {loss} on the step's batch"
-
-  def evaluate_rows(self, eval_batches) -> dict[str, np.ndarray]:
-    parts = []
-    for batch in eval_batches:
-      rows = self.host.gather(batch["engram_ids"])
-      with self.host.context():
-        parts.append(jax.device_get(self.eval_step(self.host.state, self.host.put_batch(batch), rows)))
-    return evaluation.concat_rows(parts)
-
-  def save(self, checkpointer: Checkpointer, step: int, **kwargs) -> None:
-    checkpointer.save(
-      step, self._savable_state(), data_iterator=self.position, host_tables=self.host.host_state(), **kwargs
-    )

@@ -164,7 +164,7 @@ class Meter:
 
       table.gather = counted
     sources = {}
-    for layer, src in offloaded.sources.items():
+    for layer, src in _sources(offloaded).items():
       fn = src.lookup if isinstance(src, HotRowCache) else src.gather
       index_bytes = 9 if isinstance(src, HotRowCache) else 0  # slot, hit, miss index per id
 
@@ -200,8 +200,13 @@ def _rate(step_seconds) -> float:
   return 1.0 / float(np.median(step_seconds))
 
 
+def _sources(offloaded) -> dict:
+  """{layer: HotRowCache of a cached store, else the HostTable}: what each host layer reads."""
+  return {l: getattr(s, "cache", s.table) for l, s in offloaded.host_stores.items()}
+
+
 def _hit_rate(offloaded) -> float:
-  caches = [s for s in offloaded.sources.values() if isinstance(s, HotRowCache)]
+  caches = [s for s in _sources(offloaded).values() if isinstance(s, HotRowCache)]
   return float(np.mean([c.hit_rate for c in caches])) if caches else float("nan")
 
 
@@ -216,7 +221,7 @@ def train_device(model, batches, warmup: int, rate: float) -> Result:
   times = []
   for batch in batches:
     t0 = time.perf_counter()
-    state, metrics = step(state, batch)
+    state, metrics, _ = step(state, batch)
     float(metrics["loss"])  # what a training loop syncs on every step
     times.append(time.perf_counter() - t0)
   return Result(_rate(times[warmup:]))
@@ -237,7 +242,7 @@ def train_host(model, spec, batches, warmup: int, rate: float, freqs, depth: int
     for i in range(len(batches)):
       if i == warmup:
         wait, d2h, h2d0, g0 = 0.0, 0.0, meter.h2d, meter.gather_s
-        for c in off.sources.values():
+        for c in _sources(off).values():
           if isinstance(c, HotRowCache):
             c.reset_stats()
       t0 = time.perf_counter()
@@ -285,7 +290,7 @@ def decode(model, spec, steps, warmup: int, freqs, depth: int) -> Result:
       if i == warmup:
         wait, h2d0, g0 = 0.0, meter.h2d, meter.gather_s
         if off is not None:
-          for c in off.sources.values():
+          for c in _sources(off).values():
             if isinstance(c, HotRowCache):
               c.reset_stats()
       t0 = time.perf_counter()
@@ -356,12 +361,11 @@ def setup(cfg: ModelConfig, preset: Preset, zipf_exponent: float) -> Setup:
     f"{rows * cfg.engram.head_dim / 1e6:,.1f}M table params"
   )
   zipf = {l: ZipfRows(s, zipf_exponent, seed=l) for l, s in sizes.items()}
-  offsets = {l: np.asarray(model.blocks[l].engram.offsets) for l in layers}
+  index = {l: model.blocks[l].engram.row_index for l in layers}
   b, t = preset.train_batch
   sample = _batches(cfg, zipf, 4, b, t, seed=99)  # frequencies come from other batches
   freqs = {
-    l: count_row_frequencies((x["engram_ids"][l] + offsets[l] for x in sample), model.blocks[l].engram.num_rows)
-    for l in layers
+    l: count_row_frequencies((i.flat_np(x["engram_ids"][l]) for x in sample), i.num_rows) for l, i in index.items()
   }
   return Setup(cfg, model, zipf, freqs, cfg.moe.bias_update_rate if cfg.moe else 0.0)
 

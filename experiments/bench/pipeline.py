@@ -109,7 +109,7 @@ def train_step_rate(config: DataConfig, tokenizer, *, steps: int) -> float:
   from engram_jax.data import EngramRowHasher, special_ids
   from engram_jax.train.optimizer import make_optimizer
   from engram_jax.train.state import create_train_state
-  from engram_jax.train.steps import compile_steps
+  from engram_jax.train.steps import batch_shardings, make_train_step
   from experiments.configs import common, tiny
 
   run = tiny.get_config("engram")
@@ -122,14 +122,20 @@ def train_step_rate(config: DataConfig, tokenizer, *, steps: int) -> float:
   graphdef, state, shardings, (tx, lr) = create_train_state(
     model_config, lambda p: make_optimizer(train_config, p), 0, mesh
   )
-  step, batch_sh = compile_steps(graphdef, tx, lr, shardings, batch, mesh, bias_update_rate=1e-3)
+  batch_sh = batch_shardings(batch, mesh)
+  step = jax.jit(
+    make_train_step(graphdef, tx, lr, bias_update_rate=1e-3),
+    in_shardings=(shardings, batch_sh),
+    out_shardings=(shardings, None, None),
+    donate_argnums=(0,),
+  )
   with jax.set_mesh(mesh):
     device_batch = jax.device_put(batch, batch_sh)
-    state, metrics = step(state, device_batch)
+    state, metrics, _ = step(state, device_batch)
     jax.block_until_ready(metrics)
     start = time.perf_counter()
     for _ in range(steps):
-      state, metrics = step(state, device_batch)
+      state, metrics, _ = step(state, device_batch)
     jax.block_until_ready(metrics)
   return steps / (time.perf_counter() - start)
 

@@ -43,6 +43,7 @@ from engram_jax.hashing import NgramHasher, TokenizerCompressor
 from engram_jax.inference import Generator, SamplingConfig
 from engram_jax.layers.moe import MoEConfig
 from engram_jax.models.config import ModelConfig
+from engram_jax.models.offloaded import model_stores
 from engram_jax.models.transformer import Transformer
 from engram_jax.offload import HostTable, HotRowCache, count_row_frequencies, top_rows
 
@@ -275,9 +276,7 @@ def serve_one(p: Preset, backbone: str, platform: str, opt: Options = Options())
       b.layer: HostTable(b.engram.table.get_value(), method="compute_on") for b in model.blocks if b.engram is not None
     }
   if "host" in opt.placements:
-    generators["host"] = Generator(
-      model, hasher, compressor, table_placement="host", host_tables=hosts, host_decode="in_loop"
-    )
+    generators["host"] = Generator(model, hasher, compressor, stores=model_stores(model, hosts), host_decode="in_loop")
   hit_note = ""
   compile_s = {}
   if "cached" in opt.placements:
@@ -294,7 +293,7 @@ def serve_one(p: Preset, backbone: str, platform: str, opt: Options = Options())
       capacity = max(1, round(opt.cache_fraction * table.num_rows))
       caches[lid] = HotRowCache(table, top_rows(counts, capacity))
     generators["cached"] = Generator(
-      model, hasher, compressor, table_placement="cached", hot_caches=caches, miss_fraction=opt.miss_fraction
+      model, hasher, compressor, stores=model_stores(model, caches), miss_fraction=opt.miss_fraction
     )
     hit_note = f" (cache: the {opt.cache_fraction:.0%} most frequent rows of the served traffic on the device)"
   build_s = time.perf_counter() - start

@@ -82,7 +82,7 @@ class Runner:
 
   def run_one(self, batch) -> float:
     t0 = time.perf_counter()
-    self.state, metrics = self.step(self.state, batch)
+    self.state, metrics, _ = self.step(self.state, batch)
     float(metrics["loss"])
     return time.perf_counter() - t0
 

@@ -583,7 +583,7 @@ def measure_train_step(cfg, batch: int, seq: int, steps: int, warmup: int) -> di
   times, compile_s = [], None
   for i in range(warmup + steps):
     t0 = time.perf_counter()
-    state, metrics = step(state, batches[i % 2])
+    state, metrics, _ = step(state, batches[i % 2])
     loss = float(metrics["loss"])
     dt = time.perf_counter() - t0
     if i == 0:
