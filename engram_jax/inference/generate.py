@@ -67,6 +67,7 @@ class GenerationResult:
 
   @property
   def generated_tokens(self) -> int:
+    """Tokens generated over all sequences (up to and including each one's EOS)."""
     return sum(len(t) for t in self.tokens)
 
   @property
@@ -78,6 +79,7 @@ class GenerationResult:
 
   @property
   def prefill_tokens_per_second(self) -> float:
+    """Prompt tokens per second of the prefill (0 when it was not timed)."""
     return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
 
   @property
@@ -88,6 +90,7 @@ class GenerationResult:
 
   @property
   def cache_hit_rate(self) -> float:
+    """Fraction of the decode's hot-cache row lookups served from the device (NaN without a cache)."""
     return self.cache_hits / self.cache_lookups if self.cache_lookups else float("nan")
 
 
@@ -146,6 +149,7 @@ class Generator:
 
   @property
   def decode_path(self) -> str:
+    """Which decode loop runs: one of `DECODE_PATHS` (decided by the row stores and `host_decode`)."""
     return self.decoder.decode_path
 
   # ----------------------------------------------------------------------------- traced
@@ -227,6 +231,7 @@ class Generator:
     seed: int = 0,
     eos_id: int | None = None,
   ) -> GenerationResult:
+    """Generates up to `max_new_tokens` for each prompt (token lists of any lengths, padded here), stopping a sequence at `eos_id`; returns tokens, timings and cache statistics."""
     dec = self.decoder
     tokens, lengths = dec.pad_prompts(prompts)
     sampling = self._check_call(lengths, max_new_tokens, sampling, seed, eos_id)

@@ -45,6 +45,7 @@ class SamplingConfig:
 
   @property
   def is_greedy(self) -> bool:
+    """Whether sampling reduces to argmax (`greedy`, or temperature 0)."""
     return self.greedy or self.temperature == 0
 
 

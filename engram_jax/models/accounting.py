@@ -176,6 +176,7 @@ class Allocation:
   target_rho: float
 
   def summary(self) -> str:
+    """One line: expert count, slots per head, total and active parameters against their targets, and rho."""
     c = self.counts
     return (
       f"E={self.num_experts} slots/head={self.slots_per_head} total={c.total} "

@@ -192,14 +192,17 @@ class ModelConfig:
     return "engram_dense" if self.moe is None else "engram_moe"
 
   def is_moe_layer(self, layer: int) -> bool:
+    """Whether layer `layer` (0-based) has an MoE FFN (every layer from `num_dense_layers` on, in an MoE model)."""
     return self.moe is not None and layer >= self.num_dense_layers
 
   @property
   def moe_layer_ids(self) -> tuple[int, ...]:
+    """The 0-based ids of the MoE layers, ascending."""
     return tuple(i for i in range(self.num_layers) if self.is_moe_layer(i))
 
   @property
   def engram_layer_ids(self) -> tuple[int, ...]:
+    """The 0-based ids of the layers with an Engram module (empty without Engram)."""
     return () if self.engram is None else tuple(self.engram.layer_ids)
 
   @property
@@ -209,14 +212,17 @@ class ModelConfig:
 
   @property
   def jnp_dtype(self):
+    """The compute dtype (`dtype`) as a jnp dtype."""
     return DTYPES[self.dtype]
 
   @property
   def jnp_param_dtype(self):
+    """The parameter dtype (`param_dtype`) as a jnp dtype."""
     return DTYPES[self.param_dtype]
 
   # ------------------------------------------------------------------------- constructors
   def replace(self, **changes: Any) -> ModelConfig:
+    """A copy with the given fields changed (validated again)."""
     return dataclasses.replace(self, **changes)
 
   @classmethod
@@ -246,14 +252,17 @@ class ModelConfig:
 
   @classmethod
   def dense(cls, **backbone: Any) -> ModelConfig:
+    """A dense backbone (no MoE, no Engram) with the given backbone fields."""
     return cls.make("dense", **backbone)
 
   @classmethod
   def moe_model(cls, moe: MoEConfig, **backbone: Any) -> ModelConfig:
+    """An MoE backbone without Engram."""
     return cls.make("moe", moe=moe, **backbone)
 
   @classmethod
   def engram_moe(cls, moe: MoEConfig, engram: EngramConfig, **backbone: Any) -> ModelConfig:
+    """An MoE backbone with Engram modules (the paper's Engram model)."""
     return cls.make("engram_moe", moe=moe, engram=engram, **backbone)
 
   @classmethod
@@ -292,6 +301,7 @@ class ModelConfig:
 
   # ---------------------------------------------------------------------------- serialise
   def to_dict(self) -> dict[str, Any]:
+    """A JSON-serialisable dict (nested MoE and Engram configs as dicts); inverse of `from_dict`."""
     d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
     d["moe"] = None if self.moe is None else dataclasses.asdict(self.moe)
     d["engram"] = None if self.engram is None else self.engram.to_dict()
@@ -299,6 +309,7 @@ class ModelConfig:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+    """The config `to_dict` wrote; unknown fields are refused by name."""
     check_known_fields(cls, d)
     d = dict(d)
     if d.get("moe") is not None:

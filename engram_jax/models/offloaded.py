@@ -44,7 +44,7 @@ from engram_jax.offload.row_store import HostRowStore, RowPlacement, RowStore, a
 @dataclasses.dataclass
 class OffloadedEngram:
   """The row stores of a model's Engram layers: {layer: store} for every layer
-  (`engram_jax.offload.row_store`; device layers are `DeviceRowStore`s).
+  (`engram_jax.offload.row_store`; device layers get a `DeviceRowStore`).
 
   Attributes:
     stores: {layer: DeviceRowStore | HostRowStore | CachedRowStore}.
@@ -58,6 +58,7 @@ class OffloadedEngram:
 
   @property
   def host_stores(self) -> dict[int, HostRowStore]:
+    """{layer: store} of the host and cached layers only."""
     return {l: self.stores[l] for l in self.host_layers}
 
   @property

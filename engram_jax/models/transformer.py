@@ -61,6 +61,7 @@ class DecodeCache:
 
   @property
   def lengths(self) -> jax.Array:
+    """Tokens already in the cache, per sequence: int32 [B]."""
     return self.kv[0].lengths
 
 
@@ -301,6 +302,7 @@ class Transformer(nnx.Module):
     return logits, aux
 
   def moe_layers(self) -> dict[int, MoE]:
+    """{layer: MoE} of the model's MoE blocks (for router-bias updates and load metrics)."""
     return {b.layer: b.ffn for b in self.blocks if b.is_moe}
 
 

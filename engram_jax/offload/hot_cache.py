@@ -35,6 +35,7 @@ def count_row_frequencies(stream: Iterable, num_rows: int) -> np.ndarray:
 
 
 def save_frequencies(path, counts: np.ndarray) -> None:
+  """Writes row frequencies (int64 [R]) to an .npy file that `load_frequencies` reads back."""
   np.save(Path(path), np.asarray(counts, np.int64))
 
 
@@ -121,13 +122,16 @@ class HotRowCache:
 
   @property
   def capacity(self) -> int:
+    """Rows held on the device."""
     return int(self.hot_rows.shape[0])
 
   @property
   def hit_rate(self) -> float:
+    """Fraction of the looked-up rows found on the device since the last `reset_stats` (NaN before any lookup)."""
     return self.hits / self.lookups if self.lookups else float("nan")
 
   def reset_stats(self) -> None:
+    """Zeroes the lookup and hit counters."""
     self.lookups = self.hits = 0
 
   def remap(self, flat_row_ids, *, count: bool = True) -> tuple[np.ndarray, np.ndarray]:

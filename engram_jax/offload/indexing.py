@@ -88,6 +88,7 @@ class RowIndex:
 
   @property
   def num_heads(self) -> int:
+    """Number of heads H (one hashed table per n-gram order and head)."""
     return len(self.table_sizes)
 
   @property
@@ -170,6 +171,7 @@ class RowSharding:
 
   @classmethod
   def from_head_sizes(cls, head_sizes: Sequence[int], rows_per_shard: int) -> RowSharding:
+    """Shards of `rows_per_shard` rows over heads of the given sizes laid end to end."""
     sizes = np.asarray([int(s) for s in head_sizes], dtype=np.int64)
     return cls(head_offsets(sizes), sizes, int(rows_per_shard))
 
@@ -193,10 +195,12 @@ class RowSharding:
 
   @property
   def num_rows(self) -> int:
+    """Rows of the flat table (all heads)."""
     return int(self.offsets[-1] + self.head_sizes[-1])
 
   @property
   def num_shards(self) -> int:
+    """Number of shards (the last one may be short)."""
     return -(-self.num_rows // self.rows_per_shard)
 
   def shard_rows(self, shard: int) -> int:

@@ -87,6 +87,7 @@ class HostRowStore:
     return jax.device_put(self.table.gather(flat_ids), target)  # the compute_on gather, then moved
 
   def init_optimizer(self, adam: SparseRowAdam) -> None:
+    """Creates the row-sparse Adam state (m, v, per-row counts) beside the table; needs a NumPy-gathered table."""
     if self.table.method != "numpy":
       # a jax.Array table is replaced (donated) by every update while the prefetch thread
       # may read it; the NumPy master is updated in place (see prefetch.py)
@@ -127,19 +128,23 @@ class CachedRowStore(HostRowStore):
     self.cache = cache
 
   def gather(self, flat_ids, sharding: RowPlacement | None = None) -> jax.Array:
+    """Rows of flat ids [..., H]: hot rows from the device cache, misses from the host table; placed by `sharding` when given."""
     rows = self.cache.lookup(flat_ids)  # the combine runs on the table's device; then moved
     return rows if sharding is None else jax.device_put(rows, sharding(tuple(rows.shape)))
 
   def apply(self, unique, summed, count, lr: float) -> np.ndarray:
+    """One row-sparse Adam step on the host table (as `HostRowStore.apply`), then refreshes the cached copies of the updated rows."""
     updated = super().apply(unique, summed, count, lr)
     self.cache.refresh(updated)
     return updated
 
   def load_state_dict(self, saved: Mapping[str, np.ndarray]) -> None:
+    """Restores the host table and its Adam state, then reloads the device cache from it."""
     super().load_state_dict(saved)
     self.cache.refresh()
 
 
+#: Any layer's row store (a `CachedRowStore` is a `HostRowStore`).
 RowStore = DeviceRowStore | HostRowStore
 
 

@@ -176,9 +176,11 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def latest_step(self) -> int | None:
+    """The newest saved step, or None when the directory holds no checkpoint."""
     return self.manager.latest_step()
 
   def all_steps(self) -> list[int]:
+    """Every saved step (in the manager's order)."""
     return list(self.manager.all_steps())
 
   def save(
@@ -204,6 +206,7 @@ class Checkpointer:
     self.manager.wait_until_finished()
 
   def read_meta(self, step: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(meta, vocab) of checkpoint `step` (default: the newest); CorruptCheckpointError names an unreadable one."""
     step = self._step(step)
     with self.reading(step, "meta / vocab"):
       for item in ("meta", "vocab"):
@@ -229,6 +232,7 @@ class Checkpointer:
       raise CorruptCheckpointError(f"checkpoint {path} is unreadable ({what}): {_error_text(e)}", step, path) from e
 
   def steps_newest_first(self) -> list[int]:
+    """Every saved step, newest first (the order in which restores try them)."""
     return sorted(self.all_steps(), reverse=True)
 
   def move_aside(self, step: int, to: str | os.PathLike, reason: str) -> Path:
@@ -348,6 +352,7 @@ class Checkpointer:
     return step
 
   def close(self) -> None:
+    """Waits for pending saves and releases the orbax manager."""
     self.manager.close()
 
 

@@ -129,6 +129,7 @@ class RunLock:
     aside.unlink(missing_ok=True)
 
   def release(self) -> None:
+    """Releases the workdir lock (removes run.lock) if this process holds it; idempotent."""
     if not self.held:
       return
     self.held = False
