@@ -36,6 +36,7 @@ from flax import nnx
 from engram_jax.models.config import ModelConfig
 from engram_jax.models.tables import engram_table
 from engram_jax.models.transformer import Transformer
+from engram_jax.offload.disk_table import DiskTable, make_host_table
 from engram_jax.offload.host_table import HostTable
 from engram_jax.offload.hot_cache import HotRowCache, load_frequencies
 from engram_jax.offload.indexing import flat_rows_np
@@ -179,7 +180,10 @@ def row_source(
       f"Engram layer {layer} is placed 'cached' but has no row frequencies: "
       "pass frequencies={layer: counts} or set the placement's frequency_file"
     )
-  return HotRowCache.from_frequencies(table, counts, fraction=placement.cache_fraction)
+  cache = HotRowCache.from_frequencies(table, counts, fraction=placement.cache_fraction)
+  if isinstance(table, DiskTable):  # device-hot rows stay out of the DRAM tier
+    table.exclude_from_cache(cache.hot_rows)
+  return cache
 
 
 def split_tables(
@@ -217,7 +221,7 @@ def split_tables(
     value = var.get_value()
     if value.shape[0] == 0:
       raise ValueError(f"Engram layer {layer}'s table was already split off (shape {value.shape})")
-    table = HostTable(np.asarray(jax.device_get(value)), method=placement.host_gather, device=device)
+    table = make_host_table(np.asarray(jax.device_get(value)), placement, device=device, layer=layer)
     tables[layer] = table
     offsets[layer] = np.asarray(engram.offsets, np.int64)
     sources[layer] = row_source(table, layer, placement, frequencies)

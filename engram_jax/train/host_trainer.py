@@ -164,7 +164,8 @@ class HostTableOptimizer:
     self.adam = SparseRowAdam(
       lr=cfg.learning_rate * cfg.engram_lr_multiplier, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=0.0
     )
-    self.states: dict[int, SparseRowState] = {l: self.adam.init(t.array) for l, t in offloaded.tables.items()}
+    # beside each table: NumPy in host RAM, or memmaps on disk for a DiskTable
+    self.states: dict[int, SparseRowState] = {l: t.init_state(self.adam) for l, t in offloaded.tables.items()}
 
   def lr(self, step: int) -> float:
     # float32 like the dense group's `engram_lr_multiplier * lr(count)` inside optax
@@ -363,8 +364,7 @@ class HostTableTrainer:
       table = self.offloaded.tables[l]
       if tuple(item["table"].shape) != table.shape:
         raise ValueError(f"Engram layer {l}: saved table {item['table'].shape} != {table.shape}")
-      table.array = np.array(item["table"], dtype=table.dtype)  # NumPy master, owned
-      self.host_optimizer.states[l] = SparseRowState(*(np.array(item[k]) for k in ("m", "v", "count")))
+      self.host_optimizer.states[l] = table.load_state(item)  # own copies (a DiskTable: into its files)
       source = self.offloaded.sources[l]
       if isinstance(source, HotRowCache):
         source.refresh()

@@ -62,6 +62,7 @@ from engram_jax.models.config import ModelConfig
 from engram_jax.models.host_init import build_offloaded
 from engram_jax.models.offloaded import check_host_placement
 from engram_jax.offload import count_row_frequencies, flat_rows_np, parse_placements
+from engram_jax.offload.disk_table import with_disk_dir
 from engram_jax.train import evaluation, multihost
 from engram_jax.train.checkpoint import (
   Checkpointer,
@@ -709,9 +710,9 @@ class _HostPlacement:
     frequencies = trainer.row_frequencies(nnx.eval_shape(build), cached) if cached else None
     # one device: the state and rows stay on it; a data-parallel mesh splits them over it
     mesh = trainer.mesh if trainer.mesh.size > 1 else None
-    model, offloaded = build_offloaded(
-      build, trainer.placements, frequencies=frequencies, device=trainer.mesh.devices.flat[0]
-    )
+    # disk tables: working files under the run's folder (rebuilt from the checkpoint on resume)
+    placements = with_disk_dir(trainer.placements, trainer.workdir / "disk_tables")
+    model, offloaded = build_offloaded(build, placements, frequencies=frequencies, device=trainer.mesh.devices.flat[0])
     self.host = HostTableTrainer(model, offloaded, trainer.optimizer_config(), bias_update_rate=rate, mesh=mesh)
     del model
     self.layers = self.host.offloaded.host_layers
