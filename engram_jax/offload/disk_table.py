@@ -62,7 +62,9 @@ def state_dtype(table_dtype) -> np.dtype:
   return np.dtype(np.float32) if dt.itemsize < 4 else dt
 
 
-def open_npy(path: str | os.PathLike, shape: tuple[int, ...] | None = None, dtype=None, *, mode: str = "r") -> np.memmap:
+def open_npy(
+  path: str | os.PathLike, shape: tuple[int, ...] | None = None, dtype=None, *, mode: str = "r"
+) -> np.memmap:
   """Memory-maps an .npy file, checked: missing file, unreadable header, short file, shape /
   dtype other than the given ones and a Fortran-order array each raise an error naming the
   file and the values."""

@@ -117,9 +117,7 @@ class TablePlacement:
       object.__setattr__(self, "dram_fraction", DEFAULT_DRAM_FRACTION)
     frac = self.dram_fraction
     if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.0 < frac <= 1.0:
-      raise ValueError(
-        f"the DRAM cache of a disk table (dram=) must be a fraction of its rows in (0, 1], got {frac!r}"
-      )
+      raise ValueError(f"the DRAM cache of a disk table (dram=) must be a fraction of its rows in (0, 1], got {frac!r}")
 
   @property
   def on_host(self) -> bool:
@@ -140,7 +138,7 @@ class TablePlacement:
 
 
 def _parse_disk(text: str) -> float | None:
-  """"disk" -> None (default DRAM cache), "disk@dram=F" -> F; anything else: ValueError."""
+  """ "disk" -> None (default DRAM cache), "disk@dram=F" -> F; anything else: ValueError."""
   kind, _, opts = text.partition("@")
   if kind.strip() != "disk":
     raise ValueError(f"expected 'disk' or 'disk@dram=F' after '+', got {text!r}")

@@ -58,7 +58,9 @@ class DiskTablesHandler(ocp.CheckpointHandler):
     """{layer: {"table", "m", "v", "count"}} read-only memmaps (ValueError / FileNotFoundError
     for a missing, short or unreadable file)."""
     root = Path(str(directory))
-    layers = args.layers if args is not None and args.layers is not None else sorted(int(p.name) for p in root.iterdir())
+    layers = (
+      args.layers if args is not None and args.layers is not None else sorted(int(p.name) for p in root.iterdir())
+    )
     return {int(l): {k: open_npy(root / str(int(l)) / f"{k}.npy") for k in KEYS} for l in layers}
 
 
