@@ -20,6 +20,7 @@ from engram_jax.data import DataConfig
 from engram_jax.offload import HostTable, HotRowCache, SparseRowAdam, parse_placements
 from engram_jax.offload.disk_table import DiskTable, WarmRowCache, disk_bytes
 from engram_jax.train import TrainConfig
+from engram_jax.train.restore import load_run
 from engram_jax.train.trainer import Trainer
 from tests.test_run_safety import _steps
 from tests.test_train import VOCAB, tiny_model
@@ -166,7 +167,8 @@ def host_run(data_config, tmp_path_factory):
 @pytest.mark.parametrize("placement", ["disk@dram=0.05", "cached@0.02+disk@dram=0.05"])
 def test_disk_placed_table_larger_than_its_cache_trains_like_host(host_run, data_config, tmp_path, placement):
   host_trainer, host = host_run
-  trainer = Trainer(tiny_model(), RUN.replace(table_placement=placement), data_config, tmp_path / "run")
+  config = RUN.replace(table_placement=placement, checkpoint_every=3)
+  trainer = Trainer(tiny_model(), config, data_config, tmp_path / "run")
   result = trainer.run()
   assert result.losses == host.losses  # to the last bit, every step
   table = trainer.host_trainer.offloaded.tables[LAYER]
@@ -182,6 +184,15 @@ def test_disk_placed_table_larger_than_its_cache_trains_like_host(host_run, data
     assert isinstance(source, HotRowCache) and source.hits > 0 and table.bypassed > 0
     hot = set(source.hot_rows.tolist())
     assert not hot & set(table.cache.slot_row.tolist())  # device-hot rows stay out of DRAM
+    return
+  # the checkpoint's files: load_run maps them read-only (tables="host") or loads them
+  run = load_run(tmp_path / "run", tables="host")
+  loaded = run.host_tables[LAYER]
+  assert isinstance(loaded, DiskTable) and loaded.cache.capacity == table.cache.capacity
+  assert loaded.directory == tmp_path / "run" / "checkpoints" / "3" / "disk_tables" / str(LAYER)
+  np.testing.assert_array_equal(loaded.numpy(), want["table"])
+  device_run = load_run(tmp_path / "run", tables="device")
+  np.testing.assert_array_equal(np.asarray(device_run.model.blocks[LAYER].engram.table[...]), want["table"])
 
 
 def test_disk_table_decodes_like_the_device_table(tmp_path):

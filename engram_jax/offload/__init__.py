@@ -1,4 +1,5 @@
-"""Host-resident Engram tables: placement, host gathers, prefetching, sparse Adam, hot-row cache.
+"""Host-resident Engram tables: placement, host gathers, prefetching, sparse Adam, hot-row cache,
+and the disk tier (`DiskTable`: memory-mapped table and optimizer state, DRAM cache of warm rows).
 
 Layering: kernel level (JAX + NumPy, no flax, no model); it imports nothing above itself.
 The model-level parts live above it: `engram_jax.models.offloaded` (split a model's tables
@@ -6,6 +7,7 @@ off, forward with host rows), `engram_jax.models.host_init` (`build_offloaded`) 
 `engram_jax.train.host_trainer` (`HostTableTrainer`).
 """
 
+from engram_jax.offload.disk_table import DiskTable, WarmRowCache
 from engram_jax.offload.hit_rate import (
   analytic_zipf_hit_rate,
   hit_rate_from_counts,
@@ -44,6 +46,7 @@ from engram_jax.offload.sparse_adam import SparseRowAdam, SparseRowState, apply_
 
 __all__ = [
   "PLACEMENTS",
+  "DiskTable",
   "HostTable",
   "HotRowCache",
   "RowPrefetcher",
@@ -51,6 +54,7 @@ __all__ = [
   "SparseRowAdam",
   "SparseRowState",
   "TablePlacement",
+  "WarmRowCache",
   "analytic_zipf_hit_rate",
   "apply_sparse_adam",
   "check_int32_rows",
