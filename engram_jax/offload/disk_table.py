@@ -238,6 +238,7 @@ class DiskTable(HostTable):
     cache_rows = cache_size(int(memmap.shape[0]), cache_rows, None)
     self.directory = Path(directory)
     self._memmap = memmap
+    self._view = np.asarray(memmap)  # the same mapping as a plain ndarray (fast indexing)
     self.device = device or jax.devices()[0]
     self.method = "numpy"
     self.memory_kind = "disk"
@@ -331,7 +332,7 @@ class DiskTable(HostTable):
     return self.cache.hits / n if n else float("nan")
 
   def _read(self, rows: np.ndarray) -> np.ndarray:
-    return self._memmap[rows]  # ascending distinct rows: file pages in order
+    return self._view[rows]  # ascending distinct rows: file pages in order
 
   def host_rows(self, flat_row_ids) -> np.ndarray:
     """ids [...] -> rows np [..., d]: each distinct row from the DRAM cache or the file."""
@@ -393,11 +394,13 @@ class DiskTable(HostTable):
     """One `SparseRowAdam` step on the memmapped table and state (in place); the DRAM copies
     of updated cached rows are rewritten (write-through)."""
     with self._lock:
-      _, state = optimizer.apply(self._memmap, state, unique_rows, summed_grads, count, **kwargs)
+      # plain ndarray views of the mappings (np.memmap's subclass hooks cost ~8x on every op)
+      views = SparseRowState(*(np.asarray(a) for a in state))
+      optimizer.apply(self._view, views, unique_rows, summed_grads, count, **kwargs)
       rows = np.asarray(unique_rows).reshape(-1).astype(np.int64)
       rows = rows[: rows.size if count is None else int(count)]
       rows = rows[rows < self.num_rows]
-      self.cache.write_through(rows, self._memmap[rows])
+      self.cache.write_through(rows, self._view[rows])
     return state
 
   def flush(self) -> None:
