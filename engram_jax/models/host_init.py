@@ -35,6 +35,7 @@ from engram_jax.models.offloaded import OffloadedEngram, resolve_placements, row
 from engram_jax.models.tables import engram_table, engram_table_filter
 from engram_jax.models.transformer import Transformer
 from engram_jax.offload.disk_table import make_host_table
+from engram_jax.offload.host_table import HostTable
 from engram_jax.offload.placement import TablePlacement, host_memory_kind, sharding_for
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,10 @@ def build_offloaded(
     array = np.array(value)  # owned, writable NumPy master (SparseRowAdam updates in place)
     value.delete()
     del value
-    tables[layer] = make_host_table(array, placement, device=device, layer=layer, copy=False)  # DRAM or disk
+    if placement.on_disk:  # memory-mapped files (the array is copied in and freed)
+      tables[layer] = make_host_table(array, placement, device=device, layer=layer)
+    else:
+      tables[layer] = HostTable(array, method=placement.host_gather, device=device, copy=False)
     del array
     offsets[layer] = np.asarray(abstract.blocks[layer].engram.offsets, np.int64)
     sources[layer] = row_source(tables[layer], layer, placement, frequencies)
