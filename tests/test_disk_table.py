@@ -97,6 +97,17 @@ def test_warm_cache_is_bounded_least_recently_used_with_exact_counts():
   assert cache.rows.nbytes == 3 * 2 * 4  # the buffer never grows
   cache.write_through(np.asarray([5, 9]), np.full((2, 2), -1, np.float32))  # 9 is not cached
   assert (cache.lookup(np.asarray([5]), read) == -1).all() and reads[-1] == [1]
+  # random lookups: values right, the sorted index consistent with the slots, bounded
+  rng, cache, first, looked_up = np.random.default_rng(0), WarmRowCache(50, 2, np.float32), len(reads), 0
+  for _ in range(200):
+    rows = np.unique(rng.integers(0, 200, rng.integers(1, 80)))
+    np.testing.assert_array_equal(cache.lookup(rows, read)[:, 0], rows)
+    resident = np.sort(cache.slot_row[cache.slot_row >= 0])
+    assert resident.size == cache.resident_rows <= 50
+    hit, slot = cache.find(resident)
+    assert hit.all() and (cache.rows[slot, 0] == resident).all()
+    looked_up += rows.size
+  assert cache.misses == sum(len(r) for r in reads[first:]) and cache.hits == looked_up - cache.misses > 0
 
 
 def test_bad_files_and_cache_sizes_are_refused(tmp_path):
@@ -106,7 +117,7 @@ def test_bad_files_and_cache_sizes_are_refused(tmp_path):
     DiskTable.open(tmp_path / "missing", cache_rows=5)
   with pytest.raises(ValueError, match=r"table.npy has shape \(50, 4\), expected \(60, 4\)"):
     DiskTable.open(tmp_path / "ok", cache_rows=5, shape=(60, 4))
-  with pytest.raises(ValueError, match="table.npy has dtype float32, expected bfloat16|table.npy has dtype float32"):
+  with pytest.raises(ValueError, match="table.npy has dtype float32, expected float16"):
     DiskTable.open(tmp_path / "ok", cache_rows=5, dtype=np.float16)
   for bad in (0, 51, -1, 2.5, True):
     with pytest.raises(ValueError, match=rf"cache_rows .* in \[1, 50\].*got {bad!r}"):

@@ -7,7 +7,7 @@ the Zipf tail on NVMe):
   DRAM    `WarmRowCache`: at most `capacity` rows [C, d] in one preallocated NumPy buffer,
           kept by recency of use (batch LRU: the rows a gather read from disk replace the
           least recently used ones). Bounded by construction: C * d * itemsize bytes plus
-          16 bytes of index per slot, whatever R is. An explicit cache, not the OS page
+          32 bytes of index per slot, whatever R is. An explicit cache, not the OS page
           cache (which also holds recently touched file pages; on a machine whose RAM is
           smaller than the files it is evicted by the kernel).
   disk    `table.npy` (the master), `m.npy`, `v.npy`, `count.npy` (`SparseRowState`) in
@@ -153,7 +153,7 @@ class WarmRowCache:
 
   @property
   def nbytes(self) -> int:
-    return int(self.rows.nbytes + self.slot_row.nbytes + self._stamp.nbytes + 16 * self.capacity)
+    return int(self.rows.nbytes + 32 * self.capacity)  # + slot_row, stamp, ids, slots: int64 each
 
   def reset_stats(self) -> None:
     self.hits = self.misses = 0
@@ -194,13 +194,19 @@ class WarmRowCache:
     # stamped with the current tick, so they go last
     key = np.where(self.slot_row < 0, -1, self._stamp)
     victims = np.argpartition(key, n - 1)[:n] if n < self.capacity else np.arange(self.capacity)
+    # the sorted index, updated in O(C + n) (no sort of the C resident ids): the evicted
+    # rows out, the new ones (distinct, none resident: they missed) in
+    old = np.sort(self.slot_row[victims][self.slot_row[victims] >= 0])
+    if old.size:
+      gone = np.searchsorted(self._ids, old)
+      self._ids, self._slots = np.delete(self._ids, gone), np.delete(self._slots, gone)
     self.slot_row[victims] = rows
     self.rows[victims] = values
     self._stamp[victims] = self._tick
-    valid = np.flatnonzero(self.slot_row >= 0)
-    order = np.argsort(self.slot_row[valid], kind="stable")
-    self._slots = valid[order]
-    self._ids = self.slot_row[self._slots]
+    order = np.argsort(rows, kind="stable")
+    at = np.searchsorted(self._ids, rows[order])
+    self._ids = np.insert(self._ids, at, rows[order])
+    self._slots = np.insert(self._slots, at, victims[order].astype(np.int64))
 
   def write_through(self, rows: np.ndarray, values: np.ndarray) -> None:
     """New values [n, d] of distinct `rows` [n]: the cached ones among them are overwritten."""

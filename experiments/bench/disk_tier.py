@@ -11,9 +11,11 @@ Per placement it prints
   step_ms   median step time (device step + host sparse Adam; the next step's rows are
             read by the prefetch thread during the step), and its ratio to "host";
   device    share of the row lookups (id occurrences) served by the device hot-row cache;
-  dram      share of the distinct rows the host tier read that came from the DRAM cache;
-  disk      share read from the memory-mapped file (the rest of the host tier's rows),
-            and disk rows / MiB read per step;
+  dram      share of the distinct rows the host tier looked up (the device cache's misses)
+            that came from the DRAM cache;
+  disk      share read from the memory-mapped file (the rest), and rows / MiB read from
+            the file per step, the hot cache's refreshes included ("hot refresh": device-hot
+            rows updated by the step, re-read from the file, never through DRAM);
   cache     the DRAM cache's size (rows and MiB) against the table's.
 `--evict_page_cache` drops the files' pages from the OS page cache (flush + fadvise
 DONTNEED) before every timed step, outside the timed region, so the file reads of that step
@@ -58,6 +60,7 @@ _WARMUP = flags.DEFINE_integer("warmup", 4, "Untimed steps per placement (compil
 _FRACTIONS = flags.DEFINE_list("dram", ["0.001", "0.01", "0.1"], "DRAM cache sizes (fractions of the rows).")
 _HOT = flags.DEFINE_float("hot", 0.01, "Device hot-row cache of the cached@f+disk runs (fraction of the rows).")
 _EVICT = flags.DEFINE_bool("evict_page_cache", False, "Drop the files' pages before each timed step.")
+_RANK = flags.DEFINE_integer("rank_batches", 200, "Batches after the timed ones that rank the device-hot rows.")
 _DIR = flags.DEFINE_string("disk_dir", "", "Folder of the working files (default: a temporary folder).")
 
 LAYER = 1
@@ -73,6 +76,7 @@ class Row:
   disk: float = float("nan")
   disk_rows: float = float("nan")
   disk_mib: float = float("nan")
+  refresh_rows: float = float("nan")
   cache_rows: int = 0
   cache_mib: float = 0.0
 
@@ -116,8 +120,8 @@ def _run(build, spec, batches, frequencies, disk_dir, reuse):
     row.device = source.hit_rate
   if isinstance(table, DiskTable):
     c = table.cache
-    read = c.hits + c.misses + table.bypassed
-    row.dram, row.disk = c.hits / read, (c.misses + table.bypassed) / read
+    row.dram, row.disk = c.hits / (c.hits + c.misses), c.misses / (c.hits + c.misses)
+    row.refresh_rows = table.bypassed / _STEPS.value
     row.disk_rows = (c.misses + table.bypassed) / _STEPS.value
     row.disk_mib = row.disk_rows * table.dim * table.dtype.itemsize / 2**20
     row.cache_rows, row.cache_mib = c.capacity, c.nbytes / 2**20
@@ -138,12 +142,14 @@ def main(argv):
     cfg = setup.model_config
     it = make_train_iterator(data, setup.tokenizer, row_hasher=setup.row_hasher)
     batches = [next(it) for _ in range(_WARMUP.value + _STEPS.value)]
+    # the hot rows are ranked on the batches that follow (not on the timed ones)
+    ranking = [next(it) for _ in range(_RANK.value)]
     build = lambda: build_model(cfg, 0)  # noqa: E731
     shape_model = nnx.eval_shape(build)
     engram_layer = shape_model.blocks[LAYER].engram
     rows, dim = int(engram_layer.num_rows), int(engram_layer.table.shape[1])
     offsets = np.asarray(engram_layer.offsets, np.int64)
-    counts = count_row_frequencies([flat_rows_np(np.asarray(b["engram_ids"][LAYER]), offsets) for b in batches], rows)
+    counts = count_row_frequencies([flat_rows_np(np.asarray(b["engram_ids"][LAYER]), offsets) for b in ranking], rows)
     frequencies = {LAYER: counts}
     table_mib = rows * dim * 4 / 2**20
     lookups = batches[0]["engram_ids"][LAYER].size
@@ -163,14 +169,15 @@ def main(argv):
     base = results[0].step_ms
     print(
       f"\n{'placement':34s} {'step_ms':>8s} {'ratio':>6s} {'device':>7s} {'dram':>6s} {'disk':>6s} "
-      f"{'disk rows/step':>14s} {'MiB/step':>8s} {'cache rows':>10s} {'cache MiB':>9s}"
+      f"{'disk rows/step':>14s} {'hot refresh':>11s} {'MiB/step':>8s} {'cache rows':>10s} {'cache MiB':>9s}"
     )
     for r in results:
       pct = lambda x: "-" if np.isnan(x) else f"{100 * x:.1f}%"  # noqa: E731
       num = lambda x, f: "-" if np.isnan(x) else format(x, f)  # noqa: E731
       print(
         f"{r.placement:34s} {r.step_ms:8.1f} {r.step_ms / base:6.2f} {pct(r.device):>7s} {pct(r.dram):>6s} "
-        f"{pct(r.disk):>6s} {num(r.disk_rows, '14.0f')} {num(r.disk_mib, '8.2f')} {r.cache_rows:10d} "
+        f"{pct(r.disk):>6s} {num(r.disk_rows, '14.0f')} {num(r.refresh_rows, '11.0f')} {num(r.disk_mib, '8.2f')} "
+        f"{r.cache_rows:10d} "
         f"{r.cache_mib:9.2f}"
       )
     print(
