@@ -149,16 +149,20 @@ class WarmRowCache:
 
   @property
   def resident_rows(self) -> int:
+    """Rows held now (<= capacity)."""
     return int(self._ids.size)
 
   @property
   def nbytes(self) -> int:
+    """DRAM the cache holds: the row buffer plus its index (fixed at construction)."""
     return int(self.rows.nbytes + 32 * self.capacity)  # + slot_row, stamp, ids, slots: int64 each
 
   def reset_stats(self) -> None:
+    """Zeroes the hit / miss counters."""
     self.hits = self.misses = 0
 
   def clear(self) -> None:
+    """Drops every cached row (the buffer stays allocated)."""
     self.slot_row[:] = -1
     self._stamp[:] = 0
     self._ids, self._slots = np.empty(0, np.int64), np.empty(0, np.int64)
@@ -316,6 +320,7 @@ class DiskTable(HostTable):
     raise TypeError("a DiskTable's master is its file: restore it with load_state, not by assigning .array")
 
   def numpy(self) -> np.memmap:
+    """The table as its memmap [R, d] (no copy; a full read goes through the page cache)."""
     return self._memmap
 
   def exclude_from_cache(self, rows) -> None:
@@ -328,6 +333,7 @@ class DiskTable(HostTable):
       self.reset_stats()
 
   def reset_stats(self) -> None:
+    """Zeroes the DRAM cache's hit / miss counters and `bypassed`."""
     self.cache.reset_stats()
     self.bypassed = 0
 

@@ -125,6 +125,7 @@ class TablePlacement:
 
   @property
   def on_disk(self) -> bool:
+    """True when the host master is a `DiskTable` (storage "disk")."""
     return self.storage == "disk"
 
   @property
