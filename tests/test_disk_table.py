@@ -220,9 +220,8 @@ def test_disk_table_decodes_like_the_device_table(tmp_path):
     s.model, s.hasher, s.compressor, table_placement="host", host_decode="python", host_tables={1: HostTable(table)}
   )
   np.testing.assert_array_equal(got, teacher_forced_logits(python, s.tokens))  # the same rows, bit for bit
-  np.testing.assert_allclose(got, s.full, atol=1e-4, rtol=1e-4)  # the device table's forward
-  device = Decoder(s.model, s.hasher, s.compressor)
-  np.testing.assert_allclose(got, teacher_forced_logits(device, s.tokens), atol=1e-5, rtol=1e-5)
+  # the device-table model's full forward (the device decoder equals it too: test_generation)
+  np.testing.assert_allclose(got, s.full, atol=1e-4, rtol=1e-4)
   assert disk.cache.capacity < table.shape[0] and disk.cache.hits > 0 and disk.cache.misses > 0
   assert disk.cache.resident_rows <= disk.cache.capacity
   with pytest.raises(ValueError, match=r"host_decode='in_loop' is not possible.*DiskTables"):
@@ -252,7 +251,7 @@ def test_sigkill_then_resume_continues_a_disk_run_exactly(tmp_path):
     "--config.train.table_placement=disk@dram=0.01",
   ]
   log_file = open(tmp_path / "first.log", "w")  # noqa: SIM115  a pipe could fill and block the child
-  total = 40  # both runs: the lr schedule depends on total_steps
+  total = 16  # both runs: the lr schedule depends on total_steps
   proc = subprocess.Popen(cmd(total), cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT)
   try:
     deadline = time.time() + 240

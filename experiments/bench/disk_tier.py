@@ -9,7 +9,9 @@ batches for every placement. Model: the tiny Engram+MoE model with a large Engra
 
 Per placement it prints
   step_ms   median step time (device step + host sparse Adam; the next step's rows are
-            read by the prefetch thread during the step), and its ratio to "host";
+            read by the prefetch thread during the step), mean ± SE over --repeats rounds
+            (each round runs every placement once); ratio: to "host" in the same round,
+            mean ± SE of the paired ratios;
   device    share of the row lookups (id occurrences) served by the device hot-row cache;
   dram      share of the distinct rows the host tier looked up (the device cache's misses)
             that came from the DRAM cache;
@@ -61,6 +63,7 @@ _FRACTIONS = flags.DEFINE_list("dram", ["0.001", "0.01", "0.1"], "DRAM cache siz
 _HOT = flags.DEFINE_float("hot", 0.01, "Device hot-row cache of the cached@f+disk runs (fraction of the rows).")
 _EVICT = flags.DEFINE_bool("evict_page_cache", False, "Drop the files' pages before each timed step.")
 _RANK = flags.DEFINE_integer("rank_batches", 200, "Batches after the timed ones that rank the device-hot rows.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Rounds over all placements (mean ± SE of the paired ratios).")
 _DIR = flags.DEFINE_string("disk_dir", "", "Folder of the working files (default: a temporary folder).")
 
 LAYER = 1
@@ -77,6 +80,9 @@ class Row:
   disk_rows: float = float("nan")
   disk_mib: float = float("nan")
   refresh_rows: float = float("nan")
+  step_se: float = float("nan")
+  ratio: float = float("nan")
+  ratio_se: float = float("nan")
   cache_rows: int = 0
   cache_mib: float = 0.0
 
@@ -160,28 +166,39 @@ def main(argv):
     )
     specs = ["host"] + [f"disk@dram={f}" for f in _FRACTIONS.value]
     specs += [f"cached@{_HOT.value:g}+disk@dram={f}" for f in _FRACTIONS.value]
-    results, reuse = [], None
-    for spec in specs:
-      trainer, row = _run(build, spec, batches, frequencies, disk_dir, reuse)
-      reuse = reuse or trainer
-      results.append(row)
-      shutil.rmtree(disk_dir, ignore_errors=True)
-    base = results[0].step_ms
+    # rounds: every placement once per round, in order; ratios paired within a round
+    rounds, reuse = [], None
+    for k in range(_REPEATS.value):
+      rows_of_round = {}
+      for spec in specs[k % len(specs) :] + specs[: k % len(specs)]:  # order rotated per round
+        trainer, row = _run(build, spec, batches, frequencies, disk_dir, reuse)
+        reuse = reuse or trainer
+        rows_of_round[spec] = row
+        shutil.rmtree(disk_dir, ignore_errors=True)
+      rounds.append([rows_of_round[spec] for spec in specs])
+    results = rounds[-1]  # hit rates are the same in every round (same batches)
+    n = len(rounds)
+    se = lambda x: float(np.std(x, ddof=1) / np.sqrt(n)) if n > 1 else float("nan")  # noqa: E731
+    for i, r in enumerate(results):
+      times = [rd[i].step_ms for rd in rounds]
+      ratios = [rd[i].step_ms / rd[0].step_ms for rd in rounds]
+      r.step_ms, r.step_se = float(np.mean(times)), se(times)
+      r.ratio, r.ratio_se = float(np.mean(ratios)), se(ratios)
     print(
-      f"\n{'placement':34s} {'step_ms':>8s} {'ratio':>6s} {'device':>7s} {'dram':>6s} {'disk':>6s} "
+      f"\n{'placement':34s} {'step_ms':>13s} {'ratio':>13s} {'device':>7s} {'dram':>6s} {'disk':>6s} "
       f"{'disk rows/step':>14s} {'hot refresh':>11s} {'MiB/step':>8s} {'cache rows':>10s} {'cache MiB':>9s}"
     )
     for r in results:
       pct = lambda x: "-" if np.isnan(x) else f"{100 * x:.1f}%"  # noqa: E731
       num = lambda x, f: "-" if np.isnan(x) else format(x, f)  # noqa: E731
       print(
-        f"{r.placement:34s} {r.step_ms:8.1f} {r.step_ms / base:6.2f} {pct(r.device):>7s} {pct(r.dram):>6s} "
+        f"{r.placement:34s} {r.step_ms:6.1f} ± {r.step_se:4.1f} {r.ratio:5.2f} ± {r.ratio_se:5.2f} {pct(r.device):>7s} {pct(r.dram):>6s} "
         f"{pct(r.disk):>6s} {num(r.disk_rows, '14.0f')} {num(r.refresh_rows, '11.0f')} {num(r.disk_mib, '8.2f')} "
         f"{r.cache_rows:10d} "
         f"{r.cache_mib:9.2f}"
       )
     print(
-      f"\nratio = step time / host-placed (DRAM) step time, same run, same batches; page cache "
+      f"\nstep_ms: mean ± SE over {n} rounds of each round's median step time; ratio = step time / the host-placed (DRAM) step time of the same round (same batches), mean ± SE; page cache "
       f"{'evicted before each step' if _EVICT.value else 'warm'}"
     )
   finally:
