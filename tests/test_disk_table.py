@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -144,6 +145,12 @@ def test_bad_files_and_cache_sizes_are_refused(tmp_path):
     table.array = values
   with pytest.raises(ValueError, match=r"row id 50 outside"):
     table.host_rows(np.asarray([3, 50]))
+  # bfloat16 (.npy keeps it as raw bytes, '<V2'): opened as bfloat16, m and v in float32
+  half = values.astype(jnp.bfloat16) + 1
+  DiskTable.create(tmp_path / "bf16", half, cache_rows=5).init_state(SparseRowAdam(lr=1e-3))
+  opened = DiskTable.open(tmp_path / "bf16", cache_rows=5, dtype=jnp.bfloat16)
+  assert opened.dtype == jnp.bfloat16 and np.load(tmp_path / "bf16" / "m.npy").dtype == np.float32
+  np.testing.assert_array_equal(opened.host_rows(np.arange(50)), half)
   for spec, text in [
     ("disk@dram=0", r"dram=\) must be a fraction of its rows in \(0, 1\], got 0.0"),
     ("disk@dram=2", r"in \(0, 1\], got 2.0"),

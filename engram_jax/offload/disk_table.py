@@ -80,6 +80,9 @@ def open_npy(
   except (ValueError, OSError, SyntaxError) as e:
     raise ValueError(f"disk table file {path} is not a readable .npy file: {e}") from None
   got_shape, fortran, got_dtype = header
+  got_dtype = np.dtype(got_dtype)
+  if dtype is not None and got_dtype.kind == "V" and got_dtype.itemsize == np.dtype(dtype).itemsize:
+    got_dtype = np.dtype(dtype)  # .npy stores ml_dtypes (bfloat16, ...) as raw bytes: '<V2'
   if fortran:
     raise ValueError(f"disk table file {path} is in Fortran order; C order is needed")
   if shape is not None and tuple(got_shape) != tuple(shape):
@@ -90,11 +93,22 @@ def open_npy(
   size = path.stat().st_size
   if size < need:
     raise ValueError(f"disk table file {path} is short: {size} bytes, its header {tuple(got_shape)} needs {need}")
-  return np.lib.format.open_memmap(path, mode=mode)
+  return as_dtype(np.lib.format.open_memmap(path, mode=mode), got_dtype)
+
+
+def as_dtype(array: np.ndarray, dtype) -> np.ndarray:
+  """`array` viewed as `dtype` when it is the raw-bytes ('V') form of it, as .npy files store
+  ml_dtypes such as bfloat16; otherwise `array` unchanged."""
+  dtype = np.dtype(dtype)
+  if array.dtype != dtype and array.dtype.kind == "V" and array.dtype.itemsize == dtype.itemsize:
+    return array.view(dtype)
+  return array
 
 
 def create_npy(path: str | os.PathLike, shape: tuple[int, ...], dtype, values=None) -> np.memmap:
-  """A new .npy memmap (zeros, or `values` copied in chunks)."""
+  """A new .npy memmap (zeros, or `values` copied in chunks); an existing file at `path` is
+  unlinked first (a mapping of it elsewhere keeps its own data)."""
+  Path(path).unlink(missing_ok=True)
   out = np.lib.format.open_memmap(Path(path), mode="w+", dtype=np.dtype(dtype), shape=tuple(shape))
   if values is not None:
     copy_rows(values, out)
@@ -482,6 +496,7 @@ def disk_bytes(num_rows: int, dim: int, dtype) -> dict[str, int]:
 __all__ = [
   "DiskTable",
   "WarmRowCache",
+  "as_dtype",
   "cache_size",
   "copy_rows",
   "disk_bytes",

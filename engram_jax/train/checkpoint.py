@@ -38,6 +38,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
+from engram_jax.offload.disk_table import as_dtype
 from engram_jax.train import disk_checkpoint
 
 log = logging.getLogger(__name__)
@@ -317,6 +318,7 @@ class Checkpointer:
         out = self.manager.restore(
           step, args=ocp.args.Composite(**{disk_checkpoint.ITEM: disk_checkpoint.DiskTablesRestore(on_disk)})
         )[disk_checkpoint.ITEM]
+      out = {l: {k: as_dtype(v, like[l][k].dtype) for k, v in d.items()} for l, d in out.items()}  # bfloat16
       problems = disk_checkpoint.check_like(out, {l: like[l] for l in on_disk})
       if problems:
         raise CheckpointMismatchError(

@@ -21,7 +21,7 @@ from engram_jax.models.config import ModelConfig
 from engram_jax.models.offloaded import check_host_placement
 from engram_jax.models.transformer import Transformer
 from engram_jax.offload import HostTable, parse_placements
-from engram_jax.offload.disk_table import DiskTable, cache_size, open_npy
+from engram_jax.offload.disk_table import DiskTable, as_dtype, cache_size, open_npy
 from engram_jax.offload.placement import DEFAULT_DRAM_FRACTION
 from engram_jax.train import disk_checkpoint, evaluation
 from engram_jax.train.checkpoint import Checkpointer, CheckpointMismatchError, CorruptCheckpointError
@@ -239,7 +239,7 @@ def _restore_tables(
   on_disk = {l: t for l, t in targets.items() if (disk_dir / str(l)).is_dir()}
   if on_disk:  # the checkpoint's own .npy files, mapped read-only (checked: shape, dtype, length)
     with ckpt.reading(step, disk_checkpoint.ITEM):
-      mapped = {l: open_npy(disk_dir / str(l) / "table.npy") for l in on_disk}
+      mapped = {l: as_dtype(open_npy(disk_dir / str(l) / "table.npy"), on_disk[l].dtype) for l in on_disk}
     problems = [
       f"disk table of Engram layer {l}: checkpoint has {(m.shape, str(m.dtype))}, the model needs "
       f"{(on_disk[l].shape, str(on_disk[l].dtype))}"
