@@ -59,7 +59,7 @@ def test_placement_parsing():
   with pytest.raises(ValueError, match="0 < cache_fraction < 1"):
     placement.parse_placements("cached", [1])
   with pytest.raises(ValueError, match="must be one of"):
-    placement.parse_placements("disk", [1])
+    placement.parse_placements("nvme", [1])  # ("disk" is a placement: tests/test_disk_table.py)
 
 
 SIZES = [31, 37, 29]  # three heads, R = 97

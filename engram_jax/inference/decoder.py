@@ -25,6 +25,8 @@ runs (`decode_path`):
             without a host memory kind / tables past 2^31 rows): the sampled ids go to the
             host each step, are hashed with NumPy (`NgramHasher.hash`), their rows gathered
             with NumPy (`HostTable.gather`) and copied to the device, one dispatch per token.
+            A `DiskTable` (disk placement) always takes this path ("auto"), through its
+            bounded DRAM cache; "in_loop" and "cached" refuse it.
   "cached"  -> "cached_in_loop". Each named layer's `HotRowCache` rows (int32 ids sorted,
             rows [C, d_h]) are device operands; a step looks ids up in the cache on device
             (searchsorted) and reads only the misses from the host table, compacted into a
@@ -52,6 +54,7 @@ from engram_jax.models import engram_table_layer
 from engram_jax.models.transformer import DecodeCache, Transformer
 from engram_jax.offload import HostTable
 from engram_jax.offload import host_rows as host_rows_lib
+from engram_jax.offload.disk_table import DiskTable
 from engram_jax.offload.indexing import INT32_MAX
 from engram_jax.offload.row_store import CachedRowStore, RowStore
 
@@ -199,6 +202,9 @@ class Decoder:
     reason = None if ok else why
     if big:
       reason = f"host tables of layers {big} have row ids past int32"
+    on_disk = sorted(l for l, t in self.host_tables.items() if isinstance(t, DiskTable))
+    if on_disk:  # read through their DRAM cache by NumPy, never copied whole into host memory
+      reason = f"host tables of layers {on_disk} are DiskTables (memory-mapped files)"
     if placement == "cached":
       if host_decode == "python":
         raise ValueError(

@@ -34,6 +34,7 @@ from flax import nnx
 from engram_jax.models.offloaded import OffloadedEngram, resolve_placements, row_indexes
 from engram_jax.models.tables import engram_table, engram_table_filter
 from engram_jax.models.transformer import Transformer
+from engram_jax.offload.disk_table import make_host_table
 from engram_jax.offload.host_table import HostTable
 from engram_jax.offload.placement import TablePlacement, host_memory_kind, sharding_for
 from engram_jax.offload.row_store import row_stores
@@ -123,6 +124,10 @@ def build_offloaded(
     value = jax.jit(host_table_init(build, layer), out_shardings=out)()
     array = np.array(value)  # owned, writable NumPy master (SparseRowAdam updates in place)
     value.delete()
+    del value
+    if placement.on_disk:  # memory-mapped files (the array is copied in and freed)
+      return make_host_table(array, placement, device=device, layer=layer)
+    # the device-memory spy test patches HostTable here: DRAM placements build it directly
     return HostTable(array, method=placement.host_gather, device=device, copy=False)
 
   return model, OffloadedEngram(row_stores(placements, row_indexes(abstract), host_table, frequencies))

@@ -35,6 +35,7 @@ from flax import nnx
 
 from engram_jax.models.tables import engram_table
 from engram_jax.models.transformer import Transformer
+from engram_jax.offload.disk_table import make_host_table
 from engram_jax.offload.host_table import HostTable
 from engram_jax.offload.placement import TablePlacement, parse_placements
 from engram_jax.offload.prefetch import RowPrefetcher, engram_row_ids
@@ -182,7 +183,7 @@ def split_tables(
     value = var.get_value()
     if value.shape[0] == 0:
       raise ValueError(f"Engram layer {layer}'s table was already split off (shape {value.shape})")
-    table = HostTable(np.asarray(jax.device_get(value)), method=placement.host_gather, device=device)
+    table = make_host_table(np.asarray(jax.device_get(value)), placement, device=device, layer=layer)
     # Same dtype and metadata (logical axes), no rows: the device buffer can be freed.
     var.set_value(jnp.zeros((0,) + tuple(value.shape[1:]), value.dtype))
     return table

@@ -1,6 +1,7 @@
 """Where Engram rows live and how they are updated: row stores (device / host / cached,
 `row_store`), the one id -> flat row mapping (`RowIndex`), placements, host gathers,
-prefetching, sparse Adam, hot-row cache.
+prefetching, sparse Adam, hot-row cache, and the disk tier (`DiskTable`: memory-mapped table
+and optimizer state, DRAM cache of warm rows).
 
 Layering: kernel level (JAX + NumPy, no flax, no model); it imports nothing above itself.
 The model-level parts live above it: `engram_jax.models.offloaded` (split a model's tables
@@ -8,6 +9,7 @@ off, forward with host rows), `engram_jax.models.host_init` (`build_offloaded`) 
 `engram_jax.train.host_trainer` (`HostTableTrainer`).
 """
 
+from engram_jax.offload.disk_table import DiskTable, WarmRowCache
 from engram_jax.offload.hit_rate import (
   analytic_zipf_hit_rate,
   hit_rate_from_counts,
@@ -50,6 +52,7 @@ __all__ = [
   "PLACEMENTS",
   "CachedRowStore",
   "DeviceRowStore",
+  "DiskTable",
   "HostRowStore",
   "RowIndex",
   "RowStore",
@@ -62,6 +65,7 @@ __all__ = [
   "SparseRowAdam",
   "SparseRowState",
   "TablePlacement",
+  "WarmRowCache",
   "analytic_zipf_hit_rate",
   "apply_sparse_adam",
   "check_int32_rows",

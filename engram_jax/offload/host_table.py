@@ -26,6 +26,7 @@ from jax.experimental.compute_on import compute_on
 
 from engram_jax.offload import placement as placement_lib
 from engram_jax.offload.indexing import check_int32_rows
+from engram_jax.offload.sparse_adam import SparseRowState
 
 log = logging.getLogger(__name__)
 _logged_cpu = False
@@ -133,6 +134,16 @@ class HostTable:
     """One `SparseRowAdam` step on this table; returns the new optimizer state."""
     self.array, state = optimizer.apply(self.array, state, unique_rows, summed_grads, count, **kwargs)
     return state
+
+  def init_state(self, optimizer) -> SparseRowState:
+    """The optimizer state beside this table (`optimizer.init`: NumPy zeros in host RAM)."""
+    return optimizer.init(self.array)
+
+  def load_state(self, saved) -> SparseRowState:
+    """Takes a checkpoint's {"table", "m", "v", "count"} as own NumPy copies; returns the
+    optimizer state. (`DiskTable.load_state` copies them into its files instead.)"""
+    self.array = np.array(saved["table"], dtype=self.dtype)  # NumPy master, owned
+    return SparseRowState(*(np.array(saved[k]) for k in ("m", "v", "count")))
 
   def to_device(self) -> jax.Array:
     """The whole table as a device array (placement "device" / parity tests)."""

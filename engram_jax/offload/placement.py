@@ -5,6 +5,10 @@ Placements (one per Engram layer):
   host    the whole table in host memory (`pinned_host` when the backend has it); the
           rows a step needs are gathered on the host and copied to the device.
   cached  the most frequent rows on the device (`HotRowCache`), the rest on the host.
+  disk    "host" with the table and its optimizer state in memory-mapped files on local
+          disk and a bounded DRAM cache of warm rows (`engram_jax.offload.disk_table`):
+          "disk" (DRAM cache of 1% of the rows), "disk@dram=0.05"; "cached@0.01+disk" or
+          "cached@0.01+disk@dram=0.05" puts the hottest rows on the device in front of it.
 
 On the CPU backend "host" and "device" memory are the same RAM: the host paths run and
 are tested there, but moving rows costs only a memcpy.
@@ -22,6 +26,8 @@ log = logging.getLogger(__name__)
 
 PLACEMENTS = ("device", "host", "cached")
 HOST_GATHER_METHODS = ("numpy", "compute_on")
+STORAGES = ("dram", "disk")
+DEFAULT_DRAM_FRACTION = 0.01  # "disk" without "@dram=": 1% of the rows cached in DRAM
 
 
 def memory_kinds(device: jax.Device | None = None) -> tuple[str, ...]:
@@ -72,12 +78,21 @@ class TablePlacement:
     host_gather: "numpy" (gather with NumPy on the host, then device_put; measured
       fastest, see experiments/bench/offload_lookup.py) or "compute_on" (gather inside
       jit under compute_on('device_host'), table in pinned_host memory).
+    storage: where the host master of a "host" / "cached" table lives: "dram" (a NumPy
+      array) or "disk" (memory-mapped files, `DiskTable`; host_gather "numpy" only).
+    dram_fraction: for storage "disk", the DRAM cache of warm rows as a fraction of the
+      layer's rows, in (0, 1] (None: DEFAULT_DRAM_FRACTION).
+    disk_dir: for storage "disk", the folder of the working files (None: the trainer's
+      workdir/disk_tables, else a temporary folder).
   """
 
   kind: str = "device"
   cache_fraction: float = 0.0
   frequency_file: str | None = None
   host_gather: str = "numpy"
+  storage: str = "dram"
+  dram_fraction: float | None = None
+  disk_dir: str | None = None
 
   def __post_init__(self):
     if self.kind not in PLACEMENTS:
@@ -88,24 +103,87 @@ class TablePlacement:
       raise ValueError(f"placement 'cached' needs 0 < cache_fraction < 1, got {self.cache_fraction}")
     if self.kind != "cached" and (self.cache_fraction or self.frequency_file):
       raise ValueError(f"cache_fraction / frequency_file only apply to 'cached', not {self.kind!r}")
+    if self.storage not in STORAGES:
+      raise ValueError(f"table storage must be one of {STORAGES}, got {self.storage!r}")
+    if self.storage == "dram":
+      if self.dram_fraction is not None or self.disk_dir is not None:
+        raise ValueError("dram_fraction / disk_dir only apply to storage='disk' (placements 'disk', 'cached@f+disk')")
+      return
+    if self.kind == "device":
+      raise ValueError("storage='disk' needs a host placement ('host' or 'cached'), not 'device'")
+    if self.host_gather != "numpy":
+      raise ValueError(f"storage='disk' gathers with NumPy: host_gather must be 'numpy', got {self.host_gather!r}")
+    if self.dram_fraction is None:
+      object.__setattr__(self, "dram_fraction", DEFAULT_DRAM_FRACTION)
+    frac = self.dram_fraction
+    if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.0 < frac <= 1.0:
+      raise ValueError(f"the DRAM cache of a disk table (dram=) must be a fraction of its rows in (0, 1], got {frac!r}")
 
   @property
   def on_host(self) -> bool:
     return self.kind != "device"
+
+  @property
+  def on_disk(self) -> bool:
+    """True when the host master is a `DiskTable` (storage "disk")."""
+    return self.storage == "disk"
+
+  @property
+  def spec(self) -> str:
+    """The placement as `parse_placements` reads it (without frequency_file / disk_dir)."""
+    text = self.kind if self.kind != "cached" else f"cached@{self.cache_fraction:g}"
+    if not self.on_disk:
+      return text
+    disk = f"disk@dram={self.dram_fraction:g}"
+    return disk if self.kind == "host" else f"{text}+{disk}"
+
+
+def _parse_disk(text: str) -> float | None:
+  """ "disk" -> None (default DRAM cache), "disk@dram=F" -> F; anything else: ValueError."""
+  kind, _, opts = text.partition("@")
+  if kind.strip() != "disk":
+    raise ValueError(f"expected 'disk' or 'disk@dram=F' after '+', got {text!r}")
+  if not opts:
+    return None
+  key, eq, value = opts.partition("=")
+  if key.strip() != "dram" or not eq:
+    raise ValueError(f"disk options are 'dram=F' (DRAM cache, fraction of the rows), got {opts!r}")
+  try:
+    return float(value)
+  except ValueError:
+    raise ValueError(f"dram= needs a number (fraction of the rows in (0, 1]), got {value!r}") from None
+
+
+def parse_one(text: str) -> TablePlacement:
+  """One layer's placement: "device", "host", "cached@F", "disk[@dram=F]",
+  "cached@F+disk[@dram=F]"; ValueError naming the bad part."""
+  text = text.strip()
+  head, plus, tail = text.partition("+")
+  if plus:
+    kind, _, frac = head.strip().partition("@")
+    if kind != "cached":
+      raise ValueError(f"'+disk' follows 'cached@F' only, got {head!r}")
+    return TablePlacement(
+      kind="cached", cache_fraction=float(frac) if frac else 0.0, storage="disk", dram_fraction=_parse_disk(tail)
+    )
+  if text.partition("@")[0].strip() == "disk":
+    return TablePlacement(kind="host", storage="disk", dram_fraction=_parse_disk(text))
+  kind, _, frac = text.partition("@")
+  return TablePlacement(kind=kind, cache_fraction=float(frac) if frac else 0.0)
 
 
 def parse_placements(spec: str, layer_ids: Sequence[int]) -> dict[int, TablePlacement]:
   """Parses a flag value into one placement per Engram layer.
 
   "host" applies to every layer; "1:host,15:cached@0.05" names layers (unnamed layers stay
-  on the device); "cached@0.1" = cached with 10% of the rows on the device.
+  on the device); "cached@0.1" = cached with 10% of the rows on the device; "disk@dram=0.01"
+  = on disk with 1% of the rows cached in DRAM; "cached@0.01+disk" = both.
   """
   layer_ids = tuple(int(l) for l in layer_ids)
 
   def one(text: str) -> TablePlacement:
-    kind, _, frac = text.strip().partition("@")
     try:
-      return TablePlacement(kind=kind, cache_fraction=float(frac) if frac else 0.0)
+      return parse_one(text)
     except ValueError as e:
       raise ValueError(f"bad table placement {text!r} in {spec!r}: {e}") from None
 

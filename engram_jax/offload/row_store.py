@@ -27,6 +27,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from engram_jax.offload.disk_table import DiskTable
 from engram_jax.offload.host_table import HostTable
 from engram_jax.offload.hot_cache import HotRowCache, load_frequencies
 from engram_jax.offload.indexing import RowIndex
@@ -94,7 +95,8 @@ class HostRowStore:
       raise ValueError(
         f"training needs host_gather='numpy' tables; Engram layer {self.layer} uses {self.table.method!r}"
       )
-    self.adam, self.opt_state = adam, adam.init(self.table.array)
+    # beside the table: NumPy in host RAM, or memmaps on disk for a DiskTable
+    self.adam, self.opt_state = adam, self.table.init_state(adam)
 
   def apply(self, unique, summed, count, lr: float) -> np.ndarray:
     """One row-sparse Adam step with `sparse_grad`'s outputs (host arrays); returns the
@@ -116,8 +118,7 @@ class HostRowStore:
     """Restores what `state_dict` returned (e.g. from a checkpoint)."""
     if tuple(saved["table"].shape) != self.table.shape:
       raise ValueError(f"Engram layer {self.layer}: saved table {saved['table'].shape} != {self.table.shape}")
-    self.table.array = np.array(saved["table"], dtype=self.table.dtype)  # NumPy master, owned
-    self.opt_state = SparseRowState(*(np.array(saved[k]) for k in ("m", "v", "count")))
+    self.opt_state = self.table.load_state(saved)  # own copies (a DiskTable: into its files)
 
 
 class CachedRowStore(HostRowStore):
@@ -176,7 +177,10 @@ def row_stores(
         f"Engram layer {l} is placed 'cached' but has no row frequencies: "
         "pass frequencies={layer: counts} or set the placement's frequency_file"
       )
-    out[l] = CachedRowStore(l, HotRowCache.from_frequencies(table, counts, fraction=p.cache_fraction), indexes[l], p)
+    cache = HotRowCache.from_frequencies(table, counts, fraction=p.cache_fraction)
+    if isinstance(table, DiskTable):  # device-hot rows stay out of the DRAM tier
+      table.exclude_from_cache(cache.hot_rows)
+    out[l] = CachedRowStore(l, cache, indexes[l], p)
   return out
 
 

@@ -8,7 +8,8 @@ A checkpoint step holds four items (five with host-placed Engram tables):
   vocab   the tokenizer JSON and the compression table
   host_tables  (TrainConfig.table_placement != "device" only) per host-placed layer
           {"table", "m", "v", "count"} NumPy arrays: the table and its row-sparse Adam
-          state. `state` then holds the rest of the model (without the tables' size-0
+          state. Disk-placed layers ("disk", "cached@f+disk") are in the item
+          `disk_tables` instead, as .npy files (engram_jax.train.disk_checkpoint). `state` then holds the rest of the model (without the tables' size-0
           placeholders, which orbax cannot save) and the dense optimizer's state.
 Multi-process: every process calls `save` / `restore` (orbax coordinates them: the state is
 written shard by shard, JSON items by the primary process; each process writes its own data
@@ -36,6 +37,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_managers
+
+from engram_jax.offload.disk_table import as_dtype
+from engram_jax.train import disk_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +176,7 @@ class Checkpointer:
       "vocab": ocp.JsonCheckpointHandler(),
       "data": grain_checkpoint.CheckpointHandler(),
       "host_tables": ocp.StandardCheckpointHandler(),
+      disk_checkpoint.ITEM: disk_checkpoint.DiskTablesHandler(),
     }
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
@@ -201,7 +206,13 @@ class Checkpointer:
     if data_iterator is not None:
       items["data"] = checkpoint_args(data_iterator)
     if host_tables:
-      items["host_tables"] = ocp.args.StandardSave(_host_tree(host_tables))
+      # disk tables (memmaps) as .npy files in their own item, the others through orbax
+      on_disk = {l: d for l, d in host_tables.items() if disk_checkpoint.is_disk_state(d)}
+      in_dram = {l: d for l, d in host_tables.items() if l not in on_disk}
+      if in_dram:
+        items["host_tables"] = ocp.args.StandardSave(_host_tree(in_dram))
+      if on_disk:
+        items[disk_checkpoint.ITEM] = disk_checkpoint.DiskTablesSave(on_disk)
     self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
     self.manager.wait_until_finished()
 
@@ -298,9 +309,28 @@ class Checkpointer:
     """The host-placed tables and their sparse Adam state, as NumPy arrays shaped like `like`.
 
     `like`: {layer: {"table", "m", "v", "count"}} arrays of the current run (e.g.
-    `HostTableTrainer.host_state()`); shapes and dtypes must match the saved ones.
+    `HostTableTrainer.host_state()`); shapes and dtypes must match the saved ones. Layers
+    saved as disk tables come back as read-only memmaps of the checkpoint's files (for
+    `DiskTable.load_state` / `HostTable.load_state` to copy), the others as NumPy arrays.
     """
     step = self._step(step)
+    disk_dir = self.directory / str(step) / disk_checkpoint.ITEM
+    on_disk = sorted(l for l in like if (disk_dir / str(int(l))).is_dir())
+    out = {}
+    if on_disk:
+      with self.reading(step, disk_checkpoint.ITEM):
+        out = self.manager.restore(
+          step, args=ocp.args.Composite(**{disk_checkpoint.ITEM: disk_checkpoint.DiskTablesRestore(on_disk)})
+        )[disk_checkpoint.ITEM]
+      out = {l: {k: as_dtype(v, like[l][k].dtype) for k, v in d.items()} for l, d in out.items()}  # bfloat16
+      problems = disk_checkpoint.check_like(out, {l: like[l] for l in on_disk})
+      if problems:
+        raise CheckpointMismatchError(
+          f"checkpoint {self.directory}/{step} does not match this run:\n  " + "\n  ".join(problems)
+        )
+      like = {l: d for l, d in like.items() if l not in on_disk}
+      if not like:
+        return out
     target = _host_tree(like)
     saved = self._saved_shapes(step, "host_tables")
     if saved is None and not (self.directory / str(step) / "host_tables").is_dir():
@@ -322,7 +352,7 @@ class Checkpointer:
       restored = self.manager.restore(step, args=ocp.args.Composite(host_tables=ocp.args.StandardRestore(target)))[
         "host_tables"
       ]
-    return {int(l): {k: np.asarray(v) for k, v in d.items()} for l, d in restored.items()}
+    return out | {int(l): {k: np.asarray(v) for k, v in d.items()} for l, d in restored.items()}
 
   def _check_data_state(self, step: int) -> None:
     # grain keeps one iterator file per process: a run resumes with the same process count.

@@ -45,7 +45,10 @@ class TrainConfig:
     table_placement: where the Engram tables live while training
       (`engram_jax.offload.parse_placements`): "device" (default), "host" (host RAM,
       row-sparse Adam on the host), "cached@0.05" (host + 5% hottest rows on the device),
-      or per layer, "1:host,15:cached@0.05" (unnamed layers stay on the device).
+      or per layer, "1:host,15:cached@0.05" (unnamed layers stay on the device);
+      "disk@dram=0.01" / "cached@0.05+disk@dram=0.01" keep the table and its Adam state in
+      memory-mapped files under workdir/disk_tables with 1% of the rows cached in DRAM
+      (docs/DISK_TIER.md).
       Anything but "device" needs a single-device mesh and a single process.
     table_optimizer: how device-placed tables are updated: "dense_adam" (optax Adam over
       the whole table; the default: it trained better in a paired comparison, README) or

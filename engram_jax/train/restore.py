@@ -20,9 +20,11 @@ from engram_jax.models import engram_table, engram_table_filter, engram_table_va
 from engram_jax.models.config import ModelConfig
 from engram_jax.models.offloaded import row_indexes
 from engram_jax.models.transformer import Transformer
-from engram_jax.offload import HostTable
+from engram_jax.offload import HostTable, parse_placements
+from engram_jax.offload.disk_table import DiskTable, as_dtype, cache_size, open_npy
+from engram_jax.offload.placement import DEFAULT_DRAM_FRACTION
 from engram_jax.offload.row_store import RowStore, as_stores
-from engram_jax.train import evaluation
+from engram_jax.train import disk_checkpoint, evaluation
 from engram_jax.train.checkpoint import Checkpointer, CheckpointMismatchError, CorruptCheckpointError
 from engram_jax.train.config import TrainConfig
 from engram_jax.train.host_trainer import dense_optimizer, split_params
@@ -216,7 +218,15 @@ def _load_host_placed(
     return model, int(state.step), None
   host_tables = {}
   for layer in host_layers:  # as `split_tables` / `build_offloaded` leave the model
-    host_tables[layer] = HostTable(saved[layer], method="numpy", device=device, copy=False)
+    if isinstance(saved[layer], np.memmap):  # a disk-placed table: read in place, through a DRAM cache
+      host_tables[layer] = DiskTable(
+        Path(saved[layer].filename).parent,
+        saved[layer],
+        cache_rows=cache_size(saved[layer].shape[0], None, _dram_fraction(train_config, model_config, layer)),
+        device=device,
+      )
+    else:
+      host_tables[layer] = HostTable(saved[layer], method="numpy", device=device, copy=False)
     t = wanted[layer]
     engram_table(model, layer).set_value(jax.device_put(np.zeros((0,) + tuple(t.shape[1:]), t.dtype), sharding))
   return model, int(state.step), host_tables
@@ -231,6 +241,27 @@ def _restore_tables(
   import orbax.checkpoint as ocp
 
   step = ckpt.latest_step() if step is None else step
+  out = {}
+  disk_dir = ckpt.directory / str(step) / disk_checkpoint.ITEM
+  on_disk = {l: t for l, t in targets.items() if (disk_dir / str(l)).is_dir()}
+  if on_disk:  # the checkpoint's own .npy files, mapped read-only (checked: shape, dtype, length)
+    with ckpt.reading(step, disk_checkpoint.ITEM):
+      mapped = {l: as_dtype(open_npy(disk_dir / str(l) / "table.npy"), on_disk[l].dtype) for l in on_disk}
+    problems = [
+      f"disk table of Engram layer {l}: checkpoint has {(m.shape, str(m.dtype))}, the model needs "
+      f"{(on_disk[l].shape, str(on_disk[l].dtype))}"
+      for l, m in mapped.items()
+      if tuple(m.shape) != tuple(on_disk[l].shape) or m.dtype != on_disk[l].dtype
+    ]
+    if problems:
+      raise CheckpointMismatchError(
+        f"checkpoint {ckpt.directory}/{step} does not match its model config:\n  " + "\n  ".join(problems)
+      )
+    sharding = lambda t: t.sharding  # noqa: E731
+    out = {l: m if as_numpy else jax.device_put(np.asarray(m), sharding(on_disk[l])) for l, m in mapped.items()}
+    targets = {l: t for l, t in targets.items() if l not in on_disk}
+    if not targets:
+      return out
   path = ckpt.directory / str(step) / "host_tables"
   if not path.is_dir():
     raise CorruptCheckpointError(
@@ -264,7 +295,13 @@ def _restore_tables(
     restored = reader.restore(
       path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
     )
-  return {int(l): v["table"] for l, v in restored.items()}
+  return out | {int(l): v["table"] for l, v in restored.items()}
+
+
+def _dram_fraction(train_config: TrainConfig, model_config: ModelConfig, layer: int) -> float:
+  """The DRAM cache of a disk-placed layer as the run was trained with it (else the default)."""
+  placement = parse_placements(train_config.table_placement, model_config.engram_layer_ids).get(layer)
+  return placement.dram_fraction if placement is not None and placement.on_disk else DEFAULT_DRAM_FRACTION
 
 
 def evaluate_run(run: LoadedRun, data_config: DataConfig | None = None) -> dict[str, float]:

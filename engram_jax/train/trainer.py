@@ -63,6 +63,7 @@ from engram_jax.models.accounting import count_params, flops_per_token
 from engram_jax.models.config import ModelConfig
 from engram_jax.models.host_init import build_offloaded
 from engram_jax.offload import count_row_frequencies, parse_placements
+from engram_jax.offload.disk_table import with_disk_dir
 from engram_jax.train import evaluation, multihost
 from engram_jax.train.checkpoint import (
   Checkpointer,
@@ -597,9 +598,9 @@ class _Engine:
       build = lambda: build_model(trainer.model_config, trainer.seed)  # noqa: E731
       cached = tuple(l for l, p in trainer.placements.items() if p.kind == "cached" and not p.frequency_file)
       frequencies = trainer.row_frequencies(nnx.eval_shape(build), cached) if cached else None
-      model, offloaded = build_offloaded(
-        build, trainer.placements, frequencies=frequencies, device=mesh.devices.flat[0]
-      )
+      # disk tables: working files under the run's folder (rebuilt from the checkpoint on resume)
+      placements = with_disk_dir(trainer.placements, trainer.workdir / "disk_tables")
+      model, offloaded = build_offloaded(build, placements, frequencies=frequencies, device=mesh.devices.flat[0])
       # one device: the state and rows stay on it; a data-parallel mesh splits them over it
       self.host = HostTableTrainer(model, offloaded, cfg, bias_update_rate=rate, mesh=mesh if mesh.size > 1 else None)
       del model
