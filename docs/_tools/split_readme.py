@@ -45,6 +45,7 @@ LINKS: list[tuple[str, str]] = [
   ("(docs/results/", "(../results/"),
   ("(docs/RESULTS.md)", "(../RESULTS.md)"),
   ("(docs/DISTRIBUTED.md)", "(../DISTRIBUTED.md)"),
+  ("(docs/DISK_TIER.md)", "(../DISK_TIER.md)"),
   ("(pallas_kernels/README.md)", "(kernels.md#the-kernel-package-pallas-kernels-readme-md)"),
   ("(#reliability-inputs)", "(reliability.md#inputs)"),
   ("(#reliability)", "(reliability.md)"),
@@ -54,6 +55,7 @@ LINKS: list[tuple[str, str]] = [
 # Appended to a guide after its moved sections.
 EXTRA = {
   "distributed.md": ["", "```{toctree}", ":maxdepth: 1", "", "../DISTRIBUTED", "```"],
+  "offload.md": ["", "```{toctree}", ":maxdepth: 1", "", "../DISK_TIER", "```"],
   "results.md": ["", "```{toctree}", ":maxdepth: 1", "", "../RESULTS", "```"],
   "testing.md": [
     "",

@@ -60,7 +60,10 @@ from engram_jax.offload.row_store import CachedRowStore, RowStore
 
 log = logging.getLogger(__name__)
 
+#: Choices of `Decoder(host_decode=)`: "auto" (in the compiled loop when the backend can read
+#: host rows there), "in_loop" (insist on it), "python" (the per-token NumPy path).
 HOST_DECODES = ("auto", "in_loop", "python")
+#: The decode loops a `Decoder` may run (`Decoder.decode_path`).
 DECODE_PATHS = ("device_loop", "host_in_loop", "cached_in_loop", "host_python_loop")
 
 

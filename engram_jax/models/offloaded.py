@@ -55,6 +55,7 @@ class OffloadedEngram:
 
   @property
   def host_layers(self) -> tuple[int, ...]:
+    """The layers whose rows live off the device (host, cached, disk), ascending."""
     return tuple(sorted(l for l, s in self.stores.items() if s.on_host))
 
   @property

@@ -84,18 +84,22 @@ class HostTable:
 
   @property
   def shape(self) -> tuple[int, int]:
+    """(R, d): rows and row width."""
     return tuple(self.array.shape)
 
   @property
   def num_rows(self) -> int:
+    """R, the number of rows."""
     return int(self.array.shape[0])
 
   @property
   def dim(self) -> int:
+    """d, the width of a row."""
     return int(self.array.shape[1])
 
   @property
   def dtype(self):
+    """The rows' dtype."""
     return self.array.dtype
 
   def numpy(self) -> np.ndarray:

@@ -24,6 +24,7 @@ import jax
 
 log = logging.getLogger(__name__)
 
+#: The kinds of placement a table can have (`TablePlacement.kind`).
 PLACEMENTS = ("device", "host", "cached")
 HOST_GATHER_METHODS = ("numpy", "compute_on")
 STORAGES = ("dram", "disk")
@@ -63,6 +64,7 @@ def to_host(x, device: jax.Device | None = None) -> jax.Array:
 
 
 def to_device(x, device: jax.Device | None = None) -> jax.Array:
+  """Copies `x` into the device memory of `device` (default: the first device)."""
   return jax.device_put(x, sharding_for("device", device))
 
 
@@ -121,6 +123,7 @@ class TablePlacement:
 
   @property
   def on_host(self) -> bool:
+    """Whether the table lives off the device (host, cached or disk)."""
     return self.kind != "device"
 
   @property
