@@ -1,12 +1,13 @@
-"""Row-sparse Adam for Engram tables that live in host memory.
+"""Row-sparse Adam for Engram tables: the host tables' per-row Adam and the device tables'
+catch-up Adam (dense Adam's result at the cost of the rows a batch touches).
 
 Training with a host table: the step's loss gradient w.r.t. the gathered rows
 [..., H, d] is reduced on the device by `sparse_grad` to (unique rows, summed gradient),
 copied to the host, and `SparseRowAdam.apply` updates only those rows of the table and
 of its state (m, v [R, d] and a step count per row, all beside the table in host memory).
 
-Bias correction is PER ROW: each row runs Adam over the steps in which it was touched,
-with t = that row's own count. Consequences, precisely:
+`SparseRowAdam`: bias correction is PER ROW: each row runs Adam over the steps in which it
+was touched, with t = that row's own count. Consequences, precisely:
   - a row touched at every step follows dense Adam (`optax.adam`, same lr, b1, b2, eps)
     exactly (tested);
   - an untouched row keeps its parameters, m, v and count unchanged. Dense Adam instead
@@ -19,11 +20,32 @@ with t = that row's own count. Consequences, precisely:
     count gives every row's first step size ~lr, as for a fresh Adam. Rare (Zipf tail)
     rows are exactly the ones this matters for.
 Weight decay (decoupled, AdamW style) applies to touched rows only; Engram tables use 0.
+
+Catch-up Adam (`catchup_init`, `catchup_rows`, `apply_catchup_adam`, `catchup_flush`;
+`CatchupRowAdam` on NumPy): dense `optax.adam` (global step t, global bias correction),
+evaluated lazily. Each row stores the global step of its last update (`last`); the steps
+s+1 .. t-1 it sat out had gradient 0, and their effect is applied when the row is next
+touched (`catchup_rows`, BEFORE the step gathers it, so the forward pass sees dense Adam's
+row) or by `catchup_flush` (every row; for evaluation and export, O(table)):
+  - m <- b1^n m, v <- b2^n v (n = t-1-s skipped steps): exact;
+  - the row moves by sum_i lr_i * m_hat_i / (sqrt(v_hat_i) + eps) over those steps, in
+    closed form: with eps dropped from THESE steps' denominators the move is
+    (m_s / sqrt(v_s)) * sum_i lr_i * sqrt(1 - b2^(i+1)) / (1 - b1^(i+1)) * r^(i-s),
+    r = b1 / sqrt(b2) < 1, a sum of per-step scalars (the lrs of the last W steps are kept
+    in a ring). Approximation, precisely: (1) each skipped step's move is too large by the
+    factor 1 + eps / sqrt(v_hat_i) (no error with eps = 0; < 1e-6 relative while
+    sqrt(v_hat) > 0.01 * ... ; an element whose sqrt(v_hat) is not >> eps moves up to
+    that factor more than under dense Adam); (2) skipped steps older than W steps before
+    the touch are dropped: W = `catchup_window(b1, b2)` makes their share of the move
+    < 1e-7 (relative to the whole series' bound r / (1 - r)). The step that touches the row
+    is exact Adam (eps included), with lr and bias correction of the global step.
+  - a row touched at every step follows `optax.adam` exactly (no skipped steps).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -249,3 +271,219 @@ class SparseRowAdam:
     )  # Python floats: weak, like optax's constants
     table[rows], m[rows], v[rows], c[rows] = p_new, m_new, v_new, c_new
     return table, state
+
+
+class CatchupState(NamedTuple):
+  """State of catch-up Adam for one table [R, d].
+
+  m, v: [R, d] float32 (as of each row's `last` step); last: int32 [R], the global step
+  index of each row's last update (-1: never); step: int32 [], steps applied so far (the
+  next step's index t); lrs: float32 [W], the lr of step i at lrs[i % W] (last W steps).
+  """
+
+  m: np.ndarray | jax.Array
+  v: np.ndarray | jax.Array
+  last: np.ndarray | jax.Array
+  step: np.ndarray | jax.Array
+  lrs: np.ndarray | jax.Array
+
+
+def catchup_window(b1: float, b2: float, tol: float = 1e-7) -> int:
+  """W, the skipped steps a catch-up applies: older ones' terms, r^j with r = b1 / sqrt(b2)
+  (and b1 / b2 for the eps term), sum to < tol of the whole series' bound."""
+  if not 0 <= b1 < b2 < 1:
+    raise ValueError(f"catch-up Adam needs 0 <= b1 < b2 < 1 (a decaying drift), got b1={b1} b2={b2}")
+  if b1 == 0:
+    return 1
+  window = math.ceil(math.log(tol) / math.log(b1 / b2))  # b1 / b2 >= b1 / sqrt(b2)
+  if window > 100_000:
+    raise ValueError(f"catch-up Adam: b1={b1}, b2={b2} give a drift window of {window} steps (> 100,000)")
+  return window
+
+
+def catchup_init(table: np.ndarray | jax.Array, window: int) -> CatchupState:
+  """Zero state beside `table` [R, d]: NumPy for a NumPy table, else jax arrays with the
+  table's sharding (`window` from `catchup_window`)."""
+  if isinstance(table, np.ndarray):
+    dt = np.float32 if table.dtype.itemsize < 4 else table.dtype
+    z = lambda: np.zeros(table.shape, dt)  # noqa: E731
+    return CatchupState(z(), z(), np.full(table.shape[0], -1, np.int32), np.zeros((), np.int32), np.zeros(window))
+  check_int32_rows(table.shape[0], "catch-up Adam table")
+  dt = jnp.promote_types(table.dtype, jnp.float32)
+  put = lambda x: jax.device_put(x, table.sharding)  # noqa: E731
+  return CatchupState(
+    put(jnp.zeros(table.shape, dt)),
+    put(jnp.zeros(table.shape, dt)),
+    put(jnp.full(table.shape[0], -1, jnp.int32)),
+    jnp.zeros((), jnp.int32),
+    jnp.zeros(window, jnp.float32),
+  )
+
+
+def _drift_series(xp, lrs, t, b1, b2):
+  """(S1, S2) [W] over the window's steps i = t - W + q: S[q] = sum_{q' >= q} w(i') r^(q' - q)
+  with w1 = lr_i sqrt(c2_i) / c1_i, r1 = b1 / sqrt(b2) and w2 = lr_i c2_i / c1_i, r2 = b1 / b2
+  (c_i = 1 - b^(i+1); w = 0 before step 0). O(W) scalars per step."""
+  window = lrs.shape[0]
+  q = xp.arange(window)
+  i = (t - window + q).astype(lrs.dtype)
+  lr = xp.where(i >= 0, lrs[(t + q) % window], 0)  # lrs[i % W]
+  c = xp.maximum(i, 0) + 1
+  c1, c2 = 1 - b1**c, 1 - b2**c
+  out = []
+  for w, r in ((lr * xp.sqrt(c2) / c1, b1 / math.sqrt(b2)), (lr * c2 / c1, b1 / b2)):
+    rq = r ** q.astype(lrs.dtype)  # >= r^W ~ tol: no underflow
+    out.append(xp.cumsum((w * rq)[::-1])[::-1] / rq)
+  return out
+
+
+def _catch_up(xp, p, m, v, last, series, t, b1, b2, eps):
+  """Rows p, m, v [U, d], last [U] brought from their `last` step to step t - 1 (the steps
+  between had gradient 0). Returns (p, m, v) in m's dtype; their new `last` is t - 1."""
+  window = series[0].shape[0]
+  i0 = xp.maximum(last + 1, t - window)  # first skipped step inside the window
+  q0 = xp.clip(i0 - (t - window), 0, window - 1)
+  gap = (i0 - last).astype(m.dtype)
+  inside = i0 <= t - 1
+  c1, c2 = (
+    xp.where(inside, r**gap * s[q0], 0).astype(m.dtype)[:, None] for s, r in zip(series, (b1 / math.sqrt(b2), b1 / b2))
+  )
+  # sum_j c1_j m / (sqrt(v) + eps / b_j) ~ m c1^2 / (sqrt(v) c1 + eps c2): module docstring
+  den = xp.sqrt(v) * c1 + eps * c2
+  move = xp.where(den > 0, m * c1 * c1 / xp.where(den > 0, den, 1), 0)
+  n = (t - 1 - last).astype(m.dtype)[:, None]
+  return p.astype(m.dtype) - move, m * b1**n, v * b2**n
+
+
+def _adam_global(xp, p, m, v, g, t, lr, b1, b2, eps):
+  """One optax.adam step at global step index t (bias correction t + 1) on rows [U, d]."""
+  m = (1 - b1) * g + b1 * m
+  v = (1 - b2) * (g * g) + b2 * v
+  c = xp.asarray(t + 1).astype(m.dtype)
+  update = (m / (1 - b1**c)) / (xp.sqrt(v / (1 - b2**c)) + eps)
+  return p - lr * update, m, v
+
+
+def catchup_rows(
+  table: jax.Array, state: CatchupState, rows: jax.Array, *, b1: float, b2: float, eps: float
+) -> tuple[jax.Array, CatchupState]:
+  """Brings `rows` (flat ids [...], in range, repeats allowed) up to the current step:
+  their skipped steps' decay and drift applied (module docstring), `last` = step - 1.
+  Jit-able; O(rows * d). Call it before the step gathers those rows."""
+  rows = rows.reshape(-1).astype(jnp.int32)
+  t = state.step
+  take = lambda a: a.at[rows].get(mode="promise_in_bounds")  # noqa: E731
+  p, m, v = _catch_up(
+    jnp, take(table), take(state.m), take(state.v), take(state.last), _series(state, b1, b2), t, b1, b2, eps
+  )
+  put = lambda a, x: a.at[rows].set(x.astype(a.dtype), mode="promise_in_bounds")  # noqa: E731
+  last = put(state.last, jnp.full(rows.shape, t - 1, jnp.int32))
+  return put(table, p), state._replace(m=put(state.m, m), v=put(state.v, v), last=last)
+
+
+def _series(state, b1, b2):
+  return _drift_series(jnp, state.lrs, state.step, b1, b2)
+
+
+def catchup_flush(
+  table: jax.Array, state: CatchupState, *, b1: float, b2: float, eps: float
+) -> tuple[jax.Array, CatchupState]:
+  """Every row brought up to the current step: the table dense Adam would hold after
+  `state.step` steps (module docstring). O(R * d); for evaluation, export, checkpoints."""
+  t = state.step
+  p, m, v = _catch_up(jnp, table, state.m, state.v, state.last, _series(state, b1, b2), t, b1, b2, eps)
+  last = jnp.full_like(state.last, t - 1)
+  return p.astype(table.dtype), state._replace(m=m, v=v, last=last)
+
+
+def apply_catchup_adam(
+  table: jax.Array,
+  state: CatchupState,
+  unique_rows: jax.Array,
+  summed_grads: jax.Array,
+  count: jax.Array,
+  lr: jax.Array,
+  *,
+  b1: float,
+  b2: float,
+  eps: float,
+) -> tuple[jax.Array, CatchupState]:
+  """One dense-Adam step on the rows a batch touched (`sparse_grad`'s outputs, as for
+  `apply_sparse_adam`), their skipped steps caught up first (a no-op after `catchup_rows`),
+  lr recorded for later catch-ups. Jit-able; O(U * d + W) with the state donated."""
+  rows, g = _repeat_last_valid(unique_rows.astype(jnp.int32), summed_grads, count)
+  t = state.step
+  take = lambda a: a.at[rows].get(mode="promise_in_bounds")  # noqa: E731
+  p, m, v = _catch_up(
+    jnp, take(table), take(state.m), take(state.v), take(state.last), _series(state, b1, b2), t, b1, b2, eps
+  )
+  lr = jnp.asarray(lr)
+  p, m, v = _adam_global(jnp, p, m, v, g.astype(m.dtype), t, lr.astype(m.dtype), b1, b2, eps)
+  put = lambda a, x: a.at[rows].set(x.astype(a.dtype), mode="promise_in_bounds")  # noqa: E731
+  window = state.lrs.shape[0]
+  return put(table, p), CatchupState(
+    put(state.m, m),
+    put(state.v, v),
+    put(state.last, jnp.full(rows.shape, t, jnp.int32)),
+    t + 1,
+    state.lrs.at[t % window].set(lr.astype(state.lrs.dtype)),
+  )
+
+
+class CatchupRowAdam:
+  """Catch-up Adam on a NumPy table, in place (the math of `apply_catchup_adam`; module
+  docstring). State from `init`; `catch_up` the rows a step will gather, `apply` their
+  summed gradients, `flush` before reading the whole table."""
+
+  def __init__(self, lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
+    if lr <= 0:
+      raise ValueError(f"CatchupRowAdam lr must be > 0, got {lr}")
+    if not (0 <= b1 < 1 and 0 <= b2 < 1):
+      raise ValueError(f"CatchupRowAdam needs 0 <= b1, b2 < 1, got b1={b1} b2={b2}")
+    self.lr, self.b1, self.b2, self.eps = lr, b1, b2, eps
+    self.window = catchup_window(b1, b2)
+
+  def init(self, table: np.ndarray) -> CatchupState:
+    return catchup_init(np.asarray(table), self.window)
+
+  def _rows(self, table, state, rows):
+    t = int(state.step)
+    series = _drift_series(np, state.lrs, t, self.b1, self.b2)
+    m = state.m
+    p, m_new, v_new = _catch_up(
+      np, table[rows], m[rows], state.v[rows], state.last[rows], series, t, self.b1, self.b2, self.eps
+    )
+    return t, p, m_new, v_new
+
+  def catch_up(self, table: np.ndarray, state: CatchupState, rows) -> None:
+    """Brings `rows` (ids in [0, R), repeats allowed) up to the current step, in place."""
+    rows = np.unique(np.asarray(rows).reshape(-1))
+    if rows.size and (rows[0] < 0 or rows[-1] >= table.shape[0]):
+      raise ValueError(f"row ids must be in [0, {table.shape[0]}), got {rows[0]}..{rows[-1]}")
+    t, p, m, v = self._rows(table, state, rows)
+    table[rows], state.m[rows], state.v[rows], state.last[rows] = p, m, v, t - 1
+
+  def apply(self, table: np.ndarray, state: CatchupState, unique_rows, summed_grads, count=None, *, lr=None) -> None:
+    """One step on the given rows (as `SparseRowAdam.apply`: padding >= R and entries past
+    `count` ignored, no duplicates), in place; `lr` overrides the learning rate."""
+    rows = np.asarray(unique_rows).reshape(-1).astype(np.int64)
+    grads = np.asarray(summed_grads)
+    if grads.shape != (rows.shape[0], table.shape[1]):
+      raise ValueError(f"summed_grads {grads.shape} must be [{rows.shape[0]}, {table.shape[1]}]")
+    n = rows.shape[0] if count is None else int(count)
+    keep = rows[:n] < table.shape[0]
+    rows, grads = rows[:n][keep], grads[:n][keep]
+    if (rows < 0).any():
+      raise ValueError(f"negative row id {int(rows[rows < 0][0])} in unique_rows")
+    if np.unique(rows).size != rows.size:
+      raise ValueError("unique_rows has duplicates: sum their gradients first (sparse_grad)")
+    lr = self.lr if lr is None else float(lr)
+    t, p, m, v = self._rows(table, state, rows)
+    p, m, v = _adam_global(np, p, m, v, grads.astype(m.dtype), t, lr, self.b1, self.b2, self.eps)
+    table[rows], state.m[rows], state.v[rows], state.last[rows] = p, m, v, t
+    state.lrs[t % self.window] = lr
+    state.step[...] = t + 1
+
+  def flush(self, table: np.ndarray, state: CatchupState) -> None:
+    """Every row brought up to the current step, in place (O(R * d))."""
+    self.catch_up(table, state, np.arange(table.shape[0]))

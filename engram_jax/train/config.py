@@ -11,6 +11,8 @@ import numpy as np
 from engram_jax.config import check_known_fields
 from engram_jax.offload import parse_placements
 
+TABLE_OPTIMIZERS = ("catchup_adam", "dense_adam", "sparse_adam")
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -128,10 +130,8 @@ class TrainConfig:
     _check_float(self, "rollback_lr_factor", 0.0, 1.0, low_open=True)
     _check_int(self, "max_rollbacks", 0)
     _check_table_placement(self.table_placement)
-    if self.table_optimizer not in ("sparse_adam", "dense_adam"):
-      raise ValueError(
-        f"TrainConfig.table_optimizer must be 'sparse_adam' or 'dense_adam', got {self.table_optimizer!r}"
-      )
+    if self.table_optimizer not in TABLE_OPTIMIZERS:
+      raise ValueError(f"TrainConfig.table_optimizer must be one of {TABLE_OPTIMIZERS}, got {self.table_optimizer!r}")
 
   def replace(self, **changes: Any) -> TrainConfig:
     return dataclasses.replace(self, **changes)

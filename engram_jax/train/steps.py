@@ -57,11 +57,13 @@ def make_train_step(
     if sparse_tx is None:
       params, tables, ids, rows = state.params, None, batch.get("engram_ids") or None, {}
     else:
-      tables, params = sparse_tx.split(state.params)
       model = nnx.merge(graphdef, state.params, state.rest)
       all_ids = batch["engram_ids"]
       ids = {l: v for l, v in all_ids.items() if l not in sparse_tx.layers} or None
       flat = {l: model.blocks[l].engram.flat_row_ids(all_ids[l]) for l in sparse_tx.layers}
+      state = sparse_tx.caught_up(state, flat)  # catchup_adam: the batch's rows brought to this step
+      tables, params = sparse_tx.split(state.params)
+      model = nnx.merge(graphdef, state.params, state.rest)
       rows = {l: model.blocks[l].engram.lookup(all_ids[l]) for l in sparse_tx.layers}
 
     def loss_fn(params, rows):

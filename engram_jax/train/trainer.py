@@ -75,7 +75,7 @@ from engram_jax.train.checkpoint import (
 from engram_jax.train.config import TrainConfig
 from engram_jax.train.host_trainer import HostTableTrainer, check_data_parallel_mesh
 from engram_jax.train.metrics import MetricsWriter
-from engram_jax.train.optimizer import make_table_optimizer
+from engram_jax.train.optimizer import SparseTableOptimizer, make_table_optimizer
 from engram_jax.train.run_lock import RunLock, WorkdirLockedError, drop_metrics_after
 from engram_jax.train.state import abstract_like, build_model, create_train_state
 from engram_jax.train.steps import batch_shardings, make_train_step
@@ -618,6 +618,8 @@ class _DevicePlacement:
       evaluation.make_row_eval_step(graphdef),
       out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
     )
+    # catchup_adam: evaluate the tables brought up to date (a copy; training stays lazy)
+    self.flushed = jax.jit(tx.flushed_params) if isinstance(tx, SparseTableOptimizer) else (lambda p, _: p)
 
   @property
   def step(self) -> int:
@@ -651,7 +653,8 @@ class _DevicePlacement:
     return None if math.isfinite(loss) else f"its weights give loss {loss} on the step's batch"
 
   def evaluate_rows(self, eval_batches) -> dict[str, np.ndarray]:
-    return Trainer.evaluate_rows(self.eval_step, self.state, eval_batches, self.mesh)
+    state = self.state.replace(params=self.flushed(self.state.params, self.state.opt_state))
+    return Trainer.evaluate_rows(self.eval_step, state, eval_batches, self.mesh)
 
   def save(self, checkpointer: Checkpointer, step: int, **kwargs) -> None:
     checkpointer.save(step, self.state, data_iterator=self.data_iter, **kwargs)
