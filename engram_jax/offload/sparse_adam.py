@@ -276,9 +276,11 @@ class SparseRowAdam:
 class CatchupState(NamedTuple):
   """State of catch-up Adam for one table [R, d].
 
-  m, v: [R, d] float32 (as of each row's `last` step); last: int32 [R], the global step
-  index of each row's last update (-1: never); step: int32 [], steps applied so far (the
-  next step's index t); lrs: float32 [W], the lr of step i at lrs[i % W] (last W steps).
+  m, v: [R, d] float32, as of each row's `last` step; last: int32 [R], the global step index
+  of each row's last update (-1: never); step: int32 [], steps applied so far (the next
+  step's index t); lrs: float32 [W], the lr of step i at lrs[i % W] (the last W steps);
+  done: float32 [capacity, 2], the whole drift coefficients (c1, c2) of a row last updated
+  at step s, once s + W < t (steps >= capacity are not recorded: size it to the run).
   """
 
   m: np.ndarray | jax.Array
@@ -286,11 +288,13 @@ class CatchupState(NamedTuple):
   last: np.ndarray | jax.Array
   step: np.ndarray | jax.Array
   lrs: np.ndarray | jax.Array
+  done: np.ndarray | jax.Array
 
 
 def catchup_window(b1: float, b2: float, tol: float = 1e-7) -> int:
-  """W, the skipped steps a catch-up applies: older ones' terms, r^j with r = b1 / sqrt(b2)
-  (and b1 / b2 for the eps term), sum to < tol of the whole series' bound."""
+  """W, the skipped steps after a row's last update that its drift sums over: the later
+  ones' terms (ratios r1 = b1 / sqrt(b2) and r2 = b1 / b2 <= ... per step) sum to < tol of
+  the whole series' bound."""
   if not 0 <= b1 < b2 < 1:
     raise ValueError(f"catch-up Adam needs 0 <= b1 < b2 < 1 (a decaying drift), got b1={b1} b2={b2}")
   if b1 == 0:
@@ -301,13 +305,17 @@ def catchup_window(b1: float, b2: float, tol: float = 1e-7) -> int:
   return window
 
 
-def catchup_init(table: np.ndarray | jax.Array, window: int) -> CatchupState:
-  """Zero state beside `table` [R, d]: NumPy for a NumPy table, else jax arrays with the
-  table's sharding (`window` from `catchup_window`)."""
+def catchup_init(table: np.ndarray | jax.Array, window: int, capacity: int) -> CatchupState:
+  """Zero state beside `table` [R, d]: NumPy for a NumPy table, else jax arrays (the
+  per-row ones with the table's sharding). `window` from `catchup_window`; `capacity`:
+  the steps the run will take."""
+  if capacity < 1:
+    raise ValueError(f"catch-up Adam capacity must be >= 1 steps, got {capacity}")
   if isinstance(table, np.ndarray):
     dt = np.float32 if table.dtype.itemsize < 4 else table.dtype
     z = lambda: np.zeros(table.shape, dt)  # noqa: E731
-    return CatchupState(z(), z(), np.full(table.shape[0], -1, np.int32), np.zeros((), np.int32), np.zeros(window))
+    last = np.full(table.shape[0], -1, np.int32)
+    return CatchupState(z(), z(), last, np.zeros((), np.int32), np.zeros(window), np.zeros((capacity, 2)))
   check_int32_rows(table.shape[0], "catch-up Adam table")
   dt = jnp.promote_types(table.dtype, jnp.float32)
   put = lambda x: jax.device_put(x, table.sharding)  # noqa: E731
@@ -317,36 +325,41 @@ def catchup_init(table: np.ndarray | jax.Array, window: int) -> CatchupState:
     put(jnp.full(table.shape[0], -1, jnp.int32)),
     jnp.zeros((), jnp.int32),
     jnp.zeros(window, jnp.float32),
+    jnp.zeros((capacity, 2), jnp.float32),
   )
 
 
+def _ratios(b1, b2):
+  return b1 / math.sqrt(b2), b1 / b2
+
+
 def _drift_series(xp, lrs, t, b1, b2):
-  """(S1, S2) [W] over the window's steps i = t - W + q: S[q] = sum_{q' >= q} w(i') r^(q' - q)
-  with w1 = lr_i sqrt(c2_i) / c1_i, r1 = b1 / sqrt(b2) and w2 = lr_i c2_i / c1_i, r2 = b1 / b2
-  (c_i = 1 - b^(i+1); w = 0 before step 0). O(W) scalars per step."""
+  """(S1, S2) [W] over the ring's steps i = t - W + q: S[q] = sum_{q' >= q} w(i') r^(q' - q + 1)
+  with w1 = lr_i sqrt(k2_i) / k1_i and w2 = lr_i k2_i / k1_i (k_i = 1 - b^(i+1); w = 0
+  before step 0): the coefficients of a row last updated at step i - 1. O(W) scalars."""
   window = lrs.shape[0]
   q = xp.arange(window)
   i = (t - window + q).astype(lrs.dtype)
   lr = xp.where(i >= 0, lrs[(t + q) % window], 0)  # lrs[i % W]
   c = xp.maximum(i, 0) + 1
-  c1, c2 = 1 - b1**c, 1 - b2**c
+  k1, k2 = 1 - b1**c, 1 - b2**c
   out = []
-  for w, r in ((lr * xp.sqrt(c2) / c1, b1 / math.sqrt(b2)), (lr * c2 / c1, b1 / b2)):
-    rq = r ** q.astype(lrs.dtype)  # >= r^W ~ tol: no underflow
-    out.append(xp.cumsum((w * rq)[::-1])[::-1] / rq)
+  for w, r in zip((lr * xp.sqrt(k2) / k1, lr * k2 / k1), _ratios(b1, b2)):
+    rq = r ** (q + 1).astype(lrs.dtype)  # >= r^(W+1) ~ tol: no underflow
+    out.append(xp.cumsum((w * rq)[::-1])[::-1] / rq * r)
   return out
 
 
-def _catch_up(xp, p, m, v, last, series, t, b1, b2, eps):
+def _catch_up(xp, p, m, v, last, series, done, t, b1, b2, eps):
   """Rows p, m, v [U, d], last [U] brought from their `last` step to step t - 1 (the steps
   between had gradient 0). Returns (p, m, v) in m's dtype; their new `last` is t - 1."""
-  window = series[0].shape[0]
-  i0 = xp.maximum(last + 1, t - window)  # first skipped step inside the window
-  q0 = xp.clip(i0 - (t - window), 0, window - 1)
-  gap = (i0 - last).astype(m.dtype)
-  inside = i0 <= t - 1
+  window, capacity = series[0].shape[0], done.shape[0]
+  in_ring = last + 1 >= t - window  # every skipped step's lr is in the ring
+  q0 = xp.clip(last + 1 - (t - window), 0, window - 1)
+  old = done[xp.clip(last, 0, capacity - 1)]
   c1, c2 = (
-    xp.where(inside, r**gap * s[q0], 0).astype(m.dtype)[:, None] for s, r in zip(series, (b1 / math.sqrt(b2), b1 / b2))
+    xp.where(last < t - 1, xp.where(in_ring, s[q0], old[:, k]), 0).astype(m.dtype)[:, None]
+    for k, s in enumerate(series)
   )
   # sum_j c1_j m / (sqrt(v) + eps / b_j) ~ m c1^2 / (sqrt(v) c1 + eps c2): module docstring
   den = xp.sqrt(v) * c1 + eps * c2
@@ -364,6 +377,19 @@ def _adam_global(xp, p, m, v, g, t, lr, b1, b2, eps):
   return p - lr * update, m, v
 
 
+def _rows_caught_up(state, table, rows, b1, b2, eps):
+  take = lambda a: a.at[rows].get(mode="promise_in_bounds")  # noqa: E731
+  series = _drift_series(jnp, state.lrs, state.step, b1, b2)
+  p, m, v = _catch_up(
+    jnp, take(table), take(state.m), take(state.v), take(state.last), series, state.done, state.step, b1, b2, eps
+  )
+  return series, p, m, v
+
+
+def _put(a, rows, x):
+  return a.at[rows].set(jnp.broadcast_to(x, rows.shape + a.shape[1:]).astype(a.dtype), mode="promise_in_bounds")
+
+
 def catchup_rows(
   table: jax.Array, state: CatchupState, rows: jax.Array, *, b1: float, b2: float, eps: float
 ) -> tuple[jax.Array, CatchupState]:
@@ -371,18 +397,9 @@ def catchup_rows(
   their skipped steps' decay and drift applied (module docstring), `last` = step - 1.
   Jit-able; O(rows * d). Call it before the step gathers those rows."""
   rows = rows.reshape(-1).astype(jnp.int32)
-  t = state.step
-  take = lambda a: a.at[rows].get(mode="promise_in_bounds")  # noqa: E731
-  p, m, v = _catch_up(
-    jnp, take(table), take(state.m), take(state.v), take(state.last), _series(state, b1, b2), t, b1, b2, eps
-  )
-  put = lambda a, x: a.at[rows].set(x.astype(a.dtype), mode="promise_in_bounds")  # noqa: E731
-  last = put(state.last, jnp.full(rows.shape, t - 1, jnp.int32))
-  return put(table, p), state._replace(m=put(state.m, m), v=put(state.v, v), last=last)
-
-
-def _series(state, b1, b2):
-  return _drift_series(jnp, state.lrs, state.step, b1, b2)
+  _, p, m, v = _rows_caught_up(state, table, rows, b1, b2, eps)
+  last = _put(state.last, rows, state.step - 1)
+  return _put(table, rows, p), state._replace(m=_put(state.m, rows, m), v=_put(state.v, rows, v), last=last)
 
 
 def catchup_flush(
@@ -391,9 +408,9 @@ def catchup_flush(
   """Every row brought up to the current step: the table dense Adam would hold after
   `state.step` steps (module docstring). O(R * d); for evaluation, export, checkpoints."""
   t = state.step
-  p, m, v = _catch_up(jnp, table, state.m, state.v, state.last, _series(state, b1, b2), t, b1, b2, eps)
-  last = jnp.full_like(state.last, t - 1)
-  return p.astype(table.dtype), state._replace(m=m, v=v, last=last)
+  series = _drift_series(jnp, state.lrs, t, b1, b2)
+  p, m, v = _catch_up(jnp, table, state.m, state.v, state.last, series, state.done, t, b1, b2, eps)
+  return p.astype(table.dtype), state._replace(m=m, v=v, last=jnp.full_like(state.last, t - 1))
 
 
 def apply_catchup_adam(
@@ -409,24 +426,24 @@ def apply_catchup_adam(
   eps: float,
 ) -> tuple[jax.Array, CatchupState]:
   """One dense-Adam step on the rows a batch touched (`sparse_grad`'s outputs, as for
-  `apply_sparse_adam`), their skipped steps caught up first (a no-op after `catchup_rows`),
-  lr recorded for later catch-ups. Jit-able; O(U * d + W) with the state donated."""
+  `apply_sparse_adam`), their skipped steps caught up first (a no-op after `catchup_rows`);
+  records lr and the drift coefficients that leave the ring. Jit-able; O(U * d + W) with
+  the state donated."""
   rows, g = _repeat_last_valid(unique_rows.astype(jnp.int32), summed_grads, count)
-  t = state.step
-  take = lambda a: a.at[rows].get(mode="promise_in_bounds")  # noqa: E731
-  p, m, v = _catch_up(
-    jnp, take(table), take(state.m), take(state.v), take(state.last), _series(state, b1, b2), t, b1, b2, eps
-  )
-  lr = jnp.asarray(lr)
+  t, lr = state.step, jnp.asarray(lr)
+  series, p, m, v = _rows_caught_up(state, table, rows, b1, b2, eps)
   p, m, v = _adam_global(jnp, p, m, v, g.astype(m.dtype), t, lr.astype(m.dtype), b1, b2, eps)
-  put = lambda a, x: a.at[rows].set(x.astype(a.dtype), mode="promise_in_bounds")  # noqa: E731
-  window = state.lrs.shape[0]
-  return put(table, p), CatchupState(
-    put(state.m, m),
-    put(state.v, v),
-    put(state.last, jnp.full(rows.shape, t, jnp.int32)),
+  window, capacity = state.lrs.shape[0], state.done.shape[0]
+  # the row last updated at step t - 1 - W has all its W skipped steps' lrs in the ring now
+  s = t - 1 - window
+  done = state.done.at[jnp.where(s >= 0, s, capacity)].set(jnp.stack([x[0] for x in series]), mode="drop")
+  return _put(table, rows, p), CatchupState(
+    _put(state.m, rows, m),
+    _put(state.v, rows, v),
+    _put(state.last, rows, t),
     t + 1,
     state.lrs.at[t % window].set(lr.astype(state.lrs.dtype)),
+    done,
   )
 
 
@@ -435,32 +452,27 @@ class CatchupRowAdam:
   docstring). State from `init`; `catch_up` the rows a step will gather, `apply` their
   summed gradients, `flush` before reading the whole table."""
 
-  def __init__(self, lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
+  def __init__(self, lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, capacity: int = 100_000):
     if lr <= 0:
       raise ValueError(f"CatchupRowAdam lr must be > 0, got {lr}")
-    if not (0 <= b1 < 1 and 0 <= b2 < 1):
-      raise ValueError(f"CatchupRowAdam needs 0 <= b1, b2 < 1, got b1={b1} b2={b2}")
-    self.lr, self.b1, self.b2, self.eps = lr, b1, b2, eps
+    self.lr, self.b1, self.b2, self.eps, self.capacity = lr, b1, b2, eps, capacity
     self.window = catchup_window(b1, b2)
 
   def init(self, table: np.ndarray) -> CatchupState:
-    return catchup_init(np.asarray(table), self.window)
+    return catchup_init(np.asarray(table), self.window, self.capacity)
 
-  def _rows(self, table, state, rows):
+  def _caught_up(self, table, state, rows):
     t = int(state.step)
     series = _drift_series(np, state.lrs, t, self.b1, self.b2)
-    m = state.m
-    p, m_new, v_new = _catch_up(
-      np, table[rows], m[rows], state.v[rows], state.last[rows], series, t, self.b1, self.b2, self.eps
-    )
-    return t, p, m_new, v_new
+    rs = (table[rows], state.m[rows], state.v[rows], state.last[rows])
+    return t, series, *_catch_up(np, *rs, series, state.done, t, self.b1, self.b2, self.eps)
 
   def catch_up(self, table: np.ndarray, state: CatchupState, rows) -> None:
     """Brings `rows` (ids in [0, R), repeats allowed) up to the current step, in place."""
     rows = np.unique(np.asarray(rows).reshape(-1))
     if rows.size and (rows[0] < 0 or rows[-1] >= table.shape[0]):
       raise ValueError(f"row ids must be in [0, {table.shape[0]}), got {rows[0]}..{rows[-1]}")
-    t, p, m, v = self._rows(table, state, rows)
+    t, _, p, m, v = self._caught_up(table, state, rows)
     table[rows], state.m[rows], state.v[rows], state.last[rows] = p, m, v, t - 1
 
   def apply(self, table: np.ndarray, state: CatchupState, unique_rows, summed_grads, count=None, *, lr=None) -> None:
@@ -478,9 +490,11 @@ class CatchupRowAdam:
     if np.unique(rows).size != rows.size:
       raise ValueError("unique_rows has duplicates: sum their gradients first (sparse_grad)")
     lr = self.lr if lr is None else float(lr)
-    t, p, m, v = self._rows(table, state, rows)
+    t, series, p, m, v = self._caught_up(table, state, rows)
     p, m, v = _adam_global(np, p, m, v, grads.astype(m.dtype), t, lr, self.b1, self.b2, self.eps)
     table[rows], state.m[rows], state.v[rows], state.last[rows] = p, m, v, t
+    if 0 <= t - 1 - self.window < self.capacity:
+      state.done[t - 1 - self.window] = [x[0] for x in series]
     state.lrs[t % self.window] = lr
     state.step[...] = t + 1
 

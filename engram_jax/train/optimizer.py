@@ -126,6 +126,7 @@ class SparseTableOptimizer:
       (the norm of the dense table gradient; <= 0: none).
     frozen: `freeze_engram_tables`: the tables get neither updates nor optimizer state.
     catch_up: catch-up Adam (above) instead of per-row counts.
+    max_steps: the run's steps (catch_up: the state keeps 2 floats per step).
   State (`init`): (dense optax state, (one `CatchupState` or `SparseRowState` per layer in
   order)).
   """
@@ -139,6 +140,7 @@ class SparseTableOptimizer:
   grad_clip_norm: float
   frozen: bool
   catch_up: bool = False
+  max_steps: int = 1
 
   def split(self, params: nnx.State) -> tuple[nnx.State, nnx.State]:
     """(the tables of `layers`, every other param)."""
@@ -157,7 +159,12 @@ class SparseTableOptimizer:
       window = catchup_window(self.b1, self.b2)
       states = tuple(
         CatchupState(
-          zeros(t), zeros(t), jnp.full(t.shape[0], -1, jnp.int32), jnp.zeros((), jnp.int32), jnp.zeros(window)
+          zeros(t),
+          zeros(t),
+          jnp.full(t.shape[0], -1, jnp.int32),
+          jnp.zeros((), jnp.int32),
+          jnp.zeros(window),
+          jnp.zeros((self.max_steps, 2)),
         )
         for t in self.tables(params).values()
       )
@@ -254,4 +261,5 @@ def make_table_optimizer(
     cfg.grad_clip_norm,
     cfg.freeze_engram_tables,
     catch_up=cfg.table_optimizer == "catchup_adam",
+    max_steps=cfg.total_steps,
   ), lr
