@@ -22,24 +22,26 @@ was touched, with t = that row's own count. Consequences, precisely:
 Weight decay (decoupled, AdamW style) applies to touched rows only; Engram tables use 0.
 
 Catch-up Adam (`catchup_init`, `catchup_rows`, `apply_catchup_adam`, `catchup_flush`;
-`CatchupRowAdam` on NumPy): dense `optax.adam` (global step t, global bias correction),
-evaluated lazily. Each row stores the global step of its last update (`last`); the steps
-s+1 .. t-1 it sat out had gradient 0, and their effect is applied when the row is next
-touched (`catchup_rows`, BEFORE the step gathers it, so the forward pass sees dense Adam's
-row) or by `catchup_flush` (every row; for evaluation and export, O(table)):
-  - m <- b1^n m, v <- b2^n v (n = t-1-s skipped steps): exact;
-  - the row moves by sum_i lr_i * m_hat_i / (sqrt(v_hat_i) + eps) over those steps, in
-    closed form: with eps dropped from THESE steps' denominators the move is
-    (m_s / sqrt(v_s)) * sum_i lr_i * sqrt(1 - b2^(i+1)) / (1 - b1^(i+1)) * r^(i-s),
-    r = b1 / sqrt(b2) < 1, a sum of per-step scalars (the lrs of the last W steps are kept
-    in a ring). Approximation, precisely: (1) each skipped step's move is too large by the
-    factor 1 + eps / sqrt(v_hat_i) (no error with eps = 0; < 1e-6 relative while
-    sqrt(v_hat) > 0.01 * ... ; an element whose sqrt(v_hat) is not >> eps moves up to
-    that factor more than under dense Adam); (2) skipped steps older than W steps before
-    the touch are dropped: W = `catchup_window(b1, b2)` makes their share of the move
-    < 1e-7 (relative to the whole series' bound r / (1 - r)). The step that touches the row
-    is exact Adam (eps included), with lr and bias correction of the global step.
-  - a row touched at every step follows `optax.adam` exactly (no skipped steps).
+`CatchupRowAdam` on NumPy): dense `optax.adam` (global step t, global bias correction, a
+zero gradient for every row a step does not touch), evaluated lazily. Each row stores the
+global step s of its last update (`last`); the steps s+1 .. t-1 it sat out are applied when
+it is next touched (`catchup_rows`, BEFORE the step gathers it, so the forward pass sees
+dense Adam's row) or by `catchup_flush` (every row: for evaluation and export, O(table)):
+  - m <- b1^n m, v <- b2^n v over the n = t-1-s skipped steps: exact.
+  - the drift, sum over skipped steps i of lr_i m_hat_i / (sqrt(v_hat_i) + eps), in closed
+    form: move = m_s C1^2 / (sqrt(v_s) C1 + eps C2), with per-row scalars
+      C1 = sum_i lr_i sqrt(k2_i) / k1_i r1^(i-s),  C2 = sum_i lr_i k2_i / k1_i r2^(i-s),
+    k_i = 1 - b^(i+1), r1 = b1 / sqrt(b2), r2 = b1 / b2 (< 1 required). It is the exact
+    move when eps = 0 or when a single step was skipped; otherwise it replaces the mean of
+    1 / (1 + z_i), z_i = eps / sqrt(v_hat_i), by 1 / (1 + mean z) (weights C1's terms):
+    first-order exact in z, never larger than dense Adam's move (Jensen). Measured
+    (tests): within 1e-5 relative of dense Adam with |g| >> eps, within 5% with |g| ~ eps.
+  - only the first W = `catchup_window(b1, b2)` skipped steps after s count: the rest
+    weigh < 1e-7 (r2^W) of the series.
+  The lrs of the last W steps live in a ring (`lrs`); the coefficients of a row whose W
+  steps have left it are recorded per step (`done`: 2 floats per step of the run). Cost
+  per step: O(U d + W), U rows touched. A row touched at every step follows `optax.adam`
+  exactly (no skipped steps; tested). No weight decay.
 """
 
 from __future__ import annotations
