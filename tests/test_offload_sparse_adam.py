@@ -10,6 +10,7 @@ import pytest
 
 from engram_jax.offload import placement
 from engram_jax.offload.sparse_adam import (
+  CATCHUP_RECORD_STEPS,
   CatchupRowAdam,
   SparseRowAdam,
   apply_catchup_adam,
@@ -149,7 +150,7 @@ def _schedule(i):
   return 0.01 * (1 + 0.5 * np.cos(i / 7))  # a varying lr: the catch-up must use each step's
 
 
-def _dense_vs_catchup(touch, scale=1.0, backend="numpy", eps=EPS, flush=True):
+def _dense_vs_catchup(touch, scale=1.0, backend="numpy", eps=EPS, flush=True, capacity=CATCHUP_RECORD_STEPS):
   """touch: per step the touched rows. Returns ((dense table, mu, nu), (catch-up table, m, v))
   after the steps, every catch-up row flushed (flush) or as left by its last touch."""
   rng = np.random.default_rng(7)
@@ -157,7 +158,7 @@ def _dense_vs_catchup(touch, scale=1.0, backend="numpy", eps=EPS, flush=True):
   opt = optax.adam(lambda c: jnp.asarray(_schedule(c)), B1, B2, eps)
   dense = jnp.asarray(table0)
   dstate = opt.init(dense)
-  ca = CatchupRowAdam(0.01, B1, B2, eps, capacity=len(touch))
+  ca = CatchupRowAdam(0.01, B1, B2, eps, capacity=capacity)
   if backend == "numpy":
     table, state = table0.copy(), ca.init(table0.copy())
   else:

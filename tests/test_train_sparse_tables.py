@@ -220,14 +220,6 @@ def test_a_checkpoint_resumes_only_with_its_table_optimizer():
   assert "table_optimizer" in problem
   # saved before the field existed: dense Adam
   assert compare_meta({"train": {}}, meta("dense_adam")) == []
-  # catchup_adam's state holds a record per step of the run
-  longer = {"train": TRAIN.replace(table_optimizer="catchup_adam", total_steps=20).to_dict()}
-  (problem,) = compare_meta(meta("catchup_adam"), longer)
-  assert "total_steps" in problem
-  assert (
-    compare_meta(meta("dense_adam"), {"train": TRAIN.replace(table_optimizer="dense_adam", total_steps=20).to_dict()})
-    == []
-  )
 
 
 def test_bad_table_optimizer_is_refused():

@@ -39,7 +39,10 @@ dense Adam's row) or by `catchup_flush` (every row: for evaluation and export, O
   - only the first W = `catchup_window(b1, b2)` skipped steps after s count: the rest
     weigh < 1e-7 (r2^W) of the series.
   The lrs of the last W steps live in a ring (`lrs`); the coefficients of a row whose W
-  steps have left it are recorded per step (`done`: 2 floats per step of the run). Cost
+  steps have left it are recorded per step in a second ring (`done`, C = 2^18 steps, 2 MiB
+  per table). A row that sat out more than C steps reads the record of a step C, 2C, ...
+  later than its own (the same series under that step's lrs: exact for a constant lr once
+  the bias corrections are ~1; use a larger C for runs whose rows sit out longer). Cost
   per step: O(U d + W), U rows touched. A row touched at every step follows `optax.adam`
   exactly (no skipped steps; tested). No weight decay.
 """
@@ -275,14 +278,17 @@ class SparseRowAdam:
     return table, state
 
 
+CATCHUP_RECORD_STEPS = 1 << 18  # C: 2 float32 per step, 2 MiB per table
+
+
 class CatchupState(NamedTuple):
   """State of catch-up Adam for one table [R, d].
 
   m, v: [R, d] float32, as of each row's `last` step; last: int32 [R], the global step index
   of each row's last update (-1: never); step: int32 [], steps applied so far (the next
   step's index t); lrs: float32 [W], the lr of step i at lrs[i % W] (the last W steps);
-  done: float32 [capacity, 2], the whole drift coefficients (c1, c2) of a row last updated
-  at step s, once s + W < t (steps >= capacity are not recorded: size it to the run).
+  done: float32 [C, 2], the whole drift coefficients (C1, C2) of a row last updated at
+  step s at done[s % C], once s + W < t (C = CATCHUP_RECORD_STEPS by default).
   """
 
   m: np.ndarray | jax.Array
@@ -307,12 +313,12 @@ def catchup_window(b1: float, b2: float, tol: float = 1e-7) -> int:
   return window
 
 
-def catchup_init(table: np.ndarray | jax.Array, window: int, capacity: int) -> CatchupState:
+def catchup_init(table: np.ndarray | jax.Array, window: int, capacity: int = CATCHUP_RECORD_STEPS) -> CatchupState:
   """Zero state beside `table` [R, d]: NumPy for a NumPy table, else jax arrays (the
-  per-row ones with the table's sharding). `window` from `catchup_window`; `capacity`:
-  the steps the run will take."""
-  if capacity < 1:
-    raise ValueError(f"catch-up Adam capacity must be >= 1 steps, got {capacity}")
+  per-row ones with the table's sharding). `window` from `catchup_window`; `capacity`: C,
+  the steps a row may sit out (past W) and still get its own drift (module docstring)."""
+  if capacity <= window:
+    raise ValueError(f"catch-up Adam capacity must exceed the window {window} steps, got {capacity}")
   if isinstance(table, np.ndarray):
     dt = np.float32 if table.dtype.itemsize < 4 else table.dtype
     z = lambda: np.zeros(table.shape, dt)  # noqa: E731
@@ -358,7 +364,7 @@ def _catch_up(xp, p, m, v, last, series, done, t, b1, b2, eps):
   window, capacity = series[0].shape[0], done.shape[0]
   in_ring = last + 1 >= t - window  # every skipped step's lr is in the ring
   q0 = xp.clip(last + 1 - (t - window), 0, window - 1)
-  old = done[xp.clip(last, 0, capacity - 1)]
+  old = done[xp.maximum(last, 0) % capacity]
   c1, c2 = (
     xp.where(last < t - 1, xp.where(in_ring, s[q0], old[:, k]), 0).astype(m.dtype)[:, None]
     for k, s in enumerate(series)
@@ -438,7 +444,7 @@ def apply_catchup_adam(
   window, capacity = state.lrs.shape[0], state.done.shape[0]
   # the row last updated at step t - 1 - W has all its W skipped steps' lrs in the ring now
   s = t - 1 - window
-  done = state.done.at[jnp.where(s >= 0, s, capacity)].set(jnp.stack([x[0] for x in series]), mode="drop")
+  done = state.done.at[jnp.where(s >= 0, s % capacity, capacity)].set(jnp.stack([x[0] for x in series]), mode="drop")
   return _put(table, rows, p), CatchupState(
     _put(state.m, rows, m),
     _put(state.v, rows, v),
@@ -454,7 +460,9 @@ class CatchupRowAdam:
   docstring). State from `init`; `catch_up` the rows a step will gather, `apply` their
   summed gradients, `flush` before reading the whole table."""
 
-  def __init__(self, lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, capacity: int = 100_000):
+  def __init__(
+    self, lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, capacity: int = CATCHUP_RECORD_STEPS
+  ):
     if lr <= 0:
       raise ValueError(f"CatchupRowAdam lr must be > 0, got {lr}")
     self.lr, self.b1, self.b2, self.eps, self.capacity = lr, b1, b2, eps, capacity
@@ -495,8 +503,8 @@ class CatchupRowAdam:
     t, series, p, m, v = self._caught_up(table, state, rows)
     p, m, v = _adam_global(np, p, m, v, grads.astype(m.dtype), t, lr, self.b1, self.b2, self.eps)
     table[rows], state.m[rows], state.v[rows], state.last[rows] = p, m, v, t
-    if 0 <= t - 1 - self.window < self.capacity:
-      state.done[t - 1 - self.window] = [x[0] for x in series]
+    if t - 1 - self.window >= 0:
+      state.done[(t - 1 - self.window) % self.capacity] = [x[0] for x in series]
     state.lrs[t % self.window] = lr
     state.step[...] = t + 1
 

@@ -129,12 +129,6 @@ def compare_meta(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
       f"train.table_optimizer differs: checkpoint {table_opt(saved)!r}, current "
       f"{table_opt(current)!r}; resume with the checkpoint's table_optimizer"
     )
-  steps = lambda m: (m.get("train") or {}).get("total_steps")  # noqa: E731
-  if table_opt(current) == "catchup_adam" == table_opt(saved) and steps(saved) != steps(current):
-    problems.append(
-      f"train.total_steps differs: checkpoint {steps(saved)}, current {steps(current)}; catchup_adam "
-      "keeps a record per step of the run (engram_jax/offload/sparse_adam.py): resume with the checkpoint's"
-    )
   return problems
 
 

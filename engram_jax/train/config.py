@@ -57,8 +57,7 @@ class TrainConfig:
       "dense_adam" (optax Adam over the whole table: the reference). "sparse_adam": per-row
       Adam counts, untouched rows not decayed or moved (the host tables' update; it trained
       worse in the same comparison). catchup_adam evaluation and `load_run` read the tables
-      brought up to date (`SparseTableOptimizer.flushed_params`); its state keeps 2 floats
-      per step, so such a run resumes only with its `total_steps`. Host tables are
+      brought up to date (`SparseTableOptimizer.flushed_params`). Host tables are
       always "sparse_adam"; row-sharded device tables, and the device layers of a mixed
       placement ("1:host"), keep dense Adam (logged for the former).
   """

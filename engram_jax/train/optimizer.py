@@ -4,8 +4,9 @@ Groups (labels):
   "engram_table"  Engram memory tables (logical axis "engram_rows"): Adam at
                   `engram_lr_multiplier` x the backbone lr, no weight decay
                   (`freeze_engram_tables`: no updates at all, optax.set_to_zero).
-                  `make_table_optimizer` with `table_optimizer="sparse_adam"` takes the
-                  device tables out of this group: `SparseTableOptimizer`, row-sparse.
+                  `make_table_optimizer` with `table_optimizer="catchup_adam"` (the
+                  default) or "sparse_adam" takes the device tables out of this group:
+                  `SparseTableOptimizer`, row-sparse.
   "no_decay"      norms (logical axis "norm"), biases and other vectors: backbone
                   optimizer without weight decay.
   "decay"         every other matrix: AdamW (or Muon) with weight decay.
@@ -26,6 +27,7 @@ from jax.sharding import Mesh
 from engram_jax import sharding as sharding_lib
 from engram_jax.models import engram_table_filter
 from engram_jax.offload.sparse_adam import (
+  CATCHUP_RECORD_STEPS,
   CatchupState,
   SparseRowState,
   apply_catchup_adam,
@@ -126,7 +128,6 @@ class SparseTableOptimizer:
       (the norm of the dense table gradient; <= 0: none).
     frozen: `freeze_engram_tables`: the tables get neither updates nor optimizer state.
     catch_up: catch-up Adam (above) instead of per-row counts.
-    max_steps: the run's steps (catch_up: the state keeps 2 floats per step).
   State (`init`): (dense optax state, (one `CatchupState` or `SparseRowState` per layer in
   order)).
   """
@@ -140,7 +141,6 @@ class SparseTableOptimizer:
   grad_clip_norm: float
   frozen: bool
   catch_up: bool = False
-  max_steps: int = 1
 
   def split(self, params: nnx.State) -> tuple[nnx.State, nnx.State]:
     """(the tables of `layers`, every other param)."""
@@ -164,7 +164,7 @@ class SparseTableOptimizer:
           jnp.full(t.shape[0], -1, jnp.int32),
           jnp.zeros((), jnp.int32),
           jnp.zeros(window),
-          jnp.zeros((self.max_steps, 2)),
+          jnp.zeros((CATCHUP_RECORD_STEPS, 2)),
         )
         for t in self.tables(params).values()
       )
@@ -261,5 +261,4 @@ def make_table_optimizer(
     cfg.grad_clip_norm,
     cfg.freeze_engram_tables,
     catch_up=cfg.table_optimizer == "catchup_adam",
-    max_steps=cfg.total_steps,
   ), lr
