@@ -388,10 +388,9 @@ def _adam_global(xp, p, m, v, g, t, lr, b1, b2, eps):
 def _rows_caught_up(state, table, rows, b1, b2, eps):
   take = lambda a: a.at[rows].get(mode="promise_in_bounds")  # noqa: E731
   series = _drift_series(jnp, state.lrs, state.step, b1, b2)
-  p, m, v = _catch_up(
-    jnp, take(table), take(state.m), take(state.v), take(state.last), series, state.done, state.step, b1, b2, eps
-  )
-  return series, p, m, v
+  last = take(state.last)
+  p, m, v = _catch_up(jnp, take(table), take(state.m), take(state.v), last, series, state.done, state.step, b1, b2, eps)
+  return series, p, m, v, last
 
 
 def _put(a, rows, x):
@@ -405,8 +404,10 @@ def catchup_rows(
   their skipped steps' decay and drift applied (module docstring), `last` = step - 1.
   Jit-able; O(rows * d). Call it before the step gathers those rows."""
   rows = rows.reshape(-1).astype(jnp.int32)
-  _, p, m, v = _rows_caught_up(state, table, rows, b1, b2, eps)
-  last = _put(state.last, rows, state.step - 1)
+  _, p, m, v, last = _rows_caught_up(state, table, rows, b1, b2, eps)
+  # max(last, t - 1) = t - 1; read from the gathered ids, so that the scatter waits for the
+  # gather (else XLA copies `last`, O(R), to keep the old values readable)
+  last = _put(state.last, rows, jnp.maximum(last, state.step - 1))
   return _put(table, rows, p), state._replace(m=_put(state.m, rows, m), v=_put(state.v, rows, v), last=last)
 
 
@@ -439,7 +440,7 @@ def apply_catchup_adam(
   the state donated."""
   rows, g = _repeat_last_valid(unique_rows.astype(jnp.int32), summed_grads, count)
   t, lr = state.step, jnp.asarray(lr)
-  series, p, m, v = _rows_caught_up(state, table, rows, b1, b2, eps)
+  series, p, m, v, last = _rows_caught_up(state, table, rows, b1, b2, eps)
   p, m, v = _adam_global(jnp, p, m, v, g.astype(m.dtype), t, lr.astype(m.dtype), b1, b2, eps)
   window, capacity = state.lrs.shape[0], state.done.shape[0]
   # the row last updated at step t - 1 - W has all its W skipped steps' lrs in the ring now
@@ -448,7 +449,7 @@ def apply_catchup_adam(
   return _put(table, rows, p), CatchupState(
     _put(state.m, rows, m),
     _put(state.v, rows, v),
-    _put(state.last, rows, t),
+    _put(state.last, rows, jnp.maximum(last, t)),  # = t, after the gather (as in catchup_rows)
     t + 1,
     state.lrs.at[t % window].set(lr.astype(state.lrs.dtype)),
     done,
