@@ -1,6 +1,7 @@
-"""Row-sparse Adam on device tables (TrainConfig.table_optimizer="sparse_adam") against the
-dense-Adam reference: equal while every row is touched at every step; afterwards touched rows
-still follow Adam and untouched rows, their m, v and count stay exactly unchanged."""
+"""Row-sparse updates of device tables against the dense-Adam reference. table_optimizer=
+"catchup_adam": dense Adam, lazily (equal to it, flushed, also when rows sit out steps);
+"sparse_adam" (per-row counts): equal while every row is touched at every step; afterwards
+touched rows still follow Adam and untouched rows, their m, v and count stay unchanged."""
 
 import logging
 
@@ -15,6 +16,7 @@ from engram_jax.train import CheckpointMismatchError
 from engram_jax.train.checkpoint import compare_meta
 from engram_jax.train.config import TrainConfig
 from engram_jax.train.optimizer import SparseTableOptimizer, make_table_optimizer
+from engram_jax.train.restore import evaluate_run, load_run
 from engram_jax.train.state import TrainState, create_train_state, split_model
 from engram_jax.train.steps import make_train_step
 from engram_jax.train.trainer import Trainer
@@ -54,6 +56,33 @@ def runs():
   dense = _run(TRAIN.replace(table_optimizer="dense_adam"), batches)
   sparse = _run(TRAIN.replace(table_optimizer="sparse_adam"), batches)
   return batches, dense, sparse
+
+
+@pytest.fixture(scope="module")
+def catchup(runs):
+  return _run(TRAIN.replace(table_optimizer="catchup_adam"), runs[0])
+
+
+def test_catchup_adam_equals_dense_adam_with_partial_touches(runs, catchup):
+  """Rows sit out steps 4-6 (SCHEDULE): the forward pass sees dense Adam's rows (loss, grad
+  norm), the backbone follows dense, and the flushed tables equal dense Adam's tables."""
+  batches, (_, dense, dense_m), _ = runs
+  tx, states, metrics = catchup
+  assert isinstance(tx, SparseTableOptimizer) and tx.catch_up
+  for i in range(len(batches)):
+    np.testing.assert_allclose(metrics[i]["loss"], dense_m[i]["loss"], rtol=1e-5)
+    np.testing.assert_allclose(metrics[i]["grad_norm"], dense_m[i]["grad_norm"], rtol=1e-4)
+    flushed = jax.device_get(tx.flushed_params(states[i].params, states[i].opt_state))
+    for a, b in zip(jax.tree.leaves(flushed), jax.tree.leaves(dense[i].params)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6)
+  for i in range(3, len(batches)):
+    for j, l in enumerate(LAYERS):
+      touched = _touched(batches[i], l)
+      lazy, flushed = _table(states[i].params, l), _table(tx.flushed_params(states[i].params, states[i].opt_state), l)
+      # untouched rows are not written until they are next touched (or flushed)
+      np.testing.assert_array_equal(lazy[~touched], _table(states[i - 1].params, l)[~touched])
+      assert np.abs(flushed[~touched] - lazy[~touched]).max() > 0
+      np.testing.assert_array_equal(np.asarray(states[i].opt_state[1][j].last)[touched], i)
 
 
 def test_the_optimizer_chosen(runs):
@@ -155,7 +184,7 @@ def _mesh_run(mesh, cfg, batches):
 def test_data_parallel_mesh_equals_dense():
   mesh = sharding_lib.make_mesh(data=2, devices=jax.devices()[:2])
   batches = [_batch(s) for s in range(2)]
-  sparse_tx, sparse = _mesh_run(mesh, TRAIN.replace(table_optimizer="sparse_adam"), batches)
+  sparse_tx, sparse = _mesh_run(mesh, TRAIN.replace(table_optimizer="catchup_adam"), batches)
   _, dense = _mesh_run(mesh, TRAIN.replace(table_optimizer="dense_adam"), batches)
   assert isinstance(sparse_tx, SparseTableOptimizer)
   for a, b in zip(jax.tree.leaves(sparse.params), jax.tree.leaves(dense.params)):
@@ -171,14 +200,17 @@ def test_row_sharded_tables_fall_back_to_dense_adam(caplog):
 
 
 def test_trainer_resume_is_bit_exact_and_keeps_its_table_optimizer(data_config, tmp_path):  # noqa: F811
-  cfg = TRAINER_CFG.replace(table_optimizer="sparse_adam")
-  straight = Trainer(tiny_model(), cfg, data_config, tmp_path / "straight").run()
+  cfg = TRAINER_CFG.replace(table_optimizer="catchup_adam")
+  # evaluating (at steps 3 and 6) reads flushed copies: the training state stays as it was
+  straight = Trainer(tiny_model(), cfg.replace(eval_every=3), data_config, tmp_path / "straight").run()
   assert Trainer(tiny_model(), cfg, data_config, tmp_path / "resumed").run(stop_after=3).step == 3
   second = Trainer(tiny_model(), cfg, data_config, tmp_path / "resumed").run()
   for step in (4, 5, 6):
     assert second.losses[step] == straight.losses[step], step  # to the last bit
+  # the trainer evaluates, and load_run exports, the flushed tables (dense Adam's)
+  assert abs(evaluate_run(load_run(tmp_path / "straight"))["val_loss"] - straight.eval["val_loss"]) < 1e-5
   with pytest.raises(CheckpointMismatchError, match="table_optimizer"):
-    Trainer(tiny_model(), TRAINER_CFG, data_config, tmp_path / "resumed").run()
+    Trainer(tiny_model(), cfg.replace(table_optimizer="sparse_adam"), data_config, tmp_path / "resumed").run()
 
 
 def test_a_checkpoint_resumes_only_with_its_table_optimizer():

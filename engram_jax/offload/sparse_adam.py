@@ -1,12 +1,13 @@
-"""Row-sparse Adam for Engram tables that live in host memory.
+"""Row-sparse Adam for Engram tables: the host tables' per-row Adam and the device tables'
+catch-up Adam (dense Adam's result at the cost of the rows a batch touches).
 
 Training with a host table: the step's loss gradient w.r.t. the gathered rows
 [..., H, d] is reduced on the device by `sparse_grad` to (unique rows, summed gradient),
 copied to the host, and `SparseRowAdam.apply` updates only those rows of the table and
 of its state (m, v [R, d] and a step count per row, all beside the table in host memory).
 
-Bias correction is PER ROW: each row runs Adam over the steps in which it was touched,
-with t = that row's own count. Consequences, precisely:
+`SparseRowAdam`: bias correction is PER ROW: each row runs Adam over the steps in which it
+was touched, with t = that row's own count. Consequences, precisely:
   - a row touched at every step follows dense Adam (`optax.adam`, same lr, b1, b2, eps)
     exactly (tested);
   - an untouched row keeps its parameters, m, v and count unchanged. Dense Adam instead
@@ -19,11 +20,37 @@ with t = that row's own count. Consequences, precisely:
     count gives every row's first step size ~lr, as for a fresh Adam. Rare (Zipf tail)
     rows are exactly the ones this matters for.
 Weight decay (decoupled, AdamW style) applies to touched rows only; Engram tables use 0.
+
+Catch-up Adam (`catchup_init`, `catchup_rows`, `apply_catchup_adam`, `catchup_flush`;
+`CatchupRowAdam` on NumPy): dense `optax.adam` (global step t, global bias correction, a
+zero gradient for every row a step does not touch), evaluated lazily. Each row stores the
+global step s of its last update (`last`); the steps s+1 .. t-1 it sat out are applied when
+it is next touched (`catchup_rows`, BEFORE the step gathers it, so the forward pass sees
+dense Adam's row) or by `catchup_flush` (every row: for evaluation and export, O(table)):
+  - m <- b1^n m, v <- b2^n v over the n = t-1-s skipped steps: exact.
+  - the drift, sum over skipped steps i of lr_i m_hat_i / (sqrt(v_hat_i) + eps), in closed
+    form: move = m_s C1^2 / (sqrt(v_s) C1 + eps C2), with per-row scalars
+      C1 = sum_i lr_i sqrt(k2_i) / k1_i r1^(i-s),  C2 = sum_i lr_i k2_i / k1_i r2^(i-s),
+    k_i = 1 - b^(i+1), r1 = b1 / sqrt(b2), r2 = b1 / b2 (< 1 required). It is the exact
+    move when eps = 0 or when a single step was skipped; otherwise it replaces the mean of
+    1 / (1 + z_i), z_i = eps / sqrt(v_hat_i), by 1 / (1 + mean z) (weights C1's terms):
+    first-order exact in z, never larger than dense Adam's move (Jensen). Measured
+    (tests): within 1e-5 relative of dense Adam with |g| >> eps, within 5% with |g| ~ eps.
+  - only the first W = `catchup_window(b1, b2)` skipped steps after s count: the rest
+    weigh < 1e-7 (r2^W) of the series.
+  The lrs of the last W steps live in a ring (`lrs`); the coefficients of a row whose W
+  steps have left it are recorded per step in a second ring (`done`, C = 2^18 steps, 2 MiB
+  per table). A row that sat out more than C steps reads the record of a step C, 2C, ...
+  later than its own (the same series under that step's lrs: exact for a constant lr once
+  the bias corrections are ~1; use a larger C for runs whose rows sit out longer). Cost
+  per step: O(U d + W), U rows touched. A row touched at every step follows `optax.adam`
+  exactly (no skipped steps; tested). No weight decay.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -249,3 +276,239 @@ class SparseRowAdam:
     )  # Python floats: weak, like optax's constants
     table[rows], m[rows], v[rows], c[rows] = p_new, m_new, v_new, c_new
     return table, state
+
+
+CATCHUP_RECORD_STEPS = 1 << 18  # C: 2 float32 per step, 2 MiB per table
+
+
+class CatchupState(NamedTuple):
+  """State of catch-up Adam for one table [R, d].
+
+  m, v: [R, d] float32, as of each row's `last` step; last: int32 [R], the global step index
+  of each row's last update (-1: never); step: int32 [], steps applied so far (the next
+  step's index t); lrs: float32 [W], the lr of step i at lrs[i % W] (the last W steps);
+  done: float32 [C, 2], the whole drift coefficients (C1, C2) of a row last updated at
+  step s at done[s % C], once s + W < t (C = CATCHUP_RECORD_STEPS by default).
+  """
+
+  m: np.ndarray | jax.Array
+  v: np.ndarray | jax.Array
+  last: np.ndarray | jax.Array
+  step: np.ndarray | jax.Array
+  lrs: np.ndarray | jax.Array
+  done: np.ndarray | jax.Array
+
+
+def catchup_window(b1: float, b2: float, tol: float = 1e-7) -> int:
+  """W, the skipped steps after a row's last update that its drift sums over: the later
+  ones' terms (ratios r1 = b1 / sqrt(b2) and r2 = b1 / b2 <= ... per step) sum to < tol of
+  the whole series' bound."""
+  if not 0 <= b1 < b2 < 1:
+    raise ValueError(f"catch-up Adam needs 0 <= b1 < b2 < 1 (a decaying drift), got b1={b1} b2={b2}")
+  if b1 == 0:
+    return 1
+  window = math.ceil(math.log(tol) / math.log(b1 / b2))  # b1 / b2 >= b1 / sqrt(b2)
+  if window > 100_000:
+    raise ValueError(f"catch-up Adam: b1={b1}, b2={b2} give a drift window of {window} steps (> 100,000)")
+  return window
+
+
+def catchup_init(table: np.ndarray | jax.Array, window: int, capacity: int = CATCHUP_RECORD_STEPS) -> CatchupState:
+  """Zero state beside `table` [R, d]: NumPy for a NumPy table, else jax arrays (the
+  per-row ones with the table's sharding). `window` from `catchup_window`; `capacity`: C,
+  the steps a row may sit out (past W) and still get its own drift (module docstring)."""
+  if capacity <= window:
+    raise ValueError(f"catch-up Adam capacity must exceed the window {window} steps, got {capacity}")
+  if isinstance(table, np.ndarray):
+    dt = np.float32 if table.dtype.itemsize < 4 else table.dtype
+    z = lambda: np.zeros(table.shape, dt)  # noqa: E731
+    last = np.full(table.shape[0], -1, np.int32)
+    return CatchupState(z(), z(), last, np.zeros((), np.int32), np.zeros(window), np.zeros((capacity, 2)))
+  check_int32_rows(table.shape[0], "catch-up Adam table")
+  dt = jnp.promote_types(table.dtype, jnp.float32)
+  put = lambda x: jax.device_put(x, table.sharding)  # noqa: E731
+  return CatchupState(
+    put(jnp.zeros(table.shape, dt)),
+    put(jnp.zeros(table.shape, dt)),
+    put(jnp.full(table.shape[0], -1, jnp.int32)),
+    jnp.zeros((), jnp.int32),
+    jnp.zeros(window, jnp.float32),
+    jnp.zeros((capacity, 2), jnp.float32),
+  )
+
+
+def _ratios(b1, b2):
+  return b1 / math.sqrt(b2), b1 / b2
+
+
+def _drift_series(xp, lrs, t, b1, b2):
+  """(S1, S2) [W] over the ring's steps i = t - W + q: S[q] = sum_{q' >= q} w(i') r^(q' - q + 1)
+  with w1 = lr_i sqrt(k2_i) / k1_i and w2 = lr_i k2_i / k1_i (k_i = 1 - b^(i+1); w = 0
+  before step 0): the coefficients of a row last updated at step i - 1. O(W) scalars."""
+  window = lrs.shape[0]
+  q = xp.arange(window)
+  i = (t - window + q).astype(lrs.dtype)
+  lr = xp.where(i >= 0, lrs[(t + q) % window], 0)  # lrs[i % W]
+  c = xp.maximum(i, 0) + 1
+  k1, k2 = 1 - b1**c, 1 - b2**c
+  out = []
+  for w, r in zip((lr * xp.sqrt(k2) / k1, lr * k2 / k1), _ratios(b1, b2)):
+    rq = r ** (q + 1).astype(lrs.dtype)  # >= r^(W+1) ~ tol: no underflow
+    out.append(xp.cumsum((w * rq)[::-1])[::-1] / rq * r)
+  return out
+
+
+def _catch_up(xp, p, m, v, last, series, done, t, b1, b2, eps):
+  """Rows p, m, v [U, d], last [U] brought from their `last` step to step t - 1 (the steps
+  between had gradient 0). Returns (p, m, v) in m's dtype; their new `last` is t - 1."""
+  window, capacity = series[0].shape[0], done.shape[0]
+  in_ring = last + 1 >= t - window  # every skipped step's lr is in the ring
+  q0 = xp.clip(last + 1 - (t - window), 0, window - 1)
+  old = done[xp.maximum(last, 0) % capacity]
+  c1, c2 = (
+    xp.where(last < t - 1, xp.where(in_ring, s[q0], old[:, k]), 0).astype(m.dtype)[:, None]
+    for k, s in enumerate(series)
+  )
+  # sum_j c1_j m / (sqrt(v) + eps / b_j) ~ m c1^2 / (sqrt(v) c1 + eps c2): module docstring
+  den = xp.sqrt(v) * c1 + eps * c2
+  move = xp.where(den > 0, m * c1 * c1 / xp.where(den > 0, den, 1), 0)
+  n = (t - 1 - last).astype(m.dtype)[:, None]
+  return p.astype(m.dtype) - move, m * b1**n, v * b2**n
+
+
+def _adam_global(xp, p, m, v, g, t, lr, b1, b2, eps):
+  """One optax.adam step at global step index t (bias correction t + 1) on rows [U, d]."""
+  m = (1 - b1) * g + b1 * m
+  v = (1 - b2) * (g * g) + b2 * v
+  c = xp.asarray(t + 1).astype(m.dtype)
+  update = (m / (1 - b1**c)) / (xp.sqrt(v / (1 - b2**c)) + eps)
+  return p - lr * update, m, v
+
+
+def _rows_caught_up(state, table, rows, b1, b2, eps):
+  take = lambda a: a.at[rows].get(mode="promise_in_bounds")  # noqa: E731
+  series = _drift_series(jnp, state.lrs, state.step, b1, b2)
+  last = take(state.last)
+  p, m, v = _catch_up(jnp, take(table), take(state.m), take(state.v), last, series, state.done, state.step, b1, b2, eps)
+  return series, p, m, v, last
+
+
+def _put(a, rows, x):
+  return a.at[rows].set(jnp.broadcast_to(x, rows.shape + a.shape[1:]).astype(a.dtype), mode="promise_in_bounds")
+
+
+def catchup_rows(
+  table: jax.Array, state: CatchupState, rows: jax.Array, *, b1: float, b2: float, eps: float
+) -> tuple[jax.Array, CatchupState]:
+  """Brings `rows` (flat ids [...], in range, repeats allowed) up to the current step:
+  their skipped steps' decay and drift applied (module docstring), `last` = step - 1.
+  Jit-able; O(rows * d). Call it before the step gathers those rows."""
+  rows = rows.reshape(-1).astype(jnp.int32)
+  _, p, m, v, last = _rows_caught_up(state, table, rows, b1, b2, eps)
+  # max(last, t - 1) = t - 1; read from the gathered ids, so that the scatter waits for the
+  # gather (else XLA copies `last`, O(R), to keep the old values readable)
+  last = _put(state.last, rows, jnp.maximum(last, state.step - 1))
+  return _put(table, rows, p), state._replace(m=_put(state.m, rows, m), v=_put(state.v, rows, v), last=last)
+
+
+def catchup_flush(
+  table: jax.Array, state: CatchupState, *, b1: float, b2: float, eps: float
+) -> tuple[jax.Array, CatchupState]:
+  """Every row brought up to the current step: the table dense Adam would hold after
+  `state.step` steps (module docstring). O(R * d); for evaluation, export, checkpoints."""
+  t = state.step
+  series = _drift_series(jnp, state.lrs, t, b1, b2)
+  p, m, v = _catch_up(jnp, table, state.m, state.v, state.last, series, state.done, t, b1, b2, eps)
+  return p.astype(table.dtype), state._replace(m=m, v=v, last=jnp.full_like(state.last, t - 1))
+
+
+def apply_catchup_adam(
+  table: jax.Array,
+  state: CatchupState,
+  unique_rows: jax.Array,
+  summed_grads: jax.Array,
+  count: jax.Array,
+  lr: jax.Array,
+  *,
+  b1: float,
+  b2: float,
+  eps: float,
+) -> tuple[jax.Array, CatchupState]:
+  """One dense-Adam step on the rows a batch touched (`sparse_grad`'s outputs, as for
+  `apply_sparse_adam`), their skipped steps caught up first (a no-op after `catchup_rows`);
+  records lr and the drift coefficients that leave the ring. Jit-able; O(U * d + W) with
+  the state donated."""
+  rows, g = _repeat_last_valid(unique_rows.astype(jnp.int32), summed_grads, count)
+  t, lr = state.step, jnp.asarray(lr)
+  series, p, m, v, last = _rows_caught_up(state, table, rows, b1, b2, eps)
+  p, m, v = _adam_global(jnp, p, m, v, g.astype(m.dtype), t, lr.astype(m.dtype), b1, b2, eps)
+  window, capacity = state.lrs.shape[0], state.done.shape[0]
+  # the row last updated at step t - 1 - W has all its W skipped steps' lrs in the ring now
+  s = t - 1 - window
+  done = state.done.at[jnp.where(s >= 0, s % capacity, capacity)].set(jnp.stack([x[0] for x in series]), mode="drop")
+  return _put(table, rows, p), CatchupState(
+    _put(state.m, rows, m),
+    _put(state.v, rows, v),
+    _put(state.last, rows, jnp.maximum(last, t)),  # = t, after the gather (as in catchup_rows)
+    t + 1,
+    state.lrs.at[t % window].set(lr.astype(state.lrs.dtype)),
+    done,
+  )
+
+
+class CatchupRowAdam:
+  """Catch-up Adam on a NumPy table, in place (the math of `apply_catchup_adam`; module
+  docstring). State from `init`; `catch_up` the rows a step will gather, `apply` their
+  summed gradients, `flush` before reading the whole table."""
+
+  def __init__(
+    self, lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, capacity: int = CATCHUP_RECORD_STEPS
+  ):
+    if lr <= 0:
+      raise ValueError(f"CatchupRowAdam lr must be > 0, got {lr}")
+    self.lr, self.b1, self.b2, self.eps, self.capacity = lr, b1, b2, eps, capacity
+    self.window = catchup_window(b1, b2)
+
+  def init(self, table: np.ndarray) -> CatchupState:
+    return catchup_init(np.asarray(table), self.window, self.capacity)
+
+  def _caught_up(self, table, state, rows):
+    t = int(state.step)
+    series = _drift_series(np, state.lrs, t, self.b1, self.b2)
+    rs = (table[rows], state.m[rows], state.v[rows], state.last[rows])
+    return t, series, *_catch_up(np, *rs, series, state.done, t, self.b1, self.b2, self.eps)
+
+  def catch_up(self, table: np.ndarray, state: CatchupState, rows) -> None:
+    """Brings `rows` (ids in [0, R), repeats allowed) up to the current step, in place."""
+    rows = np.unique(np.asarray(rows).reshape(-1))
+    if rows.size and (rows[0] < 0 or rows[-1] >= table.shape[0]):
+      raise ValueError(f"row ids must be in [0, {table.shape[0]}), got {rows[0]}..{rows[-1]}")
+    t, _, p, m, v = self._caught_up(table, state, rows)
+    table[rows], state.m[rows], state.v[rows], state.last[rows] = p, m, v, t - 1
+
+  def apply(self, table: np.ndarray, state: CatchupState, unique_rows, summed_grads, count=None, *, lr=None) -> None:
+    """One step on the given rows (as `SparseRowAdam.apply`: padding >= R and entries past
+    `count` ignored, no duplicates), in place; `lr` overrides the learning rate."""
+    rows = np.asarray(unique_rows).reshape(-1).astype(np.int64)
+    grads = np.asarray(summed_grads)
+    if grads.shape != (rows.shape[0], table.shape[1]):
+      raise ValueError(f"summed_grads {grads.shape} must be [{rows.shape[0]}, {table.shape[1]}]")
+    n = rows.shape[0] if count is None else int(count)
+    keep = rows[:n] < table.shape[0]
+    rows, grads = rows[:n][keep], grads[:n][keep]
+    if (rows < 0).any():
+      raise ValueError(f"negative row id {int(rows[rows < 0][0])} in unique_rows")
+    if np.unique(rows).size != rows.size:
+      raise ValueError("unique_rows has duplicates: sum their gradients first (sparse_grad)")
+    lr = self.lr if lr is None else float(lr)
+    t, series, p, m, v = self._caught_up(table, state, rows)
+    p, m, v = _adam_global(np, p, m, v, grads.astype(m.dtype), t, lr, self.b1, self.b2, self.eps)
+    table[rows], state.m[rows], state.v[rows], state.last[rows] = p, m, v, t
+    if t - 1 - self.window >= 0:
+      state.done[(t - 1 - self.window) % self.capacity] = [x[0] for x in series]
+    state.lrs[t % self.window] = lr
+    state.step[...] = t + 1
+
+  def flush(self, table: np.ndarray, state: CatchupState) -> None:
+    """Every row brought up to the current step, in place (O(R * d))."""
+    self.catch_up(table, state, np.arange(table.shape[0]))

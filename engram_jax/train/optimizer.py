@@ -4,8 +4,9 @@ Groups (labels):
   "engram_table"  Engram memory tables (logical axis "engram_rows"): Adam at
                   `engram_lr_multiplier` x the backbone lr, no weight decay
                   (`freeze_engram_tables`: no updates at all, optax.set_to_zero).
-                  `make_table_optimizer` with `table_optimizer="sparse_adam"` takes the
-                  device tables out of this group: `SparseTableOptimizer`, row-sparse.
+                  `make_table_optimizer` with `table_optimizer="catchup_adam"` (the
+                  default) or "sparse_adam" takes the device tables out of this group:
+                  `SparseTableOptimizer`, row-sparse.
   "no_decay"      norms (logical axis "norm"), biases and other vectors: backbone
                   optimizer without weight decay.
   "decay"         every other matrix: AdamW (or Muon) with weight decay.
@@ -25,7 +26,16 @@ from jax.sharding import Mesh
 
 from engram_jax import sharding as sharding_lib
 from engram_jax.models import engram_table_filter
-from engram_jax.offload.sparse_adam import SparseRowState, apply_sparse_adam
+from engram_jax.offload.sparse_adam import (
+  CATCHUP_RECORD_STEPS,
+  CatchupState,
+  SparseRowState,
+  apply_catchup_adam,
+  apply_sparse_adam,
+  catchup_flush,
+  catchup_rows,
+  catchup_window,
+)
 from engram_jax.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -101,11 +111,15 @@ class SparseTableOptimizer:
 
   The train step gathers each table's rows of the batch itself, differentiates w.r.t. those
   rows (never w.r.t. the table: no dense [R, d] gradient), sums them per distinct row
-  (`sparse_grad`) and applies `apply_sparse_adam` (per-row step counts, the math of the host
-  tables' `SparseRowAdam`) at `engram_lr_multiplier * lr(step)`, b1, b2, eps, weight decay 0.
-  A step costs O(tokens) in the tables, whatever their size. Touched rows follow dense Adam;
-  untouched rows and their m, v, count stay exactly unchanged (dense Adam decays m, v and
-  keeps moving them: see engram_jax/offload/sparse_adam.py).
+  (`sparse_grad`) and updates those rows at `engram_lr_multiplier * lr(step)`, b1, b2, eps,
+  weight decay 0. A step costs O(tokens) in the tables, whatever their size. Two updates
+  (engram_jax/offload/sparse_adam.py):
+    catch_up=True ("catchup_adam"): dense Adam, lazily: before the step gathers a row,
+      `caught_up` applies the steps it sat out (m, v decay and the drift dense Adam gives
+      it); then one global-step Adam step. Equal to dense Adam up to the documented
+      approximation of the skipped steps' drift; read the tables through `flushed_params`.
+    catch_up=False ("sparse_adam"): per-row step counts (the host tables' `SparseRowAdam`):
+      untouched rows and their m, v, count stay exactly unchanged.
 
   Attributes:
     dense: `make_optimizer` of the params without these tables and without its clip.
@@ -113,8 +127,9 @@ class SparseTableOptimizer:
     grad_clip_norm: global-norm clip over the dense grads and the summed row grads together
       (the norm of the dense table gradient; <= 0: none).
     frozen: `freeze_engram_tables`: the tables get neither updates nor optimizer state.
-  State (`init`): (dense optax state, (SparseRowState m, v [R, d] float32, count int32 [R]
-  for each layer in order)).
+    catch_up: catch-up Adam (above) instead of per-row counts.
+  State (`init`): (dense optax state, (one `CatchupState` or `SparseRowState` per layer in
+  order)).
   """
 
   dense: optax.GradientTransformation
@@ -125,6 +140,7 @@ class SparseTableOptimizer:
   eps: float
   grad_clip_norm: float
   frozen: bool
+  catch_up: bool = False
 
   def split(self, params: nnx.State) -> tuple[nnx.State, nnx.State]:
     """(the tables of `layers`, every other param)."""
@@ -139,9 +155,52 @@ class SparseTableOptimizer:
     if self.frozen:
       return self.dense.init(dense), ()
     zeros = lambda t: jnp.zeros(t.shape, jnp.promote_types(t.dtype, jnp.float32))  # noqa: E731
+    if self.catch_up:
+      window = catchup_window(self.b1, self.b2)
+      states = tuple(
+        CatchupState(
+          zeros(t),
+          zeros(t),
+          jnp.full(t.shape[0], -1, jnp.int32),
+          jnp.zeros((), jnp.int32),
+          jnp.zeros(window),
+          jnp.zeros((CATCHUP_RECORD_STEPS, 2)),
+        )
+        for t in self.tables(params).values()
+      )
+      return self.dense.init(dense), states
     return self.dense.init(dense), tuple(
       SparseRowState(zeros(t), zeros(t), jnp.zeros(t.shape[0], jnp.int32)) for t in self.tables(params).values()
     )
+
+  def _with_tables(self, params: nnx.State, new: dict[int, jax.Array]) -> nnx.State:
+    tables, rest = self.split(params)
+    tables = jax.tree_util.tree_map_with_path(lambda path, x: new[path[1].key], tables)
+    return nnx.merge_state(rest, tables)
+
+  def caught_up(self, state: Any, flat: dict[int, jax.Array]) -> Any:
+    """`state` (a TrainState) with the rows `flat` {layer: flat row ids} of each table
+    brought up to this step (catch_up; else `state` itself). Before the step's gather."""
+    if not self.catch_up or self.frozen:
+      return state
+    dense_state, states = state.opt_state
+    tables = self.tables(state.params)
+    out = [
+      catchup_rows(tables[l], s, flat[l], b1=self.b1, b2=self.b2, eps=self.eps) for l, s in zip(self.layers, states)
+    ]
+    params = self._with_tables(state.params, {l: t for l, (t, _) in zip(self.layers, out)})
+    return state.replace(params=params, opt_state=(dense_state, tuple(s for _, s in out)))
+
+  def flushed_params(self, params: nnx.State, opt_state: Any) -> nnx.State:
+    """`params` with every table row brought up to the current step (catch_up; else
+    `params`): what dense Adam's tables would be. O(table); for evaluation and export."""
+    if not self.catch_up or self.frozen:
+      return params
+    tables = self.tables(params)
+    new = {
+      l: catchup_flush(tables[l], s, b1=self.b1, b2=self.b2, eps=self.eps)[0] for l, s in zip(self.layers, opt_state[1])
+    }
+    return self._with_tables(params, new)
 
   def apply_tables(
     self,
@@ -153,9 +212,9 @@ class SparseTableOptimizer:
     """One row-sparse Adam step per table; `sparse` {layer: `sparse_grad` output}, `lr` the
     backbone lr of this step."""
     lr = self.lr_multiplier * lr
+    apply = apply_catchup_adam if self.catch_up else apply_sparse_adam
     out = {
-      l: apply_sparse_adam(tables[l], s, *sparse[l], lr, b1=self.b1, b2=self.b2, eps=self.eps)
-      for l, s in zip(self.layers, states)
+      l: apply(tables[l], s, *sparse[l], lr, b1=self.b1, b2=self.b2, eps=self.eps) for l, s in zip(self.layers, states)
     }
     return {l: t for l, (t, _) in out.items()}, tuple(s for _, s in out.values())
 
@@ -183,14 +242,23 @@ def make_table_optimizer(
     ]
     if split:
       log.warning(
-        "TrainConfig.table_optimizer='sparse_adam': the tables of Engram layers %s are "
+        "TrainConfig.table_optimizer=%r: the tables of Engram layers %s are "
         "split by rows over the mesh %s; they are trained with dense Adam instead "
         "(row-sparse updates cover replicated tables only)",
+        cfg.table_optimizer,
         split,
         dict(mesh.shape),
       )
       return dense_tx, lr
   dense_rest, _ = make_optimizer(cfg.replace(grad_clip_norm=0.0), rest)
   return SparseTableOptimizer(
-    dense_rest, layers, cfg.engram_lr_multiplier, cfg.b1, cfg.b2, cfg.eps, cfg.grad_clip_norm, cfg.freeze_engram_tables
+    dense_rest,
+    layers,
+    cfg.engram_lr_multiplier,
+    cfg.b1,
+    cfg.b2,
+    cfg.eps,
+    cfg.grad_clip_norm,
+    cfg.freeze_engram_tables,
+    catch_up=cfg.table_optimizer == "catchup_adam",
   ), lr

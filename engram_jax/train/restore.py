@@ -28,7 +28,7 @@ from engram_jax.train import disk_checkpoint, evaluation
 from engram_jax.train.checkpoint import Checkpointer, CheckpointMismatchError, CorruptCheckpointError
 from engram_jax.train.config import TrainConfig
 from engram_jax.train.host_trainer import dense_optimizer, split_params
-from engram_jax.train.optimizer import make_table_optimizer
+from engram_jax.train.optimizer import SparseTableOptimizer, make_table_optimizer
 from engram_jax.train.state import TrainState, abstract_like, build_model, create_train_state
 
 
@@ -154,11 +154,14 @@ def _load_step(ckpt: Checkpointer, path: str | Path, step: int, mesh, tables: st
       ckpt, meta, model_config, train_config, step, mesh.devices.flat[0], host_layers, keep_on_host=tables == "host"
     )
   else:
-    graphdef, state, shardings, _ = create_train_state(
+    graphdef, state, shardings, (tx, _) = create_train_state(
       model_config, lambda p: make_table_optimizer(train_config, p, mesh), meta.get("seed", 0), mesh
     )
     state, _ = ckpt.restore(abstract_like(state), current_meta=meta, step=step)
-    model = nnx.merge(graphdef, state.params, state.rest)
+    params = state.params
+    if isinstance(tx, SparseTableOptimizer):  # catchup_adam: every row brought up to date
+      params = jax.jit(tx.flushed_params)(params, state.opt_state)
+    model = nnx.merge(graphdef, params, state.rest)
     loaded_step = int(state.step)
   stores = as_stores(host_tables or {}, row_indexes(model)) if model_config.engram is not None else {}
   return LoadedRun(

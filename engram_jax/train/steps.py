@@ -80,10 +80,14 @@ def make_train_step(
     flat = {l: index.flat_jnp(all_ids[l])[0] for l, index in store_rows.items()}
     params, tables = state.params, None
     if sparse_tx is not None:
-      tables, params = sparse_tx.split(state.params)
       model = nnx.merge(graphdef, state.params, state.rest)
       for l in sparse_tx.layers:
         flat[l] = model.blocks[l].engram.flat_row_ids(all_ids[l])
+      # catchup_adam: the batch's rows brought up to this step before they are read
+      state = sparse_tx.caught_up(state, {l: flat[l] for l in sparse_tx.layers})
+      tables, params = sparse_tx.split(state.params)
+      model = nnx.merge(graphdef, state.params, state.rest)
+      for l in sparse_tx.layers:
         rows[l] = model.blocks[l].engram.lookup(all_ids[l])
 
     def loss_fn(params, rows):

@@ -77,7 +77,7 @@ from engram_jax.train.checkpoint import (
 from engram_jax.train.config import TrainConfig
 from engram_jax.train.host_trainer import HostTableTrainer, check_data_parallel_mesh
 from engram_jax.train.metrics import MetricsWriter
-from engram_jax.train.optimizer import make_table_optimizer
+from engram_jax.train.optimizer import SparseTableOptimizer, make_table_optimizer
 from engram_jax.train.run_lock import RunLock, WorkdirLockedError, drop_metrics_after
 from engram_jax.train.state import abstract_like, build_model, create_train_state
 from engram_jax.train.steps import batch_shardings, make_train_step
@@ -623,6 +623,8 @@ class _Engine:
       )
       out = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     self.eval_step = jax.jit(evaluation.make_row_eval_step(graphdef), out_shardings=out)
+    tx = tx if self.host is None else self.host.tx
+    self.flushed = jax.jit(tx.flushed_params) if isinstance(tx, SparseTableOptimizer) else (lambda p, _: p)
     if step is None:
       return
     ckpt, target = trainer.checkpointer, abstract_like(self._savable_state())
@@ -706,16 +708,18 @@ class _Engine:
   def evaluate_rows(self, eval_batches) -> dict[str, np.ndarray]:
     """Per-sequence sums (`evaluation.row_sums`) over the validation batches. Without host
     stores every process holds the same full batches and each device evaluates its rows
-    (returned replicated, so every process can read them)."""
+    (returned replicated, so every process can read them). catchup_adam device tables are
+    evaluated brought up to date (a copy; training stays lazy)."""
+    state = self.state.replace(params=self.flushed(self.state.params, self.state.opt_state))
     parts = []
     for batch in eval_batches:
       if self.host is None:
         batch = multihost.put_replicated_batch(batch, batch_shardings(batch, self.mesh))
-        parts.append(self.eval_step(self.state, batch, None))
+        parts.append(self.eval_step(state, batch, None))
         continue
       rows = self.host.gather(batch["engram_ids"])
       with self.host.context():
-        parts.append(self.eval_step(self.state, self.host.put_batch(batch), rows))
+        parts.append(self.eval_step(state, self.host.put_batch(batch), rows))
     return evaluation.concat_rows(jax.device_get(parts))
 
   def save(self, checkpointer: Checkpointer, step: int, **kwargs) -> None:
