@@ -51,7 +51,8 @@ class TrainConfig:
       "disk@dram=0.01" / "cached@0.05+disk@dram=0.01" keep the table and its Adam state in
       memory-mapped files under workdir/disk_tables with 1% of the rows cached in DRAM
       (docs/DISK_TIER.md).
-      Anything but "device" needs a single-device mesh and a single process.
+      Anything but "device" needs one process and a mesh that only splits the batch
+      (several processes: `engram_jax.train.sharded_host_trainer`).
     table_optimizer: how device-placed tables are updated (engram_jax/offload/sparse_adam.py):
       "catchup_adam" (the default): dense Adam evaluated lazily on the rows a batch touches,
       the steps a row sat out caught up in closed form when it is next touched; O(tokens)
@@ -61,8 +62,8 @@ class TrainConfig:
       Adam counts, untouched rows not decayed or moved (the host tables' update; it trained
       worse in the same comparison). catchup_adam evaluation and `load_run` read the tables
       brought up to date (`SparseTableOptimizer.flushed_params`). Host tables are
-      always "sparse_adam"; row-sharded device tables, and the device layers of a mixed
-      placement ("1:host"), keep dense Adam (logged for the former).
+      always "sparse_adam"; row-sharded device tables keep dense Adam (logged); the device
+      layers of a mixed placement ("1:host") follow `table_optimizer`.
   """
 
   total_steps: int = 200

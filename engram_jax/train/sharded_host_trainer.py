@@ -47,7 +47,7 @@ from engram_jax.distributed import host_shards
 from engram_jax.distributed.host_shards import HostShardPlan, RowRequests, ShardedHostTable
 from engram_jax.models import engram_table, engram_table_filter
 from engram_jax.models.host_init import compile_device_init, host_table_init
-from engram_jax.models.offloaded import resolve_placements, split_tables
+from engram_jax.models.offloaded import resolve_placements, row_indexes, split_tables
 from engram_jax.models.transformer import Transformer, updated_router_biases
 from engram_jax.offload.sparse_adam import SparseRowAdam
 from engram_jax.train import multihost
@@ -105,8 +105,8 @@ class ShardedHostTableTrainer:
     if isinstance(model, Transformer):
       model, offloaded = split_tables(model, "host")
       self.host_layers = offloaded.host_layers
-      self.offsets = dict(offloaded.offsets)
-      self.plans = {l: HostShardPlan(mesh, axes, offloaded.num_rows(l), capacity_factor) for l in self.host_layers}
+      self.row_index = {l: offloaded.stores[l].index for l in self.host_layers}
+      self.plans = {l: HostShardPlan(mesh, axes, self.row_index[l].num_rows, capacity_factor) for l in self.host_layers}
       self.tables = {
         l: ShardedHostTable.from_full(self.plans[l], offloaded.tables[l].numpy()) for l in self.host_layers
       }
@@ -136,7 +136,8 @@ class ShardedHostTableTrainer:
     abstract = nnx.eval_shape(build)
     placements = resolve_placements(abstract, "host")
     self.host_layers = tuple(sorted(l for l, p in placements.items() if p.on_host))
-    self.offsets = {l: np.asarray(abstract.blocks[l].engram.offsets, np.int64) for l in self.host_layers}
+    indexes = row_indexes(abstract)
+    self.row_index = {l: indexes[l] for l in self.host_layers}
     device = jax.local_devices()[0]
     model = nnx.merge(nnx.graphdef(abstract), compile_device_init(build, self.host_layers, device)())
     self.plans, self.tables = {}, {}
@@ -155,11 +156,12 @@ class ShardedHostTableTrainer:
 
   # -- the host side of a step ------------------------------------------------------------------
   def flat_ids(self, batch: Batch) -> dict[int, np.ndarray]:
-    """This process's flat host-table ids {layer: np.int64 [b_p, T, H]} (offsets added)."""
+    """This process's flat host-table ids {layer: np.int64 [b_p, T, H]} (`RowIndex.flat_np`:
+    ids checked per head, fold, offsets)."""
     missing = [l for l in self.host_layers if l not in batch["engram_ids"]]
     if missing:
       raise ValueError(f"batch['engram_ids'] lacks host-placed Engram layers {missing}")
-    return {l: np.asarray(batch["engram_ids"][l], np.int64) + self.offsets[l] for l in self.host_layers}
+    return {l: self.row_index[l].flat_np(batch["engram_ids"][l], f"Engram layer {l}") for l in self.host_layers}
 
   def request(self, batch: Batch) -> dict[int, RowRequests]:
     """Routes a local batch's ids to their owners (a collective; one step ahead in `train`)."""

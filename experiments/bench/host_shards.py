@@ -161,10 +161,7 @@ def _worker(kind: str) -> None:
     batches = _batches(model, n)
     trainer = HostTableTrainer(model, offloaded, cfg, bias_update_rate=rate)
     del model, offloaded
-    host_bytes = sum(
-      t.numpy().nbytes + s.m.nbytes + s.v.nbytes + s.count.nbytes
-      for t, s in zip(trainer.offloaded.tables.values(), trainer.host_optimizer.states.values())
-    )
+    host_bytes = sum(sum(v.nbytes for v in s.state_dict().values()) for s in trainer.offloaded.host_stores.values())
     times = _timed(lambda b: jax.block_until_ready(trainer.step(b)[0]), batches)
     ids = sum(x.size for x in batches[0]["engram_ids"].values())
     d = next(iter(trainer.offloaded.tables.values())).dim
