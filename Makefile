@@ -21,8 +21,8 @@ experiments: venv
 
 # One formatter (ruff format: 2-space indent, line length 120, pyproject.toml) and the linters.
 lint: venv
-	$(PY) -m ruff format --check engram_jax pallas_kernels experiments tests docs/conf.py docs/_ext docs/_tools
-	$(PY) -m ruff check engram_jax pallas_kernels experiments tests docs/conf.py docs/_ext docs/_tools
+	$(PY) -m ruff format --check engram_jax pallas_kernels experiments tests docs/conf.py docs/_ext
+	$(PY) -m ruff check engram_jax pallas_kernels experiments tests docs/conf.py docs/_ext
 	$(VENV)/bin/lint-imports
 
 # The documentation site (Sphinx + MyST + myst-nb) into docs/_build/html. Strict: any warning

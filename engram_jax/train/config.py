@@ -100,6 +100,7 @@ class TrainConfig:
     self.validate()
 
   def validate(self) -> None:
+    """Checks every field; ValueError names the field, its value and the allowed range (called on construction)."""
     _check_int(self, "total_steps", 1)
     _check_float(self, "learning_rate", 0.0, low_open=True)
     _check_int(self, "warmup_steps", 0, self.total_steps)
@@ -143,15 +144,18 @@ class TrainConfig:
       raise ValueError(f"TrainConfig.table_optimizer must be one of {TABLE_OPTIMIZERS}, got {self.table_optimizer!r}")
 
   def replace(self, **changes: Any) -> TrainConfig:
+    """A copy with the given fields changed (validated again)."""
     return dataclasses.replace(self, **changes)
 
   def to_dict(self) -> dict[str, Any]:
+    """A JSON-serialisable dict of the fields (what a checkpoint's meta stores); inverse of `from_dict`."""
     d = dataclasses.asdict(self)
     d["step_decay_boundaries"] = list(self.step_decay_boundaries)
     return d
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+    """The config `to_dict` wrote; unknown fields are refused by name."""
     check_known_fields(cls, d)
     return cls(**d)
 

@@ -84,8 +84,8 @@ from engram_jax.train.steps import batch_shardings, make_train_step
 
 log = logging.getLogger(__name__)
 
-# Training batches whose row ids are counted to pick the device-resident hot rows of
-# "cached" tables (read from a separate iterator: training still starts at batch 0).
+#: Training batches whose row ids are counted to pick the device-resident hot rows of
+#: "cached" tables (read from a separate iterator: training still starts at batch 0).
 FREQUENCY_BATCHES = 20
 
 
@@ -212,6 +212,7 @@ class Trainer:
 
   # -- metadata ----------------------------------------------------------------------------
   def meta(self) -> dict[str, Any]:
+    """The run's metadata saved with every checkpoint: model, train and data configs, seed, hash constants, tokenizer fingerprint, parameter counts, FLOPs per token and host-table layers."""
     hasher = self.row_hasher.hasher
     counts = count_params(self.model_config)
     return {

@@ -27,9 +27,15 @@ def main(argv=None) -> int:
     "--update_readme_from",
     type=Path,
     default=None,
-    help="Do not run: rewrite README's GPU status block from this record directory.",
+    help="Do not run: rewrite the GPU status block of each --readme file from this record directory.",
   )
-  p.add_argument("--readme", type=Path, default=Path("README.md"))
+  p.add_argument(
+    "--readme",
+    type=Path,
+    action="append",
+    default=None,
+    help="A page with the GPU status markers (repeatable; default: README.md and docs/guides/kernels.md).",
+  )
   p.add_argument(
     "--compile_sm90",
     action="store_true",
@@ -53,7 +59,8 @@ def main(argv=None) -> int:
     return 0 if all(c["status"] == "ok" for c in rec["cases"] + rec["train_steps"]) else 1
   if a.update_readme_from is not None:
     rec = load_record(a.update_readme_from)
-    update_readme(a.readme, rec)
+    for page in a.readme or [Path("README.md"), Path("docs/guides/kernels.md")]:
+      update_readme(page, rec)
     print(readme_block(rec))
     return 0
   steps = [s.strip() for s in a.steps.split(",") if s.strip()]
