@@ -175,7 +175,10 @@ class ShardedHostTableTrainer:
     """One step on this process's rows of the global batch; returns its metrics (host values)."""
     if requests is None:
       requests = self.request(batch)
-    answers = {l: self.tables[l].serve(r) for l, r in requests.items()}
+    return self._apply_step(batch, requests, {l: self.tables[l].serve(r) for l, r in requests.items()})
+
+  def _apply_step(self, batch: Batch, requests: Mapping[int, RowRequests], answers: dict) -> dict:
+    """The jitted step on the served rows, then each owner's row-sparse update; host metrics."""
     step = int(local_value(self.state.step))
     self.state, metrics, sparse = self._compiled(requests)(
       self.state, self._device_batch(batch), answers, dict(requests)
@@ -197,14 +200,7 @@ class ShardedHostTableTrainer:
       answers = {l: self.tables[l].serve(r) for l, r in requests.items()}
       following = next(it, None)
       pending = None if following is None else self._dispatch(following)
-      step = int(local_value(self.state.step))
-      self.state, metrics, sparse = self._compiled(requests)(
-        self.state, self._device_batch(batch), answers, dict(requests)
-      )
-      lr = self.lr(step)
-      for l, (unique, summed, count) in sparse.items():
-        self.tables[l].apply_update(self.adam, unique, summed, count, lr)
-      history.append({k: local_value(v) for k, v in metrics.items()})
+      history.append(self._apply_step(batch, requests, answers))
       batch = following
       if pending is not None:
         requests = {l: p.resolve() for l, p in pending.items()}
