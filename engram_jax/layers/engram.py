@@ -45,6 +45,7 @@ from engram_jax.config import EngramConfig
 from engram_jax.distributed import pallas_local_gather, sharded_gather  # lookup level, below layers
 from engram_jax.layers.norms import RMSNorm, rms_norm
 from engram_jax.layers.params import annotated
+from engram_jax.layers.table_init import note_table_init
 from engram_jax.offload.indexing import RowIndex  # lookup level, below layers
 
 GateKind = Literal["reference", "paper", "none"]
@@ -181,6 +182,7 @@ class Engram(nnx.Module):
     g = self.num_branches
     k_table, k_v, k_k = jax.random.split(rngs.params(), 3)
     lecun = nnx.initializers.lecun_normal()
+    note_table_init(self.layer_id, k_table, (self.num_rows, d_h), table_init_std, param_dtype)
     self.table = annotated(
       table_init_std * jax.random.normal(k_table, (self.num_rows, d_h), param_dtype),
       (self.table_row_axis, "engram_dim"),

@@ -9,20 +9,23 @@ model's constructor (`build`, no arguments, deterministic) and runs it twice, ji
   device half  on `device`: every variable except the host tables, which become the
                size-0 placeholders of `split_tables`. XLA drops the unused table
                initialisers (dead code), so the device never allocates them.
-  host half    compiled for the CPU backend (host RAM), one program per host layer whose
-               only output is that layer's table; copied into the layer's NumPy
-               `HostTable` and freed before the next layer.
+  host half    one traced program returns only the host tables' RNG keys
+               (`table_inits`); each table is then drawn block by block
+               (`engram_jax.layers.table_init`, 64 MiB at a time on the CPU backend)
+               straight into its NumPy `HostTable`, or into the memory-mapped file of a
+               disk placement, so a disk table may be larger than host RAM and no table
+               needs more than one block of temporaries.
 
-Both halves run the constructor's own initialisers with its own RNG keys, so the values
-equal `build()`'s: bit for bit when the device is a CPU (tested); on an accelerator the
-random bits are the same and the float transform of the normal init may round
-differently in the last bit. Without a CPU backend (JAX_PLATFORMS without "cpu") the
-host half runs on `device` with its output in host memory (the table then passes
-through device memory once; logged).
+Both halves use the constructor's own RNG keys, so the values equal `build()`'s: bit for
+bit when the device is a CPU (tested); on an accelerator the random bits are the same and
+the float transform of the normal init may round differently in the last bit. Without a
+CPU backend (JAX_PLATFORMS without "cpu") the blocks are drawn on `device` and copied to
+host memory one at a time (logged).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 
@@ -31,12 +34,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from engram_jax.layers.table_init import LazyTableRows, TableInit, record_table_inits
 from engram_jax.models.offloaded import OffloadedEngram, resolve_placements, row_indexes
 from engram_jax.models.tables import engram_table, engram_table_filter
 from engram_jax.models.transformer import Transformer
-from engram_jax.offload.disk_table import make_host_table
+from engram_jax.offload.disk_table import COPY_CHUNK_BYTES, copy_rows, make_host_table
 from engram_jax.offload.host_table import HostTable
-from engram_jax.offload.placement import TablePlacement, host_memory_kind, sharding_for
+from engram_jax.offload.placement import TablePlacement
 from engram_jax.offload.row_store import row_stores
 
 log = logging.getLogger(__name__)
@@ -81,6 +85,29 @@ def host_table_init(build: Callable[[], Transformer], layer: int) -> Callable[[]
   return lambda: engram_table(build(), layer)[...]
 
 
+def table_inits(build: Callable[[], Transformer], layers) -> dict[int, TableInit]:
+  """{layer: `TableInit`} of the Engram tables of `build()` (one jitted trace whose only
+  outputs are the tables' RNG keys: nothing else is computed)."""
+  layers = tuple(layers)
+  if not layers:
+    return {}
+  recorded: dict[int, TableInit] = {}
+
+  def keys():
+    with record_table_inits(recorded):
+      build()
+    return {l: recorded[l].key_data for l in layers}
+
+  key_data = jax.jit(keys)()
+  return {l: dataclasses.replace(recorded[l], key_data=key_data[l]) for l in layers}
+
+
+def block_rows(init: TableInit) -> int:
+  """Rows per init block: `COPY_CHUNK_BYTES` of table (the copy's own chunk, so each copied
+  chunk is one drawn block)."""
+  return max(1, COPY_CHUNK_BYTES // (init.shape[1] * np.dtype(init.dtype).itemsize))
+
+
 def build_offloaded(
   build: Callable[[], Transformer],
   placements: str | Mapping[int, TablePlacement],
@@ -111,22 +138,15 @@ def build_offloaded(
 
   host_device = host_device or host_compute_device(device)
   if host_device is None:
-    log.warning(
-      "no CPU backend: host tables are initialised on %s and copied to its host "
-      "memory (each passes through device memory once)",
-      device,
-    )
-    out = sharding_for(host_memory_kind(device), device)
-  else:
-    out = jax.sharding.SingleDeviceSharding(host_device)
+    log.warning("no CPU backend: host tables are drawn on %s block by block and copied to host memory", device)
+  inits = table_inits(build, host_layers)
 
   def host_table(layer: int, placement: TablePlacement) -> HostTable:
-    value = jax.jit(host_table_init(build, layer), out_shardings=out)()
-    array = np.array(value)  # owned, writable NumPy master (SparseRowAdam updates in place)
-    value.delete()
-    del value
-    if placement.on_disk:  # memory-mapped files (the array is copied in and freed)
-      return make_host_table(array, placement, device=device, layer=layer)
+    rows = LazyTableRows(inits[layer], block_rows(inits[layer]), device=host_device or device)
+    if placement.on_disk:  # memory-mapped files, filled block by block (never whole in DRAM)
+      return make_host_table(rows, placement, device=device, layer=layer)
+    array = np.empty(rows.shape, rows.dtype)  # owned, writable NumPy master (SparseRowAdam updates in place)
+    copy_rows(rows, array)
     # the device-memory spy test patches HostTable here: DRAM placements build it directly
     return HostTable(array, method=placement.host_gather, device=device, copy=False)
 
