@@ -236,6 +236,14 @@ def test_disk_table_decodes_like_the_device_table(tmp_path):
   with pytest.raises(ValueError, match=r"host_decode='in_loop' is not possible.*DiskTables"):
     Decoder(s.model, s.hasher, s.compressor, stores=model_stores(s.model, {1: disk}), host_decode="in_loop")
 
+  # cached@f+disk: hot rows from the device cache, only the misses read from the file
+  disk.cache.clear()
+  hot = HotRowCache(disk, np.arange(0, table.shape[0], 7))
+  cached = Decoder(s.model, s.hasher, s.compressor, stores=model_stores(s.model, {1: hot}))
+  assert cached.decode_path == "host_python_loop" and cached.table_placement == "cached"
+  np.testing.assert_array_equal(teacher_forced_logits(cached, s.tokens), got)
+  assert hot.hits > 0 and hot.lookups > hot.hits
+
 
 def test_sigkill_then_resume_continues_a_disk_run_exactly(tmp_path):
   """`experiments.train` with a disk-placed table SIGKILLed after step 4, then rerun from its

@@ -26,7 +26,9 @@ runs (`decode_path`):
             host each step, are hashed with NumPy (`NgramHasher.hash`), their rows gathered
             with NumPy (`HostTable.gather`) and copied to the device, one dispatch per token.
             A `DiskTable` (disk placement) always takes this path ("auto"), through its
-            bounded DRAM cache; "in_loop" and "cached" refuse it.
+            bounded DRAM cache ("in_loop" refuses it); so does a "cached" layer in front
+            of one, whose hot rows then come from its device cache and only the misses
+            from the file.
   "cached"  -> "cached_in_loop". Each named layer's `HotRowCache` rows (int32 ids sorted,
             rows [C, d_h]) are device operands; a step looks ids up in the cache on device
             (searchsorted) and reads only the misses from the host table, compacted into a
@@ -208,14 +210,7 @@ class Decoder:
     on_disk = sorted(l for l, t in self.host_tables.items() if isinstance(t, DiskTable))
     if on_disk:  # read through their DRAM cache by NumPy, never copied whole into host memory
       reason = f"host tables of layers {on_disk} are DiskTables (memory-mapped files)"
-    if placement == "cached":
-      if host_decode == "python":
-        raise ValueError(
-          "table_placement='cached' runs inside the compiled loop only; "
-          "host_decode='python' is for table_placement='host'"
-        )
-      if reason:
-        raise ValueError(f"table_placement='cached' cannot read host rows in the program: {reason}")
+    if placement == "cached" and host_decode != "python" and not reason:
       return "cached_in_loop"
     if host_decode == "python":
       return "host_python_loop"
@@ -285,9 +280,11 @@ class Decoder:
     rows of its last position.
     """
     hashed = self.hasher.hash(compressed)
+    flat = {lid: self.row_index[lid].flat_np(ids, f"Engram layer {lid}") for lid, ids in hashed.items()}
+    # a cached layer reads its hot rows from the device cache, only the misses from its table
     return {
-      lid: self.host_tables[lid].gather(self.row_index[lid].flat_np(ids, f"Engram layer {lid}"))
-      for lid, ids in hashed.items()
+      lid: self.hot_caches[lid].lookup(f) if lid in self.hot_caches else self.host_tables[lid].gather(f)
+      for lid, f in flat.items()
     }
 
   def program_rows(self, tables, engram_ids: dict[int, jax.Array]) -> tuple[dict[int, jax.Array], dict[str, jax.Array]]:
