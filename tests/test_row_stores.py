@@ -138,15 +138,16 @@ def test_placement_trains_evaluates_and_decodes_like_device_tables(case):
 
 
 @pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 (virtual) devices")
-def test_row_sharded_device_store_trains_evaluates_and_decodes_like_one_device():
+@pytest.mark.parametrize("table_optimizer", ["dense_adam", "catchup_adam"])
+def test_row_sharded_device_store_trains_evaluates_and_decodes_like_one_device(table_optimizer):
   """A device store whose table is split by rows over the tensor axis (the all_to_all route,
-  `distributed.sharded_gather`): the same step, eval and decode as one device. Split tables
-  train with dense Adam (`make_table_optimizer` falls back, logged)."""
+  `distributed.sharded_gather`): the same step, eval and decode as one device, with dense
+  Adam and with the row-sparse catch-up Adam (its m, v and row records split like the table)."""
   config, _, hasher, compressor, batches = setup(OVERRIDES)
-  graphdef, want_state, want, reference = device_run("dense_adam")
+  graphdef, want_state, want, reference = device_run(table_optimizer)
   mesh = sharding_lib.make_mesh(data=1, tensor=2)
-  cfg = TRAIN.replace(table_optimizer="dense_adam")
-  _, state, state_sh, (tx, lr) = create_train_state(config, lambda p: make_table_optimizer(cfg, p, mesh), 0, mesh)
+  cfg = TRAIN.replace(table_optimizer=table_optimizer)
+  _, state, state_sh, (tx, lr) = create_train_state(config, lambda p: make_table_optimizer(cfg, p), 0, mesh)
   step = jax.jit(
     make_train_step(graphdef, tx, lr, bias_update_rate=RATE),
     in_shardings=(state_sh, None),
@@ -154,6 +155,9 @@ def test_row_sharded_device_store_trains_evaluates_and_decodes_like_one_device()
   )
   with jax.set_mesh(mesh):
     assert sharding_lib.num_shards(engram_table_value(state.params, 1).get_value()) == 2
+    if table_optimizer == "catchup_adam":  # its per-row Adam state is split like the table
+      catchup = state.opt_state[1][0]
+      assert all(sharding_lib.num_shards(x) == 2 for x in (catchup.m, catchup.v, catchup.last))
     for batch, w in zip(batches, want):
       state, metrics, _ = step(state, batch)
       np.testing.assert_allclose(float(metrics["loss"]), w["loss"], rtol=1e-5)

@@ -3,12 +3,9 @@
 "sparse_adam" (per-row counts): equal while every row is touched at every step; afterwards
 touched rows still follow Adam and untouched rows, their m, v and count stay unchanged."""
 
-import logging
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from engram_jax import sharding as sharding_lib
@@ -167,9 +164,7 @@ def test_frozen_tables_stay_put():
 
 
 def _mesh_run(mesh, cfg, batches):
-  graphdef, state, state_sh, (tx, lr) = create_train_state(
-    CONFIG, lambda p: make_table_optimizer(cfg, p, mesh), 0, mesh
-  )
+  graphdef, state, state_sh, (tx, lr) = create_train_state(CONFIG, lambda p: make_table_optimizer(cfg, p), 0, mesh)
   step = jax.jit(
     make_train_step(graphdef, tx, lr, bias_update_rate=RATE),
     in_shardings=(state_sh, None),
@@ -191,12 +186,19 @@ def test_data_parallel_mesh_equals_dense():
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
 
 
-def test_row_sharded_tables_fall_back_to_dense_adam(caplog):
+def test_row_sharded_tables_train_row_sparse_like_one_device():
+  """sparse_adam on tables split by rows over tensor=2: the same tables as on one device."""
+  batches = [_batch(s) for s in range(2)]
   mesh = sharding_lib.make_mesh(tensor=2, devices=jax.devices()[:2])
-  with caplog.at_level(logging.WARNING, logger="engram_jax.train.optimizer"):
-    tx, _ = _mesh_run(mesh, TRAIN.replace(table_optimizer="sparse_adam"), [_batch(0)])
-  assert isinstance(tx, optax.GradientTransformation)
-  assert "split by rows over the mesh" in caplog.text and "dense Adam" in caplog.text
+  tx, split = _mesh_run(mesh, TRAIN.replace(table_optimizer="sparse_adam"), batches)
+  _, one = _mesh_run(
+    sharding_lib.make_mesh(devices=jax.devices()[:1]), TRAIN.replace(table_optimizer="sparse_adam"), batches
+  )
+  assert isinstance(tx, SparseTableOptimizer)
+  for l in LAYERS:
+    np.testing.assert_allclose(_table(split.params, l), _table(one.params, l), rtol=2e-5, atol=2e-6)
+  for a, b in zip(split.opt_state[1], one.opt_state[1]):
+    np.testing.assert_array_equal(a.count, b.count)
 
 
 def test_trainer_resume_is_bit_exact_and_keeps_its_table_optimizer(data_config, tmp_path):  # noqa: F811

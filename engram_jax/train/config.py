@@ -62,8 +62,8 @@ class TrainConfig:
       Adam counts, untouched rows not decayed or moved (the host tables' update; it trained
       worse in the same comparison). catchup_adam evaluation and `load_run` read the tables
       brought up to date (`SparseTableOptimizer.flushed_params`). Host tables are
-      always "sparse_adam"; row-sharded device tables keep dense Adam (logged); the device
-      layers of a mixed placement ("1:host") follow `table_optimizer`.
+      always "sparse_adam"; row-sharded device tables use `table_optimizer` too (their
+      per-row state split like them); the device layers of a mixed placement ("1:host") follow `table_optimizer`.
   """
 
   total_steps: int = 200

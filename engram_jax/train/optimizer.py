@@ -22,9 +22,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import NamedSharding, PartitionSpec
 
-from engram_jax import sharding as sharding_lib
 from engram_jax.models import engram_table_filter
 from engram_jax.offload.sparse_adam import (
   CATCHUP_RECORD_STEPS,
@@ -173,6 +172,24 @@ class SparseTableOptimizer:
       SparseRowState(zeros(t), zeros(t), jnp.zeros(t.shape[0], jnp.int32)) for t in self.tables(params).values()
     )
 
+  def state_shardings(self, param_shardings: nnx.State, opt_shardings: Any) -> Any:
+    """`opt_shardings` (the opt state's layout, replicated where nothing says otherwise) with
+    each table's per-row state (m, v and last / count) split over the mesh like the table's
+    rows, so a row-sharded table's Adam state is row-sharded too (not a full copy on every
+    device)."""
+    if self.frozen:
+      return opt_shardings
+    dense, states = opt_shardings
+    tables = self.tables(param_shardings)
+    out = []
+    for l, st in zip(self.layers, states):
+      table = tables[l]
+      rows = table.spec[0] if len(table.spec) else None
+      split = lambda x, nd: NamedSharding(table.mesh, PartitionSpec(rows, *([None] * (nd - 1))))  # noqa: E731
+      fields = {"m": 2, "v": 2, "last" if self.catch_up else "count": 1}
+      out.append(st._replace(**{f: split(getattr(st, f), nd) for f, nd in fields.items()}))
+    return dense, tuple(out)
+
   def _with_tables(self, params: nnx.State, new: dict[int, jax.Array]) -> nnx.State:
     tables, rest = self.split(params)
     tables = jax.tree_util.tree_map_with_path(lambda path, x: new[path[1].key], tables)
@@ -220,13 +237,12 @@ class SparseTableOptimizer:
 
 
 def make_table_optimizer(
-  cfg: TrainConfig, params: nnx.State, mesh: Mesh | None = None
+  cfg: TrainConfig, params: nnx.State
 ) -> tuple[optax.GradientTransformation | SparseTableOptimizer, Callable]:
   """(optimizer, backbone lr schedule) of a model with device-placed tables: `make_optimizer`
   for `cfg.table_optimizer="dense_adam"` (or a model without Engram tables), else a
-  `SparseTableOptimizer`. Tables whose rows are split over `mesh` (engram_table_sharding /
-  the tensor axis) keep dense Adam, logged: the row-sparse update is not implemented for
-  the all_to_all row layout."""
+  `SparseTableOptimizer`, for replicated and row-sharded tables alike (a row-sharded table's
+  per-row state is split like it: `SparseTableOptimizer.state_shardings`)."""
   dense_tx, lr = make_optimizer(cfg, params)
   if cfg.table_optimizer == "dense_adam":
     return dense_tx, lr
@@ -234,22 +250,6 @@ def make_table_optimizer(
   layers = tuple(sorted(path[1].key for path, _ in jax.tree_util.tree_flatten_with_path(tables)[0]))
   if not layers:
     return dense_tx, lr
-  if mesh is not None:
-    split = [
-      path[1].key
-      for path, sh in jax.tree_util.tree_flatten_with_path(sharding_lib.state_shardings(tables, mesh))[0]
-      if not sh.is_fully_replicated
-    ]
-    if split:
-      log.warning(
-        "TrainConfig.table_optimizer=%r: the tables of Engram layers %s are "
-        "split by rows over the mesh %s; they are trained with dense Adam instead "
-        "(row-sparse updates cover replicated tables only)",
-        cfg.table_optimizer,
-        split,
-        dict(mesh.shape),
-      )
-      return dense_tx, lr
   dense_rest, _ = make_optimizer(cfg.replace(grad_clip_norm=0.0), rest)
   return SparseTableOptimizer(
     dense_rest,

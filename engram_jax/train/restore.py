@@ -155,7 +155,7 @@ def _load_step(ckpt: Checkpointer, path: str | Path, step: int, mesh, tables: st
     )
   else:
     graphdef, state, shardings, (tx, _) = create_train_state(
-      model_config, lambda p: make_table_optimizer(train_config, p, mesh), meta.get("seed", 0), mesh
+      model_config, lambda p: make_table_optimizer(train_config, p), meta.get("seed", 0), mesh
     )
     state, _ = ckpt.restore(abstract_like(state), current_meta=meta, step=step)
     params = state.params

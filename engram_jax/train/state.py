@@ -64,6 +64,8 @@ def create_train_state(
 
   abstract_state = jax.eval_shape(init)
   shardings = tree_shardings(abstract_state, mesh)
+  if hasattr(tx, "state_shardings"):  # a SparseTableOptimizer: per-row state split like its tables
+    shardings = shardings.replace(opt_state=tx.state_shardings(shardings.params, shardings.opt_state))
   with jax.set_mesh(mesh):
     state = jax.jit(init, out_shardings=shardings)()
   return graphdef, state, shardings, (tx, lr)

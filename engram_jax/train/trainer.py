@@ -610,7 +610,7 @@ class _Engine:
       out = None
     else:
       graphdef, self._state, state_sh, (tx, lr) = create_train_state(
-        trainer.model_config, lambda p: make_table_optimizer(cfg, p, mesh), trainer.seed, mesh
+        trainer.model_config, lambda p: make_table_optimizer(cfg, p), trainer.seed, mesh
       )
       self.mesh, self.position = mesh, data_iter
       spec = batch_spec(trainer.data_config.replace(batch_size=self.global_batch), trainer.model_config.engram)
