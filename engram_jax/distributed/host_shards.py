@@ -510,12 +510,29 @@ def load_shards(
   return out
 
 
-def _reshard_read(sub: Path, old_n: int, lo: int, hi: int) -> list[np.ndarray]:
+def assemble_tables(directory: str | os.PathLike, what: tuple[str, ...] = ("table",)) -> dict[int, list[np.ndarray]]:
+  """Every layer's whole arrays `what` (of "table", "m", "v", "count") from `save_shards`'
+  files of any process count, joined in one process: {layer: [array [R, ...] per name]}
+  (e.g. to evaluate or decode a run on one host; memory-mapped reads, one copy each).
+  Refuses an incomplete checkpoint (no manifest, or shards that do not cover [0, R))."""
+  root = Path(directory)
+  manifest = read_manifest(root)
+  bad = [w for w in what if w not in ARRAYS]
+  if bad:
+    raise ValueError(f"assemble_tables: unknown arrays {bad}; choose among {ARRAYS}")
+  n = int(manifest["process_count"])
+  return {
+    int(l): _reshard_read(root / f"layer_{l}", n, 0, int(manifest["num_rows"][str(l)]), what)
+    for l in manifest["layers"]
+  }
+
+
+def _reshard_read(sub: Path, old_n: int, lo: int, hi: int, what: tuple[str, ...] = ARRAYS) -> list[np.ndarray]:
   arrays, covered = None, 0
   for q in range(old_n):
     meta = json.loads((sub / f"rows.p{q}-of-{old_n}.json").read_text())
     a, b = max(lo, meta["lo"]), min(hi, meta["hi"])
-    parts = [np.load(sub / _name(w, q, old_n), mmap_mode="r") for w in ARRAYS]
+    parts = [np.load(sub / _name(w, q, old_n), mmap_mode="r") for w in what]
     if arrays is None:
       arrays = [np.zeros((hi - lo,) + x.shape[1:], x.dtype) for x in parts]
     if a < b:
@@ -534,6 +551,7 @@ __all__ = [
   "RowRequests",
   "RowState",
   "ShardedHostTable",
+  "assemble_tables",
   "exchange_bytes",
   "global_ids",
   "dispatch_route",
