@@ -583,11 +583,12 @@ def _check_host_placement_setup(mesh: jax.sharding.Mesh, cfg: TrainConfig, place
       l: p for l, p in sorted(placements.items()) if (p.kind, p.storage, p.host_gather) != ("host", "dram", "numpy")
     }
     if not_host:
+      kinds = sorted({p.kind + ("" if p.storage == "dram" else "+" + p.storage) for p in not_host.values()})
       raise NotImplementedError(
         f"TrainConfig.table_placement={cfg.table_placement!r} with {n} processes: host tables are split "
         "over the processes only when every Engram layer is placed 'host' (DRAM, numpy gather); layers "
-        f"{sorted(not_host)} are placed {sorted({p.kind + ('+' + p.storage if p.storage != 'dram' else '') for p in not_host.values()})}. "
-        "Cached, disk, compute_on and mixed placements train in one process; or use 'host' for every layer"
+        f"{sorted(not_host)} are placed {kinds}. Cached, disk, compute_on and mixed placements train in "
+        "one process; or use 'host' for every layer"
       )
     model_axes = {a: k for a, k in mesh.shape.items() if a not in ("data", "fsdp") and k > 1}
     if model_axes:
@@ -762,7 +763,8 @@ class _Engine:
     checkpointer.save(step, self._savable_state(), data_iterator=self.position, **kwargs)
 
   def host_bytes_per_process(self) -> list[int]:
-    """Host bytes of the host tables and their Adam state ([one figure]: one process)."""
+    """Bytes of the host tables and their Adam state ([one figure]: one process; disk
+    placements count their memory-mapped files)."""
     state = self.host.host_state() if self.host is not None else {}
     return [int(sum(np.asarray(v).nbytes for d in state.values() for v in d.values()))]
 
