@@ -445,6 +445,17 @@ def save_shards(
   root = Path(directory)
   if (root / MANIFEST).exists():
     raise FileExistsError(f"{root} already holds a host-shard checkpoint ({MANIFEST}); save to a new directory")
+  write_shard_files(root, tables)
+  barrier(f"engram_jax.host_shards.save.{step}")
+  if jax.process_index() == 0:
+    write_manifest(root, manifest_of(tables, step))
+  barrier(f"engram_jax.host_shards.saved.{step}")
+  return root
+
+
+def write_shard_files(directory: str | os.PathLike, tables: Mapping[int, ShardedHostTable]) -> None:
+  """This process's part of `save_shards`: its .npy and rows .json files (no manifest)."""
+  root = Path(directory)
   p, n = jax.process_index(), jax.process_count()
   for layer, t in sorted(tables.items()):
     sub = root / f"layer_{layer}"
@@ -455,15 +466,23 @@ def save_shards(
     tmp = sub / f"rows.p{p}-of-{n}.json.tmp"
     tmp.write_text(json.dumps(meta))
     os.replace(tmp, sub / f"rows.p{p}-of-{n}.json")
-  barrier(f"engram_jax.host_shards.save.{step}")
-  if p == 0:
-    manifest = {"step": int(step), "process_count": n, "layers": sorted(int(l) for l in tables)}
-    manifest["num_rows"] = {str(l): tables[l].plan.num_rows for l in sorted(tables)}
-    tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest))
-    os.replace(tmp, root / MANIFEST)
-  barrier(f"engram_jax.host_shards.saved.{step}")
-  return root
+
+
+def manifest_of(tables: Mapping[int, ShardedHostTable], step: int) -> dict:
+  """The manifest of a checkpoint of `tables` at `step`: step, process count, layers, rows."""
+  return {
+    "step": int(step),
+    "process_count": jax.process_count(),
+    "layers": sorted(int(l) for l in tables),
+    "num_rows": {str(l): tables[l].plan.num_rows for l in sorted(tables)},
+  }
+
+
+def write_manifest(directory: str | os.PathLike, manifest: dict) -> None:
+  """Writes directory/manifest.json atomically: call it once every process's files are written."""
+  tmp = Path(directory) / (MANIFEST + ".tmp")
+  tmp.write_text(json.dumps(manifest))
+  os.replace(tmp, Path(directory) / MANIFEST)
 
 
 def read_manifest(directory: str | os.PathLike) -> dict:
@@ -556,9 +575,12 @@ __all__ = [
   "global_ids",
   "dispatch_route",
   "load_shards",
+  "manifest_of",
   "read_manifest",
   "receive_rows",
   "return_grads",
   "route_requests",
   "save_shards",
+  "write_manifest",
+  "write_shard_files",
 ]

@@ -4,9 +4,10 @@ row-sparse Adam state.
 
 Layout: <checkpoints>/<step>/host_shards/ as `host_shards.save_shards` writes it: per layer
 layer_<l>/{table,m,v,count}.p<i>-of-<n>.npy and rows.p<i>-of-<n>.json (each process writes
-its own rows [lo, hi)), and manifest.json (step, process count, layers, rows; process 0).
-The item folder is inside orbax's temporary step folder, which orbax renames to <step> only
-after every process has written every item, so a step folder is complete or absent.
+its own rows [lo, hi)), and manifest.json (step, process count, layers, rows), which process
+0 writes in `finalize`, once orbax has seen every process finish writing. The item folder is
+inside orbax's temporary step folder, which orbax renames to <step> only after that, so a
+step folder is complete or absent.
 
 Restore: onto the process count that saved it, each process reads its own files (a
 different count is refused with both counts named: the training run's data iterator
@@ -19,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
+import jax
 import orbax.checkpoint as ocp
 
 from engram_jax.distributed import host_shards
@@ -27,15 +29,22 @@ from engram_jax.distributed.host_shards import HostShardPlan, ShardedHostTable
 ITEM = "host_shards"
 
 
-def _no_barrier(name: str) -> None:
-  del name  # orbax commits the step folder once every process has saved
-
-
 class HostShardsHandler(ocp.CheckpointHandler):
   """Writes / reads this process's table shards (see the module docstring)."""
 
+  def __init__(self):
+    self._manifest: dict | None = None
+
   def save(self, directory, args: HostShardsSave) -> None:
-    host_shards.save_shards(str(directory), args.tables, step=args.step, barrier=_no_barrier)
+    """Every process writes its shard files; the manifest waits for `finalize`."""
+    host_shards.write_shard_files(str(directory), args.tables)
+    self._manifest = host_shards.manifest_of(args.tables, args.step)
+
+  def finalize(self, directory) -> None:
+    """After every process has written (orbax calls it on one): process 0 writes the manifest."""
+    if self._manifest is not None and jax.process_index() == 0:
+      host_shards.write_manifest(str(directory), self._manifest)
+    self._manifest = None
 
   def restore(self, directory, args: HostShardsRestore | None = None) -> dict[int, ShardedHostTable]:
     """{layer: this process's `ShardedHostTable`} for `args.plans` (ValueError naming the
