@@ -61,16 +61,16 @@ def _env(devices: int) -> dict:
   return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(devices)}
 
 
-def _run_all(runs: list[tuple[list[str], dict, Path]]) -> list[dict]:
-  """Starts `python -m experiments.train` per (args, env, log) and waits for all of them
-  (killing every one on timeout or failure); their printed summaries."""
+def _run_all(runs: list[tuple[list[str], dict, Path]], base: list[str] = MICRO) -> list[dict]:
+  """Starts `python -m experiments.train *base *args` per (args, env, log) and waits for all
+  of them (killing every one on timeout or failure); their printed summaries."""
   procs = []
   try:
     for args, env, log in runs:
       with open(log, "w") as out:  # a file, not a pipe: orbax logs a lot and pipes fill up
         procs.append(
           subprocess.Popen(
-            [sys.executable, "-m", "experiments.train", *MICRO, *args],
+            [sys.executable, "-m", "experiments.train", *base, *args],
             cwd=REPO,
             env=env,
             stdout=out,

@@ -19,7 +19,7 @@ from engram_jax.offload import HostTable, HotRowCache, top_rows
 from engram_jax.train import CheckpointMismatchError, TrainConfig
 from engram_jax.train.metrics import read_metrics
 from engram_jax.train.restore import evaluate_run, load_run
-from engram_jax.train.trainer import Trainer, _check_host_placement_setup
+from engram_jax.train.trainer import Trainer
 from tests.test_train import VOCAB, tiny_model
 
 LAYER = 1  # tiny_model's only Engram layer
@@ -254,10 +254,13 @@ def test_bad_placements_are_refused(data_config, tmp_path):
       Trainer(tiny_model(), HOST, data_config, tmp_path / "d", mesh=mesh)
 
 
-def test_multi_process_host_placement_is_refused(monkeypatch):
+def test_multi_process_host_table_trainer_is_refused(monkeypatch):
+  # several processes split the tables instead (tests/test_host_shards.py)
+  from engram_jax.train.host_trainer import check_data_parallel_mesh
+
   monkeypatch.setattr(jax, "process_count", lambda: 2)
-  with pytest.raises(NotImplementedError, match="single process; got 2 processes.*own shard"):
-    _check_host_placement_setup(sharding_lib.make_mesh(data=1, devices=jax.devices()[:1]), HOST)
+  with pytest.raises(NotImplementedError, match="HostTableTrainer runs in a single process; got 2 .*Sharded"):
+    check_data_parallel_mesh(sharding_lib.make_mesh(data=1, devices=jax.devices()[:1]))
 
 
 @pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 devices")

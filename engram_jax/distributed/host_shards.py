@@ -445,6 +445,17 @@ def save_shards(
   root = Path(directory)
   if (root / MANIFEST).exists():
     raise FileExistsError(f"{root} already holds a host-shard checkpoint ({MANIFEST}); save to a new directory")
+  write_shard_files(root, tables)
+  barrier(f"engram_jax.host_shards.save.{step}")
+  if jax.process_index() == 0:
+    write_manifest(root, manifest_of(tables, step))
+  barrier(f"engram_jax.host_shards.saved.{step}")
+  return root
+
+
+def write_shard_files(directory: str | os.PathLike, tables: Mapping[int, ShardedHostTable]) -> None:
+  """This process's part of `save_shards`: its .npy and rows .json files (no manifest)."""
+  root = Path(directory)
   p, n = jax.process_index(), jax.process_count()
   for layer, t in sorted(tables.items()):
     sub = root / f"layer_{layer}"
@@ -455,15 +466,23 @@ def save_shards(
     tmp = sub / f"rows.p{p}-of-{n}.json.tmp"
     tmp.write_text(json.dumps(meta))
     os.replace(tmp, sub / f"rows.p{p}-of-{n}.json")
-  barrier(f"engram_jax.host_shards.save.{step}")
-  if p == 0:
-    manifest = {"step": int(step), "process_count": n, "layers": sorted(int(l) for l in tables)}
-    manifest["num_rows"] = {str(l): tables[l].plan.num_rows for l in sorted(tables)}
-    tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest))
-    os.replace(tmp, root / MANIFEST)
-  barrier(f"engram_jax.host_shards.saved.{step}")
-  return root
+
+
+def manifest_of(tables: Mapping[int, ShardedHostTable], step: int) -> dict:
+  """The manifest of a checkpoint of `tables` at `step`: step, process count, layers, rows."""
+  return {
+    "step": int(step),
+    "process_count": jax.process_count(),
+    "layers": sorted(int(l) for l in tables),
+    "num_rows": {str(l): tables[l].plan.num_rows for l in sorted(tables)},
+  }
+
+
+def write_manifest(directory: str | os.PathLike, manifest: dict) -> None:
+  """Writes directory/manifest.json atomically: call it once every process's files are written."""
+  tmp = Path(directory) / (MANIFEST + ".tmp")
+  tmp.write_text(json.dumps(manifest))
+  os.replace(tmp, Path(directory) / MANIFEST)
 
 
 def read_manifest(directory: str | os.PathLike) -> dict:
@@ -510,12 +529,29 @@ def load_shards(
   return out
 
 
-def _reshard_read(sub: Path, old_n: int, lo: int, hi: int) -> list[np.ndarray]:
+def assemble_tables(directory: str | os.PathLike, what: tuple[str, ...] = ("table",)) -> dict[int, list[np.ndarray]]:
+  """Every layer's whole arrays `what` (of "table", "m", "v", "count") from `save_shards`'
+  files of any process count, joined in one process: {layer: [array [R, ...] per name]}
+  (e.g. to evaluate or decode a run on one host; memory-mapped reads, one copy each).
+  Refuses an incomplete checkpoint (no manifest, or shards that do not cover [0, R))."""
+  root = Path(directory)
+  manifest = read_manifest(root)
+  bad = [w for w in what if w not in ARRAYS]
+  if bad:
+    raise ValueError(f"assemble_tables: unknown arrays {bad}; choose among {ARRAYS}")
+  n = int(manifest["process_count"])
+  return {
+    int(l): _reshard_read(root / f"layer_{l}", n, 0, int(manifest["num_rows"][str(l)]), what)
+    for l in manifest["layers"]
+  }
+
+
+def _reshard_read(sub: Path, old_n: int, lo: int, hi: int, what: tuple[str, ...] = ARRAYS) -> list[np.ndarray]:
   arrays, covered = None, 0
   for q in range(old_n):
     meta = json.loads((sub / f"rows.p{q}-of-{old_n}.json").read_text())
     a, b = max(lo, meta["lo"]), min(hi, meta["hi"])
-    parts = [np.load(sub / _name(w, q, old_n), mmap_mode="r") for w in ARRAYS]
+    parts = [np.load(sub / _name(w, q, old_n), mmap_mode="r") for w in what]
     if arrays is None:
       arrays = [np.zeros((hi - lo,) + x.shape[1:], x.dtype) for x in parts]
     if a < b:
@@ -534,13 +570,17 @@ __all__ = [
   "RowRequests",
   "RowState",
   "ShardedHostTable",
+  "assemble_tables",
   "exchange_bytes",
   "global_ids",
   "dispatch_route",
   "load_shards",
+  "manifest_of",
   "read_manifest",
   "receive_rows",
   "return_grads",
   "route_requests",
   "save_shards",
+  "write_manifest",
+  "write_shard_files",
 ]

@@ -11,6 +11,9 @@ A checkpoint step holds four items (five with host-placed Engram tables):
           state. Disk-placed layers ("disk", "cached@f+disk") are in the item
           `disk_tables` instead, as .npy files (engram_jax.train.disk_checkpoint). `state` then holds the rest of the model (without the tables' size-0
           placeholders, which orbax cannot save) and the dense optimizer's state.
+  host_shards  (host placement in a multi-process run) each process's rows of every host
+          table and their row-sparse Adam state, one file per process and array
+          (engram_jax.train.shard_checkpoint); `state` as with host_tables.
 Multi-process: every process calls `save` / `restore` (orbax coordinates them: the state is
 written shard by shard, JSON items by the primary process; each process writes its own data
 item), so `directory` must be a filesystem all processes share.
@@ -29,7 +32,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +41,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
+from engram_jax.distributed import host_shards as host_shards_lib
+from engram_jax.distributed.host_shards import HostShardPlan, ShardedHostTable
 from engram_jax.offload.disk_table import as_dtype
-from engram_jax.train import disk_checkpoint
+from engram_jax.train import disk_checkpoint, shard_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +182,7 @@ class Checkpointer:
       "data": grain_checkpoint.CheckpointHandler(),
       "host_tables": ocp.StandardCheckpointHandler(),
       disk_checkpoint.ITEM: disk_checkpoint.DiskTablesHandler(),
+      shard_checkpoint.ITEM: shard_checkpoint.HostShardsHandler(),
     }
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
@@ -198,8 +204,11 @@ class Checkpointer:
     data_iterator: Any = None,
     metrics: dict[str, float] | None = None,
     host_tables: dict[int, dict[str, np.ndarray]] | None = None,
+    host_shards: Mapping[int, ShardedHostTable] | None = None,
   ) -> None:
-    """`host_tables`: {layer: {"table", "m", "v", "count"}} NumPy arrays (host placement)."""
+    """`host_tables`: {layer: {"table", "m", "v", "count"}} NumPy arrays (host placement).
+    `host_shards`: {layer: this process's `ShardedHostTable`} (host placement over several
+    processes; every process calls `save`)."""
     from engram_jax.data.pipeline import checkpoint_args  # data sits beside training
 
     items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta), "vocab": ocp.args.JsonSave(vocab)}
@@ -213,6 +222,8 @@ class Checkpointer:
         items["host_tables"] = ocp.args.StandardSave(_host_tree(in_dram))
       if on_disk:
         items[disk_checkpoint.ITEM] = disk_checkpoint.DiskTablesSave(on_disk)
+    if host_shards:
+      items[shard_checkpoint.ITEM] = shard_checkpoint.HostShardsSave(host_shards, step)
     self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
     self.manager.wait_until_finished()
 
@@ -314,6 +325,14 @@ class Checkpointer:
     `DiskTable.load_state` / `HostTable.load_state` to copy), the others as NumPy arrays.
     """
     step = self._step(step)
+    shards = self.directory / str(step) / shard_checkpoint.ITEM
+    if shards.is_dir():
+      raise CheckpointMismatchError(
+        f"checkpoint {self.directory}/{step} holds host tables split over "
+        f"{self._shard_processes(step)} processes (item {shard_checkpoint.ITEM}); this run has "
+        f"{jax.process_count()} process: resume it with the process count it was saved with "
+        "(load_run joins the shards in one process for evaluation and decoding)"
+      )
     disk_dir = self.directory / str(step) / disk_checkpoint.ITEM
     on_disk = sorted(l for l in like if (disk_dir / str(int(l))).is_dir())
     out = {}
@@ -353,6 +372,38 @@ class Checkpointer:
         "host_tables"
       ]
     return out | {int(l): {k: np.asarray(v) for k, v in d.items()} for l, d in restored.items()}
+
+  def restore_host_shards(
+    self, plans: Mapping[int, HostShardPlan], step: int | None = None
+  ) -> dict[int, ShardedHostTable]:
+    """This process's `ShardedHostTable` of every host layer of checkpoint `step`, laid out
+    by `plans` {layer: HostShardPlan} (a multi-process host-placement run). Refuses
+    (CheckpointMismatchError) a checkpoint saved by another process count or without the
+    item (a one-process run keeps its host tables whole in `host_tables`)."""
+    step = self._step(step)
+    path = self.directory / str(step) / shard_checkpoint.ITEM
+    if not path.is_dir():
+      raise CheckpointMismatchError(
+        f"checkpoint {self.directory}/{step} holds no {shard_checkpoint.ITEM} item: its host tables were "
+        f"not saved split over processes (a one-process run); this run has {jax.process_count()} processes. "
+        "Resume it with one process"
+      )
+    saved = self._shard_processes(step)
+    if saved != jax.process_count():
+      raise CheckpointMismatchError(
+        f"checkpoint {self.directory}/{step}: its host tables were split over {saved} processes, this "
+        f"run has {jax.process_count()}; resume with {saved} processes (load_run joins the shards "
+        "in one process for evaluation and decoding)"
+      )
+    with self.reading(step, shard_checkpoint.ITEM):
+      restored = self.manager.restore(
+        step, args=ocp.args.Composite(**{shard_checkpoint.ITEM: shard_checkpoint.HostShardsRestore(plans)})
+      )
+    return restored[shard_checkpoint.ITEM]
+
+  def _shard_processes(self, step: int) -> int:
+    with self.reading(step, shard_checkpoint.ITEM):
+      return int(host_shards_lib.read_manifest(self.directory / str(step) / shard_checkpoint.ITEM)["process_count"])
 
   def _check_data_state(self, step: int) -> None:
     # grain keeps one iterator file per process: a run resumes with the same process count.

@@ -51,8 +51,9 @@ class TrainConfig:
       "disk@dram=0.01" / "cached@0.05+disk@dram=0.01" keep the table and its Adam state in
       memory-mapped files under workdir/disk_tables with 1% of the rows cached in DRAM
       (docs/DISK_TIER.md).
-      Anything but "device" needs one process and a mesh that only splits the batch
-      (several processes: `engram_jax.train.sharded_host_trainer`).
+      Anything but "device" needs a mesh that only splits the batch; with several
+      processes only "host" on every layer, split by rows over the processes
+      (`engram_jax.train.sharded_host_trainer`).
     table_optimizer: how device-placed tables are updated (engram_jax/offload/sparse_adam.py):
       "catchup_adam" (the default): dense Adam evaluated lazily on the rows a batch touches,
       the steps a row sat out caught up in closed form when it is next touched; O(tokens)

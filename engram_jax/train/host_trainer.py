@@ -18,8 +18,8 @@ fsdp axes > 1): the dense state is placed on the mesh by the logical rules, each
 its gathered rows [B, T, H*d_h] are split over the batch axes (the host copies each device
 its part), `sparse_grad` reduces the row grads over the whole batch inside the step and
 returns them replicated, so the host fetches them once. Losses equal the one-device run's
-up to float summation order (tested). Several processes would each need their own shard of
-the host tables: not supported.
+up to float summation order (tested). Several processes: `sharded_host_trainer` (each
+process holds its rows of every table), which the `Trainer` uses there.
 
 Equivalence: when every row of a host table is touched at every step this equals
 device-placement training with dense Adam on the table (tested). Rows not touched at a
@@ -250,14 +250,14 @@ class HostTableTrainer:
 
 
 def check_data_parallel_mesh(mesh: Mesh | None) -> None:
-  """Host-placed tables train on one process; on a mesh, data parallelism only."""
+  """`HostTableTrainer` trains on one process; on a mesh, data parallelism only."""
   if mesh is None:
     return
   if jax.process_count() != 1:
     raise NotImplementedError(
-      f"training with host-placed Engram tables runs in a single process; got "
-      f"{jax.process_count()} processes (each would need its own shard of the host tables). "
-      "Run one process over its local devices, or use table placement 'device'"
+      f"HostTableTrainer runs in a single process; got {jax.process_count()} processes. "
+      "Several processes split the host tables with ShardedHostTableTrainer (what Trainer "
+      "does for table_placement='host'), or use table placement 'device'"
     )
   model_axes = {a: n for a, n in mesh.shape.items() if a not in ("data", "fsdp") and n > 1}
   if model_axes:

@@ -15,6 +15,7 @@ from tokenizers import Tokenizer
 
 from engram_jax import sharding as sharding_lib
 from engram_jax.data import DataConfig, EngramRowHasher, special_ids
+from engram_jax.distributed import host_shards
 from engram_jax.hashing import NgramHasher, TokenizerCompressor, tokenizer_fingerprint
 from engram_jax.models import engram_table, engram_table_filter, engram_table_value
 from engram_jax.models.config import ModelConfig
@@ -24,7 +25,7 @@ from engram_jax.offload import HostTable, parse_placements
 from engram_jax.offload.disk_table import DiskTable, as_dtype, cache_size, open_npy
 from engram_jax.offload.placement import DEFAULT_DRAM_FRACTION
 from engram_jax.offload.row_store import RowStore, as_stores
-from engram_jax.train import disk_checkpoint, evaluation
+from engram_jax.train import disk_checkpoint, evaluation, shard_checkpoint
 from engram_jax.train.checkpoint import Checkpointer, CheckpointMismatchError, CorruptCheckpointError
 from engram_jax.train.config import TrainConfig
 from engram_jax.train.host_trainer import dense_optimizer, split_params
@@ -76,7 +77,8 @@ def load_run(path: str | Path, *, step: int | None = None, mesh=None, tables: st
   """Loads a run directory (or its checkpoints/ folder); checks the stored constants.
 
   A run trained with host-placed tables (`TrainConfig.table_placement`; `host_table_layers`
-  names them) comes back, on the first device of `mesh`:
+  names them; tables split over the processes of a multi-process run are joined here, in
+  one process) comes back, on the first device of `mesh`:
     tables="device": as one model holding all its tables on the device, like a device run.
     tables="host": with those layers' tables read from the checkpoint straight into host
       memory (`run.host_tables`, {layer: HostTable}, NumPy gather), never as device arrays;
@@ -265,6 +267,21 @@ def _restore_tables(
     targets = {l: t for l, t in targets.items() if l not in on_disk}
     if not targets:
       return out
+  shards = ckpt.directory / str(step) / shard_checkpoint.ITEM
+  if shards.is_dir():  # saved by a multi-process run: each process's rows, joined here
+    with ckpt.reading(step, shard_checkpoint.ITEM):
+      joined = {l: a[0] for l, a in host_shards.assemble_tables(shards).items()}
+    problems = [
+      f"host table of Engram layer {l}: checkpoint has "
+      f"{None if l not in joined else (joined[l].shape, str(joined[l].dtype))}, the model needs {(t.shape, str(t.dtype))}"
+      for l, t in targets.items()
+      if l not in joined or tuple(joined[l].shape) != tuple(t.shape) or joined[l].dtype != t.dtype
+    ]
+    if problems:
+      raise CheckpointMismatchError(
+        f"checkpoint {ckpt.directory}/{step} does not match its model config:\n  " + "\n  ".join(problems)
+      )
+    return out | {l: joined[l] if as_numpy else jax.device_put(joined[l], t.sharding) for l, t in targets.items()}
   path = ckpt.directory / str(step) / "host_tables"
   if not path.is_dir():
     raise CorruptCheckpointError(

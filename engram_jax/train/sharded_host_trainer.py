@@ -3,6 +3,10 @@
     trainer = ShardedHostTableTrainer(model, cfg, mesh, bias_update_rate=rate)
     history = trainer.train(local_batches)      # this process's rows of every global batch
 
+`Trainer` / `python -m experiments.train` use it for `TrainConfig.table_placement="host"`
+in a multi-process run (`trainer._ShardedHostEngine`: metrics, evaluation, verified
+checkpoints with each process's shards in the item "host_shards", exact resume).
+
 Every process runs the same loop (after `jax.distributed.initialize`) on a data-parallel
 global mesh and feeds its rows of the global batch (`DataConfig.batch_size` per process).
 Each host-placed table lives as a `ShardedHostTable`: process p keeps rows [lo_p, hi_p)
@@ -20,26 +24,25 @@ protocol). Per step t:
   - each process applies `SparseRowAdam` to its rows (the one-process host path's lr, b1,
     b2, eps, no weight decay).
 The losses equal the one-process host run's on the same global batch up to float
-summation order (tested with 2 processes in tests/test_host_shards.py).
+summation order (tested with 2 `experiments.train` processes in tests/test_host_shards.py).
 
-Limits: every Engram layer must be host-placed here ("host"; "cached" and mixed
+Limits: every Engram layer must be host-placed here ("host"; "cached", disk and mixed
 placements are the one-process `HostTableTrainer`'s); the mesh may split the batch only
-(data / fsdp); the `Trainer`/`experiments.train` integration is not wired to it yet. Built from a `build` callable the tables are initialised shard by shard (each
+(data / fsdp). Built from a `build` callable the tables are initialised shard by shard (each
 device its rows); given a built model, each process copies its rows out of the whole table.
+Checkpoints: `savable_state` (orbax, collective) beside `tables` (`Checkpointer(...,
+host_shards=)`); `load_state` takes them back.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -50,12 +53,12 @@ from engram_jax.models.host_init import compile_device_init, host_table_init
 from engram_jax.models.offloaded import resolve_placements, row_indexes, split_tables
 from engram_jax.models.transformer import Transformer, updated_router_biases
 from engram_jax.offload.sparse_adam import SparseRowAdam
-from engram_jax.train import multihost
+from engram_jax.train import evaluation, multihost
 from engram_jax.train.config import TrainConfig
 from engram_jax.train.host_trainer import dense_optimizer, split_params
-from engram_jax.train.loss import masked_lm_loss, summarize_eval
-from engram_jax.train.state import TrainState, abstract_like, tree_shardings
-from engram_jax.train.steps import batch_shardings, clip_with_row_grads
+from engram_jax.train.loss import masked_lm_loss
+from engram_jax.train.state import TrainState, tree_shardings
+from engram_jax.train.steps import batch_shardings, clip_with_row_grads, step_metrics
 
 Batch = dict[str, Any]
 
@@ -188,23 +191,38 @@ class ShardedHostTableTrainer:
       self.tables[l].apply_update(self.adam, unique, summed, count, lr)
     return {k: local_value(v) for k, v in metrics.items()}
 
-  def train(self, batches: Iterable[Batch]) -> list[dict]:
+  def iterate(self, batches: Iterable[Batch]) -> Iterator[dict]:
     """Steps over this process's batches, one step ahead: the routing of step t+1's ids is
     dispatched before step t (the device runs it first, without a host sync) and resolved
-    after step t's table update; the rows of t+1 are then read from the updated shards."""
+    after step t's table update; the rows of t+1 are then read from the updated shards.
+    Yields each step's metrics (host values) once its tables are updated; the batch of
+    step t+1 has been pulled from `batches` by then."""
     it = iter(batches)
     batch = next(it, None)
     requests = None if batch is None else self.request(batch)
-    history = []
     while batch is not None:
       answers = {l: self.tables[l].serve(r) for l, r in requests.items()}
       following = next(it, None)
       pending = None if following is None else self._dispatch(following)
-      history.append(self._apply_step(batch, requests, answers))
+      metrics = self._apply_step(batch, requests, answers)
       batch = following
       if pending is not None:
         requests = {l: p.resolve() for l, p in pending.items()}
-    return history
+      yield metrics
+
+  def train(self, batches: Iterable[Batch]) -> list[dict]:
+    """Runs `iterate` to the end; the metrics of every step."""
+    return list(self.iterate(batches))
+
+  def local_rows(self, batch: Batch) -> Batch:
+    """This process's rows of a global batch that every process holds in full (e.g. a
+    validation batch): those of its devices' shard positions."""
+    pos = next(iter(self.plans.values())).process_positions(jax.process_index())
+    n, rows = next(iter(self.plans.values())).num_devices, np.shape(batch["tokens"])[0]
+    if rows % n:
+      raise ValueError(f"a global batch of {rows} rows does not split over the mesh's {n} batch shards")
+    take = slice(pos[0] * rows // n, (pos[-1] + 1) * rows // n)
+    return {k: ({l: v[take] for l, v in x.items()} if k == "engram_ids" else x[take]) for k, x in batch.items()}
 
   def _dispatch(self, batch: Batch) -> dict[int, host_shards.PendingRoute]:
     return {l: host_shards.dispatch_route(self.plans[l], ids) for l, ids in self.flat_ids(batch).items()}
@@ -256,23 +274,16 @@ class ShardedHostTableTrainer:
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
       rest = updated_router_biases(state.rest, aux["router"], rate) if aux["router"] else state.rest
-      metrics = {
-        "loss": lm_loss,
-        "total_loss": total,
-        "balance_loss": aux["balance_loss"],
-        "grad_norm": grad_norm,
-        "lr": lr_schedule(state.step),
-        "tokens": sums["tokens"],
-      }
-      for l, s in sparse.items():
-        metrics[f"engram_rows_touched_{l}"] = jnp.sum(s[2])
+      metrics = step_metrics(lm_loss, total, sums, aux, grad_norm, lr_schedule(state.step))
+      metrics.update({f"engram_rows_touched_{l}": jnp.sum(s[2]) for l, s in sparse.items()})
       return TrainState(step=state.step + 1, params=params, rest=rest, opt_state=opt_state), metrics, sparse
 
     return step
 
-  def evaluate(self, batches: Iterable[Batch]) -> dict[str, float]:
-    """Loss sums over this process's rows of each global eval batch (no update; every
-    process calls it) -> `summarize_eval` of the global sums (val_loss, ...)."""
+  def evaluate_rows(self, batches: Iterable[Batch]) -> dict[str, np.ndarray]:
+    """Per-sequence sums (`evaluation.row_sums`, rows in global batch order) of the model on
+    this process's rows of each global eval batch (no update; every process calls it and
+    gets the sums of every row). `evaluation.summarize_rows` gives val_loss with its SE."""
     if self._eval is None:
       graphdef, plans = self.graphdef, self.plans
 
@@ -286,47 +297,51 @@ class ShardedHostTableTrainer:
           segment_ids=batch.get("segment_ids"),
           engram_rows=rows,
         )
-        return masked_lm_loss(logits, batch["targets"], batch["loss_mask"])[1]
+        return evaluation.row_sums(logits, batch)
 
       self._eval = jax.jit(eval_step, out_shardings=NamedSharding(self.mesh, PartitionSpec()))
-    totals: dict[str, float] = {}
+    parts = []
     for batch in batches:
       requests = self.request(batch)
       answers = {l: self.tables[l].serve(r) for l, r in requests.items()}
       sums = self._eval(self.state, self._device_batch(batch), answers, dict(requests))
-      for k, v in sums.items():
-        totals[k] = totals.get(k, 0.0) + float(local_value(v))
-    return summarize_eval(totals)
+      parts.append({k: local_value(v) for k, v in sums.items()})
+    return evaluation.concat_rows(parts)
 
   # -- state ----------------------------------------------------------------------------------------
   def host_bytes(self) -> int:
     """Host bytes of this process's table shards and their optimizer state."""
     return sum(t.nbytes() for t in self.tables.values())
 
-  def save(self, directory: str | os.PathLike) -> Path:
-    """Collective checkpoint (every process calls it): directory/state, the dense state
-    (orbax, each process writes its shards), and directory/host_tables, every process's
-    table shards with their Adam state (`host_shards.save_shards`)."""
-    root = Path(directory).absolute()
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(root / "state", self._savable_state())
-    checkpointer.wait_until_finished()
-    host_shards.save_shards(root / "host_tables", self.tables, step=int(local_value(self.state.step)))
-    return root
+  def nonfinite(self) -> list[str]:
+    """Names of this process's non-finite arrays: dense state leaves (`nonfinite_leaves`
+    of the replicated flags) and table shards / their Adam state (NumPy)."""
+    named = [
+      (jax.tree_util.keystr(p), x)
+      for p, x in jax.tree_util.tree_flatten_with_path(self.savable_state())[0]
+      if jnp.issubdtype(x.dtype, jnp.inexact) and x.size
+    ]
+    flags = jax.jit(
+      lambda xs: [jnp.isfinite(x).all() for x in xs], out_shardings=NamedSharding(self.mesh, PartitionSpec())
+    )([x for _, x in named])
+    bad = [n for (n, _), f in zip(named, flags) if not bool(local_value(f))]
+    for l, t in sorted(self.tables.items()):
+      for name, a in zip(host_shards.ARRAYS, (t.table, *t.state)):
+        if np.issubdtype(a.dtype, np.inexact) and not np.isfinite(a).all():
+          bad.append(f"host table shard of layer {l} (rows [{t.lo}, {t.hi})): {name}")
+    return bad
 
-  def _savable_state(self) -> TrainState:
-    # orbax cannot write the size-0 table placeholders; they carry nothing
+  def savable_state(self) -> TrainState:
+    """The state without the size-0 table placeholders (orbax cannot write them; they carry
+    nothing): what a checkpoint's `state` item holds, beside the table shards."""
     _, rest = nnx.split_state(self.state.rest, engram_table_filter(self.host_layers), ...)
     return self.state.replace(rest=rest)
 
-  def restore(self, directory: str | os.PathLike) -> None:
-    """Restores what `save` wrote; the table shards reshard when saved by another process
-    count (the dense state is orbax's, restored onto this trainer's mesh)."""
-    root = Path(directory).absolute()
-    step = host_shards.read_manifest(root / "host_tables")["step"]
-    restored = ocp.StandardCheckpointer().restore(root / "state", abstract_like(self._savable_state()))
+  def load_state(self, restored: TrainState, tables: Mapping[int, ShardedHostTable]) -> None:
+    """Takes a restored `savable_state` and this process's table shards (from a checkpoint:
+    `Checkpointer.restore_host_shards`); their step must agree."""
+    if sorted(tables) != sorted(self.host_layers):
+      raise ValueError(f"table shards of layers {sorted(tables)}, the trainer has host layers {list(self.host_layers)}")
     placeholders, _ = nnx.split_state(self.state.rest, engram_table_filter(self.host_layers), ...)
     self.state = restored.replace(rest=nnx.merge_state(restored.rest, placeholders))
-    if int(local_value(self.state.step)) != step:
-      raise ValueError(f"{root}: dense state at step {int(local_value(self.state.step))}, host tables at step {step}")
-    self.tables = host_shards.load_shards(root / "host_tables", self.plans)
+    self.tables = dict(tables)

@@ -131,26 +131,32 @@ def make_train_step(
     rest = state.rest
     if aux["router"]:
       rest = updated_router_biases(state.rest, aux["router"], bias_update_rate)
-    metrics.update(
-      {
-        "loss": lm_loss,
-        "total_loss": total,
-        "balance_loss": aux["balance_loss"],
-        "grad_norm": grad_norm,
-        "lr": lr,
-        "tokens": sums["tokens"],
-      }
-    )
-    if aux["router"]:
-      loads = jnp.stack([s["load"] for s in aux["router"].values()])
-      metrics["moe_max_load"] = jnp.max(loads) * loads.shape[-1]  # 1.0 = perfectly balanced
-      metrics["moe_dropped"] = sum(s["dropped"] for s in aux["router"].values()).astype(jnp.float32)
-    if aux["engram_gates"]:
-      metrics["engram_gate_mean"] = jnp.mean(jnp.stack([g.mean() for g in aux["engram_gates"].values()]))
+    metrics.update(step_metrics(lm_loss, total, sums, aux, grad_norm, lr))
     new_state = TrainState(step=state.step + 1, params=params, rest=rest, opt_state=opt_state)
     return new_state, metrics, {l: sparse[l] for l in store_rows}
 
   return step
+
+
+def step_metrics(lm_loss, total, sums: dict, aux: dict, grad_norm, lr) -> dict[str, jax.Array]:
+  """The metrics of a train step (traceable): loss, total_loss, balance_loss, grad_norm, lr,
+  tokens, and `moe_max_load` / `moe_dropped` for MoE models, `engram_gate_mean` for Engram
+  models (from the model's `aux`)."""
+  metrics = {
+    "loss": lm_loss,
+    "total_loss": total,
+    "balance_loss": aux["balance_loss"],
+    "grad_norm": grad_norm,
+    "lr": lr,
+    "tokens": sums["tokens"],
+  }
+  if aux["router"]:
+    loads = jnp.stack([s["load"] for s in aux["router"].values()])
+    metrics["moe_max_load"] = jnp.max(loads) * loads.shape[-1]  # 1.0 = perfectly balanced
+    metrics["moe_dropped"] = sum(s["dropped"] for s in aux["router"].values()).astype(jnp.float32)
+  if aux["engram_gates"]:
+    metrics["engram_gate_mean"] = jnp.mean(jnp.stack([g.mean() for g in aux["engram_gates"].values()]))
+  return metrics
 
 
 def clip_with_row_grads(grads: Any, sparse: dict, clip_norm: float) -> tuple[Any, dict, jax.Array]:

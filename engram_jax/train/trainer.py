@@ -17,9 +17,13 @@ stores outside it (`_Engine`, `engram_jax.train.host_trainer.HostTableTrainer`: 
 t+1 gathered on the host during step t, row-sparse Adam applied by the stores); checkpoints
 add the host tables and their Adam state (item "host_tables"); evaluation feeds the
 gathered rows.
-Single process only: by default on jax.devices()[0], or data-parallel over a given mesh
-whose tensor / expert axes are 1 (batch and rows split over its devices). "cached" layers
-keep the rows most frequent in the first `FREQUENCY_BATCHES` training batches on the device.
+One process: by default on jax.devices()[0], or data-parallel over a given mesh whose
+tensor / expert axes are 1 (batch and rows split over its devices). "cached" layers keep the
+rows most frequent in the first `FREQUENCY_BATCHES` training batches on the device.
+Several processes, "host" on every layer: `_ShardedHostEngine` (`ShardedHostTableTrainer`)
+splits every table by rows over the processes on the data-parallel global mesh (default: all
+devices); checkpoints add each process's shards (item "host_shards"), resumed on the same
+process count. Other placements with several processes raise NotImplementedError.
 
 Multi-process (after `jax.distributed.initialize`): every process runs this same loop on the
 global mesh and feeds its rows of the global batch (`engram_jax.train.multihost`); process 0
@@ -79,6 +83,7 @@ from engram_jax.train.host_trainer import HostTableTrainer, check_data_parallel_
 from engram_jax.train.metrics import MetricsWriter
 from engram_jax.train.optimizer import SparseTableOptimizer, make_table_optimizer
 from engram_jax.train.run_lock import RunLock, WorkdirLockedError, drop_metrics_after
+from engram_jax.train.sharded_host_trainer import ShardedHostTableTrainer, local_value
 from engram_jax.train.state import abstract_like, build_model, create_train_state
 from engram_jax.train.steps import batch_shardings, make_train_step
 
@@ -153,9 +158,10 @@ class Trainer:
     """`data_shards`: document streams the global batch is drawn from (default: one per data
     group of processes); fix it to reproduce a multi-process run's batches on fewer processes
     (see `engram_jax.train.multihost`). `mesh` defaults to all devices, or to
-    jax.devices()[0] alone when `train_config.table_placement` puts tables on the host (a
-    data-parallel mesh may be given then; after `run`, `self.host_trainer` is the
-    `HostTableTrainer`, else None)."""
+    jax.devices()[0] alone when `train_config.table_placement` puts tables on the host in
+    a one-process run (a data-parallel mesh may be given then; after `run`,
+    `self.host_trainer` is the `HostTableTrainer`, in a multi-process host run the
+    `ShardedHostTableTrainer`, else None)."""
     self.workdir = Path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
     self.train_config, self.data_config, self.seed = train_config, data_config, seed
@@ -170,11 +176,11 @@ class Trainer:
       self.model_config.engram, self.tokenizer, special_ids(self.tokenizer).pad, self.compressor
     )
     self.placements, self.host_layers = _table_placements(self.model_config, train_config)
-    if self.host_layers and mesh is None:
+    if self.host_layers and mesh is None and jax.process_count() == 1:
       mesh = sharding_lib.make_mesh(data=1, devices=jax.devices()[:1])
     self.mesh = mesh or sharding_lib.make_mesh(data=jax.device_count())
     if self.host_layers:
-      _check_host_placement_setup(self.mesh, train_config)
+      _check_host_placement_setup(self.mesh, train_config, self.placements)
     self.layout = multihost.data_layout(self.mesh, data_config.batch_size, data_shards)
     self.checkpointer = Checkpointer(
       self.workdir / "checkpoints", keep=train_config.keep_checkpoints, best_by=train_config.keep_best_by
@@ -266,6 +272,8 @@ class Trainer:
     if start:
       log.info("resumed from step %d", start)
     meta["lr_scale"] = self.lr_scale
+    if self.host_layers:  # host memory of the tables + Adam state, per process (gathered)
+      meta["host_table_bytes_per_process"] = engine.host_bytes_per_process()
     if jax.process_index() == 0:
       (self.workdir / "meta.json").write_text(json.dumps(meta, indent=1))
       dropped = drop_metrics_after(self.workdir, start)  # rows of steps about to be replayed
@@ -479,7 +487,7 @@ class Trainer:
       candidates = [resume_step]
     if not candidates:
       self.lr_scale = 1.0 if lr_scale is None else lr_scale
-      return _Engine(self, meta, data_iter, rate, None)
+      return self._engine_class()(self, meta, data_iter, rate, None)
     unreadable: list[CorruptCheckpointError] = []
     for i, step in enumerate(candidates):
       try:
@@ -490,7 +498,7 @@ class Trainer:
             f"checkpoint {ckpt.directory}/{step} does not match this run:\n  " + "\n  ".join(problems)
           )
         self.lr_scale = float(saved.get("lr_scale", 1.0)) if lr_scale is None else lr_scale
-        engine = _Engine(self, meta, data_iter, rate, step)
+        engine = self._engine_class()(self, meta, data_iter, rate, step)
       except CorruptCheckpointError as e:
         log.error("%s", e)
         unreadable.append(e)
@@ -515,6 +523,10 @@ class Trainer:
       unreadable[0].step,
       unreadable[0].path,
     )
+
+  def _engine_class(self) -> type:
+    """`_ShardedHostEngine` for host tables in a multi-process run, else `_Engine`."""
+    return _ShardedHostEngine if self.host_layers and jax.process_count() > 1 else _Engine
 
   def row_frequencies(self, model: Any, layers: tuple[int, ...]) -> dict[int, np.ndarray]:
     """Row counts {layer: np.int64 [R]} over the first `FREQUENCY_BATCHES` training batches.
@@ -563,11 +575,33 @@ def _table_placements(model_config: ModelConfig, cfg: TrainConfig) -> tuple[dict
   return placements, tuple(sorted(l for l, p in placements.items() if p.on_host))
 
 
-def _check_host_placement_setup(mesh: jax.sharding.Mesh, cfg: TrainConfig) -> None:
-  try:
-    check_data_parallel_mesh(mesh)
-  except NotImplementedError as e:
-    raise NotImplementedError(f"TrainConfig.table_placement={cfg.table_placement!r}: {e}") from None
+def _check_host_placement_setup(mesh: jax.sharding.Mesh, cfg: TrainConfig, placements: dict) -> None:
+  n = jax.process_count()
+  if n > 1:
+    # the sharded-host path: every Engram table "host" (DRAM, NumPy gather), split by rows
+    not_host = {
+      l: p for l, p in sorted(placements.items()) if (p.kind, p.storage, p.host_gather) != ("host", "dram", "numpy")
+    }
+    if not_host:
+      kinds = sorted({p.kind + ("" if p.storage == "dram" else "+" + p.storage) for p in not_host.values()})
+      raise NotImplementedError(
+        f"TrainConfig.table_placement={cfg.table_placement!r} with {n} processes: host tables are split "
+        "over the processes only when every Engram layer is placed 'host' (DRAM, numpy gather); layers "
+        f"{sorted(not_host)} are placed {kinds}. Cached, disk, compute_on and mixed placements train in "
+        "one process; or use 'host' for every layer"
+      )
+    model_axes = {a: k for a, k in mesh.shape.items() if a not in ("data", "fsdp") and k > 1}
+    if model_axes:
+      raise NotImplementedError(
+        f"TrainConfig.table_placement={cfg.table_placement!r} with {n} processes: host tables split over "
+        f"the processes need a data-parallel mesh (data, fsdp); the mesh {dict(mesh.shape)} has "
+        f"model-parallel axes {model_axes}"
+      )
+  else:
+    try:
+      check_data_parallel_mesh(mesh)
+    except NotImplementedError as e:
+      raise NotImplementedError(f"TrainConfig.table_placement={cfg.table_placement!r}: {e}") from None
   if cfg.freeze_engram_tables:
     raise ValueError(
       f"TrainConfig.freeze_engram_tables=True is not supported with "
@@ -727,6 +761,80 @@ class _Engine:
     if self.host is not None:
       kwargs["host_tables"] = self.host.host_state()
     checkpointer.save(step, self._savable_state(), data_iterator=self.position, **kwargs)
+
+  def host_bytes_per_process(self) -> list[int]:
+    """Bytes of the host tables and their Adam state ([one figure]: one process; disk
+    placements count their memory-mapped files)."""
+    state = self.host.host_state() if self.host is not None else {}
+    return [int(sum(np.asarray(v).nbytes for d in state.values() for v in d.values()))]
+
+
+class _ShardedHostEngine:
+  """`_Engine`'s interface for host-placed tables in a multi-process run: a
+  `ShardedHostTableTrainer` (engram_jax/train/sharded_host_trainer.py) holds the dense
+  state on the global data-parallel mesh and, in each process, rows [lo, hi) of every host
+  table and their row-sparse Adam state. Its tables are initialised shard by shard (never
+  whole anywhere). The checkpoint's `state` item is the dense state (without the size-0
+  placeholders), `host_shards` each process's table shards (`shard_checkpoint`)."""
+
+  def __init__(self, trainer: Trainer, meta: dict[str, Any], data_iter: Any, rate: float, step: int | None):
+    self.mesh, self.data_iter = trainer.mesh, data_iter
+    build = lambda: build_model(trainer.model_config, trainer.seed)  # noqa: E731
+    self.host = ShardedHostTableTrainer(build, trainer.optimizer_config(), self.mesh, bias_update_rate=rate)
+    if step is not None:
+      ckpt = trainer.checkpointer
+      target = abstract_like(self.host.savable_state())
+      restored, _ = ckpt.restore(target, current_meta=meta, step=step, data_iterator=data_iter)
+      self.host.load_state(restored, ckpt.restore_host_shards(self.host.plans, step))
+    self.position = _ConsumedPosition(data_iter)  # after the restore: its position
+
+  @property
+  def state(self):
+    return self.host.state
+
+  @property
+  def step(self) -> int:
+    return int(local_value(self.host.state.step))
+
+  def context(self):
+    return contextlib.nullcontext()
+
+  def steps(self, data_iter):
+    """Yields each step's metrics (the shards updated); the ids of step t+1 routed during step t."""
+    del data_iter  # read through self.position
+    for metrics in self.host.iterate(self.position):
+      self.position.consumed()
+      yield metrics
+
+  def skip(self, n: int) -> None:
+    for _ in range(n):
+      next(self.position)
+      self.position.consumed()
+
+  def verify(self) -> str | None:
+    """As `_Engine.verify`, over every process's shards (a collective: the same answer on all)."""
+    bad = self.host.nonfinite()
+    if multihost.any_process(bool(bad)):
+      return f"non-finite values in {bad[:5]}" if bad else "non-finite values in another process's table shards"
+    rows = self.host.evaluate_rows([self.position.last_batch])
+    loss = evaluation.summarize_rows(rows)["val_loss"]
+    return None if math.isfinite(loss) else f"its weights give loss {loss} on the step's batch"
+
+  def evaluate_rows(self, eval_batches) -> dict[str, np.ndarray]:
+    """Per-sequence sums over the global validation batches (every process holds them all
+    and feeds its rows; every process gets every row's sums)."""
+    return self.host.evaluate_rows([self.host.local_rows(b) for b in eval_batches])
+
+  def save(self, checkpointer: Checkpointer, step: int, **kwargs) -> None:
+    checkpointer.save(
+      step, self.host.savable_state(), data_iterator=self.position, host_shards=self.host.tables, **kwargs
+    )
+
+  def host_bytes_per_process(self) -> list[int]:
+    """Host bytes of this process's table shards and Adam state, of every process (gathered)."""
+    from jax.experimental import multihost_utils
+
+    return [int(b) for b in np.asarray(multihost_utils.process_allgather(np.int64(self.host.host_bytes())))]
 
 
 class _ConsumedPosition:
