@@ -192,6 +192,46 @@ def test_eval_set_size_coverage_and_identity(tok):
   assert bigger.scored_tokens > sel.scored_tokens
 
 
+def test_eval_selection_is_reused_only_for_identical_inputs(tok, monkeypatch):
+  import collections
+
+  from tokenizers import Tokenizer
+
+  from engram_jax.data import eval_set
+
+  monkeypatch.setattr(eval_set, "_SELECTIONS", collections.OrderedDict())
+  computed = []
+  real = eval_set._select_eval_rows
+  monkeypatch.setattr(eval_set, "_select_eval_rows", lambda *a: computed.append(a[2]) or real(*a))
+  texts = [doc for doc in eval_corpus(CFG)][:8]  # a few documents: each selection is quick
+  first = select_eval_rows(texts, tok, CFG)
+  assert len(computed) == 1
+  # the data seed and batch size are no inputs of the selection: the kept one is returned,
+  # and it equals a fresh computation with them changed
+  other = CFG.replace(seed=7, batch_size=4)
+  assert select_eval_rows(texts, tok, other) is first and len(computed) == 1
+  fresh = real(texts, tok, other)
+  for name in ("ids", "lengths", "doc_index", "start"):
+    np.testing.assert_array_equal(getattr(fresh, name), getattr(first, name))
+  with pytest.raises(ValueError, match="read-only"):
+    first.ids[0, 0] = 1  # a caller cannot change the kept selection
+  # any real input changed: selected afresh
+  edited = [texts[0] + "\nx = 1\n"] + texts[1:]
+  grown = Tokenizer.from_str(tok.to_str())
+  grown.add_tokens(["<zz_extra>"])
+  for args in (
+    (texts, tok, CFG.replace(seq_len=16)),
+    (texts, tok, CFG.replace(eval_seed=CFG.eval_seed + 1)),
+    (texts, tok, CFG.replace(eval_tokens=2048)),
+    (edited, tok, CFG),
+    (texts, grown, CFG),
+  ):
+    before = len(computed)
+    assert select_eval_rows(*args) is not first and len(computed) == before + 1
+  assert len(eval_set._SELECTIONS) == eval_set._MAX_SELECTIONS  # oldest dropped
+  assert select_eval_rows(texts, tok, CFG) is not first  # `first` was the oldest
+
+
 def test_micro_and_tiny_configs_hold_128k_validation_tokens():
   from experiments.configs import common, micro, tiny
 

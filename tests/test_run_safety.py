@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from engram_jax import sharding as sharding_lib
 from engram_jax.data import DataConfig
 from engram_jax.train import (
   Checkpointer,
@@ -54,6 +55,13 @@ def base_run(data_config, tmp_path_factory):
   result = trainer.run()
   assert trainer.checkpointer.all_steps() == [2, 4]
   return trainer.workdir, result
+
+
+def _one_device():
+  """A one-device mesh: the rollback bookkeeping does not depend on the mesh, and one device
+  compiles and checkpoints faster than the default 8 (base_run's tests save, resume and fall
+  back on the default mesh)."""
+  return sharding_lib.make_mesh(data=1, devices=jax.devices()[:1])
 
 
 def _copy(base_run, tmp_path, name="run"):
@@ -131,14 +139,14 @@ def test_divergence_names_a_finite_checkpoint_and_rollback_recovers(data_config,
   # Step 3's weights evaluate finite but give a NaN gradient: the message names step 2.
   once = EXPLODE.replace(on_divergence="rollback", rollback_lr_factor=1.0, max_rollbacks=1)
   with pytest.raises(TrainingDivergedError, match=r"at step 4.*after 1 rollbacks.*checkpoint \(step 2\)"):
-    Trainer(tiny_model(), once, data_config, workdir).run()
+    Trainer(tiny_model(), once, data_config, workdir, mesh=_one_device()).run()
   assert Checkpointer(workdir / "checkpoints").all_steps() == [2]  # what a rerun resumes from
   assert (workdir / "diverged_checkpoints" / "3").is_dir()  # kept, out of the way
   assert math.isfinite(evaluate_run(load_run(workdir))["val_loss"])
   assert _steps(workdir) == [1, 2, 3]  # the diverged step's replay left no duplicate rows
 
   rollback = EXPLODE.replace(on_divergence="rollback", rollback_lr_factor=1e-6)
-  result = Trainer(tiny_model(), rollback, data_config, workdir).run()
+  result = Trainer(tiny_model(), rollback, data_config, workdir, mesh=_one_device()).run()
   assert result.status == "completed" and result.step == 6
   rows = read_metrics(workdir, "train")
   assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
@@ -170,7 +178,9 @@ def test_non_finite_weights_are_never_checkpointed(data_config, tmp_path, monkey
     return wrapped
 
   monkeypatch.setattr(trainer_lib, "make_train_step", poisoned)
-  trainer = Trainer(tiny_model(), BASE.replace(checkpoint_every=1), data_config, tmp_path / "poison")
+  trainer = Trainer(
+    tiny_model(), BASE.replace(checkpoint_every=1), data_config, tmp_path / "poison", mesh=_one_device()
+  )
   with pytest.raises(TrainingDivergedError, match=r"after step 2 is not fit.*embed.*checkpoint \(step 1\)"):
     trainer.run()
   assert trainer.checkpointer.all_steps() == [1]

@@ -21,7 +21,9 @@ eval_seed and eval_rows, never on the data seed: every model is scored on the sa
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import hashlib
 
 import numpy as np
 
@@ -74,15 +76,50 @@ def document_chunks(ids: np.ndarray, line_starts: np.ndarray, width: int) -> lis
   return out
 
 
+# The selections made in this process, newest last: {key: EvalRows}. Tokenizing the whole
+# validation corpus dominates a selection, and a process that trains or evaluates several
+# models on the same data (a sweep, `experiments.memory_scaling`, the tests) asks for the
+# same one each time. The key holds every input of the selection, so a hit is exact.
+_SELECTIONS: collections.OrderedDict[tuple, EvalRows] = collections.OrderedDict()
+_MAX_SELECTIONS = 4
+
+
+def _selection_key(texts: list[str], tokenizer, config: DataConfig) -> tuple:
+  digest = hashlib.sha256(tokenizer.to_str().encode("utf-8"))
+  for text in texts:
+    digest.update(len(text).to_bytes(8, "little"))
+    digest.update(text.encode("utf-8", "surrogatepass"))
+  return digest.hexdigest(), config.seq_len, config.eval_seed, config.eval_tokens
+
+
 def select_eval_rows(corpus: Corpus, tokenizer, config: DataConfig) -> EvalRows:
-  """Steps 1-3 of the module docstring (before batching)."""
+  """Steps 1-3 of the module docstring (before batching).
+
+  The result depends only on the validation texts, the tokenizer, `seq_len`, `eval_seed`
+  and `eval_tokens`; a process keeps its last few selections keyed by exactly these and
+  returns a kept one (its arrays read-only) instead of tokenizing the corpus again.
+  """
+  texts = [corpus[d] for d in range(len(corpus))]
+  key = _selection_key(texts, tokenizer, config)
+  if key in _SELECTIONS:
+    _SELECTIONS.move_to_end(key)
+    return _SELECTIONS[key]
+  rows = _select_eval_rows(texts, tokenizer, config)
+  for array in (rows.ids, rows.lengths, rows.doc_index, rows.start):
+    array.setflags(write=False)
+  _SELECTIONS[key] = rows
+  while len(_SELECTIONS) > _MAX_SELECTIONS:
+    _SELECTIONS.popitem(last=False)
+  return rows
+
+
+def _select_eval_rows(texts: list[str], tokenizer, config: DataConfig) -> EvalRows:
   width = config.seq_len + 1
   eos, pad = special_ids(tokenizer).eos, special_ids(tokenizer).pad
   docs: list[np.ndarray] = []
   chunks: list[list[int]] = []
   doc_ids: list[int] = []
-  for d in range(len(corpus)):
-    text = corpus[d]
+  for d, text in enumerate(texts):
     if not has_text(text):
       continue
     enc = tokenizer.encode(text, add_special_tokens=False)
