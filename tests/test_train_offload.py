@@ -16,6 +16,7 @@ from engram_jax.data import DataConfig
 from engram_jax.inference import Generator, SamplingConfig
 from engram_jax.models.config import ModelConfig
 from engram_jax.offload import HostTable, HotRowCache, top_rows
+from engram_jax.offload.disk_table import DiskTable
 from engram_jax.train import CheckpointMismatchError, TrainConfig
 from engram_jax.train.metrics import read_metrics
 from engram_jax.train.restore import evaluate_run, load_run
@@ -173,8 +174,13 @@ def test_load_run_keeps_the_host_tables_on_the_host(straight):
   assert len(host.tokens[0]) == 4 and host.tokens == device.tokens
   with pytest.raises(ValueError, match=r"layers \[1\] are size-0 placeholders"):
     Generator(run.model, run.hasher, run.compressor)  # device placement needs the tables
-  with pytest.raises(ValueError, match="tables must be one of"):
-    load_run(trainer.workdir, tables="disk")
+  # any other placement: loaded, then split out of the model into its row stores
+  disk = load_run(trainer.workdir, tables="disk@dram=0.05")
+  assert isinstance(disk.host_tables[LAYER], DiskTable)
+  np.testing.assert_array_equal(np.asarray(disk.host_tables[LAYER].numpy()), run.host_tables[LAYER].numpy())
+  assert abs(evaluate_run(disk)["val_loss"] - result.eval["val_loss"]) < 1e-5
+  with pytest.raises(ValueError, match="hots"):
+    load_run(trainer.workdir, tables="hots")
 
 
 def _copy_with_edited_meta(trainer, workdir, edit):

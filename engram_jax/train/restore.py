@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,11 @@ from engram_jax.distributed import host_shards
 from engram_jax.hashing import NgramHasher, TokenizerCompressor, tokenizer_fingerprint
 from engram_jax.models import engram_table, engram_table_filter, engram_table_value
 from engram_jax.models.config import ModelConfig
-from engram_jax.models.offloaded import row_indexes
+from engram_jax.models.offloaded import row_indexes, split_tables
 from engram_jax.models.transformer import Transformer
 from engram_jax.offload import HostTable, parse_placements
 from engram_jax.offload.disk_table import DiskTable, as_dtype, cache_size, open_npy
-from engram_jax.offload.placement import DEFAULT_DRAM_FRACTION
+from engram_jax.offload.placement import DEFAULT_DRAM_FRACTION, TablePlacement
 from engram_jax.offload.row_store import RowStore, as_stores
 from engram_jax.train import disk_checkpoint, evaluation, shard_checkpoint
 from engram_jax.train.checkpoint import Checkpointer, CheckpointMismatchError, CorruptCheckpointError
@@ -73,7 +74,14 @@ TABLE_LOCATIONS = ("device", "host")
 log = logging.getLogger(__name__)
 
 
-def load_run(path: str | Path, *, step: int | None = None, mesh=None, tables: str = "device") -> LoadedRun:
+def load_run(
+  path: str | Path,
+  *,
+  step: int | None = None,
+  mesh=None,
+  tables: str | Mapping[int, TablePlacement] = "device",
+  frequencies: Mapping[int, np.ndarray] | None = None,
+) -> LoadedRun:
   """Loads a run directory (or its checkpoints/ folder); checks the stored constants.
 
   A run trained with host-placed tables (`TrainConfig.table_placement`; `host_table_layers`
@@ -88,13 +96,20 @@ def load_run(path: str | Path, *, step: int | None = None, mesh=None, tables: st
   tables="host" is refused (ValueError) for a run trained with every table on the device:
   its checkpoint holds the tables inside the device state. Load it with tables="device"
   and move them with `engram_jax.models.offloaded.split_tables(run.model, "host")`.
+  Any other `tables`, a placement spec ("disk@dram=0.01", "1:cached@0.05", ...) or a parsed
+  {layer: TablePlacement} mapping, places every table as it says whatever the run trained
+  with: the run is loaded as with "device" and `split_tables` moves the tables out of the
+  model into `run.stores` ("cached" layers need `frequencies`, as for `split_tables`); the
+  tables pass through device memory once on the way.
 
   step=None loads the newest intact checkpoint: an unreadable one (truncated array file,
   missing item) is reported with its path (a logged warning) and the next older one is
   tried. A chosen `step` that is unreadable raises `CorruptCheckpointError`.
   """
-  if tables not in TABLE_LOCATIONS:
-    raise ValueError(f"load_run: tables must be one of {TABLE_LOCATIONS}, got {tables!r}")
+  if not (isinstance(tables, str) and tables in TABLE_LOCATIONS):  # a placement spec / mapping
+    run = load_run(path, step=step, mesh=mesh, tables="device")
+    model, offloaded = split_tables(run.model, tables, frequencies=frequencies)
+    return dataclasses.replace(run, model=model, stores=offloaded.stores)
   ckpt = Checkpointer(_checkpoint_dir(path))
   try:
     if step is not None:

@@ -29,7 +29,7 @@ summation order (tested with 2 `experiments.train` processes in tests/test_host_
 Limits: every Engram layer must be host-placed here ("host"; "cached", disk and mixed
 placements are the one-process `HostTableTrainer`'s); the mesh may split the batch only
 (data / fsdp). Built from a `build` callable the tables are initialised shard by shard (each
-device its rows); given a built model, each process copies its rows out of the whole table.
+process draws its rows); given a built model, each process copies its rows out of the whole table.
 Checkpoints: `savable_state` (orbax, collective) beside `tables` (`Checkpointer(...,
 host_shards=)`); `load_state` takes them back.
 """
@@ -48,8 +48,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from engram_jax.distributed import host_shards
 from engram_jax.distributed.host_shards import HostShardPlan, RowRequests, ShardedHostTable
-from engram_jax.models import engram_table, engram_table_filter
-from engram_jax.models.host_init import compile_device_init, host_table_init
+from engram_jax.layers.table_init import LazyTableRows
+from engram_jax.models import engram_table_filter
+from engram_jax.models.host_init import block_rows, compile_device_init, table_inits
 from engram_jax.models.offloaded import resolve_placements, row_indexes, split_tables
 from engram_jax.models.transformer import Transformer, updated_router_biases
 from engram_jax.offload.sparse_adam import SparseRowAdam
@@ -87,7 +88,7 @@ class ShardedHostTableTrainer:
     model: a `Transformer` with Engram layers, identical on every process (same seed); its
       tables are split off in place (`split_tables`) and each process keeps its rows. Or
       `build` () -> Transformer (e.g. `lambda: build_model(config, seed)`): the tables are
-      then never whole anywhere, each device initialises its rows (see `_build_sharded`).
+      then never whole anywhere, each process draws its rows (see `_build_sharded`).
     cfg: the run's TrainConfig.
     mesh: the global mesh, devices ordered by process, only batch axes (data, fsdp) > 1.
     bias_update_rate: MoE router bias step.
@@ -132,29 +133,22 @@ class ShardedHostTableTrainer:
     self._eval = None
 
   def _build_sharded(self, build: Callable[[], Transformer], axes: tuple[str, ...], capacity_factor) -> Transformer:
-    """The model from `build` without its tables (`device_state_init`), and each table's
-    rows [lo, hi) initialised by a program partitioned over the mesh: every device computes
-    its block only (threefry is partitionable, so the values equal `build()`'s; tested),
-    which this process copies to its host shard."""
+    """The model from `build` without its tables (`device_state_init`), and this process's
+    rows [lo, hi) of each table drawn on their own (`engram_jax.layers.table_init`: bit for
+    bit `build()`'s rows; tested), so no process ever holds a whole table."""
     abstract = nnx.eval_shape(build)
     placements = resolve_placements(abstract, "host")
     self.host_layers = tuple(sorted(l for l, p in placements.items() if p.on_host))
     indexes = row_indexes(abstract)
     self.row_index = {l: indexes[l] for l in self.host_layers}
-    device = jax.local_devices()[0]
-    model = nnx.merge(nnx.graphdef(abstract), compile_device_init(build, self.host_layers, device)())
+    model = nnx.merge(nnx.graphdef(abstract), compile_device_init(build, self.host_layers, jax.local_devices()[0])())
+    inits = table_inits(build, self.host_layers)
     self.plans, self.tables = {}, {}
     for l in self.host_layers:
-      shape = engram_table(abstract, l).get_value().shape
-      plan = self.plans[l] = HostShardPlan(self.mesh, axes, shape[0], capacity_factor)
-      rows = NamedSharding(self.mesh, PartitionSpec(plan.spec[0], None))
-      init, extra = host_table_init(build, l), plan.num_devices * plan.rows_per_device - shape[0]
-      value = jax.jit(lambda: jnp.pad(init(), ((0, extra), (0, 0))), out_shardings=rows)()  # even blocks
-      pos = plan.device_positions()
-      blocks = sorted((pos[s.device], np.asarray(s.data)) for s in value.addressable_shards)
+      plan = self.plans[l] = HostShardPlan(self.mesh, axes, inits[l].shape[0], capacity_factor)
       lo, hi = plan.process_range(jax.process_index())
-      self.tables[l] = ShardedHostTable(plan, np.concatenate([b for _, b in blocks])[: hi - lo].copy())
-      value.delete()
+      rows = LazyTableRows(inits[l], block_rows(inits[l]))
+      self.tables[l] = ShardedHostTable(plan, rows[lo:hi])
     return model
 
   # -- the host side of a step ------------------------------------------------------------------
