@@ -107,14 +107,17 @@ class HostShardPlan:
 
   @property
   def num_devices(self) -> int:
+    """Devices the rows are split over (the product of the batch axes' sizes)."""
     return math.prod(self.mesh.shape[a] for a in self.axes)
 
   @property
   def rows_per_device(self) -> int:
+    """Rows of each device's block (the last blocks may be padding)."""
     return -(-self.num_rows // self.num_devices)
 
   @property
   def spec(self) -> P:
+    """The PartitionSpec of the row axis over the batch axes."""
     return P(self.axes[0] if len(self.axes) == 1 else self.axes)
 
   @property
@@ -167,7 +170,9 @@ class RowState(NamedTuple):
 class RowOptimizer(Protocol):
   """What `apply_update` needs: `engram_jax.offload.sparse_adam.SparseRowAdam`."""
 
-  def apply(self, table, state, unique_rows, summed_grads, count=None, *, lr=None): ...
+  def apply(self, table, state, unique_rows, summed_grads, count=None, *, lr=None):
+    """One row-sparse Adam step on `table` (in place); returns the new state."""
+    ...
 
 
 @functools.partial(
@@ -357,6 +362,7 @@ class ShardedHostTable:
 
   @property
   def dim(self) -> int:
+    """Values per row (d_h)."""
     return int(self.table.shape[1])
 
   def nbytes(self) -> int:
