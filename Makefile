@@ -2,16 +2,21 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv test train experiments lint clean gpu-check gpu-compile docs docs-notebooks
+.PHONY: venv test test-e2e train experiments lint clean gpu-check gpu-compile docs docs-notebooks
 
 venv:
 	@bash scripts/bootstrap_venv.sh
 
 # lint-imports (the layering contract in pyproject.toml, under a second) runs before the tests.
+# The whole programs (notebooks, the GPU-check smoke run, an experiment end to end: about 6 CPU
+# minutes) are marked e2e and run by `make test-e2e`, outside the 10-minute suite.
+TEST_ENV := XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0" JAX_PLATFORMS=cpu
 test: venv
 	$(VENV)/bin/lint-imports
-	XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0" \
-	    JAX_PLATFORMS=cpu $(PY) -m pytest -n 2 tests
+	$(TEST_ENV) $(PY) -m pytest -n 2 -m "not e2e" --durations=25 tests
+
+test-e2e: venv
+	$(TEST_ENV) $(PY) -m pytest -n 2 -m e2e --durations=10 tests
 
 train: venv
 	$(PY) -m experiments.compare --workdir=runs/default

@@ -192,6 +192,7 @@ def _smoke_config(tmp_path):
   return c
 
 
+@pytest.mark.e2e
 def test_memory_scaling_runs_end_to_end_and_resumes(tmp_path):
   c = _smoke_config(tmp_path)
   work = tmp_path / "exp"

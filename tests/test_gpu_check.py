@@ -75,6 +75,7 @@ def test_shadow_block_really_blocks(tmp_path):
   assert r.returncode != 0 and "blocked" in r.stderr
 
 
+@pytest.mark.e2e
 def test_smoke_run_record_summary_and_readme(tmp_path):
   """One test (one smoke run, even under pytest-xdist): the record, the summary, the README."""
   out = tmp_path / "out"

@@ -125,7 +125,7 @@ def test_notebooks_exist_as_jupytext_sources_only():
       assert not cell.get("outputs"), f"{path.name} stores outputs"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(path: Path, kernel_available):
   nb = jupytext.read(path)

@@ -110,7 +110,7 @@ def table_rows(init: TableInit, start: int, count: int, device: jax.Device | Non
   Equal bit for bit to `init.std * jax.random.normal(key, init.shape, init.dtype)[start:
   start + count]` on the same backend (requires `jax_threefry_partitionable`, JAX's default).
   Compiled once per block size `count`; `device`: where the block is drawn (default: the
-  first CPU device, else the default device)."""
+  first local CPU device, else the first local device)."""
   num_rows, dim = init.shape
   if not (0 <= start and count >= 0 and start + count <= num_rows):
     raise ValueError(f"table_rows: rows [{start}, {start + count}) outside the table's [0, {num_rows})")
@@ -118,11 +118,11 @@ def table_rows(init: TableInit, start: int, count: int, device: jax.Device | Non
     raise RuntimeError(
       "table_rows needs jax_threefry_partitionable=True (the table's bits depend on its shape otherwise)"
     )
-  if device is None:
+  if device is None:  # this process's own device (in a multi-process run the first global one is process 0's)
     try:
-      device = jax.devices("cpu")[0]
+      device = jax.local_devices(backend="cpu")[0]
     except RuntimeError:
-      device = jax.devices()[0]
+      device = jax.local_devices()[0]
   base = int(start) * int(dim)
   offset = np.array([base >> 32, base & 0xFFFFFFFF], np.uint32)
   with jax.default_device(device):
