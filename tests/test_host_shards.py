@@ -25,7 +25,7 @@ from engram_jax.distributed import host_shards
 from engram_jax.distributed.host_shards import HostShardPlan, ShardedHostTable
 from engram_jax.offload.host_table import HostTable
 from engram_jax.offload.sparse_adam import SparseRowAdam, sparse_grad
-from tests.test_multiprocess import MICRO, _env, _metrics, _run_all
+from tests.test_multiprocess import MICRO, _env, _metrics, _run_all, completed_train_rows
 
 R, D_ROW, H = 37, 3, 2  # 37 rows over 4 devices: 10, 10, 10, 7
 
@@ -170,14 +170,7 @@ def test_two_processes_train_to_the_one_process_host_losses(tmp_path):
   # the shared tokenizer, deterministically; written atomically)
   one = ([f"--workdir={ref_dir}", tok, "--config.data.batch_size=4", "--data_shards=2"], _env(1), tmp_path / "one.log")
   ref, *summaries = _run_all([one, *_two_processes(two_dir, tok, tmp_path / "a")], base=HOST_MICRO)
-  assert ref["status"] == "completed" and [(s["process"], s["status"], s["step"]) for s in summaries] == [
-    (0, "completed", STEPS),
-    (1, "completed", STEPS),
-  ]
-  ref_rows, two_rows = _metrics(ref_dir), _metrics(two_dir)  # process 0 alone writes metrics
-  ref_train = {r["step"]: r for r in ref_rows if r["split"] == "train"}
-  two_train = {r["step"]: r for r in two_rows if r["split"] == "train"}
-  assert sorted(two_train) == sorted(ref_train) == list(range(1, STEPS + 1))
+  ref_rows, two_rows, ref_train, two_train = completed_train_rows(ref, summaries, ref_dir, two_dir, STEPS)
   meta = json.loads((two_dir / "meta.json").read_text())
   [layer] = meta["host_table_layers"]
   for step, want in ref_train.items():

@@ -97,6 +97,22 @@ def _metrics(workdir: Path) -> list[dict]:
   return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
+def completed_train_rows(ref: dict, summaries: list[dict], ref_dir: Path, two_dir: Path, steps: int):
+  """Checks the reference and both processes completed `steps` steps; returns the metric rows
+  of the reference run and of the 2-process run (process 0 writes them), and their train rows
+  by step."""
+  assert ref["status"] == "completed" and ref["step"] == steps
+  assert [(s["process"], s["status"], s["step"]) for s in summaries] == [
+    (0, "completed", steps),
+    (1, "completed", steps),
+  ]
+  ref_rows, two_rows = _metrics(ref_dir), _metrics(two_dir)
+  ref_train = {r["step"]: r for r in ref_rows if r["split"] == "train"}
+  two_train = {r["step"]: r for r in two_rows if r["split"] == "train"}
+  assert sorted(two_train) == sorted(ref_train) == list(range(1, steps + 1))
+  return ref_rows, two_rows, ref_train, two_train
+
+
 def test_two_processes_reach_the_single_process_losses(tmp_path):
   tok = f"--config.data.tokenizer_dir={tmp_path / 'tok'}"
   # Reference first: it also trains the shared tokenizer, so the two processes only load it.
@@ -124,15 +140,7 @@ def test_two_processes_reach_the_single_process_losses(tmp_path):
     ]
   )
 
-  assert ref["status"] == "completed" and ref["step"] == STEPS
-  assert [(s["process"], s["status"], s["step"]) for s in summaries] == [
-    (0, "completed", STEPS),
-    (1, "completed", STEPS),
-  ]
-  ref_rows, two_rows = _metrics(ref_dir), _metrics(two_dir)  # process 0 alone writes metrics
-  ref_train = {r["step"]: r for r in ref_rows if r["split"] == "train"}
-  two_train = {r["step"]: r for r in two_rows if r["split"] == "train"}
-  assert sorted(two_train) == sorted(ref_train) == list(range(1, STEPS + 1))
+  ref_rows, two_rows, ref_train, two_train = completed_train_rows(ref, summaries, ref_dir, two_dir, STEPS)
   for step in ref_train:
     # same global batch (a target at a document start is masked, so <= 4 * 32)
     assert two_train[step]["tokens"] == ref_train[step]["tokens"] > 0.9 * 4 * 32

@@ -48,6 +48,7 @@ from engram_jax.models.transformer import Transformer
 from engram_jax.offload.placement import TablePlacement
 from engram_jax.offload.prefetch import patch_updated_rows
 from engram_jax.offload.sparse_adam import SparseRowAdam
+from engram_jax.train import multihost
 from engram_jax.train.config import TrainConfig
 from engram_jax.train.optimizer import make_table_optimizer
 from engram_jax.train.state import TrainState, tree_shardings
@@ -259,7 +260,7 @@ def check_data_parallel_mesh(mesh: Mesh | None) -> None:
       "Several processes split the host tables with ShardedHostTableTrainer (what Trainer "
       "does for table_placement='host'), or use table placement 'device'"
     )
-  model_axes = {a: n for a, n in mesh.shape.items() if a not in ("data", "fsdp") and n > 1}
+  model_axes = multihost.model_parallel_axes(mesh)
   if model_axes:
     raise NotImplementedError(
       f"training with host-placed Engram tables supports data-parallel meshes (data, fsdp) "

@@ -54,6 +54,12 @@ def batch_axes(mesh: Mesh) -> tuple[str, ...]:
   return () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
 
 
+def model_parallel_axes(mesh: Mesh) -> dict[str, int]:
+  """{axis: size} of the mesh axes > 1 other than the batch axes data / fsdp (what host-placed
+  tables cannot train under)."""
+  return {a: n for a, n in mesh.shape.items() if a not in ("data", "fsdp") and n > 1}
+
+
 def data_layout(mesh: Mesh, process_rows: int, data_shards: int | None = None) -> DataLayout:
   """Which rows of the global batch this process feeds, from where its devices sit.
 

@@ -49,6 +49,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from tokenizers import Tokenizer
 
 from engram_jax import sharding as sharding_lib
@@ -590,7 +591,7 @@ def _check_host_placement_setup(mesh: jax.sharding.Mesh, cfg: TrainConfig, place
         f"{sorted(not_host)} are placed {kinds}. Cached, disk, compute_on and mixed placements train in "
         "one process; or use 'host' for every layer"
       )
-    model_axes = {a: k for a, k in mesh.shape.items() if a not in ("data", "fsdp") and k > 1}
+    model_axes = multihost.model_parallel_axes(mesh)
     if model_axes:
       raise NotImplementedError(
         f"TrainConfig.table_placement={cfg.table_placement!r} with {n} processes: host tables split over "
@@ -832,8 +833,6 @@ class _ShardedHostEngine:
 
   def host_bytes_per_process(self) -> list[int]:
     """Host bytes of this process's table shards and Adam state, of every process (gathered)."""
-    from jax.experimental import multihost_utils
-
     return [int(b) for b in np.asarray(multihost_utils.process_allgather(np.int64(self.host.host_bytes())))]
 
 
