@@ -333,7 +333,7 @@ def _model(**kw):
     (lambda: _moe(routed_scaling=float("nan")), r"MoEConfig.routed_scaling must be a finite number > 0.0, got nan"),
     (lambda: _moe(capacity_factor="1.25"), "MoEConfig.capacity_factor must be a finite number > 0.0, got '1.25'"),
     (lambda: _moe(bias_update_rate=-1e-3), "MoEConfig.bias_update_rate must be a finite number >= 0.0, got -0.001"),
-    (lambda: _moe(top_k=True), "MoEConfig.top_k must be a positive int, got True"),
+    (lambda: _moe(top_k=True), "MoEConfig.top_k must be an int >= 1, got True"),
     (lambda: _model(rope_theta=0.0), r"ModelConfig.rope_theta must be a finite number > 0.0, got 0.0"),
     (lambda: _model(norm_eps="1e-6"), "ModelConfig.norm_eps must be a finite number > 0.0, got '1e-6'"),
     (lambda: _model(tie_embeddings="no"), "ModelConfig.tie_embeddings must be True or False, got 'no'"),
@@ -383,8 +383,8 @@ def test_experiment_config_fields_are_validated(field, value, message):
 @pytest.mark.parametrize(
   "changes, message",
   [
-    (dict(seed=True), r"DataConfig.seed must be an int in \[0, 2\*\*32\), got True"),
-    (dict(max_documents=True), "DataConfig.max_documents must be None or a positive int, got True"),
+    (dict(seed=True), r"DataConfig.seed must be an int in \[0, 4294967295\], got True"),
+    (dict(max_documents=True), "DataConfig.max_documents must be None or an int >= 1, got True"),
     (dict(tokenizer_path=""), "DataConfig.tokenizer_path must be None or a non-empty path string, got ''"),
     (dict(stdlib_include_tests="no"), "DataConfig.stdlib_include_tests must be True or False, got 'no'"),
     (dict(validation_fraction="0.1"), r"DataConfig.validation_fraction must be a number in \[0, 1\), got '0.1'"),

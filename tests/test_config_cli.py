@@ -161,7 +161,7 @@ def test_train_on_own_text_files_from_the_command_line(tmp_path):
     (
       "experiments.compare",
       ["--variants=moe", "--config.data.seq_len=0"],
-      "ValueError: DataConfig.seq_len must be a positive int, got 0",
+      "ValueError: DataConfig.seq_len must be an int >= 1, got 0",
     ),
     ("experiments.train", ["--config.mesh.tensor=0"], "ValueError: config.mesh.tensor must be an int >= 1, got 0"),
     (

@@ -40,7 +40,7 @@ def test_parse_source_errors(spec, message):
 @pytest.mark.parametrize(
   "changes, message",
   [
-    ({"seq_len": 0}, "seq_len must be a positive int"),
+    ({"seq_len": 0}, "seq_len must be an int >= 1"),
     ({"batch_size": -2}, "batch_size"),
     ({"num_workers": -1}, "num_workers"),
     ({"bpe_vocab_size": 100}, "too small for a byte-level BPE"),

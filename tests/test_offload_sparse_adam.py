@@ -13,7 +13,7 @@ from engram_jax.offload.sparse_adam import (
   CATCHUP_RECORD_STEPS,
   CatchupRowAdam,
   SparseRowAdam,
-  apply_catchup_adam,
+  apply_row_adam,
   catchup_flush,
   catchup_init,
   catchup_rows,
@@ -169,7 +169,7 @@ def _dense_vs_catchup(touch, scale=1.0, backend="numpy", eps=EPS, flush=True, ca
     @jax.jit
     def step(table, state, rows, grads, lr):
       table, state = catchup_rows(table, state, rows, **hp)
-      return apply_catchup_adam(table, state, rows, grads, jnp.int32(rows.shape[0]), lr, **hp)
+      return apply_row_adam(table, state, (rows, grads, jnp.int32(rows.shape[0])), lr, **hp)
 
   for i, rows in enumerate(touch):
     rows = np.asarray(rows)

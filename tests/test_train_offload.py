@@ -15,7 +15,7 @@ from engram_jax import sharding as sharding_lib
 from engram_jax.data import DataConfig
 from engram_jax.inference import Generator, SamplingConfig
 from engram_jax.models.config import ModelConfig
-from engram_jax.offload import HostTable, HotRowCache, top_rows
+from engram_jax.offload import HostTable, HotRowCache, TablePlacement, save_frequencies, top_rows
 from engram_jax.offload.disk_table import DiskTable
 from engram_jax.train import CheckpointMismatchError, TrainConfig
 from engram_jax.train.metrics import read_metrics
@@ -233,6 +233,25 @@ def test_cached_placement_trains_like_host(straight, data_config, tmp_path):
   np.testing.assert_array_equal(np.sort(cache.hot_rows), np.sort(top_rows(counts, cache.capacity)))
 
 
+def test_placement_mapping_sets_what_a_spec_cannot(straight, data_config, tmp_path):
+  """Trainer(placements={layer: TablePlacement}): a frequency file for the hot rows (no spec
+  string carries one) is used instead of counting; the losses equal the host run's, and the
+  run records the mapping's spec."""
+  host_trainer, result = straight
+  num_rows = host_trainer.host_trainer.offloaded.tables[LAYER].num_rows
+  counts = np.random.default_rng(0).integers(0, 1000, num_rows)
+  save_frequencies(tmp_path / "freq.npy", counts)
+  placements = {LAYER: TablePlacement("cached", cache_fraction=0.05, frequency_file=str(tmp_path / "freq.npy"))}
+  config = HOST.replace(table_placement="device", **NO_EVAL_OR_CHECKPOINTS)
+  trainer = Trainer(tiny_model(), config, data_config, tmp_path / "mapped", placements=placements)
+  assert trainer.train_config.table_placement == "cached@0.05" and trainer.placements == placements
+  cached = trainer.run(stop_after=2)
+  assert cached.losses == {1: result.losses[1], 2: result.losses[2]}
+  cache = trainer.host_trainer.offloaded.stores[LAYER].cache
+  np.testing.assert_array_equal(np.sort(cache.hot_rows), np.sort(top_rows(counts, cache.capacity)))
+  assert json.loads((trainer.workdir / "meta.json").read_text())["train"]["table_placement"] == "cached@0.05"
+
+
 def test_host_checkpoint_resumes_as_cached_but_not_on_device(straight, tmp_path):
   trainer, result = straight
   _, second = _resume_from_step_2(trainer, tmp_path, "cached@0.1")  # same host state
@@ -252,6 +271,14 @@ def test_bad_placements_are_refused(data_config, tmp_path):
   dense = ModelConfig.tiny("moe", vocab_size=VOCAB)
   with pytest.raises(ValueError, match="needs a model with Engram layers"):
     Trainer(dense, HOST, data_config, tmp_path / "b")
+  with pytest.raises(ValueError, match=r"placements name Engram layers \[0\]; the model's Engram layers are \[1\]"):
+    Trainer(tiny_model(), HOST, data_config, tmp_path / "e", placements={0: TablePlacement("host")})
+  with pytest.raises(ValueError, match=r"placements \('cached@0.5'\) and TrainConfig.table_placement='host'"):
+    Trainer(
+      tiny_model(), HOST, data_config, tmp_path / "f", placements={1: TablePlacement("cached", cache_fraction=0.5)}
+    )
+  with pytest.raises(TypeError, match=r"placements\[1\] must be a TablePlacement, got str"):
+    Trainer(tiny_model(), HOST.replace(table_placement="device"), data_config, tmp_path / "g", placements={1: "host"})
   with pytest.raises(ValueError, match="freeze_engram_tables"):
     Trainer(tiny_model(), HOST.replace(freeze_engram_tables=True), data_config, tmp_path / "c")
   if jax.device_count() > 1:

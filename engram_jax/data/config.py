@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from engram_jax.config import check_known_fields
+from engram_jax.config import check_int, check_known_fields
 
 DEFAULT_SOURCES = ("stdlib",)
 
@@ -108,21 +108,14 @@ class DataConfig:
       raise ValueError("DataConfig.sources is empty: name at least one source, e.g. ('stdlib',)")
     if self.eval_sources is not None and not self.eval_sources:
       raise ValueError("DataConfig.eval_sources is empty: use None to split the training sources")
-    positive = ("seq_len", "batch_size", "bpe_vocab_size", "tokenizer_train_bytes")
-    for name in positive:
-      value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"DataConfig.{name} must be a positive int, got {value!r}")
-    for name in ("num_workers", "prefetch_buffer_size", "read_threads"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"DataConfig.{name} must be an int >= 0, got {value!r}")
-    for name in ("max_documents", "max_bytes", "num_eval_batches", "eval_batch_size"):
-      value = getattr(self, name)
-      if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-        raise ValueError(f"DataConfig.{name} must be None or a positive int, got {value!r}")
-    if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
-      raise ValueError(f"DataConfig.seed must be an int in [0, 2**32), got {self.seed!r}")
+    for name in ("seq_len", "batch_size", "bpe_vocab_size", "tokenizer_train_bytes", "rows_per_stream", "fact_repeats"):
+      check_int("DataConfig", name, getattr(self, name), low=1)
+    for name in ("num_workers", "prefetch_buffer_size", "read_threads", "num_facts", "eval_seed", "fact_seed"):
+      check_int("DataConfig", name, getattr(self, name), low=0)
+    for name in ("max_documents", "max_bytes", "num_eval_batches", "eval_batch_size", "eval_tokens"):
+      check_int("DataConfig", name, getattr(self, name), low=1, optional=True)
+    check_int("DataConfig", "held_out_facts", self.held_out_facts, low=0, optional=True)
+    check_int("DataConfig", "seed", self.seed, low=0, high=2**32 - 1)
     for name in ("tokenizer_path", "tokenizer_dir"):
       value = getattr(self, name)
       if value is not None and (not isinstance(value, str) or not value):
@@ -150,27 +143,12 @@ class DataConfig:
 
     for spec in self.sources + (self.eval_sources or ()):
       parse_source(spec)
-    self._validate_mixing_and_eval()
-
-  def _validate_mixing_and_eval(self) -> None:
-    for name in ("rows_per_stream", "fact_repeats"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"DataConfig.{name} must be a positive int, got {value!r}")
     if self.batch_size % self.rows_per_stream:
       raise ValueError(
         f"DataConfig.batch_size={self.batch_size} is not a multiple of rows_per_stream={self.rows_per_stream}"
       )
     if self.eval_set not in ("chunks", "packed"):
       raise ValueError(f"DataConfig.eval_set must be 'chunks' or 'packed', got {self.eval_set!r}")
-    if self.eval_tokens is not None and (not isinstance(self.eval_tokens, int) or self.eval_tokens < 1):
-      raise ValueError(f"DataConfig.eval_tokens must be None or a positive int, got {self.eval_tokens!r}")
-    for name in ("num_facts", "eval_seed", "fact_seed"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"DataConfig.{name} must be an int >= 0, got {value!r}")
-    if self.held_out_facts is not None and (not isinstance(self.held_out_facts, int) or self.held_out_facts < 0):
-      raise ValueError(f"DataConfig.held_out_facts must be None or an int >= 0, got {self.held_out_facts!r}")
 
   @property
   def num_held_out_facts(self) -> int:

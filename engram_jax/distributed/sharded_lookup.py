@@ -283,22 +283,12 @@ def _all_to_all_op(plan: _Plan):
   # Pallas kernels declare outputs without varying-axes types, which check_vma rejects; the
   # default gather keeps the check (it verifies the replication promised by out_specs).
   check = plan.local_gather is take_local_gather
-  forward = jax.shard_map(
-    functools.partial(_forward_body, plan),
-    mesh=plan.mesh,
-    in_specs=(plan.table_spec, plan.ids_spec),
-    out_specs=plan.ids_spec,
-    check_vma=check,
+  smap = lambda body, ins, out: jax.shard_map(  # noqa: E731
+    functools.partial(body, plan), mesh=plan.mesh, in_specs=ins, out_specs=out, check_vma=check
   )
+  forward = smap(_forward_body, (plan.table_spec, plan.ids_spec), plan.ids_spec)
   routed = plan.split_axes != plan.table_axes  # some table axis also splits the ids
-  body = _backward_body if routed else _local_backward_body
-  backward = jax.shard_map(
-    functools.partial(body, plan),
-    mesh=plan.mesh,
-    in_specs=(plan.ids_spec, plan.ids_spec),
-    out_specs=plan.table_spec,
-    check_vma=check,
-  )
+  backward = smap(_backward_body if routed else _local_backward_body, (plan.ids_spec, plan.ids_spec), plan.table_spec)
 
   @jax.custom_vjp
   def op(table, ids):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -115,9 +116,10 @@ def _is_int(x) -> bool:
 class Generator:
   """Reusable generation for one model (compiled functions are kept between calls).
 
-  Args: as `generate` (model, hasher, compressor, stores, host_decode, miss_fraction), plus
+  Args: model, hasher, compressor as `generate`, and
     max_len: the longest sequence (prompt + new tokens) a call may produce, e.g. the
       context the model was trained for; None = no limit (the cache is sized per call).
+    decoder_options: `Decoder`'s keyword arguments (stores, host_decode, miss_fraction).
   """
 
   def __init__(
@@ -126,22 +128,13 @@ class Generator:
     hasher: NgramHasher | None = None,
     compressor: TokenizerCompressor | None = None,
     *,
-    stores: Mapping[int, RowStore] | None = None,
-    host_decode: str = "auto",
-    miss_fraction: float = 0.5,
     max_len: int | None = None,
+    **decoder_options: Any,
   ):
     if max_len is not None and (not _is_int(max_len) or max_len < 2):
       raise ValueError(f"max_len must be None or an int >= 2, got {max_len!r}")
     self.max_len = max_len
-    self.decoder = Decoder(
-      model,
-      hasher,
-      compressor,
-      stores=stores,
-      host_decode=host_decode,
-      miss_fraction=miss_fraction,
-    )
+    self.decoder = Decoder(model, hasher, compressor, **decoder_options)
     self._compiled: dict = {}
     self._prefill = jax.jit(self._prefill_fn, static_argnames=("max_len", "sampling", "vocab_limit"))
     self._loop = jax.jit(self._loop_fn, static_argnames=("steps", "sampling", "vocab_limit", "eos_id"))
@@ -362,13 +355,7 @@ def generate(
     decode path that ran, host -> device rows).
   For repeated calls build a `Generator` once: it keeps its compiled functions.
   """
-  gen = Generator(
-    model,
-    hasher,
-    compressor,
-    stores=stores,
-    host_decode=host_decode,
-  )
+  gen = Generator(model, hasher, compressor, stores=stores, host_decode=host_decode)
   return gen(prompts, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, eos_id=eos_id)
 
 

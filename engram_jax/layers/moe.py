@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from engram_jax.config import check_float
+from engram_jax.config import check_float, check_int
 from engram_jax.layers.ffn import SwiGLU
 from engram_jax.layers.params import annotated
 
@@ -60,11 +60,8 @@ class MoEConfig:
 
   def __post_init__(self):
     for name in ("num_experts", "top_k", "expert_hidden"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"MoEConfig.{name} must be a positive int, got {value!r}")
-    if isinstance(self.num_shared_experts, bool):
-      raise ValueError(f"MoEConfig.num_shared_experts must be an int >= 0, got {self.num_shared_experts!r}")
+      check_int("MoEConfig", name, getattr(self, name), low=1)
+    check_int("MoEConfig", "num_shared_experts", self.num_shared_experts, low=0)
     for name, low_open in (
       ("routed_scaling", True),
       ("capacity_factor", True),
@@ -72,20 +69,10 @@ class MoEConfig:
       ("balance_loss_weight", False),
     ):
       check_float("MoEConfig", name, getattr(self, name), low=0.0, low_open=low_open)
-    if not isinstance(self.num_shared_experts, int) or self.num_shared_experts < 0:
-      raise ValueError(f"MoEConfig.num_shared_experts must be an int >= 0, got {self.num_shared_experts!r}")
     if self.top_k > self.num_experts:
       raise ValueError(f"MoEConfig.top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
     if self.dispatch not in DISPATCH_MODES:
       raise ValueError(f"MoEConfig.dispatch must be one of {DISPATCH_MODES}, got {self.dispatch!r}")
-    if not self.routed_scaling > 0:
-      raise ValueError(f"MoEConfig.routed_scaling must be > 0, got {self.routed_scaling}")
-    if not self.capacity_factor > 0:
-      raise ValueError(f"MoEConfig.capacity_factor must be > 0, got {self.capacity_factor}")
-    if not self.bias_update_rate >= 0:
-      raise ValueError(f"MoEConfig.bias_update_rate must be >= 0, got {self.bias_update_rate}")
-    if not self.balance_loss_weight >= 0:
-      raise ValueError(f"MoEConfig.balance_loss_weight must be >= 0, got {self.balance_loss_weight}")
 
   def capacity(self, num_tokens: int) -> int:
     """Per-expert capacity C = ceil(capacity_factor * num_tokens * top_k / E)."""
@@ -133,9 +120,9 @@ class MoE(nnx.Module):
     config: MoEConfig,
     hidden_size: int,
     *,
+    rngs: nnx.Rngs,
     dtype: jnp.dtype = jnp.float32,
     param_dtype: jnp.dtype = jnp.float32,
-    rngs: nnx.Rngs,
   ):
     if not isinstance(config, MoEConfig):
       raise TypeError(f"MoE expects a MoEConfig, got {type(config).__name__}")

@@ -118,9 +118,7 @@ class ModelConfig:
       "hc_mult",
       "sinkhorn_iters",
     ):
-      value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+      check_int("ModelConfig", name, getattr(self, name), low=1)
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
         f"ModelConfig.num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})"

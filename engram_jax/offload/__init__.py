@@ -35,6 +35,7 @@ from engram_jax.offload.indexing import (
 from engram_jax.offload.placement import (
   PLACEMENTS,
   TablePlacement,
+  format_placements,
   host_memory_kind,
   parse_placements,
   to_device,
@@ -46,7 +47,7 @@ from engram_jax.offload.prefetch import (
   patch_updated_rows,
 )
 from engram_jax.offload.row_store import CachedRowStore, DeviceRowStore, HostRowStore, RowStore, as_stores, row_stores
-from engram_jax.offload.sparse_adam import SparseRowAdam, SparseRowState, apply_sparse_adam, sparse_grad
+from engram_jax.offload.sparse_adam import SparseRowAdam, SparseRowState, apply_row_adam, sparse_grad
 
 __all__ = [
   "PLACEMENTS",
@@ -67,7 +68,7 @@ __all__ = [
   "TablePlacement",
   "WarmRowCache",
   "analytic_zipf_hit_rate",
-  "apply_sparse_adam",
+  "apply_row_adam",
   "check_int32_rows",
   "count_row_frequencies",
   "engram_row_ids",
@@ -78,6 +79,7 @@ __all__ = [
   "join_hi_lo",
   "load_frequencies",
   "measure_hit_rate",
+  "format_placements",
   "parse_placements",
   "patch_updated_rows",
   "save_frequencies",

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 
@@ -205,3 +205,14 @@ def parse_placements(spec: str, layer_ids: Sequence[int]) -> dict[int, TablePlac
       raise ValueError(f"table placement names layer {lid}, not an Engram layer {layer_ids}")
     out[lid] = one(text)
   return out
+
+
+def format_placements(placements: Mapping[int, TablePlacement]) -> str:
+  """The spec `parse_placements` reads back into `placements` (kind, cache and DRAM
+  fractions, storage; a spec does not carry frequency_file, host_gather or disk_dir): one
+  placement for every layer when they agree ("host"), else the layers not on the device
+  ("1:host,15:cached@0.05")."""
+  specs = {int(l): p.spec for l, p in sorted(placements.items())}
+  if len(set(specs.values())) <= 1:
+    return next(iter(specs.values()), "device")
+  return ",".join(f"{l}:{s}" for l, s in specs.items() if s != "device")

@@ -21,7 +21,7 @@ was touched, with t = that row's own count. Consequences, precisely:
     rows are exactly the ones this matters for.
 Weight decay (decoupled, AdamW style) applies to touched rows only; Engram tables use 0.
 
-Catch-up Adam (`catchup_init`, `catchup_rows`, `apply_catchup_adam`, `catchup_flush`;
+Catch-up Adam (`catchup_init`, `catchup_rows`, `apply_row_adam`, `catchup_flush`;
 `CatchupRowAdam` on NumPy): dense `optax.adam` (global step t, global bias correction, a
 zero gradient for every row a step does not touch), evaluated lazily. Each row stores the
 global step s of its last update (`last`); the steps s+1 .. t-1 it sat out are applied when
@@ -130,35 +130,6 @@ def _repeat_last_valid(rows, g, n_valid):
   # rows: [U] with the n_valid (>= 1) real rows first; the rest become copies of the last.
   keep = jnp.arange(rows.shape[0]) < n_valid
   return jnp.where(keep, rows, rows[n_valid - 1]), jnp.where(keep[:, None], g, g[n_valid - 1])
-
-
-def apply_sparse_adam(
-  table: jax.Array,
-  state: SparseRowState,
-  unique_rows: jax.Array,
-  summed_grads: jax.Array,
-  count: jax.Array,
-  lr: jax.Array,
-  *,
-  b1: float,
-  b2: float,
-  eps: float,
-  weight_decay: float = 0.0,
-) -> tuple[jax.Array, SparseRowState]:
-  """`SparseRowAdam.apply` as a traceable function, for a device table inside a jitted step.
-
-  Args:
-    table: [R, d]; state: its m, v [R, d] and count int32 [R].
-    unique_rows, summed_grads, count: `sparse_grad`'s outputs ([U], [U, d], int32 [] >= 1:
-      a batch always touches a row). Entries past `count` are ignored.
-    lr: this step's learning rate (scalar, traced).
-  Returns:
-    (table, state) with the `count` rows updated; O(U * d) work when the caller donates
-    them (the scatter is then in place), whatever R is.
-  """
-  rows, g = _repeat_last_valid(unique_rows.astype(jnp.int32), summed_grads, count)
-  out = _apply_jax_body(table, *state, rows, g, lr, b1=b1, b2=b2, eps=eps, wd=weight_decay)
-  return out[0], SparseRowState(*out[1:])
 
 
 @functools.partial(jax.jit, static_argnames=("b1", "b2", "eps", "wd", "on_host"), donate_argnums=(0, 1, 2, 3))
@@ -422,23 +393,39 @@ def catchup_flush(
   return p.astype(table.dtype), state._replace(m=m, v=v, last=jnp.full_like(state.last, t - 1))
 
 
-def apply_catchup_adam(
+def apply_row_adam(
   table: jax.Array,
-  state: CatchupState,
-  unique_rows: jax.Array,
-  summed_grads: jax.Array,
-  count: jax.Array,
+  state: SparseRowState | CatchupState,
+  sparse: tuple[jax.Array, jax.Array, jax.Array],
   lr: jax.Array,
   *,
   b1: float,
   b2: float,
   eps: float,
-) -> tuple[jax.Array, CatchupState]:
-  """One dense-Adam step on the rows a batch touched (`sparse_grad`'s outputs, as for
-  `apply_sparse_adam`), their skipped steps caught up first (a no-op after `catchup_rows`);
-  records lr and the drift coefficients that leave the ring. Jit-able; O(U * d + W) with
-  the state donated."""
+  weight_decay: float = 0.0,
+) -> tuple[jax.Array, SparseRowState | CatchupState]:
+  """One row-sparse Adam step on a device table inside a jitted step, on the rows a batch
+  touched. Jit-able; O(U * d) work (+ W for catch-up) when the caller donates table and
+  state (the scatters are then in place), whatever R is.
+
+  Args:
+    table: [R, d]; state: a `SparseRowState` (m, v [R, d], count int32 [R]: per-row Adam,
+      `SparseRowAdam.apply` traceable) or a `CatchupState` (dense Adam evaluated lazily: the
+      rows' skipped steps caught up first, a no-op after `catchup_rows`; it records lr and
+      the drift coefficients that leave the ring; no weight decay).
+    sparse: `sparse_grad`'s (unique_rows [U], summed_grads [U, d], count int32 [] >= 1: a
+      batch always touches a row); entries past `count` are ignored.
+    lr: this step's learning rate (scalar, traced).
+  Returns:
+    (table, state) with the `count` rows updated.
+  """
+  unique_rows, summed_grads, count = sparse
   rows, g = _repeat_last_valid(unique_rows.astype(jnp.int32), summed_grads, count)
+  if isinstance(state, SparseRowState):
+    out = _apply_jax_body(table, *state, rows, g, lr, b1=b1, b2=b2, eps=eps, wd=weight_decay)
+    return out[0], SparseRowState(*out[1:])
+  if weight_decay:
+    raise ValueError(f"catch-up Adam has no weight decay, got weight_decay={weight_decay}")
   t, lr = state.step, jnp.asarray(lr)
   series, p, m, v, last = _rows_caught_up(state, table, rows, b1, b2, eps)
   p, m, v = _adam_global(jnp, p, m, v, g.astype(m.dtype), t, lr.astype(m.dtype), b1, b2, eps)
@@ -457,7 +444,7 @@ def apply_catchup_adam(
 
 
 class CatchupRowAdam:
-  """Catch-up Adam on a NumPy table, in place (the math of `apply_catchup_adam`; module
+  """Catch-up Adam on a NumPy table, in place (the math of `apply_row_adam`'s catch-up; module
   docstring). State from `init`; `catch_up` the rows a step will gather, `apply` their
   summed gradients, `flush` before reading the whole table."""
 

@@ -22,9 +22,9 @@ import numpy as np
 from flax import nnx
 
 from engram_jax.data import make_eval_batches
-from engram_jax.models.offloaded import OffloadedEngram, apply_offloaded
+from engram_jax.models.offloaded import OffloadedEngram
 from engram_jax.train import stats
-from engram_jax.train.loss import token_losses
+from engram_jax.train.loss import batch_forward, token_losses
 from engram_jax.train.state import TrainState
 
 ROWS_FILE = "val_rows.npz"
@@ -51,15 +51,8 @@ def make_row_eval_step(graphdef: nnx.GraphDef) -> Callable[[TrainState, dict, di
   precedence over the batch's ids of those layers)."""
 
   def step(state: TrainState, batch: dict, engram_rows: dict | None = None):
-    logits, _ = apply_offloaded(
-      graphdef,
-      nnx.merge_state(state.params, state.rest),
-      batch["tokens"],
-      batch.get("engram_ids") or None,
-      engram_rows or None,
-      positions=batch.get("positions"),
-      segment_ids=batch.get("segment_ids"),
-    )
+    model = nnx.merge(graphdef, state.params, state.rest)
+    logits, _ = batch_forward(model, batch, batch.get("engram_ids") or None, engram_rows or None)
     return row_sums(logits, batch)
 
   return step

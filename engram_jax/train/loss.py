@@ -26,6 +26,27 @@ def masked_lm_loss(
   return loss, {"loss_sum": jnp.sum(ce), "tokens": tokens, "correct": correct}
 
 
+def batch_forward(model, batch: dict, engram_ids=None, engram_rows=None) -> tuple[jax.Array, dict]:
+  """`model(tokens, engram_ids, positions, segment_ids, engram_rows)` on a batch dict:
+  (logits [B, T, V], aux); a layer's `engram_rows` {layer: [B, T, H*d_h]} take precedence
+  over its `engram_ids`."""
+  return model(
+    batch["tokens"],
+    engram_ids,
+    positions=batch.get("positions"),
+    segment_ids=batch.get("segment_ids"),
+    engram_rows=engram_rows,
+  )
+
+
+def batch_loss(model, batch: dict, engram_ids=None, engram_rows=None) -> tuple[jax.Array, tuple]:
+  """The train objective on a batch: (lm loss + MoE balance loss, (lm_loss, sums, aux)),
+  `sums` from `masked_lm_loss`, `aux` the model's."""
+  logits, aux = batch_forward(model, batch, engram_ids, engram_rows)
+  lm_loss, sums = masked_lm_loss(logits, batch["targets"], batch["loss_mask"])
+  return lm_loss + aux["balance_loss"], (lm_loss, sums, aux)
+
+
 def summarize_eval(sums: dict[str, float]) -> dict[str, float]:
   """loss, perplexity, bits per byte and accuracy from summed eval statistics."""
   tokens = max(float(sums["tokens"]), 1.0)

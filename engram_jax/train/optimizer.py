@@ -29,8 +29,7 @@ from engram_jax.offload.sparse_adam import (
   CATCHUP_RECORD_STEPS,
   CatchupState,
   SparseRowState,
-  apply_catchup_adam,
-  apply_sparse_adam,
+  apply_row_adam,
   catchup_flush,
   catchup_rows,
   catchup_window,
@@ -229,9 +228,9 @@ class SparseTableOptimizer:
     """One row-sparse Adam step per table; `sparse` {layer: `sparse_grad` output}, `lr` the
     backbone lr of this step."""
     lr = self.lr_multiplier * lr
-    apply = apply_catchup_adam if self.catch_up else apply_sparse_adam
     out = {
-      l: apply(tables[l], s, *sparse[l], lr, b1=self.b1, b2=self.b2, eps=self.eps) for l, s in zip(self.layers, states)
+      l: apply_row_adam(tables[l], s, sparse[l], lr, b1=self.b1, b2=self.b2, eps=self.eps)
+      for l, s in zip(self.layers, states)
     }
     return {l: t for l, (t, _) in out.items()}, tuple(s for _, s in out.values())
 

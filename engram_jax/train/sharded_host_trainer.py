@@ -57,7 +57,7 @@ from engram_jax.offload.sparse_adam import SparseRowAdam
 from engram_jax.train import evaluation, multihost
 from engram_jax.train.config import TrainConfig
 from engram_jax.train.host_trainer import dense_optimizer, split_params
-from engram_jax.train.loss import masked_lm_loss
+from engram_jax.train.loss import batch_forward, batch_loss
 from engram_jax.train.state import TrainState, tree_shardings
 from engram_jax.train.steps import batch_shardings, clip_with_row_grads, step_metrics
 
@@ -248,18 +248,7 @@ class ShardedHostTableTrainer:
     def step(state: TrainState, batch: Batch, answers: Mapping[int, jax.Array], reqs: Mapping[int, RowRequests]):
       rows = {l: host_shards.receive_rows(plans[l], answers[l], reqs[l]) for l in plans}
 
-      def loss_fn(params, rows):
-        model = nnx.merge(graphdef, params, state.rest)
-        logits, aux = model(
-          batch["tokens"],
-          None,
-          positions=batch.get("positions"),
-          segment_ids=batch.get("segment_ids"),
-          engram_rows=rows,
-        )
-        lm_loss, sums = masked_lm_loss(logits, batch["targets"], batch["loss_mask"])
-        return lm_loss + aux["balance_loss"], (lm_loss, sums, aux)
-
+      loss_fn = lambda params, rows: batch_loss(nnx.merge(graphdef, params, state.rest), batch, None, rows)  # noqa: E731
       (total, (lm_loss, sums, aux)), (grads, row_grads) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
         state.params, rows
       )
@@ -283,14 +272,7 @@ class ShardedHostTableTrainer:
 
       def eval_step(state: TrainState, batch: Batch, answers, reqs):
         rows = {l: host_shards.receive_rows(plans[l], answers[l], reqs[l]) for l in plans}
-        model = nnx.merge(graphdef, state.params, state.rest)
-        logits, _ = model(
-          batch["tokens"],
-          None,
-          positions=batch.get("positions"),
-          segment_ids=batch.get("segment_ids"),
-          engram_rows=rows,
-        )
+        logits, _ = batch_forward(nnx.merge(graphdef, state.params, state.rest), batch, None, rows)
         return evaluation.row_sums(logits, batch)
 
       self._eval = jax.jit(eval_step, out_shardings=NamedSharding(self.mesh, PartitionSpec()))

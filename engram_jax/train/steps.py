@@ -15,7 +15,7 @@ from engram_jax import sharding as sharding_lib
 from engram_jax.models.transformer import updated_router_biases
 from engram_jax.offload.indexing import RowIndex, check_int32_rows
 from engram_jax.offload.sparse_adam import sparse_grad
-from engram_jax.train.loss import masked_lm_loss
+from engram_jax.train.loss import batch_loss
 from engram_jax.train.optimizer import SparseTableOptimizer
 from engram_jax.train.state import TrainState
 
@@ -92,15 +92,7 @@ def make_train_step(
 
     def loss_fn(params, rows):
       parts = (params, state.rest) if tables is None else (params, tables, state.rest)
-      logits, aux = nnx.merge(graphdef, *parts)(  # rows take precedence over their ids
-        batch["tokens"],
-        all_ids or None,
-        positions=batch.get("positions"),
-        segment_ids=batch.get("segment_ids"),
-        engram_rows=rows or None,
-      )
-      lm_loss, sums = masked_lm_loss(logits, batch["targets"], batch["loss_mask"])
-      return lm_loss + aux["balance_loss"], (lm_loss, sums, aux)
+      return batch_loss(nnx.merge(graphdef, *parts), batch, all_ids or None, rows or None)
 
     (total, (lm_loss, sums, aux)), (grads, row_grads) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
       params, rows

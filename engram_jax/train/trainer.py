@@ -43,6 +43,7 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,7 @@ from engram_jax.models import engram_table_filter
 from engram_jax.models.accounting import count_params, flops_per_token
 from engram_jax.models.config import ModelConfig
 from engram_jax.models.host_init import build_offloaded
-from engram_jax.offload import count_row_frequencies, parse_placements
+from engram_jax.offload import TablePlacement, count_row_frequencies, format_placements, parse_placements
 from engram_jax.offload.disk_table import with_disk_dir
 from engram_jax.train import evaluation, multihost
 from engram_jax.train.checkpoint import (
@@ -155,6 +156,7 @@ class Trainer:
     tokenizer: Tokenizer | None = None,
     compress_tokens: bool = True,
     data_shards: int | None = None,
+    placements: Mapping[int, TablePlacement] | None = None,
   ):
     """`data_shards`: document streams the global batch is drawn from (default: one per data
     group of processes); fix it to reproduce a multi-process run's batches on fewer processes
@@ -162,10 +164,17 @@ class Trainer:
     jax.devices()[0] alone when `train_config.table_placement` puts tables on the host in
     a one-process run (a data-parallel mesh may be given then; after `run`,
     `self.host_trainer` is the `HostTableTrainer`, in a multi-process host run the
-    `ShardedHostTableTrainer`, else None)."""
+    `ShardedHostTableTrainer`, else None).
+
+    `placements` {layer: `TablePlacement`} for every Engram layer: where each table lives
+    (`offload.parse_placements`' output, or built by hand for what a spec string does not
+    carry: frequency_file, host_gather, disk_dir); the trainer builds the layers' row
+    stores from it once. None: parsed from `train_config.table_placement`. When given,
+    `train_config.table_placement` must be "device" (its default) or the same spec; the run
+    records `offload.format_placements(placements)` there (checkpoint meta, resume checks)."""
     self.workdir = Path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
-    self.train_config, self.data_config, self.seed = train_config, data_config, seed
+    self.data_config, self.seed = data_config, seed
     self.tokenizer = tokenizer or self._load_tokenizer()
     vocab = self.tokenizer.get_vocab_size(with_added_tokens=True)
     # compress_tokens=False is the "no tokenizer compression" ablation: identity table.
@@ -176,7 +185,9 @@ class Trainer:
     self.row_hasher = EngramRowHasher.build(
       self.model_config.engram, self.tokenizer, special_ids(self.tokenizer).pad, self.compressor
     )
-    self.placements, self.host_layers = _table_placements(self.model_config, train_config)
+    self.placements, train_config = _table_placements(self.model_config, train_config, placements)
+    self.train_config = train_config
+    self.host_layers = tuple(sorted(l for l, p in self.placements.items() if p.on_host))
     if self.host_layers and mesh is None and jax.process_count() == 1:
       mesh = sharding_lib.make_mesh(data=1, devices=jax.devices()[:1])
     self.mesh = mesh or sharding_lib.make_mesh(data=jax.device_count())
@@ -564,16 +575,34 @@ def _divergence(loss: float, metrics: dict[str, Any], step: int) -> str | None:
   return None
 
 
-def _table_placements(model_config: ModelConfig, cfg: TrainConfig) -> tuple[dict, tuple[int, ...]]:
-  """({layer: TablePlacement}, the layers placed "host" / "cached") of a run."""
-  if model_config.engram is None:
-    if cfg.table_placement.strip() not in ("", "device"):
-      raise ValueError(
-        f"TrainConfig.table_placement={cfg.table_placement!r} needs a model with Engram layers; this model has none"
-      )
-    return {}, ()
-  placements = parse_placements(cfg.table_placement, model_config.engram_layer_ids)
-  return placements, tuple(sorted(l for l, p in placements.items() if p.on_host))
+def _table_placements(
+  model_config: ModelConfig, cfg: TrainConfig, placements: Mapping[int, TablePlacement] | None
+) -> tuple[dict[int, TablePlacement], TrainConfig]:
+  """({layer: TablePlacement}, the TrainConfig recording them) of a run: `placements` checked
+  against the model's Engram layers, or `cfg.table_placement` parsed."""
+  layers = model_config.engram_layer_ids if model_config.engram is not None else ()
+  if placements is None:
+    if not layers:
+      if cfg.table_placement.strip() not in ("", "device"):
+        raise ValueError(
+          f"TrainConfig.table_placement={cfg.table_placement!r} needs a model with Engram layers; this model has none"
+        )
+      return {}, cfg
+    return parse_placements(cfg.table_placement, layers), cfg
+  placements = dict(placements)
+  if sorted(placements) != sorted(layers):
+    raise ValueError(
+      f"Trainer placements name Engram layers {sorted(placements)}; the model's Engram layers are {sorted(layers)}"
+    )
+  for l, p in placements.items():
+    if not isinstance(p, TablePlacement):
+      raise TypeError(f"Trainer placements[{l}] must be a TablePlacement, got {type(p).__name__}")
+  spec = format_placements(placements)
+  if cfg.table_placement.strip() not in ("", "device", spec):
+    raise ValueError(
+      f"Trainer got placements ({spec!r}) and TrainConfig.table_placement={cfg.table_placement!r}: give one of them"
+    )
+  return placements, cfg.replace(table_placement=spec)
 
 
 def _check_host_placement_setup(mesh: jax.sharding.Mesh, cfg: TrainConfig, placements: dict) -> None:
