@@ -209,8 +209,3 @@ def check_known_fields(cls: type, d: dict[str, Any]) -> None:
   unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
   if unknown:
     raise ValueError(f"{cls.__name__}.from_dict: unknown fields {sorted(unknown)}")
-
-
-def as_tuple(x: Sequence[int]) -> tuple[int, ...]:
-  """`x` as a tuple of Python ints (no checks; see `int_tuple` for a checked field)."""
-  return tuple(int(v) for v in x)

@@ -243,12 +243,6 @@ def abstract_sharded(
   return graphdef, jax.tree.map(to_struct, state, is_leaf=_is_variable)
 
 
-def create_unsharded[A](constructor: Callable[[], A]) -> A:
-  """Build an NNX module on the default device, ignoring sharding annotations."""
-  with nnx.use_eager_sharding(False):
-    return constructor()
-
-
 def shard_module[A](module: A, mesh: Mesh, rules: Mapping[str, MeshAxes] = LOGICAL_AXIS_RULES) -> A:
   """Move an existing module's variables to their annotated shardings (in place)."""
   nnx.update(module, shard_state(nnx.state(module), mesh, rules))

@@ -230,11 +230,6 @@ class Decoder:
     return out
 
   @property
-  def in_loop(self) -> bool:
-    """True when decode (any placement) runs as one compiled loop."""
-    return self.decode_path != "host_python_loop"
-
-  @property
   def vocab_limit(self) -> int:
     """Ids that may be fed or sampled: the model's vocabulary, cut to the tokenizer's."""
     if self.compressor is None:

@@ -139,10 +139,6 @@ class ModelConfig:
         raise ValueError(
           f"ModelConfig.engram.layer_ids {self.engram.layer_ids} has ids {bad} >= num_layers={self.num_layers}"
         )
-    if self.engram_compressed_vocab is not None and self.engram_compressed_vocab < 1:
-      raise ValueError(
-        f"ModelConfig.engram_compressed_vocab must be positive or None, got {self.engram_compressed_vocab!r}"
-      )
     if self.engram_gate not in ENGRAM_GATES:
       raise ValueError(f"ModelConfig.engram_gate must be one of {ENGRAM_GATES}, got {self.engram_gate!r}")
     if self.engram_impl not in ENGRAM_IMPLS:
@@ -202,11 +198,6 @@ class ModelConfig:
   def engram_layer_ids(self) -> tuple[int, ...]:
     """The 0-based ids of the layers with an Engram module (empty without Engram)."""
     return () if self.engram is None else tuple(self.engram.layer_ids)
-
-  @property
-  def compressed_vocab(self) -> int:
-    """Compressed vocabulary size for the `NgramHasher` (defaults to vocab_size)."""
-    return self.vocab_size if self.engram_compressed_vocab is None else (self.engram_compressed_vocab)
 
   @property
   def jnp_dtype(self):

@@ -27,7 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 
 INT32_MAX = int(np.iinfo(np.int32).max)
-UINT32_MAX = int(np.iinfo(np.uint32).max)
 
 
 def check_int32_rows(num_rows: int, what: str = "table") -> None:

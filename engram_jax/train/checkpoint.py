@@ -270,19 +270,6 @@ class Checkpointer:
     log.warning("checkpoint %s moved to %s (%s)", src, dest, reason)
     return dest
 
-  def check_meta(self, current_meta: dict[str, Any], step: int | None = None) -> None:
-    """Raises CheckpointMismatchError if the saved configs / hash constants / tokenizer differ.
-
-    Cheap (reads two JSON items): call it before building and compiling anything.
-    """
-    step = self._step(step)
-    meta, _ = self.read_meta(step)
-    problems = compare_meta(meta, current_meta)
-    if problems:
-      raise CheckpointMismatchError(
-        f"checkpoint {self.directory}/{step} does not match this run:\n  " + "\n  ".join(problems)
-      )
-
   def restore(
     self, abstract_state: Any, *, current_meta: dict[str, Any], step: int | None = None, data_iterator: Any = None
   ) -> tuple[Any, dict[str, Any]]:

@@ -7,7 +7,6 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -78,7 +77,3 @@ def abstract_like(state: Any) -> Any:
 
 def num_params(state: TrainState) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(state.params))
-
-
-def optax_state_finite(opt_state: optax.OptState) -> bool:
-  return all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(opt_state) if jnp.issubdtype(x.dtype, jnp.floating))
