@@ -271,7 +271,7 @@ def test_bad_placements_are_refused(data_config, tmp_path):
   dense = ModelConfig.tiny("moe", vocab_size=VOCAB)
   with pytest.raises(ValueError, match="needs a model with Engram layers"):
     Trainer(dense, HOST, data_config, tmp_path / "b")
-  with pytest.raises(ValueError, match=r"placements name Engram layers \[0\]; the model's Engram layers are \[1\]"):
+  with pytest.raises(ValueError, match=r"placements name layers \[0\] that are not Engram layers \[1\]"):
     Trainer(tiny_model(), HOST, data_config, tmp_path / "e", placements={0: TablePlacement("host")})
   with pytest.raises(ValueError, match=r"placements \('cached@0.5'\) and TrainConfig.table_placement='host'"):
     Trainer(

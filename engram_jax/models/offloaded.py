@@ -37,7 +37,7 @@ from engram_jax.models.tables import engram_table
 from engram_jax.models.transformer import Transformer
 from engram_jax.offload.disk_table import make_host_table
 from engram_jax.offload.host_table import HostTable
-from engram_jax.offload.placement import TablePlacement, parse_placements
+from engram_jax.offload.placement import TablePlacement, layer_placements
 from engram_jax.offload.prefetch import RowPrefetcher, engram_row_ids
 from engram_jax.offload.row_store import HostRowStore, RowPlacement, RowStore, as_stores, row_stores
 
@@ -130,16 +130,9 @@ def _engram(model: Transformer, layer: int):
 
 def resolve_placements(model: Transformer, placements: str | Mapping[int, TablePlacement]) -> dict[int, TablePlacement]:
   """{layer: TablePlacement} for every Engram layer of `model` (unnamed layers: device)."""
-  layer_ids = model.config.engram_layer_ids
-  if not layer_ids:
+  if not model.config.engram_layer_ids:
     raise ValueError("host placement needs a model with Engram layers (config.engram is None)")
-  if isinstance(placements, str):
-    placements = parse_placements(placements, layer_ids)
-  placements = {int(l): p for l, p in placements.items()}
-  unknown = sorted(set(placements) - set(layer_ids))
-  if unknown:
-    raise ValueError(f"placements name layers {unknown} that are not Engram layers {layer_ids}")
-  return {l: placements.get(l, TablePlacement()) for l in layer_ids}
+  return layer_placements(placements, model.config.engram_layer_ids)
 
 
 def row_indexes(model: Transformer) -> dict[int, Any]:

@@ -37,6 +37,7 @@ from engram_jax.offload.placement import (
   TablePlacement,
   format_placements,
   host_memory_kind,
+  layer_placements,
   parse_placements,
   to_device,
   to_host,
@@ -47,9 +48,10 @@ from engram_jax.offload.prefetch import (
   patch_updated_rows,
 )
 from engram_jax.offload.row_store import CachedRowStore, DeviceRowStore, HostRowStore, RowStore, as_stores, row_stores
-from engram_jax.offload.sparse_adam import SparseRowAdam, SparseRowState, apply_row_adam, sparse_grad
+from engram_jax.offload.sparse_adam import CatchupState, SparseRowAdam, SparseRowState, apply_row_adam, sparse_grad
 
 __all__ = [
+  "CatchupState",
   "PLACEMENTS",
   "CachedRowStore",
   "DeviceRowStore",
@@ -80,6 +82,7 @@ __all__ = [
   "load_frequencies",
   "measure_hit_rate",
   "format_placements",
+  "layer_placements",
   "parse_placements",
   "patch_updated_rows",
   "save_frequencies",

@@ -207,6 +207,26 @@ def parse_placements(spec: str, layer_ids: Sequence[int]) -> dict[int, TablePlac
   return out
 
 
+def layer_placements(
+  placements: str | Mapping[int, TablePlacement], layer_ids: Sequence[int]
+) -> dict[int, TablePlacement]:
+  """{layer: TablePlacement} for every layer of `layer_ids`: a spec parsed
+  (`parse_placements`), or a mapping checked (layers it does not name stay on the device;
+  a key that is not one of `layer_ids` is a ValueError, a value that is not a
+  `TablePlacement` a TypeError)."""
+  layer_ids = tuple(int(l) for l in layer_ids)
+  if isinstance(placements, str):
+    return parse_placements(placements, layer_ids)
+  placements = {int(l): p for l, p in placements.items()}
+  unknown = sorted(set(placements) - set(layer_ids))
+  if unknown:
+    raise ValueError(f"placements name layers {unknown} that are not Engram layers {list(layer_ids)}")
+  for l, p in placements.items():
+    if not isinstance(p, TablePlacement):
+      raise TypeError(f"placements[{l}] must be a TablePlacement, got {type(p).__name__}")
+  return {l: placements.get(l, TablePlacement()) for l in layer_ids}
+
+
 def format_placements(placements: Mapping[int, TablePlacement]) -> str:
   """The spec `parse_placements` reads back into `placements` (kind, cache and DRAM
   fractions, storage; a spec does not carry frequency_file, host_gather or disk_dir): one

@@ -68,7 +68,13 @@ from engram_jax.models import engram_table_filter
 from engram_jax.models.accounting import count_params, flops_per_token
 from engram_jax.models.config import ModelConfig
 from engram_jax.models.host_init import build_offloaded
-from engram_jax.offload import TablePlacement, count_row_frequencies, format_placements, parse_placements
+from engram_jax.offload import (
+  TablePlacement,
+  count_row_frequencies,
+  format_placements,
+  layer_placements,
+  parse_placements,
+)
 from engram_jax.offload.disk_table import with_disk_dir
 from engram_jax.train import evaluation, multihost
 from engram_jax.train.checkpoint import (
@@ -166,7 +172,7 @@ class Trainer:
     `self.host_trainer` is the `HostTableTrainer`, in a multi-process host run the
     `ShardedHostTableTrainer`, else None).
 
-    `placements` {layer: `TablePlacement`} for every Engram layer: where each table lives
+    `placements` {layer: `TablePlacement`} (layers it does not name: device): where each table lives
     (`offload.parse_placements`' output, or built by hand for what a spec string does not
     carry: frequency_file, host_gather, disk_dir); the trainer builds the layers' row
     stores from it once. None: parsed from `train_config.table_placement`. When given,
@@ -579,7 +585,7 @@ def _table_placements(
   model_config: ModelConfig, cfg: TrainConfig, placements: Mapping[int, TablePlacement] | None
 ) -> tuple[dict[int, TablePlacement], TrainConfig]:
   """({layer: TablePlacement}, the TrainConfig recording them) of a run: `placements` checked
-  against the model's Engram layers, or `cfg.table_placement` parsed."""
+  against the model's Engram layers (unnamed layers: device), or `cfg.table_placement` parsed."""
   layers = model_config.engram_layer_ids if model_config.engram is not None else ()
   if placements is None:
     if not layers:
@@ -589,14 +595,9 @@ def _table_placements(
         )
       return {}, cfg
     return parse_placements(cfg.table_placement, layers), cfg
-  placements = dict(placements)
-  if sorted(placements) != sorted(layers):
-    raise ValueError(
-      f"Trainer placements name Engram layers {sorted(placements)}; the model's Engram layers are {sorted(layers)}"
-    )
-  for l, p in placements.items():
-    if not isinstance(p, TablePlacement):
-      raise TypeError(f"Trainer placements[{l}] must be a TablePlacement, got {type(p).__name__}")
+  if not layers:
+    raise ValueError("Trainer placements need a model with Engram layers; this model has none")
+  placements = layer_placements(placements, layers)
   spec = format_placements(placements)
   if cfg.table_placement.strip() not in ("", "device", spec):
     raise ValueError(
