@@ -48,8 +48,7 @@ f32 matmul precision on GPU does too), and tf32 wgmma wants the B operand
 K-major, so the wrapper passes the weights transposed ([D, C]; one extra pass
 over the weights per call).
 
-Out-of-range ids under jit: TMA zero-fills reads outside the table (from the
-TMA spec, not checked on hardware); ops.py rejects concrete bad ids.
+Out-of-range ids under jit: as in gather_gpu.py.
 """
 
 from __future__ import annotations
@@ -223,35 +222,9 @@ def _columns(vec_smem, shape):
   return lax.broadcast_in_dim(vec, shape, [1])
 
 
-def _kernel(
-  ids_gmem,
-  table_gmem,
-  wv_gmem,
-  bv_gmem,
-  wk_gmem,
-  bk_gmem,
-  q_gmem,
-  scale_gmem,
-  u_gmem,
-  gates_gmem,
-  a_smem,
-  union,
-  w_smem,
-  gates_smem,
-  bk_smem,
-  scale_smem,
-  bv_smem,
-  stage_bar,
-  w_bar,
-  key_bar,
-  value_bar,
-  *,
-  p: Plan,
-  gate,
-  norm_eps,
-  num_blocks,
-  num_ctas,
-):
+def _kernel(*refs, p: Plan, gate, norm_eps, num_blocks, num_ctas):
+  ids_gmem, table_gmem, wv_gmem, bv_gmem, wk_gmem, bk_gmem, q_gmem, scale_gmem, u_gmem, gates_gmem = refs[:10]
+  a_smem, union, w_smem, gates_smem, bk_smem, scale_smem, bv_smem, stage_bar, w_bar, key_bar, value_bar = refs[10:]
   tb = TOKENS_PER_BLOCK
   (staging,), (q_smem, out_smem) = union
   f32 = jnp.float32
@@ -362,7 +335,7 @@ def _kernel(
       s1, s2 = lax.fori_loop(0, nd, key_tile, (zero, zero))
       s = s1 * lax.rsqrt(s2 / p.dim + norm_eps) * (1.0 / math.sqrt(p.dim))
       if gate == "reference":
-        s = jnp.sign(s) * jnp.sqrt(jnp.maximum(jnp.abs(s), reference.SIGNED_SQRT_FLOOR))
+        s = reference.signed_sqrt(s)
       gates_smem[g] = 1.0 / (1.0 + jnp.exp(-s))
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(gates_smem, gates_gmem.at[:, rows])

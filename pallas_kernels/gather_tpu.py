@@ -36,44 +36,35 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels import common, reference
 
 
-def _row_copy(table_hbm, buf, sem, slot, row, h, t):
-  return pltpu.make_async_copy(table_hbm.at[pl.ds(row, 1)], buf.at[slot, h, pl.ds(t, 1)], sem.at[slot])
-
-
-def _start_block(ids_ref, table_hbm, buf, sem, block, slot, *, block_rows, heads):
-  base = block * block_rows * heads
-
-  def body(t, carry):
-    for h in range(heads):
-      _row_copy(table_hbm, buf, sem, slot, ids_ref[base + t * heads + h], h, t).start()
-    return carry
-
-  lax.fori_loop(0, block_rows, body, 0)
-
-
-def _wait_block(table_hbm, buf, sem, slot, *, block_rows, heads):
-  # A wait only needs the semaphore and the transfer size: any row will do.
-  def body(t, carry):
-    for h in range(heads):
-      _row_copy(table_hbm, buf, sem, slot, 0, h, t).wait()
-    return carry
-
-  lax.fori_loop(0, block_rows, body, 0)
-
-
-def _prefetch_and_wait(ids_ref, table_hbm, buf, sem, i, nblocks, **kw):
+def _prefetch_and_wait(ids_ref, table_hbm, buf, sem, i, nblocks, *, block_rows, heads):
   """Double buffering: start block i+1, then wait for block i. -> slot of i."""
   slot = i % 2
 
+  def for_each_row(copy):  # copy(token, head) for every row of a block
+    def body(t, carry):
+      for h in range(heads):
+        copy(t, h)
+      return carry
+
+    lax.fori_loop(0, block_rows, body, 0)
+
+  def row_copy(slot, row, t, h):
+    return pltpu.make_async_copy(table_hbm.at[pl.ds(row, 1)], buf.at[slot, h, pl.ds(t, 1)], sem.at[slot])
+
+  def start(block, slot):
+    base = block * block_rows * heads
+    for_each_row(lambda t, h: row_copy(slot, ids_ref[base + t * heads + h], t, h).start())
+
   @pl.when(i == 0)
   def _():
-    _start_block(ids_ref, table_hbm, buf, sem, 0, 0, **kw)
+    start(0, 0)
 
   @pl.when(i + 1 < nblocks)
   def _():
-    _start_block(ids_ref, table_hbm, buf, sem, i + 1, 1 - slot, **kw)
+    start(i + 1, 1 - slot)
 
-  _wait_block(table_hbm, buf, sem, slot, **kw)
+  # A wait only needs the semaphore and the transfer size: any row will do.
+  for_each_row(lambda t, h: row_copy(slot, 0, t, h).wait())
   return slot
 
 
@@ -164,29 +155,7 @@ def gather_rows_tpu(table, row_ids, *, block_rows: int | None = None, ids_per_ca
   return out
 
 
-def _gather_gate_kernel(
-  ids_ref,
-  table_hbm,
-  wv_ref,
-  bv_ref,
-  wk_ref,
-  bk_ref,
-  scale_ref,
-  q_ref,
-  u_ref,
-  gates_ref,
-  buf,
-  sem,
-  ssq,
-  qk,
-  alpha,
-  *,
-  block_rows,
-  heads,
-  dim,
-  gate,
-  norm_eps,
-):
+def _gather_gate_kernel(ids_ref, table_hbm, *refs, block_rows, heads, dim, gate, norm_eps):
   """Grid (token block i, phase p, D tile j).
 
   Phase 0 walks the D tiles of the key projections, accumulating per (token,
@@ -194,6 +163,7 @@ def _gather_gate_kernel(
   need these two sums. Phase 1 walks the D tiles of the value projection and
   writes u = alpha * v. The gathered rows stay in VMEM across all (p, j).
   """
+  wv_ref, bv_ref, wk_ref, bk_ref, scale_ref, q_ref, u_ref, gates_ref, buf, sem, ssq, qk, alpha = refs
   i, p, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   f32 = jnp.float32
   num_branches = ssq.shape[1]

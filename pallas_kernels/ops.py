@@ -13,7 +13,7 @@ passed to pallas_call.
 Backward (all impls): the rows are gathered again (by the same impl), the
 projections and gate are differentiated with the XLA reference, and the table
 gradient is a float32 scatter-add (duplicate ids accumulate) cast to the table
-dtype. `gather_rows_sparse_grad` gives the same table gradient in sparse form.
+dtype. `sparse_grad.gather_rows_sparse_grad` gives the same table gradient in sparse form.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import common, reference
-from pallas_kernels.sparse_grad import SparseRowGrad, sparse_row_grad
 
 #: The `impl=` values of every op: "xla" (the pure-jnp reference), "pallas" (the kernels) and
 #: "auto" (Pallas on GPU and TPU, XLA elsewhere).
@@ -41,15 +40,13 @@ def resolve_impl(impl: str) -> str:
   return impl
 
 
-def check_row_ids(row_ids, num_rows: int, heads: int | None = None) -> None:
-  """Validates row_ids [N, H] (dtype, rank, heads); the range [0, num_rows) too when concrete (not traced).
+def check_row_ids(row_ids, num_rows: int) -> None:
+  """Validates row_ids [N, H] (dtype, rank); the range [0, num_rows) too when concrete (not traced).
 
   Under jit the range is not checked: see README.md for what each impl does.
   """
   if row_ids.ndim != 2:
     raise ValueError(f"row_ids must be [N, H], got shape {row_ids.shape}")
-  if heads is not None and row_ids.shape[1] != heads:
-    raise ValueError(f"row_ids has {row_ids.shape[1]} heads, expected {heads}")
   if not jnp.issubdtype(row_ids.dtype, jnp.integer):
     raise ValueError(f"row_ids must be integer, got {row_ids.dtype}")
   if isinstance(row_ids, jax.core.Tracer):
@@ -102,9 +99,8 @@ def _gather_fwd_fn(impl, backend, block_rows, interpret):
 
 
 def _lookup_op(forward, gather_fn=None, gate_fn=None):
-  """custom_vjp op(table, row_ids, *weights) = forward(...). Backward: the rows are gathered again
-  (gather_fn) for the vjp of gate_fn(rows, *weights) (None: the op is the gather, its cotangent is the
-  rows'), and the table gradient is a scatter-add of the row cotangents."""
+  """custom_vjp op(table, row_ids, *weights) = forward(...) with the backward of the module docstring
+  (gather_fn gathers the rows again for the vjp of gate_fn(rows, *weights); no gate_fn: op is a gather)."""
 
   @jax.custom_vjp
   def op(table, row_ids, *weights):
@@ -148,13 +144,6 @@ def gather_rows(
   impl, backend, interpret = _resolve(table, row_ids, impl, backend, interpret)
   op = _gather_rows_op(impl, backend, block_rows, interpret)
   return op(table, row_ids.astype(jnp.int32))
-
-
-def gather_rows_sparse_grad(
-  row_ids: jax.Array, d_rows: jax.Array, num_rows: int, *, max_unique: int | None = None
-) -> SparseRowGrad:
-  """Sparse table gradient of gather_rows for cotangent d_rows [N, H*d] (sparse_grad.sparse_row_grad)."""
-  return sparse_row_grad(row_ids, d_rows, num_rows, max_unique)
 
 
 @functools.lru_cache(maxsize=None)
