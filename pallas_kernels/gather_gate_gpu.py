@@ -107,7 +107,7 @@ class Plan:
 
 
 def _buffer_bytes(shape, dtype, align=1024):
-  return pl.cdiv(math.prod(shape) * jnp.dtype(dtype).itemsize, align) * align
+  return common.round_up(math.prod(shape) * jnp.dtype(dtype).itemsize, align)
 
 
 def smem_bytes(p: Plan, q_dtype, out_dtype) -> int:
@@ -183,27 +183,16 @@ def plan(
   return max(fits, key=lambda p: ((p.stages - 1) * p.block_k * p.block_d, p.block_d, p.stages))
 
 
-def fused_plan(
-  table, row_ids, w_value, w_key, query_normed, *, out_dtype=None, block_d=None, block_k=None, stages=None
-) -> Plan | str:
-  """`plan` for gather_gate's arguments (arrays, tracers or ShapeDtypeStructs),
-  after the checks that do not depend on the tiling. -> Plan or why not fused."""
+def fused_plan(table, row_ids, w_value, w_key, query_normed, *, out_dtype=None, **tiling) -> Plan | str:
+  """`plan` for gather_gate's arguments (arrays, tracers or ShapeDtypeStructs), after the checks
+  that do not depend on the tiling (block_d, block_k, stages of `plan`). -> Plan or why not fused."""
   if not table.dtype == w_value.dtype == w_key.dtype:
     return f"the wgmma operands need one dtype: table {table.dtype}, w_value {w_value.dtype}, w_key {w_key.dtype}"
   if row_ids.shape[0] == 0:
     return "no tokens"
-  return plan(
-    row_ids.shape[1],
-    table.shape[1],
-    w_key.shape[2],
-    w_key.shape[0],
-    table.dtype,
-    q_dtype=query_normed.dtype,
-    out_dtype=common.out_dtype_or_default(out_dtype, table, w_value),
-    block_d=block_d,
-    block_k=block_k,
-    stages=stages,
-  )
+  branches, _, dim = w_key.shape
+  dtypes = dict(q_dtype=query_normed.dtype, out_dtype=common.out_dtype_or_default(out_dtype, table, w_value))
+  return plan(row_ids.shape[1], table.shape[1], dim, branches, table.dtype, **dtypes, **tiling)
 
 
 def _transforms(dtype, swizzle):

@@ -152,7 +152,7 @@ def _gather_gate_op(impl, backend, gate, norm_eps, out_dtype, block_rows, block_
   gate_fn = functools.partial(reference.gate_from_rows, **options)
   gather_fn = _gather_fwd_fn(impl, backend, block_rows, interpret)
   if impl == "xla":
-    fused_fn = lambda table, ids, *w: gate_fn(gather_fn(table, ids), *w)
+    fused_fn = functools.partial(reference.gather_gate, **options)
   else:
     tiles = dict(block_rows=block_rows, block_d=block_d, interpret=interpret)
     fused_fn = functools.partial(_kernels(backend)[1], **tiles, **options)
