@@ -48,8 +48,7 @@ f32 matmul precision on GPU does too), and tf32 wgmma wants the B operand
 K-major, so the wrapper passes the weights transposed ([D, C]; one extra pass
 over the weights per call).
 
-Out-of-range ids under jit: TMA zero-fills reads outside the table (from the
-TMA spec, not checked on hardware); ops.py rejects concrete bad ids.
+Out-of-range ids under jit: as in gather_gpu.py.
 """
 
 from __future__ import annotations
@@ -64,10 +63,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import reference
+from pallas_kernels import common, reference
 
 TOKENS_PER_BLOCK = 64  # wgmma M of one warpgroup
-SMEM_ALIGN_BYTES = 128  # TMA destination alignment of a staged row
 SMEM_BUDGET_BYTES = 227 * 1024  # what an H100/H200 CTA can use (Mosaic checks the same)
 SMEM_RESERVE_BYTES = 4096  # barriers, Mosaic's reduction scratch, alignment
 SWIZZLES = (128, 64, 32)  # wgmma shared-memory swizzles (bytes), largest first
@@ -94,9 +92,8 @@ class Plan:
 
   @property
   def staged_d(self) -> int:
-    """Row stride (elements) of the gather staging buffer: d rounded up to 128 B."""
-    per = SMEM_ALIGN_BYTES // self.dtype.itemsize
-    return pl.cdiv(self.d, per) * per
+    """Row stride (elements) of the gather staging buffer (common.smem_row_elems)."""
+    return common.smem_row_elems(self.d, self.dtype)
 
   @property
   def k_major_weights(self) -> bool:
@@ -110,7 +107,7 @@ class Plan:
 
 
 def _buffer_bytes(shape, dtype, align=1024):
-  return pl.cdiv(math.prod(shape) * jnp.dtype(dtype).itemsize, align) * align
+  return common.round_up(math.prod(shape) * jnp.dtype(dtype).itemsize, align)
 
 
 def smem_bytes(p: Plan, q_dtype, out_dtype) -> int:
@@ -186,33 +183,20 @@ def plan(
   return max(fits, key=lambda p: ((p.stages - 1) * p.block_k * p.block_d, p.block_d, p.stages))
 
 
-def fused_plan(
-  table, row_ids, w_value, w_key, query_normed, *, out_dtype=None, block_d=None, block_k=None, stages=None
-) -> Plan | str:
-  """`plan` for gather_gate's arguments (arrays, tracers or ShapeDtypeStructs),
-  after the checks that do not depend on the tiling. -> Plan or why not fused."""
+def fused_plan(table, row_ids, w_value, w_key, query_normed, *, out_dtype=None, **tiling) -> Plan | str:
+  """`plan` for gather_gate's arguments (arrays, tracers or ShapeDtypeStructs), after the checks
+  that do not depend on the tiling (block_d, block_k, stages of `plan`). -> Plan or why not fused."""
   if not table.dtype == w_value.dtype == w_key.dtype:
     return f"the wgmma operands need one dtype: table {table.dtype}, w_value {w_value.dtype}, w_key {w_key.dtype}"
   if row_ids.shape[0] == 0:
     return "no tokens"
-  if out_dtype is None:
-    out_dtype = jnp.result_type(table.dtype, w_value.dtype)
-  return plan(
-    row_ids.shape[1],
-    table.shape[1],
-    w_key.shape[2],
-    w_key.shape[0],
-    table.dtype,
-    q_dtype=query_normed.dtype,
-    out_dtype=out_dtype,
-    block_d=block_d,
-    block_k=block_k,
-    stages=stages,
-  )
+  branches, _, dim = w_key.shape
+  dtypes = dict(q_dtype=query_normed.dtype, out_dtype=common.out_dtype_or_default(out_dtype, table, w_value))
+  return plan(row_ids.shape[1], table.shape[1], dim, branches, table.dtype, **dtypes, **tiling)
 
 
-def _transforms(minor_bytes, dtype):
-  swizzle = plgpu.find_swizzle(minor_bytes * 8)
+def _transforms(dtype, swizzle):
+  """The wgmma tiling (8, swizzle / itemsize) and the swizzle (bytes) of a shared-memory buffer."""
   return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
@@ -227,35 +211,9 @@ def _columns(vec_smem, shape):
   return lax.broadcast_in_dim(vec, shape, [1])
 
 
-def _kernel(
-  ids_gmem,
-  table_gmem,
-  wv_gmem,
-  bv_gmem,
-  wk_gmem,
-  bk_gmem,
-  q_gmem,
-  scale_gmem,
-  u_gmem,
-  gates_gmem,
-  a_smem,
-  union,
-  w_smem,
-  gates_smem,
-  bk_smem,
-  scale_smem,
-  bv_smem,
-  stage_bar,
-  w_bar,
-  key_bar,
-  value_bar,
-  *,
-  p: Plan,
-  gate,
-  norm_eps,
-  num_blocks,
-  num_ctas,
-):
+def _kernel(*refs, p: Plan, gate, norm_eps, num_blocks, num_ctas):
+  ids_gmem, table_gmem, wv_gmem, bv_gmem, wk_gmem, bk_gmem, q_gmem, scale_gmem, u_gmem, gates_gmem = refs[:10]
+  a_smem, union, w_smem, gates_smem, bk_smem, scale_smem, bv_smem, stage_bar, w_bar, key_bar, value_bar = refs[10:]
   tb = TOKENS_PER_BLOCK
   (staging,), (q_smem, out_smem) = union
   f32 = jnp.float32
@@ -366,7 +324,7 @@ def _kernel(
       s1, s2 = lax.fori_loop(0, nd, key_tile, (zero, zero))
       s = s1 * lax.rsqrt(s2 / p.dim + norm_eps) * (1.0 / math.sqrt(p.dim))
       if gate == "reference":
-        s = jnp.sign(s) * jnp.sqrt(jnp.maximum(jnp.abs(s), reference.SIGNED_SQRT_FLOOR))
+        s = reference.signed_sqrt(s)
       gates_smem[g] = 1.0 / (1.0 + jnp.exp(-s))
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(gates_smem, gates_gmem.at[:, rows])
@@ -395,57 +353,36 @@ def _kernel(
   jax.jit, static_argnames=("gate", "norm_eps", "out_dtype", "block_d", "block_k", "stages", "num_ctas", "interpret")
 )
 def gather_gate_fused_gpu(
-  table,
-  row_ids,
-  w_value,
-  b_value,
-  w_key,
-  b_key,
-  query_normed,
-  key_norm_scale,
-  *,
-  gate: str = "reference",
-  norm_eps: float = 1e-6,
-  out_dtype=None,
-  block_d: int | None = None,
-  block_k: int | None = None,
-  stages: int | None = None,
-  num_ctas: int = 132,
-  interpret=None,
+  table, row_ids, *weights, block_d=None, block_k=None, stages=None, num_ctas=132, interpret=None, **options
 ):
-  """Fused gather_gate on Hopper. -> (u [N, G, D] out_dtype, gates [N, G] f32).
+  """Fused gather_gate on Hopper; weights and options (gate, norm_eps, out_dtype) as in
+  reference.gather_gate. -> (u [N, G, D] out_dtype, gates [N, G] f32).
 
   block_d / block_k / stages: see `plan` (None: chosen to fit shared memory).
   num_ctas: persistent CTAs (132 = SMs of an H100/H200 SXM).
   Raises ValueError with the reason when the shapes cannot be fused;
   gather_gpu.gather_gate_gpu asks `fused_plan` first and falls back instead.
   """
+  gate, norm_eps, out_dtype = common.gate_options(**options)
+  w_value, b_value, w_key, b_key, query_normed, key_norm_scale = weights
   n = row_ids.shape[0]
   branches, _, dim = w_key.shape
-  if out_dtype is None:
-    out_dtype = jnp.result_type(table.dtype, w_value.dtype)
-  out_dtype = jnp.dtype(out_dtype)
+  out_dtype = common.out_dtype_or_default(out_dtype, table, w_value)
   p = fused_plan(
     table, row_ids, w_value, w_key, query_normed, out_dtype=out_dtype, block_d=block_d, block_k=block_k, stages=stages
   )
   if isinstance(p, str):
     raise ValueError(f"cannot fuse gather_gate on GPU: {p}")
   tb = TOKENS_PER_BLOCK
-  num_blocks = pl.cdiv(n, tb)
-  n_pad = num_blocks * tb
-  ids = row_ids.astype(jnp.int32)
-  q = query_normed
-  if n_pad != n:
-    # Padding tokens read row 0 and a zero query; their outputs are sliced off.
-    ids = jnp.pad(ids, ((0, n_pad - n), (0, 0)))
-    q = jnp.pad(q, ((0, n_pad - n), (0, 0), (0, 0)))
+  n_pad, ids, q = common.pad_tokens(tb, row_ids, query_normed)
+  num_blocks = n_pad // tb
   wv, wk = w_value, w_key
   if p.k_major_weights:
     wv, wk = wv.T, jnp.swapaxes(wk, 1, 2)
   num_ctas = max(1, min(num_ctas, num_blocks))
   w_shape = (p.block_d, p.block_k) if p.k_major_weights else (p.block_k, p.block_d)
-  swz_elems = p.swizzle // p.dtype.itemsize
-  op_transforms = (plgpu.TilingTransform((8, swz_elems)), plgpu.SwizzleTransform(p.swizzle))
+  op_transforms = _transforms(p.dtype, p.swizzle)
+  tile_transforms = lambda dtype: _transforms(dtype, plgpu.find_swizzle(p.block_d * dtype.itemsize * 8))
   kernel = functools.partial(_kernel, p=p, gate=gate, norm_eps=norm_eps, num_blocks=num_blocks, num_ctas=num_ctas)
   u, gates_t = plgpu.kernel(
     kernel,
@@ -458,8 +395,8 @@ def gather_gate_fused_gpu(
       plgpu.RefUnion(
         [plgpu.SMEM((2, tb, p.staged_d), p.dtype)],
         [
-          plgpu.SMEM((tb, p.block_d), q.dtype, transforms=_transforms(p.block_d * q.dtype.itemsize, q.dtype)),
-          plgpu.SMEM((2, tb, p.block_d), out_dtype, transforms=_transforms(p.block_d * out_dtype.itemsize, out_dtype)),
+          plgpu.SMEM((tb, p.block_d), q.dtype, transforms=tile_transforms(q.dtype)),
+          plgpu.SMEM((2, tb, p.block_d), out_dtype, transforms=tile_transforms(out_dtype)),
         ],
       ),
       plgpu.SMEM((p.stages, *w_shape), p.dtype, transforms=op_transforms),

@@ -35,18 +35,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import gather_gate_gpu as fused
 from pallas_kernels import reference
+from pallas_kernels.common import pad_tokens, smem_row_elems
 
 TMA_GRANULE_BYTES = 16
-# TMA tile copies want 128-byte aligned shared-memory addresses: rows whose
-# size is not a multiple of this get a padded stride in shared memory.
-SMEM_ALIGN_BYTES = 128
 SMEM_BUDGET_BYTES = 200 * 1024  # of the 227 KiB an H100/H200 CTA can use
-
-
-def smem_row_elems(d: int, dtype) -> int:
-  """Row stride (elements) of the shared-memory stage: d rounded up to 128 bytes."""
-  per = SMEM_ALIGN_BYTES // jnp.dtype(dtype).itemsize
-  return pl.cdiv(d, per) * per
 
 
 def max_block_rows(heads: int, d: int, dtype, stages: int = 2) -> int:
@@ -124,9 +116,8 @@ def gather_rows_gpu(
   d = table.shape[1]
   if block_rows is None:
     block_rows = min(64, max_block_rows(heads, d, table.dtype, stages))
-  num_blocks = pl.cdiv(n, block_rows)
-  n_pad = num_blocks * block_rows
-  ids = jnp.pad(row_ids.astype(jnp.int32), ((0, n_pad - n), (0, 0))).reshape(-1)
+  n_pad, ids = pad_tokens(block_rows, row_ids)
+  num_blocks = n_pad // block_rows
   rows_per_block = block_rows * heads
   num_ctas = max(1, min(num_ctas, num_blocks))
   d_smem = smem_row_elems(d, table.dtype)
@@ -150,72 +141,25 @@ def gather_rows_gpu(
     grid=(num_ctas,),
     grid_names=("cta",),
     interpret=interpret,
-  )(ids, table)
+  )(ids.reshape(-1), table)
   return out.reshape(n_pad, heads * d)[:n]
 
 
-def gather_gate_gpu(
-  table,
-  row_ids,
-  w_value,
-  b_value,
-  w_key,
-  b_key,
-  query_normed,
-  key_norm_scale,
-  *,
-  gate="reference",
-  norm_eps=1e-6,
-  out_dtype=None,
-  block_rows: int | None = None,
-  block_d: int | None = None,
-  interpret=None,
-):
-  """GPU gather_gate: the fused Hopper kernel where it fits, else gather + XLA gate.
+def gather_gate_gpu(table, row_ids, *weights, block_rows=None, block_d=None, interpret=None, **options):
+  """GPU gather_gate: the fused Hopper kernel (gather_gate_gpu.py) where `gather_gate_gpu.fused_plan`
+  accepts the shapes, else this gather + the XLA gate (the rows [N, H*d] make one round trip through HBM).
 
-  Fused (gather_gate_gpu.py) when `gather_gate_gpu.fused_plan` accepts the
-  shapes: table and weights of one dtype (bf16, f16 or f32), d*itemsize a
-  multiple of 32 bytes, D a multiple of 64, and 64 tokens of rows plus the
-  tiles within shared memory (C = H*d up to about 1500 in bf16, 650 in f32).
-  The fused kernel's token block is fixed (64, the wgmma M): block_rows only
-  applies to the fallback gather; a block_d the fused kernel cannot use where
-  the default would fuse is a ValueError. Otherwise: the Mosaic GPU gather, then
-  the XLA projection and gate (the rows [N, H*d] make one round trip through
-  HBM).
+  weights and options (gate, norm_eps, out_dtype) as in reference.gate_from_rows. The fused kernel's
+  token block is fixed (64, the wgmma M): block_rows only applies to the fallback gather; a block_d
+  the fused kernel cannot use where the default would fuse is a ValueError.
   """
-  plan = fused.fused_plan(table, row_ids, w_value, w_key, query_normed, out_dtype=out_dtype, block_d=block_d)
-  if (
-    isinstance(plan, str)
-    and block_d is not None
-    and not isinstance(fused.fused_plan(table, row_ids, w_value, w_key, query_normed, out_dtype=out_dtype), str)
-  ):
-    raise ValueError(f"block_d={block_d} does not suit the fused GPU kernel: {plan}")
+  w_value, _, w_key, _, query_normed, _ = weights
+  plan_args = (table, row_ids, w_value, w_key, query_normed)
+  out_dtype = options.get("out_dtype")
+  plan = fused.fused_plan(*plan_args, out_dtype=out_dtype, block_d=block_d)
   if not isinstance(plan, str):
-    return fused.gather_gate_fused_gpu(
-      table,
-      row_ids,
-      w_value,
-      b_value,
-      w_key,
-      b_key,
-      query_normed,
-      key_norm_scale,
-      gate=gate,
-      norm_eps=norm_eps,
-      out_dtype=out_dtype,
-      block_d=block_d,
-      interpret=interpret,
-    )
+    return fused.gather_gate_fused_gpu(table, row_ids, *weights, block_d=block_d, interpret=interpret, **options)
+  if block_d is not None and not isinstance(fused.fused_plan(*plan_args, out_dtype=out_dtype), str):
+    raise ValueError(f"block_d={block_d} does not suit the fused GPU kernel: {plan}")
   rows = gather_rows_gpu(table, row_ids, block_rows=block_rows, interpret=interpret)
-  return reference.gate_from_rows(
-    rows,
-    w_value,
-    b_value,
-    w_key,
-    b_key,
-    query_normed,
-    key_norm_scale,
-    gate=gate,
-    norm_eps=norm_eps,
-    out_dtype=out_dtype,
-  )
+  return reference.gate_from_rows(rows, *weights, **options)

@@ -13,7 +13,7 @@ passed to pallas_call.
 Backward (all impls): the rows are gathered again (by the same impl), the
 projections and gate are differentiated with the XLA reference, and the table
 gradient is a float32 scatter-add (duplicate ids accumulate) cast to the table
-dtype. `gather_rows_sparse_grad` gives the same table gradient in sparse form.
+dtype. `sparse_grad.gather_rows_sparse_grad` gives the same table gradient in sparse form.
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import reference
-from pallas_kernels.sparse_grad import SparseRowGrad, sparse_row_grad
+from pallas_kernels import common, reference
 
 #: The `impl=` values of every op: "xla" (the pure-jnp reference), "pallas" (the kernels) and
 #: "auto" (Pallas on GPU and TPU, XLA elsewhere).
@@ -41,35 +40,13 @@ def resolve_impl(impl: str) -> str:
   return impl
 
 
-def _resolve_backend(backend):
-  if backend is None:
-    backend = "gpu" if jax.default_backend() == "gpu" else "tpu"
-  if backend not in ("gpu", "tpu"):
-    raise ValueError(f"backend must be 'gpu', 'tpu' or None, got {backend!r}")
-  return backend
-
-
-def _resolve_interpret(interpret, backend):
-  if interpret is not None or jax.default_backend() != "cpu":
-    return interpret
-  if backend == "tpu":
-    from jax.experimental.pallas import tpu as pltpu
-
-    return pltpu.InterpretParams()
-  from jax.experimental.pallas import mosaic_gpu as plgpu
-
-  return plgpu.InterpretGPUParams()
-
-
-def check_row_ids(row_ids, num_rows: int, heads: int | None = None) -> None:
-  """Validates row_ids [N, H] (dtype, rank, heads); the range [0, num_rows) too when concrete (not traced).
+def check_row_ids(row_ids, num_rows: int) -> None:
+  """Validates row_ids [N, H] (dtype, rank); the range [0, num_rows) too when concrete (not traced).
 
   Under jit the range is not checked: see README.md for what each impl does.
   """
   if row_ids.ndim != 2:
     raise ValueError(f"row_ids must be [N, H], got shape {row_ids.shape}")
-  if heads is not None and row_ids.shape[1] != heads:
-    raise ValueError(f"row_ids has {row_ids.shape[1]} heads, expected {heads}")
   if not jnp.issubdtype(row_ids.dtype, jnp.integer):
     raise ValueError(f"row_ids must be integer, got {row_ids.dtype}")
   if isinstance(row_ids, jax.core.Tracer):
@@ -80,36 +57,74 @@ def check_row_ids(row_ids, num_rows: int, heads: int | None = None) -> None:
     raise ValueError(f"row_ids out of range [0, {num_rows}): {bad.size} bad ids, e.g. {bad[:5].tolist()}")
 
 
-def _gather_fwd_fn(impl, backend, block_rows, interpret):
+def _resolve(table, row_ids, impl, backend, interpret):
+  """Checks table [R, d] and row_ids; -> (impl, backend, interpret) resolved as the module docstring says."""
+  if table.ndim != 2:
+    raise ValueError(f"table must be [R, d], got shape {table.shape}")
+  check_row_ids(row_ids, table.shape[0])
+  impl = resolve_impl(impl)
   if impl == "xla":
-    return reference.gather_rows
+    return impl, None, None
+  if backend is None:
+    backend = "gpu" if jax.default_backend() == "gpu" else "tpu"
+  if backend not in ("gpu", "tpu"):
+    raise ValueError(f"backend must be 'gpu', 'tpu' or None, got {backend!r}")
+  if interpret is None and jax.default_backend() == "cpu":
+    if backend == "tpu":
+      from jax.experimental.pallas import tpu as pltpu
+
+      interpret = pltpu.InterpretParams()
+    else:
+      from jax.experimental.pallas import mosaic_gpu as plgpu
+
+      interpret = plgpu.InterpretGPUParams()
+  return impl, backend, interpret
+
+
+def _kernels(backend):
+  """(gather_rows, gather_gate) kernels of `backend`."""
   if backend == "gpu":
     from pallas_kernels import gather_gpu
 
-    return functools.partial(gather_gpu.gather_rows_gpu, block_rows=block_rows, interpret=interpret)
+    return gather_gpu.gather_rows_gpu, gather_gpu.gather_gate_gpu
   from pallas_kernels import gather_tpu
 
-  return functools.partial(gather_tpu.gather_rows_tpu, block_rows=block_rows, interpret=interpret)
+  return gather_tpu.gather_rows_tpu, gather_tpu.gather_gate_tpu
+
+
+def _gather_fwd_fn(impl, backend, block_rows, interpret):
+  if impl == "xla":
+    return reference.gather_rows
+  return functools.partial(_kernels(backend)[0], block_rows=block_rows, interpret=interpret)
+
+
+def _lookup_op(forward, gather_fn=None, gate_fn=None):
+  """custom_vjp op(table, row_ids, *weights) = forward(...) with the backward of the module docstring
+  (gather_fn gathers the rows again for the vjp of gate_fn(rows, *weights); no gate_fn: op is a gather)."""
+
+  @jax.custom_vjp
+  def op(table, row_ids, *weights):
+    return forward(table, row_ids, *weights)
+
+  def fwd(table, row_ids, *weights):
+    return forward(table, row_ids, *weights), (table, row_ids, weights)
+
+  def bwd(res, cot):
+    table, row_ids, weights = res
+    d_rows, d_weights = cot, ()
+    if gate_fn is not None:
+      _, vjp = jax.vjp(gate_fn, gather_fn(table, row_ids), *weights)
+      d_rows, *d_weights = vjp(cot)
+    d_table = reference.scatter_add_rows(d_rows, row_ids, table.shape[0], table.dtype)
+    return (d_table, np.zeros(row_ids.shape, jax.dtypes.float0), *d_weights)
+
+  op.defvjp(fwd, bwd)
+  return op
 
 
 @functools.lru_cache(maxsize=None)
 def _gather_rows_op(impl, backend, block_rows, interpret):
-  fwd_fn = _gather_fwd_fn(impl, backend, block_rows, interpret)
-
-  @jax.custom_vjp
-  def op(table, row_ids):
-    return fwd_fn(table, row_ids)
-
-  def fwd(table, row_ids):
-    return fwd_fn(table, row_ids), (table, row_ids)
-
-  def bwd(res, g):
-    table, row_ids = res
-    d_table = reference.scatter_add_rows(g, row_ids, table.shape[0], table.dtype)
-    return d_table, np.zeros(row_ids.shape, jax.dtypes.float0)
-
-  op.defvjp(fwd, bwd)
-  return op
+  return _lookup_op(_gather_fwd_fn(impl, backend, block_rows, interpret))
 
 
 def gather_rows(
@@ -126,75 +141,22 @@ def gather_rows(
   block_rows: tokens per kernel block (None: the backend's default; see
   gather_tpu / gather_gpu). Ignored by impl="xla".
   """
-  if table.ndim != 2:
-    raise ValueError(f"table must be [R, d], got shape {table.shape}")
-  check_row_ids(row_ids, table.shape[0])
-  impl = resolve_impl(impl)
-  backend = _resolve_backend(backend) if impl == "pallas" else None
-  interpret = _resolve_interpret(interpret, backend) if impl == "pallas" else None
+  impl, backend, interpret = _resolve(table, row_ids, impl, backend, interpret)
   op = _gather_rows_op(impl, backend, block_rows, interpret)
   return op(table, row_ids.astype(jnp.int32))
 
 
-def gather_rows_sparse_grad(
-  row_ids: jax.Array, d_rows: jax.Array, num_rows: int, *, max_unique: int | None = None
-) -> SparseRowGrad:
-  """Sparse table gradient of gather_rows for cotangent d_rows [N, H*d].
-
-  -> SparseRowGrad(row_ids [M] unique ascending, padded with num_rows;
-  grads [M, d] f32 summed per row; count). M = max_unique (default N*H).
-  """
-  return sparse_row_grad(row_ids, d_rows, num_rows, max_unique)
-
-
 @functools.lru_cache(maxsize=None)
 def _gather_gate_op(impl, backend, gate, norm_eps, out_dtype, block_rows, block_d, interpret):
-  gate_fn = functools.partial(reference.gate_from_rows, gate=gate, norm_eps=norm_eps, out_dtype=out_dtype)
+  options = dict(gate=gate, norm_eps=norm_eps, out_dtype=out_dtype)
+  gate_fn = functools.partial(reference.gate_from_rows, **options)
   gather_fn = _gather_fwd_fn(impl, backend, block_rows, interpret)
   if impl == "xla":
-    fused_fn = lambda table, ids, *w: gate_fn(gather_fn(table, ids), *w)
-  elif backend == "gpu":
-    from pallas_kernels import gather_gpu
-
-    fused_fn = functools.partial(
-      gather_gpu.gather_gate_gpu,
-      gate=gate,
-      norm_eps=norm_eps,
-      out_dtype=out_dtype,
-      block_rows=block_rows,
-      block_d=block_d,
-      interpret=interpret,
-    )
+    fused_fn = functools.partial(reference.gather_gate, **options)
   else:
-    from pallas_kernels import gather_tpu
-
-    fused_fn = functools.partial(
-      gather_tpu.gather_gate_tpu,
-      gate=gate,
-      norm_eps=norm_eps,
-      out_dtype=out_dtype,
-      block_rows=block_rows,
-      block_d=block_d,
-      interpret=interpret,
-    )
-
-  @jax.custom_vjp
-  def op(table, row_ids, *weights):
-    return fused_fn(table, row_ids, *weights)
-
-  def fwd(table, row_ids, *weights):
-    return fused_fn(table, row_ids, *weights), (table, row_ids, weights)
-
-  def bwd(res, cot):
-    table, row_ids, weights = res
-    rows = gather_fn(table, row_ids)
-    _, vjp = jax.vjp(gate_fn, rows, *weights)
-    d_rows, *d_weights = vjp(cot)
-    d_table = reference.scatter_add_rows(d_rows, row_ids, table.shape[0], table.dtype)
-    return (d_table, np.zeros(row_ids.shape, jax.dtypes.float0), *d_weights)
-
-  op.defvjp(fwd, bwd)
-  return op
+    tiles = dict(block_rows=block_rows, block_d=block_d, interpret=interpret)
+    fused_fn = functools.partial(_kernels(backend)[1], **tiles, **options)
+  return _lookup_op(fused_fn, gather_fn, gate_fn)
 
 
 def gather_gate(
@@ -216,45 +178,23 @@ def gather_gate(
   backend: str | None = None,
   interpret=None,
 ) -> tuple[jax.Array, jax.Array]:
-  """Fused gather, value/key projections and gate.
+  """Fused gather, value/key projections and gate (shapes and formula: reference.py, README.md).
 
-  table [R, d], row_ids [N, H], w_value [H*d, D], b_value [D], w_key [G, H*d, D],
-  b_key [G, D], query_normed [N, G, D], key_norm_scale [G, D]
-  -> (u [N, G, D] in out_dtype (default result_type(table, w_value)),
-      gates [N, G] float32).
+  -> (u [N, G, D] in out_dtype (default result_type(table, w_value)), gates [N, G] float32).
   """
   if gate not in reference.GATES:
     raise ValueError(f"gate must be one of {reference.GATES}, got {gate!r}")
-  if table.ndim != 2:
-    raise ValueError(f"table must be [R, d], got shape {table.shape}")
-  check_row_ids(row_ids, table.shape[0])
-  n, heads = row_ids.shape
-  c = heads * table.shape[1]
+  impl, backend, interpret = _resolve(table, row_ids, impl, backend, interpret)
   if w_key.ndim != 3:
     raise ValueError(f"w_key must be [G, H*d, D], got shape {w_key.shape}")
+  n, heads = row_ids.shape
+  c = heads * table.shape[1]
   g, _, dim = w_key.shape
-  expected = {
-    "w_value": (c, dim),
-    "b_value": (dim,),
-    "w_key": (g, c, dim),
-    "b_key": (g, dim),
-    "query_normed": (n, g, dim),
-    "key_norm_scale": (g, dim),
-  }
-  got = {
-    "w_value": w_value.shape,
-    "b_value": b_value.shape,
-    "w_key": w_key.shape,
-    "b_key": b_key.shape,
-    "query_normed": query_normed.shape,
-    "key_norm_scale": key_norm_scale.shape,
-  }
-  for name, shape in expected.items():
-    if tuple(got[name]) != shape:
-      raise ValueError(f"{name} has shape {tuple(got[name])}, expected {shape}")
-  impl = resolve_impl(impl)
-  backend = _resolve_backend(backend) if impl == "pallas" else None
-  interpret = _resolve_interpret(interpret, backend) if impl == "pallas" else None
-  out_dtype = jnp.dtype(out_dtype or jnp.result_type(table.dtype, w_value.dtype))
+  weights = (w_value, b_value, w_key, b_key, query_normed, key_norm_scale)
+  expected = ((c, dim), (dim,), (g, c, dim), (g, dim), (n, g, dim), (g, dim))
+  for name, array, shape in zip(reference.GATE_WEIGHTS, weights, expected):
+    if tuple(array.shape) != shape:
+      raise ValueError(f"{name} has shape {tuple(array.shape)}, expected {shape}")
+  out_dtype = common.out_dtype_or_default(out_dtype, table, w_value)
   op = _gather_gate_op(impl, backend, gate, float(norm_eps), out_dtype, block_rows, block_d, interpret)
-  return op(table, row_ids.astype(jnp.int32), w_value, b_value, w_key, b_key, query_normed, key_norm_scale)
+  return op(table, row_ids.astype(jnp.int32), *weights)

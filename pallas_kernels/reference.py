@@ -24,6 +24,8 @@ import jax.numpy as jnp
 GATES = ("reference", "paper")
 #: Floor of `abs(s)` inside the "reference" gate's square root (keeps its gradient finite).
 SIGNED_SQRT_FLOOR = 1e-6
+#: The gate weights of `gather_gate` and `gate_from_rows`, in argument order (after the rows).
+GATE_WEIGHTS = ("w_value", "b_value", "w_key", "b_key", "query_normed", "key_norm_scale")
 
 
 def gather_rows(table: jax.Array, row_ids: jax.Array) -> jax.Array:
@@ -88,31 +90,7 @@ def gate_from_rows(
   return u.astype(out_dtype), alpha
 
 
-def gather_gate(
-  table,
-  row_ids,
-  w_value,
-  b_value,
-  w_key,
-  b_key,
-  query_normed,
-  key_norm_scale,
-  *,
-  gate: str = "reference",
-  norm_eps: float = 1e-6,
-  out_dtype=None,
-):
-  """Unfused composition: gather_rows then gate_from_rows: row_ids [N, H] -> (u [N, G, D], gates [N, G] f32)."""
-  rows = gather_rows(table, row_ids)
-  return gate_from_rows(
-    rows,
-    w_value,
-    b_value,
-    w_key,
-    b_key,
-    query_normed,
-    key_norm_scale,
-    gate=gate,
-    norm_eps=norm_eps,
-    out_dtype=out_dtype,
-  )
+def gather_gate(table, row_ids, *weights, **options):
+  """The unfused composition and oracle of the fused kernels: `gate_from_rows(gather_rows(table, row_ids),
+  *weights, **options)`, weights and options as in gate_from_rows (weights in `GATE_WEIGHTS` order)."""
+  return gate_from_rows(gather_rows(table, row_ids), *weights, **options)

@@ -34,10 +34,10 @@ class SparseRowGrad(NamedTuple):
     return out.at[self.row_ids].add(self.grads, mode="drop").astype(dtype)
 
 
-def sparse_row_grad(
-  row_ids: jax.Array, d_rows: jax.Array, num_rows: int, max_unique: int | None = None
+def gather_rows_sparse_grad(
+  row_ids: jax.Array, d_rows: jax.Array, num_rows: int, *, max_unique: int | None = None
 ) -> SparseRowGrad:
-  """row_ids [N, H], d_rows [N, H*d] (cotangent of gather_rows) -> SparseRowGrad.
+  """The table gradient of gather_rows in sparse form: row_ids [N, H], d_rows [N, H*d] -> SparseRowGrad.
 
   max_unique: the padded size M (default N*H, which can never overflow). With a
   smaller M, ids beyond the M smallest unique ids are dropped; `count` reports
