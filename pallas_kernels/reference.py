@@ -91,6 +91,7 @@ def gate_from_rows(
 
 
 def gather_gate(table, row_ids, *weights, **options):
-  """The unfused composition and oracle of the fused kernels: `gate_from_rows(gather_rows(table, row_ids),
-  *weights, **options)`, weights and options as in gate_from_rows (weights in `GATE_WEIGHTS` order)."""
+  """The unfused composition and oracle of the fused kernels: `gate_from_rows` of
+  `gather_rows(table, row_ids)`, with the weights (in `GATE_WEIGHTS` order) and the options of
+  `gate_from_rows`."""
   return gate_from_rows(gather_rows(table, row_ids), *weights, **options)

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
-import numpy as np
-
-from engram_jax.config import check_known_fields
+from engram_jax.config import check_bool, check_choice, check_float, check_int, check_known_fields
 from engram_jax.offload import parse_placements
 
 TABLE_OPTIMIZERS = ("catchup_adam", "dense_adam", "sparse_adam")
@@ -134,15 +131,12 @@ class TrainConfig:
     if self.keep_best_by and not self.eval_every:
       raise ValueError("TrainConfig.keep_best_by='val_loss' needs eval_every > 0")
     for name in ("freeze_engram_tables", "progress_bar", "rollback_skip_batches"):
-      if not isinstance(getattr(self, name), bool):
-        raise ValueError(f"TrainConfig.{name} must be True or False, got {getattr(self, name)!r}")
-    if self.on_divergence not in ("stop", "rollback"):
-      raise ValueError(f"TrainConfig.on_divergence must be 'stop' or 'rollback', got {self.on_divergence!r}")
+      check_bool("TrainConfig", name, getattr(self, name))
+    check_choice("TrainConfig", "on_divergence", self.on_divergence, ("stop", "rollback"))
     _check_float(self, "rollback_lr_factor", 0.0, 1.0, low_open=True)
     _check_int(self, "max_rollbacks", 0)
     _check_table_placement(self.table_placement)
-    if self.table_optimizer not in TABLE_OPTIMIZERS:
-      raise ValueError(f"TrainConfig.table_optimizer must be one of {TABLE_OPTIMIZERS}, got {self.table_optimizer!r}")
+    check_choice("TrainConfig", "table_optimizer", self.table_optimizer, TABLE_OPTIMIZERS)
 
   def replace(self, **changes: Any) -> TrainConfig:
     """A copy with the given fields changed (validated again)."""
@@ -162,39 +156,12 @@ class TrainConfig:
 
 
 def _check_int(cfg: TrainConfig, name: str, low: int, high: int | None = None) -> None:
-  value = getattr(cfg, name)
-  allowed = f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}"
-  if (
-    isinstance(value, bool)
-    or not isinstance(value, int | np.integer)
-    or value < low
-    or (high is not None and value > high)
-  ):
-    raise ValueError(f"TrainConfig.{name} must be {allowed}, got {value!r}")
+  check_int("TrainConfig", name, getattr(cfg, name), low=low, high=high)
 
 
-def _check_float(
-  cfg: TrainConfig,
-  name: str,
-  low: float | None,
-  high: float | None = None,
-  *,
-  low_open: bool = False,
-  high_open: bool = False,
-) -> None:
+def _check_float(cfg: TrainConfig, name: str, low: float | None, high: float | None = None, **open_ends: bool) -> None:
   """A finite real number in the range [low, high] (open ends where said; None: unbounded)."""
-  value = getattr(cfg, name)
-  lo = "(-inf" if low is None else f"{'(' if low_open else '['}{low:g}"
-  hi = "inf)" if high is None else f"{high:g}{')' if high_open else ']'}"
-  ok = (
-    not isinstance(value, bool) and isinstance(value, int | float | np.integer | np.floating) and math.isfinite(value)
-  )
-  if ok and low is not None:
-    ok = value > low if low_open else value >= low
-  if ok and high is not None:
-    ok = value < high if high_open else value <= high
-  if not ok:
-    raise ValueError(f"TrainConfig.{name} must be a finite number in {lo}, {hi}, got {value!r}")
+  check_float("TrainConfig", name, getattr(cfg, name), low=low, high=high, **open_ends)
 
 
 def _check_table_placement(spec: str) -> None:
