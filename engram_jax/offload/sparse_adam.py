@@ -143,6 +143,26 @@ def _apply_jax(p, m, v, c, rows, g, n_valid, lr, *, b1, b2, eps, wd, on_host):
   return compute_on(body, compute_type="device_host", out_memory_spaces=host)(p, m, v, c, rows, g, lr)
 
 
+def _numpy_rows(table, unique_rows, summed_grads, count) -> tuple[np.ndarray, np.ndarray]:
+  """The real rows (int64 [n]) and their summed grads [n, d] of a NumPy update: the first
+  `count` entries (all when None) without `sparse_grad`'s padding (ids >= R); ValueError for
+  a bad shape, a count past the rows given, negative or repeated ids."""
+  rows = np.asarray(unique_rows).reshape(-1).astype(np.int64)
+  grads = np.asarray(summed_grads)
+  if grads.shape != (rows.shape[0], table.shape[1]):
+    raise ValueError(f"summed_grads {grads.shape} must be [{rows.shape[0]}, {table.shape[1]}]")
+  n = rows.shape[0] if count is None else int(count)
+  if n > rows.shape[0]:
+    raise ValueError(f"count={n} exceeds the {rows.shape[0]} rows given")
+  keep = rows[:n] < table.shape[0]  # drop sparse_grad padding
+  rows, grads = rows[:n][keep], grads[:n][keep]
+  if (rows < 0).any():
+    raise ValueError(f"negative row id {int(rows[rows < 0][0])} in unique_rows")
+  if np.unique(rows).size != rows.size:
+    raise ValueError("unique_rows has duplicates: sum their gradients first (sparse_grad)")
+  return rows, grads
+
+
 class SparseRowAdam:
   """Adam that touches only the rows it is given (see the module docstring).
 
@@ -217,20 +237,7 @@ class SparseRowAdam:
     return out[0], SparseRowState(*out[1:])
 
   def _apply_numpy(self, table, state, unique_rows, summed_grads, count, lr):
-    rows = np.asarray(unique_rows).reshape(-1).astype(np.int64)
-    grads = np.asarray(summed_grads)
-    if grads.shape != (rows.shape[0], table.shape[1]):
-      raise ValueError(f"summed_grads {grads.shape} must be [{rows.shape[0]}, {table.shape[1]}]")
-    n = rows.shape[0] if count is None else int(count)
-    if n > rows.shape[0]:
-      raise ValueError(f"count={n} exceeds the {rows.shape[0]} rows given")
-    rows, grads = rows[:n], grads[:n]
-    keep = rows < table.shape[0]  # drop sparse_grad padding
-    rows, grads = rows[keep], grads[keep]
-    if (rows < 0).any():
-      raise ValueError(f"negative row id {int(rows[rows < 0][0])} in unique_rows")
-    if np.unique(rows).size != rows.size:
-      raise ValueError("unique_rows has duplicates: sum their gradients first (sparse_grad)")
+    rows, grads = _numpy_rows(table, unique_rows, summed_grads, count)
     m, v, c = state
     p_new, m_new, v_new, c_new = _adam_rows(
       np,
@@ -476,17 +483,7 @@ class CatchupRowAdam:
   def apply(self, table: np.ndarray, state: CatchupState, unique_rows, summed_grads, count=None, *, lr=None) -> None:
     """One step on the given rows (as `SparseRowAdam.apply`: padding >= R and entries past
     `count` ignored, no duplicates), in place; `lr` overrides the learning rate."""
-    rows = np.asarray(unique_rows).reshape(-1).astype(np.int64)
-    grads = np.asarray(summed_grads)
-    if grads.shape != (rows.shape[0], table.shape[1]):
-      raise ValueError(f"summed_grads {grads.shape} must be [{rows.shape[0]}, {table.shape[1]}]")
-    n = rows.shape[0] if count is None else int(count)
-    keep = rows[:n] < table.shape[0]
-    rows, grads = rows[:n][keep], grads[:n][keep]
-    if (rows < 0).any():
-      raise ValueError(f"negative row id {int(rows[rows < 0][0])} in unique_rows")
-    if np.unique(rows).size != rows.size:
-      raise ValueError("unique_rows has duplicates: sum their gradients first (sparse_grad)")
+    rows, grads = _numpy_rows(table, unique_rows, summed_grads, count)
     lr = self.lr if lr is None else float(lr)
     t, series, p, m, v = self._caught_up(table, state, rows)
     p, m, v = _adam_global(np, p, m, v, grads.astype(m.dtype), t, lr, self.b1, self.b2, self.eps)
