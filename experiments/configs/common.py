@@ -170,6 +170,34 @@ def base_config(variant: str) -> ml_collections.ConfigDict:
   return c
 
 
+#: Engram table init std 0.1 (reference 1.0) and Adam at 20x the lr (library default 5x): the
+#: micro pilot in docs/RESULTS.md (paired, -0.064 +/- 0.003 nats against the reference values).
+PILOTED_TABLE = {"model": {"engram_table_init_std": 0.1}, "train": {"engram_lr_multiplier": 20.0}}
+
+
+def update(c: ml_collections.ConfigDict, block: str, **fields) -> ml_collections.ConfigDict:
+  """Sets `fields` of the block `c.<block>` ("model", "data", ...) and returns `c`; a block
+  or a field the config lacks is a ValueError naming it (nothing is added)."""
+  blocks = sorted(k for k, v in c.items() if isinstance(v, ml_collections.ConfigDict))
+  if block not in blocks:
+    raise ValueError(f"unknown config block {block!r}; blocks are {blocks}")
+  unknown = sorted(set(fields) - set(c[block]))
+  if unknown:
+    raise ValueError(f"config.{block} has no fields {unknown}")
+  c[block].update(fields)
+  return c
+
+
+def derive(variant: str, *presets: dict) -> ml_collections.ConfigDict:
+  """`base_config(variant)` with each preset ({block: {field: value}}, like `PILOTED_TABLE`)
+  applied in order through `update`."""
+  c = base_config(variant)
+  for preset in presets:
+    for block, fields in preset.items():
+      update(c, block, **fields)
+  return c
+
+
 def _plain(d) -> dict:
   d = d.to_dict() if hasattr(d, "to_dict") else dict(d)
   return {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
