@@ -518,15 +518,21 @@ def run_all(
 
 
 # ------------------------------------------------------------------------------- output
-def run_and_report(name: str, planned, workdir: str, *, train: bool, report, plot) -> dict:
+def run_and_report(
+  name: str, planned, workdir: str, *, train: bool, summarize, parts: Sequence[str], plot: dict, references=False
+) -> dict:
   """Trains (or reuses) the planned runs, then writes results.json, table.md and the plot
-  under workdir/name. report(rows) -> (extra: dict, table: str) and
-  plot(rows, extra, path) -> path are the experiment's own."""
+  under workdir/name. summarize(rows) -> (*values, table: str) is the experiment's own: the
+  values go into results.json's meta under the names `parts` (one of them "paired", a
+  `paired_summary`), which `plot_paired(**plot)` draws (without the reference unless
+  `references`)."""
   rows = run_all(planned, workdir, train=train)
   missing = missing_runs(planned, workdir)
-  extra, table = report(rows)
+  *values, table = summarize(rows)
+  extra = dict(zip(parts, values, strict=True))
   out = Path(workdir) / name
-  png = plot(rows, extra, out / f"{name}.png")
+  shown = [s for s in extra["paired"] if references or not s["is_reference"]]
+  png = plot_paired(shown, out / f"{name}.png", **plot)
   write_results(out, name, rows, meta={"missing_runs": missing, **extra, "plot": str(png)}, table=table)
   print(table)
   return {"rows": rows, **extra, "table": table, "plot": png}
@@ -578,11 +584,3 @@ def save_figure(fig, path: str | Path) -> Path:
   fig.savefig(path, dpi=110)
   plt.close(fig)
   return path
-
-
-def parse_floats(values: Sequence[str]) -> list[float]:
-  return [float(v) for v in values]
-
-
-def parse_ints(values: Sequence[str]) -> list[int]:
-  return [int(v) for v in values]

@@ -46,6 +46,7 @@ from engram_jax.models.config import ModelConfig
 from engram_jax.models.offloaded import model_stores
 from engram_jax.models.transformer import Transformer
 from engram_jax.offload import HostTable, HotRowCache, count_row_frequencies, top_rows
+from experiments.bench.timing import time_calls
 
 
 def define_flags() -> dict:
@@ -247,13 +248,7 @@ def gather_alone_seconds(gen: Generator, prompts, iters: int = 10) -> float:
   def rows(lut, toks, tables):
     return dec.program_rows(tables, dec.hasher.hash_jax(jnp.take(lut, toks, axis=0)))[0]
 
-  jax.block_until_ready(rows(dec.lut, tokens, dec.tables))
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(rows(dec.lut, tokens, dec.tables))
-    times.append(time.perf_counter() - start)
-  return float(np.min(times))
+  return min(time_calls(rows, dec.lut, tokens, dec.tables, iters=iters))
 
 
 def serve_one(p: Preset, backbone: str, platform: str, opt: Options = Options()) -> dict:

@@ -10,7 +10,7 @@ import time
 import traceback
 from pathlib import Path
 
-from experiments.gpu_check.common import NOMINAL_BF16_TFLOPS, StepLog, _stats, _time_calls
+from experiments.gpu_check.common import NOMINAL_BF16_TFLOPS, StepLog, _stats
 
 
 # ------------------------------------------------------------------------------- env step
@@ -20,6 +20,7 @@ def step_env(log: StepLog, smoke: bool) -> None:
   import jaxlib
 
   from experiments.bench import lookup
+  from experiments.bench.timing import time_calls
 
   dev = jax.devices()[0]
   versions = {}
@@ -77,7 +78,7 @@ def step_env(log: StepLog, smoke: bool) -> None:
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
     f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
-    st = _stats(_time_calls(f, a, b, iters=3 if small else 20))
+    st = _stats(time_calls(f, a, b, iters=3 if small else 20))
     return {"shape": [n, n, n], **st, "tflops": 2 * n**3 / (st["median_ms"] * 1e-3) / 1e12}
 
   log.case("measures", "bf16_matmul", matmul)
