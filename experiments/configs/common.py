@@ -147,17 +147,8 @@ def base_config(variant: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.variant = variant
   c.seed = 0
-  c.model = _defaults(
-    ModelConfig,
-    skip=_MODEL_BLOCK_FIELDS,
-    vocab_size=2048,
-    hidden_size=64,
-    num_layers=4,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=16,
-    ffn_hidden=256,
-  )
+  backbone = dict(vocab_size=2048, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16)
+  c.model = _defaults(ModelConfig, skip=_MODEL_BLOCK_FIELDS, **backbone, ffn_hidden=256)
   c.moe = _defaults(MoEConfig, num_experts=16, num_shared_experts=1, top_k=2, expert_hidden=64)
   c.engram = _defaults(
     EngramConfig, vocab_sizes=(1000, 1000), layer_ids=(1,), pad_id=0, n_embed_per_ngram=32, n_head_per_ngram=2

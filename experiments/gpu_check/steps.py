@@ -547,40 +547,21 @@ SMALL_BATCH = (16, 1024)
 def measure_train_step(cfg, batch: int, seq: int, steps: int, warmup: int) -> dict:
   """Jitted train step (engram_jax.train.steps) on synthetic tokens and uniform row ids."""
   import jax
-  import jax.numpy as jnp
   import numpy as np
 
   from engram_jax.models.accounting import count_params, flops_per_token
-  from engram_jax.train.config import TrainConfig
-  from engram_jax.train.optimizer import make_optimizer
-  from engram_jax.train.state import TrainState, build_model, split_model
-  from engram_jax.train.steps import make_train_step
+  from engram_jax.train.state import build_model
+  from experiments.bench.shared import device_train_step, lm_batch
 
   model = build_model(cfg, 0)
   rng = np.random.default_rng(0)
-  batches = []
-  for _ in range(2):  # alternate two batches: the step cannot be cached away
-    tokens = rng.integers(0, cfg.vocab_size, (batch, seq + 1)).astype(np.int32)
-    rows = {
-      l: np.stack([rng.integers(0, s, (batch, seq)) for s in model.blocks[l].engram.table_sizes], -1).astype(np.int32)
-      for l in cfg.engram_layer_ids
-    }
-    batches.append(
-      jax.device_put(
-        {
-          "tokens": tokens[:, :-1],
-          "targets": tokens[:, 1:],
-          "loss_mask": np.ones((batch, seq), np.float32),
-          "engram_ids": rows,
-        }
-      )
-    )
-  graphdef, params, rest = split_model(model)
-  tcfg = TrainConfig(total_steps=1000, learning_rate=1e-3, warmup_steps=0, progress_bar=False)
-  tx, lr = make_optimizer(tcfg, params)
-  rate = cfg.moe.bias_update_rate if cfg.moe else 0.0
-  step = jax.jit(make_train_step(graphdef, tx, lr, bias_update_rate=rate), donate_argnums=(0,))
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=tx.init(params))
+  rows = lambda rng: {
+    l: np.stack([rng.integers(0, s, (batch, seq)) for s in model.blocks[l].engram.table_sizes], -1).astype(np.int32)
+    for l in cfg.engram_layer_ids
+  }
+  # alternate two batches: the step cannot be cached away
+  batches = [jax.device_put(lm_batch(rng, cfg.vocab_size, batch, seq, rows)) for _ in range(2)]
+  step, state = device_train_step(model, bias_update_rate=cfg.moe.bias_update_rate if cfg.moe else 0.0)
   times, compile_s = [], None
   for i in range(warmup + steps):
     t0 = time.perf_counter()
