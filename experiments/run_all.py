@@ -34,6 +34,12 @@ from absl import flags
 from experiments import ablations, allocation_sweep, cli, controls, memory_scaling, sweep_lib
 
 EXPERIMENTS = ("allocation_sweep", "memory_scaling", "ablations", "controls")
+MODULES = {
+  "allocation_sweep": allocation_sweep,
+  "memory_scaling": memory_scaling,
+  "ablations": ablations,
+  "controls": controls,
+}
 RHOS = (1.0, 0.9, 0.8, 0.6, 0.4)
 SEEDS = (0, 1, 2)
 SLOTS = (256, 1024, 4096)
@@ -103,17 +109,7 @@ def report(config, workdir: str, args: dict[str, dict], docs_dir: str | None = N
     if name not in args:
       continue
     print(f"==== {name}", flush=True)
-    a = args[name]
-    if name == "allocation_sweep":
-      out[name] = allocation_sweep.run(
-        config, workdir, a["rhos"], a["scales"], a["seeds"], secondary_rhos=a["secondary_rhos"], train=train
-      )
-    elif name == "memory_scaling":
-      out[name] = memory_scaling.run(config, workdir, a["slots"], a["baseline_slots"], a["seeds"], train=train)
-    elif name == "ablations":
-      out[name] = ablations.run(config, workdir, a["ablations"], a["seeds"], train=train)
-    else:
-      out[name] = controls.run(config, workdir, a["seeds"], train=train)
+    out[name] = MODULES[name].run(config, workdir, **args[name], train=train)  # plan's names are run's
     if docs_dir:
       src, dst = Path(workdir) / name, Path(docs_dir) / name
       dst.mkdir(parents=True, exist_ok=True)

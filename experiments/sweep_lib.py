@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import platform
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,10 +33,8 @@ from experiments.configs import common
 log = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
-# Config fields added after runs were keyed: at these defaults they leave the key (and so
-# the finished runs) unchanged. Add a new field here when it is added to a config.
-# Options added after runs were recorded: at their defaults they leave a run's key unchanged
-# (the cached runs stay valid; none of them changes what is computed).
+# Config fields added after runs were keyed: at these defaults they leave a run's key (and so
+# the finished runs) unchanged; add a new field here when it is added to a config.
 # table_optimizer: runs recorded before the field existed trained with dense table Adam
 KEY_NEUTRAL_DEFAULTS = {
   "train": {"table_placement": "device", "table_optimizer": "dense_adam"},
@@ -155,9 +154,7 @@ def actual_param_counts(model_config) -> dict[str, int]:
 
 
 def hardware() -> str:
-  import os
-  import platform
-
+  """The devices, the host's CPU count and the jax version, for the results' records."""
   d = jax.devices()[0]
   cpus = os.cpu_count()
   return (
@@ -575,12 +572,13 @@ def new_figure(width: float = 6.4, height: float = 4.0):
   return fig, ax
 
 
-def save_figure(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+  """Writes `fig` to `path` (its folder made) and closes it."""
   import matplotlib.pyplot as plt
 
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fig.savefig(path, dpi=dpi)
   plt.close(fig)
   return path

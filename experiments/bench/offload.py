@@ -42,7 +42,7 @@ from engram_jax.offload.hot_cache import HotRowCache, count_row_frequencies
 from engram_jax.offload.prefetch import patch_updated_rows
 from engram_jax.train.host_trainer import HostTableTrainer
 from engram_jax.train.state import build_model
-from experiments.bench.shared import TRAIN, backbone, device_train_step, lm_batch
+from experiments.bench.shared import TRAIN, backbone, device_train_step, lm_batch, note_cpu
 
 _PRESET = flags.DEFINE_enum("preset", "cpu_tiny", ["cpu_tiny", "h200"], "Model and shapes.")
 _PLACEMENTS = flags.DEFINE_list("placements", ["device", "host", "cached"], "What to run.")
@@ -352,13 +352,8 @@ def main(argv):
   del argv
   preset = _presets()[_PRESET.value]
   cfg = preset.model.replace(dtype=_DTYPE.value) if _DTYPE.value else preset.model
-  cpu = jax.default_backend() == "cpu"
   print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}); preset {_PRESET.value}")
-  if cpu:
-    print(
-      "NOTE: on CPU host and device memory are the same RAM: these figures show that the "
-      "paths work and their software overhead, NOT PCIe transfer behaviour."
-    )
+  cpu = note_cpu()
   start = time.perf_counter()
   s = setup(cfg, preset, _ZIPF.value)
   b, t = preset.train_batch

@@ -348,8 +348,7 @@ def main(argv, f: dict):
     f"GPU goal: host-table decode within 1% of device-table decode (host/device >= "
     f"{GOAL['gpu']}; the paper: -1.9% / -2.8% on H800). CPU goal: >= {GOAL['cpu']}."
   )
-  if platform == "cpu":
-    print("note: on CPU host and device memory are the same RAM; these figures measure software overhead only.")
+  shared.note_cpu()
   if f["dry_run"].value:
     for backbone in f["backbones"].value:
       c = model_config(p, backbone)

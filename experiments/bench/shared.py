@@ -3,6 +3,7 @@ language-model batches and the jitted device train step."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -13,6 +14,29 @@ from engram_jax.train.config import TrainConfig
 from engram_jax.train.optimizer import make_optimizer
 from engram_jax.train.state import TrainState, split_model
 from engram_jax.train.steps import make_train_step
+
+
+def note_cpu() -> bool:
+  """Whether jax runs on CPU; if so, prints what the figures of a placement benchmark mean there."""
+  cpu = jax.default_backend() == "cpu"
+  if cpu:
+    print(
+      "NOTE: on CPU host and device memory are the same RAM: these figures show that the paths work and their "
+      "software overheads (dispatch, copies), NOT PCIe transfer behaviour."
+    )
+  return cpu
+
+
+@dataclasses.dataclass(frozen=True)
+class GatherCase:
+  """A row gather: a table of `rows` x `d` (`dtype`) read at `tokens` x `heads` row ids."""
+
+  rows: int  # table rows R
+  d: int  # row width
+  dtype: str
+  tokens: int  # N
+  heads: int  # H
+
 
 #: The backbone fields a benchmark preset sets, in `backbone`'s order.
 BACKBONE = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "ffn_hidden")

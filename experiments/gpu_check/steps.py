@@ -483,59 +483,15 @@ def small_model_config():
   """The small config's model (experiments/configs/small.py, variant engram, after its
   allocation against the MoE twin), written out because that file needs ml_collections;
   tests/test_gpu_check.py checks that the two agree."""
+  from engram_jax.config import EngramConfig
+  from engram_jax.layers.moe import MoEConfig
   from engram_jax.models.config import ModelConfig
+  from experiments.bench.shared import backbone
 
-  return ModelConfig.from_dict(
-    {
-      "vocab_size": 16384,
-      "hidden_size": 512,
-      "num_layers": 8,
-      "num_heads": 8,
-      "num_kv_heads": 4,
-      "head_dim": 64,
-      "ffn_hidden": 2048,
-      "num_dense_layers": 1,
-      "moe": {
-        "num_experts": 39,
-        "num_shared_experts": 2,
-        "top_k": 6,
-        "expert_hidden": 256,
-        "routed_scaling": 1.0,
-        "dispatch": "dropless",
-        "capacity_factor": 1.25,
-        "bias_update_rate": 0.001,
-        "balance_loss_weight": 0.0,
-      },
-      "hc_mult": 4,
-      "sinkhorn_iters": 20,
-      "rope_theta": 10000.0,
-      "engram": {
-        "vocab_sizes": [21630, 21630],
-        "max_ngram_size": 3,
-        "n_embed_per_ngram": 256,
-        "n_head_per_ngram": 8,
-        "layer_ids": [1, 5],
-        "pad_id": 0,
-        "seed": 0,
-        "kernel_size": 4,
-        "allow_layer_zero": False,
-      },
-      "engram_compressed_vocab": None,
-      "engram_gate": "reference",
-      "engram_impl": "xla",
-      "engram_short_conv": True,
-      "engram_multi_branch": True,
-      "engram_fold_rows": None,
-      "engram_row_multiple": 1024,
-      "engram_sharded_lookup": "all_to_all",
-      "engram_table_sharding": "tensor",
-      "engram_mode": "engram",
-      "tie_embeddings": False,
-      "norm_eps": 1e-06,
-      "dtype": "bfloat16",
-      "param_dtype": "float32",
-    }
-  )
+  moe = MoEConfig(num_experts=39, num_shared_experts=2, top_k=6, expert_hidden=256)
+  engram = EngramConfig(vocab_sizes=(21630,) * 2, n_embed_per_ngram=256, n_head_per_ngram=8, layer_ids=(1, 5), pad_id=0)
+  model = backbone(16384, 512, 8, 8, 4, 64, 2048)
+  return ModelConfig.engram_moe(moe, engram, **model, hc_mult=4, engram_row_multiple=1024, dtype="bfloat16")
 
 
 # experiments/configs/small.py trains at 32 x 1024, but XLA's memory analysis of that step for
