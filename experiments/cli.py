@@ -45,14 +45,8 @@ _FLAGS: dict[str, tuple[Any, Any, str]] = {
 
 
 # the shared list flags that hold numbers: the type of their items
-_NUMBERS = {
-  "seeds": int,
-  "rhos": float,
-  "secondary_rhos": float,
-  "budget_scales": float,
-  "slots": int,
-  "baseline_slots": int,
-}
+_INTS, _FLOATS = ("seeds", "slots", "baseline_slots"), ("rhos", "secondary_rhos", "budget_scales")
+_NUMBERS = {**dict.fromkeys(_INTS, int), **dict.fromkeys(_FLOATS, float)}
 
 
 def define_flags(*names: str, **extra: tuple[Any, Any, str]) -> dict[str, flags.FlagHolder]:
