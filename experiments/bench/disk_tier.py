@@ -101,7 +101,8 @@ def _run(build, spec, batches, frequencies, disk_dir, reuse):
   placements = with_disk_dir(parse_placements(spec, (LAYER,)), disk_dir)
   model, offloaded = build_offloaded(build, placements, frequencies=frequencies)
   trainer = HostTableTrainer(model, offloaded, TRAIN, reuse_step_of=reuse)
-  table, source = offloaded.tables[LAYER], offloaded.sources[LAYER]
+  store = offloaded.host_stores[LAYER]
+  table, source = store.table, getattr(store, "cache", store.table)  # source: what the step reads
   times, last = [], None
   it = trainer.iterate(iter(batches))
   for i in range(len(batches)):

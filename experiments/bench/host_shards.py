@@ -123,7 +123,7 @@ def _dp_stepper(cfg, rate):
     local = _local(batch)
     put = multihost.put_process_batch(local, batch_shardings(local, mesh), _BATCH.value)
     with jax.set_mesh(mesh):
-      state[0], metrics = step_fn(state[0], put)
+      state[0], metrics, _ = step_fn(state[0], put)
     jax.block_until_ready(metrics)
 
   return one_step
