@@ -19,10 +19,7 @@ wider memory). Resumable. Writes <workdir>/ablations/{results.json, table.md, ab
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
-
-from absl import app, flags
+from absl import flags
 
 from experiments import cli, sweep_lib
 from experiments.configs import common
@@ -97,50 +94,20 @@ def summarize(rows: list[dict]) -> tuple[list[dict], str]:
   return paired, "\n".join(lines)
 
 
-def plot(paired: list[dict], path: Path) -> Path:
-  return sweep_lib.plot_paired(
-    [s for s in paired if not s["is_reference"]],
-    path,
-    title="Ablations at a fixed budget (> 0: the removal hurts)",
-    label="variant",
-  )
+PLOT = {"title": "Ablations at a fixed budget (> 0: the removal hurts)", "label": "variant"}
 
 
 def run(config, workdir: str, ablations, seeds, *, steps=None, train=True) -> dict:
-  config = sweep_lib.with_overrides(config, steps=steps)
-  planned = variants(config, ablations, seeds)
-
-  def report(rows):
-    paired, table = summarize(rows)
-    return {"paired": paired}, table
-
-  return sweep_lib.run_and_report(
-    NAME, planned, workdir, train=train, report=report, plot=lambda rows, extra, path: plot(extra["paired"], path)
-  )
+  planned = variants(sweep_lib.with_overrides(config, steps=steps), ablations, seeds)
+  return sweep_lib.run_and_report(NAME, planned, workdir, train=train, summarize=summarize, parts=["paired"], plot=PLOT)
 
 
-def define_flags() -> dict:
-  """The command-line flags (defined only when run as a script)."""
-  return {
-    **cli.define_flags("seeds", "steps"),
-    "ablations": flags.DEFINE_list("ablations", list(ABLATIONS), "Ablations to run (full always runs)."),
-  }
+def main(f: dict) -> None:
+  """The script: every flag's value in `f` (`cli.values`)."""
+  run(f["config"], f["workdir"], list(f["ablations"]), f["seeds"], steps=f["steps"])
 
-
-def main(argv):
-  del argv
-  logging.basicConfig(level=logging.WARNING)
-  run(
-    _F["config"].value,
-    _F["workdir"].value,
-    list(_F["ablations"].value),
-    sweep_lib.parse_ints(_F["seeds"].value),
-    steps=_F["steps"].value,
-  )
-
-
-_F: dict = {}
 
 if __name__ == "__main__":
-  _F.update(define_flags())
-  app.run(main)
+  cli.start(
+    main, "seeds", "steps", ablations=(flags.DEFINE_list, list(ABLATIONS), "Ablations to run (full always runs).")
+  )

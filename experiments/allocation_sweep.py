@@ -16,10 +16,7 @@ rho = 1 of the same budget and seeds, paired on the same validation tokens, ± S
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
-
-from absl import app, flags
+from absl import flags
 
 from experiments import cli, sweep_lib
 from experiments.configs import common
@@ -112,61 +109,40 @@ def paired_summary(rows: list[dict]) -> list[dict]:
   )
 
 
-def plot(rows: list[dict], paired: list[dict], path: Path) -> Path:
-  """Paired difference to rho = 1 against rho, ± 1 SE over seeds, one line per budget."""
-  del rows
-  return sweep_lib.plot_paired(
-    paired,
-    path,
-    title="Sparsity allocation at fixed total and active parameters",
-    label="rho",
-    x=lambda g: g[1],
-    series=lambda g: f"hidden {g[0]}",
-    xlabel="rho (routed-expert share of the sparse parameters)",
-    invert_x=True,
-  )
+# paired difference to rho = 1 against rho, ± 1 SE over seeds, one line per budget
+PLOT = {
+  "title": "Sparsity allocation at fixed total and active parameters",
+  "label": "rho",
+  "x": lambda g: g[1],
+  "series": lambda g: f"hidden {g[0]}",
+  "xlabel": "rho (routed-expert share of the sparse parameters)",
+  "invert_x": True,
+}
 
 
 def run(
   config, workdir: str, rhos, scales, seeds, *, all_seeds=False, steps=None, secondary_rhos=None, train=True
 ) -> dict:
-  config = sweep_lib.with_overrides(config, steps=steps)
-  planned = variants(config, rhos, scales, seeds, all_seeds, secondary_rhos)
-
-  def report(rows):
-    summary, paired, table = summarize(rows)
-    return {"summary": summary, "paired": paired}, table
-
+  planned = variants(sweep_lib.with_overrides(config, steps=steps), rhos, scales, seeds, all_seeds, secondary_rhos)
   return sweep_lib.run_and_report(
-    NAME, planned, workdir, train=train, report=report, plot=lambda rows, extra, path: plot(rows, extra["paired"], path)
+    NAME, planned, workdir, train=train, summarize=summarize, parts=["summary", "paired"], plot=PLOT, references=True
   )
 
 
-def define_flags() -> dict:
-  """The command-line flags (defined only when run as a script)."""
-  return {
-    **cli.define_flags("rhos", "secondary_rhos", "budget_scales", "seeds", "steps"),
-    "all_seeds": flags.DEFINE_bool("all_seeds", False, "Run every seed at every budget."),
-  }
-
-
-def main(argv):
-  del argv
-  logging.basicConfig(level=logging.WARNING)
+def main(f: dict) -> None:
+  """The script: every flag's value in `f` (`cli.values`)."""
   run(
-    _F["config"].value,
-    _F["workdir"].value,
-    sweep_lib.parse_floats(_F["rhos"].value),
-    sweep_lib.parse_floats(_F["budget_scales"].value),
-    sweep_lib.parse_ints(_F["seeds"].value),
-    all_seeds=_F["all_seeds"].value,
-    steps=_F["steps"].value,
-    secondary_rhos=sweep_lib.parse_floats(_F["secondary_rhos"].value) if _F["secondary_rhos"].value else None,
+    f["config"],
+    f["workdir"],
+    f["rhos"],
+    f["budget_scales"],
+    f["seeds"],
+    all_seeds=f["all_seeds"],
+    steps=f["steps"],
+    secondary_rhos=f["secondary_rhos"] or None,
   )
 
-
-_F: dict = {}
 
 if __name__ == "__main__":
-  _F.update(define_flags())
-  app.run(main)
+  all_seeds = (flags.DEFINE_bool, False, "Run every seed at every budget.")
+  cli.start(main, "rhos", "secondary_rhos", "budget_scales", "seeds", "steps", all_seeds=all_seeds)

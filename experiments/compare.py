@@ -24,7 +24,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from engram_jax.train import evaluation, stats
-from experiments import cli
+from experiments import cli, sweep_lib
 from experiments.configs import common
 from experiments.runner import build_trainer
 
@@ -121,14 +121,9 @@ def format_table(rows: list[dict]) -> str:
 
 
 def plot_curves(workdir: Path, variants: list[str]) -> Path:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
   from engram_jax.train.metrics import read_metrics
 
-  fig, ax = plt.subplots(figsize=(7, 4.2))
+  fig, ax = sweep_lib.new_figure(7, 4.2)
   for variant in variants:
     train = read_metrics(workdir / variant, "train")
     val = read_metrics(workdir / variant, "val")
@@ -143,13 +138,8 @@ def plot_curves(workdir: Path, variants: list[str]) -> Path:
   ax.set_xlabel("step")
   ax.set_ylabel("cross-entropy (nats/token)")
   ax.set_title("Engram+MoE vs MoE (iso-parameter)")
-  ax.grid(alpha=0.3)
   ax.legend()
-  path = workdir / "loss_curves.png"
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return sweep_lib.save_figure(fig, workdir / "loss_curves.png", dpi=120)
 
 
 def main(argv):

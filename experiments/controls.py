@@ -19,11 +19,7 @@ table.md, controls.png}.
 
 from __future__ import annotations
 
-import logging
 import math
-from pathlib import Path
-
-from absl import app
 
 from experiments import cli, sweep_lib
 from experiments.ablations import variant as ablation_variant
@@ -111,41 +107,20 @@ def fact_summary(rows: list[dict]) -> list[dict]:
   return out
 
 
-def plot(paired: list[dict], path: Path) -> Path:
-  return sweep_lib.plot_paired(
-    [s for s in paired if not s["is_reference"]],
-    path,
-    title="Controls: is the memory used? (0 = full Engram)",
-    label="model",
-  )
+PLOT = {"title": "Controls: is the memory used? (0 = full Engram)", "label": "model"}
 
 
 def run(config, workdir: str, seeds, *, steps=None, train=True) -> dict:
   config = sweep_lib.with_overrides(config, steps=steps)
   planned = [variant(config, w, s) for s in seeds for w in CONTROLS]
-
-  def report(rows):
-    paired, probes, table = summarize(rows)
-    return {"paired": paired, "fact_probe": probes}, table
-
-  return sweep_lib.run_and_report(
-    NAME, planned, workdir, train=train, report=report, plot=lambda rows, extra, path: plot(extra["paired"], path)
-  )
+  parts = ["paired", "fact_probe"]
+  return sweep_lib.run_and_report(NAME, planned, workdir, train=train, summarize=summarize, parts=parts, plot=PLOT)
 
 
-def define_flags() -> dict:
-  """The command-line flags (defined only when run as a script)."""
-  return cli.define_flags("seeds", "steps")
+def main(f: dict) -> None:
+  """The script: every flag's value in `f` (`cli.values`)."""
+  run(f["config"], f["workdir"], f["seeds"], steps=f["steps"])
 
-
-def main(argv):
-  del argv
-  logging.basicConfig(level=logging.WARNING)
-  run(_F["config"].value, _F["workdir"].value, sweep_lib.parse_ints(_F["seeds"].value), steps=_F["steps"].value)
-
-
-_F: dict = {}
 
 if __name__ == "__main__":
-  _F.update(define_flags())
-  app.run(main)
+  cli.start(main, "seeds", "steps")

@@ -57,7 +57,7 @@ _REPEAT = flags.DEFINE_integer(
 )
 
 
-def check_generation_flags(*, max_new_tokens, temperature, top_k, top_p, greedy, repeat, prompts) -> None:
+def check_generation_flags(*, max_new_tokens, temperature, top_k, top_p, repeat, prompts) -> None:
   """Raises app.UsageError naming the flag of the first bad value."""
   if max_new_tokens < 1:
     raise app.UsageError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -72,20 +72,12 @@ def check_generation_flags(*, max_new_tokens, temperature, top_k, top_p, greedy,
   for i, text in enumerate(prompts):
     if not text:
       raise app.UsageError(f"--prompt number {i} is empty")
-  del greedy
 
 
 def main(argv):
   del argv
-  check_generation_flags(
-    max_new_tokens=_MAX_NEW.value,
-    temperature=_TEMPERATURE.value,
-    top_k=_TOP_K.value,
-    top_p=_TOP_P.value,
-    greedy=_GREEDY.value,
-    repeat=_REPEAT.value,
-    prompts=_PROMPT.value,
-  )
+  checked = ("max_new_tokens", "temperature", "top_k", "top_p", "repeat")  # the flags' names
+  check_generation_flags(prompts=_PROMPT.value, **{name: flags.FLAGS[name].value for name in checked})
   from engram_jax.data import special_ids
   from engram_jax.inference import Generator, SamplingConfig
   from engram_jax.models.offloaded import split_tables

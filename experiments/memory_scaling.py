@@ -15,11 +15,9 @@ memory_scaling.png} with the fitted slope of loss per decade of slots.
 
 from __future__ import annotations
 
-import logging
 import math
-from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 from experiments import cli, sweep_lib
 from experiments.configs import common
@@ -108,56 +106,28 @@ def summarize(rows: list[dict]) -> tuple[dict, list[dict], str]:
   return fits, paired, "\n".join(lines)
 
 
-def plot(paired: list[dict], path: Path) -> Path:
-  return sweep_lib.plot_paired(
-    [s for s in paired if s["group"][0] != "none"],
-    path,
-    title="Memory scaling with the backbone fixed (0 = MoE alone)",
-    label="slots",
-    x=lambda g: g[1],
-    xscale="log",
-    series=lambda g: "Engram" if g[0] == "engram" else "n-gram average into input",
-    xlabel="slots per head (nominal rows)",
-  )
+# the MoE alone (the reference) is the zero line
+PLOT = {
+  "title": "Memory scaling with the backbone fixed (0 = MoE alone)",
+  "label": "slots",
+  "x": lambda g: g[1],
+  "xscale": "log",
+  "series": lambda g: "Engram" if g[0] == "engram" else "n-gram average into input",
+  "xlabel": "slots per head (nominal rows)",
+}
 
 
 def run(config, workdir: str, slots, baseline_slots, seeds=0, *, steps=None, train=True) -> dict:
-  config = sweep_lib.with_overrides(config, steps=steps)
-  planned = variants(config, slots, baseline_slots, seeds)
-
-  def report(rows):
-    fits, paired, table = summarize(rows)
-    return {"fits": fits, "paired": paired}, table
-
-  return sweep_lib.run_and_report(
-    NAME, planned, workdir, train=train, report=report, plot=lambda rows, extra, path: plot(extra["paired"], path)
-  )
+  planned = variants(sweep_lib.with_overrides(config, steps=steps), slots, baseline_slots, seeds)
+  parts = ["fits", "paired"]
+  return sweep_lib.run_and_report(NAME, planned, workdir, train=train, summarize=summarize, parts=parts, plot=PLOT)
 
 
-def define_flags() -> dict:
-  """The command-line flags (defined only when run as a script)."""
-  return {
-    **cli.define_flags("slots", "baseline_slots", "seeds", "steps"),
-    "seed": flags.DEFINE_integer("seed", 0, "Seed of every run (when --seeds is not given)."),
-  }
+def main(f: dict) -> None:
+  """The script: every flag's value in `f` (`cli.values`)."""
+  run(f["config"], f["workdir"], f["slots"], f["baseline_slots"], f["seeds"] or [f["seed"]], steps=f["steps"])
 
-
-def main(argv):
-  del argv
-  logging.basicConfig(level=logging.WARNING)
-  seeds = sweep_lib.parse_ints(_F["seeds"].value) if _F["seeds"].value else [_F["seed"].value]
-  run(
-    _F["config"].value,
-    _F["workdir"].value,
-    sweep_lib.parse_ints(_F["slots"].value),
-    sweep_lib.parse_ints(_F["baseline_slots"].value),
-    seeds,
-    steps=_F["steps"].value,
-  )
-
-
-_F: dict = {}
 
 if __name__ == "__main__":
-  _F.update(define_flags())
-  app.run(main)
+  seed = (flags.DEFINE_integer, 0, "Seed of every run (when --seeds is not given).")
+  cli.start(main, "slots", "baseline_slots", "seeds", "steps", seed=seed)

@@ -23,18 +23,23 @@ use --config=experiments/configs/small.py.
 
 from __future__ import annotations
 
-import logging
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 from experiments import ablations, allocation_sweep, cli, controls, memory_scaling, sweep_lib
 
 EXPERIMENTS = ("allocation_sweep", "memory_scaling", "ablations", "controls")
+MODULES = {
+  "allocation_sweep": allocation_sweep,
+  "memory_scaling": memory_scaling,
+  "ablations": ablations,
+  "controls": controls,
+}
 RHOS = (1.0, 0.9, 0.8, 0.6, 0.4)
 SEEDS = (0, 1, 2)
 SLOTS = (256, 1024, 4096)
@@ -104,17 +109,7 @@ def report(config, workdir: str, args: dict[str, dict], docs_dir: str | None = N
     if name not in args:
       continue
     print(f"==== {name}", flush=True)
-    a = args[name]
-    if name == "allocation_sweep":
-      out[name] = allocation_sweep.run(
-        config, workdir, a["rhos"], a["scales"], a["seeds"], secondary_rhos=a["secondary_rhos"], train=train
-      )
-    elif name == "memory_scaling":
-      out[name] = memory_scaling.run(config, workdir, a["slots"], a["baseline_slots"], a["seeds"], train=train)
-    elif name == "ablations":
-      out[name] = ablations.run(config, workdir, a["ablations"], a["seeds"], train=train)
-    else:
-      out[name] = controls.run(config, workdir, a["seeds"], train=train)
+    out[name] = MODULES[name].run(config, workdir, **args[name], train=train)  # plan's names are run's
     if docs_dir:
       src, dst = Path(workdir) / name, Path(docs_dir) / name
       dst.mkdir(parents=True, exist_ok=True)
@@ -131,37 +126,13 @@ def run(config, workdir: str, *, steps=None, docs_dir=None, **plan_kwargs) -> di
   return report(config, workdir, args, docs_dir)
 
 
-def define_flags() -> dict:
-  """The command-line flags (defined only when run as a script): the experiments' shared ones
-  (`experiments.cli`) and run_all's own."""
-  f = flags
-  return {
-    **cli.define_flags("steps", "seeds", "rhos", "secondary_rhos", "budget_scales", "slots", "baseline_slots"),
-    "only": f.DEFINE_list("only", list(EXPERIMENTS), "Experiments to run."),
-    "workers": f.DEFINE_integer("workers", 2, "Training processes sharing the run list."),
-    "train_only": f.DEFINE_bool("train_only", False, "Only train (a worker); no tables or plots."),
-    "report_only": f.DEFINE_bool("report_only", False, "Only write tables and plots from the finished runs."),
-    "docs_dir": f.DEFINE_string("docs_dir", None, "Copy results.json / *.png / table.md here."),
-  }
-
-
-def main(argv):
-  del argv
-  logging.basicConfig(level=logging.WARNING)
+def main(F: dict) -> None:
+  """The script: every flag's value in `F` (`cli.values`)."""
   sweep_lib.quiet_logs()
-  F = {k: v.value for k, v in _F.items()}
   sweep_lib.enable_compilation_cache(F["workdir"])
-  kwargs = {
-    "experiments": list(F["only"]),
-    "seeds": sweep_lib.parse_ints(F["seeds"]),
-    "rhos": sweep_lib.parse_floats(F["rhos"]),
-    "secondary_rhos": sweep_lib.parse_floats(F["secondary_rhos"]) if F["secondary_rhos"] else None,
-    "budget_scales": sweep_lib.parse_floats(F["budget_scales"]),
-    "slots": sweep_lib.parse_ints(F["slots"]),
-    "baseline_slots": sweep_lib.parse_ints(F["baseline_slots"]),
-  }
+  kwargs = {k: F[k] for k in ("seeds", "rhos", "budget_scales", "slots", "baseline_slots")}
   config = sweep_lib.with_overrides(F["config"], steps=F["steps"])
-  args = plan(config, **kwargs)
+  args = plan(config, experiments=list(F["only"]), secondary_rhos=F["secondary_rhos"] or None, **kwargs)
   if F["report_only"]:
     report(config, F["workdir"], args, F["docs_dir"], train=False)
     return
@@ -182,8 +153,13 @@ def main(argv):
     report(config, F["workdir"], args, F["docs_dir"])
 
 
-_F: dict = {}
-
 if __name__ == "__main__":
-  _F.update(define_flags())
-  app.run(main)
+  cli.start(
+    main,
+    *("steps", "seeds", "rhos", "secondary_rhos", "budget_scales", "slots", "baseline_slots"),
+    only=(flags.DEFINE_list, list(EXPERIMENTS), "Experiments to run."),
+    workers=(flags.DEFINE_integer, 2, "Training processes sharing the run list."),
+    train_only=(flags.DEFINE_bool, False, "Only train (a worker); no tables or plots."),
+    report_only=(flags.DEFINE_bool, False, "Only write tables and plots from the finished runs."),
+    docs_dir=(flags.DEFINE_string, None, "Copy results.json / *.png / table.md here."),
+  )

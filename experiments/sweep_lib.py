@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import platform
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,10 +33,8 @@ from experiments.configs import common
 log = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
-# Config fields added after runs were keyed: at these defaults they leave the key (and so
-# the finished runs) unchanged. Add a new field here when it is added to a config.
-# Options added after runs were recorded: at their defaults they leave a run's key unchanged
-# (the cached runs stay valid; none of them changes what is computed).
+# Config fields added after runs were keyed: at these defaults they leave a run's key (and so
+# the finished runs) unchanged; add a new field here when it is added to a config.
 # table_optimizer: runs recorded before the field existed trained with dense table Adam
 KEY_NEUTRAL_DEFAULTS = {
   "train": {"table_placement": "device", "table_optimizer": "dense_adam"},
@@ -155,9 +154,7 @@ def actual_param_counts(model_config) -> dict[str, int]:
 
 
 def hardware() -> str:
-  import os
-  import platform
-
+  """The devices, the host's CPU count and the jax version, for the results' records."""
   d = jax.devices()[0]
   cpus = os.cpu_count()
   return (
@@ -518,15 +515,21 @@ def run_all(
 
 
 # ------------------------------------------------------------------------------- output
-def run_and_report(name: str, planned, workdir: str, *, train: bool, report, plot) -> dict:
+def run_and_report(
+  name: str, planned, workdir: str, *, train: bool, summarize, parts: Sequence[str], plot: dict, references=False
+) -> dict:
   """Trains (or reuses) the planned runs, then writes results.json, table.md and the plot
-  under workdir/name. report(rows) -> (extra: dict, table: str) and
-  plot(rows, extra, path) -> path are the experiment's own."""
+  under workdir/name. summarize(rows) -> (*values, table: str) is the experiment's own: the
+  values go into results.json's meta under the names `parts` (one of them "paired", a
+  `paired_summary`), which `plot_paired(**plot)` draws (without the reference unless
+  `references`)."""
   rows = run_all(planned, workdir, train=train)
   missing = missing_runs(planned, workdir)
-  extra, table = report(rows)
+  *values, table = summarize(rows)
+  extra = dict(zip(parts, values, strict=True))
   out = Path(workdir) / name
-  png = plot(rows, extra, out / f"{name}.png")
+  shown = [s for s in extra["paired"] if references or not s["is_reference"]]
+  png = plot_paired(shown, out / f"{name}.png", **plot)
   write_results(out, name, rows, meta={"missing_runs": missing, **extra, "plot": str(png)}, table=table)
   print(table)
   return {"rows": rows, **extra, "table": table, "plot": png}
@@ -569,20 +572,13 @@ def new_figure(width: float = 6.4, height: float = 4.0):
   return fig, ax
 
 
-def save_figure(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+  """Writes `fig` to `path` (its folder made) and closes it."""
   import matplotlib.pyplot as plt
 
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fig.savefig(path, dpi=dpi)
   plt.close(fig)
   return path
-
-
-def parse_floats(values: Sequence[str]) -> list[float]:
-  return [float(v) for v in values]
-
-
-def parse_ints(values: Sequence[str]) -> list[int]:
-  return [int(v) for v in values]

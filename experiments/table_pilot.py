@@ -11,21 +11,10 @@ one seed: the SE covers the validation sample, not seed-to-seed variation.
 
 from __future__ import annotations
 
-import logging
+from absl import flags
 
-from absl import app, flags
-from ml_collections import config_flags
-
-from experiments import sweep_lib
+from experiments import cli, sweep_lib
 from experiments.configs import common
-
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/micro.py", "Run config.")
-_WORKDIR = flags.DEFINE_string("workdir", "runs/table_pilot", "Run cache.")
-_SETTINGS = flags.DEFINE_list(
-  "settings", ["1.0:5", "0.1:5", "0.1:20"], "init_std:lr_multiplier pairs; the first is the reference."
-)
-_STEPS = flags.DEFINE_integer("steps", None, "Override train.total_steps.")
-_SEED = flags.DEFINE_integer("seed", 0, "Init and data seed.")
 
 
 def variants(config, settings: list[tuple[float, float]], seed: int) -> list[sweep_lib.Variant]:
@@ -46,12 +35,11 @@ def variants(config, settings: list[tuple[float, float]], seed: int) -> list[swe
   return out
 
 
-def main(argv):
-  del argv
-  logging.basicConfig(level=logging.WARNING)
-  settings = [tuple(float(x) for x in s.split(":")) for s in _SETTINGS.value]
-  config = sweep_lib.with_overrides(_CONFIG.value, steps=_STEPS.value)
-  rows = sweep_lib.run_all(variants(config, settings, _SEED.value), _WORKDIR.value)
+def main(f: dict) -> None:
+  """The script: every flag's value in `f` (`cli.values`)."""
+  settings = [tuple(float(x) for x in s.split(":")) for s in f["settings"]]
+  config = sweep_lib.with_overrides(f["config"], steps=f["steps"])
+  rows = sweep_lib.run_all(variants(config, settings, f["seed"]), f["workdir"])
   ref = rows[0]
   print("| init std | table lr x | val loss ± SE | vs first (paired) | wall s |\n|---:|---:|---:|---:|---:|")
   for r in rows:
@@ -63,4 +51,12 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  settings = (
+    flags.DEFINE_list,
+    ["1.0:5", "0.1:5", "0.1:20"],
+    "init_std:lr_multiplier pairs; the first is the reference.",
+  )
+  seed = (flags.DEFINE_integer, 0, "Init and data seed.")
+  cli.start(
+    main, "steps", workdir=(flags.DEFINE_string, "runs/table_pilot", "Run cache."), settings=settings, seed=seed
+  )

@@ -12,8 +12,10 @@ events, meta.json and orbax checkpoints under the workdir.
 Multi-process (one process per host, or per GPU): run the same command on every process
 with --coordinator_address=HOST:PORT (process 0's address), --num_processes and
 --process_id; or --coordinator_address=auto where jax detects the cluster (SLURM, Open MPI,
-Kubernetes). `data.batch_size` is per process; the workdir must be on a shared filesystem.
-See docs/DISTRIBUTED.md.
+Kubernetes). `data.batch_size` is per process; the workdir must be on a shared filesystem. --data_shards
+fixes the number of document streams the global batch is drawn from (default one per
+process), to reproduce a multi-process run's batches on fewer processes. See
+docs/DISTRIBUTED.md.
 """
 
 from __future__ import annotations
@@ -43,10 +45,7 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of pr
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process).")
 _DATA_SHARDS = flags.DEFINE_integer(
-  "data_shards",
-  None,
-  "Document streams the global batch is drawn from (default: one per "
-  "process); fix it to reproduce a multi-process run's batches on fewer processes.",
+  "data_shards", None, "Document streams of the global batch (default: one per process)."
 )
 
 

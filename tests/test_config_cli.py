@@ -87,6 +87,17 @@ def test_bad_override_value_names_the_field():
     common.data_config(_parse("--config.data.max_documents=-3"))
 
 
+def test_config_files_override_only_fields_the_base_has():
+  c = common.derive("moe", common.PILOTED_TABLE)
+  assert c.model.engram_table_init_std == 0.1 and c.train.engram_lr_multiplier == 20.0
+  assert common.update(c, "data", seq_len=32) is c and c.data.seq_len == 32
+  with pytest.raises(ValueError, match=r"config.data has no fields \['seq_length'\]"):
+    common.update(c, "data", seq_length=32)
+  with pytest.raises(ValueError, match="unknown config block 'optimizer'"):
+    common.derive("moe", {"optimizer": {"lr": 1.0}})
+  assert "seq_length" not in c.data and "optimizer" not in c
+
+
 def _write_corpus(root: Path) -> None:
   rng = random.Random(0)
   words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 8))) for _ in range(400)]

@@ -10,7 +10,7 @@ from absl import app
 from experiments import generate as generate_cli
 from experiments.bench import serve
 
-GOOD = dict(max_new_tokens=4, temperature=0.8, top_k=0, top_p=1.0, greedy=False, repeat=1, prompts=["def main("])
+GOOD = dict(max_new_tokens=4, temperature=0.8, top_k=0, top_p=1.0, repeat=1, prompts=["def main("])
 
 
 @pytest.mark.parametrize(

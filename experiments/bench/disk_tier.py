@@ -51,10 +51,10 @@ from engram_jax.offload import parse_placements
 from engram_jax.offload.disk_table import DiskTable, disk_bytes, with_disk_dir
 from engram_jax.offload.hot_cache import HotRowCache, count_row_frequencies
 from engram_jax.offload.indexing import flat_rows_np
-from engram_jax.train.config import TrainConfig
 from engram_jax.train.host_trainer import HostTableTrainer
 from engram_jax.train.state import build_model
 from engram_jax.train.trainer import Trainer
+from experiments.bench.shared import TRAIN
 
 _ROWS = flags.DEFINE_integer("rows_per_head", 250_000, "Nominal rows per Engram head (8 heads).")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per placement.")
@@ -67,7 +67,6 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Rounds over all placements (mean 
 _DIR = flags.DEFINE_string("disk_dir", "", "Folder of the working files (default: a temporary folder).")
 
 LAYER = 1
-TRAIN = TrainConfig(total_steps=1000, learning_rate=1e-3, warmup_steps=0, progress_bar=False)
 
 
 @dataclasses.dataclass
@@ -102,7 +101,8 @@ def _run(build, spec, batches, frequencies, disk_dir, reuse):
   placements = with_disk_dir(parse_placements(spec, (LAYER,)), disk_dir)
   model, offloaded = build_offloaded(build, placements, frequencies=frequencies)
   trainer = HostTableTrainer(model, offloaded, TRAIN, reuse_step_of=reuse)
-  table, source = offloaded.tables[LAYER], offloaded.sources[LAYER]
+  store = offloaded.host_stores[LAYER]
+  table, source = store.table, getattr(store, "cache", store.table)  # source: what the step reads
   times, last = [], None
   it = trainer.iterate(iter(batches))
   for i in range(len(batches)):

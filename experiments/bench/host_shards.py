@@ -23,6 +23,7 @@ scaling. The memory columns are the point: each process holds half of the tables
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -33,6 +34,9 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 from flax import nnx
+
+from engram_jax.models.config import ModelConfig
+from experiments.bench.shared import TRAIN, device_train_step, lm_batch
 
 _WORKER = flags.DEFINE_string("worker", "", "Internal: 'one' or 'two' (run one process of the benchmark).")
 _PORT = flags.DEFINE_integer("port", 0, "Internal: coordinator port.")
@@ -49,19 +53,10 @@ _PAIRS = flags.DEFINE_integer(
 WARMUP = 2
 
 
-def _config():
-  from engram_jax.config import EngramConfig
-  from engram_jax.models.config import ModelConfig
-
-  engram = EngramConfig(
-    vocab_sizes=(_VOCAB.value, _VOCAB.value),
-    max_ngram_size=3,
-    n_embed_per_ngram=64,
-    n_head_per_ngram=2,
-    layer_ids=(1, 2),
-    pad_id=0,
-  )
-  return ModelConfig.tiny("engram_moe", engram=engram)
+def _config() -> ModelConfig:
+  tiny = ModelConfig.tiny("engram_moe")
+  engram = dataclasses.replace(tiny.engram, vocab_sizes=(_VOCAB.value,) * 2, n_embed_per_ngram=64, layer_ids=(1, 2))
+  return tiny.replace(engram=engram)
 
 
 def _batches(model, steps: int, seed: int = 0) -> list[dict]:
@@ -70,14 +65,11 @@ def _batches(model, steps: int, seed: int = 0) -> list[dict]:
   b, t, cfg = _BATCH.value, _SEQ.value, model.config
   out = []
   for _ in range(steps):
-    ids = {}
+    ids = {}  # drawn before the tokens
     for l in cfg.engram_layer_ids:
       sizes = model.blocks[l].engram.table_sizes
       ids[l] = np.stack([(rng.zipf(_ZIPF.value, (b, t)) - 1) % s for s in sizes], -1).astype(np.int32)
-    tokens = rng.integers(0, cfg.vocab_size, (b, t + 1)).astype(np.int32)
-    out.append(
-      {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "engram_ids": ids, "loss_mask": np.ones((b, t), np.float32)}
-    )
+    out.append(lm_batch(rng, cfg.vocab_size, b, t, lambda _, ids=ids: ids))
   return out
 
 
@@ -119,24 +111,19 @@ def _dp_stepper(cfg, rate):
 
   from engram_jax import sharding as sharding_lib
   from engram_jax.train import multihost
-  from engram_jax.train.optimizer import make_optimizer
   from engram_jax.train.sharded_host_trainer import put_global
-  from engram_jax.train.state import TrainState, build_model, split_model, tree_shardings
-  from engram_jax.train.steps import batch_shardings, make_train_step
+  from engram_jax.train.state import build_model, tree_shardings
+  from engram_jax.train.steps import batch_shardings
 
   mesh = sharding_lib.make_mesh(data=2)
-  graphdef, params, rest = split_model(build_model(_config(), 0))
-  tx, lr = make_optimizer(cfg, params)
-  state = TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params, rest=rest, opt_state=tx.init(params))
+  step_fn, state = device_train_step(build_model(_config(), 0), cfg, bias_update_rate=rate)
   state = [put_global(state, tree_shardings(state, mesh))]
-  del params, rest
-  step_fn = jax.jit(make_train_step(graphdef, tx, lr, bias_update_rate=rate), donate_argnums=(0,))
 
   def one_step(batch):
     local = _local(batch)
     put = multihost.put_process_batch(local, batch_shardings(local, mesh), _BATCH.value)
     with jax.set_mesh(mesh):
-      state[0], metrics = step_fn(state[0], put)
+      state[0], metrics, _ = step_fn(state[0], put)
     jax.block_until_ready(metrics)
 
   return one_step
@@ -145,10 +132,9 @@ def _dp_stepper(cfg, rate):
 def _worker(kind: str) -> None:
   import jax
 
-  from engram_jax.train.config import TrainConfig
   from engram_jax.train.state import build_model
 
-  cfg = TrainConfig(total_steps=1000, learning_rate=1e-3, warmup_steps=1, progress_bar=False)
+  cfg = TRAIN.replace(warmup_steps=1)
   rate = _config().moe.bias_update_rate
   n = WARMUP + _STEPS.value
   paired = {}

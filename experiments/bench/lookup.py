@@ -24,6 +24,7 @@ import numpy as np
 from absl import app, flags
 
 import pallas_kernels as pk
+from experiments.bench.shared import GatherCase
 from experiments.bench.timing import time_fn
 from pallas_kernels import reference
 
@@ -36,21 +37,7 @@ _SKIP_FUSED = flags.DEFINE_bool("skip_fused", False, "Only benchmark the gather.
 
 
 @dataclasses.dataclass(frozen=True)
-class GatherCase:
-  rows: int  # table rows R
-  d: int  # row width
-  dtype: str
-  tokens: int  # N
-  heads: int  # H
-
-
-@dataclasses.dataclass(frozen=True)
-class FusedCase:
-  rows: int
-  d: int
-  dtype: str
-  tokens: int
-  heads: int
+class FusedCase(GatherCase):
   dim: int  # D
   branches: int  # G
 

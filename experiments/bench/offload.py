@@ -36,17 +36,13 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from engram_jax.config import EngramConfig
-from engram_jax.layers.moe import MoEConfig
 from engram_jax.models.config import ModelConfig
 from engram_jax.models.offloaded import apply_offloaded, split_tables
 from engram_jax.offload.hot_cache import HotRowCache, count_row_frequencies
 from engram_jax.offload.prefetch import patch_updated_rows
-from engram_jax.train.config import TrainConfig
 from engram_jax.train.host_trainer import HostTableTrainer
-from engram_jax.train.optimizer import make_optimizer
-from engram_jax.train.state import TrainState, build_model, split_model
-from engram_jax.train.steps import make_train_step
+from engram_jax.train.state import build_model
+from experiments.bench.shared import TRAIN, backbone, device_train_step, lm_batch, note_cpu
 
 _PRESET = flags.DEFINE_enum("preset", "cpu_tiny", ["cpu_tiny", "h200"], "Model and shapes.")
 _PLACEMENTS = flags.DEFINE_list("placements", ["device", "host", "cached"], "What to run.")
@@ -73,33 +69,10 @@ def _presets() -> dict[str, Preset]:
   tiny = ModelConfig.tiny("engram_moe")
   cpu = tiny.replace(engram=dataclasses.replace(tiny.engram, vocab_sizes=(4001, 4003)))
   # ~1.0B-parameter table: 16 heads x ~976k rows x d_h 64, float32 (4 GiB), at block 1.
-  engram = EngramConfig(
-    vocab_sizes=(976_000, 976_000),
-    max_ngram_size=3,
-    n_embed_per_ngram=512,
-    n_head_per_ngram=8,
-    layer_ids=(1,),
-    pad_id=0,
-    seed=0,
-  )
-  moe = MoEConfig(num_experts=16, num_shared_experts=1, top_k=2, expert_hidden=704)
-  h200 = ModelConfig.engram_moe(
-    moe,
-    engram,
-    vocab_size=32768,
-    hidden_size=1024,
-    num_layers=12,
-    num_heads=16,
-    num_kv_heads=4,
-    head_dim=64,
-    ffn_hidden=2816,
-    num_dense_layers=1,
-    dtype="bfloat16",
-  )
+  engram = dataclasses.replace(tiny.engram, vocab_sizes=(976_000, 976_000), n_embed_per_ngram=512, n_head_per_ngram=8)
+  moe = dataclasses.replace(tiny.moe, num_experts=16, expert_hidden=704)
+  h200 = ModelConfig.engram_moe(moe, engram, dtype="bfloat16", **backbone(32768, 1024, 12, 16, 4, 64, 2816))
   return {"cpu_tiny": Preset(cpu, (4, 64), 8, 10, 40, 3), "h200": Preset(h200, (16, 512), 64, 20, 64, 3)}
-
-
-TRAIN = TrainConfig(total_steps=1000, learning_rate=1e-3, warmup_steps=0, progress_bar=False)
 
 
 # ----------------------------------------------------------------------------------- data
@@ -124,18 +97,8 @@ class ZipfRows:
 
 def _batches(cfg: ModelConfig, zipf: dict, n: int, b: int, t: int, seed: int) -> list[dict]:
   rng = np.random.default_rng(seed)
-  out = []
-  for _ in range(n):
-    tokens = rng.integers(0, cfg.vocab_size, (b, t + 1)).astype(np.int32)
-    out.append(
-      {
-        "tokens": tokens[:, :-1],
-        "targets": tokens[:, 1:],
-        "loss_mask": np.ones((b, t), np.float32),
-        "engram_ids": {l: z.sample(rng, (b, t)) for l, z in zipf.items()},
-      }
-    )
-  return out
+  ids = lambda rng: {l: z.sample(rng, (b, t)) for l, z in zipf.items()}
+  return [lm_batch(rng, cfg.vocab_size, b, t, ids) for _ in range(n)]
 
 
 # ---------------------------------------------------------------------------- instruments
@@ -212,12 +175,8 @@ def _hit_rate(offloaded) -> float:
 
 # --------------------------------------------------------------------------------- training
 def train_device(model, batches, warmup: int, rate: float) -> Result:
-  graphdef, params, rest = split_model(nnx.clone(model))
-  # copies: the step donates its state, whose arrays the clone shares with `model`
-  params, rest = jax.tree.map(jnp.copy, (params, rest))
-  tx, lr = make_optimizer(TRAIN, params)
-  step = jax.jit(make_train_step(graphdef, tx, lr, bias_update_rate=rate), donate_argnums=(0,))
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=tx.init(params))
+  step, state = device_train_step(nnx.clone(model), bias_update_rate=rate)
+  state = jax.tree.map(jnp.copy, state)  # the step donates its state, which the clone shares with `model`
   times = []
   for batch in batches:
     t0 = time.perf_counter()
@@ -393,13 +352,8 @@ def main(argv):
   del argv
   preset = _presets()[_PRESET.value]
   cfg = preset.model.replace(dtype=_DTYPE.value) if _DTYPE.value else preset.model
-  cpu = jax.default_backend() == "cpu"
   print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}); preset {_PRESET.value}")
-  if cpu:
-    print(
-      "NOTE: on CPU host and device memory are the same RAM: these figures show that the "
-      "paths work and their software overhead, NOT PCIe transfer behaviour."
-    )
+  cpu = note_cpu()
   start = time.perf_counter()
   s = setup(cfg, preset, _ZIPF.value)
   b, t = preset.train_batch

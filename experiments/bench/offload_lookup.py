@@ -27,6 +27,9 @@ from absl import app, flags
 from engram_jax.offload.host_table import HostTable
 from engram_jax.offload.hot_cache import HotRowCache, count_row_frequencies
 from engram_jax.offload.prefetch import RowPrefetcher
+from experiments.bench.shared import GatherCase as Case
+from experiments.bench.shared import note_cpu
+from experiments.bench.timing import time_fn
 
 _PRESET = flags.DEFINE_enum("preset", "cpu_tiny", ["cpu_tiny", "h200"], "Shape set to run.")
 _ITERS = flags.DEFINE_integer("iters", 0, "Timed iterations per measurement (0: preset).")
@@ -41,15 +44,6 @@ _ENGRAM_VOCAB = flags.DEFINE_list(
   "engram_vocab", ["20000", "200000"], "Nominal rows per head for --hit_rate (one run each)."
 )
 _HEADS = flags.DEFINE_integer("n_head_per_ngram", 4, "Engram K for --hit_rate.")
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-  rows: int  # R, flat table rows
-  d: int  # row width
-  dtype: str
-  tokens: int  # B * T per step
-  heads: int  # H
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,17 +69,6 @@ PRESETS = {
     prefetch_steps=30,
   ),
 }
-
-
-def _time(fn, iters: int) -> float:
-  """Median seconds of fn() (blocking on its result), after one warm-up call."""
-  jax.block_until_ready(fn())
-  out = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    out.append(time.perf_counter() - start)
-  return float(np.median(out))
 
 
 def _zipf_ids(rng, case: Case, steps: int, exponent: float) -> list[np.ndarray]:
@@ -118,12 +101,12 @@ def bench_case(case: Case, iters: int) -> None:
   dev_table = jax.device_put(table)
   ids_dev = jnp.asarray(ids, jnp.int32)
   take = jax.jit(lambda t, i: jnp.take(t, i, axis=0))
-  t_dev = _time(lambda: take(dev_table, ids_dev), iters)
+  t_dev = time_fn(lambda: take(dev_table, ids_dev), iters=iters)
   print(f"  device table gather        {t_dev * 1e3:9.3f} ms   (baseline)   H2D 0")
 
   for method in ("numpy", "compute_on"):
     host = HostTable(table, method=method, check_ids=False)
-    t = _time(lambda host=host: host.gather(ids), iters)
+    t = time_fn(lambda host=host: host.gather(ids), iters=iters)
     print(
       f"  host table [{method:10s}]    {t * 1e3:9.3f} ms   x{t / t_dev:6.2f}     H2D "
       f"{_mib(step_bytes)} ({step_bytes / t / 1e9:6.2f} GB/s)  [{host.memory_kind}]"
@@ -133,7 +116,7 @@ def bench_case(case: Case, iters: int) -> None:
   counts = count_row_frequencies(stream[:iters], case.rows)  # ranked on earlier steps
   for frac in (float(f) for f in _CACHE_FRACTIONS.value):
     cache = HotRowCache.from_frequencies(host, counts, fraction=frac)
-    t = _time(lambda cache=cache: cache.lookup(ids), iters)
+    t = time_fn(lambda cache=cache: cache.lookup(ids), iters=iters)
     cache.reset_stats()
     miss_bytes = []
     for step_ids in stream[iters : 2 * iters]:
@@ -224,14 +207,8 @@ def bench_hit_rate() -> None:
     f"{compressor.num_compressed} compressed ids"
   )
   for nominal in (int(v) for v in _ENGRAM_VOCAB.value):
-    config = EngramConfig(
-      vocab_sizes=(nominal, nominal),
-      max_ngram_size=3,
-      n_embed_per_ngram=8 * _HEADS.value,
-      n_head_per_ngram=_HEADS.value,
-      layer_ids=(1,),
-      pad_id=0,
-    )
+    heads = {"n_embed_per_ngram": 8 * _HEADS.value, "n_head_per_ngram": _HEADS.value}
+    config = EngramConfig(vocab_sizes=(nominal,) * 2, **heads, layer_ids=(1,), pad_id=0)
     hasher = NgramHasher.from_compressor(config, compressor)
     held_out = measure_hit_rate(train_ids, hasher, fractions, eval_stream=valid_ids, compressor=compressor)
     in_sample = measure_hit_rate(train_ids, hasher, fractions, compressor=compressor)
@@ -249,11 +226,7 @@ def main(argv):
     f"backend={jax.default_backend()} device={jax.devices()[0]} "
     f"memories={[m.kind for m in jax.devices()[0].addressable_memories()]}"
   )
-  if jax.default_backend() == "cpu":
-    print(
-      "NOTE: on CPU, host and device memory are the same RAM; these numbers only show the "
-      "paths work (and their software overhead), not PCIe transfer costs."
-    )
+  note_cpu()
   for case in preset.cases:
     bench_case(case, iters)
   bench_prefetch(preset.cases[-1], preset.prefetch_steps, _COMPUTE_MS.value or preset.compute_ms)

@@ -49,15 +49,9 @@ _TRAIN_STEPS = flags.DEFINE_integer("train_steps", 10, "Timed train steps of the
 
 
 def engram_config() -> EngramConfig:
-  n = _NGRAM.value
-  return EngramConfig(
-    vocab_sizes=(_TABLE.value,) * (n - 1),
-    max_ngram_size=n,
-    n_embed_per_ngram=8 * _HEADS.value,
-    n_head_per_ngram=_HEADS.value,
-    layer_ids=tuple(int(x) for x in _LAYERS.value),
-    pad_id=0,
-  )
+  n, heads = _NGRAM.value, {"n_embed_per_ngram": 8 * _HEADS.value, "n_head_per_ngram": _HEADS.value}
+  layers = tuple(int(x) for x in _LAYERS.value)
+  return EngramConfig(vocab_sizes=(_TABLE.value,) * (n - 1), max_ngram_size=n, **heads, layer_ids=layers, pad_id=0)
 
 
 def pipeline_rate(

@@ -46,6 +46,8 @@ from engram_jax.models.config import ModelConfig
 from engram_jax.models.offloaded import model_stores
 from engram_jax.models.transformer import Transformer
 from engram_jax.offload import HostTable, HotRowCache, count_row_frequencies, top_rows
+from experiments.bench import shared
+from experiments.bench.timing import time_calls
 
 
 def define_flags() -> dict:
@@ -85,6 +87,9 @@ GOAL = {"gpu": 0.99, "cpu": 0.9}  # host / device decode tokens/s
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
+  """A serving shape (N sequences, prompts of U(prompt_min, prompt_max) tokens, new_tokens
+  each, timed repeats) and the model served."""
+
   num_sequences: int
   prompt_min: int
   prompt_max: int
@@ -96,88 +101,44 @@ class Preset:
   dtype: str
 
 
+_TINY = ModelConfig.tiny("engram_moe")  # hidden 32, 3 blocks, vocab 128, Engram at block 1
+
+
+def _preset(shape: tuple[int, ...], backbone: tuple[int, ...], moe: MoEConfig, dtype="float32", **engram) -> Preset:
+  """shape: (num_sequences, prompt_min, prompt_max, new_tokens, repeats); backbone: the
+  `BACKBONE` values (one leading dense block); engram: fields that differ from ModelConfig.tiny's."""
+  return Preset(
+    *shape,
+    backbone=shared.backbone(*backbone),
+    moe=moe,
+    engram=dataclasses.replace(_TINY.engram, **engram),
+    dtype=dtype,
+  )
+
+
 PRESETS = {
-  # ModelConfig.tiny's shapes (hidden 32, 3 blocks, vocab 128, Engram at block 1).
-  "tiny": Preset(
-    num_sequences=8,
-    prompt_min=4,
-    prompt_max=30,
-    new_tokens=64,
-    repeats=30,
-    backbone=dict(
-      vocab_size=128,
-      hidden_size=32,
-      num_layers=3,
-      num_heads=4,
-      num_kv_heads=2,
-      head_dim=8,
-      ffn_hidden=64,
-      num_dense_layers=1,
-    ),
-    moe=MoEConfig(num_experts=8, num_shared_experts=1, top_k=2, expert_hidden=16),
-    engram=EngramConfig(
-      vocab_sizes=(61, 53), max_ngram_size=3, n_embed_per_ngram=16, n_head_per_ngram=2, layer_ids=(1,), pad_id=0, seed=0
-    ),
-    dtype="float32",
-  ),
+  # ModelConfig.tiny's shapes.
+  "tiny": _preset((8, 4, 30, 64, 30), tuple(getattr(_TINY, k) for k in shared.BACKBONE), _TINY.moe),
   # ~5.1M table parameters, 4 blocks of width 128: a few minutes on 2 loaded CPU cores.
-  "cpu": Preset(
-    num_sequences=16,
-    prompt_min=16,
-    prompt_max=64,
-    new_tokens=48,
-    repeats=16,
-    backbone=dict(
-      vocab_size=2048,
-      hidden_size=128,
-      num_layers=4,
-      num_heads=4,
-      num_kv_heads=2,
-      head_dim=32,
-      ffn_hidden=256,
-      num_dense_layers=1,
-    ),
-    moe=MoEConfig(num_experts=8, num_shared_experts=1, top_k=2, expert_hidden=128),
-    engram=EngramConfig(
-      vocab_sizes=(20_011, 20_011),
-      max_ngram_size=3,
-      n_embed_per_ngram=64,
-      n_head_per_ngram=2,
-      layer_ids=(1, 3),
-      pad_id=0,
-      seed=0,
-    ),
-    dtype="float32",
+  "cpu": _preset(
+    (16, 16, 64, 48, 16),
+    (2048, 128, 4, 4, 2, 32, 256),
+    dataclasses.replace(_TINY.moe, expert_hidden=128),
+    vocab_sizes=(20_011, 20_011),
+    n_embed_per_ngram=64,
+    layer_ids=(1, 3),
   ),
   # 2 layers x 2 orders x 8 heads x ~4.9M rows x 64 = 10.0B table parameters (bf16:
   # 20 GB in pinned host memory), a ~1B-parameter backbone, N=128, prompts U(100, 1024).
-  "h200": Preset(
-    num_sequences=128,
-    prompt_min=100,
-    prompt_max=1024,
-    new_tokens=128,
-    repeats=3,
-    backbone=dict(
-      vocab_size=32768,
-      hidden_size=2048,
-      num_layers=12,
-      num_heads=16,
-      num_kv_heads=4,
-      head_dim=128,
-      ffn_hidden=5632,
-      num_dense_layers=1,
-    ),
-    moe=MoEConfig(num_experts=16, num_shared_experts=1, top_k=2, expert_hidden=1408),
-    engram=EngramConfig(
-      vocab_sizes=(4_900_000, 4_900_000),
-      max_ngram_size=3,
-      n_embed_per_ngram=512,
-      n_head_per_ngram=8,
-      layer_ids=(1, 6),
-      pad_id=0,
-      seed=0,
-    ),
-    dtype="bfloat16",
+  "h200": _preset(
+    (128, 100, 1024, 128, 3),
+    (32768, 2048, 12, 16, 4, 128, 5632),
+    MoEConfig(num_experts=16, num_shared_experts=1, top_k=2, expert_hidden=1408),
+    "bfloat16",
+    vocab_sizes=(4_900_000, 4_900_000),
+    n_embed_per_ngram=512,
+    n_head_per_ngram=8,
+    layer_ids=(1, 6),
   ),
 }
 
@@ -247,13 +208,7 @@ def gather_alone_seconds(gen: Generator, prompts, iters: int = 10) -> float:
   def rows(lut, toks, tables):
     return dec.program_rows(tables, dec.hasher.hash_jax(jnp.take(lut, toks, axis=0)))[0]
 
-  jax.block_until_ready(rows(dec.lut, tokens, dec.tables))
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(rows(dec.lut, tokens, dec.tables))
-    times.append(time.perf_counter() - start)
-  return float(np.min(times))
+  return min(time_calls(rows, dec.lut, tokens, dec.tables, iters=iters))
 
 
 def serve_one(p: Preset, backbone: str, platform: str, opt: Options = Options()) -> dict:
@@ -393,8 +348,7 @@ def main(argv, f: dict):
     f"GPU goal: host-table decode within 1% of device-table decode (host/device >= "
     f"{GOAL['gpu']}; the paper: -1.9% / -2.8% on H800). CPU goal: >= {GOAL['cpu']}."
   )
-  if platform == "cpu":
-    print("note: on CPU host and device memory are the same RAM; these figures measure software overhead only.")
+  shared.note_cpu()
   if f["dry_run"].value:
     for backbone in f["backbones"].value:
       c = model_config(p, backbone)

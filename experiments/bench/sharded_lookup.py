@@ -17,7 +17,6 @@ The default of `sharded_gather` (method, capacity_factor) is chosen from this ou
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 
@@ -30,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from engram_jax.distributed import sharded_lookup as sl
 from engram_jax.sharding import make_mesh
+from experiments.bench.shared import GatherCase as Case
 from experiments.bench.timing import time_fn
 
 _PRESET = flags.DEFINE_enum("preset", "cpu", ["cpu", "gpu"], "Shape set to run.")
@@ -46,15 +46,7 @@ _ITERS = flags.DEFINE_integer("iters", 0, "Timed iterations (0: preset default).
 _CAPACITY = flags.DEFINE_float("capacity_factor", 1.25, "Capped all_to_all variant.")
 
 
-@dataclasses.dataclass(frozen=True)
-class Case:
-  rows: int  # R, whole table
-  d: int  # row width d_h
-  dtype: str
-  tokens: int  # tokens per batch shard (all devices holding the same ids)
-  heads: int  # H
-
-
+# cases: rows of the whole table; tokens per batch shard (all devices holding the same ids)
 PRESETS = {
   "cpu": (
     {"iters": 5},

@@ -27,6 +27,7 @@ from engram_jax import EngramConfig
 from engram_jax import sharding as S
 from engram_jax.layers.moe import MoEConfig
 from engram_jax.models import ModelConfig, Transformer
+from experiments.bench.shared import backbone
 from experiments.bench.timing import time_fn
 
 _PRESET = flags.DEFINE_enum("preset", "cpu", ["cpu", "gpu"], "Model and batch size.")
@@ -43,28 +44,12 @@ PRESETS = {
 
 
 def model_config(p: dict, method: str, tensor: int) -> ModelConfig:
-  engram = EngramConfig(
-    vocab_sizes=(p["vocab"], p["vocab"]),
-    n_embed_per_ngram=p["n_embed"],
-    n_head_per_ngram=p["n_head"],
-    layer_ids=(1, p["layers"] // 2),
-    pad_id=0,
-  )
+  heads = {"n_embed_per_ngram": p["n_embed"], "n_head_per_ngram": p["n_head"]}
+  engram = EngramConfig(vocab_sizes=(p["vocab"],) * 2, **heads, layer_ids=(1, p["layers"] // 2), pad_id=0)
   moe = MoEConfig(num_experts=8, num_shared_experts=1, top_k=2, expert_hidden=p["hidden"])
-  return ModelConfig(
-    vocab_size=4096,
-    hidden_size=p["hidden"],
-    num_layers=p["layers"],
-    num_heads=8,
-    num_kv_heads=4,
-    head_dim=p["hidden"] // 8,
-    ffn_hidden=4 * p["hidden"],
-    num_dense_layers=1,
-    moe=moe,
-    engram=engram,
-    engram_row_multiple=tensor,
-    engram_sharded_lookup=method,
-  )
+  h = p["hidden"]
+  model = backbone(4096, h, p["layers"], 8, 4, h // 8, 4 * h)
+  return ModelConfig(**model, moe=moe, engram=engram, engram_row_multiple=tensor, engram_sharded_lookup=method)
 
 
 def main(argv):

@@ -18,15 +18,13 @@ import dataclasses
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
 from engram_jax.models.config import ModelConfig
-from engram_jax.train.config import TrainConfig
 from engram_jax.train.optimizer import make_table_optimizer
-from engram_jax.train.state import TrainState, build_model, split_model
-from engram_jax.train.steps import make_train_step
+from engram_jax.train.state import build_model
+from experiments.bench.shared import TRAIN, device_train_step, lm_batch
 
 _SLOTS = flags.DEFINE_list("slots", ["1000", "30000", "300000", "1000000"], "Rows per head.")
 _OPTIMIZERS = flags.DEFINE_list(
@@ -38,8 +36,6 @@ _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per setting and round.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps per setting (compilation).")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds over all settings, interleaved.")
 
-TRAIN = TrainConfig(total_steps=1000, learning_rate=1e-3, warmup_steps=0, progress_bar=False)
-
 
 def model_config(slots: int) -> ModelConfig:
   tiny = ModelConfig.tiny("engram_moe")
@@ -50,20 +46,8 @@ def batches(cfg: ModelConfig, sizes, n: int, seed: int = 0) -> list[dict]:
   """`n` batches of random tokens and uniform row ids (the same tokens for every size)."""
   rng = np.random.default_rng(seed)
   b, t = _BATCH.value, _SEQ.value
-  out = []
-  for _ in range(n):
-    tokens = rng.integers(0, cfg.vocab_size, (b, t + 1)).astype(np.int32)
-    u = rng.random((b, t, len(sizes)))
-    ids = (u * np.asarray(sizes)).astype(np.int32)
-    out.append(
-      {
-        "tokens": tokens[:, :-1],
-        "targets": tokens[:, 1:],
-        "loss_mask": np.ones((b, t), np.float32),
-        "engram_ids": {1: ids},
-      }
-    )
-  return out
+  ids = lambda rng: {1: (rng.random((b, t, len(sizes))) * np.asarray(sizes)).astype(np.int32)}
+  return [lm_batch(rng, cfg.vocab_size, b, t, ids) for _ in range(n)]
 
 
 class Runner:
@@ -73,10 +57,7 @@ class Runner:
     cfg = model_config(slots)
     model = build_model(cfg, 0)
     self.num_rows = model.blocks[1].engram.num_rows
-    graphdef, params, rest = split_model(model)
-    tx, lr = make_table_optimizer(TRAIN.replace(table_optimizer=optimizer), params)
-    self.step = jax.jit(make_train_step(graphdef, tx, lr), donate_argnums=(0,))
-    self.state = TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=tx.init(params))
+    self.step, self.state = device_train_step(model, TRAIN.replace(table_optimizer=optimizer), make_table_optimizer)
     self.batches = batches(cfg, model.blocks[1].engram.table_sizes, _WARMUP.value + _STEPS.value)
     for batch in self.batches[: _WARMUP.value]:  # compiles
       self.run_one(batch)

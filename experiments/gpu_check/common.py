@@ -1,4 +1,4 @@
-"""gpu_check: constants, the per-step result log, JSON and timing helpers."""
+"""gpu_check: constants, the per-step result log, JSON helpers and time statistics."""
 
 from __future__ import annotations
 
@@ -97,15 +97,3 @@ def _stats(seconds) -> dict:
   t = np.asarray(seconds, np.float64) * 1e3
   se = float(t.std(ddof=1) / np.sqrt(t.size)) if t.size > 1 else float("nan")
   return {"median_ms": float(np.median(t)), "mean_ms": float(t.mean()), "se_ms": se, "n": int(t.size)}
-
-
-def _time_calls(fn, *args, iters: int) -> list[float]:
-  import jax
-
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return times

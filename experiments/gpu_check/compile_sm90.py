@@ -192,14 +192,14 @@ def compile_train_step(cfg, batch: int, seq: int, sharding) -> dict:
   import jax.numpy as jnp
   from flax import nnx
 
-  from engram_jax.train.config import TrainConfig
   from engram_jax.train.optimizer import make_optimizer
   from engram_jax.train.state import TrainState, build_model, split_model
   from engram_jax.train.steps import make_train_step
+  from experiments.bench.shared import TRAIN
 
   model = nnx.eval_shape(lambda: build_model(cfg, 0))
   graphdef, params, rest = split_model(model)
-  tx, lr = make_optimizer(TrainConfig(total_steps=1000, learning_rate=1e-3, warmup_steps=0, progress_bar=False), params)
+  tx, lr = make_optimizer(TRAIN, params)
   sds = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
   state = jax.tree.map(
     sds,

@@ -10,7 +10,7 @@ import time
 import traceback
 from pathlib import Path
 
-from experiments.gpu_check.common import NOMINAL_BF16_TFLOPS, StepLog, _stats, _time_calls
+from experiments.gpu_check.common import NOMINAL_BF16_TFLOPS, StepLog, _stats
 
 
 # ------------------------------------------------------------------------------- env step
@@ -20,6 +20,7 @@ def step_env(log: StepLog, smoke: bool) -> None:
   import jaxlib
 
   from experiments.bench import lookup
+  from experiments.bench.timing import time_calls
 
   dev = jax.devices()[0]
   versions = {}
@@ -77,7 +78,7 @@ def step_env(log: StepLog, smoke: bool) -> None:
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
     f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
-    st = _stats(_time_calls(f, a, b, iters=3 if small else 20))
+    st = _stats(time_calls(f, a, b, iters=3 if small else 20))
     return {"shape": [n, n, n], **st, "tflops": 2 * n**3 / (st["median_ms"] * 1e-3) / 1e12}
 
   log.case("measures", "bf16_matmul", matmul)
@@ -482,59 +483,15 @@ def small_model_config():
   """The small config's model (experiments/configs/small.py, variant engram, after its
   allocation against the MoE twin), written out because that file needs ml_collections;
   tests/test_gpu_check.py checks that the two agree."""
+  from engram_jax.config import EngramConfig
+  from engram_jax.layers.moe import MoEConfig
   from engram_jax.models.config import ModelConfig
+  from experiments.bench.shared import backbone
 
-  return ModelConfig.from_dict(
-    {
-      "vocab_size": 16384,
-      "hidden_size": 512,
-      "num_layers": 8,
-      "num_heads": 8,
-      "num_kv_heads": 4,
-      "head_dim": 64,
-      "ffn_hidden": 2048,
-      "num_dense_layers": 1,
-      "moe": {
-        "num_experts": 39,
-        "num_shared_experts": 2,
-        "top_k": 6,
-        "expert_hidden": 256,
-        "routed_scaling": 1.0,
-        "dispatch": "dropless",
-        "capacity_factor": 1.25,
-        "bias_update_rate": 0.001,
-        "balance_loss_weight": 0.0,
-      },
-      "hc_mult": 4,
-      "sinkhorn_iters": 20,
-      "rope_theta": 10000.0,
-      "engram": {
-        "vocab_sizes": [21630, 21630],
-        "max_ngram_size": 3,
-        "n_embed_per_ngram": 256,
-        "n_head_per_ngram": 8,
-        "layer_ids": [1, 5],
-        "pad_id": 0,
-        "seed": 0,
-        "kernel_size": 4,
-        "allow_layer_zero": False,
-      },
-      "engram_compressed_vocab": None,
-      "engram_gate": "reference",
-      "engram_impl": "xla",
-      "engram_short_conv": True,
-      "engram_multi_branch": True,
-      "engram_fold_rows": None,
-      "engram_row_multiple": 1024,
-      "engram_sharded_lookup": "all_to_all",
-      "engram_table_sharding": "tensor",
-      "engram_mode": "engram",
-      "tie_embeddings": False,
-      "norm_eps": 1e-06,
-      "dtype": "bfloat16",
-      "param_dtype": "float32",
-    }
-  )
+  moe = MoEConfig(num_experts=39, num_shared_experts=2, top_k=6, expert_hidden=256)
+  engram = EngramConfig(vocab_sizes=(21630,) * 2, n_embed_per_ngram=256, n_head_per_ngram=8, layer_ids=(1, 5), pad_id=0)
+  model = backbone(16384, 512, 8, 8, 4, 64, 2048)
+  return ModelConfig.engram_moe(moe, engram, **model, hc_mult=4, engram_row_multiple=1024, dtype="bfloat16")
 
 
 # experiments/configs/small.py trains at 32 x 1024, but XLA's memory analysis of that step for
@@ -546,40 +503,21 @@ SMALL_BATCH = (16, 1024)
 def measure_train_step(cfg, batch: int, seq: int, steps: int, warmup: int) -> dict:
   """Jitted train step (engram_jax.train.steps) on synthetic tokens and uniform row ids."""
   import jax
-  import jax.numpy as jnp
   import numpy as np
 
   from engram_jax.models.accounting import count_params, flops_per_token
-  from engram_jax.train.config import TrainConfig
-  from engram_jax.train.optimizer import make_optimizer
-  from engram_jax.train.state import TrainState, build_model, split_model
-  from engram_jax.train.steps import make_train_step
+  from engram_jax.train.state import build_model
+  from experiments.bench.shared import device_train_step, lm_batch
 
   model = build_model(cfg, 0)
   rng = np.random.default_rng(0)
-  batches = []
-  for _ in range(2):  # alternate two batches: the step cannot be cached away
-    tokens = rng.integers(0, cfg.vocab_size, (batch, seq + 1)).astype(np.int32)
-    rows = {
-      l: np.stack([rng.integers(0, s, (batch, seq)) for s in model.blocks[l].engram.table_sizes], -1).astype(np.int32)
-      for l in cfg.engram_layer_ids
-    }
-    batches.append(
-      jax.device_put(
-        {
-          "tokens": tokens[:, :-1],
-          "targets": tokens[:, 1:],
-          "loss_mask": np.ones((batch, seq), np.float32),
-          "engram_ids": rows,
-        }
-      )
-    )
-  graphdef, params, rest = split_model(model)
-  tcfg = TrainConfig(total_steps=1000, learning_rate=1e-3, warmup_steps=0, progress_bar=False)
-  tx, lr = make_optimizer(tcfg, params)
-  rate = cfg.moe.bias_update_rate if cfg.moe else 0.0
-  step = jax.jit(make_train_step(graphdef, tx, lr, bias_update_rate=rate), donate_argnums=(0,))
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=tx.init(params))
+  rows = lambda rng: {
+    l: np.stack([rng.integers(0, s, (batch, seq)) for s in model.blocks[l].engram.table_sizes], -1).astype(np.int32)
+    for l in cfg.engram_layer_ids
+  }
+  # alternate two batches: the step cannot be cached away
+  batches = [jax.device_put(lm_batch(rng, cfg.vocab_size, batch, seq, rows)) for _ in range(2)]
+  step, state = device_train_step(model, bias_update_rate=cfg.moe.bias_update_rate if cfg.moe else 0.0)
   times, compile_s = [], None
   for i in range(warmup + steps):
     t0 = time.perf_counter()
