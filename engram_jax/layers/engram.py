@@ -57,6 +57,8 @@ TableSharding = Literal["tensor", "all"]
 #: Logical name of the table's row dimension for each `table_sharding=` layout (the rules
 #: that map them to mesh axes are in `engram_jax.sharding`).
 TABLE_ROW_AXES: dict[str, str] = {"tensor": "engram_rows", "all": "engram_rows_all"}
+MaybeArray = jax.Array | None  # an optional array argument
+
 _GATE_FLOOR = 1e-6
 
 
@@ -319,12 +321,7 @@ class Engram(nnx.Module):
     return jax.nn.sigmoid(score).astype(self.dtype)
 
   def short_conv(
-    self,
-    x: jax.Array,
-    *,
-    segment_ids: jax.Array | None = None,
-    conv_state: jax.Array | None = None,
-    lengths: jax.Array | None = None,
+    self, x: jax.Array, *, segment_ids: MaybeArray = None, conv_state: MaybeArray = None, lengths: MaybeArray = None
   ) -> tuple[jax.Array, jax.Array]:
     """SiLU(depthwise causal conv) of the normed input x [B, T, G, D].
 
