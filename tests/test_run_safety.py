@@ -51,16 +51,17 @@ def data_config(tmp_path_factory):
 @pytest.fixture(scope="module")
 def base_run(data_config, tmp_path_factory):
   """A finished 4-step device run with checkpoints 2 and 4 and metric rows 1..4."""
-  trainer = Trainer(tiny_model(), BASE, data_config, tmp_path_factory.mktemp("runs") / "base")
+  trainer = Trainer(tiny_model(), BASE, data_config, tmp_path_factory.mktemp("runs") / "base", mesh=_one_device())
   result = trainer.run()
   assert trainer.checkpointer.all_steps() == [2, 4]
   return trainer.workdir, result
 
 
 def _one_device():
-  """A one-device mesh: the rollback bookkeeping does not depend on the mesh, and one device
-  compiles and checkpoints faster than the default 8 (base_run's tests save, resume and fall
-  back on the default mesh)."""
+  """A one-device mesh for every `Trainer` here: checkpoint retention, verification, rollback,
+  fallback and the lock do not depend on the mesh, and one device compiles and checkpoints
+  faster than the default 8. Resuming on the default 8-device mesh is test_train's
+  test_resume_is_bit_exact."""
   return sharding_lib.make_mesh(data=1, devices=jax.devices()[:1])
 
 
@@ -191,7 +192,7 @@ def test_host_placement_checkpoints_are_verified_and_roll_back(data_config, tmp_
   cfg = EXPLODE.replace(
     table_placement="host", total_steps=5, on_divergence="rollback", rollback_lr_factor=1e-6, rollback_skip_batches=True
   )
-  result = Trainer(tiny_model(), cfg, data_config, workdir).run()
+  result = Trainer(tiny_model(), cfg, data_config, workdir, mesh=_one_device()).run()
   assert result.status == "completed" and result.step == 5
   assert _steps(workdir) == [1, 2, 3, 4, 5]
   saved, _ = Checkpointer(workdir / "checkpoints").read_meta(5)
@@ -217,7 +218,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_newest_intact_one(base_run,
     load_run(workdir, step=4)  # a chosen step: no silent substitute
 
   caplog.clear()
-  resumed = Trainer(tiny_model(), BASE, data_config, workdir).run()
+  resumed = Trainer(tiny_model(), BASE, data_config, workdir, mesh=_one_device()).run()
   assert sorted(resumed.losses) == [3, 4]
   assert resumed.losses == {s: base_run[1].losses[s] for s in (3, 4)}  # to the last bit
   assert "checkpoints/4 is unreadable" in caplog.text
@@ -230,7 +231,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_newest_intact_one(base_run,
   with pytest.raises(CorruptCheckpointError, match=r"no intact checkpoint.*'meta' is missing"):
     load_run(workdir)
   with pytest.raises(CorruptCheckpointError, match="no intact checkpoint.*Nothing was moved"):
-    Trainer(tiny_model(), BASE, data_config, workdir).run()
+    Trainer(tiny_model(), BASE, data_config, workdir, mesh=_one_device()).run()
   assert Checkpointer(workdir / "checkpoints").all_steps() == [2, 4]
 
 
@@ -240,14 +241,14 @@ def test_resume_step_and_a_stale_lock_without_duplicated_metric_rows(base_run, d
   dead.wait()
   (workdir / LOCK_NAME).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
   caplog.set_level(logging.WARNING)
-  resumed = Trainer(tiny_model(), BASE, data_config, workdir).run(resume_step=2)
+  resumed = Trainer(tiny_model(), BASE, data_config, workdir, mesh=_one_device()).run(resume_step=2)
   assert "taking over the stale lock" in caplog.text and str(dead.pid) in caplog.text
   assert not (workdir / LOCK_NAME).exists()  # released
   assert resumed.losses == {s: base_run[1].losses[s] for s in (3, 4)}
   assert _steps(workdir) == [1, 2, 3, 4]  # rows 3, 4 replayed once, not twice
   assert (workdir / "superseded_checkpoints" / "4").is_dir()
   with pytest.raises(ValueError, match=r"resume_step=7: no checkpoint of that step.*\[2, 4\]"):
-    Trainer(tiny_model(), BASE, data_config, workdir).run(resume_step=7)
+    Trainer(tiny_model(), BASE, data_config, workdir, mesh=_one_device()).run(resume_step=7)
 
 
 # -- defect 3: a second trainer -----------------------------------------------------------------
@@ -259,7 +260,7 @@ def test_a_second_trainer_is_refused_with_the_holders_pid_and_host(base_run, dat
       json.dumps({"pid": holder.pid, "host": socket.gethostname(), "started": _start_time(holder.pid)})
     )
     with pytest.raises(WorkdirLockedError, match=rf"pid {holder.pid} on host '{socket.gethostname()}'"):
-      Trainer(tiny_model(), BASE.replace(total_steps=6), data_config, workdir).run()
+      Trainer(tiny_model(), BASE.replace(total_steps=6), data_config, workdir, mesh=_one_device()).run()
   finally:
     holder.kill()
     holder.wait()
@@ -294,7 +295,7 @@ def test_lock_is_exclusive_within_a_host(tmp_path):
 def test_resume_refuses_a_changed_data_config(base_run, data_config, tmp_path, change, text):
   workdir = _copy(base_run, tmp_path)
   with pytest.raises(CheckpointMismatchError, match=f"data config: {text}"):
-    Trainer(tiny_model(), BASE.replace(total_steps=6), data_config.replace(**change), workdir).run()
+    Trainer(tiny_model(), BASE.replace(total_steps=6), data_config.replace(**change), workdir, mesh=_one_device()).run()
   assert Checkpointer(workdir / "checkpoints").all_steps() == [2, 4]
   assert not (workdir / LOCK_NAME).exists()
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from engram_jax import EngramConfig
+from engram_jax import sharding as sharding_lib
 from engram_jax.data import DataConfig
 from engram_jax.models.config import ModelConfig
 from engram_jax.train import (
@@ -42,6 +43,15 @@ def tiny_model(**engram_overrides):
     vocab_sizes=(211, 223), n_embed_per_ngram=16, n_head_per_ngram=2, layer_ids=(1,), pad_id=0, **engram_overrides
   )
   return ModelConfig.tiny("engram_moe", vocab_size=VOCAB, engram=engram)
+
+
+def one_device():
+  """A one-device mesh, for the `Trainer` tests whose subject is not the mesh: one device
+  compiles and checkpoints faster than the default mesh over all 8 virtual devices, and the
+  tests here compile the same programs (a persistent-cache hit after the first). Bit-exact
+  resume on the default mesh: test_train_sparse_tables'
+  test_trainer_resume_is_bit_exact_and_keeps_its_table_optimizer."""
+  return sharding_lib.make_mesh(data=1, devices=jax.devices()[:1])
 
 
 TRAIN = TrainConfig(total_steps=6, warmup_steps=1, eval_every=0, checkpoint_every=3, log_every=1, progress_bar=False)
@@ -105,12 +115,12 @@ def test_schedules():
 
 
 def test_resume_is_bit_exact(data_config, tmp_path):
-  straight = Trainer(tiny_model(), TRAIN, data_config, tmp_path / "straight").run()
+  straight = Trainer(tiny_model(), TRAIN, data_config, tmp_path / "straight", mesh=one_device()).run()
   assert straight.status == "completed" and sorted(straight.losses) == list(range(1, 7))
-  first = Trainer(tiny_model(), TRAIN, data_config, tmp_path / "resumed").run(stop_after=3)
+  first = Trainer(tiny_model(), TRAIN, data_config, tmp_path / "resumed", mesh=one_device()).run(stop_after=3)
   assert first.step == 3
   # a fresh Trainer (as after a killed process) resumes from the step-3 checkpoint
-  second = Trainer(tiny_model(), TRAIN, data_config, tmp_path / "resumed").run()
+  second = Trainer(tiny_model(), TRAIN, data_config, tmp_path / "resumed", mesh=one_device()).run()
   assert sorted(second.losses) == [4, 5, 6]
   for step in (4, 5, 6):
     assert second.losses[step] == straight.losses[step], step  # to the last bit
@@ -130,29 +140,29 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(data_config, tmp_pat
     return wrapped
 
   monkeypatch.setattr(trainer_lib, "make_train_step", poisoned)
-  trainer = Trainer(tiny_model(), TRAIN, data_config, tmp_path / "nan")
+  trainer = Trainer(tiny_model(), TRAIN, data_config, tmp_path / "nan", mesh=one_device())
   with pytest.raises(TrainingDivergedError, match=r"nan at step 5.*checkpoint \(step 3\)"):
     trainer.run()
   assert trainer.checkpointer.all_steps() == [3]
   monkeypatch.setattr(trainer_lib, "make_train_step", real)
-  resumed = Trainer(tiny_model(), TRAIN, data_config, tmp_path / "nan").run()
+  resumed = Trainer(tiny_model(), TRAIN, data_config, tmp_path / "nan", mesh=one_device()).run()
   assert sorted(resumed.losses) == [4, 5, 6] and all(math.isfinite(v) for v in resumed.losses.values())
 
 
 def test_checkpoint_refuses_other_hash_constants_or_shapes(data_config, tmp_path):
-  Trainer(tiny_model(), TRAIN, data_config, tmp_path / "run").run(stop_after=3)
+  Trainer(tiny_model(), TRAIN, data_config, tmp_path / "run", mesh=one_device()).run(stop_after=3)
   with pytest.raises(CheckpointMismatchError, match="hash constants.*multipliers"):
-    Trainer(tiny_model(seed=7), TRAIN, data_config, tmp_path / "run").run()
+    Trainer(tiny_model(seed=7), TRAIN, data_config, tmp_path / "run", mesh=one_device()).run()
   wider = tiny_model().replace(hidden_size=48)
   with pytest.raises(CheckpointMismatchError, match="model config: hidden_size: checkpoint has 32, current run has 48"):
-    Trainer(wider, TRAIN, data_config, tmp_path / "run").run()
+    Trainer(wider, TRAIN, data_config, tmp_path / "run", mesh=one_device()).run()
   other_tok = data_config.replace(
     bpe_vocab_size=VOCAB, tokenizer_train_bytes=150_000, tokenizer_dir=str(tmp_path / "othertok")
   )
   with pytest.raises(CheckpointMismatchError, match="tokenizer differs"):
-    Trainer(tiny_model(), TRAIN, other_tok, tmp_path / "run").run()
+    Trainer(tiny_model(), TRAIN, other_tok, tmp_path / "run", mesh=one_device()).run()
   # nothing was lost: the original still resumes
-  assert Trainer(tiny_model(), TRAIN, data_config, tmp_path / "run").checkpointer.all_steps() == [3]
+  assert Trainer(tiny_model(), TRAIN, data_config, tmp_path / "run", mesh=one_device()).checkpointer.all_steps() == [3]
 
 
 def test_vocab_mismatch_is_reported(data_config, tmp_path):
