@@ -89,13 +89,8 @@ class HyperConnection(nnx.Module):
       raise ValueError(f"HyperConnection hc_mult must be an int >= 1, got {hc_mult!r}")
     if sinkhorn_iters < 1:
       raise ValueError(f"sinkhorn_iters must be >= 1, got {sinkhorn_iters}")
-    self.hidden_size, self.hc_mult, self.sinkhorn_iters, self.eps, self.dtype = (
-      hidden_size,
-      hc_mult,
-      sinkhorn_iters,
-      eps,
-      dtype,
-    )
+    self.hidden_size, self.hc_mult = hidden_size, hc_mult
+    self.sinkhorn_iters, self.eps, self.dtype = sinkhorn_iters, eps, dtype
     if hc_mult == 1:
       return
     g, d = hc_mult, hidden_size
